@@ -1,0 +1,1 @@
+"""Data: tokenizer, transforms, synthetic captioned images, WebDataset shard writing and loading."""

@@ -1,0 +1,77 @@
+"""The two-tower contrastive image-text model of CLIP (Radford et al., 2021) and SigLIP
+(Zhai et al., 2023): an image tower and a text tower projecting into one space, a learnable
+temperature (``logit_scale``, kept in log space) and, for SigLIP, a learnable ``logit_bias``.
+
+Initial values follow the papers: CLIP t = log(1/0.07); SigLIP t' = log(10), b = -10. The scale is
+clamped at 100 (log 100), as CLIP does to keep training stable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.models.text import TextTransformer
+from clipforge.models.vision import VisionTransformer
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = 100.0
+
+
+class CLIP(nn.Module):
+    def __init__(
+        self,
+        vision: VisionTransformer,
+        text: TextTransformer,
+        init_logit_scale: float | None = None,
+        init_logit_bias: float | None = None,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
+    ) -> None:
+        super().__init__()
+        if vision.output_dim != text.output_dim:
+            raise ValueError(
+                f"image and text towers must project to the same size: {vision.output_dim} != {text.output_dim}"
+            )
+        self.visual = vision
+        self.text = text
+        self.embed_dim = vision.output_dim
+        self.max_logit_scale = max_logit_scale
+        scale = CLIP_INIT_LOGIT_SCALE if init_logit_scale is None else init_logit_scale
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {
+            "image_features": self.encode_image(images, normalize=True),
+            "text_features": self.encode_text(tokens, normalize=True),
+            "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
+            "logit_bias": self.logit_bias,
+        }
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the log-scale in [0, log(max_logit_scale)]; call after each optimizer step."""
+        self.logit_scale.clamp_(0, math.log(self.max_logit_scale))
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        names.add("logit_scale")
+        if self.logit_bias is not None:
+            names.add("logit_bias")
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)

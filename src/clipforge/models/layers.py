@@ -1,0 +1,200 @@
+"""Transformer building blocks shared by both towers (Vaswani et al., 2017; pre-norm as in ViT,
+Dosovitskiy et al., 2021), and the multihead attention-pooling head ("MAP") of Zhai et al., 2022
+(Scaling Vision Transformers) used by SigLIP.
+
+Attribute names follow timm (``norm1``, ``attn.qkv``, ``attn.proj``, ``mlp.fc1``/``fc2``, ``ls1``) so that
+weight converters stay plain key maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def make_act(name: str) -> nn.Module:
+    """``gelu`` (exact erf GELU, CLIP/ViT) or ``gelu_tanh`` (tanh approximation, SigLIP/big_vision)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; expected 'gelu', 'gelu_tanh' or 'quick_gelu'")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's original CLIP checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused-SDPA path and an explicit-softmax math path.
+
+    The fused path (``F.scaled_dot_product_attention``) picks flash / memory-efficient kernels; with
+    ``is_causal`` and no float mask the flash kernel stays eligible. The math path computes the same
+    thing step by step and can keep the attention probabilities (``keep_attn``) for visualisation.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused = fused
+        self.keep_attn = False
+        self.last_attn: torch.Tensor | None = None  # (B, H, N, N), set by the math path when keep_attn
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
+        if self.fused and not self.keep_attn:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if is_causal:
+                mask = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)
+                attn = attn.masked_fill(mask, float("-inf"))
+            attn = attn.softmax(dim=-1)
+            if self.keep_attn:
+                self.last_attn = attn.detach()
+            x = attn @ v  # (B, H, N, Dh)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (Touvron et al., 2021, CaiT)."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drop the whole residual branch per sample."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), is_causal=is_causal)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm blocks, with optional activation checkpointing per block."""
+
+    def __init__(self, depth: int, make_block: Callable[[int], Block]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([make_block(i) for i in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, is_causal, use_reentrant=False)
+            else:
+                x = blk(x, is_causal=is_causal)
+        return x
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling ("MAP"): a learned query attends over the tokens, then a residual
+    MLP. Same computation as timm's ``AttentionPoolLatent`` and the SigLIP vision head."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.fused = fused
+        self.keep_attn = False
+        self.last_attn: torch.Tensor | None = None  # (B, H, 1, N)
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # each (B, H, N, Dh)
+        if self.fused and not self.keep_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N)
+            if self.keep_attn:
+                self.last_attn = attn.detach()
+            out = attn @ v
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, C))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]

@@ -1,0 +1,87 @@
+"""Transformer text tower of CLIP (Radford et al., 2021), with the last-token readout used by
+SigLIP-style text encoders (Zhai et al., 2023).
+
+Token and learned position embeddings feed causal pre-norm blocks (flash-eligible: ``is_causal`` and no
+float mask). The sentence vector is read at the end-of-text token (``eot``: the highest token id, as
+in CLIP's BPE vocabulary) or at the last position (``last``), then projected into the shared space.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from clipforge.models.layers import Block, Transformer
+from clipforge.models.vision import init_vit_weights
+
+
+class TextTransformer(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        context_length: int = 77,
+        width: int = 512,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        output_dim: int | None = 512,
+        proj_bias: bool = False,
+        causal: bool = True,
+        pool_type: Literal["eot", "last"] = "eot",
+        norm_eps: float = 1e-5,
+        act: str = "gelu",
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if pool_type not in ("eot", "last"):
+            raise ValueError(f"pool_type must be 'eot' or 'last', got {pool_type!r}")
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.width = width
+        self.causal = causal
+        self.pool_type = pool_type
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.transformer = Transformer(
+            depth, lambda i: Block(width, num_heads, mlp_ratio, qkv_bias, norm_eps, act, fused_attn=fused_attn)
+        )
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.output_dim = output_dim or width
+        self.proj = nn.Linear(width, output_dim, bias=proj_bias) if output_dim else nn.Identity()
+        self.init_weights()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def init_weights(self) -> None:
+        self.apply(init_vit_weights)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "token_embedding.weight"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, width) after the final norm."""
+        L = tokens.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"got {L} tokens but context_length is {self.context_length}")
+        x = self.token_embedding(tokens) + self.pos_embed[:, :L]
+        x = self.transformer(x, is_causal=self.causal)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "last":
+            return x[:, -1]
+        # The EOT token has the highest id in CLIP's vocabulary: argmax finds it in each row.
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.forward_features(tokens), tokens))

@@ -1,0 +1,180 @@
+"""Vision Transformer image tower (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words"),
+as used by CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023).
+
+Patches are embedded by a strided convolution (kernel = stride = patch size), learned position
+embeddings are added, pre-norm blocks follow, and one of three readouts gives the image vector:
+the CLS token (``token``), the mean of patch tokens (``avg``), or multihead attention pooling
+(``map``, Zhai et al., 2022). A linear projection maps it into the shared image-text space.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from clipforge.models.layers import AttentionPool, Block, Transformer
+
+GlobalPool = Literal["token", "avg", "map"]
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """timm-style init: truncated normal (std 0.02) linear/conv weights, zero biases, unit norms."""
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def patch_dropout(x: torch.Tensor, keep: float, num_prefix: int) -> torch.Tensor:
+    """FLIP (Li et al., 2023): keep a random ``keep`` fraction of patch tokens per sample.
+
+    Prefix (CLS) tokens are always kept. x: (B, T, D) -> (B, num_prefix + K, D).
+    """
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    B, N, D = patches.shape
+    k = max(1, int(round(N * keep)))
+    idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :k]  # (B, K) random subset
+    patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
+    return torch.cat([prefix, patches], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        global_pool: GlobalPool = "token",
+        fc_norm: bool | None = None,
+        pre_norm: bool = False,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        patch_bias: bool = True,
+        output_dim: int | None = 512,
+        proj_bias: bool = False,
+        init_values: float | None = None,
+        drop_path_rate: float = 0.0,
+        patch_dropout: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+        if global_pool not in ("token", "avg", "map"):
+            raise ValueError(f"global_pool must be 'token', 'avg' or 'map', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.embed_dim = embed_dim
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_dropout = patch_dropout
+        # timm's convention: average pooling normalises after pooling (fc_norm), the others before.
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.transformer = Transformer(
+            depth,
+            lambda i: Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, dpr[i], fused_attn),
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.attn_pool = (
+            AttentionPool(embed_dim, num_heads, mlp_ratio, norm_eps, act, fused_attn) if global_pool == "map" else None
+        )
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.output_dim = output_dim or embed_dim
+        self.proj = nn.Linear(embed_dim, output_dim, bias=proj_bias) if output_dim else nn.Identity()
+        self.init_weights()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_vit_weights)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.embed_dim**-0.5)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"pos_embed", "cls_token"}
+        if self.attn_pool is not None:
+            names.add("attn_pool.latent")
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + position embedding: (B, C, H, W) -> (B, prefix + N, D)."""
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected {self.img_size}x{self.img_size} images, got {tuple(images.shape[-2:])}; "
+                "resample the position embedding to change the image size"
+            )
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x + self.pos_embed.to(x.dtype)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> token features (B, T, D) after the final norm."""
+        x = self.embed(images)
+        if self.training and self.patch_dropout > 0:
+            x = patch_dropout(x, 1.0 - self.patch_dropout, self.num_prefix_tokens)
+        x = self.norm_pre(x)
+        x = self.transformer(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, D)."""
+        if self.global_pool == "map":
+            return self.attn_pool(x)
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x[:, 0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.fc_norm(self.pool(x))
+        return x if pre_logits else self.proj(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Bicubic-interpolate a (1, prefix + g*g, D) position embedding to a new square grid."""
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(math.isqrt(grid.shape[1]))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embedding has {grid.shape[1]} patch positions, not a square grid")
+    if old == new_grid:
+        return pos_embed
+    D = grid.shape[-1]
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    grid = nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)

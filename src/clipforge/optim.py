@@ -1,0 +1,68 @@
+"""Optimizer parameter groups and the learning-rate schedule used in CLIP pretraining
+(Radford et al., 2021: AdamW with decoupled weight decay, Loshchilov & Hutter, 2019; linear warmup then
+cosine decay, Loshchilov & Hutter, 2017).
+
+Weight decay applies to matrices only: biases, norm gains, embeddings, position embeddings, the CLS
+token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.no_weight_decay()``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer]
+) -> torch.optim.Optimizer:
+    """``optimizer`` is a partial (Hydra ``_partial_: true``) whose ``weight_decay`` we route to groups."""
+    kwargs = dict(getattr(optimizer, "keywords", {}))
+    wd = kwargs.get("weight_decay", 0.0)
+    return optimizer(param_groups(model, wd))
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    warmup_steps = min(warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(progress, 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    del total_steps  # same signature as warmup_cosine so configs swap freely
+    return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def lrs(optimizer: torch.optim.Optimizer) -> Iterable[float]:
+    return (g["lr"] for g in optimizer.param_groups)

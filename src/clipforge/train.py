@@ -1,0 +1,133 @@
+"""Pretraining entry point: `clipforge-train` composes conf/train.yaml and calls :func:`train`.
+
+``train(cfg)`` reads top to bottom: data -> loss -> model -> module -> callbacks -> loggers -> trainer
+-> fit -> held-out zero-shot summary. Tests call it directly with a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from clipforge.checkpoint import build_model
+from clipforge.module import ContrastiveModule
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def instantiate_logger(cfg: DictConfig | None) -> Any:
+    if not cfg or "_target_" not in cfg:
+        return False
+    if cfg._target_.endswith("WandbLogger"):
+        # Offline by default: W&B then writes locally and never opens a network connection or prompt.
+        os.environ.setdefault("WANDB_MODE", "offline" if cfg.get("offline", True) else "online")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    return instantiate(cfg)
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Fail before anything is built when a named file is missing."""
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    check_paths(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    loss = instantiate(cfg.loss)
+    model = build_model(cfg.model, cfg.loss)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = ContrastiveModule(model, loss, instantiate(cfg.optimizer), scheduler, config=config)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    logger = instantiate_logger(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger:
+        logger.log_hyperparams(config)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if cfg.get("final_eval", True):
+        metrics.update(final_zero_shot(module.model, datamodule, trainer))
+    summary = summarize(metrics, trainer, logger)
+    if trainer.is_global_zero:
+        print(summary, flush=True)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
+
+
+def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
+    """Zero-shot top-1/top-5 on the data module's held-out labelled set, through clipforge.eval."""
+    classnames = getattr(datamodule, "zeroshot_classnames", None)
+    if not classnames:
+        return {}
+    from clipforge.data.tokenizer import Tokenizer
+    from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
+
+    device = trainer.strategy.root_device
+    model = model.to(device).eval()
+    tokenizer = Tokenizer(context_length=model.text.context_length)
+    classifier = build_zero_shot_classifier(model, tokenizer, classnames, datamodule.zeroshot_templates, device=device)
+    res = evaluate_zero_shot(model, classifier, datamodule.zeroshot_dataloader(), device=device, progress=True)
+    return {
+        "final/zeroshot_top1": float(res["top1"]),
+        "final/zeroshot_top5": float(res["top5"]),
+        "final/zeroshot_chance": 1.0 / len(classnames),
+        "final/zeroshot_samples": float(res["num_samples"]),
+    }
+
+
+def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str:
+    lines = ["", "=" * 60, "clipforge run summary", "=" * 60, f"steps:             {trainer.global_step}"]
+    if "train/loss" in metrics:
+        lines.append(f"final train loss:  {metrics['train/loss']:.4f}")
+    if "val/loss" in metrics:
+        lines.append(f"held-out val loss: {metrics['val/loss']:.4f}")
+    if "final/zeroshot_top1" in metrics:
+        lines.append(
+            f"held-out zero-shot top-1: {100 * metrics['final/zeroshot_top1']:.1f}% "
+            f"(chance {100 * metrics['final/zeroshot_chance']:.1f}%, "
+            f"{int(metrics['final/zeroshot_samples'])} images), top-5: {100 * metrics['final/zeroshot_top5']:.1f}%"
+        )
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
+        lines.append(f"checkpoint (last): {ckpt_cb.last_model_path}")
+        if ckpt_cb.best_model_path:
+            lines.append(f"checkpoint (best): {ckpt_cb.best_model_path}")
+    if logger:
+        run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(logger, "log_dir", None)
+        lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
+        if type(logger).__name__ == "WandbLogger" and os.environ.get("WANDB_MODE") == "offline":
+            lines.append("                   (offline; upload later with `wandb sync <run dir>`)")
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

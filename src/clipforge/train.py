@@ -68,7 +68,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
     if cfg.get("final_eval", True):
         metrics.update(final_zero_shot(module.model, datamodule, trainer))
     summary = summarize(metrics, trainer, logger)
@@ -88,8 +90,12 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
     device = trainer.strategy.root_device
     model = model.to(device).eval()
     tokenizer = Tokenizer(context_length=model.text.context_length)
-    classifier = build_zero_shot_classifier(model, tokenizer, classnames, datamodule.zeroshot_templates, device=device)
-    res = evaluate_zero_shot(model, classifier, datamodule.zeroshot_dataloader(), device=device, progress=True)
+    classifier = build_zero_shot_classifier(
+        model, tokenizer, classnames, datamodule.zeroshot_templates, device=device
+    )
+    res = evaluate_zero_shot(
+        model, classifier, datamodule.zeroshot_dataloader(), device=device, progress=True
+    )
     return {
         "final/zeroshot_top1": float(res["top1"]),
         "final/zeroshot_top5": float(res["top5"]),
@@ -116,7 +122,9 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
         if ckpt_cb.best_model_path:
             lines.append(f"checkpoint (best): {ckpt_cb.best_model_path}")
     if logger:
-        run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(logger, "log_dir", None)
+        run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(
+            logger, "log_dir", None
+        )
         lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
         if type(logger).__name__ == "WandbLogger" and os.environ.get("WANDB_MODE") == "offline":
             lines.append("                   (offline; upload later with `wandb sync <run dir>`)")

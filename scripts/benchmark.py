@@ -1,0 +1,6 @@
+"""Thin entry point: same as `clipforge-benchmark` (training-step throughput vs open_clip)."""
+
+from clipforge.benchmark import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Training-step throughput of clipforge beside open_clip, measured in one process on one device.
+
+For each (model, loss) it times a full optimizer step — forward of both towers, contrastive loss
+(CLIP, Radford et al., 2021, or SigLIP, Zhai et al., 2023), backward, AdamW — for open_clip's model
+and loss and for clipforge's, on the same synthetic batch, precision and optimizer settings, and
+optionally the whole Lightning loop around clipforge's step. It prints one JSON line per measurement
+and a table: samples/s, TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``), MFU against a peak
+(989 TFLOP/s dense bf16 for an H100 SXM), peak memory and warm-up/compile time.
+
+GPU:  clipforge-benchmark --models vit_b16:256 vit_b32:512 --losses clip siglip --compile
+CPU smoke test:  clipforge-benchmark --models tiny:8 --device cpu --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class, instantiate
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipforge.checkpoint import build_model
+from clipforge.optim import param_groups
+from clipforge.train import CONF_DIR
+
+H100_BF16_DENSE_TFLOPS = 989.0
+OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32"}
+
+
+@dataclass
+class StepResult:
+    impl: str
+    model: str
+    loss: str
+    batch: int
+    precision: str
+    compile: bool
+    samples_per_s: float
+    step_ms: float
+    gflop_per_sample: float
+    tflops: float
+    mfu: float
+    peak_mem_gib: float | None
+    warmup_s: float
+    final_loss: float
+    device: str
+    note: str = ""
+
+
+def compose_model_cfg(model: str, loss: str, overrides: list[str] | None = None) -> Any:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"model={model}", f"loss={loss}", *(overrides or [])])
+
+
+def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.nn.Module:
+    """open_clip's CLIP of the same shape as a clipforge model config (ViT-B names use open_clip's own)."""
+    import open_clip
+
+    v, t = model_cfg.vision, model_cfg.text
+    vision_cfg = {
+        "image_size": v.img_size,
+        "patch_size": v.patch_size,
+        "width": v.embed_dim,
+        "layers": v.depth,
+        "head_width": v.embed_dim // v.num_heads,
+        "mlp_ratio": v.mlp_ratio,
+    }
+    text_cfg = {
+        "context_length": t.context_length,
+        "vocab_size": t.vocab_size,
+        "width": t.width,
+        "heads": t.num_heads,
+        "layers": t.depth,
+        "mlp_ratio": t.mlp_ratio,
+    }
+    return open_clip.model.CLIP(
+        embed_dim=v.output_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_bias=init_logit_bias
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_step(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    device: torch.device,
+    precision: str,
+    compile_: bool,
+    after_step: Callable[[], None] | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One training step. With ``compile_`` the forward of both towers and the loss form one graph."""
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused, foreach=None if fused else True)
+
+    def forward_loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        out = model(images, tokens)
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+
+    fwd = torch.compile(forward_loss) if compile_ else forward_loss
+
+    def step(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, precision):
+            loss = fwd(images, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        return loss.detach()
+
+    return step
+
+
+def _open_clip_loss(kind: str) -> torch.nn.Module:
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    if kind == "siglip":
+        return SigLipLoss()
+    inner = ClipLoss()
+
+    class _Wrapped(torch.nn.Module):  # same call signature as clipforge's losses
+        def forward(self, fi, ft, scale, bias=None):  # type: ignore[no-untyped-def]
+            return inner(fi, ft, scale)
+
+    return _Wrapped()
+
+
+def time_step(
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> tuple[float, float, float, float]:
+    """(seconds per step, FLOPs per step, warm-up seconds, last loss). No host sync inside the loop."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(images, tokens)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    with FlopCounterMode(display=False) as fc:
+        step(images, tokens)
+    flops = float(fc.get_total_flops())
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        loss = step(images, tokens)
+    _sync(device)
+    return (time.perf_counter() - t) / steps, flops, warm_s, float(loss)
+
+
+def bench_step(
+    impl: str,
+    model_name: str,
+    loss_kind: str,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    compile_: bool,
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
+    overrides: list[str] | None = None,
+) -> StepResult:
+    torch.manual_seed(0)
+    cfg = compose_model_cfg(model_name, loss_kind, overrides)
+    loss_cls = get_class(cfg.loss._target_)
+    if impl == "open_clip":
+        import open_clip
+
+        if model_name in OPEN_CLIP_NAMES and not overrides:
+            model = open_clip.create_model(
+                OPEN_CLIP_NAMES[model_name], output_dict=True, init_logit_bias=loss_cls.init_logit_bias
+            )
+        else:
+            model = open_clip_from_cfg(cfg.model, loss_cls.init_logit_bias)
+            model.output_dict = True
+        if loss_cls.init_logit_bias is not None:
+            with torch.no_grad():
+                model.logit_scale.fill_(loss_cls.init_logit_scale)
+        loss_fn = _open_clip_loss(loss_kind)
+        after = None
+    else:
+        model = build_model(cfg.model, cfg.loss)
+        loss_fn = instantiate(cfg.loss)
+        after = model.clamp_logit_scale
+    model = model.to(device).train()
+    loss_fn = loss_fn.to(device)
+    img_size = cfg.model.vision.img_size
+    ctx = cfg.model.text.context_length
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    tokens = torch.randint(1, 49407, (batch, ctx), device=device)
+    tokens[:, -1] = 49407  # an EOT in every row, as the tokenizer writes
+    step = make_step(model, loss_fn, device, precision, compile_, after)
+    dt, flops, warm_s, last = time_step(step, images, tokens, steps, warmup, device)
+    tflops = flops / dt / 1e12
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return StepResult(
+        impl=impl,
+        model=model_name,
+        loss=loss_kind,
+        batch=batch,
+        precision=precision,
+        compile=compile_,
+        samples_per_s=round(batch / dt, 1),
+        step_ms=round(dt * 1e3, 2),
+        gflop_per_sample=round(flops / batch / 1e9, 2),
+        tflops=round(tflops, 2),
+        mfu=round(tflops / peak_tflops, 4),
+        peak_mem_gib=None if peak_mem is None else round(peak_mem, 2),
+        warmup_s=round(warm_s, 1),
+        final_loss=round(last, 4),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        note=" ".join(overrides or []),
+    )
+
+
+def bench_lightning(
+    model_name: str, loss_kind: str, batch: int, device: torch.device, precision: str, steps: int, warmup: int
+) -> dict[str, Any]:
+    """samples/s of the full Lightning loop (ContrastiveModule + Trainer) on an in-memory batch."""
+    import lightning as L
+
+    from clipforge.module import ContrastiveModule
+
+    cfg = compose_model_cfg(model_name, loss_kind)
+    model = build_model(cfg.model, cfg.loss)
+    img_size, ctx = cfg.model.vision.img_size, cfg.model.text.context_length
+    images = torch.randn(batch, 3, img_size, img_size)
+    tokens = torch.randint(1, 49407, (batch, ctx))
+    tokens[:, -1] = 49407
+
+    class Repeat(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            while True:
+                yield images, tokens
+
+    fused = device.type == "cuda"
+    opt = instantiate(cfg.optimizer, fused=fused) if fused else instantiate(cfg.optimizer)
+    module = ContrastiveModule(model, instantiate(cfg.loss), opt, None)
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, *a: Any) -> None:
+            _sync(device)
+            times.append(time.perf_counter())
+
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        max_steps=warmup + steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Clock()],
+        log_every_n_steps=50,
+    )
+    loader = torch.utils.data.DataLoader(Repeat(), batch_size=None, pin_memory=device.type == "cuda")
+    trainer.fit(module, train_dataloaders=loader)
+    dt = (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
+    return {
+        "impl": "clipforge+lightning",
+        "model": model_name,
+        "loss": loss_kind,
+        "batch": batch,
+        "precision": precision,
+        "samples_per_s": round(batch / dt, 1),
+        "step_ms": round(dt * 1e3, 2),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        "impl",
+        "model",
+        "loss",
+        "batch",
+        "compile",
+        "samples_per_s",
+        "tflops",
+        "mfu",
+        "peak_mem_gib",
+        "warmup_s",
+        "note",
+    ]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    for spec in args.models:
+        name, batch = spec.split(":")
+        for loss_kind in args.losses:
+            per_impl: dict[str, float] = {}
+            for impl in args.impls:
+                compiles = [False, True] if (args.compile and impl == "clipforge") else [False]
+                for comp in compiles:
+                    r = bench_step(
+                        impl,
+                        name,
+                        loss_kind,
+                        int(batch),
+                        device,
+                        args.precision,
+                        comp,
+                        args.steps,
+                        args.warmup,
+                        args.peak_tflops,
+                    )
+                    emit({"kind": "step", **asdict(r)})
+                    per_impl[f"{impl}{'+compile' if comp else ''}"] = r.samples_per_s
+            if "open_clip" in per_impl:
+                for k, v in per_impl.items():
+                    if k != "open_clip":
+                        emit(
+                            {
+                                "kind": "ratio",
+                                "model": name,
+                                "loss": loss_kind,
+                                "impl": k,
+                                "vs_open_clip": round(v / per_impl["open_clip"], 3),
+                            }
+                        )
+            for extra in args.token_reduction:
+                r = bench_step(
+                    "clipforge",
+                    name,
+                    loss_kind,
+                    int(batch),
+                    device,
+                    args.precision,
+                    args.compile,
+                    args.steps,
+                    args.warmup,
+                    args.peak_tflops,
+                    overrides=[extra],
+                )
+                emit({"kind": "step", **asdict(r)})
+            if args.lightning:
+                emit(
+                    {
+                        "kind": "lightning",
+                        **bench_lightning(
+                            name, loss_kind, int(batch), device, args.precision, args.steps, args.warmup
+                        ),
+                    }
+                )
+    print(format_table([r for r in rows if r["kind"] in ("step", "lightning")]), flush=True)
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--models", nargs="+", default=["vit_b16:256", "vit_b32:512"], help="conf/model name:batch"
+    )
+    ap.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip"])
+    ap.add_argument(
+        "--impls", nargs="+", default=["open_clip", "clipforge"], choices=["open_clip", "clipforge"]
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
+    ap.add_argument("--compile", action="store_true", help="also time clipforge with torch.compile")
+    ap.add_argument("--lightning", action="store_true", help="also time the full Lightning loop")
+    ap.add_argument(
+        "--token-reduction",
+        nargs="*",
+        default=[],
+        help="extra clipforge runs with config overrides, e.g. model.vision.patch_dropout=0.5",
+    )
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    args = ap.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    if not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0:
+        ap.error("--peak-tflops must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

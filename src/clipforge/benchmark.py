@@ -104,10 +104,17 @@ def make_step(
     precision: str,
     compile_: bool,
     after_step: Callable[[], None] | None = None,
+    optim_impl: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One training step. With ``compile_`` the forward of both towers and the loss form one graph."""
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused, foreach=None if fused else True)
+    """One training step. With ``compile_`` the forward of both towers and the loss form one graph.
+
+    ``optim_impl``: ``fused`` (default on GPU), ``foreach`` (default on CPU) or ``loop`` (the plain
+    per-parameter reference).
+    """
+    optim_impl = optim_impl or ("fused" if device.type == "cuda" else "foreach")
+    opt = torch.optim.AdamW(
+        param_groups(model, 0.1), lr=1e-4, fused=optim_impl == "fused", foreach=optim_impl == "foreach"
+    )
 
     def forward_loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         out = model(images, tokens)

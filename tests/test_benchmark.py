@@ -1,0 +1,87 @@
+"""The throughput benchmark runs end to end on CPU (tiny model), and the optimised step computes the
+same thing as the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from clipforge.benchmark import compose_model_cfg, make_step, parse_args, run
+from clipforge.checkpoint import build_model
+
+
+def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--models", "tiny:4", "--device", "cpu", "--steps", "1", "--warmup", "1", "--lightning"]
+    rows = run(parse_args([*argv, "--losses", "siglip"]))
+    steps = {r["impl"]: r for r in rows if r["kind"] == "step"}
+    assert set(steps) == {"open_clip", "clipforge"}
+    for r in steps.values():
+        assert r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0
+    # Same architecture on both sides: the FLOP counts agree to a few percent.
+    a, b = steps["open_clip"]["gflop_per_sample"], steps["clipforge"]["gflop_per_sample"]
+    assert abs(a - b) / a < 0.05
+    assert any(r["kind"] == "ratio" for r in rows)
+    assert any(r["kind"] == "lightning" and r["samples_per_s"] > 0 for r in rows)
+    assert "samples_per_s" in capsys.readouterr().out
+
+
+def _two_steps(fused_attn: bool, foreach: bool, precision: str, loss: str = "clip") -> tuple[list, list]:
+    torch.manual_seed(0)
+    cfg = compose_model_cfg("tiny", loss)
+    model = build_model(cfg.model, cfg.loss)
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused_attn
+    loss_fn = instantiate(cfg.loss)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(6, 3, cfg.model.vision.img_size, cfg.model.vision.img_size, generator=g)
+    tokens = torch.randint(1, 49407, (6, cfg.model.text.context_length), generator=g)
+    tokens[:, -1] = 49407
+    losses = []
+    step = make_step(
+        model,
+        loss_fn,
+        torch.device("cpu"),
+        precision,
+        compile_=False,
+        optim_impl="foreach" if foreach else "loop",
+    )
+    for _ in range(2):
+        losses.append(step(images, tokens).float())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_attention_step_equals_math_step() -> None:
+    l1, p1 = _two_steps(fused_attn=True, foreach=True, precision="fp32")
+    l2, p2 = _two_steps(fused_attn=False, foreach=False, precision="fp32")
+    for a, b in zip(l1, l2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(p1, p2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_bf16_step_tracks_fp32(loss: str) -> None:
+    l32, _ = _two_steps(True, True, "fp32", loss)
+    l16, _ = _two_steps(True, True, "bf16", loss)
+    for a, b in zip(l32, l16, strict=True):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager() -> None:
+    torch.manual_seed(0)
+    cfg = compose_model_cfg("tiny", "clip")
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.loss)
+        step = make_step(model, instantiate(cfg.loss), torch.device("cpu"), "fp32", compile_)
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(4, 3, cfg.model.vision.img_size, cfg.model.vision.img_size, generator=g)
+        tokens = torch.randint(1, 49407, (4, cfg.model.text.context_length), generator=g)
+        results.append((step(images, tokens), [p.detach().clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -58,6 +58,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
     model = build_model(cfg.model, cfg.loss)
+    if cfg.get("compile"):
+        # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model.
+        model.compile()
+        loss.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = ContrastiveModule(model, loss, instantiate(cfg.optimizer), scheduler, config=config)
     callbacks = _instantiate_all(cfg.get("callbacks"))

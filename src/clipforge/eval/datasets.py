@@ -1,0 +1,203 @@
+"""Labelled image sets for zero-shot classification and linear probes of CLIP (Radford et al., 2021):
+an image folder with one sub-folder per class, labelled WebDataset shards, and their eval transform.
+
+Unreadable images never stop an evaluation: the sample gets label ``IGNORE_LABEL`` and a blank
+image, a warning names the file, and ``evaluate_zero_shot`` drops and counts it (``num_skipped``).
+Structural problems (a class folder with no images, a class-name list whose length disagrees
+with the folders) raise at construction with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+from torchvision import transforms as T
+
+from clipforge.eval.distributed import dist_info
+from clipforge.eval.zeroshot import IGNORE_LABEL
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """CLIP's test-time preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std."""
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+        ]
+    )
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Open and fully decode an image as RGB (``load()`` so a truncated file fails here, not later)."""
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img.load()
+    return img.convert("RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule).
+
+    ``classnames`` (same order as the sorted folders) overrides the folder names as the text used
+    in prompts; by default a folder name with underscores becomes the class name with spaces.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        classnames: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not class_dirs:
+            raise ValueError(
+                f"{self.root} has no class sub-folders; expected {self.root}/<class name>/<images>"
+            )
+        self.samples: list[tuple[Path, int]] = []
+        empty = []
+        for label, d in enumerate(class_dirs):
+            files = sorted(
+                p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+            )
+            if not files:
+                empty.append(d.name)
+            self.samples += [(p, label) for p in files]
+        if empty:
+            raise ValueError(
+                f"class folder(s) {empty} under {self.root} contain no images "
+                f"(looked for {', '.join(IMG_EXTENSIONS)}); remove them or add images"
+            )
+        self.folder_names = [d.name for d in class_dirs]
+        if classnames is not None and len(classnames) != len(class_dirs):
+            raise ValueError(
+                f"{len(classnames)} class names were given but {self.root} has {len(class_dirs)} class "
+                f"folders; the names must list one class per folder, in sorted folder order"
+            )
+        self.classnames = (
+            list(classnames) if classnames is not None else [n.replace("_", " ") for n in self.folder_names]
+        )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image | None, int]:
+        path, label = self.samples[index]
+        try:
+            img = load_image(path)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+            log.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
+            return None, IGNORE_LABEL
+        return (self.transform(img) if self.transform else img), label
+
+
+def collate_skipping(batch: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(image, label)`` samples; an unreadable one (``None``) becomes a blank image labelled
+    ``IGNORE_LABEL`` so the batch keeps its length and the skip is counted downstream."""
+    good = next((img for img, _ in batch if img is not None), None)
+    blank = torch.zeros_like(good) if good is not None else torch.zeros(3, 1, 1)
+    images = torch.stack([img if img is not None else blank for img, _ in batch])
+    labels = torch.tensor([lab if img is not None else IGNORE_LABEL for img, lab in batch], dtype=torch.long)
+    return images, labels
+
+
+def _split_by_rank(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
+    # rank/world are fixed when the dataset is built: DataLoader workers have no process group.
+    yield from islice(src, rank, None, world_size)
+
+
+def _labelled_sample(
+    sample: dict[str, Any],
+    transform: Callable[[Image.Image], torch.Tensor] | None,
+    class_index: dict[str, int] | None,
+    label_key: str,
+) -> tuple[torch.Tensor | None, int]:
+    key = sample.get("__key__", "?")
+    label = _label_of(sample, class_index, label_key)
+    data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+    if data is None:
+        log.warning("skipping sample %s of %s: it has no image", key, sample.get("__url__", "?"))
+        return None, IGNORE_LABEL
+    try:
+        img = load_image(data)
+    except Exception as e:
+        log.warning(
+            "skipping unreadable image %s in %s: %s: %s", key, sample.get("__url__", "?"), type(e).__name__, e
+        )
+        return None, IGNORE_LABEL
+    return (transform(img) if transform else img), label
+
+
+def _label_of(sample: dict[str, Any], class_index: dict[str, int] | None, label_key: str) -> int:
+    if "cls" in sample:
+        return int(sample["cls"].decode().strip())
+    if "json" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} has neither a .cls nor a .json label")
+    meta = json.loads(sample["json"])
+    if label_key not in meta:
+        raise ValueError(
+            f"sample {sample.get('__key__')}: json has no {label_key!r} key (keys: {sorted(meta)})"
+        )
+    value = meta[label_key]
+    if isinstance(value, int):
+        return value
+    if class_index is None:
+        raise ValueError(f"label {value!r} is a class name; pass classnames to map names to indices")
+    if value not in class_index:
+        raise ValueError(f"sample {sample.get('__key__')}: class name {value!r} is not among the class names")
+    return class_index[value]
+
+
+def labelled_wds_dataset(
+    urls: str | Sequence[str],
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    classnames: Sequence[str] | None = None,
+    label_key: str = "label",
+    distributed: bool = True,
+) -> IterableDataset:
+    """``(image, label)`` samples from WebDataset shards, in order, each rank reading its own shards.
+
+    The label is a ``.cls`` file, or ``json[label_key]``: an int, or a class name looked up in
+    ``classnames``. Unreadable images yield ``(None, IGNORE_LABEL)``; batch with ``collate_skipping``.
+    """
+    import webdataset as wds
+    from braceexpand import braceexpand
+
+    if isinstance(urls, str):
+        urls = list(braceexpand(urls))
+    urls = list(urls)
+    if not urls:
+        raise ValueError("no WebDataset shards given")
+    rank, world = dist_info(distributed)
+    if world > len(urls):
+        log.warning("%d shards for %d ranks: ranks beyond %d evaluate nothing", len(urls), world, len(urls))
+    class_index = {c: i for i, c in enumerate(classnames)} if classnames is not None else None
+    ds = wds.WebDataset(
+        urls,
+        shardshuffle=False,
+        nodesplitter=partial(_split_by_rank, rank=rank, world_size=world),
+        empty_check=False,
+        handler=wds.warn_and_continue,
+    )
+    return ds.map(
+        partial(_labelled_sample, transform=transform, class_index=class_index, label_key=label_key)
+    )

@@ -1,0 +1,107 @@
+"""Collectives for sharded evaluation of CLIP-style models (Radford et al., 2021).
+
+Every rank evaluates its own part of a held-out set; counts are summed with ``all_reduce`` and
+embeddings are exchanged with a padded ``all_gather`` so that every rank ends with the same
+result. With torch.distributed not initialised (or ``enabled=False``) every helper is the identity,
+so the same code path runs in one process and in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+
+def dist_info(enabled: bool = True) -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when not distributed or not ``enabled``."""
+    if enabled and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collective_device(fallback: torch.device) -> torch.device:
+    """NCCL reduces only CUDA tensors, gloo only CPU ones: pick what the backend needs."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if dist.is_available() and dist.is_initialized():
+        return torch.device("cpu")
+    return fallback
+
+
+def all_reduce_sum(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """Sum ``t`` over ranks (returns a new tensor on ``t``'s device)."""
+    _, world = dist_info(enabled)
+    if world == 1:
+        return t
+    dev = collective_device(t.device)
+    buf = t.detach().to(dev).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def all_gather_cat(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of every rank, in rank order; sizes may differ by rank.
+
+    Each rank pads its tensor to the largest first dimension, gathers, and the padding is cut off,
+    so the result does not depend on how the data was split.
+    """
+    _, world = dist_info(enabled)
+    if world == 1:
+        return t
+    dev = collective_device(t.device)
+    local = t.detach().to(dev).contiguous()
+    # Every rank sends its shape; a rank with no rows may not know the trailing shape, so take it
+    # from a rank that has rows.
+    shape = torch.tensor(local.shape, device=dev, dtype=torch.long)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    trailing = next((tuple(s[1:].tolist()) for s in shapes if s[0] > 0), tuple(local.shape[1:]))
+    buf = local.new_zeros((max(rows), *trailing))
+    if local.shape[0]:
+        buf[: local.shape[0]] = local
+    out = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(out, buf)
+    return torch.cat([o[:r] for o, r in zip(out, rows)]).to(t.device)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """The contiguous block ``[start, stop)`` of ``n`` items owned by ``rank``; blocks differ by at most 1.
+
+    Contiguous blocks (not strided ones) keep rank-order concatenation equal to the original order,
+    which retrieval needs to keep image i paired with caption i. Nothing is padded or repeated, so
+    counts reduce to exactly the single-process counts (unlike ``DistributedSampler``).
+    """
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return range(start, stop)
+
+
+def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """This rank's contiguous block of a map-style dataset; the dataset itself when ``world_size == 1``."""
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, list(shard_range(len(dataset), rank, world_size)))  # type: ignore[arg-type]
+
+
+def shard_dataloader(loader: DataLoader, enabled: bool = True) -> DataLoader:
+    """Rebuild ``loader`` over this rank's block of its map-style dataset, keeping batch size, workers, collate.
+
+    Iterable datasets (WebDataset shards) are returned as they are: they must split by rank
+    themselves (``clipforge.eval.datasets.labelled_wds_dataset`` does).
+    """
+    rank, world = dist_info(enabled)
+    if world == 1 or isinstance(loader.dataset, IterableDataset):
+        return loader
+    return DataLoader(
+        shard_dataset(loader.dataset, rank, world),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )

@@ -1,0 +1,91 @@
+"""Class names and prompt templates for zero-shot classification, as in CLIP (Radford et al., 2021).
+
+Built-in names: ``imagenet`` (open_clip's ``IMAGENET_CLASSNAMES``), ``cifar10`` and ``cifar100`` (the
+datasets' label order, underscores replaced by spaces as in CLIP's prompt notebook; open_clip does not
+ship them). Built-in templates: ``openai`` (the 80 ImageNet prompts of the CLIP paper) and ``simple``
+(the 7-prompt subset from CLIP's prompt-engineering notebook). Anything else is read as a text file,
+one entry per line; a template line holds ``{}`` (or ``{c}``) where the class name goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from open_clip.zero_shot_metadata import (
+    IMAGENET_CLASSNAMES,
+    OPENAI_IMAGENET_TEMPLATES,
+    SIMPLE_IMAGENET_TEMPLATES,
+)
+
+Template = str | Callable[[str], str]
+
+CIFAR10_CLASSNAMES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+CIFAR100_CLASSNAMES: tuple[str, ...] = (
+    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn mower", "leopard", "lion", "lizard", "lobster", "man", "maple tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak tree", "orange", "orchid", "otter", "palm tree", "pear", "pickup truck", "pine tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf", "woman", "worm",
+)  # fmt: skip
+
+BUILTIN_CLASSNAMES: dict[str, Sequence[str]] = {
+    "imagenet": IMAGENET_CLASSNAMES,
+    "cifar10": CIFAR10_CLASSNAMES,
+    "cifar100": CIFAR100_CLASSNAMES,
+}
+BUILTIN_TEMPLATES: dict[str, Sequence[Template]] = {
+    "openai": OPENAI_IMAGENET_TEMPLATES,
+    "simple": SIMPLE_IMAGENET_TEMPLATES,
+}
+
+
+def _read_lines(path: str | Path, what: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} is neither a built-in name nor a readable file")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError(f"{what} file {p} is empty")
+    return lines
+
+
+def load_classnames(spec: str | Path | Sequence[str]) -> list[str]:
+    """``imagenet`` | ``cifar10`` | ``cifar100`` | a file with one class name per line | a list of names."""
+    if isinstance(spec, str | Path) and str(spec).lower() in BUILTIN_CLASSNAMES:
+        return list(BUILTIN_CLASSNAMES[str(spec).lower()])
+    if isinstance(spec, str | Path):
+        return _read_lines(spec, "class names")
+    names = [str(c) for c in spec]
+    if not names:
+        raise ValueError("the list of class names is empty")
+    return names
+
+
+def load_templates(spec: str | Path | Sequence[Template]) -> list[Template]:
+    """``openai`` (80) | ``simple`` (7) | a file with one template per line | a list of templates."""
+    if isinstance(spec, str | Path) and str(spec).lower() in BUILTIN_TEMPLATES:
+        return list(BUILTIN_TEMPLATES[str(spec).lower()])
+    templates: list[Template] = _read_lines(spec, "templates") if isinstance(spec, str | Path) else list(spec)
+    if not templates:
+        raise ValueError("the list of prompt templates is empty")
+    for t in templates:
+        if isinstance(t, str) and "{}" not in t and "{c}" not in t:
+            raise ValueError(f"prompt template {t!r} has no '{{}}' where the class name should go")
+    return templates
+
+
+def fill_template(template: Template, classname: str) -> str:
+    """Apply a template: a callable (open_clip's lambdas) or a string with ``{}`` or ``{c}``."""
+    if callable(template):
+        return template(classname)
+    return template.replace("{c}", "{}").format(classname)

@@ -67,3 +67,59 @@ FEATURES = [
     [0.5, 0.4, 0.3, 0.0],  # bird -> cat (bird 3rd)
 ]
 LABELS = [0, 0, 1, 1, 2, 2]
+
+
+def distributed_case(seed: int = 0) -> dict:
+    """A 23-sample labelled set with captions (odd size, so the two shards differ in length)."""
+    from clipforge.data.tokenizer import Tokenizer
+
+    g = torch.Generator().manual_seed(seed)
+    n = 23
+    labels = torch.randint(0, 3, (n,), generator=g)
+    feats = torch.zeros(n, 4)
+    feats[torch.arange(n), labels] = 1.0
+    feats += 0.7 * torch.randn(n, 4, generator=g)  # noisy enough for errors in every metric
+    words = ["cat", "dog", "bird"]
+    captions = [words[int(y)] if i % 3 else f"a photo of a {words[int(y)]}" for i, y in enumerate(labels)]
+    tokens = Tokenizer(CONTEXT_LENGTH)(captions)
+    return {"images": images_from_features(feats.tolist()), "labels": labels, "tokens": tokens}
+
+
+def run_all_evaluations(model: nn.Module, tokenizer, batch_size: int = 4) -> dict:
+    """Classifier, zero-shot, retrieval and linear probe on ``distributed_case``, sharded when distributed."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from clipforge.eval.distributed import shard_dataloader
+    from clipforge.eval.linear_probe import linear_probe
+    from clipforge.eval.retrieval import evaluate_retrieval
+    from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
+
+    data = distributed_case()
+    cls_loader = shard_dataloader(
+        DataLoader(TensorDataset(data["images"], data["labels"]), batch_size=batch_size)
+    )
+    pair_loader = shard_dataloader(
+        DataLoader(TensorDataset(data["images"], data["tokens"]), batch_size=batch_size)
+    )
+    templates = ["{}", "a photo of a {}."]
+    w = build_zero_shot_classifier(model, tokenizer, ["cat", "dog", "bird"], templates, distributed=True)
+    zs = evaluate_zero_shot(model, w, cls_loader, top_k=(1, 2))
+    ret = evaluate_retrieval(model, pair_loader, ks=(1, 2, 5))
+    lp = linear_probe(model, cls_loader, cls_loader, C=1.0)
+    return {"classifier": w, "zeroshot": zs, "retrieval": ret, "linear_probe": lp}
+
+
+def distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from clipforge.data.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tokenizer = Tokenizer(CONTEXT_LENGTH)
+        words = {"cat": [1, 0, 0, 0], "dog": [0, 1, 0, 0], "bird": [0, 0, 1, 0], "photo": [0, 0, 0, 1]}
+        model = HandSetModel(words, dim=4, tokenizer=tokenizer)
+        torch.save(run_all_evaluations(model, tokenizer), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

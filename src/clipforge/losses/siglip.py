@@ -1,0 +1,186 @@
+"""Pairwise sigmoid loss of SigLIP (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training").
+
+Every image-text pair is an independent binary classification: label ``z = +1`` on the diagonal (the
+matching pair) and ``-1`` elsewhere, which is the ``2 * eye(B) - 1`` matrix of big_vision. With logits
+``l = scale * x @ y.T + bias``:
+
+    L = 1/B * sum_ij -log sigmoid(z_ij * l_ij) = 1/B * (sum_ij softplus(l_ij) - sum_i l_ii)
+
+(the second form because ``softplus(-l) - softplus(l) = -l``), i.e. a sum over all pairs divided by the
+batch size, as in the paper and open_clip.
+
+Under data parallelism the loss is sharded as in Sec. 3.3 of the paper: each rank scores its images
+against its own texts, then text blocks go around a bidirectional ring (``distributed.Ring``). The ring
+is one ``autograd.Function`` whose backward runs the ring again, recomputing each block and carrying a
+gradient accumulator with every text block until it comes home; so a rank saves only its own features for
+backward, ``O(b d)``, independent of the world size. ``dist_impl="gather"`` keeps the simple all-gather
+version as a reference.
+
+Loss-value convention under DDP (the same as open_clip's when all ranks have ``b`` rows): rank ``r``
+returns ``W / B * sum_{i on r} sum_j [...]``, its share of the full-batch loss times ``W``. The mean over
+ranks (what is logged after a ``sync_dist`` mean) is the full-batch loss, and DDP's gradient averaging
+gives exactly the full-batch gradient for features, scale and bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipforge.losses.distributed import Ring, all_gather_with_grad, gather_sizes, world_info
+from clipforge.losses.tiled import check_impl, softplus_sum, softplus_sum_backward, use_tiled
+
+DIST_IMPLS = ("ring", "gather")
+
+
+def siglip_loss_dense(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None = None,
+    offset: int = 0,
+    coef: float | None = None,
+) -> Tensor:
+    """``coef * sum_ij -log sigmoid(z_ij l_ij)`` for local images against ``text_features`` (all texts),
+    the positive of image ``i`` being text ``offset + i``. ``coef`` defaults to ``1 / len(images)``."""
+    logits = logit_scale * image_features @ text_features.T  # (b, B)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    b = image_features.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(b), offset + torch.arange(b)] = 1.0  # the 2 * eye - 1 trick, shifted to our rows
+    coef = 1.0 / b if coef is None else coef
+    return -F.logsigmoid(labels * logits).sum() * coef
+
+
+class _SigLipRing(torch.autograd.Function):
+    """``coef * (sum_{i local, j all} softplus(l_ij) - sum_{i local} l_ii)``; ``ring=None`` is one device."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring | None, tile: int, coef):
+        total = softplus_sum(x, y, scale, bias, tile)  # positives and local negatives
+        if ring is not None and ring.world > 1:
+            h = ring.halves[ring.rank][0]
+            pending = ring.shift(y[:h], y[h:], *_rows(ring, 1))
+            for step in range(1, ring.world):
+                y_r, y_l = pending.wait()
+                if step < ring.world - 1:  # pass the blocks on while we compute with them
+                    pending = ring.shift(y_r, y_l, *_rows(ring, step + 1))
+                total += softplus_sum(x, y_r, scale, bias, tile) + softplus_sum(x, y_l, scale, bias, tile)
+        pos = (x * y).sum(dtype=total.dtype) * scale + bias * x.shape[0]  # sum_i l_ii
+        ctx.save_for_backward(x, y, scale, bias)
+        ctx.ring, ctx.tile, ctx.coef = ring, tile, coef
+        return (coef * (total - pos)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, y, scale, bias = ctx.saved_tensors
+        ring, tile = ctx.ring, ctx.tile
+        alpha = (g * ctx.coef).to(x.dtype)
+        gx, gy = torch.zeros_like(x), torch.zeros_like(y)  # raw gradients (before the factor scale)
+        gb = softplus_sum_backward(x, y, scale, bias, tile, alpha, gx, gy)
+        if ring is not None and ring.world > 1:
+            # Re-run the ring. Each visiting text half carries an accumulator of d loss / d text from
+            # every rank it passes; after W shifts it is home with the contributions of all ranks.
+            world, h = ring.world, ring.halves[ring.rank][0]
+            y_r, y_l = ring.shift(y[:h], y[h:], *_rows(ring, 1)).wait()
+            acc_r, acc_l = torch.zeros_like(y_r), torch.zeros_like(y_l)
+            for step in range(1, world):
+                gb += softplus_sum_backward(x, y_r, scale, bias, tile, alpha, gx, acc_r)
+                gb += softplus_sum_backward(x, y_l, scale, bias, tile, alpha, gx, acc_l)
+                if step < world - 1:  # texts and their accumulators move on together
+                    n_r, n_l = _rows(ring, step + 1)
+                    msg = ring.shift(torch.cat([y_r, acc_r]), torch.cat([y_l, acc_l]), 2 * n_r, 2 * n_l)
+                    from_left, from_right = msg.wait()
+                    y_r, acc_r = from_left.split([n_r, n_r])
+                    y_l, acc_l = from_right.split([n_l, n_l])
+                else:  # last shift: only the accumulators, back to their owners
+                    home_r, home_l = ring.shift(acc_r, acc_l, *ring.halves[ring.rank]).wait()
+                    gy[:h] += home_r
+                    gy[h:] += home_l
+        # the positives: -sum_i l_ii
+        gx.sub_(y * alpha)
+        gy.sub_(x * alpha)
+        gb = gb - alpha * x.shape[0]
+        g_scale = (x * gx).sum(dtype=gb.dtype).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        g_bias = gb.to(bias.dtype) if ctx.needs_input_grad[3] else None
+        return gx.mul_(scale), gy.mul_(scale), g_scale, g_bias, None, None, None
+
+
+def _rows(ring: Ring, step: int) -> tuple[int, int]:
+    """Rows of the (right-moving, left-moving) halves held after ``step`` shifts."""
+    src_r, src_l = ring.sources(step)
+    return ring.halves[src_r][0], ring.halves[src_l][1]
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None = None,
+    *,
+    impl: str = "auto",
+    dist_impl: str = "ring",
+    tile_size: int = 8192,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """SigLIP loss of this rank's ``(b, d)`` features; see the module docstring for the DDP convention.
+
+    ``impl`` (single device): ``dense`` materialises the ``B x B`` logits, ``tiled`` works in
+    ``tile_size``-square tiles, ``auto`` tiles when ``B > tile_size``. ``dist_impl`` (W > 1): ``ring``
+    (tiled blocks, memory independent of W) or ``gather`` (all-gather reference, ``b x B`` logits).
+    """
+    check_impl(impl, tile_size)
+    if dist_impl not in DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    rank, world = world_info(group)
+    b = image_features.shape[0]
+    sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]
+    total = sum(sizes)
+    coef = world / total
+    if world > 1 and dist_impl == "gather":
+        all_text = all_gather_with_grad(text_features, sizes, rank, group)
+        return siglip_loss_dense(image_features, all_text, logit_scale, logit_bias, sum(sizes[:rank]), coef)
+    if world == 1 and not use_tiled(impl, b, b, tile_size):
+        return siglip_loss_dense(image_features, text_features, logit_scale, logit_bias, 0, coef)
+    bias = logit_bias if logit_bias is not None else logit_scale.new_zeros(())
+    ring = Ring(sizes, rank, group) if world > 1 else None
+    return _SigLipRing.apply(image_features, text_features, logit_scale, bias, ring, tile_size, coef)
+
+
+class SigLipLoss(nn.Module):
+    """``loss=siglip``: the sigmoid loss, with the initial scale and bias of the SigLIP paper."""
+
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float | None = -10.0
+
+    def __init__(self, impl: str = "auto", dist_impl: str = "ring", tile_size: int = 8192) -> None:
+        super().__init__()
+        check_impl(impl, tile_size)
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+        self.impl, self.dist_impl, self.tile_size = impl, dist_impl, tile_size
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        return siglip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            impl=self.impl,
+            dist_impl=self.dist_impl,
+            tile_size=self.tile_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}, dist_impl={self.dist_impl!r}, tile_size={self.tile_size}"

@@ -1,0 +1,140 @@
+"""Crash-safe checkpoint files: write to a temporary file beside the target, fsync, then rename.
+
+No paper; this is the POSIX write-then-rename idiom. ``os.replace`` within one directory is atomic, so
+a reader (or a resumed run) sees either the previous complete file or the new complete file, never a
+truncated one, whatever moment the writer is killed at. Lightning's own ``TorchCheckpointIO`` writes
+through an fsspec transaction whose temporary file lives in the system temp dir, so on most clusters its
+final move is a cross-filesystem copy (not atomic) and nothing is fsynced.
+
+Loading is restricted to ``torch.load(weights_only=True)``: a checkpoint that needs arbitrary
+unpickling is refused before any of its code can run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file would need arbitrary unpickling (``weights_only=False``) to load: refused."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """The file is truncated, not a torch checkpoint, or lacks what resuming needs."""
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Persist a rename: the directory entry, not only the file data, must reach the disk."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _CountingWriter:
+    """File wrapper that reports progress after each write (the fault-injection tests cut a save here)."""
+
+    def __init__(self, f: Any, hook: Callable[[int], None] | None) -> None:
+        self.f, self.hook, self.written = f, hook, 0
+
+    def write(self, data: bytes) -> int:
+        n = self.f.write(data)
+        self.written += n
+        if self.hook is not None:
+            self.hook(self.written)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj: Any, path: str | Path, write_hook: Callable[[int], None] | None = None) -> None:
+    """``torch.save`` to ``path`` such that a crash at any point leaves ``path`` as it was or complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)  # same directory, hence same filesystem: rename is atomic
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, _CountingWriter(f, write_hook))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # the restricted unpickler also rejects plain garbage
+            raise CorruptCheckpointError(
+                f"{path} is not a readable torch checkpoint (truncated?): {e}"
+            ) from e
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors and plain containers, "
+            "and loading it would execute arbitrary code (torch.load(weights_only=True) rejected it). "
+            "clipforge never writes such files; if you wrote it yourself and trust it, re-save its tensors "
+            f"(or export to safetensors) first. Details: {e}"
+        ) from e
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # legacy (non-zip) serialization cannot be memory-mapped
+            return safe_torch_load(path, map_location, mmap=False)
+        raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (truncated?): {e}") from e
+    except (EOFError, OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (truncated?): {e}") from e
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO``: atomic local saves, ``weights_only`` loads.
+
+    ``write_hook(bytes_written)`` is called during every save; it exists for fault-injection tests.
+    Remote paths (``s3://`` ...) fall back to Lightning's own save.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_hook: Callable[[int], None] | None = None
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path, self.write_hook)
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            log.warning("loading %s with weights_only=False: its pickled code will run", path)
+            return super().load_checkpoint(path, map_location, weights_only=False)
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return safe_torch_load(path, map_location=map_location)

@@ -1,0 +1,129 @@
+"""Preemption: on SIGTERM or SIGUSR1, save a checkpoint at the end of the current step and exit cleanly.
+
+No paper. Schedulers warn before they kill: Kubernetes and most clouds send SIGTERM, SLURM sends the
+signal named in ``#SBATCH --signal=USR1@120`` (SIGUSR1 here) some time before the hard kill. The handler
+only sets a flag (nothing is safe to do inside a signal handler); the next ``on_train_batch_end``
+saves ``preempt-step<N>.ckpt``, asks SLURM to requeue the job when running under SLURM, and stops the
+trainer. The process exits with status 0. A ``ckpt_path=auto`` restart resumes from that file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+def slurm_job_id() -> str | None:
+    """``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID``; None outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    if not re.fullmatch(r"[0-9_]+", job_id):
+        log.warning("not requeuing: unexpected SLURM job id %r", job_id)
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True)
+    except FileNotFoundError:
+        log.warning("SLURM job %s was not requeued: scontrol is not on PATH", job_id)
+        return False
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job_id)
+    return True
+
+
+class PreemptionCheckpoint(Callback):
+    """Checkpoint-and-stop on ``signals``; under SLURM (``SLURM_JOB_ID`` set) also requeue if ``requeue``."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        requeue: bool = True,
+    ) -> None:
+        self.dirpath = dirpath
+        self.signals = tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals)
+        self.requeue = requeue
+        self.received: signal.Signals | None = None
+        self.preempted_at: str | None = None  # path of the preemption checkpoint once written
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum)
+        previous = self._previous.get(self.received)
+        if callable(previous):  # keep whatever was installed before us (e.g. a launcher's handler)
+            previous(signum, frame)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Installed before Lightning's own SIGTERM handler, which then calls ours in turn. Because SIGUSR1
+        # already has a handler, Lightning's SLURM auto-requeue does not install its own (no second save).
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # A signal may reach only some ranks; any one of them stops all (collective: every rank calls it).
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            self._checkpoint_and_stop(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # SIGTERM during validation: Lightning stops at the next validation batch, before any train batch end.
+        if (
+            isinstance(exception, SIGTERMException)
+            and self.received is not None
+            and self.preempted_at is None
+        ):
+            self._checkpoint_and_stop(trainer)
+
+    def _checkpoint_and_stop(self, trainer: L.Trainer) -> None:
+        if self.preempted_at is not None:
+            return
+        dirpath = self.dirpath
+        if dirpath is None:
+            ckpt_cb = trainer.checkpoint_callback
+            dirpath = getattr(ckpt_cb, "dirpath", None) or os.path.join(
+                trainer.default_root_dir, "checkpoints"
+            )
+        path = os.path.join(dirpath, f"preempt-step{trainer.global_step:07d}.ckpt")
+        trainer.save_checkpoint(path)
+        self.preempted_at = path
+        sig = self.received.name if self.received is not None else "signal"
+        log.warning("%s received: saved %s at step %d, stopping", sig, path, trainer.global_step)
+        job_id = slurm_job_id()
+        if self.requeue and job_id and trainer.is_global_zero:
+            requeue_slurm_job(job_id)
+        trainer.should_stop = True
+
+
+def preempted(trainer: L.Trainer) -> bool:
+    """Whether a :class:`PreemptionCheckpoint` stopped this run (the caller should skip post-fit work)."""
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.preempted_at for cb in trainer.callbacks)

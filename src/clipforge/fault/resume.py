@@ -1,0 +1,87 @@
+"""Choose the checkpoint a run resumes from: an explicit path, or ``auto`` (the newest valid one).
+
+No paper. "Valid" means: ``torch.load(weights_only=True)`` reads it and it carries the trainer state a
+resume needs (``state_dict``, ``loops``, ``global_step``). Files are memory-mapped while checked, so
+only their pickle metadata is read; a truncated file fails (its zip directory is at the end), but a
+bit flip inside tensor data is not detected.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from clipforge.fault.atomic_io import (
+    TMP_SUFFIX,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    safe_torch_load,
+)
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+RESUME_KEYS = ("state_dict", "loops", "global_step", "optimizer_states")
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load ``path`` safely and check it can resume training; returns ``{global_step, epoch}``.
+
+    Raises FileNotFoundError, UnsafeCheckpointError (needs arbitrary unpickling) or
+    CorruptCheckpointError (unreadable, or a weights-only export without trainer state).
+    """
+    ckpt = safe_torch_load(path, mmap=True)
+    if not isinstance(ckpt, dict) or (missing := [k for k in RESUME_KEYS if k not in ckpt]):
+        what = f"keys {missing} missing" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CorruptCheckpointError(
+            f"{path} cannot resume training ({what}): is it a weights-only export? "
+            "Load weights with clipforge.checkpoint.load_model instead."
+        )
+    return {"global_step": int(ckpt["global_step"]), "epoch": int(ckpt.get("epoch", 0))}
+
+
+def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
+    """The valid ``*.ckpt`` under ``search_dir`` with the highest step (ties: the most recently written).
+
+    Unreadable or unsafe files are skipped with a warning; a partial write (``*.ckpt.tmp`` left by a
+    kill during a save) is never a candidate, nor is a symlink (its target is scanned in its own right).
+    """
+    root = Path(search_dir)
+    if not root.is_dir():
+        return None
+    for tmp in root.rglob(f"*.ckpt{TMP_SUFFIX}"):
+        log.info("ignoring %s: a save that was interrupted before its rename", tmp)
+    ranked: list[tuple[int, float, Path]] = []
+    for path in sorted(root.rglob("*.ckpt")):
+        if path.is_symlink():  # last.ckpt -> a step file that the scan visits itself
+            continue
+        try:
+            meta = verify_checkpoint(path)
+        except (OSError, UnsafeCheckpointError, CorruptCheckpointError) as e:
+            warnings.warn(f"auto-resume skips {path}: {e}", stacklevel=2)
+            continue
+        ranked.append((meta["global_step"], path.stat().st_mtime, path))
+    if not ranked:
+        return None
+    step, _, best = max(ranked, key=lambda t: (t[0], t[1]))
+    log.info("auto-resume: %s (step %d) is the newest of %d valid checkpoints", best, step, len(ranked))
+    return best
+
+
+def resolve_ckpt_path(ckpt_path: str | Path | None, search_dir: str | Path) -> str | None:
+    """``None`` -> fresh start; ``"auto"`` -> newest valid checkpoint under ``search_dir`` (or fresh);
+    anything else must be an existing, safe, resumable checkpoint (fails at once, naming the file)."""
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    if str(ckpt_path) == AUTO:
+        found = find_latest_checkpoint(search_dir)
+        if found is None:
+            log.info("auto-resume: no valid checkpoint under %s, starting from scratch", search_dir)
+        return None if found is None else str(found)
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
+    verify_checkpoint(path)
+    return str(path)

@@ -1,0 +1,162 @@
+"""Checkpoint files: atomic writes, auto-resume's choice, refusal of unsafe pickles, secret scrubbing."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipforge.checkpoint import load_checkpoint
+from clipforge.fault import (
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    atomic_torch_save,
+    find_latest_checkpoint,
+    resolve_ckpt_path,
+    scrub_secrets,
+    verify_checkpoint,
+)
+
+
+def fake_ckpt(step: int, size: int = 256) -> dict:
+    """The keys a Lightning checkpoint has that resuming relies on."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "global_step": step,
+        "epoch": 0,
+        "state_dict": {"w": torch.randn(size, generator=g)},
+        "loops": {},
+        "optimizer_states": [],
+    }
+
+
+class Boom(Exception):
+    pass
+
+
+def test_atomic_save_interrupted_mid_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save(fake_ckpt(1), path)
+
+    def hook(written: int) -> None:
+        if written > 4096:
+            raise Boom  # a write error (disk full) half-way through the tensor records
+
+    with pytest.raises((Boom, RuntimeError)):  # torch's zip writer may re-raise it as a RuntimeError
+        atomic_torch_save(fake_ckpt(2, size=100_000), path, write_hook=hook)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the partial temp file is gone
+
+
+def test_checkpoint_io_roundtrip_is_complete(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    ckpt = fake_ckpt(3)
+    io.save_checkpoint(ckpt, tmp_path / "sub" / "a.ckpt")
+    back = io.load_checkpoint(tmp_path / "sub" / "a.ckpt")
+    assert back["global_step"] == 3 and torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"])
+
+
+def test_auto_resume_picks_the_highest_step_and_skips_corrupt_files(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (4, 8, 12):
+        atomic_torch_save(fake_ckpt(step), ckpts / f"periodic-step{step:07d}.ckpt")
+    os.symlink("periodic-step0000012.ckpt", ckpts / "last.ckpt")
+    assert find_latest_checkpoint(tmp_path) == ckpts / "periodic-step0000012.ckpt"
+
+    newest = ckpts / "periodic-step0000012.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, e.g. a full disk
+    (ckpts / "periodic-step0000016.ckpt.tmp").write_bytes(b"partial")  # a save killed before its rename
+    with pytest.warns(UserWarning, match=r"periodic-step0000012\.ckpt"):
+        found = find_latest_checkpoint(tmp_path)
+    assert found == ckpts / "periodic-step0000008.ckpt"
+    assert resolve_ckpt_path("auto", tmp_path) == str(found)
+
+
+def test_auto_resume_on_an_empty_dir_starts_fresh(tmp_path: Path) -> None:
+    assert resolve_ckpt_path("auto", tmp_path / "missing") is None
+    assert resolve_ckpt_path(None, tmp_path) is None
+
+
+def test_explicit_path_must_exist_and_be_resumable(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
+        resolve_ckpt_path(tmp_path / "nope.ckpt", tmp_path)
+    weights = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, weights)
+    with pytest.raises(CorruptCheckpointError, match="weights-only export"):
+        resolve_ckpt_path(weights, tmp_path)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        verify_checkpoint(_write(tmp_path / "junk.ckpt", b"not a zip file at all"))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+class Payload:
+    """Unpickling this calls ``Path.touch(marker)``: a stand-in for arbitrary code in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def malicious_checkpoint(path: Path, marker: Path) -> Path:
+    ckpt = fake_ckpt(100)
+    ckpt["loops"] = {"evil": Payload(marker)}
+    torch.save(ckpt, path)
+    # The payload is live: a full unpickle of the same kind of file does run it.
+    probe = marker.with_name("probe")
+    torch.save({"x": Payload(probe)}, marker.with_name("probe.pt"))
+    torch.load(marker.with_name("probe.pt"), weights_only=False)
+    assert probe.exists()
+    return path
+
+
+def test_malicious_checkpoint_is_refused_without_running_its_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    (tmp_path / "checkpoints").mkdir()
+    bad = malicious_checkpoint(tmp_path / "checkpoints" / "evil.ckpt", marker)
+    with pytest.raises(UnsafeCheckpointError, match="would execute arbitrary code"):
+        resolve_ckpt_path(bad, tmp_path)
+    with pytest.raises(UnsafeCheckpointError):
+        AtomicCheckpointIO().load_checkpoint(bad)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(bad)
+    # auto-resume skips it (with a warning) and falls back to the older, safe checkpoint
+    atomic_torch_save(fake_ckpt(50), tmp_path / "checkpoints" / "ok.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ok.ckpt"
+    assert any("evil.ckpt" in str(w.message) and "arbitrary code" in str(w.message) for w in caught)
+    assert not marker.exists()
+
+
+def test_unsafe_error_is_an_unpickling_error() -> None:
+    assert issubclass(UnsafeCheckpointError, pickle.UnpicklingError)
+
+
+def test_scrub_secrets_masks_credentials_but_keeps_model_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    cfg = {
+        "logger": {"api_key": "sk-live-123", "project": "clipforge", "settings": {"token": "hf_abc"}},
+        "env": {"copied": "0123456789abcdef0123456789abcdef01234567"},  # secret under an innocent key
+        "model": {"eot_token": 49407, "vocab_size": 49408, "tokens": "keep-me", "password": ""},
+        "list": [{"secret": "x"}, "plain"],
+        "aws_secret_access_key": "AKIA",
+    }
+    out = scrub_secrets(cfg)
+    assert out["logger"] == {"api_key": "***", "project": "clipforge", "settings": {"token": "***"}}
+    assert out["env"]["copied"] == "***"
+    assert out["model"] == cfg["model"]  # ints, a plural "tokens" and empty strings are not secrets
+    assert out["list"] == [{"secret": "***"}, "plain"]
+    assert out["aws_secret_access_key"] == "***"
+    assert cfg["logger"]["api_key"] == "sk-live-123"  # the input is not modified

@@ -1,0 +1,220 @@
+"""Lightning callbacks that run CLIP's (Radford et al., 2021) zero-shot classification and image-text
+retrieval while training, on every rank.
+
+Unlike open_clip, which evaluates on rank 0 while the other GPUs wait, every rank takes a block of
+the held-out set (and, for zero-shot, a block of the classes when embedding prompts); results are
+reduced with collectives, so all ranks must reach the same hooks, which step/epoch triggers ensure.
+The class embeddings are computed once per evaluation. Metrics are logged as ``val/zeroshot_top1``,
+``val/zeroshot_top5``, ``val/i2t_r1`` ... with ``sync_dist=False`` since they are already global.
+
+Epoch-based runs happen in ``on_train_epoch_end``: to monitor ``val/zeroshot_top1`` in
+``ModelCheckpoint`` use ``save_on_train_epoch_end=True`` (checkpointing runs after other callbacks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from clipforge.eval.distributed import shard_dataloader
+from clipforge.eval.retrieval import evaluate_retrieval
+from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
+
+log = logging.getLogger(__name__)
+
+
+class _PeriodicEval(L.Callback):
+    """Calls ``evaluate`` every ``every_n_steps`` optimizer steps and/or every ``every_n_epochs`` epochs."""
+
+    def __init__(self, every_n_steps: int | None, every_n_epochs: int | None) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or null, got {every_n_steps}")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1 or null, got {every_n_epochs}")
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self._last_step = -1
+        self._warned = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        # with gradient accumulation several batches share a global step: evaluate once
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if (
+            self.every_n_epochs
+            and epoch % self.every_n_epochs == 0
+            and trainer.global_step != self._last_step
+        ):
+            self._last_step = trainer.global_step
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _skip(self, why: str) -> None:
+        if not self._warned:
+            rank_zero_warn(f"{type(self).__name__}: {why}; skipping this evaluation from now on")
+            self._warned = True
+
+
+def _log(pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        # already reduced over ranks: every rank holds the same value, so no sync
+        pl_module.log(name, float(value), sync_dist=False, batch_size=1)
+
+
+class ZeroShotCallback(_PeriodicEval):
+    """Zero-shot classification of ``trainer.datamodule.zeroshot_dataloader()`` batches ``(images, labels)``.
+
+    Class names and prompt templates come from ``datamodule.zeroshot_classnames`` and
+    ``datamodule.zeroshot_templates``; the tokenizer's context length from ``pl_module.model.text``.
+    Logs ``val/zeroshot_top{k}`` and ``val/zeroshot_mean_per_class``; with a W&B logger also the
+    confusion-matrix picture as ``val/zeroshot_confusion``, and as PNGs under ``save_dir`` if given.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        top_k: Sequence[int] = (1, 5),
+        prompt_batch_size: int = 256,
+        log_confusion: bool = True,
+        save_dir: str | None = None,
+        precision: str = "auto",
+        progress: bool = False,
+    ) -> None:
+        super().__init__(every_n_steps, every_n_epochs)
+        self.top_k = tuple(top_k)
+        self.prompt_batch_size = prompt_batch_size
+        self.log_confusion = log_confusion
+        self.save_dir = save_dir
+        self.precision = precision
+        self.progress = progress
+        self.last_result: dict[str, Any] | None = None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
+        dm = trainer.datamodule
+        classnames = getattr(dm, "zeroshot_classnames", None)
+        if dm is None or not hasattr(dm, "zeroshot_dataloader") or not classnames:
+            self._skip("the datamodule has no zero-shot set (zeroshot_dataloader / zeroshot_classnames)")
+            return None
+        from clipforge.data.tokenizer import Tokenizer
+
+        model = pl_module.model
+        tokenizer = Tokenizer(context_length=model.text.context_length)
+        device = pl_module.device
+        templates = getattr(dm, "zeroshot_templates", None) or ["a photo of a {}."]
+        classifier = build_zero_shot_classifier(
+            model,
+            tokenizer,
+            list(classnames),
+            list(templates),
+            device=device,
+            batch_size=self.prompt_batch_size,
+            precision=self.precision,
+            distributed=True,
+        )
+        loader = shard_dataloader(dm.zeroshot_dataloader())
+        res = evaluate_zero_shot(
+            model,
+            classifier,
+            loader,
+            device=device,
+            top_k=self.top_k,
+            precision=self.precision,
+            progress=self.progress,
+        )
+        metrics = {f"val/zeroshot_top{k}": res[f"top{k}"] for k in self.top_k}
+        metrics["val/zeroshot_mean_per_class"] = res["mean_per_class_accuracy"]
+        _log(pl_module, metrics)
+        if res["num_skipped"]:
+            _log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
+        if trainer.is_global_zero and (self.log_confusion or self.save_dir):
+            self._confusion_picture(trainer, res, list(classnames))
+        self.last_result = res
+        return res
+
+    def _confusion_picture(self, trainer: L.Trainer, res: dict[str, Any], classnames: list[str]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        from clipforge.eval.plots import confusion_matrix_figure, figure_to_image, save_figure
+
+        wandb_loggers = (
+            [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if self.log_confusion else []
+        )
+        if not wandb_loggers and not self.save_dir:
+            return
+        fig = confusion_matrix_figure(
+            res["confusion"], classnames, title=f"zero-shot, step {trainer.global_step}"
+        )
+        if self.save_dir:
+            save_figure(fig, Path(self.save_dir) / f"zeroshot_confusion_step{trainer.global_step:08d}.png")
+        if wandb_loggers:
+            image = figure_to_image(fig)
+            for lg in wandb_loggers:
+                lg.log_image("val/zeroshot_confusion", [image], step=trainer.global_step)
+
+
+class RetrievalCallback(_PeriodicEval):
+    """Image<->text recall@K on ``trainer.datamodule.val_dataloader()`` pairs ``(images, tokens)``.
+
+    Logs ``val/i2t_r{k}``, ``val/t2i_r{k}`` and ``val/retrieval_mean_recall``. ``max_samples`` caps
+    the pairs each rank embeds (the score matrix is N x N over all ranks).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        ks: Sequence[int] = (1, 5, 10),
+        max_samples: int | None = 5000,
+        dedupe_captions: bool = True,
+        precision: str = "auto",
+        progress: bool = False,
+    ) -> None:
+        super().__init__(every_n_steps, every_n_epochs)
+        self.ks = tuple(ks)
+        self.max_samples = max_samples
+        self.dedupe_captions = dedupe_captions
+        self.precision = precision
+        self.progress = progress
+        self.last_result: dict[str, Any] | None = None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
+        dm = trainer.datamodule
+        try:
+            loader = dm.val_dataloader() if dm is not None else None
+        except (AttributeError, NotImplementedError, MisconfigurationException):
+            loader = None  # LightningDataModule's default val_dataloader raises when not implemented
+        if isinstance(loader, list | tuple):
+            loader = loader[0] if loader else None
+        if loader is None:
+            self._skip("the datamodule has no val_dataloader of (images, tokens) pairs")
+            return None
+        res = evaluate_retrieval(
+            pl_module.model,
+            shard_dataloader(loader),
+            device=pl_module.device,
+            ks=self.ks,
+            dedupe_captions=self.dedupe_captions,
+            precision=self.precision,
+            max_samples=self.max_samples,
+            progress=self.progress,
+        )
+        metrics = {f"val/i2t_r{k}": res[f"i2t_r{k}"] for k in self.ks}
+        metrics |= {f"val/t2i_r{k}": res[f"t2i_r{k}"] for k in self.ks}
+        metrics["val/retrieval_mean_recall"] = res["mean_recall"]
+        _log(pl_module, metrics)
+        self.last_result = res
+        return res

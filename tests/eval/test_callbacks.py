@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import lightning as L
+import lightning.pytorch.loggers as pl_loggers
+import pytest
+import torch
+from evalhelpers import CLASSNAMES, FEATURES, LABELS, images_from_features
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader, TensorDataset
+
+from clipforge.eval.callbacks import RetrievalCallback, ZeroShotCallback
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train_modes: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.train_modes.append(self.model.training)
+        return (self.model.gain - 1.0) ** 2 + 0.0 * batch[0].sum()  # gain stays 1: features stay fixed
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyData(L.LightningDataModule):
+    def __init__(self, tokenizer, with_zeroshot: bool = True) -> None:
+        super().__init__()
+        self.images = images_from_features(FEATURES)
+        self.tokens = tokenizer(["cat", "cat", "dog", "dog", "bird", "bird"])
+        if with_zeroshot:
+            self.zeroshot_classnames = CLASSNAMES
+            self.zeroshot_templates = ["{}", "a photo of a {}."]
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.images, self.tokens), batch_size=2)
+
+    def zeroshot_dataloader(self):
+        return DataLoader(TensorDataset(self.images, torch.tensor(LABELS)), batch_size=4)
+
+
+class FakeWandb(Logger):
+    """Stands in for WandbLogger (patched over it) and records the pictures it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, int]] = []
+
+    name = "fake"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_image(self, key, images, step=None):
+        assert images[0].size[0] > 100  # a rendered picture, not a placeholder
+        self.images.append((key, step))
+
+
+def _fit(module, data, callbacks, max_epochs=2, logger=False):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_zeroshot_callback_logs_exact_metrics_and_restores_train_mode(
+    handset_model, tokenizer, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(pl_loggers, "WandbLogger", FakeWandb)
+    logger = FakeWandb()
+    cb = ZeroShotCallback(every_n_steps=2, every_n_epochs=1, save_dir=str(tmp_path))
+    module = TinyModule(handset_model)
+    trainer = _fit(module, TinyData(tokenizer), [cb], logger=logger)
+    assert trainer.callback_metrics["val/zeroshot_top1"] == pytest.approx(4 / 6)
+    assert trainer.callback_metrics["val/zeroshot_top5"] == pytest.approx(1.0)
+    assert trainer.callback_metrics["val/zeroshot_mean_per_class"] == pytest.approx(2 / 3)
+    assert cb.last_result["confusion"].tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert all(module.train_modes) and len(module.train_modes) == 6
+    # 3 steps per epoch, 6 steps: every 2 steps (2, 4, 6) and each epoch end (3; 6 already done)
+    steps = [s for _, s in logger.images]
+    assert steps == [2, 3, 4, 6]
+    assert len(list(tmp_path.glob("zeroshot_confusion_step*.png"))) == 4
+
+
+def test_retrieval_callback(handset_model, tokenizer):
+    data = TinyData(tokenizer)
+    data.val_dataloader = lambda: DataLoader(TensorDataset(data.images, data.tokens), batch_size=4)
+    cb = RetrievalCallback(every_n_epochs=1, ks=(1, 5))
+    trainer = _fit(TinyModule(handset_model), data, [cb], max_epochs=1)
+    # images 1 and 5 score another caption above their own ("cat"/"bird" are each shared by 2 images)
+    expected = cb.last_result
+    assert expected["num_samples"] == 6 and expected["num_unique_captions"] == 3
+    assert trainer.callback_metrics["val/i2t_r1"] == pytest.approx(4 / 6)
+    assert trainer.callback_metrics["val/i2t_r5"] == pytest.approx(1.0)
+    assert "val/t2i_r1" in trainer.callback_metrics
+
+
+def test_missing_zeroshot_set_warns_once_and_skips(handset_model, tokenizer):
+    cbs = [ZeroShotCallback(every_n_steps=1), RetrievalCallback(every_n_steps=1)]
+    with pytest.warns(UserWarning, match="skipping") as record:
+        trainer = _fit(TinyModule(handset_model), TinyData(tokenizer, with_zeroshot=False), cbs)
+    assert len([w for w in record if "skipping" in str(w.message)]) == 2  # one per callback
+    assert not any(k.startswith("val/") for k in trainer.callback_metrics)
+
+
+def test_bad_period_is_rejected():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ZeroShotCallback(every_n_steps=0)

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from clipforge.eval.datasets import ImageFolderDataset, collate_skipping, eval_transform, labelled_wds_dataset
+from clipforge.eval.zeroshot import IGNORE_LABEL
+
+
+def _png(color: tuple[int, int, int], size: int = 12) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_folder(root: Path, classes: dict[str, int], corrupt: dict[str, int] | None = None) -> Path:
+    for i, (name, n) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            (root / name / f"{j}.png").write_bytes(_png((40 * i, 10 * j, 0)))
+    for name, n in (corrupt or {}).items():
+        for j in range(n):
+            (root / name / f"bad{j}.jpg").write_bytes(b"not an image at all")
+    return root
+
+
+def test_image_folder_labels_and_names(tmp_path):
+    root = make_folder(tmp_path / "ds", {"golden_retriever": 2, "apple": 3})
+    ds = ImageFolderDataset(root, eval_transform(8))
+    assert ds.classnames == ["apple", "golden retriever"]  # sorted folders, underscores to spaces
+    assert [lab for _, lab in ds.samples] == [0, 0, 0, 1, 1]
+    img, lab = ds[3]
+    assert img.shape == (3, 8, 8) and lab == 1
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = make_folder(tmp_path / "ds", {"cat": 2, "dog": 0})
+    (root / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"\['dog'\].*contain no images"):
+        ImageFolderDataset(root)
+
+
+def test_classname_count_must_match_folders(tmp_path):
+    root = make_folder(tmp_path / "ds", {"cat": 1, "dog": 1})
+    with pytest.raises(ValueError, match=r"3 class names were given but .* has 2 class folders"):
+        ImageFolderDataset(root, classnames=["a", "b", "c"])
+
+
+def test_unreadable_images_are_skipped_and_marked(tmp_path, caplog):
+    root = make_folder(tmp_path / "ds", {"cat": 2, "dog": 1}, corrupt={"dog": 2})
+    ds = ImageFolderDataset(root, eval_transform(8))
+    with caplog.at_level(logging.WARNING):
+        images, labels = next(iter(DataLoader(ds, batch_size=16, collate_fn=collate_skipping)))
+    assert images.shape == (5, 3, 8, 8)
+    assert labels.tolist() == [0, 0, 1, IGNORE_LABEL, IGNORE_LABEL]  # "0.png" sorts before "bad*.jpg"
+    assert torch.count_nonzero(images[3:]) == 0
+    assert sum("skipping unreadable image" in r.message and "bad" in r.message for r in caplog.records) == 2
+
+
+def test_batch_of_only_unreadable_images(tmp_path):
+    batch = collate_skipping([(None, IGNORE_LABEL), (None, IGNORE_LABEL)])
+    assert batch[0].shape[0] == 2 and batch[1].tolist() == [IGNORE_LABEL, IGNORE_LABEL]
+
+
+def write_labelled_shard(path: Path, samples: list[tuple[bytes, dict | int]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for i, (img, label) in enumerate(samples):
+            members = {"png": img}
+            if isinstance(label, int):
+                members["cls"] = str(label).encode()
+            else:
+                members["json"] = json.dumps(label).encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_labelled_wds_cls_json_and_names(tmp_path, caplog):
+    s0 = write_labelled_shard(tmp_path / "a.tar", [(_png((255, 0, 0)), 1), (_png((0, 255, 0)), {"label": 0})])
+    s1 = write_labelled_shard(
+        tmp_path / "b.tar", [(_png((0, 0, 255)), {"label": "dog"}), (b"broken", {"label": "cat"})]
+    )
+    ds = labelled_wds_dataset([s0, s1], eval_transform(8), classnames=["cat", "dog"])
+    with caplog.at_level(logging.WARNING):
+        images, labels = next(iter(DataLoader(ds, batch_size=8, collate_fn=collate_skipping)))
+    assert labels.tolist() == [1, 0, 1, IGNORE_LABEL]
+    assert images.shape == (4, 3, 8, 8)
+    assert any("skipping unreadable image" in r.message for r in caplog.records)
+
+
+def test_labelled_wds_unknown_class_name(tmp_path):
+    s = write_labelled_shard(tmp_path / "a.tar", [(_png((255, 0, 0)), {"label": "zebra"})])
+    ds = labelled_wds_dataset(s, eval_transform(8), classnames=["cat", "dog"])
+    with pytest.raises(ValueError, match="'zebra' is not among the class names"):
+        next(iter(ds))

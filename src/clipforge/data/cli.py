@@ -1,0 +1,124 @@
+"""``clipforge-shards``: write WebDataset shards (Breuel et al., 2020) in img2dataset's layout, with a
+manifest of samples per shard, from an image folder plus captions, from img2dataset output, or from the
+synthetic generator; or write the manifest for existing shards.
+
+Examples::
+
+    clipforge-shards folder photos/ captions.csv out/ --max-count 10000
+    clipforge-shards img2dataset laion_part/ out/ --max-bytes 1GB
+    clipforge-shards synthetic out/ --split train --num-samples 20000 --image-size 32
+    clipforge-shards manifest out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clipforge.data.manifest import write_manifest
+from clipforge.data.shards import ShardResult, read_shard
+from clipforge.data.sources import folder_records, img2dataset_records, synthetic_records
+from clipforge.data.writer import write_shards
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1GB"`` -> 10**9, ``"512MiB"`` -> 512 * 2**20, ``"2e8"`` -> 200000000."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1GB, 512MiB, 2e8)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def count_shards(directory: str | Path) -> dict[str, int]:
+    """Samples per shard of every ``*.tar`` in ``directory``, by reading them."""
+    counts = {}
+    for path in tqdm(sorted(Path(directory).glob("*.tar")), desc="counting", unit="shard"):
+        result = ShardResult()
+        n = sum(1 for _ in read_shard(str(path), result))
+        if result.failure is not None:
+            logging.warning("%s: %s (%s); counted %d samples", path, result.failure, result.message, n)
+        counts[path.name] = n
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipforge-shards", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def limits(p: argparse.ArgumentParser) -> None:
+        p.add_argument("out", help="output directory for NNNNN.tar, manifest.json and sizes.json")
+        p.add_argument("--max-count", type=int, default=10_000, help="samples per shard (0: no limit)")
+        p.add_argument("--max-bytes", type=parse_bytes, default=None, help="bytes per shard, e.g. 1GB")
+
+    p = sub.add_parser("folder", help="an image folder and a CSV/TSV/JSONL file name -> caption")
+    p.add_argument("images", help="folder the file names are relative to")
+    p.add_argument("captions", help="CSV/TSV (header: file,caption), JSONL or JSON mapping")
+    limits(p)
+    p = sub.add_parser("img2dataset", help="re-shard img2dataset output (tar shards or files layout)")
+    p.add_argument("source", help="img2dataset output folder")
+    limits(p)
+    p = sub.add_parser("synthetic", help="the procedural compositional data set")
+    limits(p)
+    p.add_argument("--split", choices=["train", "val", "heldout"], default="train")
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("manifest", help="count samples of existing shards and write manifest.json")
+    p.add_argument("directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "manifest":
+        counts = count_shards(args.directory)
+        if not counts:
+            print(f"no *.tar shards in {args.directory}", file=sys.stderr)
+            return 1
+        write_manifest(args.directory, counts, {"source": "counted"})
+        print(f"{sum(counts.values())} samples in {len(counts)} shards; wrote {args.directory}/manifest.json")
+        return 0
+    skipped: Counter = Counter()
+    total = None
+    if args.command == "folder":
+        records = folder_records(args.images, args.captions, skipped)
+        params = {"source": "folder", "images": str(args.images), "captions": str(args.captions)}
+    elif args.command == "img2dataset":
+        records = img2dataset_records(args.source, skipped)
+        params = {"source": "img2dataset", "path": str(args.source)}
+    else:
+        records = synthetic_records(args.split, args.num_samples, args.image_size, args.seed)
+        params = {
+            "generator": "clipforge.data.synthetic",
+            "split": args.split,
+            "num_samples": args.num_samples,
+            "image_size": args.image_size,
+            "seed": args.seed,
+        }
+        total = args.num_samples
+    counts = write_shards(
+        records,
+        args.out,
+        max_count=args.max_count or None,
+        max_bytes=args.max_bytes,
+        params=params,
+        total=total,
+    )
+    print(f"{sum(counts.values())} samples in {len(counts)} shards under {args.out}")
+    if skipped:
+        print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

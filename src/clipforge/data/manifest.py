@@ -1,0 +1,85 @@
+"""Shard manifests: samples per shard, the number the WebDataset loader (Breuel et al., 2020) needs
+for exact epochs.
+
+``manifest.json`` sits beside the shards::
+
+    {"version": 1, "shards": {"00000.tar": 1000, ...}, "num_samples": 12345, "params": {...}}
+
+``sizes.json`` (the same mapping, without the rest) is written too, because open_clip's training code
+reads that file for its epoch length. Shards are looked up by base name, so a manifest also serves
+``pipe:`` URLs whose command ends in the shard's name (``pipe:aws s3 cp s3://b/00007.tar -``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+SIZES_NAME = "sizes.json"
+_TAR_NAME = re.compile(r"([^\s/\\]+\.tar)\b")
+
+
+def shard_name(url: str) -> str:
+    """The shard's base name: ``/a/b/00001.tar`` and ``pipe:curl -s http://x/00001.tar`` give ``00001.tar``."""
+    if url.startswith("pipe:"):
+        found = _TAR_NAME.findall(url)
+        return found[-1] if found else url
+    return os.path.basename(url)
+
+
+def write_manifest(out_dir: str | Path, shards: dict[str, int], params: dict | None = None) -> Path:
+    """Write ``manifest.json`` and ``sizes.json`` atomically (write to a temporary name, then rename)."""
+    out_dir = Path(out_dir)
+    body = {
+        "version": 1,
+        "shards": dict(shards),
+        "num_samples": int(sum(shards.values())),
+        "params": params or {},
+    }
+    for name, payload in ((MANIFEST_NAME, body), (SIZES_NAME, dict(shards))):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        os.replace(tmp, out_dir / name)
+    return out_dir / MANIFEST_NAME
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read a ``manifest.json`` (or an open_clip-style ``sizes.json``) into the manifest layout."""
+    data = json.loads(Path(path).read_text())
+    if "shards" not in data:  # sizes.json: a bare {name: count} mapping
+        data = {"version": 1, "shards": data, "num_samples": sum(data.values()), "params": {}}
+    data["shards"] = {str(k): int(v) for k, v in data["shards"].items()}
+    return data
+
+
+def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int] | None:
+    """Samples per shard for ``urls`` (keyed by url), or None when some shard has no known count.
+
+    A local shard is looked up in ``manifest.json``/``sizes.json`` beside it first (so two sources that
+    both have a ``00000.tar`` do not mix up their counts), then in the explicit ``manifest`` file, which
+    is how ``pipe:`` URLs get their counts.
+    """
+    cache: dict[Path, dict[str, int]] = {}
+
+    def table(path: Path) -> dict[str, int]:
+        if path not in cache:
+            cache[path] = read_manifest(path)["shards"] if path.is_file() else {}
+        return cache[path]
+
+    counts = {}
+    for url in urls:
+        name = shard_name(url)
+        tables = []
+        if not url.startswith("pipe:"):
+            parent = Path(url).parent
+            tables += [table(parent / MANIFEST_NAME), table(parent / SIZES_NAME)]
+        if manifest is not None:
+            tables.append(table(Path(manifest)))
+        found = next((t[name] for t in tables if name in t), None)
+        if found is None:
+            return None
+        counts[url] = found
+    return counts

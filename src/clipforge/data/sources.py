@@ -1,0 +1,152 @@
+"""Sources of image-text pairs for the shard writer (WebDataset layout of img2dataset, Beaumont 2021).
+
+* :func:`folder_records`: an image folder plus a captions file (CSV, TSV, JSONL, or a JSON object)
+  mapping file name to caption;
+* :func:`img2dataset_records`: a folder of img2dataset output, either its ``webdataset`` tar shards or
+  its ``files`` layout (``00000/000000001.jpg`` beside ``.txt`` and ``.json``);
+* :func:`synthetic_records`: the procedural generator of :mod:`clipforge.data.synthetic`.
+
+Each yields :class:`~clipforge.data.writer.Record`; problems (an image listed but missing, a sample
+without caption) are logged and skipped, and counted in the ``skipped`` dict passed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from clipforge.data import synthetic
+from clipforge.data.writer import Record
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+FILE_KEYS = ("file", "filename", "file_name", "image", "image_path", "path", "img", "key")
+CAPTION_KEYS = ("caption", "text", "txt", "title", "description")
+
+
+def _pick(keys: list[str], wanted: tuple[str, ...], what: str, path: Path) -> str:
+    lowered = {k.lower(): k for k in keys}
+    for name in wanted:
+        if name in lowered:
+            return lowered[name]
+    raise ValueError(f"{path}: no {what} column; expected one of {wanted}, found {keys}")
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """File name -> caption from a CSV/TSV (with a header, or two columns without), JSONL or JSON file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return {str(k): str(v) for k, v in data.items()}
+        rows = data
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        delimiter = "\t" if suffix in (".tsv", ".tab") else ","
+        table = list(csv.reader(text.splitlines(), delimiter=delimiter))
+        if not table:
+            return {}
+        header = [h.strip() for h in table[0]]
+        has_header = any(h.lower() in FILE_KEYS for h in header)
+        if not has_header:
+            if len(header) != 2:
+                raise ValueError(f"{path}: without a header row the file needs exactly two columns")
+            return {row[0]: row[1] for row in table if len(row) >= 2}
+        rows = [dict(zip(header, row)) for row in table[1:] if row]
+    if not rows:
+        return {}
+    file_key = _pick(list(rows[0]), FILE_KEYS, "file name", path)
+    caption_key = _pick(list(rows[0]), CAPTION_KEYS, "caption", path)
+    return {str(r[file_key]): str(r.get(caption_key) or "") for r in rows}
+
+
+def folder_records(
+    image_dir: str | Path, captions: str | Path, skipped: Counter | None = None
+) -> Iterator[Record]:
+    """Records for every entry of the captions file whose image exists under ``image_dir``."""
+    image_dir = Path(image_dir)
+    skipped = skipped if skipped is not None else Counter()
+    for i, (name, caption) in enumerate(sorted(read_captions(captions).items())):
+        path = image_dir / name
+        if not path.is_file():
+            skipped["missing_image"] += 1
+            log.warning("skipping %s: listed in %s but not found", path, captions)
+            continue
+        if not caption.strip():
+            skipped["missing_caption"] += 1
+            log.warning("skipping %s: empty caption", path)
+            continue
+        meta = {"source_file": name}
+        yield Record(key=f"{i:09d}", image=path.read_bytes(), caption=caption.strip(), meta=meta)
+
+
+def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive ``(name, data)`` pairs by key (the name up to its first dot)."""
+    key, sample = None, {}
+    for name, data in members:
+        base = name.rsplit("/", 1)[-1]
+        prefix = name[: len(name) - len(base)]
+        k, _, ext = base.partition(".")
+        k = prefix + k
+        if k != key and sample:
+            yield key, sample
+            sample = {}
+        key = k
+        sample[ext.lower()] = data
+    if sample:
+        yield key, sample
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(path, "r|*") as tar:
+        for info in tar:
+            if info.isfile():
+                f = tar.extractfile(info)
+                yield info.name, f.read() if f is not None else b""
+
+
+def _file_members(root: Path) -> Iterator[tuple[str, bytes]]:
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        yield str(path.relative_to(root)), path.read_bytes()
+
+
+def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Iterator[Record]:
+    """Records from img2dataset output: its tar shards if there are any, else its ``files`` layout."""
+    root = Path(root)
+    skipped = skipped if skipped is not None else Counter()
+    tars = sorted(root.rglob("*.tar"))
+    streams = (_tar_members(t) for t in tars) if tars else (_file_members(root),)
+    for members in streams:
+        try:
+            for key, sample in _group(members):
+                image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if image_ext is None:
+                    if "txt" in sample or "json" in sample:
+                        skipped["missing_image"] += 1
+                    continue
+                caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+                caption = caption or str(meta.get("caption") or "").strip()
+                if not caption:
+                    skipped["missing_caption"] += 1
+                    log.warning("skipping %s: no caption", key)
+                    continue
+                yield Record(key=key.rsplit("/", 1)[-1], image=sample[image_ext], caption=caption, meta=meta)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            skipped["unreadable_shard"] += 1
+            log.warning("stopped reading a shard under %s: %s", root, e)
+
+
+def synthetic_records(split: str, num_samples: int, image_size: int = 32, seed: int = 0) -> Iterator[Record]:
+    """Records of the synthetic generator; the json carries the attributes and the zero-shot ``label``."""
+    for s in synthetic.generate(split, num_samples, image_size, seed):
+        yield Record(key=s.key, image=s.image, caption=s.caption, meta=s.meta)

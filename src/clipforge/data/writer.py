@@ -1,0 +1,153 @@
+"""Write image-text pairs as WebDataset tar shards (Breuel et al., 2020) in img2dataset's layout.
+
+Each sample is three tar members sharing a key: ``KEY.jpg`` (the encoded image), ``KEY.txt`` (the
+caption, UTF-8) and ``KEY.json`` (metadata), which is what img2dataset (Beaumont, 2021) writes and
+what open_clip reads. Shards are named ``00000.tar, 00001.tar, ...``; a new one starts when the current
+one reaches ``max_count`` samples or ``max_bytes`` bytes. Each shard is written under a temporary name
+and renamed when complete, so an interrupted run never leaves a truncated shard behind under a real name.
+On close the writer records samples per shard in ``manifest.json`` (see :mod:`clipforge.data.manifest`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from clipforge.data.manifest import write_manifest
+
+_TAR_BLOCK = 512
+
+
+@dataclass
+class Record:
+    """One sample to write. ``image`` is encoded bytes (any format PIL reads) or a PIL image."""
+
+    key: str
+    image: bytes | Image.Image
+    caption: str
+    meta: dict = field(default_factory=dict)
+
+
+def encode_image(image: bytes | Image.Image, quality: int = 95) -> tuple[bytes, str]:
+    """Return ``(bytes, extension)``: JPEG bytes pass through untouched, anything else becomes JPEG."""
+    if isinstance(image, bytes):
+        if image[:3] == b"\xff\xd8\xff":
+            return image, "jpg"
+        with Image.open(io.BytesIO(image)) as im:
+            image = im.convert("RGB")
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "jpg"
+
+
+def _member_size(nbytes: int) -> int:
+    return _TAR_BLOCK + (nbytes + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+
+
+class ShardWriter:
+    """Stream records into numbered tar shards; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        max_count: int | None = 10_000,
+        max_bytes: int | None = None,
+        params: dict | None = None,
+        jpeg_quality: int = 95,
+    ) -> None:
+        if max_count is None and max_bytes is None:
+            raise ValueError("set max_count, max_bytes or both: shards need a size limit")
+        if max_count is not None and max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.params = params or {}
+        self.jpeg_quality = jpeg_quality
+        self.counts: dict[str, int] = {}
+        self._tar: tarfile.TarFile | None = None
+        self._name = ""
+        self._count = 0
+        self._bytes = 0
+
+    def _open_next(self) -> None:
+        self._finish_shard()
+        self._name = f"{len(self.counts):05d}.tar"
+        self._tar = tarfile.open(self.out_dir / f".{self._name}.tmp", "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._count = 0
+        self._bytes = 0
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self.out_dir / f".{self._name}.tmp", self.out_dir / self._name)
+        self.counts[self._name] = self._count
+        self._tar = None
+
+    def write(self, record: Record) -> None:
+        image, ext = encode_image(record.image, self.jpeg_quality)
+        meta = {"key": record.key, "caption": record.caption, **record.meta}
+        members = {
+            f"{record.key}.{ext}": image,
+            f"{record.key}.txt": record.caption.encode("utf-8"),
+            f"{record.key}.json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+        }
+        size = sum(_member_size(len(data)) for data in members.values())
+        full = self._tar is not None and (
+            (self.max_count is not None and self._count >= self.max_count)
+            or (self.max_bytes is not None and self._count > 0 and self._bytes + size > self.max_bytes)
+        )
+        if self._tar is None or full:
+            self._open_next()
+        assert self._tar is not None
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0  # deterministic bytes: the same input gives the same shard
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._bytes += size
+
+    def close(self) -> dict[str, int]:
+        """Finish the last shard and write the manifest; returns samples per shard."""
+        self._finish_shard()
+        write_manifest(self.out_dir, self.counts, self.params)
+        return dict(self.counts)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # leave no temporary shard behind on failure
+            self._tar.close()
+            (self.out_dir / f".{self._name}.tmp").unlink(missing_ok=True)
+
+
+def write_shards(
+    records: Iterable[Record],
+    out_dir: str | Path,
+    max_count: int | None = 10_000,
+    max_bytes: int | None = None,
+    params: dict | None = None,
+    total: int | None = None,
+    desc: str = "writing shards",
+    progress: bool = True,
+) -> dict[str, int]:
+    """Write ``records`` to shards under ``out_dir`` with a progress bar; returns samples per shard."""
+    with ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes, params=params) as writer:
+        for record in tqdm(records, total=total, desc=desc, unit="img", disable=not progress):
+            writer.write(record)
+    return writer.counts

@@ -1,0 +1,151 @@
+import json
+import tarfile
+
+import pytest
+from datahelpers import tiny_jpeg, write_sizes
+from PIL import Image
+
+from clipforge.data.cli import main as shards_main
+from clipforge.data.cli import parse_bytes
+from clipforge.data.manifest import find_manifest, read_manifest, shard_name
+from clipforge.data.sources import read_captions
+from clipforge.data.writer import Record, ShardWriter
+
+
+def members(path):
+    with tarfile.open(path) as tar:
+        return [m.name for m in tar.getmembers()]
+
+
+def test_img2dataset_layout_count_limit_and_manifest(tmp_path):
+    with ShardWriter(tmp_path, max_count=4) as w:
+        for i in range(10):
+            w.write(Record(f"{i:09d}", tiny_jpeg(i), f"caption {i}", {"label": i}))
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert not list(tmp_path.glob(".*.tmp"))  # temporary names were renamed away
+    names = members(tmp_path / "00000.tar")
+    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+    with tarfile.open(tmp_path / "00002.tar") as tar:
+        assert tar.extractfile("000000009.txt").read() == b"caption 9"
+        meta = json.loads(tar.extractfile("000000009.json").read())
+        assert tar.extractfile("000000009.jpg").read() == tiny_jpeg(9)  # JPEG bytes pass through
+    assert meta["label"] == 9 and meta["caption"] == "caption 9"
+    manifest = read_manifest(tmp_path / "manifest.json")
+    assert manifest["shards"] == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 2}
+    assert manifest["num_samples"] == 10
+    assert json.loads((tmp_path / "sizes.json").read_text()) == manifest["shards"]
+
+
+def test_byte_limit_splits_shards_below_the_limit(tmp_path):
+    with ShardWriter(tmp_path, max_count=None, max_bytes=6000) as w:
+        for i in range(12):
+            w.write(Record(f"{i:09d}", tiny_jpeg(i), "c" * 10))
+    sizes = [p.stat().st_size for p in sorted(tmp_path.glob("*.tar"))]
+    counts = read_manifest(tmp_path / "manifest.json")["shards"]
+    assert len(sizes) > 2 and sum(counts.values()) == 12
+    # a tar adds 1024 zero bytes of end marker (and pads to 10 KiB records) beyond the members
+    for p in sorted(tmp_path.glob("*.tar")):
+        with tarfile.open(p) as tar:
+            payload = sum(512 + -(-m.size // 512) * 512 for m in tar.getmembers())
+        assert payload <= 6000
+
+
+def test_non_jpeg_input_is_reencoded_as_jpeg(tmp_path):
+    with ShardWriter(tmp_path, max_count=10) as w:
+        w.write(Record("a", Image.new("RGB", (8, 8), (255, 0, 0)), "red"))
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        data = tar.extractfile("a.jpg").read()
+    assert data[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "csv_noheader"])
+def test_read_captions_formats(tmp_path, fmt):
+    rows = {"a.jpg": "a cat, sitting", "b.png": "a dog"}
+    if fmt == "csv":
+        text = 'filename,caption\na.jpg,"a cat, sitting"\nb.png,a dog\n'
+    elif fmt == "csv_noheader":
+        text = '"a.jpg","a cat, sitting"\nb.png,a dog\n'
+    elif fmt == "tsv":
+        text = "image\ttext\na.jpg\ta cat, sitting\nb.png\ta dog\n"
+    elif fmt == "jsonl":
+        text = "\n".join(json.dumps({"file": k, "caption": v}) for k, v in rows.items())
+    else:
+        text = json.dumps(rows)
+    suffix = {"csv_noheader": "csv"}.get(fmt, fmt)
+    path = tmp_path / f"captions.{suffix}"
+    path.write_text(text)
+    assert read_captions(path) == rows
+
+
+def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(5):
+        (images / f"{i}.jpg").write_bytes(tiny_jpeg(i))
+    Image.new("RGB", (10, 10)).save(images / "p.png")
+    (tmp_path / "caps.tsv").write_text(
+        "file\tcaption\n"
+        + "".join(f"{i}.jpg\tphoto {i}\n" for i in range(5))
+        + "p.png\ta png\nmissing.jpg\tgone\n"
+    )
+    assert (
+        shards_main(
+            ["folder", str(images), str(tmp_path / "caps.tsv"), str(tmp_path / "out"), "--max-count", "4"]
+        )
+        == 0
+    )
+    counts = read_manifest(tmp_path / "out" / "manifest.json")["shards"]
+    assert counts == {"00000.tar": 4, "00001.tar": 2}
+    assert "missing_image=1" in capsys.readouterr().out
+
+
+def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
+    write_sizes(tmp_path / "i2d", [3, 4])
+    assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "a"), "--max-count", "5"]) == 0
+    assert read_manifest(tmp_path / "a" / "manifest.json")["shards"] == {"00000.tar": 5, "00001.tar": 2}
+    files = tmp_path / "files" / "00000"
+    files.mkdir(parents=True)
+    for i in range(3):
+        (files / f"{i:09d}.jpg").write_bytes(tiny_jpeg(i))
+        (files / f"{i:09d}.txt").write_text(f"file caption {i}" if i != 1 else "")
+        (files / f"{i:09d}.json").write_text(json.dumps({"url": f"http://x/{i}"}))
+    assert shards_main(["img2dataset", str(tmp_path / "files"), str(tmp_path / "b")]) == 0
+    with tarfile.open(tmp_path / "b" / "00000.tar") as tar:
+        assert tar.extractfile("000000002.txt").read() == b"file caption 2"
+        assert json.loads(tar.extractfile("000000002.json").read())["url"] == "http://x/2"
+    assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2  # the empty caption is skipped
+
+
+def test_cli_synthetic_and_manifest_recount(tmp_path):
+    out = tmp_path / "syn"
+    assert (
+        shards_main(["synthetic", str(out), "--num-samples", "30", "--max-count", "8", "--image-size", "16"])
+        == 0
+    )
+    before = read_manifest(out / "manifest.json")["shards"]
+    (out / "manifest.json").unlink()
+    assert shards_main(["manifest", str(out)]) == 0
+    assert (
+        read_manifest(out / "manifest.json")["shards"]
+        == before
+        == {
+            "00000.tar": 8,
+            "00001.tar": 8,
+            "00002.tar": 8,
+            "00003.tar": 6,
+        }
+    )
+
+
+def test_manifest_lookup_by_directory_and_for_pipe_urls(tmp_path):
+    a = write_sizes(tmp_path / "a", [2, 3])
+    b = write_sizes(tmp_path / "b", [5])
+    assert find_manifest(a + b) == {a[0]: 2, a[1]: 3, b[0]: 5}  # same base name, separate counts
+    pipe = f"pipe:cat {a[1]}"
+    assert shard_name(pipe) == "00001.tar"
+    assert find_manifest([pipe]) is None
+    assert find_manifest([pipe], manifest=str(tmp_path / "a" / "manifest.json")) == {pipe: 3}
+
+
+def test_parse_bytes():
+    assert parse_bytes("1GB") == 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2e3") == 2000

@@ -106,7 +106,27 @@ def run_all_evaluations(model: nn.Module, tokenizer, batch_size: int = 4) -> dic
     zs = evaluate_zero_shot(model, w, cls_loader, top_k=(1, 2))
     ret = evaluate_retrieval(model, pair_loader, ks=(1, 2, 5))
     lp = linear_probe(model, cls_loader, cls_loader, C=1.0)
-    return {"classifier": w, "zeroshot": zs, "retrieval": ret, "linear_probe": lp}
+    # a stream every rank reads in full (like WebDataset eval shards) is strided by batch
+    stream = shard_dataloader(
+        DataLoader(_BatchStream(data["images"], data["tokens"], batch_size), batch_size=None)
+    )
+    ret_stream = evaluate_retrieval(model, stream, ks=(1, 2, 5))
+    return {
+        "classifier": w,
+        "zeroshot": zs,
+        "retrieval": ret,
+        "linear_probe": lp,
+        "retrieval_stream": ret_stream,
+    }
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    def __init__(self, images: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> None:
+        self.images, self.tokens, self.batch_size = images, tokens, batch_size
+
+    def __iter__(self):
+        for i in range(0, len(self.images), self.batch_size):
+            yield self.images[i : i + self.batch_size], self.tokens[i : i + self.batch_size]
 
 
 def distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

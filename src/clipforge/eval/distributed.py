@@ -8,6 +8,10 @@ so the same code path runs in one process and in tests.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -86,22 +90,48 @@ def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     return Subset(dataset, list(shard_range(len(dataset), rank, world_size)))  # type: ignore[arg-type]
 
 
-def shard_dataloader(loader: DataLoader, enabled: bool = True) -> DataLoader:
-    """Rebuild ``loader`` over this rank's block of its map-style dataset, keeping batch size, workers, collate.
+class StridedBatches:
+    """Every ``world_size``-th batch of an iterable, starting at ``rank``: batch i goes to rank i % world.
 
-    Iterable datasets (WebDataset shards) are returned as they are: they must split by rank
-    themselves (``clipforge.eval.datasets.labelled_wds_dataset`` does).
+    For data that cannot be split by index (WebDataset streams that every rank reads in full): all
+    ranks read the same deterministic batch sequence, but each runs the model on its own batches
+    only, so every sample is scored exactly once. Pairs within a batch stay together.
+    """
+
+    def __init__(self, loader: Iterable[Any], rank: int, world_size: int) -> None:
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return islice(iter(self.loader), self.rank, None, self.world_size)
+
+    def __len__(self) -> int:
+        n = len(self.loader)  # type: ignore[arg-type]
+        return len(range(self.rank, n, self.world_size))
+
+
+def shard_dataloader(loader: Iterable[Any], enabled: bool = True) -> Iterable[Any]:
+    """This rank's part of ``loader``, such that the parts of all ranks hold every sample exactly once.
+
+    A ``DataLoader`` over a map-style dataset is rebuilt over this rank's contiguous block (same batch
+    size, workers, collate). An iterable dataset that already splits by rank (it has
+    ``world_size`` equal to the process group's) is returned as it is; any other iterable is
+    strided by batch (:class:`StridedBatches`), which needs the same batch order on every rank.
     """
     rank, world = dist_info(enabled)
-    if world == 1 or isinstance(loader.dataset, IterableDataset):
+    if world == 1:
         return loader
-    return DataLoader(
-        shard_dataset(loader.dataset, rank, world),
-        batch_size=loader.batch_size,
-        shuffle=False,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=False,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-    )
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and dataset is not None and not isinstance(dataset, IterableDataset):
+        return DataLoader(
+            shard_dataset(dataset, rank, world),
+            batch_size=loader.batch_size,
+            shuffle=False,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=False,
+            persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+        )
+    if dataset is not None and getattr(dataset, "world_size", 1) == world:
+        return loader
+    return StridedBatches(loader, rank, world)

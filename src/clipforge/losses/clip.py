@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipforge.losses.distributed import all_gather_with_grad, gather_sizes, world_info
-from clipforge.losses.tiled import TiledLSE, check_impl, use_tiled
+from clipforge.losses.tiled import check_impl, tiled_lse, use_tiled
 
 
 def clip_loss_dense(
@@ -75,7 +75,7 @@ def clip_loss(
     if world == 1:
         coef, tiled = 1.0 / b, use_tiled(impl, b, b, tile_size)
         if tiled:
-            loss = TiledLSE.apply(image_features, text_features, logit_scale, tile_size, True, 0, coef / 2)
+            loss = tiled_lse(image_features, text_features, logit_scale, tile_size, True, 0, coef / 2)
         else:
             loss = clip_loss_dense(image_features, text_features, image_features, text_features, logit_scale)
     else:
@@ -85,10 +85,8 @@ def clip_loss(
         all_texts = all_gather_with_grad(text_features, sizes, rank, group)
         if use_tiled(impl, b, sum(sizes), tile_size):
             half = coef / 2
-            loss = TiledLSE.apply(image_features, all_texts, logit_scale, tile_size, False, offset, half)
-            loss = loss + TiledLSE.apply(
-                text_features, all_images, logit_scale, tile_size, False, offset, half
-            )
+            loss = tiled_lse(image_features, all_texts, logit_scale, tile_size, False, offset, half)
+            loss = loss + tiled_lse(text_features, all_images, logit_scale, tile_size, False, offset, half)
         else:
             loss = clip_loss_dense(
                 image_features, text_features, all_images, all_texts, logit_scale, offset, coef
@@ -96,7 +94,7 @@ def clip_loss(
     if logit_bias is not None:
         # Softmax is shift-invariant, so the bias has zero gradient; keep it in the graph so that DDP
         # does not report an unused parameter.
-        loss = loss + 0.0 * logit_bias
+        loss = loss + (0.0 * logit_bias).to(loss.dtype)
     return loss
 
 

@@ -27,6 +27,7 @@ def world_info(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     return 0, 1
 
 
+@torch.compiler.disable
 def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
     """Local batch size of every rank (the last batch of an epoch may be uneven)."""
     local = torch.tensor([n], dtype=torch.long, device=device)
@@ -73,6 +74,7 @@ class _AllGather(torch.autograd.Function):
         return total[start : start + sizes[rank]], None, None, None
 
 
+@torch.compiler.disable
 def all_gather_with_grad(
     x: Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup | None = None
 ) -> Tensor:

@@ -149,7 +149,15 @@ def siglip_loss(
         return siglip_loss_dense(image_features, text_features, logit_scale, logit_bias, 0, coef)
     bias = logit_bias if logit_bias is not None else logit_scale.new_zeros(())
     ring = Ring(sizes, rank, group) if world > 1 else None
-    return _SigLipRing.apply(image_features, text_features, logit_scale, bias, ring, tile_size, coef)
+    return _siglip_ring(image_features, text_features, logit_scale, bias, ring, tile_size, coef)
+
+
+@torch.compiler.disable
+def _siglip_ring(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring | None, tile: int, coef: float
+):
+    # eager under torch.compile: point-to-point exchanges and tile loops do not belong in a graph
+    return _SigLipRing.apply(x, y, scale, bias, ring, tile, coef)
 
 
 class SigLipLoss(nn.Module):

@@ -134,3 +134,10 @@ class TiledLSE(torch.autograd.Function):
         gc[offset : offset + n].sub_(a * (k * alpha))
         g_scale = (a * ga).sum(dtype=lse_row.dtype).to(scale.dtype) if ctx.needs_input_grad[2] else None
         return ga.mul_(scale), gc.mul_(scale), g_scale, None, None, None, None
+
+
+@torch.compiler.disable
+def tiled_lse(a: Tensor, c: Tensor, scale: Tensor, tile: int, both: bool, offset: int, coef: float) -> Tensor:
+    """``TiledLSE``, run eagerly under ``torch.compile``: tracing would unroll the tile loops into one graph
+    per batch size, and the tiles are matmul-bound anyway."""
+    return TiledLSE.apply(a, c, scale, tile, both, offset, coef)

@@ -143,3 +143,18 @@ def distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str)
         torch.save(run_all_evaluations(model, tokenizer), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class ColorModel(HandSetModel):
+    """Reads the mean of each normalised colour channel as the image feature (dims 0-2), so that the
+    zero-shot answer for a flat-coloured picture is known: it is the channel furthest above CLIP's mean.
+    Text: "red", "green", "blue" point along dims 0, 1, 2."""
+
+    def __init__(self, tokenizer, img_size: int = 16) -> None:
+        words = {"red": [1, 0, 0, 0], "green": [0, 1, 0, 0], "blue": [0, 0, 1, 0], "photo": [0, 0, 0, 1]}
+        super().__init__(words, dim=4, tokenizer=tokenizer)
+        self.visual.img_size = img_size
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = torch.cat([images.mean(dim=(2, 3)), images.new_zeros(images.shape[0], 1)], dim=1) * self.gain
+        return nn.functional.normalize(x, dim=-1) if normalize else x

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
-from torchvision import transforms as T
 
 from clipforge.eval.distributed import dist_info
 from clipforge.eval.zeroshot import IGNORE_LABEL
@@ -32,16 +30,12 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
-def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """CLIP's test-time preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std."""
-    return T.Compose(
-        [
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
-        ]
-    )
+def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
+    """CLIP's test-time preprocessing, the same code the training data module evaluates with:
+    centre square crop, resize to ``image_size``, CLIP mean/std (``clipforge.data.transforms``)."""
+    from clipforge.data.transforms import to_tensor
+
+    return partial(to_tensor, image_size=image_size, train=False, interpolation=interpolation)
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
@@ -201,3 +195,44 @@ def labelled_wds_dataset(
     return ds.map(
         partial(_labelled_sample, transform=transform, class_index=class_index, label_key=label_key)
     )
+
+
+class SyntheticHeldoutDataset(Dataset):
+    """The synthetic generator's held-out split (``clipforge.data.synthetic``): shapes in colour
+    pairs never seen in training, labelled by shape, with their captions.
+
+    ``target="label"`` gives ``(image, shape index)`` for zero-shot classification; ``"caption"``
+    gives ``(image, tokens)`` for retrieval (``tokenizer`` required). ``render_size`` is the size the
+    generator draws at (the training data's ``image_size``); ``transform`` then resizes for the model.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 600,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        render_size: int = 32,
+        seed: int = 0,
+        split: str = "heldout",
+        target: str = "label",
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> None:
+        from clipforge.data import synthetic
+
+        if target not in ("label", "caption"):
+            raise ValueError(f"target must be 'label' or 'caption', got {target!r}")
+        if target == "caption" and tokenizer is None:
+            raise ValueError("target='caption' needs a tokenizer")
+        self._synthetic = synthetic
+        self.num_samples, self.render_size, self.seed, self.split = num_samples, render_size, seed, split
+        self.transform, self.target, self.tokenizer = transform, target, tokenizer
+        self.classnames, self.templates = synthetic.zeroshot_task()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, Any]:
+        s = self._synthetic.make_sample(index, self.split, self.render_size, self.seed)
+        image = self.transform(s.image) if self.transform else s.image
+        if self.target == "caption":
+            return image, self.tokenizer([s.caption])[0]  # type: ignore[misc]
+        return image, int(s.meta["label"])

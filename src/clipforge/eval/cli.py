@@ -1,0 +1,264 @@
+"""``clipforge-zeroshot``: zero-shot classification as in CLIP (Radford et al., 2021) of a labelled image
+set (image folder, labelled WebDataset shards or the synthetic held-out split) or of single images.
+
+``main`` is the Hydra wrapper over conf/zeroshot.yaml; :func:`run_zeroshot` is the plain function it
+calls (and tests call). Under ``torchrun`` every rank evaluates its part and rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
+from clipforge.eval.distributed import dist_info, shard_dataloader
+from clipforge.eval.metadata import Template, load_classnames, load_templates
+from clipforge.eval.runtime import resolve_device
+from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot, predict
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
+    """The model named by ``checkpoint``, ``open_clip_checkpoint`` or the ``model`` config, and a label for it."""
+    sources = [k for k in ("checkpoint", "open_clip_checkpoint") if cfg.get(k)]
+    if cfg.get("model") is not None:
+        sources.append("model")
+    if len(sources) != 1:
+        raise ValueError(
+            "give exactly one model: checkpoint=<clipforge .ckpt>, open_clip_checkpoint=<weights file or "
+            f"folder> [open_clip_model=<name>], or model=<conf/model name> (random init); got {sources or 'none'}"
+        )
+    if cfg.get("checkpoint"):
+        from clipforge.checkpoint import load_model
+
+        model, _ = load_model(cfg.checkpoint)
+        return model, f"checkpoint {cfg.checkpoint}"
+    if cfg.get("open_clip_checkpoint"):
+        try:
+            from clipforge.models.convert import load_open_clip_checkpoint
+        except ImportError as e:
+            raise RuntimeError(
+                f"open_clip checkpoints need clipforge.models.convert, which failed to import: {e}"
+            ) from e
+        if not Path(cfg.open_clip_checkpoint).exists():
+            raise FileNotFoundError(f"open_clip_checkpoint={cfg.open_clip_checkpoint!r} does not exist")
+        model = load_open_clip_checkpoint(cfg.open_clip_checkpoint, cfg.get("open_clip_model"))
+        return model, f"open_clip {cfg.open_clip_checkpoint}"
+    from clipforge.checkpoint import build_model
+
+    log.warning("evaluating a randomly initialised model (model=...): expect chance accuracy")
+    return build_model(cfg.model), "random init"
+
+
+def model_image_size(model: nn.Module) -> int:
+    visual = getattr(model, "visual", None)
+    size = getattr(visual, "img_size", None) or getattr(visual, "image_size", None)
+    if isinstance(size, Sequence):
+        size = size[0]
+    if not size:
+        raise ValueError("cannot tell the model's input size; set image_size=")
+    return int(size)
+
+
+def _build_dataset(cfg: DictConfig, transform: Any, classnames: list[str] | None) -> Any:
+    factory = instantiate(cfg.eval.dataset)
+    params = inspect.signature(factory.func if hasattr(factory, "func") else factory).parameters
+    kwargs: dict[str, Any] = {"transform": transform}
+    if "classnames" in params and classnames is not None:
+        kwargs["classnames"] = classnames
+    return factory(**kwargs)
+
+
+def resolve_task(cfg: DictConfig, dataset: Any) -> tuple[list[str], list[Template]]:
+    """Class names and templates: the config's when given, else the dataset's own."""
+    if cfg.get("classnames") is not None:
+        classnames = load_classnames(cfg.classnames)
+    elif getattr(dataset, "classnames", None):
+        classnames = list(dataset.classnames)
+    else:
+        raise ValueError(
+            "this dataset does not name its classes: set classnames=imagenet|cifar10|cifar100|<file>"
+        )
+    if cfg.get("templates") is not None:
+        templates = load_templates(cfg.templates)
+    else:
+        templates = load_templates(getattr(dataset, "templates", None) or "openai")
+    return classnames, templates
+
+
+def _init_distributed() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
+    _init_distributed()
+    rank, _ = dist_info()
+    model, model_label = load_eval_model(cfg)
+    device = resolve_device(cfg.get("device", "auto"), model)
+    if device.type == "cuda" and device.index is None and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    model = model.to(device).eval()
+    transform = eval_transform(cfg.get("image_size") or model_image_size(model))
+
+    names_given = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
+    dataset = None
+    if not cfg.get("image") or names_given is None:
+        dataset = _build_dataset(cfg, transform, names_given)
+    classnames, templates = resolve_task(cfg, dataset)
+
+    from clipforge.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(context_length=model.text.context_length)
+    classifier = build_zero_shot_classifier(
+        model,
+        tokenizer,
+        classnames,
+        templates,
+        device=device,
+        batch_size=cfg.get("prompt_batch_size", 256),
+        progress=cfg.get("progress", False),
+        precision=cfg.get("precision", "auto"),
+        distributed=True,
+    )
+    if cfg.get("image"):
+        return _predict_images(cfg, model, classifier, classnames, transform, device)
+
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.get("num_workers", 0),
+        collate_fn=collate_skipping,
+        pin_memory=device.type == "cuda",
+    )
+    res = evaluate_zero_shot(
+        model,
+        classifier,
+        shard_dataloader(loader),
+        device=device,
+        progress=cfg.get("progress", False),
+        top_k=sorted({1, 5, int(cfg.get("top_k", 5))}),
+        precision=cfg.get("precision", "auto"),
+    )
+    if res["num_samples"] == 0:
+        raise ValueError(f"no readable images were evaluated ({res['num_skipped']} skipped)")
+    results = _results_dict(res, classnames, templates, model_label, cfg)
+    if rank == 0:
+        _write_outputs(cfg, results, res)
+        print(format_summary(results), flush=True)
+    return results
+
+
+def _predict_images(
+    cfg: DictConfig,
+    model: nn.Module,
+    classifier: torch.Tensor,
+    classnames: list[str],
+    transform: Any,
+    device: Any,
+) -> dict[str, Any]:
+    paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image)
+    images = []
+    for p in paths:
+        try:
+            images.append(transform(load_image(p)))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
+    top = predict(
+        model, classifier, torch.stack(images), classnames, k=int(cfg.get("top_k", 5)), device=device,
+        precision=cfg.get("precision", "auto"),
+    )  # fmt: skip
+    out = {
+        "predictions": {str(p): [{"class": c, "probability": q} for c, q in t] for p, t in zip(paths, top)}
+    }
+    if dist_info()[0] == 0:
+        for p, t in zip(paths, top):
+            print(p)
+            for c, q in t:
+                print(f"  {100 * q:6.2f}%  {c}")
+    return out
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _results_dict(
+    res: dict[str, Any], classnames: list[str], templates: list[Template], model_label: str, cfg: DictConfig
+) -> dict[str, Any]:
+    out = {k: _nan_to_none(v) for k, v in res.items() if k.startswith("top")}
+    out |= {
+        "mean_per_class_accuracy": _nan_to_none(res["mean_per_class_accuracy"]),
+        "num_samples": res["num_samples"],
+        "num_skipped": res["num_skipped"],
+        "num_classes": len(classnames),
+        "num_templates": len(templates),
+        "model": model_label,
+        "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True),
+        "per_class_accuracy": {c: _nan_to_none(a) for c, a in zip(classnames, res["per_class_accuracy"])},
+        "classnames": classnames,
+        "confusion": res["confusion"].tolist(),
+    }
+    return out
+
+
+def _write_outputs(cfg: DictConfig, results: dict[str, Any], res: dict[str, Any]) -> None:
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    results["results_file"] = str(out_dir / "results.json")
+    if cfg.get("save_confusion", True):
+        from clipforge.eval.plots import confusion_matrix_figure, save_figure
+
+        fig = confusion_matrix_figure(res["confusion"], results["classnames"])
+        results["confusion_png"] = str(save_figure(fig, out_dir / "confusion.png"))
+
+
+def format_summary(results: dict[str, Any], worst: int = 5) -> str:
+    lines = [
+        f"zero-shot: {results['model']}",
+        f"  {results['num_samples']} images, {results['num_classes']} classes, {results['num_templates']} templates"
+        + (f", {results['num_skipped']} unreadable images skipped" if results["num_skipped"] else ""),
+        f"  top-1 {100 * results['top1']:.2f}%   top-5 {100 * results['top5']:.2f}%   "
+        f"mean per-class {100 * (results['mean_per_class_accuracy'] or 0):.2f}%   "
+        f"(chance {100 / results['num_classes']:.2f}%)",
+    ]
+    scored = [(a, c) for c, a in results["per_class_accuracy"].items() if a is not None]
+    if len(scored) > worst:
+        lines.append(
+            "  worst classes: " + ", ".join(f"{c} {100 * a:.0f}%" for a, c in sorted(scored)[:worst])
+        )
+    if "results_file" in results:
+        lines.append(f"  results: {results['results_file']}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="zeroshot", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_zeroshot(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from evalhelpers import ColorModel
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from clipforge.eval import cli
+from clipforge.eval.cli import CONF_DIR, run_zeroshot
+
+RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+
+
+def compose_zeroshot(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="zeroshot", overrides=list(overrides))
+
+
+@pytest.fixture
+def color_model(monkeypatch, tokenizer):
+    model = ColorModel(tokenizer)
+    monkeypatch.setattr(cli, "load_eval_model", lambda cfg: (model, "hand-set colour model"))
+    return model
+
+
+def make_color_folder(root: Path, content: dict[str, list[tuple[int, int, int]]]) -> Path:
+    for name, colors in content.items():
+        (root / name).mkdir(parents=True)
+        for i, c in enumerate(colors):
+            Image.new("RGB", (20, 24), c).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_run_exact_results_and_files(tmp_path, color_model):
+    # yellow = red + green at full intensity; green's channel is further above CLIP's mean -> "green"
+    root = make_color_folder(
+        tmp_path / "ds", {"a_red": [RED, RED, YELLOW], "b_green": [GREEN], "c_blue": [BLUE, BLUE]}
+    )
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")
+    (tmp_path / "templates.txt").write_text("# comment\n{}\na photo of {}.\n")
+    (root / "a_red" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    cfg = compose_zeroshot(
+        "eval/dataset=imagefolder",
+        f"eval.dataset.root={root}",
+        f"classnames={tmp_path / 'names.txt'}",
+        f"templates={tmp_path / 'templates.txt'}",
+        f"output_dir={out}",
+        "num_workers=0",
+        "batch_size=2",
+        "progress=false",
+    )
+    res = run_zeroshot(cfg)
+    assert res["num_samples"] == 6 and res["num_skipped"] == 1
+    assert res["top1"] == pytest.approx(5 / 6)
+    assert res["confusion"] == [[2, 1, 0], [0, 1, 0], [0, 0, 2]]
+    assert res["per_class_accuracy"] == {"red": pytest.approx(2 / 3), "green": 1.0, "blue": 1.0}
+    assert res["num_templates"] == 2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["confusion"] == res["confusion"] and saved["top1"] == res["top1"]
+    assert (out / "confusion.png").stat().st_size > 1000
+
+
+def test_classname_count_mismatch_is_explained(tmp_path, color_model):
+    root = make_color_folder(tmp_path / "ds", {"r": [RED], "g": [GREEN]})
+    cfg = compose_zeroshot("eval/dataset=imagefolder", f"eval.dataset.root={root}", "classnames=cifar10")
+    with pytest.raises(ValueError, match=r"10 class names were given but .* has 2 class folders"):
+        run_zeroshot(cfg)
+
+
+def test_empty_class_folder_is_explained(tmp_path, color_model):
+    root = make_color_folder(tmp_path / "ds", {"r": [RED], "g": []})
+    cfg = compose_zeroshot("eval/dataset=imagefolder", f"eval.dataset.root={root}")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['g'\]"):
+        run_zeroshot(cfg)
+
+
+def test_single_image_mode_prints_topk(tmp_path, color_model, capsys):
+    color_model.logit_scale.data.fill_(math.log(10.0))  # at 100 the runner-up underflows to 0
+    Image.new("RGB", (30, 30), BLUE).save(tmp_path / "blue.png")
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")
+    (tmp_path / "templates.txt").write_text("{}\na photo of a {}.\n")
+    cfg = compose_zeroshot(
+        f"image={tmp_path / 'blue.png'}",
+        f"classnames={tmp_path / 'names.txt'}",
+        f"templates={tmp_path / 'templates.txt'}",
+        "top_k=2",
+    )
+    res = run_zeroshot(cfg)
+    top = res["predictions"][str(tmp_path / "blue.png")]
+    # blue pixels, CLIP-normalised: channel values (0 - mean) / std for red and green, (1 - mean) / std for blue
+    x = torch.tensor([-0.48145466 / 0.26862954, -0.4578275 / 0.26130258, (1 - 0.40821073) / 0.27577711])
+    # class vector = a * e_class + b * e_photo (mean of e_c and (e_c + e_photo)/sqrt2, renormalised)
+    a = (1 + 1 / math.sqrt(2)) / math.hypot(1 + 1 / math.sqrt(2), 1 / math.sqrt(2))
+    probs = (10 * a * x / x.norm()).softmax(0)
+    assert [t["class"] for t in top] == ["blue", "green"]
+    assert top[0]["probability"] == pytest.approx(float(probs[2]), rel=1e-4)
+    assert top[1]["probability"] == pytest.approx(float(probs[1]), rel=1e-4)
+    printed = capsys.readouterr().out
+    assert f"{100 * float(probs[2]):6.2f}%  blue" in printed
+
+
+def test_unreadable_single_image(tmp_path, color_model):
+    (tmp_path / "x.jpg").write_bytes(b"nope")
+    cfg = compose_zeroshot(f"image={tmp_path / 'x.jpg'}", "classnames=cifar10")
+    with pytest.raises(ValueError, match="cannot read image"):
+        run_zeroshot(cfg)
+
+
+def test_model_source_must_be_unique(tmp_path):
+    cfg = compose_zeroshot("model=tiny", "checkpoint=/nonexistent.ckpt")
+    with pytest.raises(ValueError, match="exactly one model"):
+        cli.load_eval_model(cfg)
+    with pytest.raises(ValueError, match="exactly one model"):
+        cli.load_eval_model(compose_zeroshot())
+
+
+def test_clipforge_checkpoint_on_synthetic_heldout(tmp_path):
+    """The checkpoint route through the lead's loader, on the synthetic held-out split."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_zeroshot("model=tiny")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    ckpt = {
+        "clipforge_config": {"model": OmegaConf.to_container(cfg.model, resolve=True)},
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    out = tmp_path / "out"
+    run_cfg = compose_zeroshot(
+        f"checkpoint={tmp_path / 'm.ckpt'}",
+        "eval.dataset.num_samples=12",
+        f"output_dir={out}",
+        "num_workers=0",
+        "progress=false",
+    )
+    res = run_zeroshot(run_cfg)
+    assert res["num_samples"] == 12 and res["num_classes"] == 6 and res["num_templates"] == 3
+    # the same numbers straight from the library functions on the in-memory model
+    from clipforge.data.tokenizer import Tokenizer
+    from clipforge.eval.datasets import SyntheticHeldoutDataset, eval_transform
+    from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
+
+    ds = SyntheticHeldoutDataset(12, eval_transform(32))
+    w = build_zero_shot_classifier(model, Tokenizer(32), ds.classnames, ds.templates)
+    ref = evaluate_zero_shot(model, w, torch.utils.data.DataLoader(ds, batch_size=5))
+    assert res["confusion"] == ref["confusion"].tolist()

@@ -19,7 +19,8 @@ class TinyModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.train_modes.append(self.model.training)
-        return (self.model.gain - 1.0) ** 2 + 0.0 * batch[0].sum()  # gain stays 1: features stay fixed
+        # gain stays 1, so features stay fixed; logit_scale enters only so DDP sees every parameter used
+        return (self.model.gain - 1.0) ** 2 + 0.0 * self.model.logit_scale
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -120,3 +121,39 @@ def test_missing_zeroshot_set_warns_once_and_skips(handset_model, tokenizer):
 def test_bad_period_is_rejected():
     with pytest.raises(ValueError, match="every_n_steps"):
         ZeroShotCallback(every_n_steps=0)
+
+
+@pytest.mark.parametrize("name", ["zeroshot", "retrieval"])
+def test_callback_configs_instantiate(name):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from clipforge.eval.cli import CONF_DIR
+
+    node = OmegaConf.load(CONF_DIR / "callbacks" / f"{name}.yaml")[name]
+    cb = instantiate(node)
+    assert isinstance(cb, {"zeroshot": ZeroShotCallback, "retrieval": RetrievalCallback}[name])
+    assert cb.every_n_epochs == 1 and cb.every_n_steps is None
+
+
+def test_callbacks_under_two_rank_ddp_equal_one_process(handset_model, tokenizer):
+    """Lightning DDP (2 forked gloo ranks): each rank scores half the set; metrics equal the 1-rank ones."""
+    data = TinyData(tokenizer)
+    data.val_dataloader = lambda: DataLoader(TensorDataset(data.images, data.tokens), batch_size=2)
+    zs, ret = ZeroShotCallback(every_n_epochs=1), RetrievalCallback(every_n_epochs=1, ks=(1, 5))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_epochs=1,
+        logger=False,
+        callbacks=[zs, ret],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(handset_model), datamodule=data)
+    m = trainer.callback_metrics  # rank 0's, sent back to this process
+    assert m["val/zeroshot_top1"] == pytest.approx(4 / 6)
+    assert m["val/zeroshot_mean_per_class"] == pytest.approx(2 / 3)
+    assert m["val/i2t_r1"] == pytest.approx(4 / 6)

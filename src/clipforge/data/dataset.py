@@ -1,0 +1,438 @@
+"""The WebDataset (Breuel et al., 2020) image-text stream for CLIP pretraining (Radford et al., 2021):
+shard reading, shuffling, decoding, transforms, tokenization and batching, all inside DataLoader workers.
+
+Modes:
+
+* ``exact``: one pass over the shards per epoch following :mod:`clipforge.data.plan`: every rank gets the
+  same batches, no sample is seen twice, none is dropped beyond the final partial global batch.
+* ``resampled``: an endless stream (shards drawn with replacement, sources mixed by weight), cut into
+  epochs of ``epoch_samples``; every rank and worker draws from its own seeded generator.
+* ``eval``: one ordered pass on every rank, no shuffling, partial last batch.
+
+Shuffling is a *block* shuffle: a worker reads ``shuffle_buffer`` consecutive samples of its range,
+permutes them with a generator seeded by (seed, epoch, rank, worker, block) and emits them. Mixing is
+like that of a shuffle buffer of the same size, but output position ``o`` always comes from block
+``o // shuffle_buffer``: resuming at batch T re-reads one partial block instead of the whole prefix, and
+whole shards before it are skipped without opening them.
+
+Bad data never stops training and never passes silently. Every skipped sample or shard is counted by
+cause (:data:`clipforge.data.shards.CAUSES`) in a shared-memory tensor that the workers write and the
+main process reads (``skip_counts``). When samples are lost, the worker re-reads its own range (counted
+as ``repeated_samples``) so its batch count, and so every rank's, stays as planned. If more than
+``max_skip_fraction`` of the samples seen fail (after ``min_samples_checked``), it raises
+:class:`~clipforge.data.shards.DataError` naming the shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clipforge.data import plan as planning
+from clipforge.data.shards import CAUSES, DataError, RawSample, ShardResult, read_shard
+from clipforge.data.tokenizer import Tokenizer
+from clipforge.data.transforms import ImageTransform, normalize_into
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MODES = ("exact", "resampled", "eval")
+Decoded = tuple[np.ndarray, object, str]  # (uint8 image, caption or label, key)
+
+
+def _new_shared_batch(size: int, image_size: int) -> torch.Tensor:
+    """A batch tensor allocated straight in shared memory, so handing it to the main process is free."""
+    shape = (size, 3, image_size, image_size)
+    try:
+        storage = torch.UntypedStorage._new_shared(size * 3 * image_size * image_size * 4)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    except (AttributeError, RuntimeError):  # private API: fall back to the DataLoader's own copy
+        return torch.empty(shape, dtype=torch.float32)
+
+
+class _Monitor:
+    """Per-worker failure accounting: shared counters, warnings, and the stop-at-once threshold."""
+
+    def __init__(
+        self, counts: torch.Tensor | None, row: int, max_fraction: float, min_checked: int, where: str
+    ) -> None:
+        self.counts, self.row = counts, row
+        self.max_fraction, self.min_checked, self.where = max_fraction, min_checked, where
+        self.seen = self.failed = 0
+        self.by_shard: Counter[str] = Counter()  # failed samples per shard
+        self.bad_shards: dict[str, str] = {}  # shard -> shard-level cause
+        self.by_cause: Counter[str] = Counter()
+
+    def quiet(self) -> _Monitor:
+        """A monitor for re-read passes: same threshold, but it does not count the same failure twice."""
+        return _Monitor(None, self.row, self.max_fraction, self.min_checked, self.where)
+
+    def count(self, cause: str, n: int = 1) -> None:
+        if self.counts is not None:
+            self.counts[self.row, CAUSES.index(cause)] += n
+        self.by_cause[cause] += n
+
+    def sample_failed(self, cause: str, url: str, key: str = "", n: int = 1) -> None:
+        self.count(cause, n)
+        self.seen += n
+        self.failed += n
+        self.by_shard[url] += n
+        if self.counts is not None and self.by_cause[cause] <= 3:
+            log.warning("skipped %s: %s in %s (%s)", key or f"{n} samples", cause, url, self.where)
+        self.check()
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def shard_failed(self, cause: str, url: str) -> None:
+        self.count(cause)
+        self.bad_shards[url] = cause
+
+    def check(self, final: bool = False) -> None:
+        enough = self.seen >= self.min_checked or (final and self.seen > 0)
+        too_many = enough and self.failed > self.max_fraction * self.seen
+        nothing = final and self.seen == 0 and bool(self.bad_shards)
+        if too_many or nothing:
+            shards = [f"{u} ({n} failed)" for u, n in self.by_shard.most_common(8)]
+            shards += [f"{u} ({c})" for u, c in list(self.bad_shards.items())[:8] if u not in self.by_shard]
+            causes = ", ".join(f"{c}: {n}" for c, n in self.by_cause.most_common())
+            raise DataError(
+                f"{self.failed} of {self.seen} samples failed in {self.where} ({causes}); that is not a few "
+                f"bad files but bad input (limit {self.max_fraction:.0%}). Shards: {', '.join(shards)}"
+            )
+
+
+class ShardDataset(IterableDataset):
+    """Batches ``(images, tokens)`` (or ``(images, labels)``) from WebDataset shards; use with
+    ``DataLoader(dataset, batch_size=None)``. See the module docstring for the modes."""
+
+    def __init__(
+        self,
+        sources: list[list[str]],
+        *,
+        batch_size: int,
+        image_size: int,
+        context_length: int = 77,
+        counts: dict[str, int] | None = None,
+        mode: str = "exact",
+        epoch_samples: int | None = None,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        drop_last: bool = False,
+        train_transform: bool = True,
+        scale: tuple[float, float] = (0.9, 1.0),
+        interpolation: str = "bicubic",
+        target: str = "text",
+        max_skip_fraction: float = 0.5,
+        min_samples_checked: int = 64,
+        return_keys: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if target not in ("text", "label"):
+            raise ValueError(f"target must be 'text' or 'label', got {target!r}")
+        self.urls = [u for src in sources for u in src]
+        if mode == "exact" and weights is not None and len(set(weights)) > 1:
+            raise ValueError(
+                "source weights need resampled=True: an exact epoch reads every sample once, so it cannot "
+                "up- or down-weight a source"
+            )
+        if mode == "resampled" and not epoch_samples:
+            raise ValueError("resampled mode needs epoch_samples (global samples per epoch)")
+        if mode == "exact" and counts is None:
+            raise DataError(
+                "exact-epoch mode needs samples per shard: write a manifest next to the shards with "
+                "`clipforge-shards manifest DIR` (or pass manifest=...), or use resampled=True with "
+                "epoch_samples"
+            )
+        self.sources = sources
+        self.counts = counts
+        self.batch_size, self.image_size = batch_size, image_size
+        self.context_length = context_length
+        self.mode, self.epoch_samples, self.seed = mode, epoch_samples, seed
+        self.weights = list(weights) if weights is not None else [1.0] * len(sources)
+        if len(self.weights) != len(sources):
+            raise ValueError(f"{len(self.weights)} weights for {len(sources)} sources")
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer = max(1, shuffle_buffer) if mode != "eval" else 1
+        self.drop_last = drop_last
+        self.transform = ImageTransform(
+            image_size, train=train_transform, scale=scale, interpolation=interpolation
+        )
+        self.target = target
+        self.max_skip_fraction, self.min_samples_checked = max_skip_fraction, min_samples_checked
+        self.return_keys = return_keys
+        # Shared with the workers: [epoch, batches already consumed this epoch], and skip counts per worker.
+        self._control = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._counts = torch.zeros(max(1, num_workers), len(CAUSES), dtype=torch.int64).share_memory_()
+        self._tokenizer: Tokenizer | None = None
+
+    # ----------------------------------------------------------------------------------- main process
+    def set_epoch(self, epoch: int) -> None:
+        self._control[0] = epoch
+
+    def set_resume(self, consumed_batches: int) -> None:
+        """Make the next iteration skip the first ``consumed_batches`` batches of this rank's epoch."""
+        self._control[1] = consumed_batches
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per rank per epoch (None in eval mode without a manifest)."""
+        if self.mode == "resampled":
+            return max(1, self.epoch_samples // (self.world_size * self.batch_size))
+        if self.counts is None:
+            return None
+        total = sum(self.counts[u] for u in self.urls)
+        if self.mode == "eval":
+            return -(-total // self.batch_size)
+        return planning.epoch_shape(total, self.world_size, self.batch_size, self.drop_last).steps
+
+    def skip_counts(self) -> dict[str, int]:
+        totals = self._counts.sum(0).tolist()
+        return dict(zip(CAUSES, (int(t) for t in totals)))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_tokenizer"] = None  # rebuilt in each worker; cheaper than pickling the BPE tables
+        return state
+
+    # ---------------------------------------------------------------------------------------- workers
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, consumed = int(self._control[0]), int(self._control[1])
+        # The DataLoader asks worker 0 first; after a resume at batch T the next batch of the
+        # uninterrupted run is logical worker T mod K's, so the roles rotate to keep the exact order.
+        worker = (physical + consumed) % num_workers
+        where = f"worker {physical} of rank {self.rank}"
+        row = physical % self._counts.shape[0]
+        monitor = _Monitor(self._counts, row, self.max_skip_fraction, self.min_samples_checked, where)
+        if self._tokenizer is None and self.target == "text":
+            self._tokenizer = Tokenizer(self.context_length)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, consumed, 0xC20])
+        if self.mode == "resampled":
+            _, n = planning.worker_batches(self.num_batches or 0, worker, num_workers)
+            done = planning.delivered(consumed, worker, num_workers)
+            sizes = [self.batch_size] * max(0, n - done)
+            stream = self._resampled(epoch, worker, consumed, monitor)
+            samples = self._decoded(stream, monitor, rng)
+            yield from self._batches(samples, sizes, monitor, refill=None)
+            return
+        segs, sizes, salt = self._ordered_plan(epoch, worker, num_workers)
+        done = planning.delivered(consumed, worker, num_workers) if self.mode == "exact" else 0
+        skip = sum(sizes[:done])
+        sizes = sizes[done:]
+
+        def refill(pass_index: int) -> Iterator[Decoded]:
+            quiet = monitor.quiet()
+            return self._decoded(self._blocks(segs, 0, (*salt, pass_index), quiet), quiet, rng)
+
+        stream = self._blocks(segs, skip, salt, monitor)
+        yield from self._batches(self._decoded(stream, monitor, rng), sizes, monitor, refill)
+
+    def _ordered_plan(self, epoch: int, worker: int, num_workers: int) -> tuple[list, list[int], tuple]:
+        """Segments to read and batch sizes to yield for exact and eval modes."""
+        salt = (self.seed, epoch, self.rank, worker)
+        if self.counts is None:  # eval without a manifest: whole shards round-robin over workers
+            mine = self.urls[worker::num_workers]
+            return [planning.Segment(u, 0, -1) for u in mine], [], salt
+        if self.mode == "eval":
+            total = sum(self.counts[u] for u in self.urls)
+            steps = -(-total // self.batch_size)
+            first, n = planning.worker_batches(steps, worker, num_workers)
+            begin, end = first * self.batch_size, min(total, (first + n) * self.batch_size)
+            sizes = [min(self.batch_size, end - b) for b in range(begin, end, self.batch_size)]
+            return planning.segments(self.urls, self.counts, begin, end), sizes, salt
+        wp = planning.plan_worker(
+            self.urls,
+            self.counts,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+        )
+        return wp.segments, wp.batch_sizes, salt
+
+    def _read(self, segs: list[planning.Segment], monitor: _Monitor) -> Iterator[RawSample | None]:
+        """Raw samples of the segments in order; ``None`` stands in for each sample a broken shard lost,
+        so that positions (and with them block shuffles and resume points) do not move."""
+        for seg in segs:
+            result = ShardResult()
+            count = None if seg.count < 0 else seg.count
+            yield from read_shard(seg.url, result, seg.start, count)
+            if result.failure is not None:
+                monitor.shard_failed(result.failure, seg.url)
+            lost = 0 if count is None else count - result.delivered
+            if lost > 0:
+                monitor.sample_failed("lost_samples", seg.url, n=lost)
+                yield from [None] * lost
+
+    def _blocks(
+        self, segs: list[planning.Segment], skip: int, salt: tuple, monitor: _Monitor
+    ) -> Iterator[RawSample | None]:
+        """Block-shuffled raw stream of the segments, starting at output position ``skip``."""
+        m = self.shuffle_buffer
+        block = skip // m
+        source = self._read(planning.skip_segments(segs, block * m), monitor)
+        drop = skip - block * m
+        while True:
+            chunk = [s for _, s in zip(range(m), source)]
+            if not chunk:
+                return
+            if m > 1:
+                perm = np.random.default_rng([*salt, block]).permutation(len(chunk))
+                chunk = [chunk[i] for i in perm]
+            yield from chunk[drop:]
+            drop = 0
+            block += 1
+
+    def _resampled(
+        self, epoch: int, worker: int, consumed: int, monitor: _Monitor
+    ) -> Iterator[RawSample | None]:
+        """Endless stream: a source by weight, then a shard of it, then that shard's samples, block-shuffled."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, consumed, 0x5E5A])
+        probs = np.array(self.weights, dtype=np.float64)
+        if self.counts is not None:  # weights are shares of *samples*: correct for mean shard size
+            probs /= np.array([np.mean([self.counts[u] for u in src]) for src in self.sources])
+        probs /= probs.sum()
+        failed_in_row: list[str] = []
+
+        def raw() -> Iterator[RawSample]:
+            while True:
+                src = self.sources[int(rng.choice(len(self.sources), p=probs))]
+                url = src[int(rng.integers(len(src)))]
+                result = ShardResult()
+                yield from read_shard(url, result)
+                if result.failure is not None:
+                    monitor.shard_failed(result.failure, url)
+                failed_in_row[:] = [*failed_in_row, url] if result.delivered == 0 else []
+                if len(failed_in_row) >= 16:
+                    raise DataError(
+                        f"16 shards in a row gave no sample in {monitor.where}: "
+                        + ", ".join(sorted(set(failed_in_row))[:8])
+                    )
+
+        m, source, block = self.shuffle_buffer, raw(), 0
+        while True:
+            chunk = [s for _, s in zip(range(m), source)]
+            perm = np.random.default_rng([self.seed, epoch, self.rank, worker, consumed, block]).permutation(
+                m
+            )
+            yield from (chunk[i] for i in perm)
+            block += 1
+
+    def _decode(self, raw: RawSample, monitor: _Monitor, rng: np.random.Generator) -> Decoded | None:
+        members = raw.members
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            monitor.sample_failed("missing_image", raw.url, raw.key)
+            return None
+        if self.target == "text":
+            target: object = members.get("txt", b"").decode("utf-8", "replace").strip()
+            if not target and "json" in members:  # img2dataset also keeps the caption in the json
+                try:
+                    target = str(json.loads(members["json"]).get("caption") or "").strip()
+                except (ValueError, AttributeError):
+                    target = ""
+            if not target:
+                monitor.sample_failed("missing_caption", raw.url, raw.key)
+                return None
+        else:
+            try:
+                target = int(json.loads(members["json"])["label"])
+            except (KeyError, ValueError, TypeError):
+                monitor.sample_failed("missing_label", raw.url, raw.key)
+                return None
+        try:
+            with Image.open(io.BytesIO(members[ext])) as img:
+                pixels = self.transform(img, rng)
+        except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, DecompressionBomb...)
+            monitor.sample_failed("corrupt_image", raw.url, raw.key)
+            return None
+        monitor.ok()
+        return pixels, target, f"{raw.url}/{raw.key}"
+
+    def _decoded(
+        self, stream: Iterator[RawSample | None], monitor: _Monitor, rng: np.random.Generator
+    ) -> Iterator[Decoded]:
+        for raw in stream:
+            if raw is None:  # lost with its shard; already counted
+                continue
+            out = self._decode(raw, monitor, rng)
+            if out is not None:
+                yield out
+
+    def _collate(self, items: list[Decoded]) -> tuple:
+        shared = get_worker_info() is not None
+        out = _new_shared_batch(len(items), self.image_size) if shared else None
+        images = normalize_into([it[0] for it in items], out)
+        if self.target == "text":
+            targets = self._tokenizer([it[1] for it in items])
+        else:
+            targets = torch.tensor([it[1] for it in items], dtype=torch.long)
+        if self.return_keys:
+            return images, targets, [it[2] for it in items]
+        return images, targets
+
+    def _batches(
+        self, samples: Iterator[Decoded], sizes: list[int], monitor: _Monitor, refill
+    ) -> Iterator[tuple]:
+        """Cut ``samples`` into batches of ``sizes`` (all remaining samples if ``sizes`` is empty, for eval
+        without a manifest). When samples run out early, ``refill(k)`` supplies a k-th re-read pass."""
+        items: list[Decoded] = []
+        if not sizes:  # unknown length: plain batching with a partial last batch
+            for it in samples:
+                items.append(it)
+                if len(items) == self.batch_size:
+                    yield self._collate(items)
+                    items = []
+            monitor.check(final=True)
+            if items:
+                yield self._collate(items)
+            return
+        passes, got = 0, False
+        for size in sizes:
+            while len(items) < size:
+                nxt = next(samples, None)
+                if nxt is None:
+                    monitor.check(final=True)
+                    if refill is None:
+                        raise DataError(f"the sample stream ended early in {monitor.where}")
+                    if passes > 0 and not got:
+                        raise DataError(
+                            f"no sample of {monitor.where} could be read: {dict(monitor.by_cause)}"
+                        )
+                    passes, got = passes + 1, False
+                    log.warning(
+                        "%s: re-reading its range (pass %d) to keep its batch count", monitor.where, passes
+                    )
+                    samples = _counted(refill(passes), monitor)
+                    continue
+                got = True
+                items.append(nxt)
+            yield self._collate(items[:size])
+            items = items[size:]
+        if passes == 0:
+            monitor.check(final=True)
+
+
+def _counted(samples: Iterator[Decoded], monitor: _Monitor) -> Iterator[Decoded]:
+    for s in samples:
+        monitor.count("repeated_samples")
+        yield s

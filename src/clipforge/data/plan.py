@@ -1,0 +1,146 @@
+"""Epoch plans for WebDataset shards (Breuel et al., 2020) under data parallelism: which rank and which
+DataLoader worker reads which samples, as pure arithmetic on the manifest's samples-per-shard.
+
+Exact-epoch mode. Shards are put in an order drawn from ``(seed, epoch)`` and their samples numbered
+0..N-1 along that order. With world size W and per-rank batch size B, every rank gets the *same* number
+of samples ``c`` and hence the same batches::
+
+    steps S = ceil(N / (W * B)), and the last step has p = floor((N - W * (S - 1) * B) / W) samples per rank
+    c = (S - 1) * B + p                   (if p == 0 the last step is dropped: S -= 1, p = B)
+
+Rank r reads the contiguous global range ``[r c, (r + 1) c)``, so it opens about N / W / shard_size shards
+plus at most two that it shares with a neighbour (read from an offset). The ``N - W c < W`` samples left
+at the end of the epoch's order are the only ones not seen (the final, partial global batch), and since
+the order changes each epoch they are different samples every time. Every step has the same batch size
+on every rank, which the all-gather of a contrastive loss needs; all steps are full except the last.
+With ``drop_last`` the partial last step is dropped instead (S = floor(N / (W B))).
+
+Inside a rank the S batches are split into contiguous blocks, one per worker (the first ``S mod K``
+workers get one more). PyTorch's DataLoader asks workers round-robin, so after the main process has
+taken T batches, worker k has delivered ``T // K + (k < T mod K)`` of them: that is how a resume point
+(T, stored in the checkpoint) maps back to a position inside each worker's block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``count`` consecutive samples of shard ``url``, starting at sample ``start`` of that shard."""
+
+    url: str
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class EpochShape:
+    steps: int  # batches per rank per epoch
+    per_rank: int  # samples per rank per epoch
+    last_batch: int  # size of the final batch (== batch_size unless partial)
+    dropped: int  # samples of the epoch that no rank sees
+
+
+def epoch_shape(num_samples: int, world_size: int, batch_size: int, drop_last: bool = False) -> EpochShape:
+    """Steps and samples per rank so that every rank has the same batch sizes at every step."""
+    if num_samples < world_size:
+        raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
+    if drop_last:
+        steps = num_samples // (world_size * batch_size)
+        if steps == 0:
+            raise ValueError(
+                f"drop_last with {num_samples} samples, world size {world_size} and batch size {batch_size} "
+                "leaves no batch; lower the batch size or keep the partial batch"
+            )
+        last = batch_size
+    else:
+        steps = math.ceil(num_samples / (world_size * batch_size))
+        last = (num_samples - world_size * (steps - 1) * batch_size) // world_size
+        if last == 0:
+            steps, last = steps - 1, batch_size
+    per_rank = (steps - 1) * batch_size + last
+    return EpochShape(steps, per_rank, last, num_samples - world_size * per_rank)
+
+
+def shard_order(urls: list[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """The epoch's shard order: a permutation drawn from ``(seed, epoch)``, the same on every rank."""
+    if not shuffle:
+        return list(urls)
+    perm = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(urls))
+    return [urls[i] for i in perm]
+
+
+def worker_batches(steps: int, worker: int, num_workers: int) -> tuple[int, int]:
+    """The contiguous block ``[first, first + n)`` of a rank's batches that worker ``worker`` produces."""
+    base, extra = divmod(steps, num_workers)
+    n = base + (worker < extra)
+    first = worker * base + min(worker, extra)
+    return first, n
+
+
+def delivered(consumed: int, worker: int, num_workers: int) -> int:
+    """How many of worker ``worker``'s batches are among the first ``consumed`` batches the DataLoader
+    returned (round-robin over workers, each block as long as or one shorter than the previous)."""
+    return consumed // num_workers + (worker < consumed % num_workers)
+
+
+def segments(order: list[str], counts: dict[str, int], begin: int, end: int) -> list[Segment]:
+    """The samples ``[begin, end)`` of the concatenation of ``order`` as per-shard segments."""
+    out, offset = [], 0
+    for url in order:
+        n = counts[url]
+        lo, hi = max(begin, offset), min(end, offset + n)
+        if lo < hi:
+            out.append(Segment(url, lo - offset, hi - lo))
+        offset += n
+        if offset >= end:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: list[Segment]  # what this worker reads, in order
+    batch_sizes: list[int]  # the batches it yields, in order
+    first_batch: int  # index of its first batch among the rank's batches
+
+
+def plan_worker(
+    urls: list[str],
+    counts: dict[str, int],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+    drop_last: bool = False,
+    shuffle: bool = True,
+) -> WorkerPlan:
+    """Everything one worker of one rank reads and yields in one exact epoch."""
+    total = sum(counts[u] for u in urls)
+    shape = epoch_shape(total, world_size, batch_size, drop_last)
+    first, n = worker_batches(shape.steps, worker, num_workers)
+    sizes = [shape.last_batch if b == shape.steps - 1 else batch_size for b in range(first, first + n)]
+    begin = rank * shape.per_rank + first * batch_size
+    order = shard_order(urls, seed, epoch, shuffle)
+    return WorkerPlan(segments(order, counts, begin, begin + sum(sizes)), sizes, first)
+
+
+def skip_segments(segs: list[Segment], n: int) -> list[Segment]:
+    """Drop the first ``n`` samples from a list of segments (whole segments skipped without reading)."""
+    out = []
+    for s in segs:
+        if n >= s.count:
+            n -= s.count
+            continue
+        out.append(Segment(s.url, s.start + n, s.count - n))
+        n = 0
+    return out

@@ -1,0 +1,199 @@
+"""Finding and reading WebDataset tar shards (Breuel et al., 2020): URL expansion, ``pipe:`` streams,
+grouping tar members into samples, and accounting for every way a shard can fail.
+
+A URL is a local path or ``pipe:COMMAND`` (the command writes the tar to stdout, e.g.
+``pipe:aws s3 cp s3://bucket/00001.tar -``); other schemes go through ``webdataset.gopen``. Lists use
+brace expansion (``data/{00000..00099}.tar``); ``::`` separates sources, as in open_clip.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+import braceexpand
+
+log = logging.getLogger(__name__)
+
+# Why a sample or a shard was skipped; the DataModule logs each as data/skipped_<cause>.
+CAUSES: tuple[str, ...] = (
+    "corrupt_image",  # the image bytes do not decode
+    "missing_image",  # a sample without an image member
+    "missing_caption",  # a sample without a (non-empty) caption
+    "missing_label",  # zero-shot data without an integer json "label"
+    "empty_shard",  # a shard with no samples (zero bytes, or a tar without members)
+    "truncated_shard",  # a shard that ends mid-stream; samples before the break are kept
+    "unreadable_shard",  # a shard that cannot be opened (missing, permissions, failing pipe command)
+    "lost_samples",  # samples the manifest promised but a broken shard did not deliver
+    "repeated_samples",  # samples read a second time to keep every rank's batch count (only after skips)
+)
+
+
+class DataError(RuntimeError):
+    """Input that training cannot go on with: no shards, or most samples failing."""
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def expand_urls(urls: str | list[str]) -> list[list[str]]:
+    """Expand a URL spec into sources, each a list of shard URLs.
+
+    ``urls`` is one string (sources separated by ``::``) or a list of strings (one source each). Braces
+    are expanded; local patterns with ``*``/``?`` are globbed (sorted). Fails at once, naming the
+    pattern and the missing paths, if a source matches nothing or a local shard does not exist.
+    """
+    specs = urls.split("::") if isinstance(urls, str) else [str(u) for u in urls]
+    if not specs or not any(s.strip() for s in specs):
+        raise DataError("no shard URLs given")
+    sources = []
+    for spec in specs:
+        spec = spec.strip()
+        expanded: list[str] = []
+        for url in braceexpand.braceexpand(spec):
+            if not url.startswith("pipe:") and "://" not in url and _has_glob(url):
+                expanded += sorted(glob.glob(os.path.expanduser(url)))
+            else:
+                expanded.append(url if url.startswith("pipe:") else os.path.expanduser(url))
+        if not expanded:
+            raise DataError(f"shard pattern {spec!r} matches no shard")
+        local = [u for u in expanded if not u.startswith("pipe:") and "://" not in u]
+        missing = [u for u in local if not os.path.exists(u)]
+        if missing and len(missing) == len(expanded):
+            raise DataError(
+                f"shard pattern {spec!r} matches no shard: none of its {len(expanded)} paths exist "
+                f"(first: {missing[0]!r})"
+            )
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"shard pattern {spec!r}: {len(missing)} of {len(expanded)} shards are missing: {shown}"
+            )
+        sources.append(expanded)
+    return sources
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded members (``{"jpg": b"...", "txt": b"...", ...}``) and where it came from."""
+
+    key: str
+    url: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class ShardResult:
+    """What reading a shard (or a segment of one) came to: samples delivered and the failure, if any."""
+
+    delivered: int = 0
+    failure: str | None = None  # one of the *_shard causes
+    message: str = ""
+
+
+def _open(url: str) -> tuple[IO[bytes], subprocess.Popen | None, IO[bytes] | None]:
+    if url.startswith("pipe:"):
+        errfile = tempfile.TemporaryFile()  # noqa: SIM115 (closed by read_shard). A file, not a pipe: a chatty command cannot block on it
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=errfile, bufsize=1 << 20)
+        assert proc.stdout is not None
+        return proc.stdout, proc, errfile
+    if "://" in url:
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb"), None, None
+    return open(url, "rb", buffering=1 << 20), None, None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key/extension split: the key is the path up to the first dot of the base name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def read_shard(
+    url: str, result: ShardResult, start: int = 0, count: int | None = None
+) -> Iterator[RawSample]:
+    """Yield samples ``start .. start + count - 1`` of the tar at ``url`` (to the end if ``count`` is None).
+
+    Never raises for bad data. A shard that cannot be opened or parsed, has no samples, or breaks off
+    is reported in ``result.failure``; samples before a break are still yielded (but not a last one
+    that the break left incomplete). Samples before ``start`` are read through but not kept.
+    """
+    stream = proc = errfile = None
+    index = 0  # samples completed so far in this shard
+    members = 0
+    stop = None if count is None else start + count
+    reached_end = False  # read to the end of the stream (or failed): only then does an exit status count
+    try:
+        stream, proc, errfile = _open(url)
+        tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the stream is closed below)
+        current: RawSample | None = None
+        for info in tar:
+            if not info.isfile():
+                continue
+            members += 1
+            key, ext = _split_name(info.name)
+            if current is None or key != current.key:
+                if current is not None:
+                    if index >= start:
+                        result.delivered += 1
+                        yield current
+                    index += 1
+                    if stop is not None and index >= stop:
+                        current = None
+                        break
+                current = RawSample(key=key, url=url)
+            if index >= start:
+                f = tar.extractfile(info)
+                current.members[ext] = f.read() if f is not None else b""
+        else:
+            reached_end = True
+        if current is not None and index >= start:
+            result.delivered += 1
+            yield current
+        if members == 0:
+            result.failure, result.message = "empty_shard", "the tar has no members"
+        elif count is not None and result.delivered < count:
+            # a tar cut at a header boundary reads as a shorter, valid tar: only the manifest tells
+            result.failure = "truncated_shard"
+            result.message = f"ended after {start + result.delivered} samples; the manifest says more"
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        message = f"{type(e).__name__}: {e}"
+        if members == 0 and "empty file" in str(e):
+            result.failure = "empty_shard"
+        elif members == 0:
+            result.failure = "unreadable_shard"
+        else:
+            result.failure = "truncated_shard"
+        result.message = message
+        reached_end = True
+    finally:
+        if stream is not None:
+            stream.close()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            code = proc.wait()
+            if code != 0 and reached_end and result.failure in (None, "empty_shard", "truncated_shard"):
+                assert errfile is not None
+                errfile.seek(0)
+                stderr = errfile.read().decode(errors="replace").strip()[-300:]
+                result.failure = "unreadable_shard" if members == 0 else "truncated_shard"
+                result.message = f"command exited with status {code}: {stderr}"
+        if errfile is not None:
+            errfile.close()
+    if result.failure is not None:
+        log.warning(
+            "shard %s: %s (%s); %d samples read", url, result.failure, result.message, result.delivered
+        )

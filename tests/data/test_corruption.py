@@ -1,0 +1,142 @@
+"""Bad input is skipped, counted by cause and made up for, never silent; mostly-bad input stops at once."""
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from datahelpers import add, pattern, sample_ids, write_sizes
+
+from clipforge.data.datamodule import WebDataModule
+from clipforge.data.shards import DataError
+
+SIZES = [10, 10, 10, 10]
+
+
+def rewrite(path, drop=(), corrupt=(), no_caption=(), no_image=()):
+    """Rewrite a shard written by write_sizes, damaging the named sample ids."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            i, ext = int(name.split(".")[0]), name.split(".", 1)[1]
+            if i in drop or (ext == "txt" and i in no_caption) or (ext == "jpg" and i in no_image):
+                continue
+            if ext == "jpg" and i in corrupt:
+                data = data[:20] + b"\x00garbage" * 10
+            add(tar, name, data)
+
+
+def module(shards, **kw):
+    dm = WebDataModule(
+        shards, batch_size=4, num_workers=0, image_size=16, context_length=8, return_keys=True, **kw
+    )
+    dm.setup("fit")
+    return dm
+
+
+def run_epoch(dm):
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader)  # batch count kept, so DDP ranks stay in step
+    return batches
+
+
+@pytest.fixture
+def shards(tmp_path):
+    urls = write_sizes(tmp_path, SIZES)
+    return tmp_path, urls, pattern(tmp_path, len(SIZES))
+
+
+def test_clean_data_counts_nothing(shards):
+    _, _, pat = shards
+    dm = module(pat)
+    run_epoch(dm)
+    assert set(dm.skip_counts().values()) == {0}
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause", "n"),
+    [
+        ({"corrupt": {3, 4}}, "corrupt_image", 2),
+        ({"no_caption": {5}}, "missing_caption", 1),
+        ({"no_image": {6, 7, 8}}, "missing_image", 3),
+    ],
+)
+def test_bad_samples_are_skipped_counted_and_made_up_for(shards, damage, cause, n):
+    _, urls, pat = shards
+    rewrite(urls[0], **damage)
+    dm = module(pat)
+    batches = run_epoch(dm)
+    counts = dm.skip_counts()
+    assert counts[cause] == n
+    assert counts["repeated_samples"] == n
+    assert sum(v for k, v in counts.items() if k not in (cause, "repeated_samples")) == 0
+    ids = sample_ids([k for b in batches for k in b[2]])
+    assert len(ids) == sum(SIZES) and len(set(ids)) == sum(SIZES) - n  # n re-read, all the good ones once
+
+
+def test_empty_truncated_and_unreadable_shards(shards):
+    _, urls, pat = shards
+    Path(urls[0]).write_bytes(b"")  # empty (the manifest still promises 10)
+    data = Path(urls[1]).read_bytes()
+    Path(urls[1]).write_bytes(data[: len(data) // 2])  # cut at a 512-byte boundary: looks like a shorter tar
+    Path(urls[2]).write_bytes(os.urandom(3000))  # not a tar at all
+    dm = module(pat, max_skip_fraction=0.9)
+    batches = run_epoch(dm)
+    counts = dm.skip_counts()
+    assert counts["empty_shard"] == 1 and counts["truncated_shard"] == 1 and counts["unreadable_shard"] == 1
+    delivered_from_truncated = len(
+        {i for i in sample_ids([k for b in batches for k in b[2]]) if 10 <= i < 20}
+    )
+    assert 0 < delivered_from_truncated < 10
+    assert counts["lost_samples"] == 30 - delivered_from_truncated
+    assert counts["repeated_samples"] == counts["lost_samples"]
+
+
+def test_truncated_mid_member(shards):
+    _, urls, pat = shards
+    data = Path(urls[3]).read_bytes()
+    Path(urls[3]).write_bytes(data[: len(data) // 2 + 100])
+    dm = module(pat)
+    run_epoch(dm)
+    assert dm.skip_counts()["truncated_shard"] == 1
+
+
+def test_failing_pipe_command_is_an_unreadable_shard(shards):
+    root, urls, _ = shards
+    pipes = [f"pipe:cat {u}" for u in urls[:3]] + [f"pipe:cat {root}/gone/00003.tar"]
+    dm = WebDataModule(
+        pipes, manifest=str(root / "manifest.json"), batch_size=4, num_workers=0, image_size=16
+    )
+    dm.setup("fit")
+    assert len(list(dm.train_dataloader())) == dm.steps_per_epoch
+    assert dm.skip_counts()["unreadable_shard"] == 1
+
+
+def test_counts_reach_the_main_process_from_worker_processes(shards):
+    _, urls, pat = shards
+    rewrite(urls[1], corrupt={11, 12})
+    rewrite(urls[3], no_caption={33})
+    dm = WebDataModule(pat, batch_size=4, num_workers=2, image_size=16, context_length=8)
+    dm.setup("fit")
+    run_epoch(dm)
+    counts = dm.skip_counts()
+    assert counts["corrupt_image"] == 2 and counts["missing_caption"] == 1
+
+
+def test_mostly_bad_input_stops_at_once_naming_the_shards(shards):
+    _, urls, pat = shards
+    for u, base in zip(urls, range(0, 40, 10)):
+        rewrite(u, corrupt=set(range(base, base + 8)))
+    dm = module(pat)
+    with pytest.raises(DataError, match=r"samples failed .*corrupt_image.*0000[0-3]\.tar \(\d+ failed\)"):
+        run_epoch(dm)
+
+
+def test_all_shards_unreadable_stops(shards):
+    _, urls, pat = shards
+    for u in urls:
+        Path(u).write_bytes(b"not a tar" * 100)
+    with pytest.raises(DataError, match=r"unreadable_shard|lost_samples"):
+        run_epoch(module(pat))

@@ -1,0 +1,65 @@
+"""Two real gloo ranks: equal batches from unequal shards, with a collective at every step."""
+
+import json
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from datahelpers import pattern, sample_ids, write_sizes
+
+from clipforge.data.datamodule import WebDataModule
+
+SIZES = [30, 3, 11, 1, 17, 26, 9]  # 97 samples in shards of very different sizes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    dm = WebDataModule(shards, batch_size=8, num_workers=0, image_size=16, context_length=8, return_keys=True)
+    dm.setup("fit")  # reads rank and world size from torch.distributed
+    sizes, ids = [], []
+    for epoch in range(2):
+        dm.set_epoch(epoch)
+        for _, _, keys in dm.train_dataloader():
+            # a collective per step, like the loss's feature all-gather: unequal batch counts would hang here
+            mine = torch.tensor([len(keys)])
+            everyone = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(everyone, mine)
+            sizes.append([int(t) for t in everyone])
+            ids.append(sample_ids(keys))
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"sizes": sizes, "ids": ids, "steps": dm.steps_per_epoch}, f)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_get_equal_batches_and_disjoint_samples(tmp_path):
+    write_sizes(tmp_path / "shards", SIZES)
+    shards = pattern(tmp_path / "shards", len(SIZES))
+    # fork: the children reuse the parent's imports, which spawn would redo (seconds each on 2 cores)
+    args = (2, shards, free_port(), str(tmp_path))
+    mp.start_processes(rank_main, args=args, nprocs=2, join=True, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    steps = r0["steps"]
+    assert steps == r1["steps"] == 6 and len(r0["sizes"]) == len(r1["sizes"]) == 2 * steps
+    assert all(a == b for a, b in r0["sizes"])  # same batch size on both ranks at every step
+    for epoch in range(2):
+        batches = (
+            r0["ids"][epoch * steps : (epoch + 1) * steps] + r1["ids"][epoch * steps : (epoch + 1) * steps]
+        )
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)) == 96  # 97 = 6 steps x 2 ranks x 8 + 1 left over
+    assert r0["ids"][:steps] != r0["ids"][steps:]  # reshuffled across epochs

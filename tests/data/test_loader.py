@@ -1,0 +1,169 @@
+"""The WebDataset loader: exact epochs, equal batches per rank, shuffling, modes, URL handling."""
+
+import collections
+
+import pytest
+import torch
+from datahelpers import pattern, sample_ids, write_sizes
+
+from clipforge.data.datamodule import WebDataModule
+from clipforge.data.dataset import ShardDataset
+from clipforge.data.manifest import find_manifest
+from clipforge.data.shards import DataError, expand_urls
+from clipforge.data.tokenizer import Tokenizer
+
+SIZES = [13, 2, 40, 7, 21, 9]  # unequal shards, 92 samples
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_sizes(tmp_path, SIZES)
+    return pattern(tmp_path, len(SIZES))
+
+
+def epoch(ds, epoch=0, resume=0):
+    ds.set_epoch(epoch)
+    ds.set_resume(resume)
+    return list(ds)
+
+
+def make(shards, **kw):
+    sources = expand_urls(shards)
+    kw = {
+        "batch_size": 8,
+        "image_size": 16,
+        "context_length": 16,
+        "shuffle_buffer": 10,
+        "return_keys": True,
+    } | kw
+    return ShardDataset(sources, counts=find_manifest(sources[0]), **kw)
+
+
+def test_exact_epoch_sees_every_sample_once(shards):
+    batches = epoch(make(shards), epoch=3)
+    ids = sample_ids([k for b in batches for k in b[2]])
+    assert sorted(ids) == list(range(sum(SIZES)))
+    assert [len(b[2]) for b in batches] == [8] * 11 + [4]
+    images, tokens, keys = batches[0]
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32
+    assert tokens.shape == (8, 16) and tokens.dtype == torch.long
+    tok = Tokenizer(16)
+    decoded = [tok.decode(t).replace(" ", "") for t in tokens]  # the BPE splits digits: "8 6"
+    assert decoded == [f"sample{i}" for i in sample_ids(keys)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_get_equal_batches_from_unequal_shards_and_disjoint_samples(shards, world):
+    per_rank = [epoch(make(shards, rank=r, world_size=world), epoch=1) for r in range(world)]
+    sizes = [[len(b[2]) for b in batches] for batches in per_rank]
+    assert all(s == sizes[0] for s in sizes)  # same count and same size at every step
+    ids = [i for batches in per_rank for b in batches for i in sample_ids(b[2])]
+    assert len(ids) == len(set(ids))
+    assert sum(SIZES) - len(ids) < world  # only the final partial global batch is short
+    assert make(shards, rank=0, world_size=world).num_batches == len(sizes[0])
+
+
+def test_shuffle_is_seeded_by_epoch(shards):
+    ds = make(shards)
+    first = [sample_ids(b[2]) for b in epoch(ds, 0)]
+    again = [sample_ids(b[2]) for b in epoch(ds, 0)]
+    other = [sample_ids(b[2]) for b in epoch(ds, 1)]
+    assert first == again and first != other
+    flat = [i for b in first for i in b]
+    assert flat != sorted(flat)
+
+
+def test_drop_last_gives_full_batches_only(shards):
+    batches = epoch(make(shards, world_size=2, drop_last=True))
+    assert [len(b[2]) for b in batches] == [8] * 5
+
+
+def test_resampled_mode_has_fixed_epoch_length_and_mixes_sources_by_weight(tmp_path):
+    a = write_sizes(tmp_path / "a", [20, 20], start=0)
+    b = write_sizes(tmp_path / "b", [5, 5, 5, 5, 5, 5, 5, 5], start=1000)
+    ds = ShardDataset(
+        [a, b],
+        counts=find_manifest(a + b),
+        batch_size=10,
+        image_size=16,
+        context_length=8,
+        mode="resampled",
+        epoch_samples=600,
+        weights=[3.0, 1.0],
+        shuffle_buffer=20,
+        return_keys=True,
+    )
+    batches = epoch(ds, 0)
+    assert len(batches) == ds.num_batches == 60 and all(len(x[2]) == 10 for x in batches)
+    ids = [i for x in batches for i in sample_ids(x[2])]
+    share_a = sum(i < 1000 for i in ids) / len(ids)
+    assert 0.6 < share_a < 0.9  # weights are shares of samples (3:1), even though b's shards are small
+
+
+def test_weights_without_resampling_are_refused(shards):
+    with pytest.raises(ValueError, match="resampled"):
+        make(shards, weights=[1.0, 2.0])
+
+
+def test_eval_mode_is_ordered_and_complete(shards):
+    batches = epoch(make(shards, mode="eval", train_transform=False, batch_size=10))
+    assert sample_ids([k for b in batches for k in b[2]]) == list(range(sum(SIZES)))
+
+
+def test_labels_for_zero_shot(tmp_path):
+    write_sizes(tmp_path, [5, 6], labels=True)
+    ds = make(pattern(tmp_path, 2), mode="eval", target="label", train_transform=False)
+    batches = epoch(ds)
+    ids = sample_ids([k for b in batches for k in b[2]])
+    assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids]
+
+
+def test_pipe_urls_read_like_files(shards, tmp_path):
+    urls = [f"pipe:cat {u}" for u in expand_urls(shards)[0]]
+    ds = ShardDataset(
+        [urls],
+        counts=find_manifest(urls, manifest=str(tmp_path / "manifest.json")),
+        batch_size=8,
+        image_size=16,
+        context_length=8,
+        return_keys=True,
+    )
+    assert sorted(sample_ids([k for b in epoch(ds) for k in b[2]])) == list(range(sum(SIZES)))
+
+
+def test_dataloader_with_two_workers_sees_every_sample_once(shards):
+    dm = WebDataModule(shards, batch_size=8, num_workers=2, image_size=16, context_length=8, return_keys=True)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == dm.steps_per_epoch == 12
+    assert sorted(sample_ids([k for b in batches for k in b[2]])) == list(range(sum(SIZES)))
+
+
+def test_pattern_matching_nothing_fails_at_once_naming_it(tmp_path):
+    with pytest.raises(DataError, match=r"nothing-here/\{00000\.\.00003\}\.tar.*matches no shard"):
+        WebDataModule(str(tmp_path / "nothing-here/{00000..00003}.tar")).setup("fit")
+    with pytest.raises(DataError, match="matches no shard"):
+        expand_urls(str(tmp_path / "*.tar"))
+
+
+def test_partly_missing_shards_fail_naming_them(shards, tmp_path):
+    bad = shards.replace("00005}", "00007}")
+    with pytest.raises(DataError, match=r"2 of 8 shards are missing: .*00006\.tar"):
+        expand_urls(bad)
+
+
+def test_exact_mode_without_manifest_says_how_to_fix(shards, tmp_path):
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "sizes.json").unlink()
+    with pytest.raises(DataError, match="clipforge-shards manifest"):
+        WebDataModule(shards, num_workers=0).setup("fit")
+
+
+def test_sources_separated_by_double_colon(tmp_path):
+    write_sizes(tmp_path / "a", [3])
+    write_sizes(tmp_path / "b", [4, 4])
+    sources = expand_urls(f"{pattern(tmp_path / 'a', 1)}::{pattern(tmp_path / 'b', 2)}")
+    assert [len(s) for s in sources] == [1, 2]
+    counter = collections.Counter(u.split("/")[-2] for s in sources for u in s)
+    assert counter == {"a": 1, "b": 2}

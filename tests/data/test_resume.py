@@ -1,0 +1,105 @@
+"""Resuming continues the data stream where it stopped instead of restarting the epoch."""
+
+import lightning as L
+import pytest
+import torch
+from datahelpers import pattern, sample_ids, write_sizes
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from clipforge.data.datamodule import WebDataModule
+
+SIZES = [13, 2, 40, 7, 21, 9]  # 92 samples, 12 batches of 8
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_sizes(tmp_path / "shards", SIZES)
+    return pattern(tmp_path / "shards", len(SIZES))
+
+
+def make(shards, workers=0, **kw):
+    dm = WebDataModule(
+        shards,
+        batch_size=8,
+        num_workers=workers,
+        image_size=16,
+        context_length=8,
+        shuffle_buffer=16,
+        return_keys=True,
+        **kw,
+    )
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize(("workers", "stop"), [(0, 5), (2, 5), (3, 7)])
+def test_resume_mid_epoch_sees_the_rest_exactly_once(shards, workers, stop):
+    dm = make(shards, workers)
+    dm.set_epoch(2)
+    first = []
+    for i, batch in enumerate(dm.train_dataloader()):
+        first += sample_ids(batch[2])
+        if i + 1 == stop:
+            break
+    state = dm.state_dict()
+    assert state["epoch"] == 2 and state["batches"] == stop
+    dm2 = make(shards, workers)
+    dm2.load_state_dict(state)
+    dm2.set_epoch(2)
+    loader = dm2.train_dataloader()
+    rest = [i for batch in loader for i in sample_ids(batch[2])]
+    assert len(first) + len(rest) == sum(SIZES)
+    assert sorted(first + rest) == list(range(sum(SIZES)))
+    # and it is the same stream the uninterrupted run would have produced
+    dm3 = make(shards, workers)
+    dm3.set_epoch(2)
+    full = [i for batch in dm3.train_dataloader() for i in sample_ids(batch[2])]
+    assert first + rest == full
+
+
+def test_resume_state_for_another_epoch_starts_that_epoch_fresh(shards):
+    dm = make(shards)
+    dm.load_state_dict({"epoch": 0, "batches": 5})
+    dm.set_epoch(1)
+    assert len(list(dm.train_dataloader())) == 12
+
+
+class Recorder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(sample_ids(batch[2]))
+        return (self.w * batch[0].mean()).sum() + self.w.square().sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trainer(tmp_path, **kw):
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_lightning_resume_from_mid_epoch_checkpoint_continues_the_stream(shards, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    full = Recorder()
+    trainer(tmp_path, max_epochs=2, callbacks=[ckpt]).fit(full, datamodule=make(shards, 2))
+    assert len(full.seen) == 24
+    resumed = Recorder()
+    path = tmp_path / "ckpt" / "step=15.ckpt"  # epoch 1, after 3 of its 12 batches
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["WebDataModule"]["epoch"] == 1 and checkpoint["WebDataModule"]["batches"] == 3
+    trainer(tmp_path, max_epochs=2).fit(
+        resumed, datamodule=make(shards, 2), ckpt_path=path, weights_only=True
+    )
+    assert resumed.seen == full.seen[15:]  # the same batches, none of epoch 1's first three again

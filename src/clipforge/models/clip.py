@@ -41,7 +41,9 @@ class CLIP(nn.Module):
         self.max_logit_scale = max_logit_scale
         scale = CLIP_INIT_LOGIT_SCALE if init_logit_scale is None else init_logit_scale
         self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        )
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.visual(images)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from clipforge.models.layers import Block, Transformer
-from clipforge.models.vision import init_vit_weights
+from clipforge.models.weight_init import WeightInit, init_tower
 
 
 class TextTransformer(nn.Module):
@@ -33,9 +33,14 @@ class TextTransformer(nn.Module):
         pool_type: Literal["eot", "last"] = "eot",
         norm_eps: float = 1e-5,
         act: str = "gelu",
+        init_values: float | None = None,
         fused_attn: bool = True,
+        weight_init: WeightInit = "timm",
     ) -> None:
+        # The constructor arguments, kept so converters can describe this tower (e.g. as open_clip config).
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         if pool_type not in ("eot", "last"):
             raise ValueError(f"pool_type must be 'eot' or 'last', got {pool_type!r}")
         self.vocab_size = vocab_size
@@ -43,10 +48,14 @@ class TextTransformer(nn.Module):
         self.width = width
         self.causal = causal
         self.pool_type = pool_type
+        self.weight_init = weight_init
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.transformer = Transformer(
-            depth, lambda i: Block(width, num_heads, mlp_ratio, qkv_bias, norm_eps, act, fused_attn=fused_attn)
+            depth,
+            lambda i: Block(
+                width, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, fused_attn=fused_attn
+            ),
         )
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.output_dim = output_dim or width
@@ -57,8 +66,9 @@ class TextTransformer(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.blocks
 
-    def init_weights(self) -> None:
-        self.apply(init_vit_weights)
+    def init_weights(self, scheme: WeightInit | None = None) -> None:
+        """Re-initialise all weights with ``scheme`` (default: the constructor's ``weight_init``)."""
+        init_tower(self, scheme or self.weight_init, self.width, len(self.blocks))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
 
@@ -71,7 +81,7 @@ class TextTransformer(nn.Module):
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, width) after the final norm."""
         L = tokens.shape[1]
-        if L > self.context_length:
+        if self.context_length < L:
             raise ValueError(f"got {L} tokens but context_length is {self.context_length}")
         x = self.token_embedding(tokens) + self.pos_embed[:, :L]
         x = self.transformer(x, is_causal=self.causal)

@@ -16,19 +16,11 @@ import torch
 from torch import nn
 
 from clipforge.models.layers import AttentionPool, Block, Transformer
+from clipforge.models.weight_init import WeightInit, init_tower, init_vit_weights
+
+__all__ = ["VisionTransformer", "init_vit_weights", "patch_dropout", "resample_pos_embed"]
 
 GlobalPool = Literal["token", "avg", "map"]
-
-
-def init_vit_weights(module: nn.Module) -> None:
-    """timm-style init: truncated normal (std 0.02) linear/conv weights, zero biases, unit norms."""
-    if isinstance(module, nn.Linear | nn.Conv2d):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def patch_dropout(x: torch.Tensor, keep: float, num_prefix: int) -> torch.Tensor:
@@ -38,7 +30,7 @@ def patch_dropout(x: torch.Tensor, keep: float, num_prefix: int) -> torch.Tensor
     """
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
     B, N, D = patches.shape
-    k = max(1, int(round(N * keep)))
+    k = max(1, round(N * keep))
     idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :k]  # (B, K) random subset
     patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
     return torch.cat([prefix, patches], dim=1)
@@ -68,8 +60,12 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         patch_dropout: float = 0.0,
         fused_attn: bool = True,
+        weight_init: WeightInit = "timm",
     ) -> None:
+        # The constructor arguments, kept so converters can describe this tower (e.g. as open_clip config).
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         if global_pool not in ("token", "avg", "map"):
@@ -86,6 +82,7 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.num_prefix_tokens = 1 if class_token else 0
         self.patch_dropout = patch_dropout
+        self.weight_init = weight_init
         # timm's convention: average pooling normalises after pooling (fc_norm), the others before.
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
 
@@ -93,14 +90,19 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # Stochastic depth grows linearly with depth; plain Python so the tower also builds on "meta".
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.transformer = Transformer(
             depth,
-            lambda i: Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, dpr[i], fused_attn),
+            lambda i: Block(
+                embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, dpr[i], fused_attn
+            ),
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
         self.attn_pool = (
-            AttentionPool(embed_dim, num_heads, mlp_ratio, norm_eps, act, fused_attn) if global_pool == "map" else None
+            AttentionPool(embed_dim, num_heads, mlp_ratio, norm_eps, act, fused_attn)
+            if global_pool == "map"
+            else None
         )
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.output_dim = output_dim or embed_dim
@@ -111,11 +113,18 @@ class VisionTransformer(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.blocks
 
-    def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(init_vit_weights)
+    def init_weights(self, scheme: WeightInit | None = None) -> None:
+        """Re-initialise all weights with ``scheme`` (default: the constructor's ``weight_init``)."""
+        scheme = scheme or self.weight_init
+        if scheme == "openclip":  # open_clip draws class and position embeddings with std width^-1/2
+            nn.init.normal_(self.pos_embed, std=self.embed_dim**-0.5)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=self.embed_dim**-0.5)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=1e-6)
+        init_tower(self, scheme, self.embed_dim, len(self.blocks))
         if self.attn_pool is not None:
             nn.init.trunc_normal_(self.attn_pool.latent, std=self.embed_dim**-0.5)
 
@@ -151,8 +160,8 @@ class VisionTransformer(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D)."""
-        if self.global_pool == "map":
-            return self.attn_pool(x)
+        if self.global_pool == "map":  # the query attends over patch tokens only, as in timm
+            return self.attn_pool(x[:, self.num_prefix_tokens :])
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
         return x[:, 0]
@@ -168,7 +177,7 @@ class VisionTransformer(nn.Module):
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
     """Bicubic-interpolate a (1, prefix + g*g, D) position embedding to a new square grid."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(math.isqrt(grid.shape[1]))
+    old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:
         raise ValueError(f"position embedding has {grid.shape[1]} patch positions, not a square grid")
     if old == new_grid:

@@ -1,0 +1,52 @@
+"""Model configs as plain dicts in the Hydra node format of ``conf/model/*.yaml`` (one node = one
+constructor, ``_target_`` + keyword arguments), built without Hydra so ``models/`` stays Hydra-free.
+
+The two-tower layout is CLIP's (Radford et al., 2021); see :mod:`clipforge.models.clip`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from clipforge.models.clip import CLIP
+from clipforge.models.text import TextTransformer
+from clipforge.models.vision import VisionTransformer
+
+CLIP_TARGET = "clipforge.models.CLIP"
+VISION_TARGET = "clipforge.models.VisionTransformer"
+TEXT_TARGET = "clipforge.models.TextTransformer"
+_CLASSES = {CLIP_TARGET: CLIP, VISION_TARGET: VisionTransformer, TEXT_TARGET: TextTransformer}
+
+
+def model_config(model: CLIP) -> dict[str, Any]:
+    """The config node that rebuilds ``model``'s architecture (weights are not part of it)."""
+    return {
+        "_target_": CLIP_TARGET,
+        "vision": {"_target_": VISION_TARGET, **model.visual.init_kwargs},
+        "text": {"_target_": TEXT_TARGET, **model.text.init_kwargs},
+        "init_logit_scale": float(model.logit_scale.detach()) if not model.logit_scale.is_meta else None,
+        "init_logit_bias": None if model.logit_bias is None else _scalar(model.logit_bias),
+        "max_logit_scale": model.max_logit_scale,
+    }
+
+
+def _scalar(p: torch.Tensor) -> float:
+    return 0.0 if p.is_meta else float(p.detach())
+
+
+def _kwargs(node: dict[str, Any], target: str) -> dict[str, Any]:
+    if node.get("_target_", target) != target:
+        raise ValueError(f"expected _target_ {target!r}, got {node['_target_']!r}")
+    return {k: v for k, v in node.items() if k != "_target_"}
+
+
+def instantiate_model(config: dict[str, Any], device: torch.device | str | None = None) -> CLIP:
+    """Build a CLIP from a config node (``device="meta"`` builds the structure without allocating)."""
+    cfg = _kwargs(dict(config), CLIP_TARGET)
+    with torch.device(device) if device is not None else nullcontext():
+        vision = VisionTransformer(**_kwargs(dict(cfg.pop("vision")), VISION_TARGET))
+        text = TextTransformer(**_kwargs(dict(cfg.pop("text")), TEXT_TARGET))
+        return CLIP(vision, text, **cfg)

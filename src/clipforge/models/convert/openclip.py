@@ -1,0 +1,542 @@
+"""Our CLIP <-> open_clip (Ilharco et al., 2021, OpenCLIP; Cherti et al., 2023), the reference
+implementation of CLIP (Radford et al., 2021): config translation both ways, key maps for open_clip's
+native towers and for its timm-backed image towers (how open_clip builds SigLIP, Zhai et al., 2023),
+export to a folder ``open_clip.create_model`` loads, and import of an open_clip checkpoint file.
+
+open_clip keeps the fused ``in_proj_weight`` of ``nn.MultiheadAttention`` (same q/k/v order as our
+``qkv``), stores the class token and position table without a batch dim, and uses bare ``(in, out)``
+projection matrices applied as ``x @ W``, where we use ``nn.Linear`` weights ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipforge.models.clip import CLIP
+from clipforge.models.convert.config import CLIP_TARGET, TEXT_TARGET, VISION_TARGET, instantiate_model
+from clipforge.models.convert.keymap import (
+    KeyMap,
+    Rule,
+    build_key_map,
+    build_with_weights,
+    convert_state_dict,
+    prefixed,
+    rename,
+    squeezed,
+    transposed,
+)
+from clipforge.models.convert.resize import fit_state_dict
+from clipforge.models.convert.timm_vit import timm_key_map, vision_kwargs_from_timm
+from clipforge.models.text import TextTransformer
+from clipforge.models.vision import VisionTransformer
+
+_LEAVES = [
+    ("norm1", "ln_1"),
+    ("attn.qkv.weight", "attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.in_proj_bias"),
+    ("attn.proj", "attn.out_proj"),
+    ("ls1", "ls_1"),
+    ("ls2", "ls_2"),
+    ("norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+]
+_BLOCKS = ("transformer.blocks", "transformer.resblocks", _LEAVES)
+# Checkpoint entries that are not parameters (OpenAI's JIT archives carry the first three).
+_NOT_PARAMS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# The timm ViTs open_clip's SigLIP configs name, by width: the only timm towers we export to.
+_TIMM_SIZES = {768: "base", 1024: "large", 1152: "so400m", 1536: "giantopt"}
+_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+# ---------------------------------------------------------------- configs: ours -> open_clip
+
+
+def _act_kwargs(act: str) -> dict[str, str] | None:
+    return {"approximate": "tanh"} if act == "gelu_tanh" else None
+
+
+def _timm_trunk(name: str, pool: str, proj: str | None, embed_dim: int) -> nn.Module:
+    """The trunk open_clip's ``TimmModel`` builds (same calls, on the meta device: no weights)."""
+    import timm
+
+    with torch.device("meta"):
+        if proj in ("linear", "mlp"):
+            trunk = timm.create_model(name, pretrained=False)
+            trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
+            return trunk
+        return timm.create_model(name, num_classes=0 if proj == "none" else embed_dim, global_pool=pool)
+
+
+def _timm_name(visual: VisionTransformer) -> str:
+    """The timm model open_clip can build for a tower with no class token or with attention pooling."""
+    kw = dict(visual.init_kwargs)
+    kw["fc_norm"] = kw["global_pool"] == "avg" if kw["fc_norm"] is None else kw["fc_norm"]
+    size = _TIMM_SIZES.get(kw["embed_dim"])
+    tried = []
+    for variant in ("siglip", "siglip_gap"):
+        name = f"vit_{size}_patch{kw['patch_size']}_{variant}_{kw['img_size']}"
+        if size is None or not _timm_is_model(name):
+            continue
+        theirs = vision_kwargs_from_timm(_timm_trunk(name, kw["global_pool"], "none", kw["embed_dim"]))
+        diff = {
+            k: (kw[k], v) for k, v in theirs.items() if k not in ("output_dim", "proj_bias", "init_values")
+        }
+        diff = {k: pair for k, pair in diff.items() if pair[0] != pair[1]}
+        if bool(kw["init_values"]) != bool(theirs["init_values"]):
+            diff["init_values"] = (kw["init_values"], theirs["init_values"])
+        if not diff:
+            return name
+        tried.append(f"{name} differs in (ours, timm's) {diff}")
+    raise ValueError(
+        "open_clip's own ViT needs a class token and token/avg pooling; for other towers it builds a timm "
+        f"model by name, and none matches this one. {'; '.join(tried) or 'No timm SigLIP ViT has this size.'}"
+    )
+
+
+def _timm_is_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _vision_cfg(visual: VisionTransformer) -> dict[str, Any]:
+    kw = visual.init_kwargs
+    if not (kw["class_token"] and kw["global_pool"] in ("token", "avg")):
+        cfg = {
+            "image_size": kw["img_size"],
+            "timm_model_name": _timm_name(visual),
+            "timm_model_pretrained": False,
+            "timm_pool": kw["global_pool"],
+            "timm_proj": "linear" if kw["output_dim"] else "none",
+            "timm_proj_bias": bool(kw["proj_bias"]),
+        }
+        if kw["patch_dropout"]:
+            cfg["patch_dropout"] = kw["patch_dropout"]
+        return cfg
+    problems = {
+        "patch_bias=True (open_clip's patch conv has no bias)": kw["patch_bias"],
+        "proj_bias=True (open_clip's image projection has no bias)": kw["proj_bias"] and kw["output_dim"],
+        "qkv_bias=False": not kw["qkv_bias"],
+        "in_chans != 3": kw["in_chans"] != 3,
+    }
+    if any(problems.values()):
+        raise ValueError(
+            f"open_clip cannot express this image tower: {[k for k, v in problems.items() if v]}"
+        )
+    cfg = {
+        "image_size": kw["img_size"],
+        "patch_size": kw["patch_size"],
+        "width": kw["embed_dim"],
+        "layers": kw["depth"],
+        "head_width": kw["embed_dim"] // kw["num_heads"],
+        "mlp_ratio": kw["mlp_ratio"],
+        "ls_init_value": kw["init_values"],
+        "patch_dropout": kw["patch_dropout"],
+        "no_ln_pre": not kw["pre_norm"],
+        "pool_type": "tok" if kw["global_pool"] == "token" else "avg",
+        "final_ln_after_pool": bool(kw["global_pool"] == "avg" if kw["fc_norm"] is None else kw["fc_norm"]),
+        "norm_kwargs": {"eps": kw["norm_eps"]},
+    }
+    if _act_kwargs(kw["act"]):
+        cfg["act_kwargs"] = _act_kwargs(kw["act"])
+    return cfg
+
+
+def _text_cfg(text: TextTransformer) -> dict[str, Any]:
+    kw = text.init_kwargs
+    if not kw["qkv_bias"]:
+        raise ValueError(
+            "open_clip's text attention always has qkv biases: qkv_bias=False cannot be exported"
+        )
+    cfg = {
+        "context_length": kw["context_length"],
+        "vocab_size": kw["vocab_size"],
+        "width": kw["width"],
+        "heads": kw["num_heads"],
+        "layers": kw["depth"],
+        "mlp_ratio": kw["mlp_ratio"],
+        "ls_init_value": kw["init_values"],
+        "no_causal_mask": not kw["causal"],
+        "pool_type": "argmax" if kw["pool_type"] == "eot" else "last",
+        "proj_type": "linear" if kw["output_dim"] else "none",
+        "proj_bias": bool(kw["proj_bias"]),
+        "norm_kwargs": {"eps": kw["norm_eps"]},
+    }
+    if _act_kwargs(kw["act"]):
+        cfg["act_kwargs"] = _act_kwargs(kw["act"])
+    return cfg
+
+
+def open_clip_model_cfg(model: CLIP) -> dict[str, Any]:
+    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg`` ...) of ``model``."""
+    vision_cfg, text_cfg = _vision_cfg(model.visual), _text_cfg(model.text)
+    timm_tower = "timm_model_name" in vision_cfg
+    acts = {model.text.init_kwargs["act"]} | (set() if timm_tower else {model.visual.init_kwargs["act"]})
+    # open_clip's quick_gelu switch covers both of its own towers at once.
+    if "quick_gelu" in acts and acts != {"quick_gelu"}:
+        raise ValueError("open_clip uses QuickGELU in both towers or in neither; the towers here differ")
+    cfg: dict[str, Any] = {
+        "embed_dim": model.embed_dim,
+        "quick_gelu": acts == {"quick_gelu"},
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+    }
+    if timm_tower:
+        cfg["custom_text"] = True  # as open_clip's own SigLIP configs
+    if model.logit_bias is not None:
+        cfg["init_logit_bias"] = float(model.logit_bias.detach())
+    return cfg
+
+
+# ---------------------------------------------------------------- configs: open_clip -> ours
+
+
+def _act(act_kwargs: dict | None, quick_gelu: bool) -> str:
+    if quick_gelu:
+        return "quick_gelu"
+    if not act_kwargs:
+        return "gelu"
+    if act_kwargs == {"approximate": "tanh"}:
+        return "gelu_tanh"
+    raise ValueError(f"unsupported open_clip act_kwargs {act_kwargs}")
+
+
+def _check_plain_blocks(cfg: dict[str, Any], tower: str) -> None:
+    custom = [k for k in _CUSTOM_BLOCK if cfg.get(k)]
+    if custom or cfg.get("block_type") not in (None, "default"):
+        raise ValueError(
+            f"open_clip {tower} tower uses custom blocks {custom or cfg['block_type']}: unsupported"
+        )
+
+
+def _square(v: Any, what: str) -> int:
+    if isinstance(v, list | tuple):
+        if len(set(v)) != 1:
+            raise ValueError(f"only square {what} are supported, got {v}")
+        return int(v[0])
+    return int(v)
+
+
+def _vision_node(v: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[str, Any]:
+    if v.get("timm_model_name"):
+        pool, proj = v.get("timm_pool", "avg"), v.get("timm_proj", "linear")
+        if pool not in ("token", "avg", "map") or proj not in ("none", "linear", "", None):
+            raise ValueError(f"unsupported open_clip timm tower: timm_pool={pool!r}, timm_proj={proj!r}")
+        node = vision_kwargs_from_timm(_timm_trunk(v["timm_model_name"], pool, proj, embed_dim))
+        if proj == "none":
+            node.update(output_dim=None, proj_bias=False)
+        elif proj == "linear":
+            node.update(output_dim=embed_dim, proj_bias=bool(v.get("timm_proj_bias", False)))
+        node["patch_dropout"] = v.get("patch_dropout", 0.0)
+        return {"_target_": VISION_TARGET, **node}
+    if isinstance(v.get("layers", 12), list | tuple):
+        raise ValueError("open_clip ResNet image towers are not supported")
+    if v.get("attentional_pool") or v.get("output_tokens"):
+        raise ValueError("open_clip attentional pooler (CoCa) image towers are not supported")
+    if v.get("pool_type", "tok") not in ("tok", "avg"):
+        raise ValueError(f"unsupported open_clip pool_type {v['pool_type']!r}")
+    _check_plain_blocks(v, "image")
+    if v.get("pos_embed_type", "learnable") != "learnable":
+        warnings.warn("fixed sin-cos position embeddings become learnable ones here", stacklevel=3)
+    width = v.get("width", 768)
+    pool = "token" if v.get("pool_type", "tok") == "tok" else "avg"
+    ln_after_pool = bool(v.get("final_ln_after_pool", False))
+    return {
+        "_target_": VISION_TARGET,
+        "img_size": _square(v.get("image_size", 224), "images"),
+        "patch_size": _square(v.get("patch_size", 16), "patches"),
+        "embed_dim": width,
+        "depth": v.get("layers", 12),
+        "num_heads": width // v.get("head_width", 64),
+        "mlp_ratio": v.get("mlp_ratio", 4.0),
+        "qkv_bias": True,
+        "class_token": True,
+        "global_pool": pool,
+        "fc_norm": None if ln_after_pool == (pool == "avg") else ln_after_pool,  # None: the pool's default
+        "pre_norm": not v.get("no_ln_pre", False),
+        "norm_eps": (v.get("norm_kwargs") or {}).get("eps", 1e-5),
+        "act": _act(v.get("act_kwargs"), quick_gelu),
+        "patch_bias": False,
+        "output_dim": embed_dim,
+        "proj_bias": False,
+        "init_values": v.get("ls_init_value"),
+        "patch_dropout": v.get("patch_dropout", 0.0),
+    }
+
+
+def _text_node(t: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[str, Any]:
+    if t.get("hf_model_name"):
+        raise ValueError("open_clip Hugging Face text towers are not supported")
+    if t.get("embed_cls"):
+        raise ValueError("open_clip text towers with an appended CLS token (CoCa) are not supported")
+    pool = t.get("pool_type", "argmax")
+    if pool not in ("argmax", "last"):
+        raise ValueError(f"unsupported open_clip text pool_type {pool!r} (supported: 'argmax', 'last')")
+    if t.get("proj_type", "linear") not in ("linear", "none"):
+        raise ValueError(f"unsupported open_clip text proj_type {t['proj_type']!r}")
+    _check_plain_blocks(t, "text")
+    return {
+        "_target_": TEXT_TARGET,
+        "vocab_size": t.get("vocab_size", 49408),
+        "context_length": t.get("context_length", 77),
+        "width": t.get("width", 512),
+        "depth": t.get("layers", 12),
+        "num_heads": t.get("heads", 8),
+        "mlp_ratio": t.get("mlp_ratio", 4.0),
+        "qkv_bias": True,
+        "output_dim": None if t.get("proj_type", "linear") == "none" else embed_dim,
+        "proj_bias": bool(t.get("proj_bias", False)),
+        "causal": not t.get("no_causal_mask", False),
+        "pool_type": "eot" if pool == "argmax" else "last",
+        "norm_eps": (t.get("norm_kwargs") or {}).get("eps", 1e-5),
+        "act": _act(t.get("act_kwargs"), quick_gelu),
+        "init_values": t.get("ls_init_value"),
+    }
+
+
+def model_config_from_open_clip(model_cfg: dict[str, Any], img_size: int | None = None) -> dict[str, Any]:
+    """Our model config node for an open_clip model config (optionally at another image size)."""
+    if "multimodal_cfg" in model_cfg:
+        raise ValueError("CoCa models (multimodal_cfg) are not supported")
+    embed_dim, quick = model_cfg["embed_dim"], bool(model_cfg.get("quick_gelu", False))
+    vision = _vision_node(dict(model_cfg["vision_cfg"]), embed_dim, quick)
+    if img_size is not None:
+        vision["img_size"] = img_size
+    return {
+        "_target_": CLIP_TARGET,
+        "vision": vision,
+        "text": _text_node(dict(model_cfg["text_cfg"]), embed_dim, quick),
+        "init_logit_scale": model_cfg.get("init_logit_scale"),
+        "init_logit_bias": model_cfg.get("init_logit_bias"),
+    }
+
+
+# ---------------------------------------------------------------- key maps
+
+
+def _eye_rule(dim: int) -> Rule:
+    """Our tower without projection <-> open_clip's mandatory ``proj``, which must then be the identity."""
+
+    def to_ours(t: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not torch.equal(t[0], torch.eye(dim, dtype=t[0].dtype)):
+            raise ValueError("open_clip's visual.proj is not the identity but our tower has no projection")
+        return ()
+
+    return Rule((), ("proj",), lambda _: (torch.eye(dim),), to_ours)
+
+
+def vision_key_map(visual: VisionTransformer, vision_cfg: dict[str, Any]) -> KeyMap:
+    """Our image tower <-> open_clip's ``visual`` (keys relative to the towers)."""
+    keys = list(visual.state_dict())
+    if vision_cfg.get("timm_model_name"):
+        rules = prefixed(timm_key_map(visual, with_head=False), "", "trunk.")
+        proj = vision_cfg.get("timm_proj", "linear")
+        target = {"linear": "head.proj", "": "trunk.head", None: "trunk.head"}.get(proj)
+        head = [k for k in keys if k.startswith("proj.")]
+        if head and target is None:
+            raise ValueError(f"our tower has a projection but timm_proj={proj!r}")
+        return rules + [rename(k, target + k[len("proj") :]) for k in head]
+    special = {
+        "cls_token": squeezed("cls_token", "class_embedding", 2),
+        "pos_embed": squeezed("pos_embed", "positional_embedding", 1),
+        "proj.weight": transposed("proj.weight", "proj"),
+    }
+    table = [("patch_embed", "conv1"), ("norm_pre", "ln_pre"), ("norm", "ln_post"), ("fc_norm", "ln_post")]
+    rules = build_key_map(keys, special, table, _BLOCKS)
+    if "proj.weight" not in keys:
+        rules.append(_eye_rule(visual.embed_dim))
+    return rules
+
+
+def text_key_map(text: TextTransformer) -> KeyMap:
+    """Our text tower <-> open_clip's ``TextTransformer`` (keys relative to the tower)."""
+    special = {"pos_embed": squeezed("pos_embed", "positional_embedding", 1)}
+    if not text.init_kwargs["proj_bias"]:
+        special["proj.weight"] = transposed("proj.weight", "text_projection")
+    table = [("token_embedding", "token_embedding"), ("norm", "ln_final"), ("proj", "text_projection")]
+    return build_key_map(text.state_dict(), special, table, _BLOCKS)
+
+
+def _scalar_rule(name: str) -> Rule:
+    # open_clip may store the scale as shape (1,) (nonscalar_logit_scale); ours is a 0-d parameter.
+    return Rule((name,), (name,), lambda t: t, lambda t: (t[0].reshape(()),))
+
+
+def open_clip_key_map(model: CLIP, model_cfg: dict[str, Any], custom_text: bool | None = None) -> KeyMap:
+    """Our CLIP <-> open_clip ``CLIP`` (text tower at the top level) or ``CustomTextCLIP`` (under ``text.``)."""
+    custom = bool(model_cfg.get("custom_text", False)) if custom_text is None else custom_text
+    rules = prefixed(vision_key_map(model.visual, model_cfg["vision_cfg"]), "visual.", "visual.")
+    rules += prefixed(text_key_map(model.text), "text.", "text." if custom else "")
+    rules.append(_scalar_rule("logit_scale"))
+    if model.logit_bias is not None:
+        rules.append(_scalar_rule("logit_bias"))
+    return rules
+
+
+# ---------------------------------------------------------------- models and files
+
+
+def to_open_clip(model: CLIP) -> nn.Module:
+    """An open_clip ``CLIP``/``CustomTextCLIP`` holding ``model``'s weights."""
+    from open_clip.model import CLIP as OpenCLIP
+    from open_clip.model import CustomTextCLIP
+
+    cfg = open_clip_model_cfg(model)
+    state = convert_state_dict(model.state_dict(), open_clip_key_map(model, cfg), to="theirs")
+    cls = CustomTextCLIP if cfg.pop("custom_text", False) else OpenCLIP
+    reference = cls(**cfg)
+    reference.load_state_dict(state)
+    return reference
+
+
+def from_open_clip(reference: nn.Module, model_cfg: dict[str, Any]) -> CLIP:
+    """Our CLIP with the architecture (``model_cfg``) and weights of an open_clip model."""
+    return _build(dict(reference.state_dict()), model_cfg, img_size=None)
+
+
+def _build(state: dict[str, torch.Tensor], model_cfg: dict[str, Any], img_size: int | None) -> CLIP:
+    model_cfg = dict(model_cfg)
+    if "logit_bias" in state and model_cfg.get("init_logit_bias") is None:
+        model_cfg["init_logit_bias"] = 0.0  # the value comes from the checkpoint
+    node = model_config_from_open_clip(model_cfg, img_size=img_size)
+    skeleton = instantiate_model(node, device="meta")
+    custom = any(k.startswith("text.") for k in state)
+    ours = convert_state_dict(
+        state, open_clip_key_map(skeleton, model_cfg, custom), to="ours", ignore=_NOT_PARAMS
+    )
+    return build_with_weights(lambda: instantiate_model(node), fit_state_dict(ours, skeleton))
+
+
+def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") -> dict[str, Path]:
+    """Write ``model`` as an open_clip model folder; returns the paths written.
+
+    - ``open_clip_config.json`` + ``open_clip_model.safetensors``: ``open_clip.create_model("local-dir:DIR")``;
+    - ``{name}.json`` (the bare model config): ``open_clip.add_model_config(path)`` then
+      ``open_clip.create_model(name, pretrained=".../open_clip_model.safetensors")``.
+    """
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from safetensors.torch import save_file
+
+    cfg = open_clip_model_cfg(model)
+    state = convert_state_dict(model.state_dict(), open_clip_key_map(model, cfg), to="theirs")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "config": out / "open_clip_config.json",
+        "model_config": out / f"{name}.json",
+        "weights": out / "open_clip_model.safetensors",
+    }
+    preprocess = {  # what clipforge's data pipeline does: CLIP mean/std, bicubic resize
+        "size": model.visual.img_size,
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    paths["config"].write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
+    paths["model_config"].write_text(json.dumps(cfg, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(paths["weights"]))
+    return paths
+
+
+def _weights_in(folder: Path) -> Path:
+    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"]
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in folder.glob(ext))
+    if not found:
+        raise FileNotFoundError(f"no weights file (.safetensors/.bin/.pt/.pth) in {folder}")
+    return found[0]
+
+
+def load_open_clip_checkpoint(
+    path: str | Path, model_name: str | None = None, *, img_size: int | None = None
+) -> CLIP:
+    """Our CLIP (eval mode) from an open_clip checkpoint: a weights file or a folder with one.
+
+    The architecture comes from ``model_name`` (an open_clip built-in such as ``"ViT-B-32"`` or
+    ``"local-dir:PATH"``), else from an ``open_clip_config.json`` beside the weights, else it is
+    inferred from the weight shapes (native open_clip ViTs only; heads = width / 64, GELU). OpenAI's
+    original weights used QuickGELU: name them ``"ViT-B-32-quickgelu"`` etc. ``img_size`` rebuilds the
+    image tower at another resolution with its position table resampled.
+    """
+    from open_clip.factory import get_model_config, load_state_dict
+
+    path = Path(path)
+    weights = _weights_in(path) if path.is_dir() else path
+    config_file = weights.parent / "open_clip_config.json"
+    if model_name is not None:
+        model_cfg = get_model_config(model_name)
+        if model_cfg is None:
+            raise ValueError(f"open_clip has no model config named {model_name!r}")
+    elif config_file.is_file():
+        model_cfg = json.loads(config_file.read_text())
+        model_cfg = model_cfg.get("model_cfg", model_cfg)
+    else:
+        model_cfg = None
+    state = load_state_dict(str(weights), device="cpu", weights_only=True)
+    if model_cfg is None:
+        model_cfg = infer_open_clip_cfg(state)
+    return _build(state, model_cfg, img_size).eval()
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
+
+
+def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """An open_clip model config read off the weight shapes of a native open_clip ViT checkpoint."""
+    if "visual.conv1.weight" not in state or "visual.positional_embedding" not in state:
+        raise ValueError(
+            "cannot infer the architecture of this checkpoint (not a native open_clip ViT): pass model_name"
+        )
+    warnings.warn(
+        "inferring the open_clip architecture from weight shapes: assuming 64-dim heads, GELU, a causal text "
+        "tower pooled at the EOT token and LayerNorm eps 1e-5; pass model_name to be exact",
+        stacklevel=3,
+    )
+    tp = "text." if "text.token_embedding.weight" in state else ""
+    conv = state["visual.conv1.weight"]
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
+    block = r"transformer\.resblocks\.(\d+)\.ln_1\.weight"
+    vision_cfg = {
+        "image_size": patch * grid,
+        "patch_size": patch,
+        "width": width,
+        "layers": _count(state, r"visual\." + block),
+        "head_width": 64,
+        "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        "no_ln_pre": "visual.ln_pre.weight" not in state,
+    }
+    if "visual.transformer.resblocks.0.ls_1.gamma" in state:
+        vision_cfg["ls_init_value"] = 1e-5  # any value marks layer scale present; the checkpoint sets it
+    text_width = state[f"{tp}ln_final.weight"].shape[0]
+    text_cfg = {
+        "context_length": state[f"{tp}positional_embedding"].shape[0],
+        "vocab_size": state[f"{tp}token_embedding.weight"].shape[0],
+        "width": text_width,
+        "heads": text_width // 64,
+        "layers": _count(state, re.escape(tp) + block),
+        "mlp_ratio": state[f"{tp}transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
+    }
+    if f"{tp}transformer.resblocks.0.ls_1.gamma" in state:
+        text_cfg["ls_init_value"] = 1e-5
+    if f"{tp}text_projection.weight" in state:
+        text_cfg["proj_bias"] = True
+    elif f"{tp}text_projection" not in state:
+        text_cfg["proj_type"] = "none"
+    cfg = {"embed_dim": state["visual.proj"].shape[1], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if tp:
+        cfg["custom_text"] = True
+    return cfg

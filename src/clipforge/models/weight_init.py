@@ -1,0 +1,100 @@
+"""Weight-initialisation schemes for the two towers, as small free functions.
+
+- ``timm`` (default): truncated normal, std 0.02, for every linear/conv weight, zero biases
+  (the timm ViT recipe, Dosovitskiy et al., 2021; Touvron et al., 2021).
+- ``jax``: the Flax/big_vision ViT recipe (Zhai et al., 2022), as in timm's ``init_weights_vit_jax``:
+  Xavier-uniform linear weights, zero biases except N(0, 1e-6) inside MLPs, LeCun-normal patch embedding.
+  The output projection keeps Xavier init: zeroing it, as a classifier head would be, gives all-zero
+  embeddings that a contrastive loss cannot normalise.
+- ``openclip``: OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by open_clip, applied to
+  both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input, N(0, w^-1/2 (2L)^-1/2) for the
+  residual output projections (attention ``proj``, ``mlp.fc2``) so the residual stream keeps its scale
+  with depth, N(0, w^-1/2) for the output projection and the vision class/position embeddings.
+
+Every scheme sets LayerNorms to unit gain and zero bias and leaves LayerScale gammas at their init value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+WeightInit = Literal["timm", "jax", "openclip"]
+SCHEMES = ("timm", "jax", "openclip")
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """timm-style init: truncated normal (std 0.02) linear/conv weights, zero biases, unit norms."""
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """Truncated normal with variance 1/fan_in (LeCun et al., 1998), as Flax's ``lecun_normal``."""
+    # 0.8796 is the std of a unit normal truncated to [-2, 2]; dividing by it keeps the variance 1/fan_in.
+    std = math.sqrt(1.0 / weight[0].numel()) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def init_jax(root: nn.Module) -> None:
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                if ".mlp." in f".{name}.":
+                    nn.init.normal_(module.bias, std=1e-6)
+                else:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            lecun_normal_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def init_openclip(root: nn.Module, width: int, depth: int) -> None:
+    attn_std = width**-0.5
+    proj_std = width**-0.5 * (2 * depth) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            parent = name.rsplit(".", 2)[-2] if name.count(".") else ""
+            if leaf in ("qkv", "q", "kv"):
+                std = attn_std
+            elif leaf == "fc1":
+                std = fc_std
+            elif leaf == "fc2" or (leaf == "proj" and parent in ("attn", "attn_pool")):
+                std = proj_std
+            else:  # the tower's output projection
+                std = width**-0.5
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            module.reset_parameters()  # open_clip keeps PyTorch's default for the patch embedding
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def init_tower(root: nn.Module, scheme: str, width: int, depth: int) -> None:
+    """Initialise every linear, conv and norm layer of a tower; embeddings are the tower's business."""
+    if scheme == "timm":
+        root.apply(init_vit_weights)
+    elif scheme == "jax":
+        init_jax(root)
+    elif scheme == "openclip":
+        init_openclip(root, width, depth)
+    else:
+        raise ValueError(f"unknown weight_init {scheme!r}; expected one of {SCHEMES}")

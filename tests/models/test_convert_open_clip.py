@@ -1,0 +1,241 @@
+"""Our CLIP <-> open_clip: equal parameter counts, encode_image, encode_text and logits (fp32, <= 1e-5);
+export to a folder open_clip loads; import of open_clip checkpoint files."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from modelhelpers import perturb_, randomize_, small_text, small_vit, tokens
+from omegaconf import OmegaConf
+from open_clip.model import CLIP as OpenCLIP
+from open_clip.model import CustomTextCLIP
+
+from clipforge.models import CLIP
+from clipforge.models.convert import (
+    ParityError,
+    check_parity,
+    convert_state_dict,
+    count_params,
+    export_open_clip,
+    from_open_clip,
+    load_open_clip_checkpoint,
+    model_config,
+    open_clip_key_map,
+    open_clip_model_cfg,
+    to_open_clip,
+)
+from clipforge.models.convert.keymap import Rule
+from clipforge.models.vision import resample_pos_embed
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+SMALL = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8},
+    "text_cfg": {"context_length": 12, "vocab_size": 100, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def small_cfg(vision: dict | None = None, text: dict | None = None, **top: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(SMALL)
+    cfg["vision_cfg"].update(vision or {})
+    cfg["text_cfg"].update(text or {})
+    cfg.update(top)
+    return cfg
+
+
+def open_clip_model(cfg: dict[str, Any]) -> torch.nn.Module:
+    cfg = dict(cfg)
+    cls = CustomTextCLIP if cfg.pop("custom_text", False) else OpenCLIP
+    return cls(**cfg)
+
+
+def assert_same_clip(
+    ours: CLIP, reference: torch.nn.Module, images: torch.Tensor, text: torch.Tensor
+) -> None:
+    with torch.no_grad():
+        img, txt = ours.encode_image(images), ours.encode_text(text)
+        check_parity(img, reference.encode_image(images), what="encode_image")
+        check_parity(txt, reference.encode_text(text), what="encode_text")
+        out = ours(images, text)
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        if out["logit_bias"] is not None:
+            logits = logits + out["logit_bias"]
+        check_parity(
+            logits,
+            reference.get_logits(images, text)[0],
+            atol=1e-4 * logits.abs().max().item(),
+            what="logits",
+        )
+        assert torch.allclose(out["image_features"], F.normalize(img, dim=-1))
+
+
+@pytest.fixture(scope="module")
+def b32() -> SimpleNamespace:
+    torch.manual_seed(0)
+    with torch.device("meta"):  # random weights of our own: skips open_clip's slow init on 2 cores
+        reference = OpenCLIP(**open_clip.get_model_config("ViT-B-32"))
+    reference = reference.to_empty(device="cpu")
+    reference.attn_mask = reference.attn_mask.new_full(reference.attn_mask.shape, float("-inf")).triu_(1)
+    randomize_(reference).eval()
+    with torch.no_grad():
+        reference.logit_scale.fill_(2.0)
+    return SimpleNamespace(
+        reference=reference, ours=from_open_clip(reference, open_clip.get_model_config("ViT-B-32"))
+    )
+
+
+def test_vit_b32_clip_matches_open_clip(b32: SimpleNamespace) -> None:
+    assert count_params(b32.ours) == count_params(b32.reference) == 151_277_313
+    images = torch.randn(2, 3, 224, 224)
+    text = open_clip.get_tokenizer("ViT-B-32")(["a photo of a dog", "a diagram"])
+    assert_same_clip(b32.ours.eval(), b32.reference, images, text)
+
+
+VARIANTS = {
+    "plain": small_cfg(),
+    "quick_gelu": small_cfg(quick_gelu=True),
+    "avg_pool_ln_after": small_cfg(vision={"pool_type": "avg", "final_ln_after_pool": True}),
+    "tok_ln_after_no_ln_pre": small_cfg(vision={"final_ln_after_pool": True, "no_ln_pre": True}),
+    "layer_scale": small_cfg(vision={"ls_init_value": 0.1}, text={"ls_init_value": 0.1}),
+    "siglip_text": small_cfg(
+        text={
+            "no_causal_mask": True,
+            "pool_type": "last",
+            "proj_bias": True,
+            "norm_kwargs": {"eps": 1e-6},
+            "act_kwargs": {"approximate": "tanh"},
+        },
+        vision={"norm_kwargs": {"eps": 1e-6}},
+        custom_text=True,
+        init_logit_bias=-10.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_open_clip_variants_match_both_ways(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = VARIANTS[name]
+    reference = perturb_(open_clip_model(cfg)).eval()
+    ours = from_open_clip(reference, cfg).eval()
+    assert count_params(ours) == count_params(reference)
+    images, text = torch.randn(3, 3, 32, 32), tokens(3, 12)
+    assert_same_clip(ours, reference, images, text)
+    assert_same_clip(ours, to_open_clip(ours).eval(), images, text)
+
+
+def test_a_wrong_open_clip_key_map_fails_the_check() -> None:
+    torch.manual_seed(0)
+    reference = perturb_(open_clip_model(SMALL)).eval()
+    ours = from_open_clip(reference, SMALL).eval()
+    swap = {"transformer.resblocks.0.ln_1.weight": "transformer.resblocks.0.ln_2.weight"}
+    swap |= {v: k for k, v in swap.items()}
+    wrong = [Rule(r.ours, tuple(swap.get(k, k) for k in r.theirs), r.to_theirs, r.to_ours) for r in
+             open_clip_key_map(ours, SMALL)]  # fmt: skip
+    ours.load_state_dict(convert_state_dict(reference.state_dict(), wrong, to="ours"))
+    with pytest.raises(ParityError):
+        assert_same_clip(ours, reference, torch.randn(2, 3, 32, 32), tokens(2, 12))
+
+
+def tiny_clip_from_conf(logit_bias: float | None = None) -> CLIP:
+    torch.manual_seed(0)
+    model = instantiate(OmegaConf.load(CONF / "tiny.yaml"), init_logit_bias=logit_bias)
+    return perturb_(model).eval()
+
+
+def test_export_is_loaded_by_open_clip_with_equal_embeddings(tmp_path: Path) -> None:
+    model = tiny_clip_from_conf(logit_bias=-10.0)
+    paths = export_open_clip(model, tmp_path / "export", name="clipforge-test-tiny")
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {
+        "open_clip_config.json",
+        "clipforge-test-tiny.json",
+        "open_clip_model.safetensors",
+    }
+    assert json.loads(paths["config"].read_text())["preprocess_cfg"]["size"] == 32
+    images, text = torch.randn(2, 3, 32, 32), tokens(2, 32, vocab=49408)
+    from_dir = open_clip.create_model(f"local-dir:{paths['config'].parent}").eval()
+    assert_same_clip(model, from_dir, images, text)
+    open_clip.add_model_config(paths["model_config"])
+    by_name = open_clip.create_model("clipforge-test-tiny", pretrained=str(paths["weights"])).eval()
+    assert_same_clip(model, by_name, images, text)
+    assert by_name.logit_bias.item() == model.logit_bias.item()
+    # ... and importing the folder gives our model back, config included.
+    back = load_open_clip_checkpoint(paths["config"].parent)
+    assert_same_clip(back, from_dir, images, text)
+    assert model_config(back)["vision"] == model_config(model)["vision"]
+
+
+def test_import_a_training_checkpoint_by_model_name(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = perturb_(open_clip_model(SMALL)).eval()
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "clipforge-test-small.json").write_text(json.dumps(SMALL))
+    open_clip.add_model_config(tmp_path / "cfg" / "clipforge-test-small.json")
+    # open_clip's trainer saves {"state_dict": ...} with DDP's "module." prefix.
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "epoch_3.pt")
+    ours = load_open_clip_checkpoint(tmp_path / "epoch_3.pt", "clipforge-test-small")
+    assert not ours.training
+    assert_same_clip(ours, reference, torch.randn(2, 3, 32, 32), tokens(2, 12))
+
+
+def test_import_infers_the_architecture_from_weight_shapes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg(vision={"width": 64, "head_width": 64}, text={"width": 64, "heads": 1}, embed_dim=24)
+    reference = perturb_(open_clip_model(cfg)).eval()
+    torch.save(reference.state_dict(), tmp_path / "weights.bin")
+    with pytest.warns(UserWarning, match="inferring"):
+        ours = load_open_clip_checkpoint(tmp_path / "weights.bin")
+    assert ours.visual.blocks[0].attn.num_heads == 1 and ours.embed_dim == 24
+    assert_same_clip(ours, reference, torch.randn(2, 3, 32, 32), tokens(2, 12))
+
+
+def test_import_at_another_image_size_resamples_the_position_grid(tmp_path: Path) -> None:
+    model = tiny_clip_from_conf()
+    export_open_clip(model, tmp_path)
+    bigger = load_open_clip_checkpoint(tmp_path, img_size=48)  # 8x8 -> 12x12 patches of 4 px
+    assert bigger.visual.img_size == 48 and bigger.visual.pos_embed.shape == (1, 1 + 144, 128)
+    expected = resample_pos_embed(model.visual.pos_embed.detach(), 12, num_prefix_tokens=1)
+    assert torch.allclose(bigger.visual.pos_embed, expected)
+    assert torch.equal(bigger.visual.pos_embed[:, 0], model.visual.pos_embed[:, 0])  # CLS untouched
+    with torch.no_grad():
+        assert bigger.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 128)
+        t = tokens(2, 32, vocab=49408)
+        assert torch.equal(bigger.encode_text(t), model.encode_text(t))
+
+
+def test_unsupported_models_fail_loudly() -> None:
+    with torch.device("meta"):
+        siglip = instantiate(OmegaConf.load(CONF / "siglip_b16.yaml"))
+    # timm's SigLIP ViT (what open_clip builds) uses exact GELU; ours uses big_vision's tanh-GELU.
+    with pytest.raises(ValueError, match="act"):
+        open_clip_model_cfg(siglip)
+    with pytest.raises(ValueError, match="patch_bias"):
+        open_clip_model_cfg(CLIP(small_vit(patch_bias=True), small_text()))
+    with pytest.raises(ValueError, match="attentional pooler"):
+        from_open_clip(torch.nn.Linear(1, 1), small_cfg(vision={"attentional_pool": True}))
+
+
+@pytest.mark.slow
+def test_siglip_b16_exports_through_timm_tower(tmp_path: Path) -> None:
+    # open_clip builds SigLIP image towers as timm models; ours must have the exact timm architecture.
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(CONF / "siglip_b16.yaml")
+    cfg.vision.act = "gelu"
+    cfg.text.depth = 2
+    model = randomize_(instantiate(cfg, init_logit_bias=-10.0)).eval()
+    paths = export_open_clip(model, tmp_path)
+    assert json.loads(paths["config"].read_text())["model_cfg"]["vision_cfg"]["timm_model_name"] == (
+        "vit_base_patch16_siglip_224"
+    )
+    reference = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    assert_same_clip(model, reference, torch.randn(1, 3, 224, 224), tokens(2, 64, vocab=49408))

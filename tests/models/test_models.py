@@ -1,0 +1,235 @@
+"""Shapes, attention paths, patch dropout, checkpointing, context length, init schemes and configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from modelhelpers import perturb_, small_text, small_vit, tokens
+from omegaconf import OmegaConf
+
+from clipforge.models import CLIP, VisionTransformer
+from clipforge.models.convert import count_params, open_clip_model_cfg
+from clipforge.models.vision import patch_dropout
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def set_fused(module: torch.nn.Module, fused: bool) -> None:
+    for m in module.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+
+
+def test_vit_b16_token_counts() -> None:
+    # Shapes only, so build and run on the meta device: 224 / 16 = 14 -> 196 patches, +1 CLS = 197.
+    with torch.device("meta"):
+        vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+        feats = vit.forward_features(torch.empty(1, 3, 224, 224))
+        siglip = VisionTransformer(patch_size=16, class_token=False, global_pool="map", output_dim=None)
+        siglip_feats = siglip.forward_features(torch.empty(1, 3, 224, 224))
+        pooled = siglip(torch.empty(2, 3, 224, 224))
+    assert vit.grid_size == 14 and vit.num_patches == 196
+    assert vit.pos_embed.shape == (1, 197, 768)
+    assert feats.shape == (1, 197, 768)
+    assert siglip_feats.shape == (1, 196, 768)
+    assert pooled.shape == (2, 768)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "map"])
+def test_fused_and_math_attention_agree_in_the_image_tower(pool: str) -> None:
+    torch.manual_seed(0)
+    vit = perturb_(small_vit(global_pool=pool, class_token=pool != "map")).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fused = vit(x)
+        set_fused(vit, False)
+        math_path = vit(x)
+    assert (fused - math_path).abs().max() < 1e-5
+    assert fused.abs().max() > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_and_math_attention_agree_in_the_text_tower(causal: bool) -> None:
+    torch.manual_seed(0)
+    text = perturb_(small_text(causal=causal)).eval()
+    t = tokens(3, 12)
+    with torch.no_grad():
+        fused = text.forward_features(t)
+        set_fused(text, False)
+        math_path = text.forward_features(t)
+    assert (fused - math_path).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_text_cannot_see_later_tokens(fused: bool) -> None:
+    torch.manual_seed(0)
+    text = perturb_(small_text(fused_attn=fused)).eval()
+    a = tokens(2, 12)
+    b = a.clone()
+    b[:, 6:] = torch.randint(1, 99, (2, 6))
+    with torch.no_grad():
+        fa, fb = text.forward_features(a), text.forward_features(b)
+    assert torch.allclose(fa[:, :6], fb[:, :6], atol=1e-6)
+    assert not torch.allclose(fa[:, 6:], fb[:, 6:], atol=1e-3)
+    # Without the mask, early positions do see the change.
+    text.causal = False
+    with torch.no_grad():
+        assert not torch.allclose(text.forward_features(a)[:, :6], text.forward_features(b)[:, :6], atol=1e-3)
+
+
+def test_text_pools_at_eot_or_last() -> None:
+    torch.manual_seed(0)
+    text = small_text(output_dim=None).eval()
+    t = tokens(3, 12)
+    with torch.no_grad():
+        feats = text.forward_features(t)
+        eot = text(t)
+        text.pool_type = "last"
+        last = text(t)
+    assert torch.equal(eot, feats[torch.arange(3), t.argmax(dim=-1)])
+    assert torch.equal(last, feats[:, -1])
+
+
+def test_shorter_text_and_context_length_limit() -> None:
+    torch.manual_seed(0)
+    text = small_text(context_length=12).eval()
+    t = tokens(2, 12)
+    with torch.no_grad():
+        # A causal tower's first 8 positions do not depend on what follows: a length-8 input gives them.
+        assert torch.allclose(text.forward_features(t[:, :8]), text.forward_features(t)[:, :8], atol=1e-6)
+    with pytest.raises(ValueError, match="context_length"):
+        text(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_patch_dropout_only_in_training() -> None:
+    torch.manual_seed(0)
+    vit = perturb_(small_vit(patch_size=4, patch_dropout=0.5))  # 64 patches
+    ref = small_vit(patch_size=4)
+    ref.load_state_dict(vit.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    vit.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.equal(vit(x), ref(x))  # eval: nothing dropped
+        vit.train()
+        assert vit.forward_features(x).shape == (2, 1 + 32, 32)  # CLS + half of 64 patches
+        assert not torch.allclose(vit(x), ref(x), atol=1e-4)
+
+
+def test_patch_dropout_keeps_prefix_and_distinct_patches() -> None:
+    x = torch.arange(2 * 11 * 1, dtype=torch.float32).reshape(2, 11, 1)  # 1 prefix + 10 patches, ids
+    out = patch_dropout(x, keep=0.3, num_prefix=1)
+    assert out.shape == (2, 1 + 3, 1)
+    assert torch.equal(out[:, 0], x[:, 0])
+    for b in range(2):
+        kept = out[b, 1:, 0].tolist()
+        assert len(set(kept)) == 3 and set(kept) <= set(x[b, 1:, 0].tolist())
+
+
+def test_grad_checkpointing_gives_identical_grads() -> None:
+    torch.manual_seed(0)
+    model = CLIP(perturb_(small_vit(), seed=1), perturb_(small_text(), seed=2)).train()
+    x, t = torch.randn(2, 3, 32, 32), tokens(2, 12)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        out = model(x, t)
+        (out["image_features"] @ out["text_features"].T * out["logit_scale"]).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    mlp = model.visual.blocks[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: calls.append(1) or forward(x)  # counts runs, recomputation included
+    plain = grads()
+    n_plain = len(calls)
+    model.set_grad_checkpointing(True)
+    ckpt = grads()
+    assert len(calls) - n_plain == 2 * n_plain  # the block ran again during backward: checkpointing is on
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_no_weight_decay_names_real_parameters() -> None:
+    model = CLIP(small_vit(global_pool="map", class_token=True), small_text(), init_logit_bias=-10.0)
+    params = dict(model.named_parameters())
+    skip = model.no_weight_decay()
+    assert skip <= params.keys()
+    assert {"visual.pos_embed", "visual.cls_token", "visual.attn_pool.latent", "text.pos_embed"} <= skip
+    assert {"text.token_embedding.weight", "logit_scale", "logit_bias"} <= skip
+    assert not any(params[n].ndim >= 2 and "blocks" in n for n in skip)  # block matrices do decay
+
+
+def test_weight_init_schemes() -> None:
+    width, depth = 64, 6
+    towers = {s: small_vit(embed_dim=width, depth=depth, weight_init=s) for s in ("timm", "jax", "openclip")}
+    blk = {s: t.blocks[0] for s, t in towers.items()}
+    # timm: truncated normal std 0.02, zero biases.
+    assert abs(blk["timm"].attn.qkv.weight.std().item() - 0.02) < 0.003
+    assert blk["timm"].mlp.fc1.bias.abs().max() == 0
+    # jax: Xavier-uniform (bound sqrt(6 / (fan_in + fan_out))), N(0, 1e-6) MLP biases, zero attention biases.
+    w = blk["jax"].mlp.fc1.weight
+    bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert 0 < blk["jax"].mlp.fc1.bias.abs().max() < 1e-5
+    assert blk["jax"].attn.qkv.bias.abs().max() == 0
+    # openclip: std w^-1/2 for qkv, w^-1/2 (2L)^-1/2 for residual projections, (2w)^-1/2 for fc1.
+    oc = blk["openclip"]
+    assert abs(oc.attn.qkv.weight.std().item() / width**-0.5 - 1) < 0.05
+    assert abs(oc.attn.proj.weight.std().item() / (width**-0.5 * (2 * depth) ** -0.5) - 1) < 0.1
+    assert abs(oc.mlp.fc1.weight.std().item() / (2 * width) ** -0.5 - 1) < 0.05
+    assert abs(towers["openclip"].pos_embed.std().item() / width**-0.5 - 1) < 0.05
+    with pytest.raises(ValueError, match="weight_init"):
+        small_vit(weight_init="xavier")
+
+
+def load_yaml(name: str) -> CLIP:
+    with torch.device("meta"):
+        return instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+
+
+def open_clip_count(name: str) -> int:
+    import open_clip
+    from open_clip.model import CLIP as OpenCLIP
+
+    with torch.device("meta"):
+        return count_params(OpenCLIP(**open_clip.get_model_config(name)))
+
+
+def test_vit_b_configs_have_open_clip_shapes() -> None:
+    import open_clip
+
+    for ours, theirs in [("vit_b32", "ViT-B-32"), ("vit_b16", "ViT-B-16")]:
+        model = load_yaml(ours)
+        assert count_params(model) == open_clip_count(theirs)
+        cfg, ref = open_clip_model_cfg(model), open_clip.get_model_config(theirs)
+        assert cfg["embed_dim"] == ref["embed_dim"]
+        assert {k: cfg["vision_cfg"][k] for k in ref["vision_cfg"]} == ref["vision_cfg"]
+        assert {k: cfg["text_cfg"][k] for k in ref["text_cfg"]} == ref["text_cfg"]
+        assert cfg["vision_cfg"]["norm_kwargs"] == {"eps": 1e-5} and not cfg["quick_gelu"]
+
+
+def test_siglip_b16_config() -> None:
+    import timm
+
+    model = load_yaml("siglip_b16")
+    with torch.device("meta"):
+        ref = timm.create_model("vit_base_patch16_siglip_224", num_classes=0)
+    assert count_params(model.visual) == count_params(ref)  # same tower as SigLIP B/16 (timm)
+    assert model.visual.cls_token is None and model.visual.global_pool == "map"
+    assert model.embed_dim == 768 and model.text.pool_type == "last" and not model.text.causal
+    assert model.text.proj.bias is not None
+
+
+def test_tiny_config_is_small_and_runs() -> None:
+    torch.manual_seed(0)
+    model = instantiate(OmegaConf.load(CONF / "tiny.yaml")).eval()
+    assert count_params(model) - model.text.token_embedding.weight.numel() < 2_000_000
+    assert model.visual.img_size == 32 and model.text.context_length == 32
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32), tokens(2, 32, vocab=49408))
+    assert out["image_features"].shape == out["text_features"].shape == (2, 128)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2))

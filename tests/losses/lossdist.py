@@ -21,26 +21,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, world: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, worlds: list[int], ports: list[int], out_dir: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    for world, port in zip(worlds, ports):
+        if rank >= world:
+            continue
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        try:
+            result = fn(rank, world, *args)
+            torch.save(result, os.path.join(out_dir, f"w{world}_rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world: int, *args: Any) -> list[Any]:
-    """``[fn(rank, world, *args) for rank in range(world)]``, each call in its own process.
+def run_distributed(fn: Callable, worlds: list[int], *args: Any) -> dict[int, list[Any]]:
+    """``{W: [fn(rank, W, *args) for rank in range(W)]}`` for each world size ``W``.
 
-    ``fn`` must be importable (a module-level function); its results travel back through ``torch.save``.
+    One start of ``max(worlds)`` processes serves every world size (each start costs seconds of imports on
+    a shared CPU): for each ``W`` in turn, the first ``W`` processes form a fresh default
+    process group. ``fn`` must be importable (module level); results travel back through ``torch.save``.
     """
+    # forkserver: fresh processes as with spawn (no inherited threads or process-group state), but torch
+    # and the worker's module are imported once in the server rather than once per rank.
+    mp.set_forkserver_preload([fn.__module__])
     with tempfile.TemporaryDirectory() as out_dir:
+        ports = [free_port() for _ in worlds]
         mp.start_processes(
-            _entry, args=(fn, world, free_port(), out_dir, args), nprocs=world, start_method="spawn"
+            _entry, args=(fn, worlds, ports, out_dir, args), nprocs=max(worlds), start_method="forkserver"
         )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+        return {w: [torch.load(os.path.join(out_dir, f"w{w}_rank{r}.pt")) for r in range(w)] for w in worlds}
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:

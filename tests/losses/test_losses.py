@@ -169,3 +169,13 @@ def test_logit_stats_match_direct_computation() -> None:
             torch.testing.assert_close(got, getattr(values, stat)(), rtol=1e-12, atol=1e-12)
     single = logit_stats(x[:1], y[:1], scale)
     assert torch.isnan(single["logit_neg_mean"]) and single["logit_pos_mean"] == (scale * x[0] @ y[0])
+
+
+def test_siglip_tiled_without_grad_gives_the_same_value() -> None:
+    # under no_grad the tiled SigLIP skips the gradient matmuls it otherwise does in forward
+    x, y = features(10, 4, seed=18), features(10, 4, seed=19)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    with torch.no_grad():
+        got = siglip_loss(x.requires_grad_(), y, scale, bias, impl="tiled", tile_size=3)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, siglip_loss(x, y, scale, bias, impl="dense").detach(), rtol=1e-12, atol=0)

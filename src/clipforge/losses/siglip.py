@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipforge.losses.distributed import Ring, all_gather_with_grad, gather_sizes, world_info
-from clipforge.losses.tiled import check_impl, softplus_sum, softplus_sum_backward, use_tiled
+from clipforge.losses.tiled import SigmoidTiled, check_impl, sigmoid_tiles, use_tiled
 
 DIST_IMPLS = ("ring", "gather")
 
@@ -58,20 +58,22 @@ def siglip_loss_dense(
 
 
 class _SigLipRing(torch.autograd.Function):
-    """``coef * (sum_{i local, j all} softplus(l_ij) - sum_{i local} l_ii)``; ``ring=None`` is one device."""
+    """``coef * (sum_{i local, j all} softplus(l_ij) - sum_{i local} l_ii)`` over the ranks of ``ring``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring | None, tile: int, coef):
-        total = softplus_sum(x, y, scale, bias, tile)  # positives and local negatives
-        if ring is not None and ring.world > 1:
+    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring, tile: int, coef: float):
+        total, _ = sigmoid_tiles(x, y, scale, bias, tile)  # positives and local negatives
+        if ring.world > 1:
             h = ring.halves[ring.rank][0]
             pending = ring.shift(y[:h], y[h:], *_rows(ring, 1))
             for step in range(1, ring.world):
                 y_r, y_l = pending.wait()
                 if step < ring.world - 1:  # pass the blocks on while we compute with them
                     pending = ring.shift(y_r, y_l, *_rows(ring, step + 1))
-                total += softplus_sum(x, y_r, scale, bias, tile) + softplus_sum(x, y_l, scale, bias, tile)
-        pos = (x * y).sum(dtype=total.dtype) * scale + bias * x.shape[0]  # sum_i l_ii
+                total += (
+                    sigmoid_tiles(x, y_r, scale, bias, tile)[0] + sigmoid_tiles(x, y_l, scale, bias, tile)[0]
+                )
+        pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * x.shape[0]  # sum_i l_ii
         ctx.save_for_backward(x, y, scale, bias)
         ctx.ring, ctx.tile, ctx.coef = ring, tile, coef
         return (coef * (total - pos)).to(x.dtype)
@@ -82,16 +84,18 @@ class _SigLipRing(torch.autograd.Function):
         ring, tile = ctx.ring, ctx.tile
         alpha = (g * ctx.coef).to(x.dtype)
         gx, gy = torch.zeros_like(x), torch.zeros_like(y)  # raw gradients (before the factor scale)
-        gb = softplus_sum_backward(x, y, scale, bias, tile, alpha, gx, gy)
-        if ring is not None and ring.world > 1:
+        _, gb = sigmoid_tiles(x, y, scale, bias, tile, value=False, grads=(gx, gy), alpha=alpha)
+        if ring.world > 1:
             # Re-run the ring. Each visiting text half carries an accumulator of d loss / d text from
             # every rank it passes; after W shifts it is home with the contributions of all ranks.
             world, h = ring.world, ring.halves[ring.rank][0]
             y_r, y_l = ring.shift(y[:h], y[h:], *_rows(ring, 1)).wait()
             acc_r, acc_l = torch.zeros_like(y_r), torch.zeros_like(y_l)
             for step in range(1, world):
-                gb += softplus_sum_backward(x, y_r, scale, bias, tile, alpha, gx, acc_r)
-                gb += softplus_sum_backward(x, y_l, scale, bias, tile, alpha, gx, acc_l)
+                for y_v, acc in ((y_r, acc_r), (y_l, acc_l)):
+                    gb += sigmoid_tiles(x, y_v, scale, bias, tile, value=False, grads=(gx, acc), alpha=alpha)[
+                        1
+                    ]
                 if step < world - 1:  # texts and their accumulators move on together
                     n_r, n_l = _rows(ring, step + 1)
                     msg = ring.shift(torch.cat([y_r, acc_r]), torch.cat([y_l, acc_l]), 2 * n_r, 2 * n_l)
@@ -103,10 +107,14 @@ class _SigLipRing(torch.autograd.Function):
                     gy[:h] += home_r
                     gy[h:] += home_l
         # the positives: -sum_i l_ii
-        gx.sub_(y * alpha)
-        gy.sub_(x * alpha)
+        gx.addcmul_(y, alpha, value=-1)
+        gy.addcmul_(x, alpha, value=-1)
         gb = gb - alpha * x.shape[0]
-        g_scale = (x * gx).sum(dtype=gb.dtype).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        g_scale = (
+            torch.linalg.vecdot(x, gx).sum(dtype=gb.dtype).to(scale.dtype)
+            if ctx.needs_input_grad[2]
+            else None
+        )
         g_bias = gb.to(bias.dtype) if ctx.needs_input_grad[3] else None
         return gx.mul_(scale), gy.mul_(scale), g_scale, g_bias, None, None, None
 
@@ -148,16 +156,28 @@ def siglip_loss(
     if world == 1 and not use_tiled(impl, b, b, tile_size):
         return siglip_loss_dense(image_features, text_features, logit_scale, logit_bias, 0, coef)
     bias = logit_bias if logit_bias is not None else logit_scale.new_zeros(())
-    ring = Ring(sizes, rank, group) if world > 1 else None
+    if world == 1:
+        return _siglip_tiled(image_features, text_features, logit_scale, bias, tile_size, coef)
+    ring = Ring(sizes, rank, group)
     return _siglip_ring(image_features, text_features, logit_scale, bias, ring, tile_size, coef)
 
 
 @torch.compiler.disable
 def _siglip_ring(
-    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring | None, tile: int, coef: float
-):
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring, tile: int, coef: float
+) -> Tensor:
     # eager under torch.compile: point-to-point exchanges and tile loops do not belong in a graph
     return _SigLipRing.apply(x, y, scale, bias, ring, tile, coef)
+
+
+@torch.compiler.disable
+def _siglip_tiled(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, coef: float) -> Tensor:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, bias)):
+        return SigmoidTiled.apply(x, y, scale, bias, tile, coef)
+    # no backward will follow (evaluation): the value alone, without the gradient matmuls
+    total, _ = sigmoid_tiles(x, y, scale, bias, tile)
+    pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * x.shape[0]
+    return (coef * (total - pos)).to(x.dtype)
 
 
 class SigLipLoss(nn.Module):

@@ -44,36 +44,87 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------- SigLIP tiles
-def softplus_sum(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int) -> Tensor:
-    """``sum_ij softplus(scale * x_i . y_j + bias)``: the sigmoid loss of all pairs taken as negatives."""
+def _softplus_sum(logits: Tensor, acc: torch.dtype) -> Tensor:
+    # Above the threshold softplus(z) = z to within the dtype's precision (e^-20 / 20 < fp32 eps).
+    threshold = 40.0 if logits.dtype == torch.float64 else 20.0
+    return F.softplus(logits, threshold=threshold).sum(dtype=acc)
+
+
+def sigmoid_tiles(
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    tile: int,
+    *,
+    value: bool = True,
+    grads: tuple[Tensor, Tensor] | None = None,
+    alpha: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One pass over the tiles of ``l = scale * x @ y.T + bias``.
+
+    Returns ``(sum_ij softplus(l_ij), sum_ij G_ij)`` (zeros for what is not asked), the sigmoid loss of
+    all pairs taken as negatives and its gradient w.r.t. the bias, with ``G = alpha * sigmoid(l)`` the
+    gradient w.r.t. the logits (``alpha`` defaults to 1). With ``grads=(gx, gy)`` it also accumulates the
+    raw feature gradients ``gx += G @ y`` and ``gy += G.T @ x`` (before the factor ``scale``).
+    """
     acc = _stat_dtype(x)
     total = torch.zeros((), dtype=acc, device=x.device)
-    for i0, i1 in tiles(x.shape[0], tile):
-        xs = x[i0:i1] * scale  # (ti, d)
-        for j0, j1 in tiles(y.shape[0], tile):
-            logits = torch.addmm(bias.to(x.dtype), xs, y[j0:j1].T)  # (ti, tj)
-            # softplus(z) = -logsigmoid(-z), exact for all z (F.softplus linearises above 20)
-            total += -F.logsigmoid(logits.neg_()).sum(dtype=acc)
-    return total
-
-
-def softplus_sum_backward(
-    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, alpha: Tensor, gx: Tensor, gy: Tensor
-) -> Tensor:
-    """Gradient of ``alpha * softplus_sum`` w.r.t. the logits, ``G = alpha * sigmoid(logits)``, pushed to
-    the features: ``gx += G @ y`` and ``gy += G.T @ x`` (raw, i.e. before multiplying by ``scale``).
-    Returns ``sum(G)``, the gradient w.r.t. the bias."""
-    gb = torch.zeros((), dtype=_stat_dtype(x), device=x.device)
+    g_bias = torch.zeros((), dtype=acc, device=x.device)
+    bias = bias.to(x.dtype)
     for i0, i1 in tiles(x.shape[0], tile):
         xi = x[i0:i1]
-        xs, xa = xi * scale, xi * alpha  # (ti, d)
+        xs = xi * scale  # (ti, d)
+        xa = xi if alpha is None else xi * alpha
         for j0, j1 in tiles(y.shape[0], tile):
             yj = y[j0:j1]
-            p = torch.addmm(bias.to(x.dtype), xs, yj.T).sigmoid_()  # (ti, tj)
-            gx[i0:i1].addmm_(p, yj * alpha)
-            gy[j0:j1].addmm_(p.T, xa)
-            gb += p.sum(dtype=gb.dtype) * alpha
-    return gb
+            logits = torch.addmm(bias, xs, yj.T)  # (ti, tj)
+            if value:
+                total += _softplus_sum(logits, acc)
+            if grads is not None:
+                p = logits.sigmoid_()  # the tile's logits are not needed any more
+                g_bias += p.sum(dtype=acc)
+                grads[0][i0:i1].addmm_(p, yj if alpha is None else yj * alpha)
+                grads[1][j0:j1].addmm_(p.T, xa)
+    return total, g_bias if alpha is None else g_bias * alpha
+
+
+class SigmoidTiled(torch.autograd.Function):
+    """Single-device SigLIP loss ``coef * (sum_ij softplus(l_ij) - sum_i l_ii)``, tiled.
+
+    The gradient w.r.t. each logit, ``sigmoid(l)``, needs nothing beyond its own tile, so forward computes
+    it along with the value and keeps only the ``O(B d)`` feature gradients: one matmul per tile in
+    forward and two for the gradients, as a dense implementation, instead of recomputing the tile in
+    backward. Use it only when a backward pass will follow (``siglip_loss`` checks).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, coef: float) -> Tensor:
+        gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+        total, g_bias = sigmoid_tiles(x, y, scale, bias, tile, grads=(gx, gy))
+        n = x.shape[0]
+        pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * n  # sum_i l_ii
+        gx.sub_(y)  # d(-sum_i l_ii) / d(scale x_i), raw
+        gy.sub_(x)
+        g_bias -= n
+        g_scale = torch.linalg.vecdot(x, gx).sum(dtype=total.dtype)  # sum_ij G_ij x_i . y_j
+        ctx.save_for_backward(gx, gy, scale, g_scale, g_bias)
+        ctx.coef, ctx.bias_dtype = coef, bias.dtype
+        return (coef * (total - pos)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        gx, gy, scale, g_scale, g_bias = ctx.saved_tensors
+        alpha = g * ctx.coef
+        feat = (alpha * scale).to(gx.dtype)
+        return (
+            gx * feat,
+            gy * feat,
+            (alpha * g_scale).to(scale.dtype),
+            (alpha * g_bias).to(ctx.bias_dtype),
+            None,
+            None,
+        )
 
 
 # ------------------------------------------------------------------------------------------- CLIP tiles

@@ -1,0 +1,64 @@
+"""Log the ViT pictures of :mod:`clipforge.viz.attention` (patch grid, position-embedding similarity,
+attention per head, attention rollout after Abnar & Zuidema, 2020) to Weights & Biases during training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from clipforge.viz.attention import figure_to_array, vit_figures
+
+
+def wandb_logger(trainer: pl.Trainer) -> WandbLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+class AttentionMapCallback(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps, log the pictures under ``{key}/<name>``.
+
+    ``image_source``: an image file; ``None`` takes the first image of the current training batch.
+    Does nothing without a :class:`~lightning.pytorch.loggers.WandbLogger`, and only on global rank 0.
+    The model is read from ``pl_module.model`` (the LightningModule's CLIP) or ``pl_module`` itself.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        image_source: str | Path | None = None,
+        layer: int = -1,
+        key: str = "viz",
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.image_source = image_source
+        self.layer = layer
+        self.key = key
+        self._last_step = -1
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # global_step counts optimizer steps: with gradient accumulation several batches share one.
+        if step == self._last_step or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        logger = wandb_logger(trainer)
+        if logger is None:
+            return
+        self._last_step = step
+        image = self.image_source if self.image_source is not None else self._first_image(batch)
+        model = getattr(pl_module, "model", pl_module)
+        for name, fig in vit_figures(model, image, layer=self.layer).items():
+            logger.log_image(key=f"{self.key}/{name}", images=[figure_to_array(fig)], step=step)
+
+    @staticmethod
+    def _first_image(batch: Any) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError("AttentionMapCallback expects batches (images, tokens) with images (B, 3, H, W)")
+        return images[:1].detach()

@@ -1,0 +1,68 @@
+"""``scripts/visualize.py``: write the ViT pictures (patch grid, position-embedding similarity,
+attention per head, attention rollout after Abnar & Zuidema, 2020) for one image and one model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipforge.viz.attention import save_vit_pictures
+
+REPO_CONF = Path(__file__).resolve().parents[3] / "conf"
+
+
+def model_yaml(name: str) -> Path:
+    """``conf/model/<name>.yaml`` (from the working directory, then the repository), or a YAML path."""
+    candidates = [Path(name), Path("conf/model") / f"{name}.yaml", REPO_CONF / "model" / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no model config {name!r} (looked at {[str(p) for p in candidates]})")
+
+
+def build_fresh(name: str, seed: int = 0) -> nn.Module:
+    """A randomly initialised model from a ``conf/model`` YAML."""
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model
+
+    torch.manual_seed(seed)
+    return build_model(OmegaConf.load(model_yaml(name))).eval()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image", required=True, help="image file (any size; resized and centre-cropped)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="clipforge Lightning checkpoint (.ckpt)")
+    source.add_argument("--open-clip", help="open_clip weights file or folder (see clipforge.models.convert)")
+    source.add_argument(
+        "--model", default="tiny", help="fresh model from conf/model/<name>.yaml (default: tiny)"
+    )
+    parser.add_argument(
+        "--open-clip-model", default=None, help="open_clip model name for --open-clip, e.g. ViT-B-32"
+    )
+    parser.add_argument("--out", required=True, help="output folder for the PNGs")
+    parser.add_argument(
+        "--layer", type=int, default=-1, help="block whose per-head attention to draw (default: last)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of a fresh model")
+    args = parser.parse_args(argv)
+
+    if args.checkpoint:
+        from clipforge.checkpoint import load_model
+
+        model, _ = load_model(args.checkpoint)
+    elif args.open_clip:
+        from clipforge.models.convert import load_open_clip_checkpoint
+
+        model = load_open_clip_checkpoint(args.open_clip, args.open_clip_model)
+    else:
+        model = build_fresh(args.model, args.seed)
+    paths = save_vit_pictures(model, args.image, args.out, layer=args.layer)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return paths

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model
+from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def instantiate_logger(cfg: DictConfig | None) -> Any:
 
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+    if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
 
 
@@ -53,7 +54,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    # Logged and stored in every checkpoint: credentials are masked first.
+    config = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
+    # auto: the newest checkpoint under the run dir that loads safely; an explicit path is verified.
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
@@ -66,11 +70,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = ContrastiveModule(model, loss, instantiate(cfg.optimizer), scheduler, config=config)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     logger = instantiate_logger(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()]
+    )
     if logger:
         logger.log_hyperparams(config)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # On SIGTERM/SIGUSR1 a callback saves a checkpoint and exits (SystemExit, status 0): clipforge.fault.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1

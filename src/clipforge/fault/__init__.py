@@ -15,7 +15,7 @@ from clipforge.fault.atomic_io import (
 from clipforge.fault.guards import NonFiniteError, NonFiniteGuard
 from clipforge.fault.inject import FaultInjector
 from clipforge.fault.periodic import PeriodicCheckpoint
-from clipforge.fault.preemption import PreemptionCheckpoint, preempted
+from clipforge.fault.preemption import PreemptionCheckpoint
 from clipforge.fault.resume import AUTO, find_latest_checkpoint, resolve_ckpt_path, verify_checkpoint
 from clipforge.fault.rng import ResumableRng
 from clipforge.fault.secrets import scrub_secrets
@@ -33,7 +33,6 @@ __all__ = [
     "UnsafeCheckpointError",
     "atomic_torch_save",
     "find_latest_checkpoint",
-    "preempted",
     "resolve_ckpt_path",
     "safe_torch_load",
     "scrub_secrets",

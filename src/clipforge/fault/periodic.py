@@ -8,6 +8,7 @@ step counter. ``last.ckpt`` is an atomically replaced symlink to the newest file
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from datetime import timedelta
@@ -18,13 +19,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clipforge.fault.atomic_io import TMP_SUFFIX, fsync_dir
 
+log = logging.getLogger(__name__)
+
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """Save every ``every_n_train_steps`` optimizer steps and/or every ``every_n_minutes`` of training.
 
     Files are ``<dirpath>/<filename>.ckpt`` (``periodic-step0001000.ckpt``); the ``keep_last`` newest are
     kept, plus ``last.ckpt`` -> newest. A save also happens when training ends, so the final state is
-    always on disk.
+    always on disk. Another ``ModelCheckpoint`` with ``save_last`` in the same directory hands ``last.ckpt``
+    over to this one (its ``save_last`` is switched off at setup).
     """
 
     def __init__(
@@ -57,6 +61,21 @@ class PeriodicCheckpoint(ModelCheckpoint):
             # ModelCheckpoint's on_train_batch_end already checks both triggers; only its constructor
             # insists on one. The elapsed-time decision is taken on rank 0 and broadcast.
             self._train_time_interval = timedelta(minutes=every_n_minutes)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not self.save_last:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if (
+                cb is not self
+                and cb.save_last
+                and os.path.realpath(cb.dirpath or "") == os.path.realpath(self.dirpath)
+            ):
+                # Two owners of last.ckpt would make Lightning write "last-v1.ckpt" beside it; this callback
+                # saves more often, so it keeps last.ckpt pointing at the newest state.
+                log.info("%s: last.ckpt in %s is kept by PeriodicCheckpoint", type(cb).__name__, self.dirpath)
+                cb.save_last = False
 
     @property
     def state_key(self) -> str:

@@ -3,8 +3,12 @@
 No paper. Schedulers warn before they kill: Kubernetes and most clouds send SIGTERM, SLURM sends the
 signal named in ``#SBATCH --signal=USR1@120`` (SIGUSR1 here) some time before the hard kill. The handler
 only sets a flag (nothing is safe to do inside a signal handler); the next ``on_train_batch_end``
-saves ``preempt-step<N>.ckpt``, asks SLURM to requeue the job when running under SLURM, and stops the
-trainer. The process exits with status 0. A ``ckpt_path=auto`` restart resumes from that file.
+saves ``preempt-step<N>.ckpt``, asks SLURM to requeue the job when running under SLURM, and leaves
+through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit status 0), as Lightning itself does on
+SIGTERM. Leaving at once, rather than through ``trainer.should_stop``, skips the end-of-training work
+(validation, final checkpoints, evaluation): it would take time the scheduler may not give, and a
+"final" checkpoint written then would mark the epoch as finished, so a resume would skip the rest of
+it. A ``ckpt_path=auto`` restart resumes from the preemption file.
 """
 
 from __future__ import annotations
@@ -91,20 +95,17 @@ class PreemptionCheckpoint(Callback):
     ) -> None:
         # A signal may reach only some ranks; any one of them stops all (collective: every rank calls it).
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            self._checkpoint_and_stop(trainer)
+            self._checkpoint(trainer)
+            raise SIGTERMException()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         # SIGTERM during validation: Lightning stops at the next validation batch, before any train batch end.
-        if (
-            isinstance(exception, SIGTERMException)
-            and self.received is not None
-            and self.preempted_at is None
-        ):
-            self._checkpoint_and_stop(trainer)
+        if isinstance(exception, SIGTERMException) and self.received is not None:
+            self._checkpoint(trainer)
 
-    def _checkpoint_and_stop(self, trainer: L.Trainer) -> None:
+    def _checkpoint(self, trainer: L.Trainer) -> None:
         if self.preempted_at is not None:
             return
         dirpath = self.dirpath
@@ -117,13 +118,7 @@ class PreemptionCheckpoint(Callback):
         trainer.save_checkpoint(path)
         self.preempted_at = path
         sig = self.received.name if self.received is not None else "signal"
-        log.warning("%s received: saved %s at step %d, stopping", sig, path, trainer.global_step)
+        log.warning("%s received: saved %s at step %d, exiting", sig, path, trainer.global_step)
         job_id = slurm_job_id()
         if self.requeue and job_id and trainer.is_global_zero:
             requeue_slurm_job(job_id)
-        trainer.should_stop = True
-
-
-def preempted(trainer: L.Trainer) -> bool:
-    """Whether a :class:`PreemptionCheckpoint` stopped this run (the caller should skip post-fit work)."""
-    return any(isinstance(cb, PreemptionCheckpoint) and cb.preempted_at for cb in trainer.callbacks)

@@ -45,7 +45,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
     """The valid ``*.ckpt`` under ``search_dir`` with the highest step (ties: the most recently written).
 
-    Unreadable or unsafe files are skipped with a warning; a partial write (``*.ckpt.tmp`` left by a
+    Unreadable or unsafe files are skipped with a warning (an error if no file is left); a partial write (``*.ckpt.tmp`` left by a
     kill during a save) is never a candidate, nor is a symlink (its target is scanned in its own right).
     """
     root = Path(search_dir)
@@ -54,6 +54,7 @@ def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
     for tmp in root.rglob(f"*.ckpt{TMP_SUFFIX}"):
         log.info("ignoring %s: a save that was interrupted before its rename", tmp)
     ranked: list[tuple[int, float, Path]] = []
+    rejected: list[str] = []
     for path in sorted(root.rglob("*.ckpt")):
         if path.is_symlink():  # last.ckpt -> a step file that the scan visits itself
             continue
@@ -61,9 +62,17 @@ def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
             meta = verify_checkpoint(path)
         except (OSError, UnsafeCheckpointError, CorruptCheckpointError) as e:
             warnings.warn(f"auto-resume skips {path}: {e}", stacklevel=2)
+            rejected.append(path.name)
             continue
         ranked.append((meta["global_step"], path.stat().st_mtime, path))
     if not ranked:
+        if rejected:
+            # Starting over silently would throw away the run; a person should look at these files.
+            raise CorruptCheckpointError(
+                f"ckpt_path=auto: none of the {len(rejected)} checkpoints under {root} can resume training "
+                f"({', '.join(rejected)}; reasons in the warnings above). Pass ckpt_path=<file> to pick one, "
+                "or ckpt_path=null to start from scratch."
+            )
         return None
     step, _, best = max(ranked, key=lambda t: (t[0], t[1]))
     log.info("auto-resume: %s (step %d) is the newest of %d valid checkpoints", best, step, len(ranked))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,98 @@ def test_clipforge_checkpoint_on_synthetic_heldout(tmp_path):
     w = build_zero_shot_classifier(model, Tokenizer(32), ds.classnames, ds.templates)
     ref = evaluate_zero_shot(model, w, torch.utils.data.DataLoader(ds, batch_size=5))
     assert res["confusion"] == ref["confusion"].tolist()
+
+
+def test_retrieval_task_on_synthetic_captions(tmp_path, color_model):
+    cfg = compose_zeroshot(
+        "task=retrieval",
+        "eval.dataset.num_samples=10",
+        f"output_dir={tmp_path}",
+        "num_workers=0",
+        "progress=false",
+    )
+    res = cli.run(cfg)
+    assert res["num_samples"] == 10 and 1 <= res["num_unique_captions"] <= 10
+    assert set(res) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+    assert res["i2t_r10"] >= res["i2t_r5"] >= res["i2t_r1"]
+    assert json.loads((tmp_path / "retrieval.json").read_text())["i2t_r1"] == res["i2t_r1"]
+
+
+def test_linear_probe_task_on_colour_folders(tmp_path, color_model):
+    shades = {
+        "a_red": [(255, 0, 0), (200, 30, 30), (230, 10, 60)],
+        "b_blue": [(0, 0, 255), (30, 30, 200), (20, 60, 220)],
+    }
+    train = make_color_folder(tmp_path / "train", shades)
+    test = make_color_folder(
+        tmp_path / "test", {"a_red": [(180, 40, 40)], "b_blue": [(40, 40, 180), (0, 0, 120)]}
+    )
+    cfg = compose_zeroshot(
+        "task=linear_probe",
+        "eval/dataset=imagefolder",
+        f"eval.dataset.root={test}",
+        f"linear_probe.train_dataset={{root: {train}}}",
+        "linear_probe.C=100",
+        f"output_dir={tmp_path / 'out'}",
+        "num_workers=0",
+        "progress=false",
+    )
+    res = cli.run(cfg)
+    assert res["num_train"] == 6 and res["num_samples"] == 3
+    assert res["top1"] == 1.0 and res["confusion"] == [[1, 0], [0, 2]]
+    assert res["classnames"] == ["a red", "b blue"]
+
+
+def test_linear_probe_needs_a_train_split(tmp_path, color_model):
+    root = make_color_folder(tmp_path / "ds", {"r": [RED], "g": [GREEN]})
+    cfg = compose_zeroshot("task=linear_probe", "eval/dataset=imagefolder", f"eval.dataset.root={root}")
+    with pytest.raises(ValueError, match="needs a train split"):
+        cli.run(cfg)
+
+
+def test_retrieval_on_caption_shards_equals_in_memory_pairs(tmp_path):
+    """task=retrieval over shards written by the data package, against the same pairs held in memory."""
+    from hydra.utils import instantiate
+
+    from clipforge.data.sources import synthetic_records
+    from clipforge.data.tokenizer import Tokenizer
+    from clipforge.data.writer import write_shards
+    from clipforge.eval.datasets import eval_transform, load_image
+    from clipforge.eval.retrieval import evaluate_retrieval
+
+    write_shards(synthetic_records("heldout", 14), tmp_path / "shards", max_count=5, progress=False)
+    urls = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    assert len(urls) == 3
+    torch.manual_seed(0)
+    model = instantiate(compose_zeroshot("model=tiny").model).eval()
+    cfg = compose_zeroshot(
+        "model=tiny",
+        "task=retrieval",
+        "eval/dataset=captions_wds",
+        f"eval.dataset.urls=[{','.join(urls)}]",
+        f"output_dir={tmp_path / 'out'}",
+        "batch_size=4",
+        "num_workers=0",
+        "progress=false",
+    )
+    from unittest import mock
+
+    with mock.patch.object(cli, "load_eval_model", lambda cfg: (model, "tiny")):
+        res = cli.run(cfg)
+    # the reference reads the same (JPEG-encoded) shard members by hand, in one batch
+    tok = Tokenizer(model.text.context_length)
+    images, captions = [], []
+    for url in urls:
+        with tarfile.open(url) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name in sorted(n for n in members if n.endswith(".txt")):
+            stem = name[: -len(".txt")]
+            image = next(
+                members[f"{stem}.{ext}"] for ext in ("jpg", "png", "webp") if f"{stem}.{ext}" in members
+            )
+            images.append(eval_transform(32)(load_image(image)))
+            captions.append(members[name].decode())
+    ref = evaluate_retrieval(model, [(torch.stack(images), tok(captions))])
+    assert res["num_samples"] == 14
+    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "num_unique_captions"):
+        assert res[k] == pytest.approx(ref[k]), k

@@ -1,5 +1,6 @@
 """``clipforge-zeroshot``: zero-shot classification as in CLIP (Radford et al., 2021) of a labelled image
-set (image folder, labelled WebDataset shards or the synthetic held-out split) or of single images.
+set (image folder, labelled WebDataset shards or the synthetic held-out split) or of single images;
+with ``task=retrieval`` image-text recall@K, with ``task=linear_probe`` CLIP's logistic-regression probe.
 
 ``main`` is the Hydra wrapper over conf/zeroshot.yaml; :func:`run_zeroshot` is the plain function it
 calls (and tests call). Under ``torchrun`` every rank evaluates its part and rank 0 writes the results.
@@ -26,7 +27,9 @@ from torch.utils.data import DataLoader
 
 from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
 from clipforge.eval.distributed import dist_info, shard_dataloader
+from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import Template, load_classnames, load_templates
+from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.runtime import resolve_device
 from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot, predict
 
@@ -77,13 +80,23 @@ def model_image_size(model: nn.Module) -> int:
     return int(size)
 
 
-def _build_dataset(cfg: DictConfig, transform: Any, classnames: list[str] | None) -> Any:
-    factory = instantiate(cfg.eval.dataset)
+def _build_dataset(node: DictConfig, **available: Any) -> Any:
+    """Instantiate a dataset node (a ``_partial_`` factory), passing those of ``available`` it accepts."""
+    factory = instantiate(node)
     params = inspect.signature(factory.func if hasattr(factory, "func") else factory).parameters
-    kwargs: dict[str, Any] = {"transform": transform}
-    if "classnames" in params and classnames is not None:
-        kwargs["classnames"] = classnames
-    return factory(**kwargs)
+    return factory(**{k: v for k, v in available.items() if k in params and v is not None})
+
+
+def _loader(dataset: Any, cfg: DictConfig, device: torch.device, collate: Any = collate_skipping) -> Any:
+    if getattr(dataset, "yields_batches", False):  # already batched (caption shards)
+        return DataLoader(dataset, batch_size=None, num_workers=cfg.get("num_workers", 0))
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.get("num_workers", 0),
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def resolve_task(cfg: DictConfig, dataset: Any) -> tuple[list[str], list[Template]]:
@@ -112,26 +125,38 @@ def _init_distributed() -> None:
         dist.init_process_group(backend)
 
 
-def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
+def _setup(cfg: DictConfig) -> tuple[nn.Module, str, torch.device, int, Any]:
+    """``(model on its device, label, device, input size, tokenizer)``, joining torchrun's group if any."""
     _init_distributed()
-    rank, _ = dist_info()
     model, model_label = load_eval_model(cfg)
     device = resolve_device(cfg.get("device", "auto"), model)
     if device.type == "cuda" and device.index is None and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
-    model = model.to(device).eval()
-    transform = eval_transform(cfg.get("image_size") or model_image_size(model))
+    from clipforge.data.tokenizer import Tokenizer
 
+    image_size = int(cfg.get("image_size") or model_image_size(model))
+    return model.to(device).eval(), model_label, device, image_size, Tokenizer(model.text.context_length)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Dispatch on ``cfg.task``: ``zeroshot`` (default), ``retrieval`` or ``linear_probe``."""
+    task = cfg.get("task", "zeroshot")
+    runners = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe}
+    if task not in runners:
+        raise ValueError(f"task must be one of {list(runners)}, got {task!r}")
+    return runners[task](cfg)
+
+
+def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
+    model, model_label, device, image_size, tokenizer = _setup(cfg)
+    rank, _ = dist_info()
+    transform = eval_transform(image_size)
     names_given = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
     dataset = None
     if not cfg.get("image") or names_given is None:
-        dataset = _build_dataset(cfg, transform, names_given)
+        dataset = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names_given)
     classnames, templates = resolve_task(cfg, dataset)
-
-    from clipforge.data.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(context_length=model.text.context_length)
     classifier = build_zero_shot_classifier(
         model,
         tokenizer,
@@ -146,17 +171,10 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("image"):
         return _predict_images(cfg, model, classifier, classnames, transform, device)
 
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.get("num_workers", 0),
-        collate_fn=collate_skipping,
-        pin_memory=device.type == "cuda",
-    )
     res = evaluate_zero_shot(
         model,
         classifier,
-        shard_dataloader(loader),
+        shard_dataloader(_loader(dataset, cfg, device)),
         device=device,
         progress=cfg.get("progress", False),
         top_k=sorted({1, 5, int(cfg.get("top_k", 5))}),
@@ -169,6 +187,111 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
         _write_outputs(cfg, results, res)
         print(format_summary(results), flush=True)
     return results
+
+
+def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
+    """Image<->text recall@K over held-out pairs (synthetic captions or ``eval/dataset=captions_wds``)."""
+    model, model_label, device, image_size, tokenizer = _setup(cfg)
+    rc = cfg.get("retrieval") or {}
+    dataset = _build_dataset(
+        cfg.eval.dataset,
+        transform=eval_transform(image_size),
+        tokenizer=tokenizer,
+        target="caption",
+        image_size=image_size,
+        context_length=tokenizer.context_length,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.get("num_workers", 0),
+    )
+    if getattr(dataset, "target", None) not in ("caption", "text"):
+        raise ValueError(
+            "task=retrieval needs image-text pairs: the synthetic set or eval/dataset=captions_wds"
+        )
+    res = evaluate_retrieval(
+        model,
+        shard_dataloader(_loader(dataset, cfg, device, collate=None)),
+        device=device,
+        progress=cfg.get("progress", False),
+        ks=list(rc.get("ks", (1, 5, 10))),
+        dedupe_captions=rc.get("dedupe_captions", True),
+        precision=cfg.get("precision", "auto"),
+        max_samples=rc.get("max_samples"),
+    )
+    results = {**res, "model": model_label, "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True)}
+    if dist_info()[0] == 0:
+        _write_json(cfg, results, "retrieval.json")
+        recalls = "  ".join(f"{k} {100 * v:.2f}%" for k, v in res.items() if "_r" in k)
+        print(f"retrieval: {model_label}\n  {res['num_samples']} pairs  {recalls}", flush=True)
+    return results
+
+
+def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
+    """CLIP's logistic-regression probe: fit on the train split's frozen features, score the test split.
+
+    The test split is ``eval.dataset``; the train split is the same node with the keys of
+    ``linear_probe.train_dataset`` replaced (e.g. ``{root: /data/train}``), by default the synthetic
+    generator's train split.
+    """
+    model, model_label, device, image_size, _ = _setup(cfg)
+    pc = cfg.get("linear_probe") or {}
+    transform = eval_transform(image_size)
+    names = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
+    test_set = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names)
+    train_node = _train_split_node(cfg.eval.dataset, pc.get("train_dataset"))
+    train_set = _build_dataset(train_node, transform=transform, classnames=names)
+    classnames = names or list(getattr(test_set, "classnames", None) or [])
+    res = linear_probe(
+        model,
+        shard_dataloader(_loader(train_set, cfg, device)),
+        shard_dataloader(_loader(test_set, cfg, device)),
+        num_classes=len(classnames) or None,
+        C=pc.get("C"),
+        device=device,
+        normalize=pc.get("normalize", True),
+        max_iter=pc.get("max_iter", 1000),
+        progress=cfg.get("progress", False),
+        precision=cfg.get("precision", "auto"),
+    )
+    results = {k: _nan_to_none(v) for k, v in res.items() if k.startswith("top")}
+    results |= {
+        "mean_per_class_accuracy": _nan_to_none(res["mean_per_class_accuracy"]),
+        "num_samples": res["num_samples"],
+        "num_train": res["num_train"],
+        "num_skipped": res["num_skipped"],
+        "C": res["C"],
+        "c_sweep": {str(k): v for k, v in res["c_sweep"].items()},
+        "model": model_label,
+        "per_class_accuracy": [_nan_to_none(a) for a in res["per_class_accuracy"]],
+        "classnames": classnames,
+        "confusion": res["confusion"].tolist(),
+    }
+    if dist_info()[0] == 0:
+        _write_json(cfg, results, "linear_probe.json")
+        print(
+            f"linear probe: {model_label}\n  train {res['num_train']}, test {res['num_samples']} images, "
+            f"C={res['C']:.3g}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%",
+            flush=True,
+        )
+    return results
+
+
+def _train_split_node(test_node: DictConfig, overrides: Any) -> DictConfig:
+    if overrides is None:
+        if not str(test_node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
+            raise ValueError(
+                "task=linear_probe needs a train split: set linear_probe.train_dataset={root: ...}"
+            )
+        overrides = {"split": "train"}
+    node = OmegaConf.merge(test_node, overrides)
+    assert isinstance(node, DictConfig)
+    return node
+
+
+def _write_json(cfg: DictConfig, results: dict[str, Any], name: str) -> None:
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(results, indent=2))
+    results["results_file"] = str(out_dir / name)
 
 
 def _predict_images(
@@ -225,10 +348,8 @@ def _results_dict(
 
 
 def _write_outputs(cfg: DictConfig, results: dict[str, Any], res: dict[str, Any]) -> None:
+    _write_json(cfg, results, "results.json")
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    results["results_file"] = str(out_dir / "results.json")
     if cfg.get("save_confusion", True):
         from clipforge.eval.plots import confusion_matrix_figure, save_figure
 
@@ -257,7 +378,7 @@ def format_summary(results: dict[str, Any], worst: int = 5) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="zeroshot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_zeroshot(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -236,3 +236,35 @@ class SyntheticHeldoutDataset(Dataset):
         if self.target == "caption":
             return image, self.tokenizer([s.caption])[0]  # type: ignore[misc]
         return image, int(s.meta["label"])
+
+
+def caption_shards(
+    urls: str | list[str],
+    image_size: int,
+    context_length: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    manifest: str | None = None,
+) -> IterableDataset:
+    """Held-out image-text WebDataset shards as ``(images, tokens)`` *batches*, read in order by the
+    data module's own reader (``clipforge.data.dataset.ShardDataset``, eval mode); every rank reads
+    all of it, and :func:`clipforge.eval.distributed.shard_dataloader` strides the batches by rank."""
+    from clipforge.data.dataset import ShardDataset
+    from clipforge.data.manifest import find_manifest
+    from clipforge.data.shards import expand_urls
+
+    sources = expand_urls(urls)
+    counts = find_manifest([u for s in sources for u in s], manifest)
+    ds = ShardDataset(
+        sources,
+        batch_size=batch_size,
+        image_size=image_size,
+        context_length=context_length,
+        counts=counts,
+        mode="eval",
+        num_workers=num_workers,
+        train_transform=False,
+        target="text",
+    )
+    ds.yields_batches = True  # type: ignore[attr-defined]
+    return ds

@@ -1,0 +1,85 @@
+"""Move weights between clipforge and open_clip (converters: clipforge.models.convert).
+
+Export a clipforge checkpoint (or a fresh conf/model config) to a folder open_clip loads:
+
+    python scripts/convert.py export --checkpoint run.ckpt --out exported/ [--name my-clip]
+    >>> open_clip.create_model("local-dir:exported/")
+
+Import an open_clip checkpoint you have on disk, to fine-tune or zero-shot it with clipforge:
+
+    python scripts/convert.py import --open-clip open_clip_pytorch_model.bin --model-name ViT-B-32 --out imported/
+
+writes ``imported/model.yaml`` (a conf/model node) and ``imported/model.ckpt``, which
+``clipforge.checkpoint.load_model`` (zero-shot, visualize --checkpoint) reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
+
+
+def export(args: argparse.Namespace) -> dict[str, Path]:
+    if args.checkpoint:
+        from clipforge.checkpoint import load_model
+
+        model, _ = load_model(args.checkpoint)
+    else:
+        from clipforge.viz.cli import build_fresh
+
+        model = build_fresh(args.model, args.seed)
+    return export_open_clip(model, args.out, name=args.name)
+
+
+def import_(args: argparse.Namespace) -> dict[str, Path]:
+    model = load_open_clip_checkpoint(args.open_clip, args.model_name, img_size=args.img_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(model)
+    paths = {"config": out / "model.yaml", "checkpoint": out / "model.ckpt"}
+    OmegaConf.save(OmegaConf.create(cfg), paths["config"])
+    # The layout of a clipforge Lightning checkpoint that clipforge.checkpoint.load_model reads.
+    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    torch.save({"clipforge_config": {"model": cfg}, "state_dict": state}, paths["checkpoint"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="clipforge -> open_clip folder")
+    source = ex.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="clipforge Lightning checkpoint (.ckpt)")
+    source.add_argument("--model", help="fresh model from conf/model/<name>.yaml")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--name", default="clipforge", help="open_clip model name of the exported config")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(run=export)
+    im = sub.add_parser("import", help="open_clip checkpoint -> clipforge config + checkpoint")
+    im.add_argument(
+        "--open-clip", required=True, help="open_clip weights file, or folder with open_clip_config.json"
+    )
+    im.add_argument(
+        "--model-name", default=None, help="open_clip architecture, e.g. ViT-B-32 (else inferred)"
+    )
+    im.add_argument(
+        "--img-size", type=int, default=None, help="rebuild at this image size (position grid resampled)"
+    )
+    im.add_argument("--out", required=True)
+    im.set_defaults(run=import_)
+    args = parser.parse_args(argv)
+    paths = args.run(args)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

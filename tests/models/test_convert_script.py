@@ -1,0 +1,44 @@
+"""scripts/convert.py: export to open_clip and import back, through clipforge's checkpoint loader."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import open_clip
+import torch
+from hydra.utils import instantiate
+from modelhelpers import tokens
+from omegaconf import OmegaConf
+
+from clipforge.checkpoint import load_model
+from clipforge.models.convert import check_parity, model_config
+from clipforge.viz.cli import build_fresh
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert.py"
+
+
+def test_export_then_import_round_trip(tmp_path: Path) -> None:
+    main = runpy.run_path(str(SCRIPT))["main"]
+    exported = main(["export", "--model", "tiny", "--seed", "3", "--out", str(tmp_path / "oc")])
+    original = build_fresh("tiny", seed=3)
+    reference = open_clip.create_model(f"local-dir:{exported['config'].parent}").eval()
+    images, text = torch.randn(2, 3, 32, 32), tokens(2, 32, vocab=49408)
+    with torch.no_grad():
+        check_parity(original.encode_image(images), reference.encode_image(images))
+        check_parity(original.encode_text(text), reference.encode_text(text))
+
+    imported = main(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "cf")])
+    model, cfg = load_model(imported["checkpoint"])
+    assert OmegaConf.to_container(OmegaConf.load(imported["config"])) == cfg["model"] == model_config(model)
+    assert type(instantiate(OmegaConf.load(imported["config"]))).__name__ == "CLIP"
+    with torch.no_grad():
+        check_parity(model.encode_image(images), reference.encode_image(images))
+        check_parity(model.encode_text(text), reference.encode_text(text))
+
+    # Exporting the imported checkpoint again gives the same open_clip weights.
+    again = main(["export", "--checkpoint", str(imported["checkpoint"]), "--out", str(tmp_path / "oc2")])
+    from safetensors.torch import load_file
+
+    first, second = load_file(exported["weights"]), load_file(again["weights"])
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -80,7 +80,14 @@ def test_auto_resume_picks_the_highest_step_and_skips_corrupt_files(tmp_path: Pa
 
 def test_auto_resume_on_an_empty_dir_starts_fresh(tmp_path: Path) -> None:
     assert resolve_ckpt_path("auto", tmp_path / "missing") is None
+    assert resolve_ckpt_path("auto", tmp_path) is None
     assert resolve_ckpt_path(None, tmp_path) is None
+
+
+def test_auto_resume_refuses_to_start_over_when_every_checkpoint_is_bad(tmp_path: Path) -> None:
+    _write(tmp_path / "last.ckpt", b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError, match="none of the 1 checkpoints"):
+        resolve_ckpt_path("auto", tmp_path)
 
 
 def test_explicit_path_must_exist_and_be_resumable(tmp_path: Path) -> None:

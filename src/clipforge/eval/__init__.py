@@ -6,7 +6,13 @@ the ``clipforge-zeroshot`` command (``clipforge.eval.cli``)."""
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import load_classnames, load_templates
 from clipforge.eval.retrieval import evaluate_retrieval
-from clipforge.eval.zeroshot import IGNORE_LABEL, build_zero_shot_classifier, evaluate_zero_shot, predict
+from clipforge.eval.zeroshot import (
+    IGNORE_LABEL,
+    build_zero_shot_classifier,
+    evaluate_zero_shot,
+    predict,
+    zero_shot_eval,
+)
 
 __all__ = [
     "IGNORE_LABEL",
@@ -17,4 +23,5 @@ __all__ = [
     "load_classnames",
     "load_templates",
     "predict",
+    "zero_shot_eval",
 ]

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
-from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
+from clipforge.eval.zeroshot import zero_shot_eval
 
 log = logging.getLogger(__name__)
 
@@ -109,29 +109,19 @@ class ZeroShotCallback(_PeriodicEval):
         if dm is None or not hasattr(dm, "zeroshot_dataloader") or not classnames:
             self._skip("the datamodule has no zero-shot set (zeroshot_dataloader / zeroshot_classnames)")
             return None
-        from clipforge.data.tokenizer import Tokenizer
-
-        model = pl_module.model
-        tokenizer = Tokenizer(context_length=model.text.context_length)
-        device = pl_module.device
+        loader = dm.zeroshot_dataloader()
+        if loader is None:
+            self._skip("the datamodule's zeroshot_dataloader() returned None")
+            return None
         templates = getattr(dm, "zeroshot_templates", None) or ["a photo of a {}."]
-        classifier = build_zero_shot_classifier(
-            model,
-            tokenizer,
+        res = zero_shot_eval(
+            pl_module.model,
             list(classnames),
             list(templates),
-            device=device,
-            batch_size=self.prompt_batch_size,
-            precision=self.precision,
-            distributed=True,
-        )
-        loader = shard_dataloader(dm.zeroshot_dataloader())
-        res = evaluate_zero_shot(
-            model,
-            classifier,
             loader,
-            device=device,
+            device=pl_module.device,
             top_k=self.top_k,
+            prompt_batch_size=self.prompt_batch_size,
             precision=self.precision,
             progress=self.progress,
         )

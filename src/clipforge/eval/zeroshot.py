@@ -209,3 +209,51 @@ def predict(
     probs = torch.sigmoid(scale * logits + bias) if bias is not None else (scale * logits).softmax(dim=-1)
     p, idx = probs.topk(min(k, len(classnames)), dim=-1)
     return [[(classnames[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
+
+
+def zero_shot_eval(
+    model: nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    top_k: Sequence[int] = (1, 5),
+    prompt_batch_size: int = 256,
+    precision: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Classifier and evaluation in one call, on every rank when distributed (all must call).
+
+    ``dataloader`` is the *whole* held-out set: it is split over ranks here
+    (:func:`~clipforge.eval.distributed.shard_dataloader`), as are the class prompts; the result holds
+    the totals on every rank. The tokenizer defaults to one of ``model.text.context_length``.
+    """
+    from clipforge.eval.distributed import shard_dataloader
+
+    if tokenizer is None:
+        from clipforge.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(context_length=model.text.context_length)
+    classifier = build_zero_shot_classifier(
+        model,
+        tokenizer,
+        list(classnames),
+        list(templates),
+        device=device,
+        batch_size=prompt_batch_size,
+        progress=progress,
+        precision=precision,
+        distributed=True,
+    )
+    return evaluate_zero_shot(
+        model,
+        classifier,
+        shard_dataloader(dataloader),
+        device=device,
+        progress=progress,
+        distributed=True,
+        top_k=top_k,
+        precision=precision,
+    )

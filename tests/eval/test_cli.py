@@ -248,3 +248,39 @@ def test_retrieval_on_caption_shards_equals_in_memory_pairs(tmp_path):
     assert res["num_samples"] == 14
     for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "num_unique_captions"):
         assert res[k] == pytest.approx(ref[k]), k
+
+
+def test_open_clip_checkpoint_route_matches_the_source_model(tmp_path):
+    """Export a tiny model to an open_clip folder, evaluate it through open_clip_checkpoint=."""
+    from hydra.utils import instantiate
+
+    from clipforge.models.convert import export_open_clip
+
+    torch.manual_seed(0)
+    model = instantiate(compose_zeroshot("model=tiny").model).eval()
+    export_open_clip(model, tmp_path / "oc")
+    common = ["eval.dataset.num_samples=12", "num_workers=0", "progress=false", "save_confusion=false"]
+    via_oc = run_zeroshot(
+        compose_zeroshot(f"open_clip_checkpoint={tmp_path / 'oc'}", f"output_dir={tmp_path / 'a'}", *common)
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "load_eval_model", lambda cfg: (model, "in memory"))
+        direct = run_zeroshot(compose_zeroshot(f"output_dir={tmp_path / 'b'}", *common))
+    assert via_oc["model"].startswith("open_clip")
+    assert via_oc["confusion"] == direct["confusion"] and via_oc["top5"] == direct["top5"]
+    # a random model predicts nearly one class, so also compare what the route loaded, numerically
+    loaded, _ = cli.load_eval_model(compose_zeroshot(f"open_clip_checkpoint={tmp_path / 'oc'}"))
+    images, tokens = torch.randn(2, 3, 32, 32), cli_tokenizer(model)(["a red circle.", "a ring"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_image(images), model.encode_image(images), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            loaded.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-5
+        )
+
+
+def cli_tokenizer(model):
+    from clipforge.data.tokenizer import Tokenizer
+
+    return Tokenizer(model.text.context_length)

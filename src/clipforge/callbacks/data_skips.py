@@ -1,0 +1,42 @@
+"""Counters of samples the data pipeline dropped (corrupt images, missing captions ...), summed over ranks.
+
+No paper. A large web-scale run silently loses data to decoding errors; logging the counters as
+``data/skipped_<cause>`` next to the loss makes a broken shard or transform visible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from clipforge.callbacks.schedule import logging_step
+
+
+def total_skip_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Sum this rank's ``{cause: count}`` over all ranks (a collective when distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for rank_counts in gathered:
+        for cause, n in rank_counts.items():
+            total[cause] = total.get(cause, 0) + int(n)
+    return total
+
+
+class DataSkipMonitor(Callback):
+    """At each logging step, logs ``data/skipped_<cause>`` from ``trainer.datamodule.skip_counts()`` when
+    the data module has that method (cumulative counts, summed over ranks)."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        skip_counts = getattr(trainer.datamodule, "skip_counts", None)
+        if skip_counts is None or not logging_step(trainer):
+            return
+        for cause, n in sorted(total_skip_counts(skip_counts()).items()):
+            pl_module.log(f"data/skipped_{cause}", float(n))

@@ -1,0 +1,98 @@
+"""Throughput, model FLOPs utilisation and peak memory of a training run.
+
+MFU as defined in PaLM (Chowdhery et al., 2022, appendix B): model FLOPs per sample (forward and
+backward, counted once by ``torch.utils.flop_counter`` rather than by a formula) times samples per second
+per device, over the device's peak. Recomputation (activation checkpointing, feature-cache accumulation's
+extra forward) is not counted: it is work the hardware does, not progress of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipforge.callbacks.schedule import logging_step
+from clipforge.checkpoint import build_model
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak of an H100 SXM; set ``peak_flops`` for other devices (A100: 312e12).
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+def model_flops_per_sample(model_cfg: Any, loss_cfg: Any | None = None, train: bool = True) -> int:
+    """FLOPs of one forward and backward pass of both towers for one image-text pair.
+
+    The model is rebuilt from its config on the meta device, so counting allocates nothing and leaves the
+    real model, its gradients and any parallel wrapper alone. In train mode patch dropout shortens the
+    image sequence exactly as it does in training. The loss (``O(B d)`` per sample) is left out.
+    """
+    with torch.device("meta"):
+        model = build_model(model_cfg, loss_cfg)
+    model.train(train)
+    size = model.visual.img_size
+    images = torch.zeros(1, 3, size, size, device="meta")
+    tokens = torch.zeros(1, model.text.context_length, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = model(images, tokens)
+        (out["image_features"].sum() + out["text_features"].sum()).backward()
+    return counter.get_total_flops()
+
+
+class ThroughputMonitor(Callback):
+    """Logs ``train/samples_per_s`` (all ranks together, on the progress bar), and on CUDA ``train/mfu``
+    and ``train/peak_mem_gib`` (this rank's peak allocated memory).
+
+    Rates are averaged over the steps between two logging steps and timed on the host, so nothing here
+    synchronises with the device: over a window the host cannot run ahead of the device for long. The first
+    step (warm-up, compilation) is excluded. ``peak_flops`` is per device; ``None`` means the H100 value on
+    CUDA and no MFU elsewhere. Set it on CPU to log MFU there too.
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
+        self.flops_per_sample: int | None = None
+        self._t0: float | None = None
+        self._samples = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._samples = None, 0
+        self._cuda = trainer.strategy.root_device.type == "cuda"
+        self._peak = (
+            self.peak_flops if self.peak_flops is not None else (H100_BF16_PEAK_FLOPS if self._cuda else None)
+        )
+        config = getattr(pl_module, "config", None) or {}
+        if self._peak and self.flops_per_sample is None:
+            if "model" in config:
+                self.flops_per_sample = model_flops_per_sample(config["model"], config.get("loss"))
+                log.info("model FLOPs per sample (forward + backward): %.3g", self.flops_per_sample)
+            else:
+                log.warning("no model config on the module: MFU is not logged")
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._t0 is None:  # the window starts after the first step
+            self._t0, self._samples = now, 0
+            return
+        self._samples += len(batch[0]) * trainer.world_size
+        if not logging_step(trainer) or now <= self._t0:
+            return
+        samples_per_s = self._samples / (now - self._t0)
+        self._t0, self._samples = now, 0
+        pl_module.log("train/samples_per_s", samples_per_s, prog_bar=True)
+        if self._peak and self.flops_per_sample:
+            mfu = self.flops_per_sample * samples_per_s / (self._peak * trainer.world_size)
+            pl_module.log("train/mfu", mfu)
+        if self._cuda:
+            peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+            pl_module.log("train/peak_mem_gib", peak)

@@ -102,3 +102,17 @@ def test_predict_sigmoid_for_siglip(handset_model, tokenizer):
     top = predict(handset_model, w, images_from_features([[1.0, 0.0, 0.0, 0.0]]), CLASSNAMES, k=3)[0]
     assert top[0] == ("cat", pytest.approx(1 / (1 + math.exp(-(10 - 5)))))
     assert top[1][1] == pytest.approx(1 / (1 + math.exp(5)))
+
+
+def test_bf16_autocast_path_gives_the_same_answers(handset_model, tokenizer):
+    # CPU autocast exercises the reduced-precision code path that GPUs take with precision=auto
+    w32 = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}", "a photo of a {}."])
+    w16 = build_zero_shot_classifier(
+        handset_model, tokenizer, CLASSNAMES, ["{}", "a photo of a {}."], precision="bf16"
+    )
+    assert w16.dtype == torch.float32
+    torch.testing.assert_close(w16, w32, atol=1e-2, rtol=0)
+    res = evaluate_zero_shot(handset_model, w16, _loader(), precision="bf16")
+    assert res["confusion"].tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    with pytest.raises(ValueError, match="precision"):
+        evaluate_zero_shot(handset_model, w16, _loader(), precision="fp8")

@@ -167,3 +167,20 @@ def test_sources_separated_by_double_colon(tmp_path):
     assert [len(s) for s in sources] == [1, 2]
     counter = collections.Counter(u.split("/")[-2] for s in sources for u in s)
     assert counter == {"a": 1, "b": 2}
+
+
+def test_persistent_workers_follow_the_epoch(shards):
+    dm = WebDataModule(
+        shards,
+        batch_size=8,
+        num_workers=2,
+        image_size=16,
+        context_length=8,
+        return_keys=True,
+        persistent_workers=True,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epochs = [[i for b in loader for i in sample_ids(b[2])] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(sum(SIZES)))
+    assert epochs[0] != epochs[1] and loader.epoch == 1

@@ -305,6 +305,8 @@ class SyntheticShardsDataModule(WebDataModule):
 
     Validation pairs and zero-shot images both come from the held-out split, whose (shape, colour)
     pairs never occur in training; ``zeroshot_classnames``/``zeroshot_templates`` classify the shape.
+    ``data_seed`` fixes the generated images (the same data set for every training ``seed``); ``seed``
+    drives shuffling and augmentation.
     """
 
     def __init__(
@@ -318,6 +320,7 @@ class SyntheticShardsDataModule(WebDataModule):
         num_workers: int = 1,
         context_length: int = 32,
         seed: int = 0,
+        data_seed: int = 0,
         resampled: bool = False,
         epoch_samples: int | None = None,
         shuffle_buffer: int = 1000,
@@ -328,7 +331,8 @@ class SyntheticShardsDataModule(WebDataModule):
         pin_memory: bool | None = None,
         return_keys: bool = False,
     ) -> None:
-        self.root = Path(root) / f"synthetic-{image_size}px-seed{seed}"
+        self.root = Path(root) / f"synthetic-{image_size}px-seed{data_seed}"
+        self.data_seed = data_seed
         self.num_train, self.num_heldout, self.samples_per_shard = num_train, num_heldout, samples_per_shard
         classnames, templates = synthetic.zeroshot_task()
         super().__init__(
@@ -364,7 +368,7 @@ class SyntheticShardsDataModule(WebDataModule):
             "split": split,
             "num_samples": n,
             "image_size": self.image_size,
-            "seed": self.seed,
+            "seed": self.data_seed,
             "samples_per_shard": self.samples_per_shard,
         }
 
@@ -380,7 +384,7 @@ class SyntheticShardsDataModule(WebDataModule):
             if out.exists():
                 shutil.rmtree(out)
             write_shards(
-                synthetic_records(split, n, self.image_size, self.seed),
+                synthetic_records(split, n, self.image_size, self.data_seed),
                 out,
                 max_count=self.samples_per_shard,
                 params=params,

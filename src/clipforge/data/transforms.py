@@ -66,11 +66,16 @@ def random_resized_crop_box(
     return (left, top, left + w, top + h)
 
 
-def center_crop_box(width: int, height: int) -> Box:
-    """The largest centred square: resize-shorter-side-then-centre-crop in one box."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
+def center_crop_box(width: int, height: int, size: int) -> Box:
+    """Source box of torchvision's ``Resize(size)`` (shorter side) + ``CenterCrop(size)``, rounding
+    included, so one resampling of this box gives open_clip's eval crop."""
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
 class ImageTransform:
@@ -103,14 +108,15 @@ class ImageTransform:
             return random_resized_crop_box(
                 width, height, rng or np.random.default_rng(), self.scale, self.ratio
             )
-        return center_crop_box(width, height)
+        return center_crop_box(width, height, self.image_size)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
         width, height = img.size
         left, top, right, bottom = self.box(width, height, rng)
         if self.draft and img.format == "JPEG":
-            # Largest DCT reduction that keeps the crop at least as large as the output on both sides.
-            reduce = min((right - left) / self.image_size, (bottom - top) / self.image_size)
+            # DCT-domain reduction (1/2, 1/4, 1/8) that keeps the crop at least twice the output size, so
+            # a proper resampling filter still does the last step (PIL's reducing_gap=2 rule).
+            reduce = min((right - left) / self.image_size, (bottom - top) / self.image_size) / 2.0
             if reduce >= 2:
                 img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
                 sx, sy = img.size[0] / width, img.size[1] / height

@@ -1,0 +1,69 @@
+"""SyntheticShardsDataModule: writes shards once, then behaves like the WebDataset module on them."""
+
+import torch
+
+from clipforge.data import synthetic
+from clipforge.data.datamodule import SyntheticShardsDataModule
+from clipforge.data.manifest import read_manifest
+from clipforge.data.tokenizer import Tokenizer
+
+
+def make(root, **kw):
+    args = {
+        "num_train": 60,
+        "num_heldout": 20,
+        "image_size": 16,
+        "samples_per_shard": 25,
+        "batch_size": 16,
+        "num_workers": 0,
+        "context_length": 24,
+        "seed": 0,
+    } | kw
+    return SyntheticShardsDataModule(str(root), **args)
+
+
+def test_prepare_data_writes_once_and_rewrites_when_parameters_change(tmp_path):
+    dm = make(tmp_path)
+    dm.prepare_data()
+    train = dm.root / "train"
+    assert read_manifest(train / "manifest.json")["shards"] == {
+        "00000.tar": 25,
+        "00001.tar": 25,
+        "00002.tar": 10,
+    }
+    stamp = (train / "00000.tar").stat().st_mtime_ns
+    make(tmp_path).prepare_data()
+    assert (train / "00000.tar").stat().st_mtime_ns == stamp  # reused
+    make(tmp_path, num_train=30).prepare_data()
+    assert read_manifest(train / "manifest.json")["shards"] == {"00000.tar": 25, "00001.tar": 5}
+    assert not (train / "00002.tar").exists()
+
+
+def test_loaders_shapes_labels_and_heldout_split(tmp_path):
+    dm = make(tmp_path, return_keys=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.steps_per_epoch == 4
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4 and sum(len(b[2]) for b in batches) == 60
+    images, tokens, _ = batches[0]
+    assert images.shape == (16, 3, 16, 16) and tokens.shape == (16, 24)
+    val = list(dm.val_dataloader())
+    assert sum(len(b[2]) for b in val) == 20
+    tok = Tokenizer(24)
+    held = synthetic.heldout_pairs()
+    for text in (tok.decode(t) for b in val for t in b[1]):
+        shape = next(s for s in synthetic.SHAPES if s in text)
+        color = next((c for c in synthetic.COLORS if c in text), None)
+        assert color is None or (shape, color) in held
+    zs = list(dm.zeroshot_dataloader())
+    labels = torch.cat([b[1] for b in zs])
+    expected = [synthetic.make_sample(i, "heldout", 16).meta["label"] for i in range(20)]
+    assert labels.tolist() == expected  # eval order is shard order
+    assert dm.zeroshot_classnames == list(synthetic.SHAPES) and dm.zeroshot_templates
+
+
+def test_same_data_for_any_training_seed(tmp_path):
+    a, b = make(tmp_path, seed=0), make(tmp_path, seed=5)
+    assert a.root == b.root
+    assert make(tmp_path, data_seed=1).root != a.root

@@ -110,24 +110,28 @@ class Ring:
         from_right = to_left.new_empty((rows_from_right, *to_left.shape[1:]))
         # Both sides skip empty messages (sizes are known everywhere), and post the right-moving chain
         # first with its own tag, so the two messages still match when left == right (W = 2).
+        to_right, to_left = to_right.contiguous(), to_left.contiguous()
         ops = []
         if to_right.shape[0]:
-            ops.append(dist.P2POp(dist.isend, to_right.contiguous(), self._right, self.group, tag=0))
+            ops.append(dist.P2POp(dist.isend, to_right, self._right, self.group, tag=0))
         if to_left.shape[0]:
-            ops.append(dist.P2POp(dist.isend, to_left.contiguous(), self._left, self.group, tag=1))
+            ops.append(dist.P2POp(dist.isend, to_left, self._left, self.group, tag=1))
         if rows_from_left:
             ops.append(dist.P2POp(dist.irecv, from_left, self._left, self.group, tag=0))
         if rows_from_right:
             ops.append(dist.P2POp(dist.irecv, from_right, self._right, self.group, tag=1))
         reqs = dist.batch_isend_irecv(ops) if ops else []
-        return _Pending(reqs, (from_left, from_right))
+        return _Pending(reqs, (from_left, from_right), keep_alive=(to_right, to_left))
 
 
 class _Pending:
-    def __init__(self, reqs: list, result: tuple[Tensor, Tensor]) -> None:
-        self._reqs, self._result = reqs, result
+    """Handle of an exchange in flight; holds the send buffers until it completes."""
+
+    def __init__(self, reqs: list, result: tuple[Tensor, Tensor], keep_alive: tuple[Tensor, ...]) -> None:
+        self._reqs, self._result, self._keep_alive = reqs, result, keep_alive
 
     def wait(self) -> tuple[Tensor, Tensor]:
         for req in self._reqs:
             req.wait()
+        self._keep_alive = ()
         return self._result

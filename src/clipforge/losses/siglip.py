@@ -52,7 +52,8 @@ def siglip_loss_dense(
         logits = logits + logit_bias
     b = image_features.shape[0]
     labels = -torch.ones_like(logits)
-    labels[torch.arange(b), offset + torch.arange(b)] = 1.0  # the 2 * eye - 1 trick, shifted to our rows
+    rows = torch.arange(b, device=logits.device)
+    labels[rows, offset + rows] = 1.0  # the 2 * eye - 1 trick, shifted to our rows
     coef = 1.0 / b if coef is None else coef
     return -F.logsigmoid(labels * logits).sum() * coef
 
@@ -84,7 +85,14 @@ class _SigLipRing(torch.autograd.Function):
         ring, tile = ctx.ring, ctx.tile
         alpha = (g * ctx.coef).to(x.dtype)
         gx, gy = torch.zeros_like(x), torch.zeros_like(y)  # raw gradients (before the factor scale)
-        _, gb = sigmoid_tiles(x, y, scale, bias, tile, value=False, grads=(gx, gy), alpha=alpha)
+
+        def grad_block(texts: Tensor, g_texts: Tensor) -> Tensor:
+            """Accumulate into gx and g_texts; return this block's bias gradient."""
+            return sigmoid_tiles(x, texts, scale, bias, tile, value=False, grads=(gx, g_texts), alpha=alpha)[
+                1
+            ]
+
+        gb = grad_block(y, gy)
         if ring.world > 1:
             # Re-run the ring. Each visiting text half carries an accumulator of d loss / d text from
             # every rank it passes; after W shifts it is home with the contributions of all ranks.
@@ -92,10 +100,7 @@ class _SigLipRing(torch.autograd.Function):
             y_r, y_l = ring.shift(y[:h], y[h:], *_rows(ring, 1)).wait()
             acc_r, acc_l = torch.zeros_like(y_r), torch.zeros_like(y_l)
             for step in range(1, world):
-                for y_v, acc in ((y_r, acc_r), (y_l, acc_l)):
-                    gb += sigmoid_tiles(x, y_v, scale, bias, tile, value=False, grads=(gx, acc), alpha=alpha)[
-                        1
-                    ]
+                gb += grad_block(y_r, acc_r) + grad_block(y_l, acc_l)
                 if step < world - 1:  # texts and their accumulators move on together
                     n_r, n_l = _rows(ring, step + 1)
                     msg = ring.shift(torch.cat([y_r, acc_r]), torch.cat([y_l, acc_l]), 2 * n_r, 2 * n_l)

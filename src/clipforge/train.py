@@ -63,11 +63,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loss = instantiate(cfg.loss)
     model = build_model(cfg.model, cfg.loss)
     if cfg.get("compile"):
-        # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model.
-        model.compile()
+        # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model;
+        # each tower, because the module calls encode_image/encode_text (it logs the raw feature norms).
+        model.visual.compile()
+        model.text.compile()
         loss.compile()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = ContrastiveModule(model, loss, instantiate(cfg.optimizer), scheduler, config=config)
+    module: ContrastiveModule = instantiate(cfg.module)(
+        model, loss, instantiate(cfg.optimizer), scheduler, config=config
+    )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     logger = instantiate_logger(cfg.get("logger"))
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.

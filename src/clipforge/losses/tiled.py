@@ -3,8 +3,10 @@
 * CLIP (Radford et al., 2021): the log-sum-exp of every row (and column) of the logit matrix is built
   tile by tile with the online softmax of Milakov & Gimelshein (2018), as FlashAttention (Dao et al.,
   2022) does: forward keeps only per-row and per-column statistics; backward recomputes each tile.
-* SigLIP (Zhai et al., 2023): the sum of ``softplus`` over all pairs, tile by tile, with the gradient
-  recomputed per tile in backward.
+* SigLIP (Zhai et al., 2023): the sum of ``softplus`` over all pairs, tile by tile. A logit's gradient,
+  ``sigmoid(l)``, depends on its tile alone, so on one device forward also accumulates the feature
+  gradients (three matmuls per tile, as dense, instead of four with recomputation); the ring of
+  ``siglip.py`` recomputes tiles in backward instead, because its gradients must travel between ranks.
 
 Plain PyTorch, so they run on CPU and GPU alike (a fused Triton kernel could replace the tile loop on
 GPU, but there was no GPU to measure one against this). Working memory is a few ``tile x tile`` blocks
@@ -104,7 +106,7 @@ class SigmoidTiled(torch.autograd.Function):
         total, g_bias = sigmoid_tiles(x, y, scale, bias, tile, grads=(gx, gy))
         n = x.shape[0]
         pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * n  # sum_i l_ii
-        gx.sub_(y)  # d(-sum_i l_ii) / d(scale x_i), raw
+        gx.sub_(y)  # d(-sum_i l_ii) / d(scale x_i), raw; in place: no (B, d) temporaries
         gy.sub_(x)
         g_bias -= n
         g_scale = torch.linalg.vecdot(x, gx).sum(dtype=total.dtype)  # sum_ij G_ij x_i . y_j
@@ -154,7 +156,7 @@ class TiledLSE(torch.autograd.Function):
                     col = lse_col[j0:j1]
                     torch.logaddexp(col, torch.logsumexp(s, dim=0), out=col)
         k = 2 if both else 1
-        pos = (a * c[offset : offset + n]).sum(dtype=sd) * scale
+        pos = torch.linalg.vecdot(a, c[offset : offset + n]).sum(dtype=sd) * scale
         total = lse_row.sum() + (lse_col.sum() if both else 0.0) - k * pos
         ctx.save_for_backward(a, c, scale, lse_row, lse_col if both else lse_row)
         ctx.tile, ctx.both, ctx.offset, ctx.coef = tile, both, offset, coef
@@ -181,9 +183,11 @@ class TiledLSE(torch.autograd.Function):
                 gc[j0:j1].addmm_(p.T, a_a)
         # the positives: -k * S_{i, offset + i}
         k = 2 if both else 1
-        ga.sub_(c[offset : offset + n] * (k * alpha))
-        gc[offset : offset + n].sub_(a * (k * alpha))
-        g_scale = (a * ga).sum(dtype=lse_row.dtype).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        ga.addcmul_(c[offset : offset + n], alpha, value=-k)  # in place: no (B, d) temporaries
+        gc[offset : offset + n].addcmul_(a, alpha, value=-k)
+        g_scale = None
+        if ctx.needs_input_grad[2]:
+            g_scale = torch.linalg.vecdot(a, ga).sum(dtype=lse_row.dtype).to(scale.dtype)
         return ga.mul_(scale), gc.mul_(scale), g_scale, None, None, None, None
 
 

@@ -14,6 +14,7 @@ optimizer steps already completed):
 - ``sigkill_in_save``: SIGKILL half-way through writing the first checkpoint saved at step ``at_step``
   (needs :class:`~clipforge.fault.AtomicCheckpointIO`).
 - ``sigterm`` / ``sigusr1``: send the signal to ourselves at the start of step ``at_step + 1``.
+- ``sigterm_validation``: send SIGTERM during the validation that follows step ``at_step``.
 - ``nan_batch``: fill the images of the batches of steps ``at_step + 1 .. at_step + count`` with NaN.
 """
 
@@ -35,6 +36,7 @@ ACTIONS = (
     "sigkill_in_save",
     "sigterm",
     "sigusr1",
+    "sigterm_validation",
     "nan_batch",
 )
 
@@ -73,6 +75,17 @@ class FaultInjector(Callback):
             _kill_self(signal.SIGUSR1)
         elif self.action == "nan_batch" and self.at_step <= step < self.at_step + self.count:
             batch[0].fill_(float("nan"))  # in place: the same tensor reaches training_step
+
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.action == "sigterm_validation" and trainer.global_step == self.at_step and batch_idx == 0:
+            _kill_self(signal.SIGTERM)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer

@@ -1,0 +1,142 @@
+"""Fault injection through the real config tree: a SIGKILLed run resumes bit-exactly, NaN steps are
+skipped and counted, divergence stops with a usable checkpoint, unsafe checkpoints and secrets are refused.
+
+The killed run is a fork of the test process (a real SIGKILL of a real training process, without the
+re-import a subprocess pays); tests/fault/test_fault_cli.py does the same through the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from faulthelpers import (
+    FIXED_CROP,
+    RUN,
+    StepRecorder,
+    assert_same_training_state,
+    fault,
+    final_state,
+    load,
+    run_forked,
+)
+from omegaconf import DictConfig, open_dict
+from test_fault_files import malicious_checkpoint
+
+from clipforge.fault import NonFiniteError, UnsafeCheckpointError
+from clipforge.train import train
+
+RECORDER = ("+callbacks.recorder._target_=faulthelpers.StepRecorder",)
+
+
+@pytest.fixture(scope="module")
+def fault_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fault_data")
+
+
+@pytest.fixture
+def run_cfg(compose_cfg, fault_data_dir: Path) -> Callable[..., DictConfig]:
+    def make(out: Path, *overrides: str) -> DictConfig:
+        cfg = compose_cfg(*RUN, *overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+            cfg.paths.data_dir = str(fault_data_dir)
+        return cfg
+
+    return make
+
+
+def test_sigkill_mid_step_then_auto_resume_matches_the_uninterrupted_run(run_cfg, tmp_path: Path) -> None:
+    base_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    train(run_cfg(base_dir, *FIXED_CROP))
+
+    # Killed after the backward of step 8, before its update; the newest checkpoint is step 6 (mid-epoch).
+    status = run_forked(
+        lambda: train(run_cfg(run_dir, *FIXED_CROP, *fault("sigkill_before_optimizer_step", 7)))
+    )
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "periodic-step0000006.ckpt" in names and not any(
+        "step0000007" in n or "step0000008" in n for n in names
+    )
+
+    _, objs = train(run_cfg(run_dir, *FIXED_CROP, "ckpt_path=auto"))
+    trainer = objs["trainer"]
+    assert Path(trainer.ckpt_path).name == "periodic-step0000006.ckpt"
+    assert trainer.global_step == 10
+    assert_same_training_state(final_state(base_dir), final_state(run_dir))
+
+
+def test_nan_batch_is_skipped_counted_and_training_goes_on(run_cfg, tmp_path: Path) -> None:
+    # logit scale starts above the clamp (exp(6) > 100): it must come back and stay in range
+    cfg = run_cfg(
+        tmp_path, *RECORDER, *fault("nan_batch", 2), "trainer.max_steps=5", "model.init_logit_scale=6.0"
+    )
+    _, objs = train(cfg)
+    trainer, module = objs["trainer"], objs["module"]
+    rec = next(cb for cb in trainer.callbacks if isinstance(cb, StepRecorder))
+    guard = trainer.callbacks[[type(cb).__name__ for cb in trainer.callbacks].index("NonFiniteGuard")]
+    w = rec.weights
+    assert all(torch.equal(w[3][k], w[2][k]) for k in w[2]), "the NaN step changed the weights"
+    assert not all(torch.equal(w[4][k], w[3][k]) for k in w[3]), "training stopped after the NaN step"
+    assert all(torch.isfinite(t).all() for t in w[5].values())
+    assert guard.total == 1 and guard.consecutive == 0
+    assert trainer.callback_metrics["train/nonfinite_steps"].item() == 1
+    # AdamW's own step count shows exactly one update was skipped
+    opt = trainer.optimizers[0]
+    assert {int(s["step"]) for s in opt.state.values()} == {trainer.global_step - 1}
+    assert module.model.logit_scale.item() <= math.log(100) + 1e-6
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["callbacks"]["NonFiniteGuard"]["total"] == 1
+
+
+def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(run_cfg, tmp_path: Path) -> None:
+    cfg = run_cfg(tmp_path, *fault("nan_batch", 3, count=3), "callbacks.nonfinite_guard.max_consecutive=3")
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(4\.\.6\)") as err:
+        train(cfg)
+    ckpt = tmp_path / "checkpoints" / "nonfinite-step0000006.ckpt"
+    assert str(ckpt) in str(err.value)
+    stopped, before = load(ckpt), load(tmp_path / "checkpoints" / "periodic-step0000003.ckpt")
+    assert stopped["global_step"] == 6
+    # Nothing of steps 4-6 was applied: weights and optimizer moments are those after step 3.
+    assert all(torch.equal(stopped["state_dict"][k], v) for k, v in before["state_dict"].items())
+    for i, s in before["optimizer_states"][0]["state"].items():
+        assert torch.equal(stopped["optimizer_states"][0]["state"][i]["exp_avg"], s["exp_avg"])
+
+
+def test_training_refuses_a_malicious_checkpoint(run_cfg, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bad = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(UnsafeCheckpointError, match="arbitrary code"):
+        train(run_cfg(tmp_path / "out", f"ckpt_path={bad}"))
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()  # refused before anything was built
+
+
+def test_secrets_never_reach_logged_configs_or_checkpoints(
+    run_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    cfg = run_cfg(
+        tmp_path,
+        "logger=csv",
+        "trainer.max_steps=1",
+        "+notify.api_key=sk-live-abcdef123456",
+        "+notify.copied=${oc.env:WANDB_API_KEY}",
+    )
+    train(cfg)
+    hparams = next(tmp_path.rglob("hparams.yaml"))
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["notify"] == {"api_key": "***", "copied": "***"}
+    stored = load(tmp_path / "checkpoints" / "last.ckpt")["clipforge_config"]
+    assert stored["notify"] == {"api_key": "***", "copied": "***"}
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".ckpt", ".csv", ".log"):
+            data = path.read_bytes()
+            assert key.encode() not in data and b"sk-live-abcdef123456" not in data, path

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from clipforge.data import synthetic
 from clipforge.data.dataset import ShardDataset
+from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
 from clipforge.data.manifest import MANIFEST_NAME, find_manifest, read_manifest
 from clipforge.data.shards import CAUSES, expand_urls
 from clipforge.data.sources import synthetic_records
@@ -147,6 +148,7 @@ class WebDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
         return_keys: bool = False,
+        decode_device: str = "cpu",
     ) -> None:
         super().__init__()
         self.train_urls, self.val_urls = _listify(train_urls), _listify(val_urls)
@@ -165,6 +167,10 @@ class WebDataModule(L.LightningDataModule):
         self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.return_keys = return_keys
+        if decode_device != "cpu" and not decode_device.startswith("cuda"):
+            raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {decode_device!r}")
+        self.decode_device = decode_device
+        self._decoder = JpegDecoder(image_size, interpolation) if decode_device != "cpu" else None
         self._datasets: dict[str, ShardDataset] = {}
         self._train_loader: EpochLoader | None = None
         self._pending_state: dict | None = None
@@ -214,6 +220,7 @@ class WebDataModule(L.LightningDataModule):
             target="label" if split == "zeroshot" else "text",
             max_skip_fraction=self.max_skip_fraction,
             return_keys=self.return_keys,
+            decode_device=self.decode_device if train else "cpu",  # zero-shot/val batches stay plain tensors
         )
         self._datasets[split] = ds
         return ds
@@ -265,7 +272,28 @@ class WebDataModule(L.LightningDataModule):
         for ds in self._datasets.values():
             for cause, n in ds.skip_counts().items():
                 total[cause] += n
+        if self._decoder is not None:
+            total["corrupt_image"] += self._decoder.corrupt
         return total
+
+    # -------------------------------------------------------------------------------- GPU decoding
+    def decode_batch(self, batch: tuple, device: torch.device | str | None = None) -> tuple:
+        """Decode a batch whose images are still JPEG (``decode_device="cuda"``) on ``device``; other
+        batches pass through. Lightning calls this via :meth:`on_before_batch_transfer`."""
+        if not (isinstance(batch, tuple | list) and batch and isinstance(batch[0], EncodedBatch)):
+            return batch
+        assert self._decoder is not None
+        images, source = self._decoder(batch[0], device or self.decode_device)
+        tokens = batch[1][source]
+        rest = [[batch[2][int(i)] for i in source]] if len(batch) > 2 else []
+        return (images, tokens, *rest)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self._decoder is None:
+            return batch
+        trainer = self._trainer_or_none()
+        device = trainer.strategy.root_device if trainer is not None else None
+        return self.decode_batch(batch, device)
 
     # --------------------------------------------------------------------------- epochs and resume
     def set_epoch(self, epoch: int) -> None:

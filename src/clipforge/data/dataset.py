@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data import plan as planning
+from clipforge.data.gpu_decode import EncodedBatch
 from clipforge.data.shards import CAUSES, DataError, RawSample, ShardResult, read_shard
 from clipforge.data.tokenizer import Tokenizer
 from clipforge.data.transforms import ImageTransform, normalize_into
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MODES = ("exact", "resampled", "eval")
-Decoded = tuple[np.ndarray, object, str]  # (uint8 image, caption or label, key)
+Decoded = tuple[object, object, str]  # (uint8 (3, S, S) image or _Encoded, caption or label, key)
 
 
 def _new_shared_batch(size: int, image_size: int) -> torch.Tensor:
@@ -138,6 +139,7 @@ class ShardDataset(IterableDataset):
         max_skip_fraction: float = 0.5,
         min_samples_checked: int = 64,
         return_keys: bool = False,
+        decode_device: str = "cpu",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -174,6 +176,7 @@ class ShardDataset(IterableDataset):
         self.target = target
         self.max_skip_fraction, self.min_samples_checked = max_skip_fraction, min_samples_checked
         self.return_keys = return_keys
+        self.defer_decode = decode_device != "cpu"  # JPEGs go to the main process encoded (gpu_decode)
         # Shared with the workers: [epoch, batches already consumed this epoch], and skip counts per worker.
         self._control = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._counts = torch.zeros(max(1, num_workers), len(CAUSES), dtype=torch.int64).share_memory_()
@@ -360,8 +363,13 @@ class ShardDataset(IterableDataset):
                 monitor.sample_failed("missing_label", raw.url, raw.key)
                 return None
         try:
-            with Image.open(io.BytesIO(members[ext])) as img:
-                pixels = self.transform(img, rng)
+            if self.defer_decode:
+                with Image.open(io.BytesIO(members[ext])) as img:  # parses the header only
+                    if img.format == "JPEG":
+                        box = self.transform.box(img.size[0], img.size[1], rng)
+                        monitor.ok()
+                        return _Encoded(members[ext], box), target, f"{raw.url}/{raw.key}"
+            pixels = self.transform(members[ext], rng)
         except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, DecompressionBomb...)
             monitor.sample_failed("corrupt_image", raw.url, raw.key)
             return None
@@ -379,9 +387,12 @@ class ShardDataset(IterableDataset):
                 yield out
 
     def _collate(self, items: list[Decoded]) -> tuple:
-        shared = get_worker_info() is not None
-        out = _new_shared_batch(len(items), self.image_size) if shared else None
-        images = normalize_into([it[0] for it in items], out)
+        if self.defer_decode:
+            images: torch.Tensor | EncodedBatch = _encoded_batch([it[0] for it in items])
+        else:
+            shared = get_worker_info() is not None
+            out = _new_shared_batch(len(items), self.image_size) if shared else None
+            images = normalize_into([it[0] for it in items], out)
         if self.target == "text":
             targets = self._tokenizer([it[1] for it in items])
         else:
@@ -430,6 +441,24 @@ class ShardDataset(IterableDataset):
             items = items[size:]
         if passes == 0:
             monitor.check(final=True)
+
+
+class _Encoded:
+    """A JPEG kept encoded for :class:`~clipforge.data.gpu_decode.JpegDecoder`, with its crop box."""
+
+    __slots__ = ("box", "data")
+
+    def __init__(self, data: bytes, box: tuple[float, float, float, float]) -> None:
+        self.data, self.box = data, box
+
+
+def _encoded_batch(items: list) -> EncodedBatch:
+    data = [
+        torch.frombuffer(bytearray(it.data), dtype=torch.uint8) if isinstance(it, _Encoded) else it
+        for it in items
+    ]
+    boxes = torch.tensor([it.box if isinstance(it, _Encoded) else (0.0, 0.0, 0.0, 0.0) for it in items])
+    return EncodedBatch(data, boxes.double())
 
 
 def _counted(samples: Iterator[Decoded], monitor: _Monitor) -> Iterator[Decoded]:

@@ -1,0 +1,80 @@
+"""Deferred JPEG decoding (decode_device="cuda"): the same decoder code checked on CPU, and on CUDA
+where there is one."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from datahelpers import pattern, sample_ids, write_sizes
+from PIL import Image
+
+from clipforge.data.datamodule import WebDataModule
+from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
+
+
+def photo_jpeg(seed: int, w: int = 96, h: int = 80) -> bytes:
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    rng = np.random.default_rng(seed)
+    chans = [np.sin(2 * np.pi * (f1 * x + f2 * y) + p) for f1, f2, p in rng.uniform(0.5, 3, (3, 3))]
+    buf = io.BytesIO()
+    Image.fromarray((127.5 * (1 + np.stack(chans, -1))).astype(np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def shards(tmp_path, monkeypatch):
+    import datahelpers
+
+    monkeypatch.setattr(datahelpers, "tiny_jpeg", lambda i, size=16: photo_jpeg(i))
+    write_sizes(tmp_path, [6, 5])
+    return pattern(tmp_path, 2)
+
+
+def batches(shards, decode_device):
+    dm = WebDataModule(
+        shards,
+        batch_size=4,
+        num_workers=0,
+        image_size=32,
+        context_length=8,
+        return_keys=True,
+        decode_device=decode_device,
+        scale=(0.5, 1.0),
+    )
+    dm.setup("fit")
+    return dm, list(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_deferred_decoding_matches_worker_decoding(shards, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, plain = batches(shards, "cpu")
+    dm, encoded = batches(shards, "cuda")
+    assert isinstance(encoded[0][0], EncodedBatch)
+    for (ref, ref_tok, ref_keys), raw in zip(plain, encoded):
+        images, tokens, keys = dm.decode_batch(raw, device)
+        assert images.device.type == device and images.shape == ref.shape
+        assert keys == ref_keys and torch.equal(tokens, ref_tok)  # same crops drawn, same order
+        diff = (images.cpu() - ref).abs()  # torch's antialiased bicubic vs PIL's, on the same crop box
+        assert diff.mean() < 0.03 and diff.max() < 0.6
+
+
+def test_corrupt_jpeg_body_is_replaced_with_its_caption_and_counted(shards):
+    dm, encoded = batches(shards, "cuda")
+    images, tokens, keys = encoded[0]
+    bad = images.data[1].clone()
+    bad[len(bad) // 2 :] = 0  # header intact, entropy-coded data destroyed
+    images.data[1] = bad
+    out, out_tokens, out_keys = dm.decode_batch((images, tokens, keys), "cpu")
+    assert dm.skip_counts()["corrupt_image"] >= 1
+    assert out_keys[1] != keys[1] and out_keys[1] in keys  # another pair of the batch, image and text
+    j = keys.index(out_keys[1])
+    assert torch.equal(out[1], out[j]) and torch.equal(out_tokens[1], out_tokens[j])
+    assert sorted(sample_ids(out_keys)) != sorted(sample_ids(keys))
+
+
+def test_decoder_rejects_unknown_interpolation():
+    with pytest.raises(ValueError, match="bicubic"):
+        JpegDecoder(32, "lanczos")

@@ -4,6 +4,8 @@ checkpoint and summary included, launched the way a user launches it (``python -
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,46 @@ def test_ddp_two_cpu_processes_run_to_the_end(tmp_path: Path) -> None:
     # Both ranks logged to one CSV (rank 0): every step of the run is there.
     metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "train/samples_per_s" in metrics
+
+
+# -- the documented launch commands ------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+SHELL_VARS = {
+    "SLURM_NNODES": "2",
+    "SLURM_NTASKS_PER_NODE": "8",
+    "SLURM_JOB_NAME": "clipforge",
+    "SLURM_JOB_ID": "7",
+}
+
+
+def launch_commands(text: str) -> list[list[str]]:
+    """The Hydra overrides of every ``clipforge-train`` / ``-m clipforge.train`` / ``sbatch ...`` command
+    line in ``text``, as the shell would pass them (variables filled in, placeholders made real)."""
+    text = text.replace("\\\n", " ")
+    text = re.sub(
+        r"\$\{?(\w+)(:-[^}]*)?\}?", lambda m: SHELL_VARS.get(m.group(1), "/x"), text.replace('"$@"', "")
+    )
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line) if not line.lstrip().startswith("#") else []
+        for entry in ("clipforge-train", "clipforge.train", "scripts/slurm/pretrain.sbatch"):
+            if entry in words:
+                args = words[words.index(entry) + 1 :]
+                commands.append(
+                    [a.replace("=...", "='/x/{0..1}.tar'") for a in args if not a.startswith("hydra.")]
+                )
+    return commands
+
+
+def test_documented_launch_commands_compose(compose_cfg) -> None:
+    """Every command in docs/launching.md and the SLURM script composes (a misspelt key would not)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "launching.md").read_text(), flags=re.S)
+    docs = launch_commands("\n".join(blocks))
+    (slurm,) = launch_commands((ROOT / "scripts" / "slurm" / "pretrain.sbatch").read_text())
+    assert len(docs) >= 8
+    for args in [*docs, slurm]:
+        cfg = compose_cfg(*args)
+        if "trainer=ddp" in args:
+            assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+            assert cfg.trainer.strategy._target_.endswith(("DDPStrategy", "FSDPStrategy"))
+    assert {"trainer.num_nodes=2", "trainer.devices=8", "ckpt_path=auto"} <= set(slurm)

@@ -100,3 +100,18 @@ def test_documented_launch_commands_compose(compose_cfg) -> None:
             assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
             assert cfg.trainer.strategy._target_.endswith(("DDPStrategy", "FSDPStrategy"))
     assert {"trainer.num_nodes=2", "trainer.devices=8", "ckpt_path=auto"} <= set(slurm)
+
+
+def test_fsdp_strategy_config_wraps_transformer_blocks(compose_cfg) -> None:
+    """Lightning runs FSDP on GPUs only, so here the strategy object alone is built and checked."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from clipforge.models.layers import Block
+
+    cfg = compose_cfg("trainer=ddp", "trainer/strategy=fsdp")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert Block in policy._module_classes
+    assert strategy.kwargs["use_orig_params"]  # what ContrastiveModule's name-based decay groups expect

@@ -96,16 +96,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     assert_same_training_state(baseline, final_state(tmp_path))
 
 
-@pytest.mark.parametrize("sig", ["sigterm", "sigusr1"])
+@pytest.mark.parametrize(
+    ("action", "step"),
+    [("sigterm", 5), ("sigusr1", 5), ("sigterm_validation", 4)],  # signal during step 5 / validation after 4
+)
 def test_preemption_signal_saves_exits_cleanly_and_resumes(
-    baseline, data_dir: Path, tmp_path: Path, sig: str
+    baseline, data_dir: Path, tmp_path: Path, action: str, step: int
 ) -> None:
-    proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, *fault(sig, 4)))  # exit status 0
-    preempt = tmp_path / "checkpoints" / "preempt-step0000005.ckpt"
-    assert load(preempt)["global_step"] == 5
+    proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, *fault(action, 4)))  # exit status 0
+    preempt = tmp_path / "checkpoints" / f"preempt-step{step:07d}.ckpt"
+    assert load(preempt)["global_step"] == step
     assert "clipforge run summary" not in proc.stdout  # left at once: no end-of-training work
     proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, "ckpt_path=auto"))
-    assert "preempt-step0000005.ckpt (step 5)" in proc.stderr + proc.stdout
+    assert f"{preempt.name} (step {step})" in proc.stderr + proc.stdout
     assert_same_training_state(baseline, final_state(tmp_path))
 
 

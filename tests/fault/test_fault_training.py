@@ -29,7 +29,7 @@ from faulthelpers import (
 from omegaconf import DictConfig, open_dict
 from test_fault_files import malicious_checkpoint
 
-from clipforge.fault import NonFiniteError, UnsafeCheckpointError
+from clipforge.fault import NonFiniteError, PeriodicCheckpoint, UnsafeCheckpointError
 from clipforge.train import train
 
 RECORDER = ("+callbacks.recorder._target_=faulthelpers.StepRecorder",)
@@ -140,3 +140,25 @@ def test_secrets_never_reach_logged_configs_or_checkpoints(
         if path.is_file() and path.suffix in (".yaml", ".ckpt", ".csv", ".log"):
             data = path.read_bytes()
             assert key.encode() not in data and b"sk-live-abcdef123456" not in data, path
+
+
+def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(run_cfg, tmp_path: Path) -> None:
+    # A vanishing interval saves after every step; only the keep_last=2 newest stay.
+    cfg = run_cfg(
+        tmp_path,
+        "trainer.max_steps=5",
+        "callbacks.periodic_checkpoint.every_n_train_steps=null",
+        "callbacks.periodic_checkpoint.every_n_minutes=1e-9",
+    )
+    train(cfg)
+    ckpts = tmp_path / "checkpoints"
+    periodic = sorted(p.name for p in ckpts.glob("periodic-*.ckpt"))
+    assert periodic == ["periodic-step0000004.ckpt", "periodic-step0000005.ckpt"]
+    assert os.readlink(ckpts / "last.ckpt") == "periodic-step0000005.ckpt"
+    assert not list(ckpts.glob("last-v*.ckpt"))  # model_checkpoint handed last.ckpt over
+    assert not list(ckpts.glob("*.tmp"))
+
+
+def test_periodic_checkpoint_needs_a_trigger() -> None:
+    with pytest.raises(ValueError, match="every_n_train_steps and/or every_n_minutes"):
+        PeriodicCheckpoint(every_n_train_steps=None, every_n_minutes=None)

@@ -239,3 +239,27 @@ def test_siglip_b16_exports_through_timm_tower(tmp_path: Path) -> None:
     )
     reference = open_clip.create_model(f"local-dir:{tmp_path}").eval()
     assert_same_clip(model, reference, torch.randn(1, 3, 224, 224), tokens(2, 64, vocab=49408))
+
+
+def test_towers_match_open_clip_transformer_modules() -> None:
+    from open_clip.transformer import TextTransformer as OpenTextTransformer
+    from open_clip.transformer import VisionTransformer as OpenVisionTransformer
+
+    from clipforge.models.convert.openclip import text_key_map, vision_key_map
+
+    torch.manual_seed(0)
+    ref_vit = OpenVisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=4.0, output_dim=16
+    )
+    ref_text = OpenTextTransformer(
+        context_length=12, vocab_size=100, width=32, heads=4, layers=2, output_dim=16
+    )
+    perturb_(ref_vit), perturb_(ref_text)
+    vit = small_vit(pre_norm=True, patch_bias=False, norm_eps=1e-5).eval()
+    text = small_text().eval()
+    vit.load_state_dict(convert_state_dict(ref_vit.state_dict(), vision_key_map(vit, {}), to="ours"))
+    text.load_state_dict(convert_state_dict(ref_text.state_dict(), text_key_map(text), to="ours"))
+    x, t = torch.randn(2, 3, 32, 32), tokens(2, 12)
+    with torch.no_grad():
+        check_parity(vit(x), ref_vit.eval()(x))
+        check_parity(text(t), ref_text.eval()(t))

@@ -184,3 +184,24 @@ def test_ddp_feature_cache_equals_one_full_batch_process() -> None:
     want, got = params(ref), params(module)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_logged_learning_rate_is_the_steps_own_in_both_modes() -> None:
+    class RecordLr(L.Callback):
+        def __init__(self) -> None:
+            self.logged, self.used = [], []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.used.append(optimizer.param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.logged.append(float(trainer.callback_metrics["train/lr"]))
+
+    for accum_freq in (1, 2):
+        rec = RecordLr()
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[rec],
+        )  # fmt: skip
+        trainer.fit(make_module(accum_freq=accum_freq), train_dataloaders=loader())
+        assert rec.logged == pytest.approx(rec.used) and len(set(rec.used)) > 1, accum_freq

@@ -83,6 +83,7 @@ class ContrastiveModule(L.LightningModule):
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         images, tokens = batch[0], batch[1]
+        lr = self.optimizers().param_groups[0]["lr"]  # this step's, read before a manual scheduler step
         if self.automatic_optimization:
             img, txt = self.embed(images, tokens)
             scale, bias = self.logit_scale_and_bias()
@@ -91,7 +92,7 @@ class ContrastiveModule(L.LightningModule):
         else:
             step = self._feature_cache_step(images, tokens)
             loss = step.loss
-        return {"loss": loss, **self._log_train(step, batch_size=images.shape[0])}
+        return {"loss": loss, **self._log_train(step, lr, batch_size=images.shape[0])}
 
     def _feature_cache_step(self, images: Tensor, tokens: Tensor) -> CachedStep:
         opt = self.optimizers()
@@ -116,14 +117,14 @@ class ContrastiveModule(L.LightningModule):
         self.model.clamp_logit_scale()
         return step
 
-    def _log_train(self, step: CachedStep, batch_size: int) -> dict[str, Tensor | None]:
+    def _log_train(self, step: CachedStep, lr: float, batch_size: int) -> dict[str, Tensor | None]:
         """Log the step (tensors only: no host sync here) and return the normalised features for callbacks."""
         log = {"batch_size": batch_size}
         self.log("train/loss", step.loss, prog_bar=True, **log)
         self.log("train/logit_scale", step.logit_scale, **log)
         if step.logit_bias is not None:
             self.log("train/logit_bias", step.logit_bias, **log)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
+        self.log("train/lr", lr, **log)
         img = F.normalize(step.image_features.float(), dim=-1)
         txt = F.normalize(step.text_features.float(), dim=-1)
         if logging_step(self.trainer):

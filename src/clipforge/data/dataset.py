@@ -40,7 +40,7 @@ from clipforge.data import plan as planning
 from clipforge.data.gpu_decode import EncodedBatch
 from clipforge.data.shards import CAUSES, DataError, RawSample, ShardResult, read_shard
 from clipforge.data.tokenizer import Tokenizer
-from clipforge.data.transforms import ImageTransform, normalize_into
+from clipforge.data.transforms import CROP_DRAWS, ImageTransform, normalize_into
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,12 @@ class ShardDataset(IterableDataset):
         monitor = _Monitor(self._counts, row, self.max_skip_fraction, self.min_samples_checked, where)
         if self._tokenizer is None and self.target == "text":
             self._tokenizer = Tokenizer(self.context_length)
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, consumed, 0xC20])
+        # Crop randomness is a function of the output position: every sample slot takes exactly
+        # CROP_DRAWS uniforms, so a resume at position p advances the generator by p * CROP_DRAWS and
+        # draws the same crops as the uninterrupted run.
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 0xC20])
         if self.mode == "resampled":
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, consumed, 0xC20])
             _, n = planning.worker_batches(self.num_batches or 0, worker, num_workers)
             done = planning.delivered(consumed, worker, num_workers)
             sizes = [self.batch_size] * max(0, n - done)
@@ -237,6 +241,7 @@ class ShardDataset(IterableDataset):
         done = planning.delivered(consumed, worker, num_workers) if self.mode == "exact" else 0
         skip = sum(sizes[:done])
         sizes = sizes[done:]
+        rng.bit_generator.advance(skip * CROP_DRAWS)
 
         def refill(pass_index: int) -> Iterator[Decoded]:
             quiet = monitor.quiet()
@@ -340,7 +345,7 @@ class ShardDataset(IterableDataset):
             yield from (chunk[i] for i in perm)
             block += 1
 
-    def _decode(self, raw: RawSample, monitor: _Monitor, rng: np.random.Generator) -> Decoded | None:
+    def _decode(self, raw: RawSample, monitor: _Monitor, draws: np.ndarray | None) -> Decoded | None:
         members = raw.members
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
@@ -366,11 +371,12 @@ class ShardDataset(IterableDataset):
             if self.defer_decode:
                 with Image.open(io.BytesIO(members[ext])) as img:  # parses the header only
                     if img.format == "JPEG":
-                        box = self.transform.box(img.size[0], img.size[1], rng)
+                        box = self.transform.box(img.size[0], img.size[1], draws)
                         monitor.ok()
                         return _Encoded(members[ext], box), target, f"{raw.url}/{raw.key}"
-            pixels = self.transform(members[ext], rng)
-        except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, DecompressionBomb...)
+            pixels = self.transform(members[ext], draws)
+        except (OSError, SyntaxError, ValueError, RuntimeError, EOFError, Image.DecompressionBombError):
+            # what PIL and torchvision raise for bad bytes; anything else is a bug and propagates
             monitor.sample_failed("corrupt_image", raw.url, raw.key)
             return None
         monitor.ok()
@@ -380,9 +386,10 @@ class ShardDataset(IterableDataset):
         self, stream: Iterator[RawSample | None], monitor: _Monitor, rng: np.random.Generator
     ) -> Iterator[Decoded]:
         for raw in stream:
+            draws = rng.random(CROP_DRAWS) if self.transform.train else None  # taken by every slot
             if raw is None:  # lost with its shard; already counted
                 continue
-            out = self._decode(raw, monitor, rng)
+            out = self._decode(raw, monitor, draws)
             if out is not None:
                 yield out
 

@@ -34,24 +34,33 @@ _INV_STD255 = [1.0 / (255.0 * s) for s in OPENAI_DATASET_STD]
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 
 
+CROP_DRAWS = 40  # uniforms per random crop: 4 for each of torchvision's 10 attempts
+
+
 def random_resized_crop_box(
     width: int,
     height: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | np.ndarray,
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Box:
-    """Integer crop box of torchvision's ``RandomResizedCrop.get_params``, drawn from ``rng``."""
+    """Integer crop box of torchvision's ``RandomResizedCrop.get_params`` (same distribution).
+
+    ``rng`` is a generator or ``CROP_DRAWS`` uniforms in [0, 1): a fixed number per crop, so a stream of
+    crops can be fast-forwarded (``bit_generator.advance``) without drawing them.
+    """
+    u = rng.random(CROP_DRAWS) if isinstance(rng, np.random.Generator) else rng
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
+    for attempt in range(CROP_DRAWS // 4):
+        a, r, y, x = u[4 * attempt : 4 * attempt + 4]
+        target_area = area * (scale[0] + a * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + r * (log_ratio[1] - log_ratio[0]))
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = int(y * (height - h + 1))
+            left = int(x * (width - w + 1))
             return (left, top, left + w, top + h)
     # fall back to a centre crop at the nearest allowed aspect ratio
     in_ratio = width / height
@@ -90,7 +99,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 class ImageTransform:
     """Encoded image bytes (or a PIL image) -> uint8 ``(3, size, size)``: random resized crop (train)
-    or resize + centre crop (eval). ``rng`` drives the random crop."""
+    or resize + centre crop (eval). ``rng`` (a generator, or ``CROP_DRAWS`` uniforms) drives the crop."""
 
     def __init__(
         self,
@@ -110,10 +119,10 @@ class ImageTransform:
         self.interpolation = interpolation
         self.draft = draft
 
-    def box(self, width: int, height: int, rng: np.random.Generator | None) -> Box:
+    def box(self, width: int, height: int, rng: np.random.Generator | np.ndarray | None) -> Box:
         if self.train:
             return random_resized_crop_box(
-                width, height, rng or np.random.default_rng(), self.scale, self.ratio
+                width, height, np.random.default_rng() if rng is None else rng, self.scale, self.ratio
             )
         return center_crop_box(width, height, self.image_size)
 
@@ -131,7 +140,9 @@ class ImageTransform:
         x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H', W') view of the (H', W', 3) pixels
         return x, rgb.size[0] / width, rgb.size[1] / height
 
-    def __call__(self, data: bytes | Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, data: bytes | Image.Image, rng: np.random.Generator | np.ndarray | None = None
+    ) -> torch.Tensor:
         if isinstance(data, Image.Image):
             width, height = data.size
             box = self.box(width, height, rng)

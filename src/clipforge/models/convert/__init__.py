@@ -17,14 +17,16 @@ from clipforge.models.convert.keymap import (
     count_params,
 )
 from clipforge.models.convert.openclip import (
-    export_open_clip,
     from_open_clip,
-    infer_open_clip_cfg,
-    load_open_clip_checkpoint,
     model_config_from_open_clip,
     open_clip_key_map,
     open_clip_model_cfg,
     to_open_clip,
+)
+from clipforge.models.convert.openclip_io import (
+    export_open_clip,
+    infer_open_clip_cfg,
+    load_open_clip_checkpoint,
 )
 from clipforge.models.convert.resize import fit_state_dict, load_state_dict_resized
 from clipforge.models.convert.siglip_hf import (

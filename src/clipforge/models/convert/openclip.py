@@ -1,7 +1,7 @@
 """Our CLIP <-> open_clip (Ilharco et al., 2021, OpenCLIP; Cherti et al., 2023), the reference
 implementation of CLIP (Radford et al., 2021): config translation both ways, key maps for open_clip's
 native towers and for its timm-backed image towers (how open_clip builds SigLIP, Zhai et al., 2023),
-export to a folder ``open_clip.create_model`` loads, and import of an open_clip checkpoint file.
+and in-memory ports both ways. Folders and checkpoint files: :mod:`~clipforge.models.convert.openclip_io`.
 
 open_clip keeps the fused ``in_proj_weight`` of ``nn.MultiheadAttention`` (same q/k/v order as our
 ``qkv``), stores the class token and position table without a batch dim, and uses bare ``(in, out)``
@@ -10,11 +10,7 @@ projection matrices applied as ``x @ W``, where we use ``nn.Linear`` weights ``(
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -400,10 +396,13 @@ def to_open_clip(model: CLIP) -> nn.Module:
 
 def from_open_clip(reference: nn.Module, model_cfg: dict[str, Any]) -> CLIP:
     """Our CLIP with the architecture (``model_cfg``) and weights of an open_clip model."""
-    return _build(dict(reference.state_dict()), model_cfg, img_size=None)
+    return from_open_clip_state(dict(reference.state_dict()), model_cfg, img_size=None)
 
 
-def _build(state: dict[str, torch.Tensor], model_cfg: dict[str, Any], img_size: int | None) -> CLIP:
+def from_open_clip_state(
+    state: dict[str, torch.Tensor], model_cfg: dict[str, Any], img_size: int | None
+) -> CLIP:
+    """Our CLIP from an open_clip state dict (either text layout) and model config, at ``img_size``."""
     model_cfg = dict(model_cfg)
     if "logit_bias" in state and model_cfg.get("init_logit_bias") is None:
         model_cfg["init_logit_bias"] = 0.0  # the value comes from the checkpoint
@@ -414,129 +413,3 @@ def _build(state: dict[str, torch.Tensor], model_cfg: dict[str, Any], img_size: 
         state, open_clip_key_map(skeleton, model_cfg, custom), to="ours", ignore=_NOT_PARAMS
     )
     return build_with_weights(lambda: instantiate_model(node), fit_state_dict(ours, skeleton))
-
-
-def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") -> dict[str, Path]:
-    """Write ``model`` as an open_clip model folder; returns the paths written.
-
-    - ``open_clip_config.json`` + ``open_clip_model.safetensors``: ``open_clip.create_model("local-dir:DIR")``;
-    - ``{name}.json`` (the bare model config): ``open_clip.add_model_config(path)`` then
-      ``open_clip.create_model(name, pretrained=".../open_clip_model.safetensors")``.
-    """
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from safetensors.torch import save_file
-
-    cfg = open_clip_model_cfg(model)
-    state = convert_state_dict(model.state_dict(), open_clip_key_map(model, cfg), to="theirs")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "config": out / "open_clip_config.json",
-        "model_config": out / f"{name}.json",
-        "weights": out / "open_clip_model.safetensors",
-    }
-    preprocess = {  # what clipforge's data pipeline does: CLIP mean/std, bicubic resize
-        "size": model.visual.img_size,
-        "mean": list(OPENAI_DATASET_MEAN),
-        "std": list(OPENAI_DATASET_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-    paths["config"].write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
-    paths["model_config"].write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(paths["weights"]))
-    return paths
-
-
-def _weights_in(folder: Path) -> Path:
-    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"]
-    for name in preferred:
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in folder.glob(ext))
-    if not found:
-        raise FileNotFoundError(f"no weights file (.safetensors/.bin/.pt/.pth) in {folder}")
-    return found[0]
-
-
-def load_open_clip_checkpoint(
-    path: str | Path, model_name: str | None = None, *, img_size: int | None = None
-) -> CLIP:
-    """Our CLIP (eval mode) from an open_clip checkpoint: a weights file or a folder with one.
-
-    The architecture comes from ``model_name`` (an open_clip built-in such as ``"ViT-B-32"`` or
-    ``"local-dir:PATH"``), else from an ``open_clip_config.json`` beside the weights, else it is
-    inferred from the weight shapes (native open_clip ViTs only; heads = width / 64, GELU). OpenAI's
-    original weights used QuickGELU: name them ``"ViT-B-32-quickgelu"`` etc. ``img_size`` rebuilds the
-    image tower at another resolution with its position table resampled.
-    """
-    from open_clip.factory import get_model_config, load_state_dict
-
-    path = Path(path)
-    weights = _weights_in(path) if path.is_dir() else path
-    config_file = weights.parent / "open_clip_config.json"
-    if model_name is not None:
-        model_cfg = get_model_config(model_name)
-        if model_cfg is None:
-            raise ValueError(f"open_clip has no model config named {model_name!r}")
-    elif config_file.is_file():
-        model_cfg = json.loads(config_file.read_text())
-        model_cfg = model_cfg.get("model_cfg", model_cfg)
-    else:
-        model_cfg = None
-    state = load_state_dict(str(weights), device="cpu", weights_only=True)
-    if model_cfg is None:
-        model_cfg = infer_open_clip_cfg(state)
-    return _build(state, model_cfg, img_size).eval()
-
-
-def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
-    return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
-
-
-def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """An open_clip model config read off the weight shapes of a native open_clip ViT checkpoint."""
-    if "visual.conv1.weight" not in state or "visual.positional_embedding" not in state:
-        raise ValueError(
-            "cannot infer the architecture of this checkpoint (not a native open_clip ViT): pass model_name"
-        )
-    warnings.warn(
-        "inferring the open_clip architecture from weight shapes: assuming 64-dim heads, GELU, a causal text "
-        "tower pooled at the EOT token and LayerNorm eps 1e-5; pass model_name to be exact",
-        stacklevel=3,
-    )
-    tp = "text." if "text.token_embedding.weight" in state else ""
-    conv = state["visual.conv1.weight"]
-    width, patch = conv.shape[0], conv.shape[-1]
-    grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
-    block = r"transformer\.resblocks\.(\d+)\.ln_1\.weight"
-    vision_cfg = {
-        "image_size": patch * grid,
-        "patch_size": patch,
-        "width": width,
-        "layers": _count(state, r"visual\." + block),
-        "head_width": 64,
-        "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
-        "no_ln_pre": "visual.ln_pre.weight" not in state,
-    }
-    if "visual.transformer.resblocks.0.ls_1.gamma" in state:
-        vision_cfg["ls_init_value"] = 1e-5  # any value marks layer scale present; the checkpoint sets it
-    text_width = state[f"{tp}ln_final.weight"].shape[0]
-    text_cfg = {
-        "context_length": state[f"{tp}positional_embedding"].shape[0],
-        "vocab_size": state[f"{tp}token_embedding.weight"].shape[0],
-        "width": text_width,
-        "heads": text_width // 64,
-        "layers": _count(state, re.escape(tp) + block),
-        "mlp_ratio": state[f"{tp}transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
-    }
-    if f"{tp}transformer.resblocks.0.ls_1.gamma" in state:
-        text_cfg["ls_init_value"] = 1e-5
-    if f"{tp}text_projection.weight" in state:
-        text_cfg["proj_bias"] = True
-    elif f"{tp}text_projection" not in state:
-        text_cfg["proj_type"] = "none"
-    cfg = {"embed_dim": state["visual.proj"].shape[1], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
-    if tp:
-        cfg["custom_text"] = True
-    return cfg

@@ -46,14 +46,15 @@ class EpochLoader:
         epoch_fn: Callable[[], int | None],
         progress_fn: Callable[[], int | None],
     ) -> None:
-        self.dataset, self.loader = dataset, loader
+        # not called `dataset`: Lightning would then warn that an IterableDataset has a length
+        self.shards, self.loader = dataset, loader
         self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
         self.epoch = -1
         self.yielded = 0  # batches of the current epoch handed out, resumed ones included
         self._pending: dict | None = None
 
     def __len__(self) -> int:
-        n = self.dataset.num_batches
+        n = self.shards.num_batches
         if n is None:
             raise TypeError("length unknown without a manifest")
         return n
@@ -72,8 +73,8 @@ class EpochLoader:
                 epoch,
             )
         self._pending = None
-        self.dataset.set_epoch(epoch)
-        self.dataset.set_resume(resume)
+        self.shards.set_epoch(epoch)
+        self.shards.set_resume(resume)
         self.epoch, self.yielded = epoch, resume
         for batch in self.loader:
             self.yielded += 1
@@ -86,17 +87,17 @@ class EpochLoader:
         return {
             "epoch": self.epoch,
             "batches": self.yielded if consumed is None else consumed,
-            "world_size": self.dataset.world_size,
+            "world_size": self.shards.world_size,
             "num_workers": max(1, self.loader.num_workers),
-            "batch_size": self.dataset.batch_size,
-            "seed": self.dataset.seed,
+            "batch_size": self.shards.batch_size,
+            "seed": self.shards.seed,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        now = {"world_size": self.dataset.world_size, "num_workers": max(1, self.loader.num_workers)}
-        now |= {"batch_size": self.dataset.batch_size, "seed": self.dataset.seed}
+        now = {"world_size": self.shards.world_size, "num_workers": max(1, self.loader.num_workers)}
+        now |= {"batch_size": self.shards.batch_size, "seed": self.shards.seed}
         changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
         if changed:
             log.warning(

@@ -81,7 +81,7 @@ def test_callbacks_and_data_configs_build(compose_cfg) -> None:
     for data in options("data"):
         overrides = [f"data={data}"]
         if data == "wds":
-            overrides.append("data.train_urls=/tmp/x-{000000..000001}.tar")
+            overrides.append("data.train_urls='/tmp/x-{000000..000001}.tar'")
         cfg = compose_cfg(*overrides)
         assert instantiate(cfg.data) is not None
     cfg = compose_cfg()

@@ -90,27 +90,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("final_eval", True):
         metrics.update(final_zero_shot(module.model, datamodule, trainer))
     summary = summarize(metrics, trainer, logger)
+    finish_logger(logger, metrics, trainer.global_step)
     if trainer.is_global_zero:
         print(summary, flush=True)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
 
 
 def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
-    """Zero-shot top-1/top-5 on the data module's held-out labelled set, through clipforge.eval."""
+    """Zero-shot top-1/top-5 on the data module's held-out labelled set, through clipforge.eval.
+
+    Every rank calls it: the held-out set and the class prompts are split over ranks and reduced.
+    """
     classnames = getattr(datamodule, "zeroshot_classnames", None)
-    if not classnames:
+    loader = datamodule.zeroshot_dataloader() if classnames else None
+    if loader is None:
         return {}
-    from clipforge.data.tokenizer import Tokenizer
-    from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
+    from clipforge.eval.zeroshot import zero_shot_eval
 
     device = trainer.strategy.root_device
     model = model.to(device).eval()
-    tokenizer = Tokenizer(context_length=model.text.context_length)
-    classifier = build_zero_shot_classifier(
-        model, tokenizer, classnames, datamodule.zeroshot_templates, device=device
-    )
-    res = evaluate_zero_shot(
-        model, classifier, datamodule.zeroshot_dataloader(), device=device, progress=True
+    res = zero_shot_eval(
+        model,
+        classnames,
+        datamodule.zeroshot_templates,
+        loader,
+        device=device,
+        progress=trainer.is_global_zero,
     )
     return {
         "final/zeroshot_top1": float(res["top1"]),
@@ -118,6 +123,21 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
         "final/zeroshot_chance": 1.0 / len(classnames),
         "final/zeroshot_samples": float(res["num_samples"]),
     }
+
+
+def finish_logger(logger: Any, metrics: dict[str, float], step: int) -> None:
+    """Send the final metrics and close the run, so a later train() in this process starts a new one."""
+    if not logger:
+        return
+    final = {k: v for k, v in metrics.items() if k.startswith("final/")}
+    if final:
+        logger.log_metrics(final, step=step)
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str:

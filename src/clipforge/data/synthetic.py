@@ -13,6 +13,7 @@ can produce any sample, and the same seed always gives the same bytes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class SyntheticSample:
     meta: dict
 
 
+@functools.cache
 def _allowed_pairs(split: str) -> list[tuple[str, str]]:
     held = heldout_pairs()
     pairs = [(s, c) for s in SHAPES for c in COLORS]

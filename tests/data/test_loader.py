@@ -184,3 +184,23 @@ def test_persistent_workers_follow_the_epoch(shards):
     epochs = [[i for b in loader for i in sample_ids(b[2])] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(sum(SIZES)))
     assert epochs[0] != epochs[1] and loader.epoch == 1
+
+
+def test_eval_without_manifest_reads_whole_shards_in_order(shards, tmp_path):
+    urls = [f"pipe:cat {u}" for u in expand_urls(shards)[0]]  # pipe: URLs, no manifest given
+    ds = ShardDataset(
+        [urls],
+        counts=None,
+        batch_size=10,
+        image_size=16,
+        context_length=8,
+        mode="eval",
+        train_transform=False,
+        return_keys=True,
+    )
+    assert ds.num_batches is None
+    batches = epoch(ds)
+    assert sample_ids([k for b in batches for k in b[2]]) == list(range(sum(SIZES)))
+    dm = WebDataModule(shards, val_urls=urls, batch_size=10, num_workers=2, image_size=16, return_keys=True)
+    ids = sample_ids([k for b in dm.val_dataloader() for k in b[2]])
+    assert sorted(ids) == list(range(sum(SIZES)))  # two workers take whole shards in turn

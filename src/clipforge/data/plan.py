@@ -136,6 +136,8 @@ def plan_worker(
 
 def skip_segments(segs: list[Segment], n: int) -> list[Segment]:
     """Drop the first ``n`` samples from a list of segments (whole segments skipped without reading)."""
+    if n == 0:  # also the only skip possible for segments of unknown length (count < 0)
+        return list(segs)
     out = []
     for s in segs:
         if n >= s.count:

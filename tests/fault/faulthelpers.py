@@ -44,10 +44,6 @@ RUN = (
     "data.num_workers=0",
     "callbacks.periodic_checkpoint.every_n_train_steps=3",
 )
-# Random-resized-crop boxes are drawn from a per-worker generator seeded with the resume position, so
-# mid-epoch resumes reproduce sample order but not crops; a crop covering the whole image takes the
-# crop out of the comparison (see docs/resuming.md).
-FIXED_CROP = ("data.scale=[1.0,1.0]",)
 
 
 def fault(action: str, at_step: int, count: int = 1) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from faulthelpers import FIXED_CROP, RUN, assert_same_training_state, fault, final_state, load
+from faulthelpers import RUN, assert_same_training_state, fault, final_state, load
 
 pytestmark = pytest.mark.slow
 
@@ -50,46 +50,39 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
     run = tmp_path_factory.mktemp("baseline")
-    ok(cli(run, data_dir, *FIXED_CROP))
-    return final_state(run)
-
-
-@pytest.fixture(scope="module")
-def baseline_random_crop(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
-    run = tmp_path_factory.mktemp("baseline_crop")
     ok(cli(run, data_dir))
     return final_state(run)
 
 
 def test_sigkill_mid_save_keeps_the_previous_checkpoint(baseline, data_dir: Path, tmp_path: Path) -> None:
-    killed(cli(tmp_path, data_dir, *FIXED_CROP, *fault("sigkill_in_save", 6)))
+    killed(cli(tmp_path, data_dir, *fault("sigkill_in_save", 6)))
     ckpts = tmp_path / "checkpoints"
     partial = ckpts / "periodic-step0000006.ckpt.tmp"
     assert partial.is_file() and not (ckpts / "periodic-step0000006.ckpt").exists()
     assert os.readlink(ckpts / "last.ckpt") == "periodic-step0000003.ckpt"  # still a valid link
     assert load(ckpts / "last.ckpt")["global_step"] == 3
-    proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, "ckpt_path=auto"))
+    proc = ok(cli(tmp_path, data_dir, "ckpt_path=auto"))
     assert "step0000004.ckpt (step 4)" in proc.stderr + proc.stdout  # the validation checkpoint at step 4
     assert_same_training_state(baseline, final_state(tmp_path))
 
 
-def test_sigkill_mid_epoch_with_random_crops_resumes_exactly_from_an_epoch_boundary(
-    baseline_random_crop, data_dir: Path, tmp_path: Path
+def test_sigkill_after_a_step_resumes_from_the_validation_checkpoint(
+    baseline, data_dir: Path, tmp_path: Path
 ) -> None:
-    # Killed after step 5 (epoch 2, batch 1); the newest checkpoint is the end of epoch 1 (step 4), from
-    # which the data stream, crops included, restarts exactly.
+    # Killed after step 5 (epoch 2, batch 1), before its checkpoints; the newest is the end of epoch 1.
     killed(cli(tmp_path, data_dir, *fault("sigkill_batch_end", 5)))
-    ok(cli(tmp_path, data_dir, "ckpt_path=auto"))
-    assert_same_training_state(baseline_random_crop, final_state(tmp_path))
+    proc = ok(cli(tmp_path, data_dir, "ckpt_path=auto"))
+    assert "step0000004.ckpt (step 4)" in proc.stderr + proc.stdout
+    assert_same_training_state(baseline, final_state(tmp_path))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     baseline, data_dir: Path, tmp_path: Path
 ) -> None:
-    killed(cli(tmp_path, data_dir, *FIXED_CROP, *fault("sigkill_batch_end", 7)))
+    killed(cli(tmp_path, data_dir, *fault("sigkill_batch_end", 7)))
     newest = tmp_path / "checkpoints" / "periodic-step0000006.ckpt"
     newest.write_bytes(newest.read_bytes()[:1000])  # e.g. a copy cut short
-    proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, "ckpt_path=auto"))
+    proc = ok(cli(tmp_path, data_dir, "ckpt_path=auto"))
     out = proc.stderr + proc.stdout
     assert "auto-resume skips" in out and "periodic-step0000006.ckpt" in out
     assert "step0000004.ckpt (step 4)" in out
@@ -103,11 +96,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
 def test_preemption_signal_saves_exits_cleanly_and_resumes(
     baseline, data_dir: Path, tmp_path: Path, action: str, step: int
 ) -> None:
-    proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, *fault(action, 4)))  # exit status 0
+    proc = ok(cli(tmp_path, data_dir, *fault(action, 4)))  # exit status 0
     preempt = tmp_path / "checkpoints" / f"preempt-step{step:07d}.ckpt"
     assert load(preempt)["global_step"] == step
     assert "clipforge run summary" not in proc.stdout  # left at once: no end-of-training work
-    proc = ok(cli(tmp_path, data_dir, *FIXED_CROP, "ckpt_path=auto"))
+    proc = ok(cli(tmp_path, data_dir, "ckpt_path=auto"))
     assert f"{preempt.name} (step {step})" in proc.stderr + proc.stdout
     assert_same_training_state(baseline, final_state(tmp_path))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,6 @@ import pytest
 import torch
 import yaml
 from faulthelpers import (
-    FIXED_CROP,
     RUN,
     StepRecorder,
     assert_same_training_state,
@@ -54,19 +54,17 @@ def run_cfg(compose_cfg, fault_data_dir: Path) -> Callable[..., DictConfig]:
 
 def test_sigkill_mid_step_then_auto_resume_matches_the_uninterrupted_run(run_cfg, tmp_path: Path) -> None:
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
-    train(run_cfg(base_dir, *FIXED_CROP))
+    train(run_cfg(base_dir))
 
     # Killed after the backward of step 8, before its update; the newest checkpoint is step 6 (mid-epoch).
-    status = run_forked(
-        lambda: train(run_cfg(run_dir, *FIXED_CROP, *fault("sigkill_before_optimizer_step", 7)))
-    )
+    status = run_forked(lambda: train(run_cfg(run_dir, *fault("sigkill_before_optimizer_step", 7))))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "periodic-step0000006.ckpt" in names and not any(
         "step0000007" in n or "step0000008" in n for n in names
     )
 
-    _, objs = train(run_cfg(run_dir, *FIXED_CROP, "ckpt_path=auto"))
+    _, objs = train(run_cfg(run_dir, "ckpt_path=auto"))
     trainer = objs["trainer"]
     assert Path(trainer.ckpt_path).name == "periodic-step0000006.ckpt"
     assert trainer.global_step == 10
@@ -97,10 +95,18 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on(run_cfg, tmp_path: Pa
 
 def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(run_cfg, tmp_path: Path) -> None:
     cfg = run_cfg(tmp_path, *fault("nan_batch", 3, count=3), "callbacks.nonfinite_guard.max_consecutive=3")
-    with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(4\.\.6\)") as err:
-        train(cfg)
     ckpt = tmp_path / "checkpoints" / "nonfinite-step0000006.ckpt"
-    assert str(ckpt) in str(err.value)
+
+    def diverge_then_sigterm() -> None:
+        with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(4\.\.6\)") as err:
+            train(cfg)
+        assert str(ckpt) in str(err.value)
+        # The run is over: SIGTERM must terminate again, not set a stale preemption flag.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    status = run_forked(diverge_then_sigterm)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
     stopped, before = load(ckpt), load(tmp_path / "checkpoints" / "periodic-step0000003.ckpt")
     assert stopped["global_step"] == 6
     # Nothing of steps 4-6 was applied: weights and optimizer moments are those after step 3.

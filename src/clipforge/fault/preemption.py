@@ -67,10 +67,21 @@ class PreemptionCheckpoint(Callback):
         self.received: signal.Signals | None = None
         self.preempted_at: str | None = None  # path of the preemption checkpoint once written
         self._previous: dict[signal.Signals, Any] = {}
+        self._active = False
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum)
-        previous = self._previous.get(self.received)
+        sig = signal.Signals(signum)
+        previous = self._previous.get(sig, signal.SIG_DFL)
+        if not self._active:
+            # Left installed after fit ended by an exception (Lightning's teardown re-installs the handlers
+            # it found, ours among them): behave as if we had never been there.
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            return
+        self.received = sig
         if callable(previous):  # keep whatever was installed before us (e.g. a launcher's handler)
             previous(signum, frame)
 
@@ -82,13 +93,14 @@ class PreemptionCheckpoint(Callback):
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler)
+        self._active = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._active = False
         if threading.current_thread() is not threading.main_thread():
             return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -104,6 +116,7 @@ class PreemptionCheckpoint(Callback):
         # SIGTERM during validation: Lightning stops at the next validation batch, before any train batch end.
         if isinstance(exception, SIGTERMException) and self.received is not None:
             self._checkpoint(trainer)
+        self._active = False  # fit is over: a later signal gets its previous behaviour back
 
     def _checkpoint(self, trainer: L.Trainer) -> None:
         if self.preempted_at is not None:

@@ -51,14 +51,15 @@ def test_loaders_shapes_labels_and_heldout_split(tmp_path):
     val = list(dm.val_dataloader())
     assert sum(len(b[2]) for b in val) == 20
     tok = Tokenizer(24)
-    held = synthetic.heldout_pairs()
+    held = synthetic.heldout_combos("tuples")
     for text in (tok.decode(t) for b in val for t in b[1]):
         shape = next(s for s in synthetic.SHAPES if s in text)
-        color = next((c for c in synthetic.COLORS if c in text), None)
-        assert color is None or (shape, color) in held
+        assert any(t[0] == shape for t in held)
+    metas = [synthetic.make_sample(i, "heldout", 16).meta for i in range(20)]
+    assert all((m["shape"], m["color"], m["size"], m["position"]) in held for m in metas)
     zs = list(dm.zeroshot_dataloader())
     labels = torch.cat([b[1] for b in zs])
-    expected = [synthetic.make_sample(i, "heldout", 16).meta["label"] for i in range(20)]
+    expected = [m["label"] for m in metas]
     assert labels.tolist() == expected  # eval order is shard order
     assert dm.zeroshot_classnames == list(synthetic.SHAPES) and dm.zeroshot_templates
 
@@ -67,3 +68,4 @@ def test_same_data_for_any_training_seed(tmp_path):
     a, b = make(tmp_path, seed=0), make(tmp_path, seed=5)
     assert a.root == b.root
     assert make(tmp_path, data_seed=1).root != a.root
+    assert make(tmp_path, holdout="pairs").root != a.root

@@ -1,4 +1,7 @@
+import itertools
+
 import numpy as np
+import pytest
 
 from clipforge.data import synthetic
 
@@ -12,16 +15,35 @@ def test_same_seed_same_pixels_and_caption():
     assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
 
 
-def test_heldout_pairs_never_in_training_and_only_in_heldout():
-    held = synthetic.heldout_pairs()
-    assert len(held) == 2 * len(synthetic.SHAPES)
-    train = [synthetic.make_sample(i, "train", 16).meta for i in range(600)]
-    heldout = [synthetic.make_sample(i, "heldout", 16).meta for i in range(200)]
-    assert all((m["shape"], m["color"]) not in held for m in train)
-    assert all((m["shape"], m["color"]) in held for m in heldout)
-    # training still shows every shape and every colour, just not in the held-out combinations
+def combo(meta):
+    return (meta["shape"], meta["color"], meta["size"], meta["position"])
+
+
+@pytest.mark.parametrize("holdout", synthetic.HOLDOUTS)
+def test_heldout_combinations_never_in_training_and_only_in_heldout(holdout):
+    held = synthetic.heldout_combos(holdout)
+    train = [synthetic.make_sample(i, "train", 16, holdout=holdout).meta for i in range(800)]
+    heldout = [synthetic.make_sample(i, "heldout", 16, holdout=holdout).meta for i in range(200)]
+    assert not any(combo(m) in held for m in train)
+    assert all(combo(m) in held for m in heldout)
+    assert {m["shape"] for m in heldout} == set(synthetic.SHAPES)  # every class is tested
     assert {m["shape"] for m in train} == set(synthetic.SHAPES)
     assert {m["color"] for m in train} == set(synthetic.COLORS)
+
+
+def test_tuple_holdout_keeps_every_attribute_pair_in_training():
+    held = synthetic.heldout_combos("tuples")
+    combos = list(itertools.product(synthetic.SHAPES, synthetic.COLORS, synthetic.SIZES, synthetic.POSITIONS))
+    assert len(held) == len(combos) // 8
+    train = [t for t in combos if t not in held]
+    for i, j in itertools.combinations(range(4), 2):
+        seen = {(t[i], t[j]) for t in train}
+        assert len(seen) == len({(t[i], t[j]) for t in combos})  # no pair of values is missing
+
+
+def test_pair_holdout_removes_two_colours_per_shape():
+    held = {(t[0], t[1]) for t in synthetic.heldout_combos("pairs")}
+    assert held == synthetic.heldout_pairs() and len(held) == 2 * len(synthetic.SHAPES)
 
 
 def test_zeroshot_labels_index_classnames_and_prompts_share_caption_words():

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", choices=["tuples", "pairs"], default="tuples", help="held-out combinations")
     p = sub.add_parser("manifest", help="count samples of existing shards and write manifest.json")
     p.add_argument("directory")
     return parser
@@ -97,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         records = img2dataset_records(args.source, skipped)
         params = {"source": "img2dataset", "path": str(args.source)}
     else:
-        records = synthetic_records(args.split, args.num_samples, args.image_size, args.seed)
+        records = synthetic_records(args.split, args.num_samples, args.image_size, args.seed, args.holdout)
         params = {
             "generator": "clipforge.data.synthetic",
             "split": args.split,
             "num_samples": args.num_samples,
             "image_size": args.image_size,
             "seed": args.seed,
+            "holdout": args.holdout,
         }
         total = args.num_samples
     counts = write_shards(

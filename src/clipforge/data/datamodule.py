@@ -332,8 +332,9 @@ class SyntheticShardsDataModule(WebDataModule):
     """The procedural data set of :mod:`clipforge.data.synthetic`, written once to WebDataset shards
     under ``root`` (with a progress bar) and then read like any other shards.
 
-    Validation pairs and zero-shot images both come from the held-out split, whose (shape, colour)
-    pairs never occur in training; ``zeroshot_classnames``/``zeroshot_templates`` classify the shape.
+    Validation pairs and zero-shot images both come from the held-out split, whose attribute combinations
+    (``holdout``: see :mod:`clipforge.data.synthetic`) never occur in training;
+    ``zeroshot_classnames``/``zeroshot_templates`` classify the shape.
     ``data_seed`` fixes the generated images (the same data set for every training ``seed``); ``seed``
     drives shuffling and augmentation.
     """
@@ -350,6 +351,7 @@ class SyntheticShardsDataModule(WebDataModule):
         context_length: int = 32,
         seed: int = 0,
         data_seed: int = 0,
+        holdout: str = "tuples",
         resampled: bool = False,
         epoch_samples: int | None = None,
         shuffle_buffer: int = 1000,
@@ -360,8 +362,10 @@ class SyntheticShardsDataModule(WebDataModule):
         pin_memory: bool | None = None,
         return_keys: bool = False,
     ) -> None:
-        self.root = Path(root) / f"synthetic-{image_size}px-seed{data_seed}"
-        self.data_seed = data_seed
+        if holdout not in synthetic.HOLDOUTS:
+            raise ValueError(f"holdout must be one of {synthetic.HOLDOUTS}, got {holdout!r}")
+        self.root = Path(root) / f"synthetic-{holdout}-{image_size}px-seed{data_seed}"
+        self.data_seed, self.holdout = data_seed, holdout
         self.num_train, self.num_heldout, self.samples_per_shard = num_train, num_heldout, samples_per_shard
         classnames, templates = synthetic.zeroshot_task()
         super().__init__(
@@ -398,6 +402,7 @@ class SyntheticShardsDataModule(WebDataModule):
             "num_samples": n,
             "image_size": self.image_size,
             "seed": self.data_seed,
+            "holdout": self.holdout,
             "samples_per_shard": self.samples_per_shard,
         }
 
@@ -413,7 +418,7 @@ class SyntheticShardsDataModule(WebDataModule):
             if out.exists():
                 shutil.rmtree(out)
             write_shards(
-                synthetic_records(split, n, self.image_size, self.data_seed),
+                synthetic_records(split, n, self.image_size, self.data_seed, self.holdout),
                 out,
                 max_count=self.samples_per_shard,
                 params=params,

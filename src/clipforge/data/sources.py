@@ -146,7 +146,9 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
             log.warning("stopped reading a shard under %s: %s", root, e)
 
 
-def synthetic_records(split: str, num_samples: int, image_size: int = 32, seed: int = 0) -> Iterator[Record]:
+def synthetic_records(
+    split: str, num_samples: int, image_size: int = 32, seed: int = 0, holdout: str = "tuples"
+) -> Iterator[Record]:
     """Records of the synthetic generator; the json carries the attributes and the zero-shot ``label``."""
-    for s in synthetic.generate(split, num_samples, image_size, seed):
+    for s in synthetic.generate(split, num_samples, image_size, seed, holdout):
         yield Record(key=s.key, image=s.image, caption=s.caption, meta=s.meta)

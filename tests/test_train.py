@@ -57,3 +57,24 @@ def test_default_run_learns_above_chance(compose_cfg, loss: str) -> None:
     cfg = compose_cfg(f"loss={loss}", "logger=none")
     metrics, _ = train(cfg)
     assert metrics["final/zeroshot_top1"] > 2 * metrics["final/zeroshot_chance"]
+
+
+def test_init_from_loads_weights_at_another_image_size(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("trainer.max_steps=2", *FAST)
+    _, objs = train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    src = objs["module"].model
+    from clipforge.checkpoint import build_model, init_from
+
+    cfg48 = compose_cfg("model.vision.img_size=48")
+    model = init_from(build_model(cfg48.model, cfg48.loss), last)
+    assert model.visual.pos_embed.shape[1] == 1 + 12 * 12
+    torch.testing.assert_close(model.visual.patch_embed.weight, src.visual.patch_embed.weight.cpu())
+    torch.testing.assert_close(model.text.token_embedding.weight, src.text.token_embedding.weight.cpu())
+    # The CLS position is carried over unchanged; the patch grid is resampled, not copied.
+    torch.testing.assert_close(model.visual.pos_embed[:, 0], src.visual.pos_embed[:, 0].cpu())
+
+
+def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))

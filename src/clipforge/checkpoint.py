@@ -39,6 +39,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from e
 
 
+def model_state_dict(ckpt: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights (without the ``model.`` prefix) from a clipforge checkpoint dict."""
+    if "state_dict" not in ckpt:
+        raise ValueError(f"{path} has no state_dict: was it written by clipforge (train or convert import)?")
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def init_from(model: CLIP, path: str | Path) -> CLIP:
+    """Initialise ``model`` from a clipforge checkpoint's weights (training state is not restored).
+
+    Position embeddings are resampled when the image size or text context differs, so a model can be
+    fine-tuned at another resolution; any other shape or key mismatch is an error naming the keys.
+    """
+    from clipforge.models.convert import load_state_dict_resized
+
+    load_state_dict_resized(model, model_state_dict(load_checkpoint(path), path))
+    return model
+
+
 def load_model(path: str | Path) -> tuple[CLIP, dict[str, Any]]:
     """(model in eval mode, resolved config dict) from a clipforge ``.ckpt``."""
     ckpt = load_checkpoint(path)
@@ -46,6 +65,5 @@ def load_model(path: str | Path) -> tuple[CLIP, dict[str, Any]]:
     if not cfg or "model" not in cfg:
         raise ValueError(f"{path} has no clipforge config: was it written by clipforge's trainer?")
     model = build_model(cfg["model"], cfg.get("loss"))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    model.load_state_dict(model_state_dict(ckpt, path))
     return model.eval(), cfg

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clipforge.checkpoint import build_model
+from clipforge.checkpoint import build_model, init_from
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.module import ContrastiveModule
 
@@ -45,6 +45,8 @@ def instantiate_logger(cfg: DictConfig | None) -> Any:
 
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file")
     if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
 
@@ -62,6 +64,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
     model = build_model(cfg.model, cfg.loss)
+    if cfg.get("init_from"):
+        init_from(model, cfg.init_from)
     if cfg.get("compile"):
         # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model;
         # each tower, because the module calls encode_image/encode_text (it logs the raw feature norms).
@@ -152,11 +156,12 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
             f"(chance {100 * metrics['final/zeroshot_chance']:.1f}%, "
             f"{int(metrics['final/zeroshot_samples'])} images), top-5: {100 * metrics['final/zeroshot_top5']:.1f}%"
         )
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
-        lines.append(f"checkpoint (last): {ckpt_cb.last_model_path}")
-        if ckpt_cb.best_model_path:
-            lines.append(f"checkpoint (best): {ckpt_cb.best_model_path}")
+    last = next((p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "last_model_path", ""))), "")
+    best = next((p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "best_model_path", ""))), "")
+    if last:
+        lines.append(f"checkpoint (last): {last}")
+    if best:
+        lines.append(f"checkpoint (best): {best}")
     if logger:
         run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(
             logger, "log_dir", None

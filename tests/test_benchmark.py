@@ -38,7 +38,6 @@ def _two_steps(fused_attn: bool, foreach: bool, precision: str, loss: str = "cli
     images = torch.randn(6, 3, cfg.model.vision.img_size, cfg.model.vision.img_size, generator=g)
     tokens = torch.randint(1, 49407, (6, cfg.model.text.context_length), generator=g)
     tokens[:, -1] = 49407
-    losses = []
     step = make_step(
         model,
         loss_fn,
@@ -47,18 +46,39 @@ def _two_steps(fused_attn: bool, foreach: bool, precision: str, loss: str = "cli
         compile_=False,
         optim_impl="foreach" if foreach else "loop",
     )
-    for _ in range(2):
-        losses.append(step(images, tokens).float())
+    losses = [step(images, tokens).float() for _ in range(2)]
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
 def test_fused_attention_step_equals_math_step() -> None:
+    """SDPA + foreach AdamW against explicit-softmax attention + the per-parameter AdamW loop."""
     l1, p1 = _two_steps(fused_attn=True, foreach=True, precision="fp32")
     l2, p2 = _two_steps(fused_attn=False, foreach=False, precision="fp32")
     for a, b in zip(l1, l2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Adam divides by sqrt(v): a gradient of ~1e-9 and its float32 twin can move a weight by a sizeable
+    # fraction of lr (1e-4) in opposite directions, so the weights agree to a small part of two lr steps.
     for a, b in zip(p1, p2, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=0)
+
+
+def test_fused_attention_gradients_equal_math_gradients() -> None:
+    grads = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cfg = compose_model_cfg("tiny", "siglip")
+        model = build_model(cfg.model, cfg.loss)
+        for m in model.modules():
+            if hasattr(m, "fused"):
+                m.fused = fused
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(6, 3, cfg.model.vision.img_size, cfg.model.vision.img_size, generator=g)
+        tokens = torch.randint(1, 49407, (6, cfg.model.text.context_length), generator=g)
+        out = model(images, tokens)
+        instantiate(cfg.loss)(**out).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

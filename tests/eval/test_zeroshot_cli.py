@@ -150,7 +150,7 @@ def test_clipforge_checkpoint_on_synthetic_heldout(tmp_path):
     from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
 
     ds = SyntheticHeldoutDataset(12, eval_transform(32))
-    w = build_zero_shot_classifier(model, Tokenizer(32), ds.classnames, ds.templates)
+    w = build_zero_shot_classifier(model, Tokenizer(model.text.context_length), ds.classnames, ds.templates)
     ref = evaluate_zero_shot(model, w, torch.utils.data.DataLoader(ds, batch_size=5))
     assert res["confusion"] == ref["confusion"].tolist()
 

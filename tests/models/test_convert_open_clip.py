@@ -161,7 +161,7 @@ def test_export_is_loaded_by_open_clip_with_equal_embeddings(tmp_path: Path) -> 
         "open_clip_model.safetensors",
     }
     assert json.loads(paths["config"].read_text())["preprocess_cfg"]["size"] == 32
-    images, text = torch.randn(2, 3, 32, 32), tokens(2, 32, vocab=49408)
+    images, text = torch.randn(2, 3, 32, 32), tokens(2, model.text.context_length, vocab=49408)
     from_dir = open_clip.create_model(f"local-dir:{paths['config'].parent}").eval()
     assert_same_clip(model, from_dir, images, text)
     open_clip.add_model_config(paths["model_config"])
@@ -203,13 +203,14 @@ def test_import_at_another_image_size_resamples_the_position_grid(tmp_path: Path
     model = tiny_clip_from_conf()
     export_open_clip(model, tmp_path)
     bigger = load_open_clip_checkpoint(tmp_path, img_size=48)  # 8x8 -> 12x12 patches of 4 px
-    assert bigger.visual.img_size == 48 and bigger.visual.pos_embed.shape == (1, 1 + 144, 128)
+    width = model.visual.embed_dim
+    assert bigger.visual.img_size == 48 and bigger.visual.pos_embed.shape == (1, 1 + 144, width)
     expected = resample_pos_embed(model.visual.pos_embed.detach(), 12, num_prefix_tokens=1)
     assert torch.allclose(bigger.visual.pos_embed, expected)
     assert torch.equal(bigger.visual.pos_embed[:, 0], model.visual.pos_embed[:, 0])  # CLS untouched
     with torch.no_grad():
-        assert bigger.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 128)
-        t = tokens(2, 32, vocab=49408)
+        assert bigger.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, model.embed_dim)
+        t = tokens(2, model.text.context_length, vocab=49408)
         assert torch.equal(bigger.encode_text(t), model.encode_text(t))
 
 

@@ -23,7 +23,8 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
     exported = main(["export", "--model", "tiny", "--seed", "3", "--out", str(tmp_path / "oc")])
     original = build_fresh("tiny", seed=3)
     reference = open_clip.create_model(f"local-dir:{exported['config'].parent}").eval()
-    images, text = torch.randn(2, 3, 32, 32), tokens(2, 32, vocab=49408)
+    images = torch.randn(2, 3, 32, 32)
+    text = tokens(2, original.text.context_length, vocab=49408)
     with torch.no_grad():
         check_parity(original.encode_image(images), reference.encode_image(images))
         check_parity(original.encode_text(text), reference.encode_text(text))

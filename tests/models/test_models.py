@@ -228,8 +228,8 @@ def test_tiny_config_is_small_and_runs() -> None:
     torch.manual_seed(0)
     model = instantiate(OmegaConf.load(CONF / "tiny.yaml")).eval()
     assert count_params(model) - model.text.token_embedding.weight.numel() < 2_000_000
-    assert model.visual.img_size == 32 and model.text.context_length == 32
+    assert model.visual.img_size == 32 and model.text.context_length == 20
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 32, 32), tokens(2, 32, vocab=49408))
-    assert out["image_features"].shape == out["text_features"].shape == (2, 128)
+        out = model(torch.randn(2, 3, 32, 32), tokens(2, 20, vocab=49408))
+    assert out["image_features"].shape == out["text_features"].shape == (2, 96)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2))

@@ -112,3 +112,21 @@ def test_missing_checkpoint_fails_before_anything_runs(compose_cfg, tmp_path: Pa
     cfg = compose_cfg(f"ckpt_path={missing}")
     with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
         train(cfg)
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes_and_builds(compose_cfg, name: str) -> None:
+    cfg = compose_cfg(f"experiment={name}", "data.train_urls='/tmp/x-{000000..000001}.tar'")
+    assert cfg.data._target_.endswith("WebDataModule") and "DDP" in cfg.trainer.strategy._target_
+    assert cfg.loss._target_.split(".")[-1].lower().startswith(name.split("_")[0])
+    assert instantiate(cfg.loss) is not None and instantiate(cfg.data) is not None
+    with torch.device("meta"):  # full-size towers: shapes only
+        model = build_model(cfg.model, cfg.loss)
+    assert (model.logit_bias is not None) == (name.startswith("siglip"))
+
+
+@pytest.mark.parametrize("name", options("debug"))
+def test_every_debug_config_composes(compose_cfg, name: str) -> None:
+    cfg = compose_cfg(f"debug={name}")
+    assert cfg.trainer.max_steps <= 10
+    assert not cfg.get("logger")

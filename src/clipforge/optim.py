@@ -9,7 +9,6 @@ token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,15 +26,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def build_optimizer(
-    model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer]
-) -> torch.optim.Optimizer:
-    """``optimizer`` is a partial (Hydra ``_partial_: true``) whose ``weight_decay`` we route to groups."""
-    kwargs = dict(getattr(optimizer, "keywords", {}))
-    wd = kwargs.get("weight_decay", 0.0)
-    return optimizer(param_groups(model, wd))
 
 
 def warmup_cosine(
@@ -62,7 +52,3 @@ def warmup_cosine(
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     del total_steps  # same signature as warmup_cosine so configs swap freely
     return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-
-
-def lrs(optimizer: torch.optim.Optimizer) -> Iterable[float]:
-    return (g["lr"] for g in optimizer.param_groups)

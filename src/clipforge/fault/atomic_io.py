@@ -36,6 +36,15 @@ class CorruptCheckpointError(RuntimeError):
     """The file is truncated, not a torch checkpoint, or lacks what resuming needs."""
 
 
+def checkpoint_dir(trainer: Any, dirpath: str | None = None) -> str:
+    """Where an out-of-band checkpoint (preemption, divergence) goes: ``dirpath``, else the main
+    checkpoint callback's directory, else ``<default_root_dir>/checkpoints``."""
+    if dirpath is not None:
+        return dirpath
+    ckpt_cb = trainer.checkpoint_callback
+    return getattr(ckpt_cb, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+
+
 def fsync_dir(path: str | Path) -> None:
     """Persist a rename: the directory entry, not only the file data, must reach the disk."""
     if os.name != "posix":

@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from clipforge.fault.atomic_io import checkpoint_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -105,12 +107,7 @@ class NonFiniteGuard(Callback):
             self._stop(trainer, step)
 
     def _stop(self, trainer: L.Trainer, step: int) -> None:
-        dirpath = self.dirpath
-        if dirpath is None:
-            ckpt_cb = trainer.checkpoint_callback
-            dirpath = getattr(ckpt_cb, "dirpath", None) or os.path.join(
-                trainer.default_root_dir, "checkpoints"
-            )
+        dirpath = checkpoint_dir(trainer, self.dirpath)
         path = os.path.join(dirpath, f"nonfinite-step{step:07d}.ckpt")
         trainer.save_checkpoint(path)
         raise NonFiniteError(

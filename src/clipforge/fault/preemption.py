@@ -25,6 +25,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from clipforge.fault.atomic_io import checkpoint_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -121,12 +123,7 @@ class PreemptionCheckpoint(Callback):
     def _checkpoint(self, trainer: L.Trainer) -> None:
         if self.preempted_at is not None:
             return
-        dirpath = self.dirpath
-        if dirpath is None:
-            ckpt_cb = trainer.checkpoint_callback
-            dirpath = getattr(ckpt_cb, "dirpath", None) or os.path.join(
-                trainer.default_root_dir, "checkpoints"
-            )
+        dirpath = checkpoint_dir(trainer, self.dirpath)
         path = os.path.join(dirpath, f"preempt-step{trainer.global_step:07d}.ckpt")
         trainer.save_checkpoint(path)
         self.preempted_at = path

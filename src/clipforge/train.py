@@ -109,18 +109,30 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
     loader = datamodule.zeroshot_dataloader() if classnames else None
     if loader is None:
         return {}
+    from clipforge.eval.callbacks import ZeroShotCallback
     from clipforge.eval.zeroshot import zero_shot_eval
 
-    device = trainer.strategy.root_device
-    model = model.to(device).eval()
-    res = zero_shot_eval(
-        model,
-        classnames,
-        datamodule.zeroshot_templates,
-        loader,
-        device=device,
-        progress=trainer.is_global_zero,
+    # The zero-shot callback usually evaluated these very weights at the last epoch end: reuse it.
+    res = next(
+        (
+            cb.last_result
+            for cb in trainer.callbacks
+            if isinstance(cb, ZeroShotCallback)
+            and cb.last_result_step == trainer.global_step
+            and "top5" in (cb.last_result or {})
+        ),
+        None,
     )
+    if res is None:
+        device = trainer.strategy.root_device
+        res = zero_shot_eval(
+            model.to(device).eval(),
+            classnames,
+            datamodule.zeroshot_templates,
+            loader,
+            device=device,
+            progress=trainer.is_global_zero,
+        )
     return {
         "final/zeroshot_top1": float(res["top1"]),
         "final/zeroshot_top5": float(res["top5"]),

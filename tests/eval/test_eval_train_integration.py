@@ -37,3 +37,17 @@ def test_training_callbacks_and_final_eval_agree(compose_cfg, tmp_path):
     assert metrics["val/i2t_r10"] >= metrics["val/i2t_r1"]
     zs = next(cb for cb in objects["trainer"].callbacks if type(cb).__name__ == "ZeroShotCallback")
     assert int(zs.last_result["confusion"].sum()) == 48
+    # train() reused the callback's result for these weights; an independent evaluation agrees with it,
+    # and a result from another step is not reused.
+    from clipforge.eval.zeroshot import zero_shot_eval
+    from clipforge.train import final_zero_shot
+
+    dm, model = objects["datamodule"], objects["module"].model.eval()
+    fresh = zero_shot_eval(model, dm.zeroshot_classnames, dm.zeroshot_templates, dm.zeroshot_dataloader())
+    assert fresh["top1"] == pytest.approx(metrics["final/zeroshot_top1"])
+    assert fresh["top5"] == pytest.approx(metrics["final/zeroshot_top5"])
+    stale = zs.last_result
+    zs.last_result_step -= 1
+    zs.last_result = {**stale, "top1": -1.0}
+    again = final_zero_shot(model, dm, objects["trainer"])
+    assert again["final/zeroshot_top1"] == pytest.approx(metrics["final/zeroshot_top1"])

@@ -102,6 +102,7 @@ class ZeroShotCallback(_PeriodicEval):
         self.precision = precision
         self.progress = progress
         self.last_result: dict[str, Any] | None = None
+        self.last_result_step = -1  # trainer.global_step at which last_result was computed
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         dm = trainer.datamodule
@@ -132,7 +133,7 @@ class ZeroShotCallback(_PeriodicEval):
             _log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
         if trainer.is_global_zero and (self.log_confusion or self.save_dir):
             self._confusion_picture(trainer, res, list(classnames))
-        self.last_result = res
+        self.last_result, self.last_result_step = res, trainer.global_step
         return res
 
     def _confusion_picture(self, trainer: L.Trainer, res: dict[str, Any], classnames: list[str]) -> None:

@@ -284,3 +284,17 @@ def cli_tokenizer(model):
     from clipforge.data.tokenizer import Tokenizer
 
     return Tokenizer(model.text.context_length)
+
+
+def test_cli_writes_results_into_hydra_run_dir(tmp_path, color_model, monkeypatch):
+    # `hydra.run.dir=` (not only `output_dir=`) must move results.json and the picture beside the log
+    root = make_color_folder(tmp_path / "ds", {"red": [RED], "green": [GREEN], "blue": [BLUE]})
+    run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    argv = ["clipforge-zeroshot", "eval/dataset=imagefolder", f"eval.dataset.root={root}"]
+    argv += ["num_workers=0", "progress=false", f"hydra.run.dir={run_dir}"]
+    monkeypatch.setattr("sys.argv", argv)
+    cli.main()
+    assert json.loads((run_dir / "results.json").read_text())["top1"] == 1.0
+    assert (run_dir / "confusion.png").exists()
+    assert not (tmp_path / "outputs").exists()

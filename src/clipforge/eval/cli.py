@@ -287,8 +287,18 @@ def _train_split_node(test_node: DictConfig, overrides: Any) -> DictConfig:
     return node
 
 
+def _output_dir(cfg: DictConfig) -> Path:
+    """Hydra's run directory when launched through Hydra (so ``hydra.run.dir=`` and ``output_dir=`` both
+    move every output, the log included), else ``cfg.output_dir`` for programmatic calls."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.output_dir)
+
+
 def _write_json(cfg: DictConfig, results: dict[str, Any], name: str) -> None:
-    out_dir = Path(cfg.output_dir)
+    out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / name).write_text(json.dumps(results, indent=2))
     results["results_file"] = str(out_dir / name)
@@ -349,7 +359,7 @@ def _results_dict(
 
 def _write_outputs(cfg: DictConfig, results: dict[str, Any], res: dict[str, Any]) -> None:
     _write_json(cfg, results, "results.json")
-    out_dir = Path(cfg.output_dir)
+    out_dir = _output_dir(cfg)
     if cfg.get("save_confusion", True):
         from clipforge.eval.plots import confusion_matrix_figure, save_figure
 

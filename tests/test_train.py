@@ -79,3 +79,34 @@ def test_init_from_loads_weights_at_another_image_size(compose_cfg, tmp_path: Pa
 def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))
+
+
+def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cfg) -> None:
+    from hydra.utils import instantiate
+
+    synthetic = instantiate(compose_cfg().data)
+    synthetic.prepare_data()  # the shared synthetic shards, read here as plain user shards
+    cfg = compose_cfg(
+        "data=wds",
+        f"data.train_urls='{synthetic.train_urls}'",
+        "data.batch_size=16",
+        "data.shuffle_buffer=64",
+        "trainer.max_steps=3",
+        *FAST,
+    )
+    metrics, objs = train(cfg)
+    trainer = objs["trainer"]
+    assert trainer.global_step == 3 and math.isfinite(metrics["train/loss"])
+    assert trainer.limit_val_batches == 0
+    assert not [cb for cb in trainer.checkpoint_callbacks if str(cb.monitor or "").startswith("val/")]
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+    assert objs["datamodule"].num_workers >= 1  # data.num_workers=null: chosen from the CPUs
+
+
+def test_auto_num_workers() -> None:
+    from clipforge.data.datamodule import auto_num_workers
+
+    assert auto_num_workers(0) == 0 and auto_num_workers(3) == 3
+    assert 1 <= auto_num_workers(None) <= 8 and auto_num_workers(None, cap=1) == 1
+    with pytest.raises(ValueError, match="num_workers"):
+        auto_num_workers(-1)

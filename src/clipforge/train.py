@@ -77,10 +77,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         model, loss, instantiate(cfg.optimizer), scheduler, config=config
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    extra: dict[str, Any] = {}
+    if not getattr(datamodule, "has_validation", True):
+        # No held-out pairs (e.g. data=wds without val_urls): no validation loop, and no "best by
+        # val/..." checkpoint that could never be chosen; periodic and last checkpoints still happen.
+        extra["limit_val_batches"] = 0
+        dropped = [cb for cb in callbacks if str(getattr(cb, "monitor", None) or "").startswith("val/")]
+        callbacks = [cb for cb in callbacks if not any(cb is d for d in dropped)]
+        if dropped:
+            log.info(
+                "no validation set (data.val_urls is null): not keeping a best-by-%s checkpoint",
+                ", ".join(sorted({str(cb.monitor) for cb in dropped})),
+            )
     logger = instantiate_logger(cfg.get("logger"))
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()], **extra
     )
     if logger:
         logger.log_hyperparams(config)
@@ -169,7 +181,16 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
             f"{int(metrics['final/zeroshot_samples'])} images), top-5: {100 * metrics['final/zeroshot_top5']:.1f}%"
         )
     last = next((p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "last_model_path", ""))), "")
-    best = next((p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "best_model_path", ""))), "")
+    # "best" only from a callback that ranks by a metric (the periodic one ranks by step)
+    best = next(
+        (
+            p
+            for cb in trainer.checkpoint_callbacks
+            if getattr(cb, "monitor", None) not in (None, "step")
+            and (p := getattr(cb, "best_model_path", ""))
+        ),
+        "",
+    )
     if last:
         lines.append(f"checkpoint (last): {last}")
     if best:

@@ -16,6 +16,7 @@ without opening them, and at most one shuffle block re-read (see :mod:`clipforge
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,6 +116,21 @@ def _listify(x):
     return [str(u) for u in x]
 
 
+def auto_num_workers(requested: int | None, cap: int = 8) -> int:
+    """``requested`` if given, else the CPUs this process may use shared among the GPUs of the node
+    (one training process per GPU), capped at ``cap``; at least 1."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"data.num_workers must be >= 0 or null (auto), got {requested}")
+        return int(requested)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    procs = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return max(1, min(cap, cpus // procs))
+
+
 class WebDataModule(L.LightningDataModule):
     """Image-text WebDataset shards -> ``(images, tokens)`` batches, with zero-shot and validation sets.
 
@@ -131,7 +147,7 @@ class WebDataModule(L.LightningDataModule):
         zeroshot_classnames: list[str] | None = None,
         zeroshot_templates: list[str] | None = None,
         batch_size: int = 256,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         image_size: int = 224,
         context_length: int = 77,
         resampled: bool = False,
@@ -156,7 +172,7 @@ class WebDataModule(L.LightningDataModule):
         self.zeroshot_urls = _listify(zeroshot_urls)
         self.zeroshot_classnames = list(zeroshot_classnames) if zeroshot_classnames is not None else None
         self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates is not None else None
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers = batch_size, auto_num_workers(num_workers)
         self.image_size, self.context_length = image_size, context_length
         self.resampled, self.epoch_samples = resampled, epoch_samples
         self.weights = [float(w) for w in weights] if weights is not None else None
@@ -253,6 +269,11 @@ class WebDataModule(L.LightningDataModule):
         if self.val_urls is None:
             return []
         return DataLoader(self._dataset("val"), **self._loader_kwargs())
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether held-out image-text pairs were given (``train`` skips the validation loop if not)."""
+        return self.val_urls is not None
 
     def zeroshot_dataloader(self) -> DataLoader | None:
         """``(images, labels)`` with labels from each sample's json ``label``; None without zero-shot data."""

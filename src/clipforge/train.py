@@ -117,11 +117,16 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
 
     Every rank calls it: the held-out set and the class prompts are split over ranks and reduced.
     """
+    from clipforge.eval.callbacks import ZeroShotCallback
+    from clipforge.eval.distributed import SHARDED_HINT, weights_sharded
+
     classnames = getattr(datamodule, "zeroshot_classnames", None)
+    if classnames and weights_sharded(trainer):
+        log.warning("no final zero-shot evaluation: %s", SHARDED_HINT)
+        return {}
     loader = datamodule.zeroshot_dataloader() if classnames else None
     if loader is None:
         return {}
-    from clipforge.eval.callbacks import ZeroShotCallback
     from clipforge.eval.zeroshot import zero_shot_eval
 
     # The zero-shot callback usually evaluated these very weights at the last epoch end: reuse it.

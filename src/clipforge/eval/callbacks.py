@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from clipforge.eval.distributed import shard_dataloader
+from clipforge.eval.distributed import SHARDED_HINT, shard_dataloader, weights_sharded
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import zero_shot_eval
 
@@ -47,7 +47,7 @@ class _PeriodicEval(L.Callback):
         # with gradient accumulation several batches share a global step: evaluate once
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
-            self.evaluate(trainer, pl_module)
+            self._maybe_evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -57,7 +57,13 @@ class _PeriodicEval(L.Callback):
             and trainer.global_step != self._last_step
         ):
             self._last_step = trainer.global_step
-            self.evaluate(trainer, pl_module)
+            self._maybe_evaluate(trainer, pl_module)
+
+    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if weights_sharded(trainer):
+            self._skip(SHARDED_HINT)
+            return
+        self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         raise NotImplementedError

@@ -9,7 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
+from clipforge.eval.distributed import SHARDED_HINT, weights_sharded
 from clipforge.viz.attention import figure_to_array, vit_figures
 
 
@@ -39,6 +41,7 @@ class AttentionMapCallback(pl.Callback):
         self.layer = layer
         self.key = key
         self._last_step = -1
+        self._warned = False
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -46,6 +49,12 @@ class AttentionMapCallback(pl.Callback):
         step = trainer.global_step
         # global_step counts optimizer steps: with gradient accumulation several batches share one.
         if step == self._last_step or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        if weights_sharded(trainer):
+            # rank 0 alone would wait forever in the shards' all-gather
+            if not self._warned:
+                rank_zero_warn(f"AttentionMapCallback: no pictures: {SHARDED_HINT}")
+                self._warned = True
             return
         logger = wandb_logger(trainer)
         if logger is None:

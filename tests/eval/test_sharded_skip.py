@@ -1,0 +1,47 @@
+"""Under weight-sharding strategies the evaluation and picture callbacks skip instead of hanging rank 0."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from clipforge.eval.callbacks import ZeroShotCallback
+from clipforge.eval.distributed import weights_sharded
+from clipforge.train import final_zero_shot
+from clipforge.viz.callback import AttentionMapCallback
+
+
+def _trainer(strategy, **kw):
+    return SimpleNamespace(strategy=strategy, global_step=4, current_epoch=0, is_global_zero=True, **kw)
+
+
+def test_weights_sharded_by_strategy_type():
+    assert weights_sharded(_trainer(FSDPStrategy()))
+    assert not weights_sharded(_trainer(DDPStrategy()))
+    assert not weights_sharded(SimpleNamespace())
+
+
+def test_zero_shot_callback_skips_under_fsdp_without_touching_the_model():
+    cb = ZeroShotCallback(every_n_steps=2, every_n_epochs=None)
+    called = []
+    cb.evaluate = lambda *a: called.append(a)  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="shards the model's weights"):
+        cb.on_train_batch_end(_trainer(FSDPStrategy()), object())
+    assert called == []
+    cb._last_step = -1
+    cb.on_train_batch_end(_trainer(DDPStrategy()), object())
+    assert len(called) == 1
+
+
+def test_attention_callback_and_final_eval_skip_under_fsdp():
+    class Boom:
+        def __getattr__(self, name):
+            raise AssertionError(f"touched {name}")
+
+    cb = AttentionMapCallback(every_n_steps=2)
+    with pytest.warns(UserWarning, match="no pictures"):
+        cb.on_train_batch_end(_trainer(FSDPStrategy()), Boom(), None, None, 0)
+    dm = SimpleNamespace(zeroshot_classnames=["a", "b"], zeroshot_dataloader=Boom())
+    assert final_zero_shot(Boom(), dm, _trainer(FSDPStrategy())) == {}

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model, init_from
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
+from clipforge.fault.secrets import scrub_current_hydra_run
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    scrub_current_hydra_run()  # Hydra wrote .hydra/*.yaml with the command line as typed
     train(cfg)
 
 

@@ -388,6 +388,9 @@ def format_summary(results: dict[str, Any], worst: int = 5) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="zeroshot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from clipforge.fault.secrets import scrub_current_hydra_run
+
+    scrub_current_hydra_run()  # Hydra wrote .hydra/*.yaml with the command line as typed
     run(cfg)
 
 

@@ -18,7 +18,7 @@ from clipforge.fault.periodic import PeriodicCheckpoint
 from clipforge.fault.preemption import PreemptionCheckpoint
 from clipforge.fault.resume import AUTO, find_latest_checkpoint, resolve_ckpt_path, verify_checkpoint
 from clipforge.fault.rng import ResumableRng
-from clipforge.fault.secrets import scrub_secrets
+from clipforge.fault.secrets import scrub_hydra_files, scrub_secrets
 
 __all__ = [
     "AUTO",
@@ -35,6 +35,7 @@ __all__ = [
     "find_latest_checkpoint",
     "resolve_ckpt_path",
     "safe_torch_load",
+    "scrub_hydra_files",
     "scrub_secrets",
     "verify_checkpoint",
 ]

@@ -65,3 +65,89 @@ def scrub_secrets(obj: Any, secret_values: set[str] | None = None) -> Any:
         return x
 
     return scrub(obj, None)
+
+
+def _override_key(item: str) -> str | None:
+    """``"+logger.api_key=abc"`` -> ``"api_key"``; None for a string that is not an override."""
+    key, sep, _ = item.partition("=")
+    key = key.lstrip("+~").strip()
+    if not sep or not key or any(c.isspace() for c in key):
+        return None
+    return key.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+
+
+def scrub_override(item: str, secret_values: set[str] | None = None) -> str:
+    """One command-line override (``"logger.api_key=abc"`` -> ``"logger.api_key=***"``), or Hydra's
+    comma-joined ``override_dirname``; a known secret value is masked wherever it appears."""
+    values = _secret_env_values() if secret_values is None else secret_values
+    parts = []
+    for part in item.split(","):
+        key = _override_key(part)
+        if key is not None and is_secret_key(key):
+            part = part.partition("=")[0] + "=" + MASK
+        parts.append(part)
+    out = ",".join(parts)
+    for v in sorted(values, key=len, reverse=True):
+        out = out.replace(v, MASK)
+    return out
+
+
+def scrub_hydra_files(hydra_dir: str | os.PathLike, overrides: list[str] | None = None) -> list[str]:
+    """Mask credentials in the files Hydra writes before the job starts (``config.yaml``, ``hydra.yaml``
+    and ``overrides.yaml`` under ``<run dir>/.hydra``), which otherwise keep the command line as typed.
+
+    Secrets are: strings under credential keys (in the config or in an override), the values given to
+    such keys on the command line wherever else they are copied (``override_dirname``, ``task``), and the
+    values of credential environment variables. Returns the names of the files rewritten.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    hydra_dir = Path(hydra_dir)
+    values = _secret_env_values()
+    for item in overrides or []:
+        key = _override_key(item)
+        value = item.partition("=")[2].strip().strip("'\"")
+        if key is not None and is_secret_key(key) and value:
+            values.add(value)
+
+    def scrub(x: Any, key: str | None) -> Any:
+        if isinstance(x, dict):
+            return {k: scrub(v, str(k)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [scrub(v, key) for v in x]
+        if isinstance(x, str) and x:
+            if key is not None and is_secret_key(key):
+                return MASK
+            return scrub_override(x, values)
+        return x
+
+    changed = []
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        path = hydra_dir / name
+        if not path.is_file():
+            continue
+        data = yaml.safe_load(path.read_text())
+        clean = scrub(data, None)
+        if clean != data:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
+            os.replace(tmp, path)
+            changed.append(name)
+    return changed
+
+
+def scrub_current_hydra_run() -> list[str]:
+    """:func:`scrub_hydra_files` for the running Hydra job (a no-op outside one or with
+    ``hydra.output_subdir=null``)."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hc = HydraConfig.get()
+    if hc.output_subdir is None:
+        return []
+    return scrub_hydra_files(Path(hc.runtime.output_dir) / hc.output_subdir, list(hc.overrides.task))

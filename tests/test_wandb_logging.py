@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -55,11 +56,22 @@ def read_wandb_records(path: Path) -> list:
     return [wandb_internal_pb2.Record.FromString(r) for r in records]
 
 
-def read_wandb_run(run_dir: Path) -> dict:
-    """{run, config, history (one dict per logged row), artifacts} of an offline run directory."""
+def read_wandb_run(run_dir: Path, timeout_s: float = 60.0) -> dict:
+    """{run, config, history (one dict per logged row), artifacts} of an offline run directory.
+
+    wandb-core may still be appending to the log when ``finish()`` returns, so this waits until the
+    run's final ``exit`` record is there.
+    """
     (log,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{log} has no exit record after {timeout_s:.0f} s"
+        time.sleep(0.5)
     out = {"run": None, "config": {}, "history": [], "artifacts": []}
-    for rec in read_wandb_records(log):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = rec.run

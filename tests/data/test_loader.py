@@ -204,3 +204,37 @@ def test_eval_without_manifest_reads_whole_shards_in_order(shards, tmp_path):
     dm = WebDataModule(shards, val_urls=urls, batch_size=10, num_workers=2, image_size=16, return_keys=True)
     ids = sample_ids([k for b in dm.val_dataloader() for k in b[2]])
     assert sorted(ids) == list(range(sum(SIZES)))  # two workers take whole shards in turn
+
+
+def test_other_image_formats_and_modes_decode(tmp_path):
+    """Shards written by other tools: PNG with alpha, grayscale BMP, 16-bit TIFF, palette GIF, CMYK JPEG."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from datahelpers import add
+    from PIL import Image
+
+    from clipforge.data.manifest import write_manifest
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    images = {
+        "png": rgb.convert("RGBA"),
+        "bmp": rgb.convert("L"),
+        "tiff": Image.fromarray((rng.integers(0, 65535, (20, 30))).astype(np.uint16)),
+        "gif": rgb.convert("P"),
+        "jpg": rgb.convert("CMYK"),
+        "webp": rgb,
+    }
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i, (ext, im) in enumerate(images.items()):
+            buf = io.BytesIO()
+            im.save(buf, format={"jpg": "JPEG", "tiff": "TIFF"}.get(ext, ext.upper()))
+            add(tar, f"{i:09d}.{ext}", buf.getvalue())
+            add(tar, f"{i:09d}.txt", f"a {ext} picture".encode())
+    write_manifest(tmp_path, {"00000.tar": len(images)})
+    ds = make(str(tmp_path / "00000.tar"), mode="eval", train_transform=False, batch_size=len(images))
+    (batch,) = epoch(ds)
+    assert batch[0].shape == (len(images), 3, 16, 16), batch[2]  # none skipped
+    assert torch.isfinite(batch[0]).all()

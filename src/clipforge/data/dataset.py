@@ -44,7 +44,7 @@ from clipforge.data.transforms import CROP_DRAWS, ImageTransform, normalize_into
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")  # any PIL reads
 MODES = ("exact", "resampled", "eval")
 Decoded = tuple[object, object, str]  # (uint8 (3, S, S) image or _Encoded, caption or label, key)
 

@@ -25,7 +25,7 @@ from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 FILE_KEYS = ("file", "filename", "file_name", "image", "image_path", "path", "img", "key")
 CAPTION_KEYS = ("caption", "text", "txt", "title", "description")
 

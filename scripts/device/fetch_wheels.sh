@@ -18,7 +18,7 @@ pkgs=(
 )
 if [[ "${1:-}" == "--all" ]]; then
   pkgs+=(matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six pandas pytz tzdata
-         scikit-image lazy-loader imageio tifffile networkx)
+         scikit-image lazy-loader imageio tifffile networkx pytest pluggy iniconfig)
 fi
 mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

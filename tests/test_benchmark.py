@@ -13,8 +13,9 @@ from clipforge.checkpoint import build_model
 
 def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--models", "tiny:4", "--device", "cpu", "--steps", "1", "--warmup", "1", "--lightning"]
-    rows = run(parse_args([*argv, "--losses", "siglip"]))
-    steps = {r["impl"]: r for r in rows if r["kind"] == "step"}
+    rows = run(parse_args([*argv, "--losses", "clip", "siglip"]))
+    assert {r["loss"] for r in rows if r["kind"] == "step"} == {"clip", "siglip"}
+    steps = {r["impl"]: r for r in rows if r["kind"] == "step" and r["loss"] == "siglip"}
     assert set(steps) == {"open_clip", "clipforge"}
     for r in steps.values():
         assert r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0
@@ -23,6 +24,7 @@ def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert abs(a - b) / a < 0.05
     assert any(r["kind"] == "ratio" for r in rows)
     assert any(r["kind"] == "lightning" and r["samples_per_s"] > 0 for r in rows)
+    assert any(r["kind"] == "ratio" and r.get("vs_bare_step", 0) > 0 for r in rows)
     assert "samples_per_s" in capsys.readouterr().out
 
 

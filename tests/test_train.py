@@ -110,3 +110,20 @@ def test_auto_num_workers() -> None:
     assert 1 <= auto_num_workers(None) <= 8 and auto_num_workers(None, cap=1) == 1
     with pytest.raises(ValueError, match="num_workers"):
         auto_num_workers(-1)
+
+
+def test_compile_modes_reach_both_towers_and_the_loss(compose_cfg, monkeypatch) -> None:
+    from clipforge.train import compile_mode
+
+    assert compile_mode(False) is None and compile_mode(None) is None and compile_mode(True) == "default"
+    assert compile_mode("reduce-overhead") == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile='fast'"):
+        compile_mode("fast")
+    with pytest.raises(ValueError, match="compile='fast'"):
+        train(compose_cfg("compile=fast", *FAST))
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    train(compose_cfg("compile=max-autotune-no-cudagraphs", "trainer.max_steps=1", *FAST))
+    assert sorted(name for name, _ in seen) == ["ClipLoss", "TextTransformer", "VisionTransformer"]
+    assert all(kw == {"mode": "max-autotune-no-cudagraphs"} for _, kw in seen)

@@ -105,8 +105,10 @@ def make_step(
     compile_: bool,
     after_step: Callable[[], None] | None = None,
     optim_impl: str | None = None,
+    compile_mode: str = "default",
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One training step. With ``compile_`` the forward of both towers and the loss form one graph.
+    """One training step. With ``compile_`` the forward of both towers and the loss form one graph,
+    compiled in ``compile_mode`` (``reduce-overhead`` adds CUDA graphs).
 
     ``optim_impl``: ``fused`` (default on GPU), ``foreach`` (default on CPU) or ``loop`` (the plain
     per-parameter reference).
@@ -118,9 +120,10 @@ def make_step(
 
     def forward_loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         out = model(images, tokens)
-        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+        # open_clip leaves logit_bias out of its output dict when the model has none (CLIP)
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
 
-    fwd = torch.compile(forward_loss) if compile_ else forward_loss
+    fwd = torch.compile(forward_loss, mode=compile_mode) if compile_ else forward_loss
 
     def step(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with _autocast(device, precision):
@@ -189,6 +192,7 @@ def bench_step(
     warmup: int,
     peak_tflops: float,
     overrides: list[str] | None = None,
+    compile_mode: str = "default",
 ) -> StepResult:
     torch.manual_seed(0)
     cfg = compose_model_cfg(model_name, loss_kind, overrides)
@@ -219,7 +223,7 @@ def bench_step(
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     tokens = torch.randint(1, 49407, (batch, ctx), device=device)
     tokens[:, -1] = 49407  # an EOT in every row, as the tokenizer writes
-    step = make_step(model, loss_fn, device, precision, compile_, after)
+    step = make_step(model, loss_fn, device, precision, compile_, after, compile_mode=compile_mode)
     dt, flops, warm_s, last = time_step(step, images, tokens, steps, warmup, device)
     tflops = flops / dt / 1e12
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -239,14 +243,28 @@ def bench_step(
         warmup_s=round(warm_s, 1),
         final_loss=round(last, 4),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        note=" ".join(overrides or []),
+        note=" ".join(
+            [
+                *(overrides or []),
+                *([f"mode={compile_mode}"] if compile_ and compile_mode != "default" else []),
+            ]
+        ),
     )
 
 
 def bench_lightning(
-    model_name: str, loss_kind: str, batch: int, device: torch.device, precision: str, steps: int, warmup: int
+    model_name: str,
+    loss_kind: str,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
-    """samples/s of the full Lightning loop (ContrastiveModule + Trainer) on an in-memory batch."""
+    """samples/s of the full Lightning loop (ContrastiveModule + Trainer, with its per-step logging) on an
+    in-memory batch; ``compile_mode`` compiles the towers and the loss in place as ``clipforge-train
+    compile=...`` does (None: eager)."""
     import lightning as L
 
     from clipforge.module import ContrastiveModule
@@ -265,7 +283,12 @@ def bench_lightning(
 
     fused = device.type == "cuda"
     opt = instantiate(cfg.optimizer, fused=fused) if fused else instantiate(cfg.optimizer)
-    module = ContrastiveModule(model, instantiate(cfg.loss), opt, None)
+    loss = instantiate(cfg.loss)
+    if compile_mode is not None:
+        model.visual.compile(mode=compile_mode)
+        model.text.compile(mode=compile_mode)
+        loss.compile(mode=compile_mode)
+    module = ContrastiveModule(model, loss, opt, None)
     times: list[float] = []
 
     class Clock(L.Callback):
@@ -294,6 +317,7 @@ def bench_lightning(
         "loss": loss_kind,
         "batch": batch,
         "precision": precision,
+        "compile": compile_mode is not None,
         "samples_per_s": round(batch / dt, 1),
         "step_ms": round(dt * 1e3, 2),
     }
@@ -348,6 +372,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         args.steps,
                         args.warmup,
                         args.peak_tflops,
+                        compile_mode=args.compile_mode,
                     )
                     emit({"kind": "step", **asdict(r)})
                     per_impl[f"{impl}{'+compile' if comp else ''}"] = r.samples_per_s
@@ -376,17 +401,27 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     args.warmup,
                     args.peak_tflops,
                     overrides=[extra],
+                    compile_mode=args.compile_mode,
                 )
                 emit({"kind": "step", **asdict(r)})
             if args.lightning:
-                emit(
-                    {
-                        "kind": "lightning",
-                        **bench_lightning(
-                            name, loss_kind, int(batch), device, args.precision, args.steps, args.warmup
-                        ),
-                    }
+                # the loop around the best bare step measured above (compiled when --compile)
+                mode = args.compile_mode if args.compile else None
+                lit = bench_lightning(
+                    name, loss_kind, int(batch), device, args.precision, args.steps, args.warmup, mode
                 )
+                emit({"kind": "lightning", **lit})
+                bare = per_impl.get("clipforge+compile" if args.compile else "clipforge")
+                if bare:
+                    emit(
+                        {
+                            "kind": "ratio",
+                            "model": name,
+                            "loss": loss_kind,
+                            "impl": "clipforge+lightning",
+                            "vs_bare_step": round(lit["samples_per_s"] / bare, 3),
+                        }
+                    )
     print(format_table([r for r in rows if r["kind"] in ("step", "lightning")]), flush=True)
     return rows
 
@@ -403,6 +438,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
     ap.add_argument("--compile", action="store_true", help="also time clipforge with torch.compile")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode for --compile (reduce-overhead: CUDA graphs)",
+    )
     ap.add_argument("--lightning", action="store_true", help="also time the full Lightning loop")
     ap.add_argument(
         "--token-reduction",

@@ -44,6 +44,21 @@ def instantiate_logger(cfg: DictConfig | None) -> Any:
     return instantiate(cfg)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: Any) -> str | None:
+    """The ``compile`` key: false/null (eager), true (torch.compile's default mode) or a mode name
+    (``reduce-overhead`` adds CUDA graphs, ``max-autotune`` searches kernels); anything else fails."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"compile={value!r}: use false, true or one of {', '.join(COMPILE_MODES)}")
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
@@ -54,6 +69,7 @@ def check_paths(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
+    compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +83,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = build_model(cfg.model, cfg.loss)
     if cfg.get("init_from"):
         init_from(model, cfg.init_from)
-    if cfg.get("compile"):
+    mode = compile_mode(cfg.get("compile"))
+    if mode is not None:
         # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model;
         # each tower, because the module calls encode_image/encode_text (it logs the raw feature norms).
-        model.visual.compile()
-        model.text.compile()
-        loss.compile()
+        model.visual.compile(mode=mode)
+        model.text.compile(mode=mode)
+        loss.compile(mode=mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module: ContrastiveModule = instantiate(cfg.module)(
         model, loss, instantiate(cfg.optimizer), scheduler, config=config

@@ -127,3 +127,18 @@ def test_compile_modes_reach_both_towers_and_the_loss(compose_cfg, monkeypatch) 
     train(compose_cfg("compile=max-autotune-no-cudagraphs", "trainer.max_steps=1", *FAST))
     assert sorted(name for name, _ in seen) == ["ClipLoss", "TextTransformer", "VisionTransformer"]
     assert all(kw == {"mode": "max-autotune-no-cudagraphs"} for _, kw in seen)
+
+
+def test_summary_says_when_the_wandb_run_is_offline() -> None:
+    from types import SimpleNamespace
+
+    from clipforge.train import summarize
+
+    class WandbLogger:  # the name is what summarize looks at
+        def __init__(self, offline: bool) -> None:
+            self.experiment = SimpleNamespace(offline=offline, dir="/runs/x/files")
+
+    trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[])
+    text = summarize({"train/loss": 1.0}, trainer, WandbLogger(offline=True))
+    assert "WandbLogger -> /runs/x/files" in text and "wandb sync" in text
+    assert "wandb sync" not in summarize({}, trainer, WandbLogger(offline=False))

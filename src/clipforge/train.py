@@ -223,7 +223,11 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
             logger, "log_dir", None
         )
         lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
-        if type(logger).__name__ == "WandbLogger" and os.environ.get("WANDB_MODE") == "offline":
+        # Lightning's offline=True turns WANDB_MODE into "dryrun"; the run itself knows best
+        offline = getattr(getattr(logger, "experiment", None), "offline", None)
+        if offline is None:
+            offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+        if type(logger).__name__ == "WandbLogger" and offline:
             lines.append("                   (offline; upload later with `wandb sync <run dir>`)")
     lines.append("=" * 60)
     return "\n".join(lines)

@@ -38,13 +38,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data import plan as planning
 from clipforge.data.gpu_decode import EncodedBatch
-from clipforge.data.shards import CAUSES, DataError, RawSample, ShardResult, read_shard
+from clipforge.data.shards import CAUSES, IMAGE_EXTS, DataError, RawSample, ShardResult, read_shard
 from clipforge.data.tokenizer import Tokenizer
 from clipforge.data.transforms import CROP_DRAWS, ImageTransform, normalize_into
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")  # any PIL reads
 MODES = ("exact", "resampled", "eval")
 Decoded = tuple[object, object, str]  # (uint8 (3, S, S) image or _Encoded, caption or label, key)
 

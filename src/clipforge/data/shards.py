@@ -22,6 +22,9 @@ import braceexpand
 
 log = logging.getLogger(__name__)
 
+# Sample members that hold the image, in order of preference: any format PIL reads.
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
+
 # Why a sample or a shard was skipped; the DataModule logs each as data/skipped_<cause>.
 CAUSES: tuple[str, ...] = (
     "corrupt_image",  # the image bytes do not decode

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from clipforge.data import synthetic
+from clipforge.data.shards import IMAGE_EXTS
 from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 FILE_KEYS = ("file", "filename", "file_name", "image", "image_path", "path", "img", "key")
 CAPTION_KEYS = ("caption", "text", "txt", "title", "description")
 

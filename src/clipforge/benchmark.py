@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.checkpoint import build_model
 from clipforge.optim import param_groups
-from clipforge.train import CONF_DIR
+from clipforge.train import COMPILE_MODES, CONF_DIR, compile_in_place
 
 H100_BF16_DENSE_TFLOPS = 989.0
 OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32"}
@@ -285,9 +285,7 @@ def bench_lightning(
     opt = instantiate(cfg.optimizer, fused=fused) if fused else instantiate(cfg.optimizer)
     loss = instantiate(cfg.loss)
     if compile_mode is not None:
-        model.visual.compile(mode=compile_mode)
-        model.text.compile(mode=compile_mode)
-        loss.compile(mode=compile_mode)
+        compile_in_place(model, loss, compile_mode)
     module = ContrastiveModule(model, loss, opt, None)
     times: list[float] = []
 
@@ -441,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--compile-mode",
         default="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="torch.compile mode for --compile (reduce-overhead: CUDA graphs)",
     )
     ap.add_argument("--lightning", action="store_true", help="also time the full Lightning loop")

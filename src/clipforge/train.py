@@ -59,6 +59,15 @@ def compile_mode(value: Any) -> str | None:
     raise ValueError(f"compile={value!r}: use false, true or one of {', '.join(COMPILE_MODES)}")
 
 
+def compile_in_place(model: torch.nn.Module, loss: torch.nn.Module, mode: str) -> None:
+    """torch.compile each tower and the loss in place (nn.Module.compile), so parameter names and
+    checkpoints stay those of the eager model; the towers one by one, because the module calls
+    encode_image/encode_text (it logs the raw feature norms)."""
+    model.visual.compile(mode=mode)
+    model.text.compile(mode=mode)
+    loss.compile(mode=mode)
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
@@ -69,7 +78,7 @@ def check_paths(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
-    compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
+    mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,13 +92,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = build_model(cfg.model, cfg.loss)
     if cfg.get("init_from"):
         init_from(model, cfg.init_from)
-    mode = compile_mode(cfg.get("compile"))
     if mode is not None:
-        # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model;
-        # each tower, because the module calls encode_image/encode_text (it logs the raw feature norms).
-        model.visual.compile(mode=mode)
-        model.text.compile(mode=mode)
-        loss.compile(mode=mode)
+        compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module: ContrastiveModule = instantiate(cfg.module)(
         model, loss, instantiate(cfg.optimizer), scheduler, config=config
@@ -101,7 +105,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # val/..." checkpoint that could never be chosen; periodic and last checkpoints still happen.
         extra["limit_val_batches"] = 0
         dropped = [cb for cb in callbacks if str(getattr(cb, "monitor", None) or "").startswith("val/")]
-        callbacks = [cb for cb in callbacks if not any(cb is d for d in dropped)]
+        callbacks = [cb for cb in callbacks if cb not in dropped]
         if dropped:
             log.info(
                 "no validation set (data.val_urls is null): not keeping a best-by-%s checkpoint",
@@ -191,6 +195,14 @@ def finish_logger(logger: Any, metrics: dict[str, float], step: int) -> None:
             wandb.finish()
 
 
+def _wandb_offline(logger: Any) -> bool:
+    # Lightning's offline=True turns WANDB_MODE into "dryrun"; the run itself knows best
+    offline = getattr(getattr(logger, "experiment", None), "offline", None)
+    if offline is None:
+        return os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    return bool(offline)
+
+
 def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str:
     lines = ["", "=" * 60, "clipforge run summary", "=" * 60, f"steps:             {trainer.global_step}"]
     if "train/loss" in metrics:
@@ -223,11 +235,7 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
             logger, "log_dir", None
         )
         lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
-        # Lightning's offline=True turns WANDB_MODE into "dryrun"; the run itself knows best
-        offline = getattr(getattr(logger, "experiment", None), "offline", None)
-        if offline is None:
-            offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun")
-        if type(logger).__name__ == "WandbLogger" and offline:
+        if type(logger).__name__ == "WandbLogger" and _wandb_offline(logger):
             lines.append("                   (offline; upload later with `wandb sync <run dir>`)")
     lines.append("=" * 60)
     return "\n".join(lines)

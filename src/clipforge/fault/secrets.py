@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 MASK = "***"
@@ -51,20 +52,26 @@ def _secret_env_values() -> set[str]:
     return {v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8}
 
 
-def scrub_secrets(obj: Any, secret_values: set[str] | None = None) -> Any:
-    """A copy of ``obj`` (nested dicts/lists of primitives) with credentials replaced by ``"***"``."""
-    values = _secret_env_values() if secret_values is None else secret_values
+def _scrub_tree(obj: Any, scrub_string: Callable[[str], str]) -> Any:
+    """A copy of nested dicts/lists/tuples with each non-empty string under a credential key masked and
+    every other non-empty string passed through ``scrub_string``."""
 
     def scrub(x: Any, key: str | None) -> Any:
         if isinstance(x, dict):
             return {k: scrub(v, str(k)) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return type(x)(scrub(v, key) for v in x)
-        if isinstance(x, str) and x and ((key is not None and is_secret_key(key)) or x in values):
-            return MASK
+        if isinstance(x, str) and x:
+            return MASK if key is not None and is_secret_key(key) else scrub_string(x)
         return x
 
     return scrub(obj, None)
+
+
+def scrub_secrets(obj: Any, secret_values: set[str] | None = None) -> Any:
+    """A copy of ``obj`` (nested dicts/lists of primitives) with credentials replaced by ``"***"``."""
+    values = _secret_env_values() if secret_values is None else secret_values
+    return _scrub_tree(obj, lambda x: MASK if x in values else x)
 
 
 def _override_key(item: str) -> str | None:
@@ -112,24 +119,13 @@ def scrub_hydra_files(hydra_dir: str | os.PathLike, overrides: list[str] | None 
         if key is not None and is_secret_key(key) and value:
             values.add(value)
 
-    def scrub(x: Any, key: str | None) -> Any:
-        if isinstance(x, dict):
-            return {k: scrub(v, str(k)) for k, v in x.items()}
-        if isinstance(x, list):
-            return [scrub(v, key) for v in x]
-        if isinstance(x, str) and x:
-            if key is not None and is_secret_key(key):
-                return MASK
-            return scrub_override(x, values)
-        return x
-
     changed = []
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         path = hydra_dir / name
         if not path.is_file():
             continue
         data = yaml.safe_load(path.read_text())
-        clean = scrub(data, None)
+        clean = _scrub_tree(data, lambda x: scrub_override(x, values))
         if clean != data:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))

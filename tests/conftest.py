@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
-
-from clipforge.train import CONF_DIR
 
 # Two cores are shared by the whole suite; more threads only add contention.
 torch.set_num_threads(1)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from clipforge.checkpoint import build_model
-from clipforge.train import CONF_DIR, train
+from clipforge.train import train
 
 
 def options(group: str) -> list[str]:

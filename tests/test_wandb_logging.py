@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from clipforge.callbacks import DataSkipMonitor, ThroughputMonitor
 from clipforge.callbacks.similarity import render_heatmap, similarity_logits
 from clipforge.data.shards import CAUSES
-from clipforge.train import CONF_DIR, train
+from clipforge.train import train
 
 BLOCK, HEADER, CHUNK_HEADER = 32768, 7, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4

@@ -28,8 +28,9 @@ from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.checkpoint import build_model
+from clipforge.conf import CONF_DIR
 from clipforge.optim import param_groups
-from clipforge.train import COMPILE_MODES, CONF_DIR, compile_in_place
+from clipforge.train import COMPILE_MODES, compile_in_place
 
 H100_BF16_DENSE_TFLOPS = 989.0
 OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32"}

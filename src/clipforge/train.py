@@ -18,13 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model, init_from
+from clipforge.conf import CONF_DIR
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.secrets import scrub_current_hydra_run
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:

@@ -125,10 +125,9 @@ def test_bad_period_is_rejected():
 
 @pytest.mark.parametrize("name", ["zeroshot", "retrieval"])
 def test_callback_configs_instantiate(name):
+    from clipforge.conf import CONF_DIR
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from clipforge.eval.cli import CONF_DIR
 
     node = OmegaConf.load(CONF_DIR / "callbacks" / f"{name}.yaml")[name]
     cb = instantiate(node)

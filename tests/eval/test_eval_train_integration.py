@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from clipforge.conf import CONF_DIR
 from omegaconf import OmegaConf, open_dict
 
-from clipforge.eval.cli import CONF_DIR
 from clipforge.train import train
 
 

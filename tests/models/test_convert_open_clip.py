@@ -13,6 +13,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from clipforge.conf import CONF_DIR
 from hydra.utils import instantiate
 from modelhelpers import perturb_, randomize_, small_text, small_vit, tokens
 from omegaconf import OmegaConf
@@ -36,7 +37,7 @@ from clipforge.models.convert import (
 from clipforge.models.convert.keymap import Rule
 from clipforge.models.vision import resample_pos_embed
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = CONF_DIR / "model"
 SMALL = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8},

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from hydra.utils import instantiate
 from modelhelpers import perturb_
 from omegaconf import OmegaConf
@@ -23,7 +22,7 @@ from clipforge.models.convert import (
 )
 from clipforge.models.convert.keymap import fused
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = CONF_DIR / "model"
 
 
 def small_siglip(seed: int = 0) -> SiglipVisionModel:

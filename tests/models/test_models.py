@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from hydra.utils import instantiate
 from modelhelpers import perturb_, small_text, small_vit, tokens
 from omegaconf import OmegaConf
@@ -15,7 +15,7 @@ from clipforge.models import CLIP, VisionTransformer
 from clipforge.models.convert import count_params, open_clip_model_cfg
 from clipforge.models.vision import patch_dropout
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = CONF_DIR / "model"
 
 
 def set_fused(module: torch.nn.Module, fused: bool) -> None:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from modelhelpers import perturb_, small_text, small_vit, tokens
 from omegaconf import OmegaConf
@@ -27,7 +28,7 @@ from clipforge.viz.attention import similarity_mosaic
 from clipforge.viz.callback import AttentionMapCallback
 from clipforge.viz.cli import main
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = CONF_DIR / "model"
 
 
 @pytest.fixture

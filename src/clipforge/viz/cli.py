@@ -9,14 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipforge.conf import CONF_DIR
 from clipforge.viz.attention import save_vit_pictures
-
-REPO_CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def model_yaml(name: str) -> Path:
     """``conf/model/<name>.yaml`` (from the working directory, then the repository), or a YAML path."""
-    candidates = [Path(name), Path("conf/model") / f"{name}.yaml", REPO_CONF / "model" / f"{name}.yaml"]
+    candidates = [Path(name), Path("conf/model") / f"{name}.yaml", CONF_DIR / "model" / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
             return path

@@ -1,13 +1,14 @@
-"""Move weights between clipforge and open_clip (converters: clipforge.models.convert).
+"""``clipforge-convert``: move weights between clipforge and open_clip (converters:
+clipforge.models.convert). ``scripts/convert.py`` is a thin wrapper around :func:`main`.
 
 Export a clipforge checkpoint (or a fresh conf/model config) to a folder open_clip loads:
 
-    python scripts/convert.py export --checkpoint run.ckpt --out exported/ [--name my-clip]
+    clipforge-convert export --checkpoint run.ckpt --out exported/ [--name my-clip]
     >>> open_clip.create_model("local-dir:exported/")
 
 Import an open_clip checkpoint you have on disk, to fine-tune or zero-shot it with clipforge:
 
-    python scripts/convert.py import --open-clip open_clip_pytorch_model.bin --model-name ViT-B-32 --out imported/
+    clipforge-convert import --open-clip open_clip_pytorch_model.bin --model-name ViT-B-32 --out imported/
 
 writes ``imported/model.yaml`` (a conf/model node) and ``imported/model.ckpt``, which
 ``clipforge.checkpoint.load_model`` (zero-shot, visualize --checkpoint) reads.
@@ -51,7 +52,7 @@ def import_(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="clipforge-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="clipforge -> open_clip folder")
@@ -79,7 +80,3 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
-"""scripts/convert.py: export to open_clip and import back, through clipforge's checkpoint loader."""
+"""clipforge-convert (clipforge.convert_cli, wrapped by scripts/convert.py): export to open_clip and import
+back, through clipforge's checkpoint loader."""
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 
 import open_clip
@@ -12,14 +12,12 @@ from modelhelpers import tokens
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import load_model
+from clipforge.convert_cli import main
 from clipforge.models.convert import check_parity, model_config
 from clipforge.viz.cli import build_fresh
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert.py"
-
 
 def test_export_then_import_round_trip(tmp_path: Path) -> None:
-    main = runpy.run_path(str(SCRIPT))["main"]
     exported = main(["export", "--model", "tiny", "--seed", "3", "--out", str(tmp_path / "oc")])
     original = build_fresh("tiny", seed=3)
     reference = open_clip.create_model(f"local-dir:{exported['config'].parent}").eval()

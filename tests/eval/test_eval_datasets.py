@@ -50,8 +50,38 @@ def test_empty_class_folder_is_named(tmp_path):
 
 def test_classname_count_must_match_folders(tmp_path):
     root = make_folder(tmp_path / "ds", {"cat": 1, "dog": 1})
-    with pytest.raises(ValueError, match=r"3 class names were given but .* has 2 class folders"):
+    with pytest.raises(ValueError, match=r"3 class names were given but .* has 2 classes"):
         ImageFolderDataset(root, classnames=["a", "b", "c"])
+
+
+def test_classnames_matching_the_folders_map_by_name_in_any_order(tmp_path, caplog):
+    root = make_folder(tmp_path / "ds", {"golden_retriever": 1, "apple": 1, "Zebra": 1})
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(root, classnames=["zebra", "golden retriever", "apple"])
+    # label order is the sorted folders: Zebra, apple, golden_retriever (upper case sorts first)
+    assert ds.folder_names == ["Zebra", "apple", "golden_retriever"]
+    assert ds.classnames == ["zebra", "apple", "golden retriever"]
+    assert not caplog.records
+
+
+def test_classnames_unlike_the_folders_apply_by_position_with_a_warning(tmp_path, caplog):
+    root = make_folder(tmp_path / "ds", {"n01": 1, "n02": 1})
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(root, classnames=["tench", "goldfish"])
+    assert ds.classnames == ["tench", "goldfish"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "by position" in warning and "'n01' -> 'tench'" in warning and "'n02' -> 'goldfish'" in warning
+
+
+def test_synthetic_heldout_matches_given_shape_names_by_name():
+    from clipforge.data import synthetic
+    from clipforge.eval.datasets import SyntheticHeldoutDataset
+
+    shapes = list(synthetic.SHAPES)
+    ds = SyntheticHeldoutDataset(num_samples=4, classnames=list(reversed(shapes)))
+    assert ds.classnames == shapes
+    with pytest.raises(ValueError, match=r"2 class names were given but the synthetic set has 6 classes"):
+        SyntheticHeldoutDataset(num_samples=4, classnames=["a", "b"])
 
 
 def test_unreadable_images_are_skipped_and_marked(tmp_path, caplog):

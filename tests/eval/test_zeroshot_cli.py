@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from clipforge.conf import CONF_DIR
 from evalhelpers import ColorModel
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from clipforge.eval import cli
-from clipforge.eval.cli import CONF_DIR, run_zeroshot
+from clipforge.eval.cli import run_zeroshot
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -70,8 +71,39 @@ def test_image_folder_run_exact_results_and_files(tmp_path, color_model):
 def test_classname_count_mismatch_is_explained(tmp_path, color_model):
     root = make_color_folder(tmp_path / "ds", {"r": [RED], "g": [GREEN]})
     cfg = compose_zeroshot("eval/dataset=imagefolder", f"eval.dataset.root={root}", "classnames=cifar10")
-    with pytest.raises(ValueError, match=r"10 class names were given but .* has 2 class folders"):
+    with pytest.raises(ValueError, match=r"10 class names were given but .* has 2 classes"):
         run_zeroshot(cfg)
+
+
+def test_classnames_file_in_natural_order_scores_like_the_folder_names(tmp_path, color_model):
+    # Folders named after the classes; the names file lists them in another order than sorted.
+    root = make_color_folder(
+        tmp_path / "ds", {"red": [RED, RED], "green": [GREEN], "blue": [BLUE, BLUE, BLUE]}
+    )
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")
+    common = ("eval/dataset=imagefolder", f"eval.dataset.root={root}", "num_workers=0", "progress=false")
+    by_folder = run_zeroshot(compose_zeroshot(*common, f"output_dir={tmp_path / 'a'}"))
+    by_file = run_zeroshot(
+        compose_zeroshot(*common, f"classnames={tmp_path / 'names.txt'}", f"output_dir={tmp_path / 'b'}")
+    )
+    assert by_folder["top1"] == by_file["top1"] == 1.0
+    assert by_file["classnames"] == ["blue", "green", "red"]  # label order: the sorted folders
+
+
+def test_linear_probe_splits_must_have_the_same_class_folders(tmp_path, color_model):
+    train = make_color_folder(tmp_path / "train", {"a": [RED], "b": [BLUE]})
+    test = make_color_folder(tmp_path / "test", {"a": [RED], "c": [BLUE]})
+    cfg = compose_zeroshot(
+        "task=linear_probe",
+        "eval/dataset=imagefolder",
+        f"eval.dataset.root={test}",
+        f"linear_probe.train_dataset={{root: {train}}}",
+        f"output_dir={tmp_path / 'out'}",
+        "num_workers=0",
+        "progress=false",
+    )
+    with pytest.raises(ValueError, match=r"different class folders: \['a', 'b'\] vs \['a', 'c'\]"):
+        cli.run(cfg)
 
 
 def test_empty_class_folder_is_explained(tmp_path, color_model):

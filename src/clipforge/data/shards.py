@@ -23,7 +23,7 @@ import braceexpand
 log = logging.getLogger(__name__)
 
 # Sample members that hold the image, in order of preference: any format PIL reads.
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 
 # Why a sample or a shard was skipped; the DataModule logs each as data/skipped_<cause>.
 CAUSES: tuple[str, ...] = (

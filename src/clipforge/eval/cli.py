@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from clipforge.conf import CONF_DIR
 from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
 from clipforge.eval.distributed import dist_info, shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
@@ -34,8 +35,6 @@ from clipforge.eval.runtime import resolve_device
 from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot, predict
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
@@ -100,11 +99,12 @@ def _loader(dataset: Any, cfg: DictConfig, device: torch.device, collate: Any = 
 
 
 def resolve_task(cfg: DictConfig, dataset: Any) -> tuple[list[str], list[Template]]:
-    """Class names and templates: the config's when given, else the dataset's own."""
-    if cfg.get("classnames") is not None:
-        classnames = load_classnames(cfg.classnames)
-    elif getattr(dataset, "classnames", None):
+    """Class names and templates. A dataset that knows its classes (folders, synthetic shapes) was
+    built with the config's names and holds them in label order; otherwise the config's names apply."""
+    if getattr(dataset, "classnames", None):
         classnames = list(dataset.classnames)
+    elif cfg.get("classnames") is not None:
+        classnames = load_classnames(cfg.classnames)
     else:
         raise ValueError(
             "this dataset does not name its classes: set classnames=imagenet|cifar10|cifar100|<file>"
@@ -239,7 +239,14 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
     test_set = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names)
     train_node = _train_split_node(cfg.eval.dataset, pc.get("train_dataset"))
     train_set = _build_dataset(train_node, transform=transform, classnames=names)
-    classnames = names or list(getattr(test_set, "classnames", None) or [])
+    train_classes, test_classes = (getattr(d, "folder_names", None) for d in (train_set, test_set))
+    if train_classes is not None and test_classes is not None and train_classes != test_classes:
+        # label i must be the same class in both splits, or the probe scores the wrong classes
+        raise ValueError(
+            f"the train and test splits have different class folders: {train_classes} vs {test_classes}"
+        )
+    # a dataset that names its classes holds the given names in its label order
+    classnames = list(getattr(test_set, "classnames", None) or names or [])
     res = linear_probe(
         model,
         shard_dataloader(_loader(train_set, cfg, device)),

@@ -22,12 +22,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from clipforge.data.shards import IMAGE_EXTS
 from clipforge.eval.distributed import dist_info
+from clipforge.eval.metadata import align_classnames
 from clipforge.eval.zeroshot import IGNORE_LABEL
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMG_EXTENSIONS = tuple(f".{e}" for e in IMAGE_EXTS)
 
 
 def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
@@ -48,8 +50,10 @@ def load_image(source: str | Path | bytes) -> Image.Image:
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule).
 
-    ``classnames`` (same order as the sorted folders) overrides the folder names as the text used
-    in prompts; by default a folder name with underscores becomes the class name with spaces.
+    ``classnames`` overrides the folder names as the text used in prompts: names that match the
+    folders (in any order) go to their own folder, others are applied to the sorted folders by position
+    (:func:`~clipforge.eval.metadata.align_classnames`). By default a folder name with underscores becomes
+    the class name with spaces.
     """
 
     def __init__(
@@ -81,13 +85,10 @@ class ImageFolderDataset(Dataset):
                 f"(looked for {', '.join(IMG_EXTENSIONS)}); remove them or add images"
             )
         self.folder_names = [d.name for d in class_dirs]
-        if classnames is not None and len(classnames) != len(class_dirs):
-            raise ValueError(
-                f"{len(classnames)} class names were given but {self.root} has {len(class_dirs)} class "
-                f"folders; the names must list one class per folder, in sorted folder order"
-            )
         self.classnames = (
-            list(classnames) if classnames is not None else [n.replace("_", " ") for n in self.folder_names]
+            align_classnames(self.folder_names, classnames, f"the class folders of {self.root}")
+            if classnames is not None
+            else [n.replace("_", " ") for n in self.folder_names]
         )
         self.transform = transform
 
@@ -127,7 +128,7 @@ def _labelled_sample(
 ) -> tuple[torch.Tensor | None, int]:
     key = sample.get("__key__", "?")
     label = _label_of(sample, class_index, label_key)
-    data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+    data = next((sample[k] for k in IMAGE_EXTS if k in sample), None)
     if data is None:
         log.warning("skipping sample %s of %s: it has no image", key, sample.get("__url__", "?"))
         return None, IGNORE_LABEL
@@ -201,7 +202,8 @@ class SyntheticHeldoutDataset(Dataset):
     """The synthetic generator's held-out split (``clipforge.data.synthetic``): shapes in colour
     pairs never seen in training, labelled by shape, with their captions.
 
-    ``target="label"`` gives ``(image, shape index)`` for zero-shot classification; ``"caption"``
+    ``target="label"`` gives ``(image, shape index)`` for zero-shot classification (``classnames``, if
+    given, are matched to the shapes by name, else applied by position); ``"caption"``
     gives ``(image, tokens)`` for retrieval (``tokenizer`` required). ``render_size`` is the size the
     generator draws at (the training data's ``image_size``); ``transform`` then resizes for the model.
     """
@@ -215,6 +217,7 @@ class SyntheticHeldoutDataset(Dataset):
         split: str = "heldout",
         target: str = "label",
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        classnames: Sequence[str] | None = None,
     ) -> None:
         from clipforge.data import synthetic
 
@@ -225,7 +228,11 @@ class SyntheticHeldoutDataset(Dataset):
         self._synthetic = synthetic
         self.num_samples, self.render_size, self.seed, self.split = num_samples, render_size, seed, split
         self.transform, self.target, self.tokenizer = transform, target, tokenizer
-        self.classnames, self.templates = synthetic.zeroshot_task()
+        shapes, self.templates = synthetic.zeroshot_task()
+        # Labels index the generator's shapes: names for them are matched by name, as for folders.
+        self.classnames = (
+            align_classnames(shapes, classnames, "the synthetic set") if classnames is not None else shapes
+        )
 
     def __len__(self) -> int:
         return self.num_samples

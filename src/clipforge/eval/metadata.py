@@ -9,6 +9,7 @@ one entry per line; a template line holds ``{}`` (or ``{c}``) where the class na
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from open_clip.zero_shot_metadata import (
 )
 
 Template = str | Callable[[str], str]
+
+log = logging.getLogger(__name__)
 
 CIFAR10_CLASSNAMES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -69,6 +72,40 @@ def load_classnames(spec: str | Path | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("the list of class names is empty")
     return names
+
+
+def _name_key(name: str) -> str:
+    # A folder "pickup_truck" and a name "Pickup truck" are the same class.
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def align_classnames(label_names: Sequence[str], given: Sequence[str], where: str) -> list[str]:
+    """The ``given`` class names in label order, for a data set whose labels carry ``label_names``
+    (label ``i`` is ``label_names[i]``: the sorted class folders, the synthetic shapes, ...).
+
+    When the two lists name the same classes (as sets, ignoring case, underscores and extra spaces), each
+    label gets its own name, whatever the order of ``given``. Otherwise the counts must agree, and the
+    names are applied by position, with one warning that shows the first pairs, so a mismatch is seen.
+    """
+    given = [str(c) for c in given]
+    if len(given) != len(label_names):
+        raise ValueError(
+            f"{len(given)} class names were given but {where} has {len(label_names)} classes; "
+            "give one name per class"
+        )
+    by_key = {_name_key(c): c for c in given}
+    label_keys = [_name_key(n) for n in label_names]
+    if len(by_key) == len(given) and set(by_key) == set(label_keys):
+        return [by_key[k] for k in label_keys]
+    pairs = ", ".join(f"{n!r} -> {c!r}" for n, c in list(zip(label_names, given))[:4])
+    log.warning(
+        "the class names do not match the classes of %s by name; applying them by position "
+        "(label order): %s%s",
+        where,
+        pairs,
+        ", ..." if len(given) > 4 else "",
+    )
+    return given
 
 
 def load_templates(spec: str | Path | Sequence[Template]) -> list[Template]:

@@ -1,7 +1,10 @@
+import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
+import torch
 from datahelpers import tiny_jpeg, write_sizes
 from PIL import Image
 
@@ -9,7 +12,7 @@ from clipforge.data.cli import main as shards_main
 from clipforge.data.cli import parse_bytes
 from clipforge.data.manifest import find_manifest, read_manifest, shard_name
 from clipforge.data.sources import read_captions
-from clipforge.data.writer import Record, ShardWriter
+from clipforge.data.writer import Record, ShardWriter, encode_image, image_format
 
 
 def members(path):
@@ -50,12 +53,78 @@ def test_byte_limit_splits_shards_below_the_limit(tmp_path):
         assert payload <= 6000
 
 
-def test_non_jpeg_input_is_reencoded_as_jpeg(tmp_path):
-    with ShardWriter(tmp_path, max_count=10) as w:
-        w.write(Record("a", Image.new("RGB", (8, 8), (255, 0, 0)), "red"))
-    with tarfile.open(tmp_path / "00000.tar") as tar:
-        data = tar.extractfile("a.jpg").read()
-    assert data[:3] == b"\xff\xd8\xff"
+def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise(size: int = 32, mode: str = "RGB") -> Image.Image:
+    arr = np.random.default_rng(7).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def test_png_goes_into_a_shard_byte_identical_and_out_of_the_loader_pixel_identical(tmp_path):
+    from clipforge.data.dataset import ShardDataset
+    from clipforge.data.shards import expand_urls
+    from clipforge.data.transforms import normalize_into
+
+    png = _encoded(_noise(32), "PNG")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "noise.png").write_bytes(png)
+    (tmp_path / "caps.csv").write_text("file,caption\nnoise.png,coloured noise\n")
+    assert (
+        shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 0
+    )
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert tar.extractfile("000000000.png").read() == png
+        assert not [n for n in tar.getnames() if n.endswith(".jpg")]
+
+    sources = expand_urls(str(tmp_path / "out" / "00000.tar"))
+    ds = ShardDataset(
+        sources,
+        batch_size=1,
+        image_size=32,
+        context_length=8,
+        counts=find_manifest(sources[0]),
+        mode="eval",
+        train_transform=False,
+    )
+    ds.set_epoch(0)
+    (batch,) = list(ds)
+    decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(batch[0], normalize_into([decoded]))
+
+
+def test_jpeg_png_webp_bytes_are_kept_other_formats_become_png_losslessly():
+    img = _noise(16)
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")):
+        data = _encoded(img, fmt)
+        assert encode_image(data) == (data, ext)
+    for src in (_encoded(img, "BMP"), _encoded(img, "TIFF"), img, _noise(16, "CMYK")):
+        data, ext = encode_image(src)
+        assert ext == "png" and image_format(data) == "png"
+        expected = src if isinstance(src, Image.Image) else Image.open(io.BytesIO(src))
+        assert np.array_equal(
+            np.array(Image.open(io.BytesIO(data)).convert("RGB")), np.array(expected.convert("RGB"))
+        )
+
+
+def test_reencode_jpeg_is_explicit_and_keeps_jpeg_bytes(tmp_path):
+    jpeg, png = _encoded(_noise(16), "JPEG"), _encoded(_noise(16), "PNG")
+    assert encode_image(jpeg, reencode="jpeg") == (jpeg, "jpg")
+    data, ext = encode_image(png, reencode="jpeg", quality=80)
+    assert ext == "jpg" and image_format(data) == "jpg"
+    with pytest.raises(ValueError, match="reencode must be one of"):
+        encode_image(png, reencode="webp")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png)
+    (tmp_path / "caps.csv").write_text("file,caption\na.png,a picture\n")
+    argv = ["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]
+    assert shards_main([*argv, "--reencode", "jpeg", "--quality", "90"]) == 0
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert image_format(tar.extractfile("000000000.jpg").read()) == "jpg"
+    assert read_manifest(tmp_path / "out" / "manifest.json")["params"]["reencode"] == "jpeg"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "csv_noheader"])

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("out", help="output directory for NNNNN.tar, manifest.json and sizes.json")
         p.add_argument("--max-count", type=int, default=10_000, help="samples per shard (0: no limit)")
         p.add_argument("--max-bytes", type=parse_bytes, default=None, help="bytes per shard, e.g. 1GB")
+        p.add_argument(
+            "--reencode",
+            choices=["jpeg"],
+            default=None,
+            help="re-encode images that are not JPEG as JPEG (default: keep JPEG/PNG/WebP bytes as they are, "
+            "other formats become PNG: nothing is lost)",
+        )
+        p.add_argument("--quality", type=int, default=95, help="JPEG quality with --reencode jpeg")
 
     p = sub.add_parser("folder", help="an image folder and a CSV/TSV/JSONL file name -> caption")
     p.add_argument("images", help="folder the file names are relative to")
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             "holdout": args.holdout,
         }
         total = args.num_samples
+    if args.reencode:
+        params |= {"reencode": args.reencode, "quality": args.quality}
     counts = write_shards(
         records,
         args.out,
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         max_bytes=args.max_bytes,
         params=params,
         total=total,
+        reencode=args.reencode,
+        quality=args.quality,
     )
     print(f"{sum(counts.values())} samples in {len(counts)} shards under {args.out}")
     if skipped:

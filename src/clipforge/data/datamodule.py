@@ -418,7 +418,7 @@ class SyntheticShardsDataModule(WebDataModule):
     def _params(self, split: str, n: int) -> dict:
         return {
             "generator": "clipforge.data.synthetic",
-            "version": 1,
+            "version": 2,  # 2: images stored as PNG (lossless); 1 wrote JPEG at quality 95
             "split": split,
             "num_samples": n,
             "image_size": self.image_size,

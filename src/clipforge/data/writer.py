@@ -1,8 +1,8 @@
 """Write image-text pairs as WebDataset tar shards (Breuel et al., 2020) in img2dataset's layout.
 
-Each sample is three tar members sharing a key: ``KEY.jpg`` (the encoded image), ``KEY.txt`` (the
-caption, UTF-8) and ``KEY.json`` (metadata), which is what img2dataset (Beaumont, 2021) writes and
-what open_clip reads. Shards are named ``00000.tar, 00001.tar, ...``; a new one starts when the current
+Each sample is three tar members sharing a key: ``KEY.jpg`` (or ``.png`` / ``.webp``: the encoded image,
+kept as it came unless re-encoding is asked for), ``KEY.txt`` (the caption, UTF-8) and ``KEY.json``
+(metadata), which is what img2dataset (Beaumont, 2021) writes and what open_clip reads. Shards are named ``00000.tar, 00001.tar, ...``; a new one starts when the current
 one reaches ``max_count`` samples or ``max_bytes`` bytes. Each shard is written under a temporary name
 and renamed when complete, so an interrupted run never leaves a truncated shard behind under a real name.
 On close the writer records samples per shard in ``manifest.json`` (see :mod:`clipforge.data.manifest`).
@@ -36,16 +36,51 @@ class Record:
     meta: dict = field(default_factory=dict)
 
 
-def encode_image(image: bytes | Image.Image, quality: int = 95) -> tuple[bytes, str]:
-    """Return ``(bytes, extension)``: JPEG bytes pass through untouched, anything else becomes JPEG."""
+# Formats kept byte for byte: what img2dataset writes and open_clip's loader reads ("jpg;png;jpeg;webp").
+KEPT_FORMATS = ("jpg", "png", "webp")
+REENCODE = (None, "jpeg")
+# Image modes PNG stores as they are; anything else (CMYK, YCbCr, float) becomes RGB(A) first.
+_PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+
+
+def image_format(data: bytes) -> str | None:
+    """``jpg``, ``png`` or ``webp`` from the magic bytes of an encoded image, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def encode_image(
+    image: bytes | Image.Image, reencode: str | None = None, quality: int = 95
+) -> tuple[bytes, str]:
+    """Return ``(bytes, extension)`` to store for one image.
+
+    By default nothing is lost: JPEG, PNG and WebP bytes are stored as they are, under their own
+    extension; other formats (BMP, TIFF, GIF, ...) and PIL images are encoded as PNG. ``reencode="jpeg"``
+    turns everything that is not already JPEG into JPEG at ``quality`` (JPEG bytes still pass through:
+    a second JPEG pass would only lose more).
+    """
+    if reencode not in REENCODE:
+        raise ValueError(f"reencode must be one of {REENCODE}, got {reencode!r}")
     if isinstance(image, bytes):
-        if image[:3] == b"\xff\xd8\xff":
-            return image, "jpg"
+        fmt = image_format(image)
+        if fmt == "jpg" or (fmt is not None and reencode is None):
+            return image, fmt
         with Image.open(io.BytesIO(image)) as im:
-            image = im.convert("RGB")
+            im.load()
+            image = im.copy()
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), "jpg"
+    if reencode == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+        return buf.getvalue(), "jpg"
+    if image.mode not in _PNG_MODES:
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    image.save(buf, format="PNG")
+    return buf.getvalue(), "png"
 
 
 def _member_size(nbytes: int) -> int:
@@ -61,7 +96,8 @@ class ShardWriter:
         max_count: int | None = 10_000,
         max_bytes: int | None = None,
         params: dict | None = None,
-        jpeg_quality: int = 95,
+        reencode: str | None = None,
+        quality: int = 95,
     ) -> None:
         if max_count is None and max_bytes is None:
             raise ValueError("set max_count, max_bytes or both: shards need a size limit")
@@ -72,7 +108,9 @@ class ShardWriter:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.params = params or {}
-        self.jpeg_quality = jpeg_quality
+        if reencode not in REENCODE:
+            raise ValueError(f"reencode must be one of {REENCODE}, got {reencode!r}")
+        self.reencode, self.quality = reencode, quality
         self.counts: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
         self._name = ""
@@ -95,7 +133,7 @@ class ShardWriter:
         self._tar = None
 
     def write(self, record: Record) -> None:
-        image, ext = encode_image(record.image, self.jpeg_quality)
+        image, ext = encode_image(record.image, self.reencode, self.quality)
         meta = {"key": record.key, "caption": record.caption, **record.meta}
         members = {
             f"{record.key}.{ext}": image,
@@ -145,9 +183,13 @@ def write_shards(
     total: int | None = None,
     desc: str = "writing shards",
     progress: bool = True,
+    reencode: str | None = None,
+    quality: int = 95,
 ) -> dict[str, int]:
-    """Write ``records`` to shards under ``out_dir`` with a progress bar; returns samples per shard."""
-    with ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes, params=params) as writer:
+    """Write ``records`` to shards under ``out_dir`` with a progress bar; returns samples per shard.
+    Images are stored losslessly unless ``reencode="jpeg"`` (see :func:`encode_image`)."""
+    writer = ShardWriter(out_dir, max_count, max_bytes, params, reencode=reencode, quality=quality)
+    with writer:
         for record in tqdm(records, total=total, desc=desc, unit="img", disable=not progress):
             writer.write(record)
     return writer.counts

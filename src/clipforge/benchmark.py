@@ -9,6 +9,7 @@ and a table: samples/s, TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``),
 
 GPU:  clipforge-benchmark --models vit_b16:256 vit_b32:512 --losses clip siglip --compile
 CPU smoke test:  clipforge-benchmark --models tiny:8 --device cpu --steps 2 --warmup 1
+Learning parity with open_clip's trainer:  clipforge-benchmark learning --help  (clipforge.bench.learning)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -462,7 +464,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["learning"]:  # clipforge-benchmark learning ...: parity with open_clip's trainer
+        from clipforge.bench.learning import main as learning
+
+        learning(args[1:])
+        return
+    run(parse_args(args))
 
 
 if __name__ == "__main__":

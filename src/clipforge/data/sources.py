@@ -26,7 +26,8 @@ from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
 
-FILE_KEYS = ("file", "filename", "file_name", "image", "image_path", "path", "img", "key")
+# open_clip's CSV dataset names its columns filepath and title
+FILE_KEYS = ("file", "filename", "file_name", "filepath", "image", "image_path", "path", "img", "key")
 CAPTION_KEYS = ("caption", "text", "txt", "title", "description")
 
 

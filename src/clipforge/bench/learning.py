@@ -1,0 +1,485 @@
+"""Learning parity with open_clip's own trainer: train the same image-caption data with
+``open_clip_train`` (OpenCLIP, Ilharco et al., 2021) and with clipforge, same tower shapes, same
+hyperparameters and steps, for the CLIP softmax loss (Radford et al., 2021) and the SigLIP sigmoid loss
+(Zhai et al., 2023), over several seeds; then zero-shot classify one held-out set with one evaluator.
+
+Both trainers run as subprocesses, as a user would run them: ``python -m clipforge.train`` on WebDataset
+shards and ``open_clip_train.main`` on a CSV of the very same image files (its WebDataset path does not
+run with webdataset 1.0). The tower shapes are clipforge's model config exported as an open_clip model
+config (``open_clip.add_model_config``). The open_clip model is then read into clipforge's ``CLIP``
+through the converter that is tested to give equal outputs, and both models go through
+:func:`clipforge.eval.zeroshot.zero_shot_eval` with the same preprocessing, prompts and images.
+
+Steps are whole epochs of open_clip (it runs ``len(data) // batch`` steps per epoch, the last partial
+batch dropped); clipforge runs the same number of steps with ``data.drop_last=true``.
+
+    clipforge-benchmark learning                           # synthetic set, both losses, seeds 0 1 2
+    clipforge-benchmark learning --images photos/ --captions caps.csv --eval-dir test/ --templates openai
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOSSES = ("clip", "siglip")
+TRAINERS = ("open_clip", "clipforge")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What both trainers are given."""
+
+    model: str = "tiny"
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup: int = 50
+    grad_clip: float = 1.0
+    workers: int = 1
+
+
+@dataclass
+class Data:
+    """A prepared image-caption set: a CSV for open_clip, shards for clipforge, an image-folder test set."""
+
+    name: str
+    train_csv: Path
+    train_shards: str
+    num_train: int
+    eval_root: Path
+    classnames: list[str]
+    templates: list[str] | str
+
+
+@dataclass
+class RunResult:
+    trainer: str
+    loss: str
+    seed: int
+    data: str
+    steps: int
+    top1: float
+    top5: float
+    num_eval: int
+    train_s: float
+    variant: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ data sets
+def _write_csv(path: Path, rows: list[tuple[Path, str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title"])
+        w.writerows((str(p.resolve()), c) for p, c in rows)
+
+
+def _reuse(marker: Path, params: dict[str, Any]) -> bool:
+    return marker.is_file() and json.loads(marker.read_text()) == params
+
+
+def prepare_synthetic(
+    out: Path, num_train: int, num_heldout: int, image_size: int, seed: int = 0, holdout: str = "tuples"
+) -> Data:
+    """The synthetic generator's train split as PNG files (+ CSV and shards of the same files) and its
+    held-out split as one class folder per shape; reused while the parameters match."""
+    from clipforge.data import synthetic
+    from clipforge.data.sources import folder_records
+    from clipforge.data.writer import write_shards
+
+    params = {"num_train": num_train, "num_heldout": num_heldout, "image_size": image_size, "seed": seed}
+    params |= {"holdout": holdout, "version": 1}
+    classnames, templates = synthetic.zeroshot_task()
+    data = Data(
+        name="synthetic",
+        train_csv=out / "train.csv",
+        train_shards=_shard_pattern(out / "shards", num_train),
+        num_train=num_train,
+        eval_root=out / "heldout",
+        classnames=classnames,
+        templates=templates,
+    )
+    marker = out / "prepared.json"
+    if _reuse(marker, params):
+        return data
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in _progress(
+        synthetic.generate("train", num_train, image_size, seed, holdout), num_train, "train images"
+    ):
+        path = images / f"{s.key}.png"
+        s.image.save(path)
+        rows.append((path, s.caption))
+    _write_csv(data.train_csv, rows)
+    write_shards(folder_records(images, data.train_csv), out / "shards", max_count=1000, progress=False)
+    for s in _progress(
+        synthetic.generate("heldout", num_heldout, image_size, seed, holdout), num_heldout, "held-out"
+    ):
+        folder = data.eval_root / s.meta["shape"]
+        folder.mkdir(parents=True, exist_ok=True)
+        s.image.save(folder / f"{s.key}.png")
+    marker.write_text(json.dumps(params))
+    return data
+
+
+def prepare_folder(
+    images: Path, captions: Path, eval_root: Path, out: Path, classnames: list[str] | None, templates: str
+) -> Data:
+    """A user's image folder and captions file (CSV/TSV/JSONL/JSON, as ``clipforge-shards folder``)."""
+    from clipforge.data.sources import folder_records, read_captions
+    from clipforge.data.writer import write_shards
+
+    if not eval_root.is_dir():
+        raise FileNotFoundError(f"--eval-dir {eval_root} is not a folder of class folders")
+    caps = read_captions(captions)
+    rows = [(images / name, text.strip()) for name, text in sorted(caps.items())]
+    rows = [(p, c) for p, c in rows if p.is_file() and c]
+    if not rows:
+        raise ValueError(f"none of the files listed in {captions} exists under {images} with a caption")
+    names = classnames or sorted(d.name for d in eval_root.iterdir() if d.is_dir())
+    data = Data(
+        name=images.name,
+        train_csv=out / "train.csv",
+        train_shards=_shard_pattern(out / "shards", len(rows)),
+        num_train=len(rows),
+        eval_root=eval_root,
+        classnames=names,
+        templates=templates,
+    )
+    params = {
+        "images": str(images.resolve()),
+        "captions": str(captions.resolve()),
+        "n": len(rows),
+        "version": 1,
+    }
+    marker = out / "prepared.json"
+    if _reuse(marker, params):
+        return data
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(data.train_csv, rows)
+    # the shards hold the same bytes as the files open_clip reads (the writer keeps JPEG/PNG/WebP as they are)
+    write_shards(folder_records(images, captions), out / "shards", max_count=1000, progress=False)
+    marker.write_text(json.dumps(params))
+    return data
+
+
+def _shard_pattern(folder: Path, n: int, per_shard: int = 1000) -> str:
+    return str(folder / f"{{00000..{max(0, math.ceil(n / per_shard) - 1):05d}}}.tar")
+
+
+def _progress(items: Any, total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="img", leave=False)
+
+
+# ------------------------------------------------------------------------------------------ trainers
+def steps_per_epoch(data: Data, recipe: Recipe) -> int:
+    spe = data.num_train // recipe.batch_size
+    if spe < 1:
+        raise ValueError(f"{data.num_train} training images are fewer than one batch of {recipe.batch_size}")
+    return spe
+
+
+def whole_epochs(data: Data, recipe: Recipe) -> tuple[int, int]:
+    """``(epochs, steps)``: the requested steps rounded up to whole open_clip epochs."""
+    spe = steps_per_epoch(data, recipe)
+    epochs = math.ceil(recipe.steps / spe)
+    return epochs, epochs * spe
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> float:
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_thread_env(threads), check=False)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{cmd[:4]}... failed ({proc.returncode}); log {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def clipforge_command(
+    run_dir: Path, data: Data, recipe: Recipe, loss: str, seed: int, overrides: Sequence[str] = ()
+) -> list[str]:
+    _, steps = whole_epochs(data, recipe)
+    return [
+        sys.executable,
+        "-m",
+        "clipforge.train",
+        f"hydra.run.dir={run_dir}",
+        f"model={recipe.model}",
+        f"loss={loss}",
+        "data=wds",
+        f"data.train_urls='{data.train_shards}'",
+        f"data.batch_size={recipe.batch_size}",
+        f"data.num_workers={recipe.workers}",
+        "data.drop_last=true",
+        f"optimizer.lr={recipe.lr}",
+        f"optimizer.weight_decay={recipe.weight_decay}",
+        f"scheduler.warmup_steps={recipe.warmup}",
+        f"module.grad_clip_norm={recipe.grad_clip}",
+        f"trainer.max_steps={steps}",
+        "trainer.precision=32-true",
+        f"seed={seed}",
+        "logger=none",
+        "final_eval=false",
+        "~callbacks.similarity_heatmap",
+        "~callbacks.attention_maps",
+        *overrides,
+    ]
+
+
+# Registers the tower shapes under their file name in the trainer's own process, then runs it.
+_OPEN_CLIP_MAIN = (
+    "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+    "from open_clip_train.main import main; main(sys.argv[2:])"
+)
+
+
+def open_clip_command(
+    run_dir: Path, data: Data, recipe: Recipe, loss: str, seed: int, model_json: Path
+) -> list[str]:
+    epochs, _ = whole_epochs(data, recipe)
+    argv = [
+        "--train-data", str(data.train_csv), "--dataset-type", "csv", "--csv-separator", ",",
+        "--csv-img-key", "filepath", "--csv-caption-key", "title",
+        "--model", model_json.stem, "--batch-size", str(recipe.batch_size), "--epochs", str(epochs),
+        "--lr", str(recipe.lr), "--wd", str(recipe.weight_decay), "--warmup", str(recipe.warmup),
+        "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", str(recipe.grad_clip),
+        "--workers", str(recipe.workers), "--precision", "fp32", "--device", "cpu", "--seed", str(seed),
+        "--logs", str(run_dir), "--name", "run", "--save-frequency", "0", "--log-every-n-steps", "50",
+        "--report-to", "",
+    ]  # fmt: skip
+    if loss == "siglip":
+        argv.append("--siglip")
+    return [sys.executable, "-c", _OPEN_CLIP_MAIN, str(model_json), *argv]
+
+
+def export_tower_shapes(recipe: Recipe, out: Path) -> tuple[Path, dict[str, Any]]:
+    """clipforge's ``model`` config as an open_clip model config file ``<out>/clipforge_<model>.json``."""
+    from hydra import compose, initialize_config_dir
+
+    from clipforge.checkpoint import build_model
+    from clipforge.conf import CONF_DIR
+    from clipforge.models.convert import open_clip_model_cfg
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={recipe.model}"])
+    model_cfg = open_clip_model_cfg(build_model(cfg.model, cfg.loss))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"clipforge_{recipe.model}.json"  # not an open_clip built-in name
+    path.write_text(json.dumps(model_cfg, indent=2))
+    return path, model_cfg
+
+
+def load_trained(trainer: str, run_dir: Path, model_cfg: dict[str, Any]) -> Any:
+    """The trained model of either trainer as clipforge's ``CLIP`` (eval mode)."""
+    import torch
+
+    from clipforge.checkpoint import load_model
+    from clipforge.models.convert.openclip import from_open_clip_state
+
+    if trainer == "clipforge":
+        return load_model(run_dir / "checkpoints" / "last.ckpt")[0]
+    ckpts = sorted((run_dir / "run" / "checkpoints").glob("epoch_*.pt"), key=lambda p: int(p.stem[6:]))
+    if not ckpts:
+        raise FileNotFoundError(f"open_clip_train wrote no checkpoint under {run_dir}/run/checkpoints")
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return from_open_clip_state(state, model_cfg, None).eval()
+
+
+def evaluate(model: Any, data: Data, batch_size: int = 256) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 on the held-out class folders: the one evaluator for both trainers."""
+    from torch.utils.data import DataLoader
+
+    from clipforge.eval.datasets import ImageFolderDataset, collate_skipping, eval_transform
+    from clipforge.eval.metadata import load_templates
+    from clipforge.eval.zeroshot import zero_shot_eval
+
+    ds = ImageFolderDataset(data.eval_root, eval_transform(model.visual.img_size), classnames=data.classnames)
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_skipping)
+    return zero_shot_eval(model, ds.classnames, load_templates(data.templates), loader)
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_one(
+    trainer: str,
+    loss: str,
+    seed: int,
+    data: Data,
+    recipe: Recipe,
+    out: Path,
+    model_json: Path,
+    model_cfg: dict[str, Any],
+    threads: int,
+    variant: str = "",
+    overrides: Sequence[str] = (),
+) -> RunResult:
+    tag = f"{trainer}{'-' + variant if variant else ''}-{loss}-seed{seed}"
+    run_dir = out / "runs" / data.name / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trainer == "clipforge":
+        cmd = clipforge_command(run_dir, data, recipe, loss, seed, overrides)
+    else:
+        cmd = open_clip_command(run_dir, data, recipe, loss, seed, model_json)
+    done = run_dir / "result.json"
+    if done.is_file() and (saved := json.loads(done.read_text()))["command"] == cmd[1:]:
+        # the same command on the same prepared data: training is deterministic, keep its result
+        print(f"[learning] reuse {tag}", flush=True)
+        return RunResult(**saved["result"])
+    print(f"[learning] start {tag}", flush=True)
+    seconds = _run(cmd, run_dir / "train.log", threads)
+    res = evaluate(load_trained(trainer, run_dir, model_cfg), data)
+    _, steps = whole_epochs(data, recipe)
+    result = RunResult(
+        trainer, loss, seed, data.name, steps, float(res["top1"]), float(res["top5"]), int(res["num_samples"]),
+        round(seconds, 1), variant, list(overrides),
+    )  # fmt: skip
+    done.write_text(json.dumps({"command": cmd[1:], "result": asdict(result)}))
+    print(f"[learning] done  {tag}: top-1 {100 * result.top1:.1f}% in {seconds / 60:.1f} min", flush=True)
+    return result
+
+
+def summarize(results: list[RunResult]) -> str:
+    """One row per (data, trainer/variant, loss): mean and spread of top-1 over seeds, and the seeds."""
+    groups: dict[tuple[str, str, str], list[RunResult]] = {}
+    for r in results:
+        name = r.trainer + (f" ({r.variant})" if r.variant else "")
+        groups.setdefault((r.data, name, r.loss), []).append(r)
+    lines = [
+        "| data | trainer | loss | seeds | top-1 mean | top-1 std | top-1 per seed | top-5 mean | train min/run |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for (data, name, loss), rs in sorted(groups.items()):
+        top1 = [100 * r.top1 for r in rs]
+        std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        lines.append(
+            f"| {data} | {name} | {loss} | {len(rs)} | {statistics.mean(top1):.1f}% | {std:.1f} | "
+            + " / ".join(f"{t:.1f}" for t in top1)
+            + f" | {statistics.mean(100 * r.top5 for r in rs):.1f}% | "
+            f"{statistics.mean(r.train_s for r in rs) / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="clipforge-benchmark learning",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("outputs/bench_learning"), help="data, runs, results")
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    p.add_argument("--model", default="tiny", help="conf/model config, exported to open_clip as is")
+    p.add_argument("--steps", type=int, default=600, help="rounded up to whole open_clip epochs")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.2)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=1, help="data loader workers per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time; CPU threads are split between them")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:OVERRIDE[,OVERRIDE...]",
+        help="an extra clipforge run per seed and loss with these Hydra overrides, e.g. "
+        "'timm-init:model.vision.weight_init=timm,model.text.weight_init=timm'",
+    )
+    syn = p.add_argument_group("synthetic data (default)")
+    syn.add_argument("--num-train", type=int, default=19_200)
+    syn.add_argument("--num-heldout", type=int, default=1_000)
+    syn.add_argument("--image-size", type=int, default=32)
+    own = p.add_argument_group("your own data instead")
+    own.add_argument("--images", type=Path, help="folder the caption file's names are relative to")
+    own.add_argument("--captions", type=Path, help="CSV/TSV/JSONL/JSON: file name -> caption")
+    own.add_argument("--eval-dir", type=Path, help="held-out test set: one folder per class")
+    own.add_argument("--classnames", default=None, help="file, built-in name, or null: the folder names")
+    own.add_argument("--templates", default="openai", help="openai | simple | a file")
+    args = p.parse_args(argv)
+    if (args.images is None) != (args.captions is None) or (
+        args.images is not None and args.eval_dir is None
+    ):
+        p.error("--images, --captions and --eval-dir go together")
+    return args
+
+
+def _variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    out = []
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        if not sep or not name or not rest:
+            raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+        out.append((name, [o for o in rest.split(",") if o]))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+    args = parse_args(argv)
+    recipe = Recipe(
+        args.model, args.steps, args.batch_size, args.lr, args.weight_decay, args.warmup, args.grad_clip,
+        args.workers,
+    )  # fmt: skip
+    out = args.out.resolve()
+    if args.images is not None:
+        from clipforge.eval.metadata import load_classnames
+
+        names = load_classnames(args.classnames) if args.classnames else None
+        data = prepare_folder(
+            args.images, args.captions, args.eval_dir, out / "data" / args.images.name, names, args.templates
+        )
+    else:
+        data = prepare_synthetic(
+            out / "data" / "synthetic", args.num_train, args.num_heldout, args.image_size
+        )
+    model_json, model_cfg = export_tower_shapes(recipe, out / "models")
+    epochs, steps = whole_epochs(data, recipe)
+    print(
+        f"[learning] {data.name}: {data.num_train} training pairs, {epochs} epochs = {steps} steps of "
+        f"{recipe.batch_size}; {len(args.seeds)} seeds; trainers {args.trainers}",
+        flush=True,
+    )
+    jobs = [(t, loss, seed, "", []) for loss in args.losses for seed in args.seeds for t in args.trainers]
+    jobs += [
+        ("clipforge", loss, seed, n, o)
+        for n, o in _variants(args.variant)
+        for loss in args.losses
+        for seed in args.seeds
+    ]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [
+            pool.submit(run_one, t, loss, seed, data, recipe, out, model_json, model_cfg, threads, v, o)
+            for t, loss, seed, v, o in jobs
+        ]
+        results = [f.result() for f in futures]
+    with (out / "results.jsonl").open("a") as f:
+        for r in results:
+            line = json.dumps({**asdict(r), "recipe": asdict(recipe)})
+            f.write(line + "\n")
+            print(line)
+    print(summarize(results), flush=True)
+    return results

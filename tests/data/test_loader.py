@@ -1,6 +1,7 @@
 """The WebDataset loader: exact epochs, equal batches per rank, shuffling, modes, URL handling."""
 
 import collections
+import logging
 
 import pytest
 import torch
@@ -147,10 +148,15 @@ def test_pattern_matching_nothing_fails_at_once_naming_it(tmp_path):
         expand_urls(str(tmp_path / "*.tar"))
 
 
-def test_partly_missing_shards_fail_naming_them(shards, tmp_path):
+def test_shards_beyond_the_manifest_fail_naming_them(shards, tmp_path, caplog):
     bad = shards.replace("00005}", "00007}")
-    with pytest.raises(DataError, match=r"2 of 8 shards are missing: .*00006\.tar"):
-        expand_urls(bad)
+    with caplog.at_level(logging.WARNING):
+        assert len(expand_urls(bad)[0]) == 8  # expanding only warns: a few lost shards are bad input
+    assert "2 of 8 shards are missing" in caplog.text and "00006.tar" in caplog.text
+    with pytest.raises(
+        DataError, match=r"2 of 8 train shards do not exist and no manifest lists them: .*00006\.tar"
+    ):
+        WebDataModule(bad, num_workers=0).setup("fit")
 
 
 def test_exact_mode_without_manifest_says_how_to_fix(shards, tmp_path):

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 
 from clipforge.data import synthetic
 from clipforge.data.dataset import ShardDataset
+from clipforge.data.failures import COLUMNS, FailurePolicy
 from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
 from clipforge.data.manifest import MANIFEST_NAME, find_manifest, read_manifest
-from clipforge.data.shards import CAUSES, expand_urls
+from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
 from clipforge.data.sources import synthetic_records
 from clipforge.data.writer import write_shards
 
@@ -53,6 +54,7 @@ class EpochLoader:
         self.epoch = -1
         self.yielded = 0  # batches of the current epoch handed out, resumed ones included
         self._pending: dict | None = None
+        self._run_start: torch.Tensor | None = None  # counts when a resampled stream began
 
     def __len__(self) -> int:
         n = self.shards.num_batches
@@ -77,9 +79,37 @@ class EpochLoader:
         self.shards.set_epoch(epoch)
         self.shards.set_resume(resume)
         self.epoch, self.yielded = epoch, resume
-        for batch in self.loader:
+        # Exact epochs are judged on their own planned samples; a resampled stream, which has no plan, on
+        # everything read since the run began.
+        planned = self.shards.planned_samples(resume)
+        start = self.shards.progress_counts().clone()
+        if planned is None:
+            start = self._run_start if self._run_start is not None else start
+            self._run_start = start
+        every = self.shards.failure_policy.check_every
+        for i, batch in enumerate(self.loader, 1):
             self.yielded += 1
+            if i % every == 0:
+                self._check_failures(start, planned)
             yield batch
+        self._check_failures(start, planned)
+
+    def _check_failures(self, start: torch.Tensor, planned: int | None) -> None:
+        """Stop on too much bad input, on every rank at the same batch: the counts are summed over ranks
+        first (a collective; all ranks fetch the same number of batches, so all come here together)."""
+        counts = self.shards.progress_counts() - start
+        world = self.shards.world_size
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            )
+            counts = counts.to(device) if device is not None else counts.clone()
+            dist.all_reduce(counts)
+        totals = dict(zip(COLUMNS, (int(n) for n in counts.tolist())))
+        policy = self.shards.failure_policy
+        reason = policy.verdict(totals, planned)
+        if reason is not None:
+            raise policy.error(reason, totals, self.shards.worst_shards(), world)
 
     def state_dict(self) -> dict:
         if self._pending is not None:  # restored but not iterated yet: keep the restored position
@@ -213,6 +243,7 @@ class WebDataModule(L.LightningDataModule):
         sources = expand_urls(urls)
         flat = [u for s in sources for u in s]
         counts = find_manifest(flat, self.manifest)
+        self._check_missing(split, flat, counts)
         rank, world = self._rank_world()
         train = split == "train"
         mode = ("resampled" if self.resampled else "exact") if train else "eval"
@@ -235,12 +266,33 @@ class WebDataModule(L.LightningDataModule):
             scale=self.scale,
             interpolation=self.interpolation,
             target="label" if split == "zeroshot" else "text",
-            max_skip_fraction=self.max_skip_fraction,
+            failure_policy=FailurePolicy(self.max_skip_fraction),
             return_keys=self.return_keys,
             decode_device=self.decode_device if train else "cpu",  # zero-shot/val batches stay plain tensors
         )
         self._datasets[split] = ds
         return ds
+
+    def _check_missing(self, split: str, urls: list[str], counts: dict[str, int] | None) -> None:
+        """Shards missing from disk are skipped as unreadable, but fail at once when they are not shards
+        the manifest knows (the pattern asks for more than exists) or when they alone exceed the limit."""
+        missing = missing_local(urls)
+        if not missing:
+            return
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        if counts is None and find_manifest(missing, self.manifest) is None and split == "train":
+            raise DataError(
+                f"{len(missing)} of {len(urls)} {split} shards do not exist and no manifest lists them: {shown}; "
+                "does the pattern ask for more shards than were written?"
+            )
+        lost = sum(counts[u] for u in missing) if counts is not None else len(missing)
+        total = sum(counts.values()) if counts is not None else len(urls)
+        if lost > self.max_skip_fraction * total:
+            raise DataError(
+                f"{len(missing)} of {len(urls)} {split} shards ({lost} of {total} "
+                f"{'samples' if counts is not None else 'shards'}) are missing, more than "
+                f"data.max_skip_fraction={self.max_skip_fraction}: {shown}"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         self._dataset("train")  # fail at once on a bad pattern or a missing manifest

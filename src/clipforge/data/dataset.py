@@ -15,12 +15,14 @@ like that of a shuffle buffer of the same size, but output position ``o`` always
 ``o // shuffle_buffer``: resuming at batch T re-reads one partial block instead of the whole prefix, and
 whole shards before it are skipped without opening them.
 
-Bad data never stops training and never passes silently. Every skipped sample or shard is counted by
-cause (:data:`clipforge.data.shards.CAUSES`) in a shared-memory tensor that the workers write and the
-main process reads (``skip_counts``). When samples are lost, the worker re-reads its own range (counted
-as ``repeated_samples``) so its batch count, and so every rank's, stays as planned. If more than
-``max_skip_fraction`` of the samples seen fail (after ``min_samples_checked``), it raises
-:class:`~clipforge.data.shards.DataError` naming the shards.
+A few bad files never stop training and none passes silently. Every skipped sample or shard is counted
+by cause (:data:`clipforge.data.shards.CAUSES`), with the samples read, in shared-memory tables that the
+workers write and the main process reads (``skip_counts``, ``progress_counts``;
+:mod:`clipforge.data.failures`). When samples are lost, the worker re-reads its own range (counted as
+``repeated_samples``), or the whole set if its own range has nothing readable, so its batch count, and
+so every rank's, stays as planned. Whether there is too much bad input is decided in the main process
+from the counts of all ranks (:class:`clipforge.data.datamodule.EpochLoader`); evaluation passes judge
+their own counts when they end.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -37,6 +38,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data import plan as planning
+from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables, table_totals
 from clipforge.data.gpu_decode import EncodedBatch
 from clipforge.data.shards import CAUSES, IMAGE_EXTS, DataError, RawSample, ShardResult, read_shard
 from clipforge.data.tokenizer import Tokenizer
@@ -56,58 +58,6 @@ def _new_shared_batch(size: int, image_size: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
     except (AttributeError, RuntimeError):  # private API: fall back to the DataLoader's own copy
         return torch.empty(shape, dtype=torch.float32)
-
-
-class _Monitor:
-    """Per-worker failure accounting: shared counters, warnings, and the stop-at-once threshold."""
-
-    def __init__(
-        self, counts: torch.Tensor | None, row: int, max_fraction: float, min_checked: int, where: str
-    ) -> None:
-        self.counts, self.row = counts, row
-        self.max_fraction, self.min_checked, self.where = max_fraction, min_checked, where
-        self.seen = self.failed = 0
-        self.by_shard: Counter[str] = Counter()  # failed samples per shard
-        self.bad_shards: dict[str, str] = {}  # shard -> shard-level cause
-        self.by_cause: Counter[str] = Counter()
-
-    def quiet(self) -> _Monitor:
-        """A monitor for re-read passes: same threshold, but it does not count the same failure twice."""
-        return _Monitor(None, self.row, self.max_fraction, self.min_checked, self.where)
-
-    def count(self, cause: str, n: int = 1) -> None:
-        if self.counts is not None:
-            self.counts[self.row, CAUSES.index(cause)] += n
-        self.by_cause[cause] += n
-
-    def sample_failed(self, cause: str, url: str, key: str = "", n: int = 1) -> None:
-        self.count(cause, n)
-        self.seen += n
-        self.failed += n
-        self.by_shard[url] += n
-        if self.counts is not None and self.by_cause[cause] <= 3:
-            log.warning("skipped %s: %s in %s (%s)", key or f"{n} samples", cause, url, self.where)
-        self.check()
-
-    def ok(self) -> None:
-        self.seen += 1
-
-    def shard_failed(self, cause: str, url: str) -> None:
-        self.count(cause)
-        self.bad_shards[url] = cause
-
-    def check(self, final: bool = False) -> None:
-        enough = self.seen >= self.min_checked or (final and self.seen > 0)
-        too_many = enough and self.failed > self.max_fraction * self.seen
-        nothing = final and self.seen == 0 and bool(self.bad_shards)
-        if too_many or nothing:
-            shards = [f"{u} ({n} failed)" for u, n in self.by_shard.most_common(8)]
-            shards += [f"{u} ({c})" for u, c in list(self.bad_shards.items())[:8] if u not in self.by_shard]
-            causes = ", ".join(f"{c}: {n}" for c, n in self.by_cause.most_common())
-            raise DataError(
-                f"{self.failed} of {self.seen} samples failed in {self.where} ({causes}); that is not a few "
-                f"bad files but bad input (limit {self.max_fraction:.0%}). Shards: {', '.join(shards)}"
-            )
 
 
 class ShardDataset(IterableDataset):
@@ -135,8 +85,7 @@ class ShardDataset(IterableDataset):
         scale: tuple[float, float] = (0.9, 1.0),
         interpolation: str = "bicubic",
         target: str = "text",
-        max_skip_fraction: float = 0.5,
-        min_samples_checked: int = 64,
+        failure_policy: FailurePolicy | None = None,
         return_keys: bool = False,
         decode_device: str = "cpu",
     ) -> None:
@@ -173,12 +122,13 @@ class ShardDataset(IterableDataset):
             image_size, train=train_transform, scale=scale, interpolation=interpolation
         )
         self.target = target
-        self.max_skip_fraction, self.min_samples_checked = max_skip_fraction, min_samples_checked
+        self.failure_policy = failure_policy or FailurePolicy()
         self.return_keys = return_keys
         self.defer_decode = decode_device != "cpu"  # JPEGs go to the main process encoded (gpu_decode)
-        # Shared with the workers: [epoch, batches already consumed this epoch], and skip counts per worker.
+        # Shared with the workers: [epoch, batches already consumed this epoch], counts per worker and
+        # failures per shard (clipforge.data.failures).
         self._control = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self._counts = torch.zeros(max(1, num_workers), len(CAUSES), dtype=torch.int64).share_memory_()
+        self._counts, self._per_shard = new_tables(num_workers, len(self.urls))
         self._tokenizer: Tokenizer | None = None
 
     # ----------------------------------------------------------------------------------- main process
@@ -202,8 +152,30 @@ class ShardDataset(IterableDataset):
         return planning.epoch_shape(total, self.world_size, self.batch_size, self.drop_last).steps
 
     def skip_counts(self) -> dict[str, int]:
-        totals = self._counts.sum(0).tolist()
-        return dict(zip(CAUSES, (int(t) for t in totals)))
+        """Samples and shards skipped on this rank so far, by cause."""
+        totals = table_totals(self._counts)
+        return {c: totals[c] for c in CAUSES}
+
+    def progress_counts(self) -> torch.Tensor:
+        """This rank's counts of :data:`~clipforge.data.failures.COLUMNS` (causes, samples read, shards
+        opened) as one int64 vector, to be summed over ranks."""
+        return self._counts.sum(0)
+
+    def worst_shards(self, n: int = 8) -> list[str]:
+        """This rank's shards with most failures, for error messages."""
+        from clipforge.data.failures import worst_shards
+
+        return worst_shards(self._per_shard, self.urls, n)
+
+    def planned_samples(self, consumed_batches: int) -> int | None:
+        """Samples all ranks still read in this epoch after ``consumed_batches`` per rank (exact mode)."""
+        if self.mode != "exact" or self.counts is None:
+            return None
+        shape = planning.epoch_shape(
+            sum(self.counts[u] for u in self.urls), self.world_size, self.batch_size, self.drop_last
+        )
+        done = min(consumed_batches * self.batch_size, shape.per_rank)
+        return self.world_size * (shape.per_rank - done)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -220,7 +192,9 @@ class ShardDataset(IterableDataset):
         worker = (physical + consumed) % num_workers
         where = f"worker {physical} of rank {self.rank}"
         row = physical % self._counts.shape[0]
-        monitor = _Monitor(self._counts, row, self.max_skip_fraction, self.min_samples_checked, where)
+        monitor = FailureMonitor(
+            self._counts, self._per_shard, row, {u: i for i, u in enumerate(self.urls)}, where
+        )
         if self._tokenizer is None and self.target == "text":
             self._tokenizer = Tokenizer(self.context_length)
         # Crop randomness is a function of the output position: every sample slot takes exactly
@@ -242,9 +216,15 @@ class ShardDataset(IterableDataset):
         sizes = sizes[done:]
         rng.bit_generator.advance(skip * CROP_DRAWS)
 
-        def refill(pass_index: int) -> Iterator[Decoded]:
+        def refill(pass_index: int, whole_set: bool) -> Iterator[Decoded]:
+            # Re-read this worker's own range; if that has nothing readable, the whole epoch's shards.
             quiet = monitor.quiet()
-            return self._decoded(self._blocks(segs, 0, (*salt, pass_index), quiet), quiet, rng)
+            source = segs
+            if whole_set and self.counts is not None:
+                source = planning.segments(self.urls, self.counts, 0, sum(self.counts[u] for u in self.urls))
+            elif whole_set:
+                source = [planning.Segment(u, 0, -1) for u in self.urls]
+            return self._decoded(self._blocks(source, 0, (*salt, pass_index), quiet), quiet, rng)
 
         stream = self._blocks(segs, skip, salt, monitor)
         yield from self._batches(self._decoded(stream, monitor, rng), sizes, monitor, refill)
@@ -276,13 +256,16 @@ class ShardDataset(IterableDataset):
         )
         return wp.segments, wp.batch_sizes, salt
 
-    def _read(self, segs: list[planning.Segment], monitor: _Monitor) -> Iterator[RawSample | None]:
+    def _read(self, segs: list[planning.Segment], monitor: FailureMonitor) -> Iterator[RawSample | None]:
         """Raw samples of the segments in order; ``None`` stands in for each sample a broken shard lost,
         so that positions (and with them block shuffles and resume points) do not move."""
         for seg in segs:
             result = ShardResult()
             count = None if seg.count < 0 else seg.count
-            yield from read_shard(seg.url, result, seg.start, count)
+            monitor.shard_opened()
+            for sample in read_shard(seg.url, result, seg.start, count):
+                monitor.samples_read()  # the denominator counts every sample read, good or bad
+                yield sample
             if result.failure is not None:
                 monitor.shard_failed(result.failure, seg.url)
             lost = 0 if count is None else count - result.delivered
@@ -291,7 +274,7 @@ class ShardDataset(IterableDataset):
                 yield from [None] * lost
 
     def _blocks(
-        self, segs: list[planning.Segment], skip: int, salt: tuple, monitor: _Monitor
+        self, segs: list[planning.Segment], skip: int, salt: tuple, monitor: FailureMonitor
     ) -> Iterator[RawSample | None]:
         """Block-shuffled raw stream of the segments, starting at output position ``skip``."""
         m = self.shuffle_buffer
@@ -310,7 +293,7 @@ class ShardDataset(IterableDataset):
             block += 1
 
     def _resampled(
-        self, epoch: int, worker: int, consumed: int, monitor: _Monitor
+        self, epoch: int, worker: int, consumed: int, monitor: FailureMonitor
     ) -> Iterator[RawSample | None]:
         """Endless stream: a source by weight, then a shard of it, then that shard's samples, block-shuffled."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, consumed, 0x5E5A])
@@ -325,9 +308,15 @@ class ShardDataset(IterableDataset):
                 src = self.sources[int(rng.choice(len(self.sources), p=probs))]
                 url = src[int(rng.integers(len(src)))]
                 result = ShardResult()
-                yield from read_shard(url, result)
+                monitor.shard_opened()
+                for sample in read_shard(url, result):
+                    monitor.samples_read()
+                    yield sample
                 if result.failure is not None:
                     monitor.shard_failed(result.failure, url)
+                    lost = (self.counts or {}).get(url, 0) - result.delivered  # known with a manifest
+                    if lost > 0:
+                        monitor.sample_failed("lost_samples", url, n=lost)
                 failed_in_row[:] = [*failed_in_row, url] if result.delivered == 0 else []
                 if len(failed_in_row) >= 16:
                     raise DataError(
@@ -344,7 +333,7 @@ class ShardDataset(IterableDataset):
             yield from (chunk[i] for i in perm)
             block += 1
 
-    def _decode(self, raw: RawSample, monitor: _Monitor, draws: np.ndarray | None) -> Decoded | None:
+    def _decode(self, raw: RawSample, monitor: FailureMonitor, draws: np.ndarray | None) -> Decoded | None:
         members = raw.members
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
@@ -371,18 +360,16 @@ class ShardDataset(IterableDataset):
                 with Image.open(io.BytesIO(members[ext])) as img:  # parses the header only
                     if img.format == "JPEG":
                         box = self.transform.box(img.size[0], img.size[1], draws)
-                        monitor.ok()
                         return _Encoded(members[ext], box), target, f"{raw.url}/{raw.key}"
             pixels = self.transform(members[ext], draws)
         except (OSError, SyntaxError, ValueError, RuntimeError, EOFError, Image.DecompressionBombError):
             # what PIL and torchvision raise for bad bytes; anything else is a bug and propagates
             monitor.sample_failed("corrupt_image", raw.url, raw.key)
             return None
-        monitor.ok()
         return pixels, target, f"{raw.url}/{raw.key}"
 
     def _decoded(
-        self, stream: Iterator[RawSample | None], monitor: _Monitor, rng: np.random.Generator
+        self, stream: Iterator[RawSample | None], monitor: FailureMonitor, rng: np.random.Generator
     ) -> Iterator[Decoded]:
         for raw in stream:
             draws = rng.random(CROP_DRAWS) if self.transform.train else None  # taken by every slot
@@ -408,10 +395,11 @@ class ShardDataset(IterableDataset):
         return images, targets
 
     def _batches(
-        self, samples: Iterator[Decoded], sizes: list[int], monitor: _Monitor, refill
+        self, samples: Iterator[Decoded], sizes: list[int], monitor: FailureMonitor, refill
     ) -> Iterator[tuple]:
         """Cut ``samples`` into batches of ``sizes`` (all remaining samples if ``sizes`` is empty, for eval
-        without a manifest). When samples run out early, ``refill(k)`` supplies a k-th re-read pass."""
+        without a manifest). When samples run out early, ``refill(k, whole_set)`` supplies a k-th re-read
+        pass: of this worker's range, or of the whole set once a pass of the range gave nothing."""
         items: list[Decoded] = []
         if not sizes:  # unknown length: plain batching with a partial last batch
             for it in samples:
@@ -419,34 +407,43 @@ class ShardDataset(IterableDataset):
                 if len(items) == self.batch_size:
                     yield self._collate(items)
                     items = []
-            monitor.check(final=True)
+            monitor.check_final(self.failure_policy)
             if items:
                 yield self._collate(items)
             return
-        passes, got = 0, False
+        passes, got, whole_set = 0, False, False
         for size in sizes:
             while len(items) < size:
                 nxt = next(samples, None)
                 if nxt is None:
-                    monitor.check(final=True)
+                    if self.mode == "eval":
+                        monitor.check_final(self.failure_policy)
                     if refill is None:
                         raise DataError(f"the sample stream ended early in {monitor.where}")
                     if passes > 0 and not got:
-                        raise DataError(
-                            f"no sample of {monitor.where} could be read: {dict(monitor.by_cause)}"
-                        )
+                        if whole_set:  # every shard of the set was read and none gave a sample
+                            raise self.failure_policy.error(
+                                "no sample of any shard could be read",
+                                table_totals(self._counts),
+                                self.worst_shards(),
+                                1,
+                            )
+                        whole_set = True
                     passes, got = passes + 1, False
                     log.warning(
-                        "%s: re-reading its range (pass %d) to keep its batch count", monitor.where, passes
+                        "%s: re-reading %s (pass %d) to keep its batch count",
+                        monitor.where,
+                        "the whole set" if whole_set else "its range",
+                        passes,
                     )
-                    samples = _counted(refill(passes), monitor)
+                    samples = _counted(refill(passes, whole_set), monitor)
                     continue
                 got = True
                 items.append(nxt)
             yield self._collate(items[:size])
             items = items[size:]
-        if passes == 0:
-            monitor.check(final=True)
+        if passes == 0 and self.mode == "eval":
+            monitor.check_final(self.failure_policy)
 
 
 class _Encoded:
@@ -467,7 +464,7 @@ def _encoded_batch(items: list) -> EncodedBatch:
     return EncodedBatch(data, boxes.double())
 
 
-def _counted(samples: Iterator[Decoded], monitor: _Monitor) -> Iterator[Decoded]:
+def _counted(samples: Iterator[Decoded], monitor: FailureMonitor) -> Iterator[Decoded]:
     for s in samples:
         monitor.count("repeated_samples")
         yield s

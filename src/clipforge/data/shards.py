@@ -52,7 +52,8 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
 
     ``urls`` is one string (sources separated by ``::``) or a list of strings (one source each). Braces
     are expanded; local patterns with ``*``/``?`` are globbed (sorted). Fails at once, naming the
-    pattern and the missing paths, if a source matches nothing or a local shard does not exist.
+    pattern, if a source matches nothing or none of its local shards exists; shards missing from a
+    source that has others are logged (and later counted as ``unreadable_shard``).
     """
     specs = urls.split("::") if isinstance(urls, str) else [str(u) for u in urls]
     if not specs or not any(s.strip() for s in specs):
@@ -68,20 +69,31 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
                 expanded.append(url if url.startswith("pipe:") else os.path.expanduser(url))
         if not expanded:
             raise DataError(f"shard pattern {spec!r} matches no shard")
-        local = [u for u in expanded if not u.startswith("pipe:") and "://" not in u]
-        missing = [u for u in local if not os.path.exists(u)]
+        missing = missing_local(expanded)
         if missing and len(missing) == len(expanded):
             raise DataError(
                 f"shard pattern {spec!r} matches no shard: none of its {len(expanded)} paths exist "
                 f"(first: {missing[0]!r})"
             )
         if missing:
+            # A few shards lost from storage (or never downloaded) are bad input like a truncated shard:
+            # the loader counts them as unreadable and the skip-fraction limit decides (the data module
+            # fails at once when they alone exceed it). A pattern matching nothing is an error above.
             shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise DataError(
-                f"shard pattern {spec!r}: {len(missing)} of {len(expanded)} shards are missing: {shown}"
+            log.warning(
+                "shard pattern %r: %d of %d shards are missing and will be skipped as unreadable: %s",
+                spec,
+                len(missing),
+                len(expanded),
+                shown,
             )
         sources.append(expanded)
     return sources
+
+
+def missing_local(urls: list[str]) -> list[str]:
+    """The local shard paths among ``urls`` that do not exist."""
+    return [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.exists(u)]
 
 
 @dataclass

@@ -2,7 +2,8 @@
 SIGKILL mid-save and mid-epoch, a corrupted newest checkpoint, SIGTERM and SIGUSR1 preemption. Every
 interrupted run is resumed with ckpt_path=auto and must end bitwise equal to the uninterrupted run.
 
-Slow (each process imports torch and Lightning): about a dozen runs.
+Each process imports torch and Lightning, so most cases are slow; one SIGKILL mid-save and one SIGTERM
+(with the baseline they resume to: five runs) stay in the default suite, so CI runs the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from faulthelpers import RUN, assert_same_training_state, fault, final_state, load
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 def cli(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -66,6 +67,7 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(baseline, data_dir: Path
     assert_same_training_state(baseline, final_state(tmp_path))
 
 
+@slow
 def test_sigkill_after_a_step_resumes_from_the_validation_checkpoint(
     baseline, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -76,6 +78,7 @@ def test_sigkill_after_a_step_resumes_from_the_validation_checkpoint(
     assert_same_training_state(baseline, final_state(tmp_path))
 
 
+@slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     baseline, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -91,7 +94,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
 
 @pytest.mark.parametrize(
     ("action", "step"),
-    [("sigterm", 5), ("sigusr1", 5), ("sigterm_validation", 4)],  # signal during step 5 / validation after 4
+    [  # signal during step 5 / validation after 4
+        ("sigterm", 5),
+        pytest.param("sigusr1", 5, marks=slow),
+        pytest.param("sigterm_validation", 4, marks=slow),
+    ],
 )
 def test_preemption_signal_saves_exits_cleanly_and_resumes(
     baseline, data_dir: Path, tmp_path: Path, action: str, step: int

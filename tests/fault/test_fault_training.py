@@ -52,23 +52,37 @@ def run_cfg(compose_cfg, fault_data_dir: Path) -> Callable[..., DictConfig]:
     return make
 
 
-def test_sigkill_mid_step_then_auto_resume_matches_the_uninterrupted_run(run_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        (),
+        ("loss=siglip",),  # the logit bias and SigLIP's scale come back too
+        ("data.num_workers=2",),  # two loader processes: the stream resumes mid-epoch in both
+    ],
+    ids=["clip", "siglip", "two_loader_workers"],
+)
+def test_sigkill_mid_step_then_auto_resume_matches_the_uninterrupted_run(
+    run_cfg, tmp_path: Path, variant: tuple[str, ...]
+) -> None:
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
-    train(run_cfg(base_dir))
+    train(run_cfg(base_dir, *variant))
 
     # Killed after the backward of step 8, before its update; the newest checkpoint is step 6 (mid-epoch).
-    status = run_forked(lambda: train(run_cfg(run_dir, *fault("sigkill_before_optimizer_step", 7))))
+    status = run_forked(lambda: train(run_cfg(run_dir, *variant, *fault("sigkill_before_optimizer_step", 7))))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "periodic-step0000006.ckpt" in names and not any(
         "step0000007" in n or "step0000008" in n for n in names
     )
 
-    _, objs = train(run_cfg(run_dir, "ckpt_path=auto"))
+    _, objs = train(run_cfg(run_dir, *variant, "ckpt_path=auto"))
     trainer = objs["trainer"]
     assert Path(trainer.ckpt_path).name == "periodic-step0000006.ckpt"
     assert trainer.global_step == 10
-    assert_same_training_state(final_state(base_dir), final_state(run_dir))
+    base, resumed = final_state(base_dir), final_state(run_dir)
+    if "loss=siglip" in variant:
+        assert "model.logit_bias" in base["state_dict"]
+    assert_same_training_state(base, resumed)
 
 
 def test_nan_batch_is_skipped_counted_and_training_goes_on(run_cfg, tmp_path: Path) -> None:

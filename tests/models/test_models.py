@@ -186,6 +186,46 @@ def test_weight_init_schemes() -> None:
         small_vit(weight_init="xavier")
 
 
+def test_torch_scheme_starts_like_open_clips_image_tower() -> None:
+    """Layer by layer, the same init distribution (std, bias zero or not) as open_clip's VisionTransformer."""
+    from open_clip.transformer import VisionTransformer as OpenClipViT
+
+    width, depth = 96, 4
+    torch.manual_seed(0)
+    theirs = OpenClipViT(
+        image_size=32, patch_size=4, width=width, layers=depth, heads=3, mlp_ratio=4, output_dim=32
+    )
+    ours = small_vit(
+        img_size=32, patch_size=4, embed_dim=width, depth=depth, num_heads=3, output_dim=32, patch_bias=False,
+        pre_norm=True, weight_init="torch",
+    )  # fmt: skip
+    pairs = {
+        "patch_embed.weight": theirs.conv1.weight,
+        "pos_embed": theirs.positional_embedding,
+        "cls_token": theirs.class_embedding,
+        "proj.weight": theirs.proj,
+    }
+    for i in range(depth):
+        ob, tb = f"transformer.blocks.{i}.", theirs.transformer.resblocks[i]
+        pairs |= {
+            ob + "attn.qkv.weight": tb.attn.in_proj_weight,
+            ob + "attn.qkv.bias": tb.attn.in_proj_bias,
+            ob + "attn.proj.weight": tb.attn.out_proj.weight,
+            ob + "attn.proj.bias": tb.attn.out_proj.bias,
+            ob + "mlp.fc1.weight": tb.mlp.c_fc.weight,
+            ob + "mlp.fc1.bias": tb.mlp.c_fc.bias,
+            ob + "mlp.fc2.weight": tb.mlp.c_proj.weight,
+            ob + "mlp.fc2.bias": tb.mlp.c_proj.bias,
+        }
+    params = dict(ours.named_parameters())
+    for name, ref in pairs.items():
+        mine, ref = params[name].detach(), ref.detach()
+        if ref.abs().max() == 0:
+            assert mine.abs().max() == 0, name
+        else:
+            assert abs(mine.std().item() / ref.std().item() - 1) < 0.25, (name, mine.std(), ref.std())
+
+
 def load_yaml(name: str) -> CLIP:
     with torch.device("meta"):
         return instantiate(OmegaConf.load(CONF / f"{name}.yaml"))

@@ -116,7 +116,7 @@ class VisionTransformer(nn.Module):
     def init_weights(self, scheme: WeightInit | None = None) -> None:
         """Re-initialise all weights with ``scheme`` (default: the constructor's ``weight_init``)."""
         scheme = scheme or self.weight_init
-        if scheme == "openclip":  # open_clip draws class and position embeddings with std width^-1/2
+        if scheme in ("openclip", "torch"):  # open_clip draws class and position embeddings with std w^-1/2
             nn.init.normal_(self.pos_embed, std=self.embed_dim**-0.5)
             if self.cls_token is not None:
                 nn.init.normal_(self.cls_token, std=self.embed_dim**-0.5)

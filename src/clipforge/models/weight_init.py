@@ -10,6 +10,11 @@
   both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input, N(0, w^-1/2 (2L)^-1/2) for the
   residual output projections (attention ``proj``, ``mlp.fc2``) so the residual stream keeps its scale
   with depth, N(0, w^-1/2) for the output projection and the vision class/position embeddings.
+- ``torch``: what open_clip's *image* tower gets, since OpenAI's CLIP defines no init for it: PyTorch's
+  layer defaults (Kaiming-uniform weights, U(+-fan_in^-1/2) biases), the qkv projection Xavier-uniform
+  with a zero bias and a zero attention-output bias (``nn.MultiheadAttention``'s own init), N(0, w^-1/2)
+  for the class/position embeddings and the output projection. ``vision: torch, text: openclip`` is
+  open_clip's model as it starts training.
 
 Every scheme sets LayerNorms to unit gain and zero bias and leaves LayerScale gammas at their init value.
 """
@@ -22,8 +27,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-WeightInit = Literal["timm", "jax", "openclip"]
-SCHEMES = ("timm", "jax", "openclip")
+WeightInit = Literal["timm", "jax", "openclip", "torch"]
+SCHEMES = ("timm", "jax", "openclip", "torch")
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -88,6 +93,24 @@ def init_openclip(root: nn.Module, width: int, depth: int) -> None:
             nn.init.zeros_(module.bias)
 
 
+def init_torch_defaults(root: nn.Module, width: int) -> None:
+    for name, module in root.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        parent = name.rsplit(".", 2)[-2] if name.count(".") else ""
+        if isinstance(module, nn.Linear) and leaf in ("qkv", "q", "kv"):
+            nn.init.xavier_uniform_(module.weight)  # nn.MultiheadAttention's in-projection
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and leaf == "proj" and parent not in ("attn", "attn_pool"):
+            nn.init.normal_(module.weight, std=width**-0.5)  # the tower's output projection
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear | nn.Conv2d | nn.LayerNorm):
+            module.reset_parameters()
+            if leaf == "proj" and module.bias is not None:  # attention output: zero bias, as MHA
+                nn.init.zeros_(module.bias)
+
+
 def init_tower(root: nn.Module, scheme: str, width: int, depth: int) -> None:
     """Initialise every linear, conv and norm layer of a tower; embeddings are the tower's business."""
     if scheme == "timm":
@@ -96,5 +119,7 @@ def init_tower(root: nn.Module, scheme: str, width: int, depth: int) -> None:
         init_jax(root)
     elif scheme == "openclip":
         init_openclip(root, width, depth)
+    elif scheme == "torch":
+        init_torch_defaults(root, width)
     else:
         raise ValueError(f"unknown weight_init {scheme!r}; expected one of {SCHEMES}")

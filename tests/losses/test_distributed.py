@@ -15,9 +15,9 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from lossdist import open_clip_loss_module, run_distributed, saved_bytes
 
 from clipforge.losses import clip_loss, siglip_loss
+from clipforge.losses.benchmark import open_clip_loss_module, run_distributed, saved_bytes
 
 SIZES = {4: {"even": [3, 3, 3, 3], "uneven": [2, 4, 1, 3]}, 2: {"even": [3, 3], "uneven": [2, 5]}}
 DIM = 4
@@ -64,10 +64,10 @@ def _worker(rank: int, world: int, all_cases: dict) -> dict:
         x, y = inputs["x"][rows], inputs["y"][rows]
         for name, fn in METHODS.items():
             out[case, name] = loss_and_grads(fn, x, y, inputs["log_scale"], inputs["bias"])
-        # Ranks that scale their loss differently: the ring weights the column terms of a visiting block
-        # by its owner's upstream gradient, as autograd through the gather does.
+        # Ranks that scale their loss differently (rank 0 by zero): the ring weights the column terms of
+        # a visiting block by its owner's upstream gradient, as autograd through the gather does.
         for name in ("clip_ring_tiled", "clip_gather_dense"):
-            weighted = partial(_times, METHODS[name], rank + 1.0)
+            weighted = partial(_times, METHODS[name], float(rank))
             out[case, name, "weighted"] = loss_and_grads(weighted, x, y, inputs["log_scale"], inputs["bias"])
         # bf16 features: float32 statistics travel beside bf16 texts
         low = [t.to(torch.bfloat16) for t in (x, y, inputs["log_scale"], inputs["bias"])]

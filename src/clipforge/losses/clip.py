@@ -45,7 +45,6 @@ from torch import Tensor
 from clipforge.losses.base import ContrastiveLoss
 from clipforge.losses.distributed import (
     Ring,
-    all_gather_scalar,
     all_gather_with_grad,
     check_dist_impl,
     gather_sizes,
@@ -153,8 +152,7 @@ class _ClipRing(torch.autograd.Function):
             lse_tiles(x, texts[0], scale, tile, lse_row, lse_col[0])
 
         # Each text block carries the running log-sum-exps of its columns and comes home with them complete.
-        lse_col_init = torch.full((y.shape[0],), float("-inf"), dtype=sd, device=y.device)
-        (lse_col,) = ring.circulate([y], [lse_col_init], visit)
+        (lse_col,) = ring.circulate([y], lambda n: [y.new_full((n,), float("-inf"), dtype=sd)], visit)
         pos = torch.linalg.vecdot(x, y).sum(dtype=sd) * scale  # sum_i S_ii
         ctx.save_for_backward(x, y, scale, lse_row, lse_col)
         ctx.ring, ctx.tile, ctx.coef = ring, tile, coef
@@ -164,30 +162,30 @@ class _ClipRing(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, y, scale, lse_row, lse_col = ctx.saved_tensors
         ring, tile, sd = ctx.ring, ctx.tile, lse_row.dtype
-        # The column terms of a visiting text block belong to the loss of the rank that owns it, so they
-        # take that rank's upstream gradient (equal on all ranks under DDP; gathering W scalars keeps the
-        # gradient exact for any).
-        alphas = all_gather_scalar((g * (ctx.coef / 2)).to(sd), ring.group)  # (W,)
-        alpha = alphas[ring.rank]
+        alpha = (g * (ctx.coef / 2)).to(sd)  # d (this rank's loss) / d (each of its terms)
         need_scale = ctx.needs_input_grad[2]
         gx = torch.zeros_like(x)  # raw gradients (before the factor scale)
         visited = torch.zeros((), dtype=sd, device=x.device)  # column terms seen here, for d / d scale
 
         def visit(owner: int, block: Sequence[Tensor], carry: Sequence[Tensor]) -> None:
             nonlocal visited
-            texts, lse_texts = block
+            texts, lse_texts, w_texts = block
             dots = torch.zeros_like(lse_texts) if need_scale else None
-            lse_grad_tiles(
-                x, texts, scale, tile, lse_row, alpha, gx, carry[0], lse_texts, alphas[owner], dots
-            )
+            lse_grad_tiles(x, texts, scale, tile, lse_row, alpha, gx, carry[0], lse_texts, w_texts, dots)
             if dots is not None:
                 carry[1].add_(dots)
-                visited = visited + alphas[owner] * dots.sum()
+                visited = visited + dots.sum()
 
-        # Re-run the ring: each text block travels with its complete column statistics and carries its
-        # gradient accumulator (and, for the scale, sum_i softmax_cols(S)_ij S_ij of its columns) home.
-        carry = [torch.zeros_like(y)] + ([torch.zeros_like(lse_col)] if need_scale else [])
-        home = ring.circulate([y, lse_col], carry, visit)
+        # Re-run the ring. Each text block travels with its complete column log-sum-exps and with its
+        # owner's upstream gradient (the column terms belong to the owner's loss; the gradients are equal
+        # on all ranks under DDP, but any will do), and carries home its gradient accumulator and, for the
+        # scale, w * sum_i softmax_cols(S)_ij S_ij of its columns.
+        block = [y, lse_col, alpha.expand(y.shape[0])]
+
+        def fresh(n: int) -> list[Tensor]:
+            return [y.new_zeros((n, y.shape[1]))] + ([y.new_zeros((n,), dtype=sd)] if need_scale else [])
+
+        home = ring.circulate(block, fresh, visit)
         gy = home[0]
         # the positives: -2 S_ii (row and column term of every local pair)
         gx.addcmul_(y, alpha.to(x.dtype), value=-2)
@@ -197,7 +195,7 @@ class _ClipRing(torch.autograd.Function):
             # x . gx is d / d scale of all that this rank computed: its row terms and positives, and the
             # column terms of every block it visited. Trade the latter for the column terms of its own
             # texts, gathered on the way home, so that each rank returns the gradient of its own loss.
-            own = torch.linalg.vecdot(x, gx).sum(dtype=sd) + (alpha * home[1].sum() - visited) / scale
+            own = torch.linalg.vecdot(x, gx).sum(dtype=sd) + (home[1].sum() - visited) / scale
             g_scale = own.to(scale.dtype)
         return gx.mul_(scale), gy.mul_(scale), g_scale, None, None, None
 

@@ -39,18 +39,13 @@ def world_info(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     return 0, 1
 
 
-def all_gather_scalar(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """The 0-dim tensor ``t`` of every rank, as a ``(W,)`` tensor (not differentiable)."""
-    local = t.reshape(1)  # (1,): all_gather wants at least one dimension
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, local, group=group)
-    return torch.cat(out)
-
-
 @torch.compiler.disable
 def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
     """Local batch size of every rank (the last batch of an epoch may be uneven)."""
-    return all_gather_scalar(torch.tensor(n, dtype=torch.long, device=device), group).tolist()
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, local, group=group)
+    return torch.cat(out).tolist()
 
 
 def _all_gather_cat(x: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
@@ -105,7 +100,7 @@ class Ring:
     A block of ``n`` rows is split into a right-moving half (the first ``ceil(n / 2)`` rows) and a
     left-moving half. After ``k`` shifts, this rank holds the right-moving half of rank ``rank - k`` and
     the left-moving half of rank ``rank + k``; after ``W`` shifts both are back home, which ``circulate``
-    uses to bring accumulators that travelled with a block back to its owner.
+    uses to bring accumulators that travelled with a half back to its owner.
     """
 
     def __init__(self, sizes: list[int], rank: int, group: dist.ProcessGroup | None = None) -> None:
@@ -168,40 +163,44 @@ class Ring:
     def circulate(
         self,
         block: Sequence[Tensor],
-        carry: Sequence[Tensor],
+        fresh: Callable[[int], list[Tensor]],
         visit: Callable[[int, Sequence[Tensor], Sequence[Tensor]], None],
     ) -> list[Tensor]:
-        """Show every rank's block to this rank: ``visit(owner, block, carry)`` on the own block, then on
-        the two halves received at each of the ``W - 1`` shifts.
+        """Show every rank's block to this rank: ``visit(owner, block, carry)`` on the two halves received
+        at each of the ``W - 1`` shifts, then on the own block.
 
         ``block``: tensors of this rank's rows that travel unchanged (texts, their statistics).
-        ``carry``: accumulators of the same rows that ``visit`` updates in place (running column
-        statistics, gradients); they travel with their block and, after ``W`` shifts, come home holding
-        the contributions of all ranks, which is what this returns. Each rank holds at most its own block
-        and two foreign ones (one in use, one arriving), whatever ``W``.
+        ``fresh(n)``: empty accumulators for ``n`` rows (zeros, or ``-inf`` for a log-sum-exp) that
+        ``visit`` updates in place (running column statistics, gradients). The first rank to visit a
+        foreign half starts them; they travel with the half and, after ``W`` shifts, come home holding
+        the contributions of all other ranks; the own visit adds this rank's, and they are returned.
+        Each rank holds at most its own block and two foreign ones (one in use, one arriving).
         """
-        block, carry = list(block), list(carry)
-        visit(self.rank, block, carry)
+        block = list(block)
         if self.world == 1:
+            carry = fresh(block[0].shape[0])
+            visit(self.rank, block, carry)
             return carry
         h = self.halves[self.rank][0]
-        blk_r, blk_l = [t[:h] for t in block], [t[h:] for t in block]
-        car_r, car_l = [t[:h] for t in carry], [t[h:] for t in carry]
         carry_tag = 2 * len(block)  # blocks and accumulators are in flight together
-        pending = self.shift(blk_r, blk_l, *self.rows(1))
+        pending = self.shift([t[:h] for t in block], [t[h:] for t in block], *self.rows(1))
+        carried = None
         for step in range(1, self.world):
-            # The blocks (sent a step ahead, so the transfer overlaps the last visit) and the accumulators
-            # that the previous rank has just updated.
-            carried = self.shift(car_r, car_l, *self.rows(step), tag=carry_tag)
             blk_r, blk_l = pending.wait()
-            if step < self.world - 1:
+            if step < self.world - 1:  # pass the blocks on while this rank works with them
                 pending = self.shift(blk_r, blk_l, *self.rows(step + 1))
-            car_r, car_l = carried.wait()
+            # Accumulators start where a half is first visited, so that no rank waits for another's
+            # first visit; later ones wait for the previous rank's update.
+            car_r, car_l = (fresh(n) for n in self.rows(1)) if carried is None else carried.wait()
             src_r, src_l = self.sources(step)
             visit(src_r, blk_r, car_r)
             visit(src_l, blk_l, car_l)
-        home_r, home_l = self.shift(car_r, car_l, *self.halves[self.rank], tag=carry_tag).wait()
-        return [torch.cat(halves) for halves in zip(home_r, home_l)]
+            # on to the next rank; after the last step (rows(W) are this rank's halves) back home
+            carried = self.shift(car_r, car_l, *self.rows(step + 1), tag=carry_tag)
+        home_r, home_l = carried.wait()
+        carry = [torch.cat(halves) for halves in zip(home_r, home_l)]
+        visit(self.rank, block, carry)
+        return carry
 
 
 class _Pending:

@@ -75,7 +75,7 @@ class _SigLipRing(torch.autograd.Function):
             nonlocal total
             total += sigmoid_tiles(x, texts[0], scale, bias, tile)[0]
 
-        ring.circulate([y], [], visit)  # all negatives, the positives included; nothing comes back
+        ring.circulate([y], lambda n: [], visit)  # all negatives, the positives included; nothing comes back
         pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * x.shape[0]  # sum_i l_ii
         ctx.save_for_backward(x, y, scale, bias)
         ctx.ring, ctx.tile, ctx.coef = ring, tile, coef
@@ -97,7 +97,7 @@ class _SigLipRing(torch.autograd.Function):
         # Re-run the ring. Each text block carries an accumulator of d loss / d text from every rank it
         # passes; it comes home with the contributions of all ranks. Only this rank's images are used
         # here, so its own upstream gradient ``g`` is the right one for every block.
-        (gy,) = ring.circulate([y], [torch.zeros_like(y)], visit)
+        (gy,) = ring.circulate([y], lambda n: [y.new_zeros((n, y.shape[1]))], visit)
         # the positives: -sum_i l_ii
         gx.addcmul_(y, alpha, value=-1)
         gy.addcmul_(x, alpha, value=-1)

@@ -165,31 +165,44 @@ def lse_grad_tiles(
     col_dots: Tensor | None = None,
 ) -> None:
     """Accumulate ``ga += G @ c`` and ``gc += G.T @ a`` (raw: before the factor ``scale``) for
-    ``G = w_row * softmax_rows(S) [+ w_col * softmax_cols(S)]``, ``S = scale * a @ c.T``, recomputing each
-    tile of ``S`` and its softmaxes from the complete log-sum-exps of ``lse_tiles``.
+    ``G_ij = w_row * softmax_rows(S)_ij [+ w_col_j * softmax_cols(S)_ij]``, ``S = scale * a @ c.T``,
+    recomputing each tile of ``S`` and its softmaxes from the complete log-sum-exps of ``lse_tiles``.
 
-    ``w_row`` and ``w_col`` (0-dim) may differ: under the CLIP ring the column terms of a visiting block
-    belong to the loss of the rank that owns it. ``col_dots`` (``(m,)``), if given, accumulates
-    ``sum_i softmax_cols(S)_ij S_ij``, which that rank needs for its own ``d loss / d scale``.
+    ``w_row`` is 0-dim, ``w_col`` 0-dim or ``(m,)``: under the CLIP ring the column terms of a visiting
+    block belong to the loss of the rank that owns it, and take that rank's weight. ``col_dots``
+    (``(m,)``), if given, accumulates ``w_col_j * sum_i softmax_cols(S)_ij S_ij``, which the owner needs
+    for its own ``d loss / d scale``.
     """
     sd = lse_row.dtype
+    # Fold the weights into the statistics, w * exp(S - lse) = sign(w) * exp(S - (lse - log|w|)), so that
+    # no pass over a tile is spent on them (a zero weight gives exp(-inf) = 0). The row sign goes into
+    # the small (tile, d) operands (+1 for a zero weight, whose terms the exponent has already zeroed),
+    # the column sign relative to it into the sum of the two softmaxes.
+    sign_row = torch.where(w_row < 0, -1.0, 1.0).to(a.dtype)
+    row_shift = lse_row - w_row.to(sd).abs().log()
+    if lse_col is not None:
+        w_col = w_col.to(sd).expand(c.shape[0])  # (m,)
+        col_shift = lse_col - w_col.abs().log()
+        col_sign = w_col.sign()
+        rel_sign = col_sign * sign_row.to(sd)
     for i0, i1 in tiles(a.shape[0], tile):
         ai = a[i0:i1]
-        a_s = ai * scale  # (ti, d)
+        a_s, a_g = ai * scale, ai * sign_row  # (ti, d)
         for j0, j1 in tiles(c.shape[0], tile):
             cj = c[j0:j1]
             s = (a_s @ cj.T).to(sd)  # (ti, tj)
-            p = (s - lse_row[i0:i1, None]).exp_().mul_(w_row)  # weighted row softmax
+            p = (s - row_shift[i0:i1, None]).exp_()  # |w_row| * row softmax
             if lse_col is not None:
                 if col_dots is None:
-                    q = s.sub_(lse_col[None, j0:j1]).exp_()  # s is not needed any more
+                    q = s.sub_(col_shift[None, j0:j1]).exp_()  # |w_col| * column softmax; s is spent
+                    p.addcmul_(q, rel_sign[None, j0:j1])
                 else:
-                    q = (s - lse_col[None, j0:j1]).exp_()
-                    col_dots[j0:j1] += torch.linalg.vecdot(q, s, dim=0)
-                p.addcmul_(q, w_col)  # plus the weighted column softmax
+                    q = (s - col_shift[None, j0:j1]).exp_()
+                    p.addcmul_(q, rel_sign[None, j0:j1])
+                    col_dots[j0:j1].addcmul_(q.mul_(s).sum(dim=0), col_sign[j0:j1])
             p = p.to(a.dtype)
-            ga[i0:i1].addmm_(p, cj)
-            gc[j0:j1].addmm_(p.T, ai)
+            ga[i0:i1].addmm_(p, cj * sign_row)
+            gc[j0:j1].addmm_(p.T, a_g)
 
 
 class TiledLSE(torch.autograd.Function):

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lossdist import open_clip_loss_module, saved_bytes
 
 from clipforge.losses import ClipLoss, SigLipLoss, clip_loss, logit_stats, siglip_loss
+from clipforge.losses.benchmark import open_clip_loss_module, saved_bytes
 from clipforge.losses.distributed import world_info
 from clipforge.losses.tiled import use_tiled
 

@@ -52,8 +52,8 @@ def loss_and_grads(fn, x, y, log_scale, bias) -> dict[str, torch.Tensor]:
     x, y, log_scale, bias = (t.detach().clone().requires_grad_() for t in (x, y, log_scale, bias))
     loss = fn(x, y, log_scale.exp(), bias)
     gx, gy, gs, gb = torch.autograd.grad(loss, [x, y, log_scale, bias], allow_unused=True)
-    gb = torch.zeros_like(bias) if gb is None else gb
-    return {"loss": loss.detach(), "x": gx, "y": gy, "log_scale": gs, "bias": gb}
+    out = {"loss": loss.detach(), "x": gx, "y": gy, "log_scale": gs, "bias_in_graph": gb is not None}
+    return out | {"bias": torch.zeros_like(bias) if gb is None else gb}
 
 
 def _worker(rank: int, world: int, all_cases: dict) -> dict:
@@ -152,6 +152,8 @@ def test_matches_full_batch(runs, world: int, case: str, method: str) -> None:
     inputs, per_rank = runs[world]
     sizes, full = inputs[case]
     assert [r[case, method]["x"].shape[0] for r in per_rank] == sizes
+    # the bias is in the graph of every loss (CLIP: zero gradient), so DDP sees no unused parameter
+    assert all(r[case, method]["bias_in_graph"] for r in per_rank)
     _check_ddp([r[case, method] for r in per_rank], reference(method, full), sizes)
 
 

@@ -31,6 +31,7 @@ import socket
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from types import ModuleType
@@ -291,6 +292,8 @@ def run_distributed(fn: Callable, worlds: list[int], *args: Any) -> dict[int, li
 def _dist_worker(rank: int, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (loss, local batch, implementation) on this rank, with this rank's time of every step."""
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
+    # open_clip gathers with torch.distributed.nn.all_gather, which warns once per process and step
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     rows = []
     for loss in args.losses:
         fns = loss_fns(loss, args, rank, world)

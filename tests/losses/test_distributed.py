@@ -1,9 +1,10 @@
 """The losses are exact under data parallelism: W = 2 and W = 4 gloo processes on CPU give, after DDP's
 gradient averaging, the loss and gradients of one process holding the full batch (float64, 1e-10), also
-for an uneven last batch; they agree with open_clip; and the SigLIP ring saves the same number of bytes
-for backward whatever W, while the all-gather reference grows with it.
+for an uneven last batch (a rank with one row, ranks with odd rows); they agree with open_clip; and the
+rings of both losses save the same number of bytes for backward whatever W (2, 4, 8), while the
+all-gather references grow with it.
 
-One spawn per world size runs every case (spawning costs seconds); the tests read its results.
+One spawn serves every world size (spawning costs seconds); the tests read its results.
 """
 
 from __future__ import annotations
@@ -14,20 +15,26 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from lossdist import open_clip_loss_module, run_distributed, saved_bytes
 
 from clipforge.losses import clip_loss, siglip_loss
+from clipforge.losses.benchmark import open_clip_loss_module, run_distributed, saved_bytes
 
 SIZES = {4: {"even": [3, 3, 3, 3], "uneven": [2, 4, 1, 3]}, 2: {"even": [3, 3], "uneven": [2, 5]}}
 DIM = 4
 METHODS = {
-    "clip_dense": partial(clip_loss, impl="dense"),
-    "clip_tiled": partial(clip_loss, impl="tiled", tile_size=2),
+    "clip_gather_dense": partial(clip_loss, dist_impl="gather", impl="dense"),
+    "clip_gather_tiled": partial(clip_loss, dist_impl="gather", impl="tiled", tile_size=2),
+    # ring blocks are the halves of the local batches: tiles of 2 and 3 leave partial tiles at the edges
+    "clip_ring_tiled": partial(clip_loss, dist_impl="ring", impl="tiled", tile_size=2),
+    "clip_ring_tile3": partial(clip_loss, dist_impl="ring", impl="tiled", tile_size=3),
+    "clip_ring_dense": partial(clip_loss, dist_impl="ring", impl="dense"),
     "siglip_ring": partial(siglip_loss, dist_impl="ring", tile_size=2),
     "siglip_ring_one_tile": partial(siglip_loss, dist_impl="ring", tile_size=64),
     "siglip_gather": partial(siglip_loss, dist_impl="gather"),
 }
 MEM_BATCH, MEM_DIM = 8, 16  # local batch held fixed while W grows
+MEM_WORLDS = [2, 4, 8]  # W = 8 measures memory only
+MEM_METHODS = ["clip_ring_tiled", "clip_gather_dense", "siglip_ring", "siglip_gather"]
 
 
 def make_inputs(sizes: list[int], seed: int) -> dict[str, torch.Tensor]:
@@ -45,18 +52,26 @@ def loss_and_grads(fn, x, y, log_scale, bias) -> dict[str, torch.Tensor]:
     x, y, log_scale, bias = (t.detach().clone().requires_grad_() for t in (x, y, log_scale, bias))
     loss = fn(x, y, log_scale.exp(), bias)
     gx, gy, gs, gb = torch.autograd.grad(loss, [x, y, log_scale, bias], allow_unused=True)
-    gb = torch.zeros_like(bias) if gb is None else gb
-    return {"loss": loss.detach(), "x": gx, "y": gy, "log_scale": gs, "bias": gb}
+    out = {"loss": loss.detach(), "x": gx, "y": gy, "log_scale": gs, "bias_in_graph": gb is not None}
+    return out | {"bias": torch.zeros_like(bias) if gb is None else gb}
 
 
 def _worker(rank: int, world: int, all_cases: dict) -> dict:
     out = {}
-    for case, (sizes, inputs) in all_cases[world].items():
+    for case, (sizes, inputs) in all_cases.get(world, {}).items():
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
         x, y = inputs["x"][rows], inputs["y"][rows]
         for name, fn in METHODS.items():
             out[case, name] = loss_and_grads(fn, x, y, inputs["log_scale"], inputs["bias"])
+        # Ranks that scale their loss differently (rank 0 by zero): the ring weights the column terms of
+        # a visiting block by its owner's upstream gradient, as autograd through the gather does.
+        for name in ("clip_ring_tiled", "clip_gather_dense"):
+            weighted = partial(_times, METHODS[name], float(rank))
+            out[case, name, "weighted"] = loss_and_grads(weighted, x, y, inputs["log_scale"], inputs["bias"])
+        # bf16 features: float32 statistics travel beside bf16 texts
+        low = [t.to(torch.bfloat16) for t in (x, y, inputs["log_scale"], inputs["bias"])]
+        out[case, "clip_ring_tiled", "bf16"] = loss_and_grads(METHODS["clip_ring_tiled"], *low)
         if case == "even":
             open_clip_loss = open_clip_loss_module()
             clip = open_clip_loss.ClipLoss(
@@ -71,9 +86,13 @@ def _worker(rank: int, world: int, all_cases: dict) -> dict:
         torch.randn(MEM_BATCH, MEM_DIM, generator=g, dtype=torch.float64, requires_grad=True) for _ in "xy"
     )
     scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
-    for name in ("siglip_ring", "siglip_gather", "clip_dense"):
+    for name in MEM_METHODS:
         out["saved", name] = saved_bytes(lambda fn=METHODS[name]: fn(x, y, scale, bias))
     return out
+
+
+def _times(fn, factor: float, *args):
+    return fn(*args) * factor
 
 
 def _drop_bias(loss):
@@ -106,8 +125,8 @@ def runs() -> dict[int, tuple[dict, list[dict]]]:
         world: {case: (sizes, make_inputs(sizes, seed=world)) for case, sizes in cases.items()}
         for world, cases in SIZES.items()
     }
-    results = run_distributed(_worker, list(SIZES), inputs)
-    return {world: (inputs[world], results[world]) for world in SIZES}
+    results = run_distributed(_worker, sorted(set(SIZES) | set(MEM_WORLDS)), inputs)
+    return {world: (inputs.get(world), per_rank) for world, per_rank in results.items()}
 
 
 def _check_ddp(per_rank: list[dict], ref: dict, sizes: list[int]) -> None:
@@ -133,14 +152,18 @@ def test_matches_full_batch(runs, world: int, case: str, method: str) -> None:
     inputs, per_rank = runs[world]
     sizes, full = inputs[case]
     assert [r[case, method]["x"].shape[0] for r in per_rank] == sizes
+    # the bias is in the graph of every loss (CLIP: zero gradient), so DDP sees no unused parameter
+    assert all(r[case, method]["bias_in_graph"] for r in per_rank)
     _check_ddp([r[case, method] for r in per_rank], reference(method, full), sizes)
 
 
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
-        ("clip_dense", "open_clip_clip"),
-        ("clip_tiled", "open_clip_clip"),
+        ("clip_gather_dense", "open_clip_clip"),
+        ("clip_gather_tiled", "open_clip_clip"),
+        ("clip_ring_tiled", "open_clip_clip"),
+        ("clip_ring_dense", "open_clip_clip"),
         ("siglip_ring", "open_clip_siglip"),
         ("siglip_gather", "open_clip_siglip"),
     ],
@@ -156,13 +179,38 @@ def test_matches_open_clip_per_rank(runs, world: int, ours: str, theirs: str) ->
             torch.testing.assert_close(r["even", ours]["bias"], r["even", theirs]["bias"], rtol=0, atol=1e-10)
 
 
-def test_ring_saved_bytes_flat_in_world_size(runs) -> None:
-    saved = {w: [r["saved", name] for r in runs[w][1] for name in ["siglip_ring"]] for w in SIZES}
-    gathered = {w: [r["saved", "siglip_gather"] for r in runs[w][1]] for w in SIZES}
-    ring2, ring4 = set(saved[2]), set(saved[4])
-    assert ring2 == ring4 and len(ring2) == 1, (saved, gathered)
-    # the ring keeps its own images and texts (float64) plus two scalars, nothing per foreign block
-    assert ring2 == {2 * MEM_BATCH * MEM_DIM * 8 + 2 * 4}
-    assert min(gathered[4]) > max(gathered[2]) > ring2.pop()
-    clip2, clip4 = (max(r["saved", "clip_dense"] for r in runs[w][1]) for w in (2, 4))
-    assert clip4 > clip2  # gathered CLIP holds b x B logits, as documented
+@pytest.mark.parametrize("case", ["even", "uneven"])
+@pytest.mark.parametrize("world", list(SIZES))
+def test_clip_ring_takes_each_ranks_upstream_gradient(runs, world: int, case: str) -> None:
+    for r in runs[world][1]:
+        ring, gather = r[case, "clip_ring_tiled", "weighted"], r[case, "clip_gather_dense", "weighted"]
+        for key in ("loss", "x", "y", "log_scale", "bias"):
+            torch.testing.assert_close(ring[key], gather[key], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["even", "uneven"])
+@pytest.mark.parametrize("world", list(SIZES))
+def test_clip_ring_bf16_near_float64(runs, world: int, case: str) -> None:
+    for r in runs[world][1]:
+        low, exact = r[case, "clip_ring_tiled", "bf16"], r[case, "clip_ring_tiled"]
+        assert low["x"].dtype == torch.bfloat16
+        for key in ("loss", "x", "y", "log_scale"):
+            torch.testing.assert_close(low[key].double(), exact[key], rtol=0.03, atol=0.03)
+
+
+@pytest.mark.parametrize(
+    ("ring", "gather"), [("siglip_ring", "siglip_gather"), ("clip_ring_tiled", "clip_gather_dense")]
+)
+def test_ring_saved_bytes_flat_in_world_size(runs, ring: str, gather: str) -> None:
+    saved = {w: {r["saved", ring] for r in runs[w][1]} for w in MEM_WORLDS}
+    gathered = {w: max(r["saved", gather] for r in runs[w][1]) for w in MEM_WORLDS}
+    assert all(len(s) == 1 for s in saved.values()), saved  # the same on every rank
+    flat = {w: s.pop() for w, s in saved.items()}
+    assert max(flat.values()) <= 1.1 * min(flat.values()), flat
+    # The ring keeps its own images and texts (float64) and the scalars (float32; SigLIP: scale and bias),
+    # CLIP also the row and column log-sum-exps (float64): nothing per foreign block.
+    own = 2 * MEM_BATCH * MEM_DIM * 8
+    expect = own + 2 * 4 if ring == "siglip_ring" else own + 4 + 2 * MEM_BATCH * 8
+    assert set(flat.values()) == {expect}
+    # the references grow with W (b x B logits, gathered features)
+    assert gathered[2] < gathered[4] < gathered[8] and gathered[2] > expect, gathered

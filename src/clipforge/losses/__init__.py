@@ -5,7 +5,9 @@ Each loss takes ``(image_features, text_features, logit_scale, logit_bias)`` wit
 scale, reads rank and world size from ``torch.distributed`` at call time, and is exact under DDP: rank
 ``r`` returns its share of the full-batch loss times ``W``, so the mean over ranks is the full-batch loss
 and DDP's gradient averaging yields the full-batch gradient. Large batches use tiled kernels whose memory
-is ``O(B d + tile^2)``; across ranks SigLIP uses a ring whose saved memory does not depend on ``W``.
+is ``O(B d + tile^2)``; across ranks both losses use a ring whose saved memory does not depend on ``W``
+(for CLIP with an online log-sum-exp, after Inf-CL: Wang et al., 2024, "Breaking the Memory Barrier:
+Near Infinite Batch Size Scaling for Contrastive Loss").
 """
 
 from clipforge.losses.clip import ClipLoss, clip_loss, clip_loss_dense

@@ -25,16 +25,22 @@ gives exactly the full-batch gradient for features, scale and bias.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from clipforge.losses.distributed import Ring, all_gather_with_grad, gather_sizes, world_info
-from clipforge.losses.tiled import SigmoidTiled, check_impl, sigmoid_tiles, use_tiled
-
-DIST_IMPLS = ("ring", "gather")
+from clipforge.losses.base import ContrastiveLoss
+from clipforge.losses.distributed import (
+    Ring,
+    all_gather_with_grad,
+    check_dist_impl,
+    gather_sizes,
+    world_info,
+)
+from clipforge.losses.tiled import SigmoidTiled, check_impl, sigmoid_tiles, stat_dtype, use_tiled
 
 
 def siglip_loss_dense(
@@ -63,17 +69,13 @@ class _SigLipRing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring, tile: int, coef: float):
-        total, _ = sigmoid_tiles(x, y, scale, bias, tile)  # positives and local negatives
-        if ring.world > 1:
-            h = ring.halves[ring.rank][0]
-            pending = ring.shift(y[:h], y[h:], *_rows(ring, 1))
-            for step in range(1, ring.world):
-                y_r, y_l = pending.wait()
-                if step < ring.world - 1:  # pass the blocks on while we compute with them
-                    pending = ring.shift(y_r, y_l, *_rows(ring, step + 1))
-                total += (
-                    sigmoid_tiles(x, y_r, scale, bias, tile)[0] + sigmoid_tiles(x, y_l, scale, bias, tile)[0]
-                )
+        total = x.new_zeros((), dtype=stat_dtype(x))
+
+        def visit(owner: int, texts: Sequence[Tensor], carry: Sequence[Tensor]) -> None:
+            nonlocal total
+            total += sigmoid_tiles(x, texts[0], scale, bias, tile)[0]
+
+        ring.circulate([y], lambda n: [], visit)  # all negatives, the positives included; nothing comes back
         pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * x.shape[0]  # sum_i l_ii
         ctx.save_for_backward(x, y, scale, bias)
         ctx.ring, ctx.tile, ctx.coef = ring, tile, coef
@@ -84,33 +86,18 @@ class _SigLipRing(torch.autograd.Function):
         x, y, scale, bias = ctx.saved_tensors
         ring, tile = ctx.ring, ctx.tile
         alpha = (g * ctx.coef).to(x.dtype)
-        gx, gy = torch.zeros_like(x), torch.zeros_like(y)  # raw gradients (before the factor scale)
+        gx = torch.zeros_like(x)  # raw gradients (before the factor scale)
+        gb = x.new_zeros((), dtype=stat_dtype(x))
 
-        def grad_block(texts: Tensor, g_texts: Tensor) -> Tensor:
-            """Accumulate into gx and g_texts; return this block's bias gradient."""
-            return sigmoid_tiles(x, texts, scale, bias, tile, value=False, grads=(gx, g_texts), alpha=alpha)[
-                1
-            ]
+        def visit(owner: int, texts: Sequence[Tensor], g_texts: Sequence[Tensor]) -> None:
+            nonlocal gb
+            grads = (gx, g_texts[0])
+            gb += sigmoid_tiles(x, texts[0], scale, bias, tile, value=False, grads=grads, alpha=alpha)[1]
 
-        gb = grad_block(y, gy)
-        if ring.world > 1:
-            # Re-run the ring. Each visiting text half carries an accumulator of d loss / d text from
-            # every rank it passes; after W shifts it is home with the contributions of all ranks.
-            world, h = ring.world, ring.halves[ring.rank][0]
-            y_r, y_l = ring.shift(y[:h], y[h:], *_rows(ring, 1)).wait()
-            acc_r, acc_l = torch.zeros_like(y_r), torch.zeros_like(y_l)
-            for step in range(1, world):
-                gb += grad_block(y_r, acc_r) + grad_block(y_l, acc_l)
-                if step < world - 1:  # texts and their accumulators move on together
-                    n_r, n_l = _rows(ring, step + 1)
-                    msg = ring.shift(torch.cat([y_r, acc_r]), torch.cat([y_l, acc_l]), 2 * n_r, 2 * n_l)
-                    from_left, from_right = msg.wait()
-                    y_r, acc_r = from_left.split([n_r, n_r])
-                    y_l, acc_l = from_right.split([n_l, n_l])
-                else:  # last shift: only the accumulators, back to their owners
-                    home_r, home_l = ring.shift(acc_r, acc_l, *ring.halves[ring.rank]).wait()
-                    gy[:h] += home_r
-                    gy[h:] += home_l
+        # Re-run the ring. Each text block carries an accumulator of d loss / d text from every rank it
+        # passes; it comes home with the contributions of all ranks. Only this rank's images are used
+        # here, so its own upstream gradient ``g`` is the right one for every block.
+        (gy,) = ring.circulate([y], lambda n: [y.new_zeros((n, y.shape[1]))], visit)
         # the positives: -sum_i l_ii
         gx.addcmul_(y, alpha, value=-1)
         gy.addcmul_(x, alpha, value=-1)
@@ -122,12 +109,6 @@ class _SigLipRing(torch.autograd.Function):
         )
         g_bias = gb.to(bias.dtype) if ctx.needs_input_grad[3] else None
         return gx.mul_(scale), gy.mul_(scale), g_scale, g_bias, None, None, None
-
-
-def _rows(ring: Ring, step: int) -> tuple[int, int]:
-    """Rows of the (right-moving, left-moving) halves held after ``step`` shifts."""
-    src_r, src_l = ring.sources(step)
-    return ring.halves[src_r][0], ring.halves[src_l][1]
 
 
 def siglip_loss(
@@ -148,8 +129,7 @@ def siglip_loss(
     (tiled blocks, memory independent of W) or ``gather`` (all-gather reference, ``b x B`` logits).
     """
     check_impl(impl, tile_size)
-    if dist_impl not in DIST_IMPLS:
-        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    check_dist_impl(dist_impl)
     rank, world = world_info(group)
     b = image_features.shape[0]
     sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]
@@ -185,35 +165,9 @@ def _siglip_tiled(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, 
     return (coef * (total - pos)).to(x.dtype)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(ContrastiveLoss):
     """``loss=siglip``: the sigmoid loss, with the initial scale and bias of the SigLIP paper."""
 
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float | None = -10.0
-
-    def __init__(self, impl: str = "auto", dist_impl: str = "ring", tile_size: int = 8192) -> None:
-        super().__init__()
-        check_impl(impl, tile_size)
-        if dist_impl not in DIST_IMPLS:
-            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-        self.impl, self.dist_impl, self.tile_size = impl, dist_impl, tile_size
-
-    def forward(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None = None,
-    ) -> Tensor:
-        return siglip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            impl=self.impl,
-            dist_impl=self.dist_impl,
-            tile_size=self.tile_size,
-        )
-
-    def extra_repr(self) -> str:
-        return f"impl={self.impl!r}, dist_impl={self.dist_impl!r}, tile_size={self.tile_size}"
+    loss_fn = staticmethod(siglip_loss)

@@ -40,7 +40,7 @@ def tiles(n: int, tile: int) -> list[tuple[int, int]]:
     return [(s, min(s + tile, n)) for s in range(0, n, tile)]
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
+def stat_dtype(x: Tensor) -> torch.dtype:
     # Reductions of bf16/fp16 logits lose too much; keep statistics in at least float32.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -70,7 +70,7 @@ def sigmoid_tiles(
     gradient w.r.t. the logits (``alpha`` defaults to 1). With ``grads=(gx, gy)`` it also accumulates the
     raw feature gradients ``gx += G @ y`` and ``gy += G.T @ x`` (before the factor ``scale``).
     """
-    acc = _stat_dtype(x)
+    acc = stat_dtype(x)
     total = torch.zeros((), dtype=acc, device=x.device)
     g_bias = torch.zeros((), dtype=acc, device=x.device)
     bias = bias.to(x.dtype)
@@ -130,6 +130,81 @@ class SigmoidTiled(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------- CLIP tiles
+def lse_tiles(
+    a: Tensor, c: Tensor, scale: Tensor, tile: int, lse_row: Tensor, lse_col: Tensor | None
+) -> None:
+    """Merge the row log-sum-exps of ``S = scale * a @ c.T`` into ``lse_row`` (``(n,)``) and, if given, its
+    column log-sum-exps into ``lse_col`` (``(m,)``), in place, one tile of ``S`` at a time.
+
+    This is the online softmax: statistics that already cover other columns (rows) are combined with
+    this tile's by ``logaddexp``, so ``S`` can arrive in pieces (tiles, or blocks of another rank).
+    """
+    sd = lse_row.dtype
+    for i0, i1 in tiles(a.shape[0], tile):
+        a_s = a[i0:i1] * scale  # (ti, d)
+        row = lse_row[i0:i1]
+        for j0, j1 in tiles(c.shape[0], tile):
+            s = (a_s @ c[j0:j1].T).to(sd)  # (ti, tj)
+            torch.logaddexp(row, torch.logsumexp(s, dim=1), out=row)
+            if lse_col is not None:
+                col = lse_col[j0:j1]
+                torch.logaddexp(col, torch.logsumexp(s, dim=0), out=col)
+
+
+def lse_grad_tiles(
+    a: Tensor,
+    c: Tensor,
+    scale: Tensor,
+    tile: int,
+    lse_row: Tensor,
+    w_row: Tensor,
+    ga: Tensor,
+    gc: Tensor,
+    lse_col: Tensor | None = None,
+    w_col: Tensor | None = None,
+    col_dots: Tensor | None = None,
+) -> None:
+    """Accumulate ``ga += G @ c`` and ``gc += G.T @ a`` (raw: before the factor ``scale``) for
+    ``G_ij = w_row * softmax_rows(S)_ij [+ w_col_j * softmax_cols(S)_ij]``, ``S = scale * a @ c.T``,
+    recomputing each tile of ``S`` and its softmaxes from the complete log-sum-exps of ``lse_tiles``.
+
+    ``w_row`` is 0-dim, ``w_col`` 0-dim or ``(m,)``: under the CLIP ring the column terms of a visiting
+    block belong to the loss of the rank that owns it, and take that rank's weight. ``col_dots``
+    (``(m,)``), if given, accumulates ``w_col_j * sum_i softmax_cols(S)_ij S_ij``, which the owner needs
+    for its own ``d loss / d scale``.
+    """
+    sd = lse_row.dtype
+    # Fold the weights into the statistics, w * exp(S - lse) = sign(w) * exp(S - (lse - log|w|)), so that
+    # no pass over a tile is spent on them (a zero weight gives exp(-inf) = 0). The row sign goes into
+    # the small (tile, d) operands (+1 for a zero weight, whose terms the exponent has already zeroed),
+    # the column sign relative to it into the sum of the two softmaxes.
+    sign_row = torch.where(w_row < 0, -1.0, 1.0).to(a.dtype)
+    row_shift = lse_row - w_row.to(sd).abs().log()
+    if lse_col is not None:
+        w_col = w_col.to(sd).expand(c.shape[0])  # (m,)
+        col_shift = lse_col - w_col.abs().log()
+        col_sign = w_col.sign()
+        rel_sign = col_sign * sign_row.to(sd)
+    for i0, i1 in tiles(a.shape[0], tile):
+        ai = a[i0:i1]
+        a_s, a_g = ai * scale, ai * sign_row  # (ti, d)
+        for j0, j1 in tiles(c.shape[0], tile):
+            cj = c[j0:j1]
+            s = (a_s @ cj.T).to(sd)  # (ti, tj)
+            p = (s - row_shift[i0:i1, None]).exp_()  # |w_row| * row softmax
+            if lse_col is not None:
+                if col_dots is None:
+                    q = s.sub_(col_shift[None, j0:j1]).exp_()  # |w_col| * column softmax; s is spent
+                    p.addcmul_(q, rel_sign[None, j0:j1])
+                else:
+                    q = (s - col_shift[None, j0:j1]).exp_()
+                    p.addcmul_(q, rel_sign[None, j0:j1])
+                    col_dots[j0:j1].addcmul_(q.mul_(s).sum(dim=0), col_sign[j0:j1])
+            p = p.to(a.dtype)
+            ga[i0:i1].addmm_(p, cj * sign_row)
+            gc[j0:j1].addmm_(p.T, a_g)
+
+
 class TiledLSE(torch.autograd.Function):
     """``coef * (sum_i lse_j S_ij [+ sum_j lse_i S_ij] - k sum_i S_{i, offset + i})`` with
     ``S = scale * a @ c.T``, never materialising ``S``.
@@ -142,19 +217,10 @@ class TiledLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, c: Tensor, scale: Tensor, tile: int, both: bool, offset: int, coef: float):
         n, m = a.shape[0], c.shape[0]
-        sd = _stat_dtype(a)
+        sd = stat_dtype(a)
         lse_row = torch.full((n,), float("-inf"), dtype=sd, device=a.device)
         lse_col = torch.full((m,), float("-inf"), dtype=sd, device=a.device) if both else None
-        for i0, i1 in tiles(n, tile):
-            a_s = a[i0:i1] * scale  # (ti, d)
-            row = lse_row[i0:i1]
-            for j0, j1 in tiles(m, tile):
-                s = (a_s @ c[j0:j1].T).to(sd)  # (ti, tj)
-                # online softmax: merge this tile's log-sum-exp into the running one
-                torch.logaddexp(row, torch.logsumexp(s, dim=1), out=row)
-                if both:
-                    col = lse_col[j0:j1]
-                    torch.logaddexp(col, torch.logsumexp(s, dim=0), out=col)
+        lse_tiles(a, c, scale, tile, lse_row, lse_col)
         k = 2 if both else 1
         pos = torch.linalg.vecdot(a, c[offset : offset + n]).sum(dtype=sd) * scale
         total = lse_row.sum() + (lse_col.sum() if both else 0.0) - k * pos
@@ -165,24 +231,12 @@ class TiledLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         a, c, scale, lse_row, lse_col = ctx.saved_tensors
-        tile, both, offset = ctx.tile, ctx.both, ctx.offset
-        n, m = a.shape[0], c.shape[0]
-        alpha = (g * ctx.coef).to(a.dtype)
+        both, offset, n = ctx.both, ctx.offset, a.shape[0]
+        alpha = (g * ctx.coef).to(lse_row.dtype)
         ga, gc = torch.zeros_like(a), torch.zeros_like(c)  # raw: G @ c and G.T @ a
-        for i0, i1 in tiles(n, tile):
-            ai = a[i0:i1]
-            a_s, a_a = ai * scale, ai * alpha  # (ti, d)
-            for j0, j1 in tiles(m, tile):
-                cj = c[j0:j1]
-                s = (a_s @ cj.T).to(lse_row.dtype)  # (ti, tj)
-                p = torch.exp(s - lse_row[i0:i1, None])  # row softmax
-                if both:
-                    p += s.sub_(lse_col[None, j0:j1]).exp_()  # column softmax
-                p = p.to(a.dtype)
-                ga[i0:i1].addmm_(p, cj * alpha)
-                gc[j0:j1].addmm_(p.T, a_a)
+        lse_grad_tiles(a, c, scale, ctx.tile, lse_row, alpha, ga, gc, lse_col if both else None, alpha)
         # the positives: -k * S_{i, offset + i}
-        k = 2 if both else 1
+        k, alpha = (2 if both else 1), alpha.to(a.dtype)
         ga.addcmul_(c[offset : offset + n], alpha, value=-k)  # in place: no (B, d) temporaries
         gc[offset : offset + n].addcmul_(a, alpha, value=-k)
         g_scale = None

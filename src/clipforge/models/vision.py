@@ -213,7 +213,9 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     if old == new_grid:
         return pos_embed
     D = grid.shape[-1]
-    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    # bicubic in float32 at least (bf16 interpolation is coarse); float64 stays float64
+    dtype = torch.promote_types(grid.dtype, torch.float32)
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).to(dtype)  # (1, D, g, g)
     grid = nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

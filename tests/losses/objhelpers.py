@@ -35,7 +35,7 @@ def head(seed: int = 1) -> DinoHead:
 
 
 def silc() -> SilcLoss:
-    return SilcLoss(head(), start_frac=0.0, num_local=2, local_scale=(0.2, 0.5), local_size=8).double()
+    return SilcLoss(head(), start_frac=0.0, num_local=2, local_scale=(0.2, 0.5), local_grid=2).double()
 
 
 def tips() -> TipsLoss:

@@ -6,10 +6,10 @@ from each local crop (:func:`clipforge.losses.dino.dino_loss`, with centring and
 
 The global view is the batch image the contrastive loss trains on; the local crops are cut from it on the
 device (random area fraction ``local_scale`` and aspect ratio in [3/4, 4/3], as torchvision's
-``RandomResizedCrop`` draws them, resampled bilinearly to ``local_size`` pixels), so no change to the data
+``RandomResizedCrop`` draws them, resampled bilinearly to ``local_grid`` patches a side), so no change to the data
 pipeline is needed and the draws come from torch's generator, which the trainer seeds per step (a resumed
-run cuts the same crops). Crops smaller than the model's input use a resampled position grid, as DINO's
-96-pixel crops do. SigLIP 2 uses 8 local views; so does the default here.
+run cuts the same crops). A crop is ``local_grid`` patches on a side (6 for DINO's 96-pixel crops of a /16
+model) and takes a resampled position grid. SigLIP 2 uses 8 local views; so does the default here.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class SilcLoss(Objective):
         start_frac: float = 0.8,
         num_local: int = 8,
         local_scale: tuple[float, float] = (0.05, 0.4),
-        local_size: int = 96,
+        local_grid: int = 6,
         student_temp: float = 0.1,
         teacher_temp: float = 0.04,
         centre_momentum: float = 0.9,
@@ -85,7 +85,9 @@ class SilcLoss(Objective):
         self.head = head
         self.num_local = num_local
         self.local_scale = (float(local_scale[0]), float(local_scale[1]))
-        self.local_size = local_size
+        if local_grid < 1:
+            raise ValueError(f"local_grid must be >= 1, got {local_grid}")
+        self.local_grid = local_grid
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.centre_momentum = centre_momentum
         self.register_buffer("centre", torch.zeros(head.prototypes.shape[0]))
@@ -99,8 +101,9 @@ class SilcLoss(Objective):
             raise ValueError("SILC distils from the EMA teacher: configure ema (objectives=silc adds it)")
         images = batch.images
         B = images.shape[0]
-        crops = crop_resize(images, self.sample_boxes(B, images.device), self.local_size)  # (B * V, 3, s, s)
         visual = student.visual
+        size = self.local_grid * visual.patch_size
+        crops = crop_resize(images, self.sample_boxes(B, images.device), size)  # (B * V, 3, size, size)
         local = visual.forward_head(visual.forward_features(crops, interpolate_pos=True), pre_logits=True)
         student_scores = self.head(local)  # (B * V, K)
         with torch.no_grad():
@@ -120,5 +123,5 @@ class SilcLoss(Objective):
     def extra_repr(self) -> str:
         return (
             f"weight={self.weight}, start_frac={self.start_frac}, num_local={self.num_local}, "
-            f"local_scale={self.local_scale}, local_size={self.local_size}"
+            f"local_scale={self.local_scale}, local_grid={self.local_grid}"
         )

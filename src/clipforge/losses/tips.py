@@ -5,7 +5,9 @@ SigLIP 2 (Tschannen et al., 2025, Sec. 2.3): the student sees the global view wi
 predict, at the masked positions, the EMA teacher's features of the unmasked view. SigLIP 2 defines the loss
 "identically to the first term [the local-to-global loss] but applied to per-patch features": a DINO head on
 every patch token and the centred, sharpened cross-entropy of :func:`clipforge.losses.dino.dino_loss`, here
-with a centre of its own (the mean over all patches of the global batch). Both student and teacher see the
+with a centre of its own. The teacher's head runs on the masked patches only (the loss needs no other), and
+the centre follows the mean of those: a random half of all patches, an unbiased estimate of the all-patch
+mean that iBOT centres on, at half the cost of the head. Both student and teacher see the
 same view, up to the masking. The mask is drawn from torch's per-step seeded generator, ``round(ratio * N)``
 patches per image, so a resumed run draws the same masks.
 """
@@ -70,10 +72,12 @@ class TipsLoss(Objective):
         student_scores = self.head(tokens[mask])  # (M, K), M masked patches in row-major order
         with torch.no_grad():
             target_tokens = batch.teacher_tokens(teacher.model)[:, prefix:]  # (B, N, D)
-            teacher_scores = teacher.objective.head(target_tokens.flatten(0, 1))  # (B * N, K)
+            teacher_scores = teacher.objective.head(
+                target_tokens[mask]
+            )  # (M, K), the same rows as the student's
         loss = dino_loss(
             student_scores,
-            teacher_scores[mask.flatten()],  # the same row-major order as tokens[mask]
+            teacher_scores,
             self.centre,
             self.student_temp,
             self.teacher_temp,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipforge.ema import ModelEMA
+from clipforge.ema import ModelEMA, as_teacher
 
 
 class Net(nn.Module):
@@ -48,13 +48,19 @@ def test_update_is_the_hand_computed_average_with_cadence_and_warm_start() -> No
     assert not torch.equal(ema["net"].fc.weight, net.fc.weight)
 
 
-def test_copy_is_never_trained_stays_in_eval_and_round_trips_the_state_dict() -> None:
+def test_copy_is_never_trained_runs_as_teacher_in_eval_and_round_trips_the_state_dict() -> None:
     net = Net()
     holder = nn.Module()
     holder.ema = ModelEMA({"net": net}, decay=0.5)
     holder.train()
-    assert not holder.ema["net"].training and not any(p.requires_grad for p in holder.ema.parameters())
+    assert not any(p.requires_grad for p in holder.ema.parameters())
     assert all(p.requires_grad for p in net.parameters())
+    teacher = holder.ema["net"]
+    x = torch.ones(4, 2, dtype=torch.float64)
+    with as_teacher(teacher) as t:
+        assert not t.training and not t.drop.training and not torch.is_grad_enabled()
+        assert torch.equal(t.drop(x), x)  # no dropout in the teacher
+    assert teacher.training and teacher.drop.training and torch.is_grad_enabled()  # modes restored
     holder.ema.update({"net": net})
     state = holder.state_dict()
     assert {"ema.steps", "ema.shadow.net.fc.weight", "ema.shadow.net.centre"} <= state.keys()

@@ -22,10 +22,26 @@ a teacher).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def as_teacher(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode under ``torch.no_grad`` (not inference mode: its outputs serve as targets in
+    a loss that autograd records), every submodule's mode restored afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 class ModelEMA(nn.Module):
@@ -54,14 +70,8 @@ class ModelEMA(nn.Module):
         self.start_frac = start_frac
         self.shadow = nn.ModuleDict({name: copy.deepcopy(m) for name, m in modules.items()})
         self.shadow.requires_grad_(False)
-        self.shadow.eval()
         # optimizer steps seen so far: in the state_dict, so a resumed run keeps the same update cadence
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-
-    def train(self, mode: bool = True) -> ModelEMA:
-        super().train(mode)
-        self.shadow.eval()  # Lightning sets train mode on the whole LightningModule; the average stays eval
-        return self
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.shadow[name]

@@ -30,13 +30,16 @@ BoxTargets = Callable[[Sequence[Any]], dict[str, Tensor] | None]
 
 
 def caption_loss(
-    logits: Tensor, targets: Tensor, is_target: Tensor, group: dist.ProcessGroup | None = None
+    logits: Tensor, targets: Tensor, is_target: Tensor | None = None, group: dist.ProcessGroup | None = None
 ) -> Tensor:
     """This rank's share (``W / N * sum``) of the mean cross-entropy over the ``N`` target tokens of the
-    global batch. logits (B, S, V), targets (B, S) ids, is_target (B, S) bool."""
+    global batch. logits (..., V), targets (...) ids; ``is_target`` (...) bool selects the target tokens
+    (None: every position is one)."""
+    if is_target is not None:
+        logits, targets = logits[is_target], targets[is_target]  # (M, V), (M,)
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    ce = F.cross_entropy(logits[is_target].to(dtype), targets[is_target], reduction="sum")
-    count = global_count(is_target.sum(), logits.device, group)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1), reduction="sum")
+    count = global_count(targets.numel(), logits.device, group)
     return ce * world_mean_coef(count, group).to(dtype)
 
 
@@ -91,9 +94,10 @@ class LocCaLoss(Objective):
         tasks = self.sample_tasks(has_box)
         seq, is_target = self.decoder.sequences(tasks, captions, regions, boxes)
         seq, is_target = seq.to(batch.tokens.device), is_target.to(batch.tokens.device)
-        logits = self.decoder(seq[:, :-1], batch.image_tokens)  # (B, S - 1, V)
+        hidden = self.decoder.forward_features(seq[:, :-1], batch.image_tokens)  # (B, S - 1, width)
+        wanted = is_target[:, 1:]  # score only the target positions: the vocabulary is large
         self.last_tasks = tasks
-        return caption_loss(logits, seq[:, 1:], is_target[:, 1:])
+        return caption_loss(self.decoder.head(hidden[wanted]), seq[:, 1:][wanted])
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, start_frac={self.start_frac}, task_probs={self.task_probs}"

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from clipforge.ema import as_teacher
 from clipforge.losses.distributed import world_info
 from clipforge.models.clip import CLIP
 
@@ -52,7 +53,7 @@ class ObjectiveBatch:
         """The teacher's un-pooled tokens of ``images`` (B, T, D), computed once per step and shared by
         every objective that distils from it."""
         if self._teacher_tokens is None:
-            with torch.no_grad():
+            with as_teacher(teacher):  # eval mode: the teacher sees every patch, without drop path
                 self._teacher_tokens = teacher.visual.forward_features(self.images)
         return self._teacher_tokens
 

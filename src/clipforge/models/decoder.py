@@ -228,8 +228,8 @@ class TextDecoder(nn.Module):
         return dequantize_box(tokens - self.loc_offset, self.num_box_bins)
 
     # -- forward -----------------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, vocab_size) next-token logits."""
+    def forward_features(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, width) after the final norm."""
         n = tokens.shape[1]
         if n > self.max_len:
             raise ValueError(f"got {n} decoder tokens but the decoder holds at most {self.max_len}")
@@ -237,7 +237,13 @@ class TextDecoder(nn.Module):
         x = self.token_embedding(tokens) + self.pos_embed[:, :n]  # (B, n, width)
         for blk in self.blocks:
             x = blk(x, context)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, vocab_size) next-token logits.
+        Training scores only the target positions: ``head(forward_features(...)[is_target])`` (the vocabulary
+        is large and most positions are prompt or padding)."""
+        return self.head(self.forward_features(tokens, image_tokens))
 
     @torch.no_grad()
     def generate(

@@ -6,6 +6,11 @@ scale, reads rank and world size from ``torch.distributed`` at call time, and is
 ``r`` returns its share of the full-batch loss times ``W``, so the mean over ranks is the full-batch loss
 and DDP's gradient averaging yields the full-batch gradient. Large batches use tiled kernels whose memory
 is ``O(B d + tile^2)``; across ranks SigLIP uses a ring whose saved memory does not depend on ``W``.
+
+The auxiliary objectives of SigLIP 2 (Tschannen et al., 2025) live beside them, one module each, with the
+same DDP convention: :mod:`~clipforge.losses.locca` (decoder), :mod:`~clipforge.losses.silc`
+(local-to-global self-distillation), :mod:`~clipforge.losses.tips` (masked prediction), sharing
+:mod:`~clipforge.losses.dino` and the interface of :mod:`~clipforge.losses.objective`.
 """
 
 from clipforge.losses.clip import ClipLoss, clip_loss, clip_loss_dense

@@ -6,10 +6,10 @@ from each local crop (:func:`clipforge.losses.dino.dino_loss`, with centring and
 
 The global view is the batch image the contrastive loss trains on; the local crops are cut from it on the
 device (random area fraction ``local_scale`` and aspect ratio in [3/4, 4/3], as torchvision's
-``RandomResizedCrop`` draws them, resampled bilinearly to ``local_grid`` patches a side), so no change to the data
-pipeline is needed and the draws come from torch's generator, which the trainer seeds per step (a resumed
-run cuts the same crops). A crop is ``local_grid`` patches on a side (6 for DINO's 96-pixel crops of a /16
-model) and takes a resampled position grid. SigLIP 2 uses 8 local views; so does the default here.
+``RandomResizedCrop`` draws them, resampled bilinearly), so no change to the data pipeline is needed and
+the draws come from torch's generator, which the trainer seeds per step (a resumed run cuts the same
+crops). A crop is ``local_grid`` patches on a side (6 for DINO's 96-pixel crops of a /16 model) and takes
+a resampled position grid. SigLIP 2 uses 8 local views; so does the default here.
 """
 
 from __future__ import annotations

@@ -119,7 +119,8 @@ def test_missing_checkpoint_fails_before_anything_runs(compose_cfg, tmp_path: Pa
 def test_every_experiment_composes_and_builds(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"experiment={name}", "data.train_urls='/tmp/x-{000000..000001}.tar'")
     assert cfg.data._target_.endswith("WebDataModule") and "DDP" in cfg.trainer.strategy._target_
-    assert cfg.loss._target_.split(".")[-1].lower().startswith(name.split("_")[0])
+    # the preset's family names its loss: clip_* -> ClipLoss, siglip_* and siglip2_* -> SigLipLoss
+    assert cfg.loss._target_.split(".")[-1].lower().startswith(name.split("_")[0].rstrip("0123456789"))
     assert instantiate(cfg.loss) is not None and instantiate(cfg.data) is not None
     with torch.device("meta"):  # full-size towers: shapes only
         model = build_model(cfg.model, cfg.loss)
@@ -131,3 +132,40 @@ def test_every_debug_config_composes(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"debug={name}")
     assert cfg.trainer.max_steps <= 10
     assert not cfg.get("logger")
+
+
+def test_siglip2_preset_has_the_papers_recipe(compose_cfg) -> None:
+    from clipforge.train import siglip2_parts
+
+    cfg = compose_cfg("experiment=siglip2_b16", "data.train_urls='/tmp/x-{000000..000001}.tar'")
+    assert cfg.model.vision.img_size == 256 and cfg.model.vision.patch_size == 16
+    assert (
+        cfg.model.text.context_length == 64
+        and cfg.optimizer.lr == 1e-3
+        and cfg.optimizer.weight_decay == 1e-4
+    )
+    with torch.device("meta"):  # full-size decoder and heads: shapes only
+        parts = siglip2_parts(cfg)
+        model = build_model(cfg.model, cfg.loss)
+        ema = parts["ema"]({"model": model, "objectives": torch.nn.ModuleDict(parts["objectives"])})
+    objectives = parts["objectives"]
+    weights = {name: (o.weight, o.start_frac) for name, o in objectives.items()}
+    assert weights == {"locca": (1.0, 0.0), "silc": (0.25, 0.8), "tips": (0.0625, 0.8)}
+    assert objectives["silc"].num_local == 8 and objectives["tips"].mask_ratio == 0.5
+    assert objectives["silc"].head.prototypes.shape == (65536, 256)
+    dec = objectives["locca"].decoder
+    assert len(dec.blocks) == 6 and dec.text_vocab_size == 49408 and dec.max_len == 64 + 5
+    assert ema.start_frac == 0.8 and cfg.callbacks.zeroshot.use_ema
+
+
+@pytest.mark.parametrize("name", ["locca", "locca_synthetic", "silc", "tips", "siglip2"])
+def test_objective_configs_compose_one_word_each(compose_cfg, name: str) -> None:
+    from clipforge.train import siglip2_parts
+
+    cfg = compose_cfg("loss=siglip", f"objectives={name}")
+    parts = siglip2_parts(cfg)
+    expected = {"siglip2": {"locca", "silc", "tips"}, "locca_synthetic": {"locca"}}.get(name, {name})
+    assert set(parts["objectives"]) == expected
+    assert ("ema" in parts) == bool(expected & {"silc", "tips"})  # the teacher comes with distillation
+    assert (cfg.get("decoder") is not None) == ("locca" in expected)
+    assert compose_cfg().get("objectives") is None and compose_cfg().get("ema") is None  # off by default

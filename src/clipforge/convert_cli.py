@@ -3,8 +3,12 @@ clipforge.models.convert). ``scripts/convert.py`` is a thin wrapper around :func
 
 Export a clipforge checkpoint (or a fresh conf/model config) to a folder open_clip loads:
 
-    clipforge-convert export --checkpoint run.ckpt --out exported/ [--name my-clip]
+    clipforge-convert export --checkpoint run.ckpt --out exported/ [--name my-clip] [--ema]
     >>> open_clip.create_model("local-dir:exported/")
+
+Only the two towers (and scale/bias) are exported: what training added beside them (the LocCa decoder,
+distillation heads, mask token, the EMA copy) stays in the checkpoint. ``--ema`` exports the EMA weights
+of the towers instead of the trained ones.
 
 Import an open_clip checkpoint you have on disk, to fine-tune or zero-shot it with clipforge:
 
@@ -29,8 +33,10 @@ def export(args: argparse.Namespace) -> dict[str, Path]:
     if args.checkpoint:
         from clipforge.checkpoint import load_model
 
-        model, _ = load_model(args.checkpoint)
+        model, _ = load_model(args.checkpoint, use_ema=args.ema)
     else:
+        if args.ema:
+            raise SystemExit("--ema reads the EMA weights of a checkpoint: give --checkpoint")
         from clipforge.viz.cli import build_fresh
 
         model = build_fresh(args.model, args.seed)
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     source = ex.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="clipforge Lightning checkpoint (.ckpt)")
     source.add_argument("--model", help="fresh model from conf/model/<name>.yaml")
+    ex.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (ema=default)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--name", default="clipforge", help="open_clip model name of the exported config")
     ex.add_argument("--out", required=True)

@@ -7,12 +7,18 @@ embed both towers, compute the loss, log, clamp the temperature after each optim
 accumulation (GradCache, Gao et al., 2021; :mod:`clipforge.accumulate`): the loss and its gradient are
 those of the whole batch, negatives included, at the activation memory of one micro-batch. That needs
 several backward passes per step, so it runs under Lightning's manual optimization.
+
+Optional, all off by default (then the step below is exactly the contrastive one): an EMA of the weights
+(``ema``, :mod:`clipforge.ema`) updated after every optimizer step, and the auxiliary objectives of SigLIP 2
+(Tschannen et al., 2025; ``objectives``, :mod:`clipforge.losses.objective`): LocCa's decoder loss and the
+SILC / TIPS distillation losses against the EMA teacher, each added with its weight once its start fraction
+of training is reached.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -22,12 +28,15 @@ from torch import Tensor, nn
 
 from clipforge.accumulate import CachedStep, feature_cache_backward
 from clipforge.callbacks.schedule import logging_step
+from clipforge.ema import ModelEMA
 from clipforge.losses import logit_stats
+from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 from clipforge.optim import param_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+EMAFactory = Callable[[dict[str, nn.Module]], ModelEMA]
 
 
 class ContrastiveModule(L.LightningModule):
@@ -40,10 +49,21 @@ class ContrastiveModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         accum_freq: int = 1,
         grad_clip_norm: float | None = 1.0,
+        objectives: Mapping[str, Objective] | None = None,
+        ema: EMAFactory | None = None,
     ) -> None:
         super().__init__()
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
+        if objectives and accum_freq > 1:
+            raise ValueError(
+                "the SigLIP 2 objectives need accum_freq=1 (feature caching covers the contrastive loss only)"
+            )
+        teacherless = [name for name, o in (objectives or {}).items() if o.needs_teacher and ema is None]
+        if teacherless:
+            raise ValueError(
+                f"objectives {teacherless} distil from the EMA teacher: configure ema (ema=default)"
+            )
         self.model = model
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -60,6 +80,24 @@ class ContrastiveModule(L.LightningModule):
         # (use_orig_params) they are flat 1-D shards by the time configure_optimizers runs.
         decay = {id(p) for p in param_groups(model, 1.0)[0]["params"]}
         self._decay_names = {name for name, p in model.named_parameters() if id(p) in decay}
+        # Present only when configured, so a default run's state_dict and checkpoints keep their keys.
+        self.objectives = nn.ModuleDict(dict(objectives)) if objectives else None
+        if self.objectives is not None:
+            # the same rule for the objectives' matrices (decoder, heads); their embeddings are exempt
+            skip = {
+                f"{prefix}.{n}" if prefix else n
+                for prefix, m in self.objectives.named_modules()
+                if hasattr(m, "no_weight_decay")
+                for n in m.no_weight_decay()
+            }
+            self._decay_names |= {
+                f"objectives.{n}"
+                for n, p in self.objectives.named_parameters()
+                if p.ndim >= 2 and n not in skip
+            }
+        self.ema = ema(self._ema_sources()) if ema is not None else None
+        self._inactive: list[str] = []  # objectives not yet started at this step
+        self._total_steps: int | None = None
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor | None]:
         return self.model(images, tokens)
@@ -84,6 +122,8 @@ class ContrastiveModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         images, tokens = batch[0], batch[1]
         lr = self.optimizers().param_groups[0]["lr"]  # this step's, read before a manual scheduler step
+        if self.objectives is not None:
+            return self._step_with_objectives(batch, lr)
         if self.automatic_optimization:
             img, txt = self.embed(images, tokens)
             scale, bias = self.logit_scale_and_bias()
@@ -93,6 +133,55 @@ class ContrastiveModule(L.LightningModule):
             step = self._feature_cache_step(images, tokens)
             loss = step.loss
         return {"loss": loss, **self._log_train(step, lr, batch_size=images.shape[0])}
+
+    def _step_with_objectives(self, batch: tuple, lr: float) -> dict[str, Any]:
+        """The contrastive loss plus every started objective, each times its weight. The image tower runs
+        once on the batch: its un-pooled tokens feed the decoder, its pooled readout the contrastive loss."""
+        images, tokens = batch[0], batch[1]
+        B = images.shape[0]
+        visual = self.model.visual
+        image_tokens = visual.forward_features(images)  # (B, T, D)
+        img, txt = visual.forward_head(image_tokens), self.model.encode_text(tokens)
+        scale, bias = self.logit_scale_and_bias()
+        contrastive = self.contrastive_loss(img, txt, scale, bias)
+        self.log("train/contrastive_loss", contrastive.detach(), batch_size=B)
+        inputs = ObjectiveBatch(images, tokens, image_tokens, extras=_batch_extras(batch), raw=batch)
+        loss, step, total = contrastive, self.trainer.global_step, self.total_steps()
+        self._inactive = []
+        for name, objective in self.objectives.items():
+            if not objective.active(step, total):
+                # Every parameter still joins DDP's gradient reduction (with zeros); on_before_optimizer_step
+                # then drops these gradients, so AdamW neither decays nor moves the objective before it starts.
+                self._inactive.append(name)
+                loss = loss + 0.0 * sum(p.sum() for p in objective.parameters())
+                continue
+            teacher = (
+                Teacher(self.ema["model"], self.ema["objectives"][name]) if objective.needs_teacher else None
+            )
+            value = objective(inputs, self.model, teacher)
+            self.log(f"train/{name}_loss", value.detach(), batch_size=B)
+            loss = loss + objective.weight * value
+        cached = CachedStep(loss.detach(), img.detach(), txt.detach(), scale.detach(), _detach(bias))
+        return {"loss": loss, **self._log_train(cached, lr, batch_size=B)}
+
+    def _ema_sources(self) -> dict[str, nn.Module]:
+        """What the EMA averages: the two-tower model and, when configured, the objectives (their heads are
+        the teacher's heads)."""
+        sources: dict[str, nn.Module] = {"model": self.model}
+        if self.objectives is not None:
+            sources["objectives"] = self.objectives
+        return sources
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (what ``start_frac``s are fractions of)."""
+        if self._total_steps is None:
+            self._total_steps = int(self.trainer.estimated_stepping_batches)
+        return self._total_steps
+
+    def _after_optimizer_step(self) -> None:
+        self.model.clamp_logit_scale()
+        if self.ema is not None:
+            self.ema.update(self._ema_sources(), self.total_steps())
 
     def _feature_cache_step(self, images: Tensor, tokens: Tensor) -> CachedStep:
         opt = self.optimizers()
@@ -114,7 +203,7 @@ class ContrastiveModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        self.model.clamp_logit_scale()
+        self._after_optimizer_step()
         return step
 
     def _log_train(self, step: CachedStep, lr: float, batch_size: int) -> dict[str, Tensor | None]:
@@ -141,6 +230,9 @@ class ContrastiveModule(L.LightningModule):
         }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for name in self._inactive:  # not started: no update, no weight decay, no AdamW moments
+            for p in self.objectives[name].parameters():
+                p.grad = None
         # Under automatic optimization Lightning clips next, through configure_gradient_clipping.
         if not self.automatic_optimization and self.grad_clip_norm:
             self.clip_gradients(
@@ -159,13 +251,16 @@ class ContrastiveModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.model.clamp_logit_scale()
+        self._after_optimizer_step()
 
     def on_fit_start(self) -> None:
         strategy = type(self.trainer.strategy).__name__
         if not self.automatic_optimization and "FSDP" in strategy:
             # FSDP reshards after each backward; accumulating over several of them is not implemented here.
             raise ValueError(f"accum_freq={self.accum_freq} needs DDP or one device, not {strategy}")
+        if (self.ema is not None or self.objectives is not None) and "FSDP" in strategy:
+            # the EMA copy and the teacher would need the same sharding as the model: not implemented here
+            raise ValueError(f"ema and the SigLIP 2 objectives need DDP or one device, not {strategy}")
 
     # -- evaluation -------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -181,6 +276,10 @@ class ContrastiveModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (decay if _unwrapped_name(name) in self._decay_names else no_decay).append(p)
+        if self.objectives is not None:
+            for name, p in self.objectives.named_parameters(prefix="objectives"):
+                if p.requires_grad:
+                    (decay if _unwrapped_name(name) in self._decay_names else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
@@ -191,6 +290,12 @@ class ContrastiveModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["clipforge_config"] = self.config
+
+
+def _batch_extras(batch: tuple) -> dict[str, Any]:
+    """Extra targets the data module may add to a batch as a mapping after (images, tokens) (e.g. boxes
+    for the decoder tasks, see clipforge.losses.locca); empty when there is none."""
+    return next((dict(x) for x in batch[2:] if isinstance(x, Mapping)), {})
 
 
 def _detach(t: Tensor | None) -> Tensor | None:

@@ -67,6 +67,17 @@ def compile_in_place(model: torch.nn.Module, loss: torch.nn.Module, mode: str) -
     loss.compile(mode=mode)
 
 
+def siglip2_parts(cfg: DictConfig) -> dict[str, Any]:
+    """The optional module parts, only those configured: ``objectives`` (``objectives=locca|silc|tips|
+    siglip2``, name -> objective) and ``ema`` (``ema=default``, a partial the module completes)."""
+    parts: dict[str, Any] = {}
+    if cfg.get("objectives"):
+        parts["objectives"] = {name: instantiate(node) for name, node in cfg.objectives.items()}
+    if cfg.get("ema"):
+        parts["ema"] = instantiate(cfg.ema)
+    return parts
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
@@ -95,7 +106,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module: ContrastiveModule = instantiate(cfg.module)(
-        model, loss, instantiate(cfg.optimizer), scheduler, config=config
+        model, loss, instantiate(cfg.optimizer), scheduler, config=config, **siglip2_parts(cfg)
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     extra: dict[str, Any] = {}

@@ -67,3 +67,40 @@ def test_image_shows_the_shape_colour_where_the_caption_says():
     assert close.sum() > 20
     cx, cy = synthetic.POSITIONS[s.meta["position"]]
     assert abs(xs.mean() / 64 - cx) < 0.12 and abs(ys.mean() / 64 - cy) < 0.12
+
+
+@pytest.mark.parametrize("shape", synthetic.SHAPES)
+def test_box_is_the_tight_box_of_the_drawn_shape(shape):
+    # Render without background noise so every pixel the shape touches is visible; same draws as render().
+    rng = np.random.default_rng(5)
+    image, box = synthetic.render_with_box(shape, "white", "large", "top right", 64, rng)
+    x0, y0, x1, y1 = box
+    assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
+    alpha_rng = np.random.default_rng(5)
+    _, again = synthetic.render_with_box(shape, "white", "large", "top right", 64, alpha_rng)
+    assert again == box  # a pure function of the draws
+    img = np.asarray(image).astype(float).mean(axis=-1)
+    ys, xs = np.nonzero(img > 160)  # (well inside the shape: white over a background below ~100)
+    assert len(xs) > 20
+    # every bright pixel lies inside the box, and the box hugs them (2 px: a thin apex is only partly covered)
+    assert xs.min() >= np.floor(x0 * 64) and xs.max() + 1 <= np.ceil(x1 * 64)
+    assert ys.min() >= np.floor(y0 * 64) and ys.max() + 1 <= np.ceil(y1 * 64)
+    assert xs.min() - x0 * 64 <= 2.0 and x1 * 64 - (xs.max() + 1) <= 2.0
+    assert ys.min() - y0 * 64 <= 2.0 and y1 * 64 - (ys.max() + 1) <= 2.0
+
+
+def test_meta_adds_box_and_referring_expression_after_the_old_keys():
+    s = synthetic.make_sample(3, "train", 32)
+    assert list(s.meta)[:7] == ["shape", "color", "size", "position", "label", "split", "index"]
+    x0, y0, x1, y1 = s.meta["box"]
+    cx, cy = synthetic.POSITIONS[s.meta["position"]]
+    assert x0 < cx < x1 and y0 < cy < y1  # the box is where the position says
+    expr = s.meta["referring_expression"]
+    assert s.meta["shape"] in expr and s.meta["color"] in expr and s.meta["size"] in expr
+    # the image is the one render() draws: adding the box changed no pixel
+    combos = synthetic._allowed("train", "tuples")
+    rng = np.random.default_rng([0, synthetic.SPLITS["train"], 3])
+    combo = combos[int(rng.integers(len(combos)))]
+    rng.integers(len(synthetic.CAPTION_TEMPLATES))  # the caption template's draw
+    plain = synthetic.render(*combo, 32, rng)
+    assert np.array_equal(np.asarray(plain), np.asarray(s.image))

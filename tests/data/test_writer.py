@@ -218,3 +218,22 @@ def test_manifest_lookup_by_directory_and_for_pipe_urls(tmp_path):
 
 def test_parse_bytes():
     assert parse_bytes("1GB") == 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2e3") == 2000
+
+
+def test_cli_reshard_keeps_boxes_of_img2dataset_json(tmp_path):
+    # img2dataset keeps whatever the input's extra columns hold in KEY.json: boxes must come through.
+    files = tmp_path / "files" / "00000"
+    files.mkdir(parents=True)
+    metas = [
+        {"url": "http://x/0", "box": [0.1, 0.2, 0.5, 0.6], "referring_expression": "the red circle"},
+        {"url": "http://x/1", "boxes": [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], "labels": ["a", "b"]},
+    ]
+    for i, meta in enumerate(metas):
+        (files / f"{i:09d}.jpg").write_bytes(tiny_jpeg(i))
+        (files / f"{i:09d}.txt").write_text(f"caption {i}")
+        (files / f"{i:09d}.json").write_text(json.dumps(meta))
+    assert shards_main(["img2dataset", str(tmp_path / "files"), str(tmp_path / "out")]) == 0
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        out = [json.loads(tar.extractfile(f"{i:09d}.json").read()) for i in range(2)]
+    for got, meta in zip(out, metas):
+        assert {k: got[k] for k in meta} == meta

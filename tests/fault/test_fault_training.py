@@ -33,6 +33,19 @@ from clipforge.fault import NonFiniteError, PeriodicCheckpoint, UnsafeCheckpoint
 from clipforge.train import train
 
 RECORDER = ("+callbacks.recorder._target_=faulthelpers.StepRecorder",)
+# Every SigLIP 2 part on, with box targets: the distillation objectives start at step 4 and the EMA averages
+# from step 2, so the resumed stretch (steps 7-10) crosses none of these starts but depends on all of them.
+SIGLIP2 = (
+    "loss=siglip",
+    "objectives=[locca_synthetic,silc,tips]",
+    "objectives.silc.start_frac=0.4",
+    "objectives.tips.start_frac=0.4",
+    "objectives.silc.num_local=2",
+    "objectives.silc.local_grid=2",
+    "decoder.num_box_bins=32",
+    "ema.start_frac=0.2",
+    "ema.decay=0.9",
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +71,9 @@ def run_cfg(compose_cfg, fault_data_dir: Path) -> Callable[..., DictConfig]:
         (),
         ("loss=siglip",),  # the logit bias and SigLIP's scale come back too
         ("data.num_workers=2",),  # two loader processes: the stream resumes mid-epoch in both
+        SIGLIP2,  # EMA, decoder, distillation heads and centres, crops, masks and tasks come back too
     ],
-    ids=["clip", "siglip", "two_loader_workers"],
+    ids=["clip", "siglip", "two_loader_workers", "siglip2_objectives_ema"],
 )
 def test_sigkill_mid_step_then_auto_resume_matches_the_uninterrupted_run(
     run_cfg, tmp_path: Path, variant: tuple[str, ...]
@@ -82,6 +96,10 @@ def test_sigkill_mid_step_then_auto_resume_matches_the_uninterrupted_run(
     base, resumed = final_state(base_dir), final_state(run_dir)
     if "loss=siglip" in variant:
         assert "model.logit_bias" in base["state_dict"]
+    if variant == SIGLIP2:
+        keys = base["state_dict"].keys()
+        assert {"ema.steps", "objectives.silc.centre", "objectives.tips.mask_token"} <= keys
+        assert "ema.shadow.objectives.locca.decoder.head.weight" in keys
     assert_same_training_state(base, resumed)
 
 

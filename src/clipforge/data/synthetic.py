@@ -14,6 +14,10 @@ hold-out schemes (``holdout=``):
   ``i + 4``). Much harder: colour then *predicts* shape in training, a small model takes that shortcut, and
   held-out accuracy starts below chance; use it to study compositional generalisation, not as a smoke test.
 
+Each sample's metadata also carries the shape's bounding box (normalised ``[x0, y0, x1, y1]``) and a
+referring expression naming it ("the small red circle"), targets for LocCa-style localisation tasks
+(Wan et al., 2024).
+
 Every sample is a pure function of ``(seed, split, index)``: generation needs no state, so any process
 can produce any sample, and the same seed always gives the same bytes.
 """
@@ -131,6 +135,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the image side
+
+
 def render(
     shape: str,
     color: str,
@@ -141,6 +148,21 @@ def render(
     supersample: int = 4,
 ) -> Image.Image:
     """Draw one anti-aliased shape on a noisy dark background; ``rng`` adds small jitter everywhere."""
+    return render_with_box(shape, color, size, position, image_size, rng, supersample)[0]
+
+
+def render_with_box(
+    shape: str,
+    color: str,
+    size: str,
+    position: str,
+    image_size: int,
+    rng: np.random.Generator,
+    supersample: int = 4,
+) -> tuple[Image.Image, Box]:
+    """:func:`render`, and the shape's bounding box: the tightest box around the covered sub-pixels of the
+    supersampled mask, normalised by the image side (so every drawn pixel, anti-aliased edges included,
+    lies inside it). Same draws from ``rng`` in the same order as before boxes existed: same pixels."""
     s = image_size * supersample
     cx, cy = POSITIONS[position]
     cx += rng.uniform(-0.04, 0.04)
@@ -149,13 +171,23 @@ def render(
     coords = (np.arange(s, dtype=np.float32) + 0.5) - 0.0
     u = coords[None, :] - cx * s  # (1, S)
     v = coords[:, None] - cy * s  # (S, 1)
-    mask = _shape_mask(shape, u, v, r).astype(np.float32)  # (S, S)
-    alpha = mask.reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))  # (H, W)
+    mask = _shape_mask(shape, u, v, r)  # (S, S) bool
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    box = (cols[0] / s, rows[0] / s, (cols[-1] + 1) / s, (rows[-1] + 1) / s)
+    cover = mask.astype(np.float32).reshape(image_size, supersample, image_size, supersample)
+    alpha = cover.mean(axis=(1, 3))  # (H, W)
     rgb = np.clip(np.array(COLORS[color], np.float32) + rng.normal(0, 12, 3), 0, 255)
     bg_level = rng.uniform(10, 70, 3).astype(np.float32)
     bg = bg_level + rng.normal(0, 8, (image_size, image_size, 3)).astype(np.float32)
     img = bg * (1 - alpha[..., None]) + rgb * alpha[..., None]
-    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+    return image, tuple(round(float(b), 6) for b in box)
+
+
+def referring_expression(shape: str, color: str, size: str) -> str:
+    """The phrase that names the one shape of an image, for referring-expression tasks (LocCa's
+    "referring expression -> box", Wan et al., 2024): colour and shape, plus its size."""
+    return f"the {size} {color} {shape}"
 
 
 def make_sample(
@@ -169,7 +201,7 @@ def make_sample(
     shape, color, size, position = combos[int(rng.integers(len(combos)))]
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
     caption = template.format(shape=shape, color=color, size=size, position=position)
-    image = render(shape, color, size, position, image_size, rng)
+    image, box = render_with_box(shape, color, size, position, image_size, rng)
     meta = {
         "shape": shape,
         "color": color,
@@ -178,6 +210,10 @@ def make_sample(
         "label": SHAPES.index(shape),
         "split": split,
         "index": index,
+        # Localisation targets (LocCa-style decoder tasks): normalised [x0, y0, x1, y1] of the shape and a
+        # phrase naming it. Added after the keys above, which stay as they were (as do the pixels).
+        "box": list(box),
+        "referring_expression": referring_expression(shape, color, size),
     }
     return SyntheticSample(key=f"{index:09d}", image=image, caption=caption, meta=meta)
 

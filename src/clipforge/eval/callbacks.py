@@ -87,6 +87,8 @@ class ZeroShotCallback(_PeriodicEval):
     ``datamodule.zeroshot_templates``; the tokenizer's context length from ``pl_module.model.text``.
     Logs ``val/zeroshot_top{k}`` and ``val/zeroshot_mean_per_class``; with a W&B logger also the
     confusion-matrix picture as ``val/zeroshot_confusion``, and as PNGs under ``save_dir`` if given.
+    ``use_ema``: also evaluate the EMA weights (``pl_module.ema``, ``ema=default``), logged as
+    ``val/ema_zeroshot_top{k}`` and ``val/ema_zeroshot_mean_per_class``.
     """
 
     def __init__(
@@ -99,16 +101,24 @@ class ZeroShotCallback(_PeriodicEval):
         save_dir: str | None = None,
         precision: str = "auto",
         progress: bool = False,
+        use_ema: bool = False,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         self.top_k = tuple(top_k)
         self.prompt_batch_size = prompt_batch_size
+        self.use_ema = use_ema
         self.log_confusion = log_confusion
         self.save_dir = save_dir
         self.precision = precision
         self.progress = progress
         self.last_result: dict[str, Any] | None = None
         self.last_result_step = -1  # trainer.global_step at which last_result was computed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.use_ema and getattr(pl_module, "ema", None) is None:
+            raise ValueError(
+                "callbacks.zeroshot.use_ema=true, but the module keeps no EMA: train with ema=default"
+            )
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         dm = trainer.datamodule
@@ -121,19 +131,13 @@ class ZeroShotCallback(_PeriodicEval):
             self._skip("the datamodule's zeroshot_dataloader() returned None")
             return None
         templates = getattr(dm, "zeroshot_templates", None) or ["a photo of a {}."]
-        res = zero_shot_eval(
-            pl_module.model,
-            list(classnames),
-            list(templates),
-            loader,
-            device=pl_module.device,
-            top_k=self.top_k,
-            prompt_batch_size=self.prompt_batch_size,
-            precision=self.precision,
-            progress=self.progress,
-        )
+        res = self._eval(pl_module.model, pl_module, list(classnames), list(templates), loader)
         metrics = {f"val/zeroshot_top{k}": res[f"top{k}"] for k in self.top_k}
         metrics["val/zeroshot_mean_per_class"] = res["mean_per_class_accuracy"]
+        if self.use_ema:
+            res_ema = self._eval(pl_module.ema["model"], pl_module, list(classnames), list(templates), loader)
+            metrics |= {f"val/ema_zeroshot_top{k}": res_ema[f"top{k}"] for k in self.top_k}
+            metrics["val/ema_zeroshot_mean_per_class"] = res_ema["mean_per_class_accuracy"]
         _log(pl_module, metrics)
         if res["num_skipped"]:
             _log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
@@ -141,6 +145,21 @@ class ZeroShotCallback(_PeriodicEval):
             self._confusion_picture(trainer, res, list(classnames))
         self.last_result, self.last_result_step = res, trainer.global_step
         return res
+
+    def _eval(
+        self, model: Any, pl_module: L.LightningModule, classnames: list, templates: list, loader: Any
+    ) -> dict:
+        return zero_shot_eval(
+            model,
+            classnames,
+            templates,
+            loader,
+            device=pl_module.device,
+            top_k=self.top_k,
+            prompt_batch_size=self.prompt_batch_size,
+            precision=self.precision,
+            progress=self.progress,
+        )
 
     def _confusion_picture(self, trainer: L.Trainer, res: dict[str, Any], classnames: list[str]) -> None:
         from lightning.pytorch.loggers import WandbLogger

@@ -47,11 +47,16 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
             "give exactly one model: checkpoint=<clipforge .ckpt>, open_clip_checkpoint=<weights file or "
             f"folder> [open_clip_model=<name>], or model=<conf/model name> (random init); got {sources or 'none'}"
         )
+    if cfg.get("use_ema") and not cfg.get("checkpoint"):
+        raise ValueError(
+            "use_ema=true reads the EMA weights of a clipforge checkpoint: give checkpoint=<.ckpt>"
+        )
     if cfg.get("checkpoint"):
         from clipforge.checkpoint import load_model
 
-        model, _ = load_model(cfg.checkpoint)
-        return model, f"checkpoint {cfg.checkpoint}"
+        use_ema = bool(cfg.get("use_ema"))
+        model, _ = load_model(cfg.checkpoint, use_ema=use_ema)
+        return model, f"checkpoint {cfg.checkpoint}" + (" (EMA weights)" if use_ema else "")
     if cfg.get("open_clip_checkpoint"):
         try:
             from clipforge.models.convert import load_open_clip_checkpoint

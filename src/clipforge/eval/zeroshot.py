@@ -115,8 +115,8 @@ def evaluate_zero_shot(
     # counts[i] = number of samples whose label is among the top-ks[i] predictions
     counts = torch.zeros(len(ks) + 1, dtype=torch.long, device=dev)  # last slot: skipped
     with eval_mode(model):
-        for images, labels in progress_bar(dataloader, progress, "zero-shot"):
-            labels = labels.to(dev)
+        for batch in progress_bar(dataloader, progress, "zero-shot"):
+            images, labels = batch[0], batch[1].to(dev)  # a loader with return_keys adds the keys
             keep = labels != IGNORE_LABEL
             counts[-1] += (~keep).sum()
             if not keep.any():

@@ -8,6 +8,11 @@ and DDP's gradient averaging yields the full-batch gradient. Large batches use t
 is ``O(B d + tile^2)``; across ranks both losses use a ring whose saved memory does not depend on ``W``
 (for CLIP with an online log-sum-exp, after Inf-CL: Wang et al., 2024, "Breaking the Memory Barrier:
 Near Infinite Batch Size Scaling for Contrastive Loss").
+
+The auxiliary objectives of SigLIP 2 (Tschannen et al., 2025) live beside them, one module each, with the
+same DDP convention: :mod:`~clipforge.losses.locca` (decoder), :mod:`~clipforge.losses.silc`
+(local-to-global self-distillation), :mod:`~clipforge.losses.tips` (masked prediction), sharing
+:mod:`~clipforge.losses.dino` and the interface of :mod:`~clipforge.losses.objective`.
 """
 
 from clipforge.losses.clip import ClipLoss, clip_loss, clip_loss_dense

@@ -137,22 +137,52 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch + position embedding: (B, C, H, W) -> (B, prefix + N, D)."""
+    def embed(
+        self,
+        images: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        interpolate_pos: bool = False,
+    ) -> torch.Tensor:
+        """Patch + position embedding: (B, C, H, W) -> (B, prefix + N, D).
+
+        ``patch_mask`` (B, N) bool and ``mask_token`` (D,): the masked patch embeddings are replaced by the
+        token before positions are added (masked image modelling as in BEiT, iBOT and TIPS).
+        ``interpolate_pos``: a square image of another size (a multiple of the patch size) takes the position
+        embedding resampled to its grid, as DINO (Caron et al., 2021) does for its small local crops.
+        """
+        grid = self.grid_size
         if images.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(
-                f"expected {self.img_size}x{self.img_size} images, got {tuple(images.shape[-2:])}; "
-                "resample the position embedding to change the image size"
-            )
+            h, w = images.shape[-2:]
+            if not interpolate_pos or h != w or h % self.patch_size:
+                raise ValueError(
+                    f"expected {self.img_size}x{self.img_size} images, got {tuple(images.shape[-2:])}; "
+                    "resample the position embedding to change the image size"
+                )
+            grid = h // self.patch_size
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        if patch_mask is not None:
+            if mask_token is None:
+                raise ValueError("patch_mask needs a mask_token")
+            x = torch.where(patch_mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return x + self.pos_embed.to(x.dtype)
+        pos = self.pos_embed
+        if grid != self.grid_size:
+            pos = resample_pos_embed(pos, grid, self.num_prefix_tokens)
+        return x + pos.to(x.dtype)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> token features (B, T, D) after the final norm."""
-        x = self.embed(images)
-        if self.training and self.patch_dropout > 0:
+    def forward_features(
+        self,
+        images: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        interpolate_pos: bool = False,
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> token features (B, T, D) after the final norm. With a ``patch_mask`` (see
+        :meth:`embed`) every token stays in place, so patch dropout is not applied."""
+        x = self.embed(images, patch_mask, mask_token, interpolate_pos)
+        if self.training and self.patch_dropout > 0 and patch_mask is None:
             x = patch_dropout(x, 1.0 - self.patch_dropout, self.num_prefix_tokens)
         x = self.norm_pre(x)
         x = self.transformer(x)
@@ -183,7 +213,9 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     if old == new_grid:
         return pos_embed
     D = grid.shape[-1]
-    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    # bicubic in float32 at least (bf16 interpolation is coarse); float64 stays float64
+    dtype = torch.promote_types(grid.dtype, torch.float32)
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).to(dtype)  # (1, D, g, g)
     grid = nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

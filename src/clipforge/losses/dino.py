@@ -1,0 +1,93 @@
+"""The DINO self-distillation loss (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision
+Transformers"), as SILC (Naeem et al., 2023) and TIPS (Maninis et al., 2024) use it inside SigLIP 2
+(Tschannen et al., 2025): a projection head maps features to ``K`` prototype scores; the teacher's
+scores are centred and sharpened, the student's softened, and the student is trained by cross-entropy
+to predict the teacher's distribution:
+
+    p_t = softmax((t - c) / tau_t)      p_s = softmax(s / tau_s)      l = - sum_k p_t,k log p_s,k
+
+Centring subtracts ``c``, a running mean of the teacher's scores, which keeps one prototype from taking
+over; sharpening (``tau_t < tau_s``) keeps the teacher from going uniform; together they prevent collapse.
+After each step ``c <- m c + (1 - m) mean(t)`` with the mean over the *global* batch (all-reduced), so
+every rank holds the same centre and it equals the one-process centre of the full batch.
+
+The head follows DINO: an MLP (GELU) to a bottleneck, L2 normalisation, then cosine scores against
+``K`` prototypes whose vectors are normalised (DINO's weight-normalised last layer with its gain fixed
+at 1, written as a normalisation in the forward pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipforge.losses.objective import global_count, global_sum, world_mean_coef
+
+
+class DinoHead(nn.Module):
+    """``in_dim`` -> MLP (``num_layers`` linear layers, GELU between) -> ``bottleneck_dim`` -> L2 norm ->
+    cosine similarity with ``out_dim`` prototypes."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, in_dim) -> (N, out_dim) scores in [-1, 1]."""
+        z = F.normalize(self.mlp(x), dim=-1)  # (N, bottleneck)
+        return z @ F.normalize(self.prototypes, dim=-1).T
+
+
+def dino_loss(
+    student: Tensor,
+    teacher: Tensor,
+    centre: Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """This rank's share (``W / N * sum``) of the mean over ``N`` global rows of
+    ``CE(softmax((teacher - centre) / teacher_temp), softmax(student / student_temp))``.
+
+    ``student`` (n, K) scores with gradient, ``teacher`` (n, K) (no gradient flows into it), ``centre`` (K,).
+    Computed in float32 or wider.
+    """
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    targets = F.softmax((teacher.detach().to(dtype) - centre.to(dtype)) / teacher_temp, dim=-1)
+    log_probs = F.log_softmax(student.to(dtype) / student_temp, dim=-1)
+    total = -(targets * log_probs).sum()
+    count = global_count(student.shape[0], student.device, group)
+    return total * world_mean_coef(count, group).to(dtype)
+
+
+@torch.no_grad()
+def updated_centre(
+    centre: Tensor, teacher: Tensor, momentum: float, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """``momentum * centre + (1 - momentum) * mean(teacher)``, the mean over the global batch's rows."""
+    count = global_count(teacher.shape[0], teacher.device, group)
+    mean = global_sum(teacher, group) / count.clamp(min=1)
+    return (centre * momentum + mean.to(centre.dtype) * (1 - momentum)).to(centre.dtype)

@@ -1,0 +1,147 @@
+"""The SigLIP 2 parts inside ContrastiveModule: nothing changes when they are off; the EMA follows the
+optimizer steps; objectives add their weighted losses, start at their fraction of training and are left
+untouched (no update, no weight decay, no AdamW state) before it."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from clipforge.ema import ModelEMA
+from clipforge.losses import SigLipLoss
+from clipforge.losses.dino import DinoHead
+from clipforge.losses.locca import LocCaLoss
+from clipforge.losses.silc import SilcLoss
+from clipforge.losses.tips import TipsLoss
+from clipforge.models.clip import CLIP
+from clipforge.models.decoder import TextDecoder
+from clipforge.models.text import TextTransformer
+from clipforge.models.vision import VisionTransformer
+from clipforge.module import ContrastiveModule
+from clipforge.optim import warmup_cosine
+
+STEPS, BATCH, VOCAB = 4, 6, 64
+
+
+def tiny_clip() -> CLIP:
+    torch.manual_seed(0)
+    vision = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, output_dim=16)
+    text = TextTransformer(vocab_size=VOCAB, context_length=8, width=32, depth=1, num_heads=2, output_dim=16)
+    return CLIP(vision, text, init_logit_bias=-10.0)
+
+
+def objectives(start: float = 0.0) -> dict:
+    torch.manual_seed(1)
+    decoder = TextDecoder(VOCAB, 8, image_dim=32, width=16, depth=1, num_heads=2, num_box_bins=8)
+    return {
+        "locca": LocCaLoss(decoder, weight=1.0, start_frac=0.0),
+        "silc": SilcLoss(DinoHead(32, 16, 24, 8), weight=0.5, start_frac=start, num_local=2, local_grid=2),
+        "tips": TipsLoss(DinoHead(32, 16, 24, 8), embed_dim=32, weight=0.25, start_frac=start),
+    }
+
+
+def make_module(**kwargs) -> ContrastiveModule:
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    scheduler = functools.partial(warmup_cosine, warmup_steps=1)
+    return ContrastiveModule(tiny_clip(), SigLipLoss(), optimizer, scheduler, **kwargs)
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(STEPS * BATCH, 3, 16, 16, generator=g)
+    tokens = torch.zeros(STEPS * BATCH, 8, dtype=torch.long)
+    tokens[:, 0] = VOCAB - 2
+    tokens[:, 1:5] = torch.randint(1, VOCAB - 2, (STEPS * BATCH, 4), generator=g)
+    tokens[:, 5] = VOCAB - 1
+    return DataLoader(TensorDataset(images, tokens), batch_size=BATCH)
+
+
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        self.metrics.append(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        )
+
+
+def fit(module: ContrastiveModule) -> Recorder:
+    rec = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=STEPS, logger=False, callbacks=[rec],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader())
+    return rec
+
+
+def test_off_by_default_nothing_is_added() -> None:
+    module = make_module()
+    assert module.objectives is None and module.ema is None
+    assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
+
+
+def test_ema_follows_every_optimizer_step_inside_lightning() -> None:
+    module = make_module(ema=functools.partial(ModelEMA, decay=0.5))
+    start = {k: v.clone() for k, v in module.model.state_dict().items()}
+    rec = fit(module)
+    expected = start
+    for state in rec.states:  # the weights after each step
+        expected = {
+            k: 0.5 * v + 0.5 * state[f"model.{k}"] if v.is_floating_point() else state[f"model.{k}"]
+            for k, v in expected.items()
+        }
+    assert int(module.ema.steps) == STEPS
+    for k, v in expected.items():
+        torch.testing.assert_close(module.ema["model"].state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(expected["visual.proj.weight"], module.model.visual.proj.weight)
+
+
+def test_objectives_add_their_weighted_losses_and_start_on_time() -> None:
+    module = make_module(objectives=objectives(start=0.5), ema=functools.partial(ModelEMA, decay=0.5))
+    heads = {
+        n: [k for k in module.state_dict() if k.startswith(f"objectives.{n}.")] for n in ("silc", "tips")
+    }
+    rec = fit(module)
+    first, last = rec.metrics[0], rec.metrics[-1]
+    # steps 0 and 1 (before 0.5 * 4): only the decoder loss; the distillation heads do not move at all
+    assert "train/locca_loss" in first and "train/silc_loss" not in first and "train/tips_loss" not in first
+    for n, keys in heads.items():
+        assert all(torch.equal(rec.states[0][k], rec.states[1][k]) for k in keys), n
+        assert not all(torch.equal(rec.states[2][k], rec.states[3][k]) for k in keys), n
+    total = last["train/contrastive_loss"] + last["train/locca_loss"]
+    total += 0.5 * last["train/silc_loss"] + 0.25 * last["train/tips_loss"]
+    assert last["train/loss"] == pytest.approx(total, rel=1e-5)
+    assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in rec.metrics)
+    # AdamW saw the heads' gradients only from their start: two steps of moments, not four
+    opt = module.trainer.optimizers[0]
+    steps = {int(opt.state[p]["step"]) for p in module.objectives["silc"].parameters()}
+    assert steps == {STEPS - 2}
+    # the objectives' matrices take weight decay, their embeddings and the mask token do not
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    obj = module.objectives
+    assert (
+        id(obj["locca"].decoder.blocks[0].attn.qkv.weight) in decay
+        and id(obj["silc"].head.prototypes) in decay
+    )
+    assert (
+        id(obj["locca"].decoder.token_embedding.weight) in no_decay and id(obj["tips"].mask_token) in no_decay
+    )
+    # the teacher's heads are the EMA of the student's
+    assert not torch.equal(
+        module.ema["objectives"]["silc"].head.prototypes, module.objectives["silc"].head.prototypes
+    )
+
+
+def test_misconfigurations_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="EMA teacher"):
+        make_module(objectives=objectives())
+    with pytest.raises(ValueError, match="accum_freq=1"):
+        make_module(objectives=objectives(), ema=functools.partial(ModelEMA), accum_freq=2)

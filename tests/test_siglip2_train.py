@@ -1,0 +1,184 @@
+"""SigLIP 2 through the real config tree: one short run with every objective and the EMA (box targets from
+the synthetic adapter), then what reads its checkpoint: zero-shot of the EMA weights, export to open_clip
+and timm without the added towers, and clipforge-caption's three tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from clipforge.conf import CONF_DIR
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+from clipforge.caption_cli import run_caption
+from clipforge.checkpoint import EMA_PREFIX, build_model, load_captioner, load_checkpoint, load_model
+from clipforge.convert_cli import main as convert_main
+from clipforge.data import synthetic
+from clipforge.data.synthetic_boxes import SyntheticBoxTargets
+from clipforge.data.transforms import random_resized_crop_box
+from clipforge.eval.cli import run_zeroshot
+from clipforge.models.convert import (
+    check_parity,
+    convert_state_dict,
+    export_open_clip,
+    timm_key_map,
+    timm_kwargs,
+)
+from clipforge.train import train
+
+RUN = (
+    "loss=siglip",
+    "objectives=[locca_synthetic,silc,tips]",
+    "objectives.silc.start_frac=0.5",
+    "objectives.tips.start_frac=0.5",
+    "objectives.silc.num_local=2",
+    "objectives.silc.local_grid=2",
+    "decoder.num_box_bins=32",
+    "callbacks.zeroshot.use_ema=true",
+    "model.vision.embed_dim=32",
+    "model.vision.depth=1",
+    "model.vision.num_heads=2",
+    "model.vision.output_dim=32",
+    "model.text.width=32",
+    "model.text.depth=1",
+    "model.text.num_heads=2",
+    "model.text.output_dim=32",
+    "logger=none",
+    "final_eval=false",
+    "~callbacks.progress_bar",
+    "+trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.max_steps=4",
+    "scheduler.warmup_steps=1",
+    "data.num_train=64",
+    "data.num_heldout=32",
+    "data.batch_size=16",
+    "data.samples_per_shard=32",
+    "data.num_workers=0",
+)
+
+
+def _compose(name: str, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("siglip2")
+    cfg = _compose("train", *RUN)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out / "run")
+        cfg.paths.data_dir = str(out / "data")
+    metrics, objs = train(cfg)
+    return {"metrics": metrics, "objs": objs, "ckpt": out / "run" / "checkpoints" / "last.ckpt", "dir": out}
+
+
+def test_every_objective_trains_and_the_ema_is_evaluated(trained: dict) -> None:
+    m = trained["metrics"]
+    for name in (
+        "train/loss",
+        "train/contrastive_loss",
+        "train/locca_loss",
+        "train/silc_loss",
+        "train/tips_loss",
+    ):
+        assert np.isfinite(m[name]), name
+    assert 0.0 <= m["val/ema_zeroshot_top1"] <= 1.0 and "val/zeroshot_top1" in m
+    module = trained["objs"]["module"]
+    assert set(module.objectives) == {"locca", "silc", "tips"} and int(module.ema.steps) == 4
+    assert isinstance(module.objectives["locca"].box_targets, SyntheticBoxTargets)
+    assert {"ref", "grounded"} & set(module.objectives["locca"].last_tasks)  # box tasks ran
+
+
+def test_zeroshot_cli_reads_the_ema_weights(trained: dict, tmp_path: Path) -> None:
+    ckpt = trained["ckpt"]
+    live, _ = load_model(ckpt)
+    ema, _ = load_model(ckpt, use_ema=True)
+    state = load_checkpoint(ckpt)["state_dict"]
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, state[EMA_PREFIX + k])
+    assert not torch.equal(ema.visual.proj.weight, live.visual.proj.weight)
+    common = (f"checkpoint={ckpt}", "eval.dataset.num_samples=12", "num_workers=0", "progress=false")
+    res = run_zeroshot(_compose("zeroshot", *common, "use_ema=true", f"output_dir={tmp_path}"))
+    assert res["num_samples"] == 12 and "EMA" in res["model"]
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_model(_without_ema(ckpt, tmp_path), use_ema=True)
+
+
+def _without_ema(ckpt: Path, tmp_path: Path) -> Path:
+    state = load_checkpoint(ckpt)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("ema.")}
+    torch.save(state, tmp_path / "plain.ckpt")
+    return tmp_path / "plain.ckpt"
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_export_drops_the_added_towers_and_still_loads_in_open_clip_and_timm(
+    trained: dict, tmp_path: Path, ema: bool
+) -> None:
+    ckpt = trained["ckpt"]
+    paths = convert_main(
+        ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path), *(["--ema"] if ema else [])]
+    )
+    from safetensors.torch import load_file
+
+    exported = load_file(paths["weights"])
+    assert not any("decoder" in k or "head" in k or "mask_token" in k or "ema" in k for k in exported)
+    ours, cfg = load_model(ckpt, use_ema=ema)
+    plain = export_open_clip(build_model(cfg["model"], cfg["loss"]), tmp_path / "plain")
+    reference = open_clip.create_model(f"local-dir:{paths['config'].parent}").eval()
+    images = torch.randn(2, 3, 32, 32)
+    text = torch.randint(1, 49000, (2, 20))
+    text[:, -1] = 49407
+    with torch.no_grad():
+        check_parity(ours.encode_image(images), reference.encode_image(images))
+        check_parity(ours.encode_text(text), reference.encode_text(text))
+        # timm: the image trunk (the tiny model's bias-free projection has no timm head to go to)
+        kwargs = {**timm_kwargs(ours.visual), "num_classes": 0}
+        timm_vit = TimmViT(**kwargs, weight_init="skip").eval()
+        keymap = timm_key_map(ours.visual, with_head=False)
+        trunk = {k: v for k, v in ours.visual.state_dict().items() if not k.startswith("proj.")}
+        timm_vit.load_state_dict(convert_state_dict(trunk, keymap, to="theirs"))
+        check_parity(ours.visual.forward_features(images), timm_vit.forward_features(images))
+    assert exported.keys() == load_file(plain["weights"]).keys()  # the tensors of a plain CLIP, no more
+
+
+def test_caption_cli_decodes_all_three_tasks(trained: dict, tmp_path: Path) -> None:
+    image = tmp_path / "shape.png"
+    synthetic.make_sample(1, "heldout", 32).image.save(image)
+    base = (f"checkpoint={trained['ckpt']}", f"image={image}", "device=cpu")
+    caption = run_caption(_compose("caption", *base))[str(image)]
+    assert isinstance(caption, str)
+    box = run_caption(_compose("caption", *base, "task=box", "ref='the large yellow triangle'"))[str(image)]
+    assert len(box) == 4 and all(0.0 <= c <= 1.0 for c in box)
+    grounded = run_caption(
+        _compose("caption", *base, "task=grounded", "box=[0.1,0.4,0.6,0.9]", "use_ema=true")
+    )
+    assert isinstance(grounded[str(image)], str)
+    _, decoder, _ = load_captioner(trained["ckpt"])
+    assert decoder.num_box_bins == 32 and not decoder.training
+
+
+def test_synthetic_box_adapter_gives_the_generators_targets_for_the_loader_keys(trained: dict) -> None:
+    dm = trained["objs"]["datamodule"]
+    images, tokens, keys = next(iter(dm.train_dataloader()))
+    adapter = SyntheticBoxTargets("train", 32, 0, "tuples", context_length=20)
+    out = adapter((images, tokens, keys))
+    assert out["boxes"].shape == (16, 4) and out["region_tokens"].shape == (16, 20)
+    for i, key in enumerate(keys):
+        meta = synthetic.make_sample(int(key.rsplit("/", 1)[-1]), "train", 32).meta
+        assert out["boxes"][i].tolist() == pytest.approx(meta["box"])
+        assert adapter.tokenizer.decode(out["region_tokens"][i]) == meta["referring_expression"]
+    with pytest.raises(ValueError, match="return_keys"):
+        adapter((images, tokens))
+    # data.scale=[1, 1] (objectives=locca_synthetic): the crop is the whole image, up to one pixel
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = random_resized_crop_box(32, 32, rng, scale=(1.0, 1.0))
+        assert left <= 1 and top <= 1 and right >= 31 and bottom >= 31

@@ -100,7 +100,8 @@ def evaluate_zero_shot(
     top_k: Sequence[int] = (1, 5),
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Score ``(images, labels)`` batches against ``classifier`` ``(D, C)``.
+    """Score ``(images, labels)`` batches against ``classifier`` ``(D, C)``; anything after the labels
+    (the sample keys of a loader built with ``return_keys``) is ignored.
 
     Returns ``top1``/``top5`` (and any other ``top{k}``) as fractions, ``per_class_accuracy`` (list,
     NaN for a class without samples), ``confusion`` (``(C, C)`` int64, rows = true class),
@@ -115,8 +116,8 @@ def evaluate_zero_shot(
     # counts[i] = number of samples whose label is among the top-ks[i] predictions
     counts = torch.zeros(len(ks) + 1, dtype=torch.long, device=dev)  # last slot: skipped
     with eval_mode(model):
-        for images, labels in progress_bar(dataloader, progress, "zero-shot"):
-            labels = labels.to(dev)
+        for batch in progress_bar(dataloader, progress, "zero-shot"):
+            images, labels = batch[0], batch[1].to(dev)
             keep = labels != IGNORE_LABEL
             counts[-1] += (~keep).sum()
             if not keep.any():

@@ -71,11 +71,10 @@ def wds_overrides(shards: dict[str, str], batch_size: int = 16) -> tuple[str, ..
     )
 
 
-def probe(out_dir: Path, block_rank: int | None = None, block_at: int | None = None) -> tuple[str, ...]:
+def probe(out_dir: Path, **options: int) -> tuple[str, ...]:
+    """Overrides that add :class:`launchprobe.LaunchProbe` (``block_rank``, ``block_at``, ``pause_at``)."""
     args = ("+callbacks.probe._target_=launchprobe.LaunchProbe", f"+callbacks.probe.out_dir={out_dir}")
-    if block_rank is not None:
-        args += (f"+callbacks.probe.block_rank={block_rank}", f"+callbacks.probe.block_at={block_at}")
-    return args
+    return args + tuple(f"+callbacks.probe.{k}={v}" for k, v in options.items())
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -11,6 +11,8 @@ without touching the product.
 - ``block_rank``/``block_at``: that rank stops at the start of the step after ``block_at`` completed
   steps and waits there, after writing ``<out_dir>/blocked-rank<R>.json`` with its pid and process group,
   so a test can kill (or stop) exactly that node at a known point while the others wait in a collective.
+- ``pause_at``: every rank waits at the start of the step after ``pause_at`` completed steps, after writing
+  ``<out_dir>/paused-rank<R>.json``, until ``<out_dir>/go`` exists (a test sends a signal meanwhile).
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from lightning.pytorch.callbacks import Callback
 
 
 class LaunchProbe(Callback):
-    def __init__(self, out_dir: str, block_rank: int | None = None, block_at: int | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str,
+        block_rank: int | None = None,
+        block_at: int | None = None,
+        pause_at: int | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
-        self.block_rank, self.block_at = block_rank, block_at
+        self.block_rank, self.block_at, self.pause_at = block_rank, block_at, pause_at
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         io = trainer.strategy.checkpoint_io
@@ -62,6 +70,10 @@ class LaunchProbe(Callback):
             tmp.write_text(json.dumps(marker))
             tmp.rename(self.out_dir / f"blocked-rank{trainer.global_rank}.json")
             time.sleep(3600)  # until the test kills or stops this node
+        if trainer.global_step == self.pause_at:
+            self._append(f"paused-rank{trainer.global_rank}.json", {"pid": os.getpid()})
+            while not (self.out_dir / "go").exists():
+                time.sleep(0.1)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -90,8 +90,8 @@ def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file")
-    if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file or sharded directory")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -171,7 +171,8 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
 
     classnames = getattr(datamodule, "zeroshot_classnames", None)
     if classnames and weights_sharded(trainer):
-        log.warning("no final zero-shot evaluation: %s", SHARDED_HINT)
+        if trainer.is_global_zero:  # once, not once per rank
+            log.warning("no final zero-shot evaluation: %s", SHARDED_HINT)
         return {}
     loader = datamodule.zeroshot_dataloader() if classnames else None
     if loader is None:

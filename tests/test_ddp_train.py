@@ -98,7 +98,9 @@ def test_documented_launch_commands_compose(compose_cfg) -> None:
         cfg = compose_cfg(*args)
         if "trainer=ddp" in args:
             assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
-            assert cfg.trainer.strategy._target_.endswith(("DDPStrategy", "FSDPStrategy"))
+            assert cfg.trainer.strategy._target_.endswith(
+                ("DDPStrategy", "FSDPStrategy", "ModelParallelStrategy")
+            )
     assert {"trainer.num_nodes=2", "trainer.devices=8", "ckpt_path=auto"} <= set(slurm)
 
 
@@ -115,3 +117,17 @@ def test_fsdp_strategy_config_wraps_transformer_blocks(compose_cfg) -> None:
     policy = strategy.kwargs["auto_wrap_policy"]
     assert Block in policy._module_classes
     assert strategy.kwargs["use_orig_params"]  # what ContrastiveModule's name-based decay groups expect
+
+
+def test_fsdp2_strategy_config_is_lightnings_model_parallel_with_sharded_saves(compose_cfg) -> None:
+    """trainer/strategy=fsdp2 builds ModelParallelStrategy (FSDP2 is applied by the module's configure_model;
+    it runs on two CPU processes in tests/launch/test_fsdp2.py)."""
+    from datetime import timedelta
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    cfg = compose_cfg("trainer=ddp", "trainer/strategy=fsdp2", "trainer.strategy.timeout.seconds=60")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._save_distributed_checkpoint and strategy._timeout == timedelta(seconds=60)

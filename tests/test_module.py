@@ -71,6 +71,35 @@ def test_embed_pieces_match_clip_forward() -> None:
     assert bias is out["logit_bias"]
 
 
+def test_one_forward_gives_the_pieces_bitwise_also_with_fsdp2_vector_scalars() -> None:
+    """``embed_all`` (one call of CLIP.forward, what the training and validation steps use, as FSDP2 needs)
+    equals ``embed`` + ``logit_scale_and_bias`` bit for bit; with the scale and bias stored as (1,), as
+    clipforge.sharding does before fully_shard, it still hands the loss 0-dim values and the same loss."""
+    from clipforge.sharding import scalars_to_vectors
+
+    module = make_module("siglip")
+    images, tokens = next(iter(loader()))
+    img, txt, scale, bias = module.embed_all(images, tokens)
+    ref_img, ref_txt = module.embed(images, tokens)
+    ref_scale, ref_bias = module.logit_scale_and_bias()
+    for a, b in ((img, ref_img), (txt, ref_txt), (scale, ref_scale), (bias, ref_bias)):
+        assert torch.equal(a, b)
+    loss = module.contrastive_loss(img, txt, scale, bias)
+    assert scalars_to_vectors(module.model) == ["logit_scale", "logit_bias"]
+    assert module.model.logit_scale.shape == (1,) and module.model.logit_bias.shape == (1,)
+    img, txt, scale, bias = module.embed_all(images, tokens)
+    assert scale.shape == () and bias.shape == () and torch.equal(scale, ref_scale)
+    assert torch.equal(module.contrastive_loss(img, txt, scale, bias), loss)
+
+
+def test_configure_model_leaves_the_model_alone_outside_model_parallel() -> None:
+    module = make_module()
+    before = dict(module.model.named_parameters())
+    fit(module)  # one device: configure_model runs and must not shard anything
+    assert {n: type(p) for n, p in module.model.named_parameters()} == {n: type(p) for n, p in before.items()}
+    assert module.model.logit_scale.shape == ()
+
+
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_feature_cache_training_equals_full_batch_training(loss: str) -> None:
     """Three AdamW steps with accum_freq=3 (micro-batches 3+3+2) land on the same weights as accum_freq=1.

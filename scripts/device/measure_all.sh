@@ -3,7 +3,7 @@
 # clipforge and open_clip measured side by side in the same process each time. Writes JSON lines and
 # tables to $OUT (or ./device-out) and prints them.
 #
-#   device run, carry [".whl"]:  bash scripts/device/measure_all.sh [train|loss|loader|tests|check ...]
+#   device run, carry [".whl"]:  bash scripts/device/measure_all.sh [train|loss|loader|fsdp2|tests|check ...]
 #
 # Wheels: bash scripts/device/fetch_wheels.sh on a machine with PyPI first.
 set -uo pipefail
@@ -49,9 +49,17 @@ for part in "${parts[@]}"; do
       python3 scripts/benchmark_loss.py --device cuda 2>&1 | tee "$OUT/loss.txt" ;;
     loader) # issue: data (GPU JPEG decode beside the CPU loaders)
       python3 scripts/benchmark_loader.py --gpu-decode 2>&1 | tee "$OUT/loader.txt" ;;
+    fsdp2)  # issue 17: FSDP2 ran on 2 CPU processes (gloo); here on the GPU(s): NCCL, bf16-mixed, sharded
+            # checkpoint directories, consolidation (about a minute; the data set is small)
+      d=/tmp/clipforge-fsdp2
+      python3 -m clipforge.train trainer=ddp trainer/strategy=fsdp2 debug=fast trainer.max_steps=20 \
+        data.num_train=4096 data.num_heldout=256 paths.data_dir=/tmp/clipforge-data hydra.run.dir="$d" \
+        callbacks.periodic_checkpoint.every_n_train_steps=10 2>&1 | tee "$OUT/fsdp2.txt"
+      python3 -m clipforge.checkpoint "$d/checkpoints/last.ckpt" "$d/consolidated.ckpt" --force 2>&1 \
+        | tee -a "$OUT/fsdp2.txt" ;;
     tests)  # the CUDA-only tests (pytest must be on the machine or among the wheels)
       python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" ;;
     check) ;;  # only the environment report above
-    *) echo "unknown part $part (train | loss | loader | tests | check)"; exit 2 ;;
+    *) echo "unknown part $part (train | loss | loader | fsdp2 | tests | check)"; exit 2 ;;
   esac
 done

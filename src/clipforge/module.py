@@ -111,6 +111,19 @@ class ContrastiveModule(L.LightningModule):
         """The exponentiated, clamped scale and the bias, as ``CLIP.forward`` returns them."""
         return self.model.logit_scale.exp().clamp(max=self.model.max_logit_scale), self.model.logit_bias
 
+    def embed_all(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``embed`` and ``logit_scale_and_bias`` in one call of the model's forward (the same operations in
+        the same order): under FSDP2 the root's weights (embeddings, projections, scale) exist only inside
+        that call. Scale and bias come back 0-dim even where FSDP2 stores them as ``(1,)``."""
+        out = self.model(images, tokens, normalize=False)
+        bias = out["logit_bias"]
+        return (
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"].reshape(()),
+            bias.reshape(()) if bias is not None else None,
+        )
+
     def contrastive_loss(
         self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor | None
     ) -> Tensor:
@@ -125,8 +138,7 @@ class ContrastiveModule(L.LightningModule):
         if self.objectives is not None:
             return self._step_with_objectives(batch, lr)
         if self.automatic_optimization:
-            img, txt = self.embed(images, tokens)
-            scale, bias = self.logit_scale_and_bias()
+            img, txt, scale, bias = self.embed_all(images, tokens)
             loss = self.contrastive_loss(img, txt, scale, bias)
             step = CachedStep(loss.detach(), img.detach(), txt.detach(), scale.detach(), _detach(bias))
         else:
@@ -253,19 +265,34 @@ class ContrastiveModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self._after_optimizer_step()
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``trainer/strategy=fsdp2``): FSDP2, ``fully_shard``
+        per transformer block then the root, over all ranks (:mod:`clipforge.sharding`). Under DDP, FSDP1
+        and one device: nothing, the model stays as it was built."""
+        from clipforge.sharding import apply_fsdp2, is_fsdp2, is_model_parallel, world_mesh
+
+        if self._trainer is None or not is_model_parallel(self.trainer.strategy) or is_fsdp2(self.model):
+            return
+        if not self.automatic_optimization:
+            raise ValueError(self._accum_refusal(type(self.trainer.strategy).__name__))
+        apply_fsdp2(self.model, world_mesh(self.trainer.strategy.root_device.type))
+
     def on_fit_start(self) -> None:
         strategy = type(self.trainer.strategy).__name__
-        if not self.automatic_optimization and "FSDP" in strategy:
-            # FSDP reshards after each backward; accumulating over several of them is not implemented here.
-            raise ValueError(f"accum_freq={self.accum_freq} needs DDP or one device, not {strategy}")
-        if (self.ema is not None or self.objectives is not None) and "FSDP" in strategy:
+        sharded = "FSDP" in strategy or "ModelParallel" in strategy
+        if not self.automatic_optimization and sharded:
+            raise ValueError(self._accum_refusal(strategy))
+        if (self.ema is not None or self.objectives is not None) and sharded:
             # the EMA copy and the teacher would need the same sharding as the model: not implemented here
             raise ValueError(f"ema and the SigLIP 2 objectives need DDP or one device, not {strategy}")
 
+    def _accum_refusal(self, strategy: str) -> str:
+        # FSDP reshards after each backward; accumulating over several of them is not implemented here.
+        return f"accum_freq={self.accum_freq} needs DDP or one device, not {strategy}"
+
     # -- evaluation -------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        img, txt = self.embed(batch[0], batch[1])
-        loss = self.contrastive_loss(img, txt, *self.logit_scale_and_bias())
+        loss = self.contrastive_loss(*self.embed_all(batch[0], batch[1]))
         self.log("val/loss", loss, batch_size=batch[0].shape[0], sync_dist=True)
         return loss
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipforge.checkpoint import build_model, init_from
 from clipforge.conf import CONF_DIR
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
+from clipforge.fault.collective import explain_collective_failure
 from clipforge.fault.secrets import scrub_current_hydra_run
 from clipforge.module import ContrastiveModule
 
@@ -78,17 +80,34 @@ def siglip2_parts(cfg: DictConfig) -> dict[str, Any]:
     return parts
 
 
+# Seconds a survivor of a failed collective waits for the other ranks to check in before naming the
+# missing ones (clipforge.fault.collective); it adds to trainer.strategy.timeout before the process exits.
+LOST_RANK_GRACE_S = 5.0
+
+
+def strategy_timeout(cfg: DictConfig) -> timedelta | None:
+    """``trainer.strategy.timeout`` (the process-group timeout of every collective), if the config has one."""
+    node = OmegaConf.select(cfg, "trainer.strategy.timeout")
+    if node is None:
+        return None
+    value = instantiate(node) if isinstance(node, DictConfig) else node
+    if not isinstance(value, timedelta):
+        raise ValueError(f"trainer.strategy.timeout must build a datetime.timedelta, got {value!r}")
+    return value
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file")
-    if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file or sharded directory")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
     mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
+    timeout = strategy_timeout(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +149,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         logger.log_hyperparams(config)
 
     # On SIGTERM/SIGUSR1 a callback saves a checkpoint and exits (SystemExit, status 0): clipforge.fault.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Exception as e:
+        # A node died or hangs: gloo/NCCL say "connection reset" or "timed out" but not which rank; say it.
+        lost = explain_collective_failure(e, timeout, grace=LOST_RANK_GRACE_S)
+        if lost is None:
+            raise
+        log.error("%s", lost)
+        raise lost from e
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
@@ -154,7 +181,8 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
 
     classnames = getattr(datamodule, "zeroshot_classnames", None)
     if classnames and weights_sharded(trainer):
-        log.warning("no final zero-shot evaluation: %s", SHARDED_HINT)
+        if trainer.is_global_zero:  # once, not once per rank
+            log.warning("no final zero-shot evaluation: %s", SHARDED_HINT)
         return {}
     loader = datamodule.zeroshot_dataloader() if classnames else None
     if loader is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from clipforge.eval.callbacks import ZeroShotCallback
 from clipforge.eval.distributed import weights_sharded
@@ -19,6 +19,7 @@ def _trainer(strategy, **kw):
 
 def test_weights_sharded_by_strategy_type():
     assert weights_sharded(_trainer(FSDPStrategy()))
+    assert weights_sharded(_trainer(ModelParallelStrategy()))  # trainer/strategy=fsdp2
     assert not weights_sharded(_trainer(DDPStrategy()))
     assert not weights_sharded(SimpleNamespace())
 

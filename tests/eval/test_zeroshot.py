@@ -52,6 +52,19 @@ def test_exact_accuracy_and_confusion(handset_model, tokenizer):
     assert res["mean_per_class_accuracy"] == pytest.approx(2 / 3)
 
 
+def test_batches_with_sample_keys_score_the_same(handset_model, tokenizer):
+    """A loader built with data.return_keys=true yields (images, labels, keys): the keys are ignored."""
+    w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}"])
+    keyed = [(images, labels, [f"k{i}" for i in range(len(labels))]) for images, labels in _loader()]
+    plain, with_keys = (
+        evaluate_zero_shot(handset_model, w, _loader()),
+        evaluate_zero_shot(handset_model, w, keyed),
+    )
+    assert (
+        with_keys["top1"] == plain["top1"] and with_keys["confusion"].tolist() == plain["confusion"].tolist()
+    )
+
+
 def test_ignored_labels_are_counted_not_scored(handset_model, tokenizer):
     w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}"])
     images, labels = _loader(6)[0]

@@ -18,19 +18,21 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 
 def weights_sharded(trainer: Any) -> bool:
-    """Whether the trainer's strategy shards the weights (FSDP, DeepSpeed, ModelParallel): then a forward
-    outside the training step would need every rank's shards gathered through the strategy's wrapper, so
-    the in-training evaluation and picture callbacks skip (with a warning) instead of hanging rank 0 in a
-    collective. The consolidated checkpoint (``state_dict_type: full``) evaluates offline with
-    ``clipforge-zeroshot checkpoint=...``."""
+    """Whether the trainer's strategy shards the weights (FSDP, FSDP2 under ``ModelParallelStrategy``,
+    DeepSpeed): then a forward outside the training step would need every rank's shards gathered through
+    the strategy's wrapper, so the in-training evaluation and picture callbacks skip (with a warning)
+    instead of hanging rank 0 in a collective. The checkpoints evaluate offline with ``clipforge-zeroshot
+    checkpoint=...``: FSDP's consolidated file (``state_dict_type: full``) as it is, an FSDP2 sharded
+    directory directly or after ``clipforge-consolidate``."""
     strategy = getattr(trainer, "strategy", None)
     names = {c.__name__ for c in type(strategy).__mro__} if strategy is not None else set()
     return bool(names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
 
 
 SHARDED_HINT = (
-    "the strategy shards the model's weights (FSDP/DeepSpeed), so it cannot run a forward pass outside "
-    "the training step; evaluate the saved checkpoint with `clipforge-zeroshot checkpoint=...` instead"
+    "the strategy shards the model's weights (FSDP, FSDP2, DeepSpeed), so it cannot run a forward pass "
+    "outside the training step; evaluate the saved checkpoint with `clipforge-zeroshot checkpoint=...` "
+    "instead (a sharded checkpoint directory too, or its `clipforge-consolidate` file)"
 )
 
 

@@ -41,7 +41,8 @@ def extract_features(
     dev = resolve_device(device, model)
     feats, labels, skipped = [], [], 0
     with eval_mode(model):
-        for images, y in progress_bar(dataloader, progress, "features"):
+        for batch in progress_bar(dataloader, progress, "features"):
+            images, y = batch[0], batch[1]  # a third item (sample keys, return_keys) is not needed
             keep = y != IGNORE_LABEL
             skipped += int((~keep).sum())
             if not keep.any():

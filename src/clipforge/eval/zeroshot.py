@@ -100,7 +100,8 @@ def evaluate_zero_shot(
     top_k: Sequence[int] = (1, 5),
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Score ``(images, labels)`` batches against ``classifier`` ``(D, C)``.
+    """Score ``(images, labels)`` batches against ``classifier`` ``(D, C)``; anything after the labels
+    (the sample keys of a loader built with ``return_keys``) is ignored.
 
     Returns ``top1``/``top5`` (and any other ``top{k}``) as fractions, ``per_class_accuracy`` (list,
     NaN for a class without samples), ``confusion`` (``(C, C)`` int64, rows = true class),

@@ -21,7 +21,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from clipforge.eval.distributed import weights_sharded
 from clipforge.fault.atomic_io import checkpoint_dir
+from clipforge.sharding import local_grads
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,13 @@ class NonFiniteGuard(Callback):
         if _grad_scaler(trainer) is not None:
             return  # the scaler detects overflow and skips the step itself
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
-        if not grads_are_finite([p.grad for p in params]):
+        # Under DDP the gradients are already all-reduced here, so every rank takes the same decision. Under
+        # FSDP each rank holds only its shard of each gradient (FSDP2: a DTensor's local part): a NaN in one
+        # rank's shard must skip the step on every rank, or the shards of one model would part ways.
+        finite = grads_are_finite(local_grads([p.grad for p in params]))
+        if weights_sharded(trainer):
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             for p in params:
                 p.grad = None  # optimizer.step() leaves parameters without a gradient untouched
             self._skipped = True

@@ -97,6 +97,21 @@ class PreemptionCheckpoint(Callback):
             signal.signal(sig, self._handler)
         self._active = True
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # With several processes, take SIGTERM back from Lightning (it registered its handler after our
+        # setup, calling ours from it). Lightning 2.6's SIGTERM handler runs a broadcast collective inside
+        # the signal handler, at whatever point the interrupted rank was, on the ranks that got the signal
+        # only: under torchrun (which passes SIGTERM to every worker) or a forwarded signal the ranks'
+        # collectives fall out of step and the job hangs. Ours only sets a flag; all ranks agree on it at
+        # the next batch end (a collective every rank makes). One process: Lightning's handler stays, so a
+        # SIGTERM during validation still cuts the validation short (it is acted on after it otherwise).
+        if (
+            trainer.world_size > 1
+            and signal.SIGTERM in self.signals
+            and threading.current_thread() is threading.main_thread()
+        ):
+            signal.signal(signal.SIGTERM, self._handler)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._active = False
         if threading.current_thread() is not threading.main_thread():

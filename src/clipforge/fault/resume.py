@@ -19,6 +19,7 @@ from clipforge.fault.atomic_io import (
     UnsafeCheckpointError,
     safe_torch_load,
 )
+from clipforge.fault.sharded import is_sharded_checkpoint, verify_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load ``path`` safely and check it can resume training; returns ``{global_step, epoch}``.
 
     Raises FileNotFoundError, UnsafeCheckpointError (needs arbitrary unpickling) or
-    CorruptCheckpointError (unreadable, or a weights-only export without trainer state).
+    CorruptCheckpointError (unreadable, or a weights-only export without trainer state). A sharded
+    checkpoint (a directory, ``trainer/strategy=fsdp2``) is checked by :func:`verify_sharded_checkpoint`.
     """
+    if is_sharded_checkpoint(path):
+        meta = verify_sharded_checkpoint(path)
+        return {"global_step": meta["global_step"], "epoch": meta["epoch"]}
     ckpt = safe_torch_load(path, mmap=True)
     if not isinstance(ckpt, dict) or (missing := [k for k in RESUME_KEYS if k not in ckpt]):
         what = f"keys {missing} missing" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
@@ -43,7 +48,8 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
-    """The valid ``*.ckpt`` under ``search_dir`` with the highest step (ties: the most recently written).
+    """The valid ``*.ckpt`` under ``search_dir`` with the highest step (ties: the most recently written);
+    a sharded checkpoint is a ``*.ckpt`` directory.
 
     Unreadable or unsafe files are skipped with a warning (an error if no file is left); a partial write (``*.ckpt.tmp`` left by a
     kill during a save) is never a candidate, nor is a symlink (its target is scanned in its own right).
@@ -90,7 +96,9 @@ def resolve_ckpt_path(ckpt_path: str | Path | None, search_dir: str | Path) -> s
             log.info("auto-resume: no valid checkpoint under %s, starting from scratch", search_dir)
         return None if found is None else str(found)
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise FileNotFoundError(
+            f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file or sharded checkpoint directory"
+        )
     verify_checkpoint(path)
     return str(path)

@@ -53,10 +53,14 @@ class CLIP(nn.Module):
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, normalize: bool = True
+    ) -> dict[str, torch.Tensor | None]:
+        """Both towers' features (unit-normalised unless ``normalize=False``), the exponentiated and clamped
+        logit scale and the bias, in one call (FSDP2 gathers the root's weights around this call)."""
         return {
-            "image_features": self.encode_image(images, normalize=True),
-            "text_features": self.encode_text(tokens, normalize=True),
+            "image_features": self.encode_image(images, normalize=normalize),
+            "text_features": self.encode_text(tokens, normalize=normalize),
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
             "logit_bias": self.logit_bias,
         }

@@ -1,0 +1,55 @@
+"""The SLURM requeue call of the preemption callback against a stub ``scontrol`` on PATH that records its
+argv (fast; the whole sbatch script with SIGUSR1 and a resume is tests/launch/test_slurm_sbatch.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from clipforge.fault.preemption import requeue_slurm_job, slurm_job_id
+
+
+@pytest.fixture
+def scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stub scontrol first on PATH; returns the file its argv lines go to. SCONTROL_RC sets its status."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    stub = bin_dir / "scontrol"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho "stub failure" >&2\nexit ${{SCONTROL_RC:-0}}\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return log
+
+
+def test_requeue_runs_scontrol_requeue_with_the_job_id(scontrol: Path) -> None:
+    assert requeue_slurm_job("4242")
+    assert requeue_slurm_job("77_3")  # an array task
+    assert scontrol.read_text().splitlines() == ["requeue 4242", "requeue 77_3"]
+
+
+def test_job_id_is_the_array_task_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    assert slurm_job_id() == "4243"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert slurm_job_id() == "4200_7"
+
+
+def test_a_failed_or_impossible_requeue_is_a_warning_not_a_crash(
+    scontrol: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("SCONTROL_RC", "1")
+    assert not requeue_slurm_job("4242")
+    assert "scontrol requeue 4242 failed (1): stub failure" in caplog.text
+    assert not requeue_slurm_job("42; rm -rf /")  # never reaches a command line
+    assert "unexpected SLURM job id" in caplog.text
+    assert scontrol.read_text().splitlines() == ["requeue 4242"]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert not requeue_slurm_job("4242")
+    assert "scontrol is not on PATH" in caplog.text

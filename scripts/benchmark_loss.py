@@ -6,7 +6,7 @@ W gloo processes on CPU, ring vs gather vs open_clip (local batches):
      python scripts/benchmark_loss.py --world-sizes 2 4 8 --batches 512 1024 --dim 256
 """
 
-from clipforge.losses.benchmark import main
+from clipforge.bench.losses import main
 
 if __name__ == "__main__":
     main()

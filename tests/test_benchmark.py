@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from clipforge.benchmark import compose_model_cfg, make_step, parse_args, run
+from clipforge.bench.step import compose_model_cfg, make_step, parse_args, run
 from clipforge.checkpoint import build_model
 
 
@@ -126,3 +126,18 @@ def test_compiled_step_equals_eager(loss: str) -> None:
     # a sizeable part of lr (1e-4) in opposite directions, so the weights agree to half an lr step.
     for a, b in zip(*stepped, strict=True):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=0)
+
+
+def test_one_command_dispatches_every_benchmark(capsys) -> None:
+    import pytest
+
+    from clipforge.bench.cli import BENCHMARKS, main
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"clipforge-benchmark {name}" in out for name in BENCHMARKS if name != "step")
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])  # each parses its own arguments
+        assert exit_info.value.code == 0
+        assert "usage" in capsys.readouterr().out

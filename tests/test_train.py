@@ -113,7 +113,7 @@ def test_auto_num_workers() -> None:
 
 
 def test_compile_modes_reach_both_towers_and_the_loss(compose_cfg, monkeypatch) -> None:
-    from clipforge.train import compile_mode
+    from clipforge.compilation import compile_mode
 
     assert compile_mode(False) is None and compile_mode(None) is None and compile_mode(True) == "default"
     assert compile_mode("reduce-overhead") == "reduce-overhead"

@@ -42,7 +42,7 @@ parts=("$@")
 for part in "${parts[@]}"; do
   case $part in
     train)  # issue: GPU speed (both models, both losses, compile, Lightning loop, token reduction)
-      python3 -m clipforge.benchmark --models vit_b16:256 vit_b32:512 --losses clip siglip --compile \
+      python3 -m clipforge.bench.step --models vit_b16:256 vit_b32:512 --losses clip siglip --compile \
         --lightning --token-reduction model.vision.patch_dropout=0.5 model.text.context_length=32 \
         2>&1 | tee "$OUT/train_step.txt" ;;
     loss)   # issue: losses (batch 8,192 ... 262,144, d = 768)

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model, init_from
+from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.conf import CONF_DIR
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
@@ -43,30 +44,6 @@ def instantiate_logger(cfg: DictConfig | None) -> Any:
         os.environ.setdefault("WANDB_SILENT", "true")
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     return instantiate(cfg)
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(value: Any) -> str | None:
-    """The ``compile`` key: false/null (eager), true (torch.compile's default mode) or a mode name
-    (``reduce-overhead`` adds CUDA graphs, ``max-autotune`` searches kernels); anything else fails."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "default"
-    if isinstance(value, str) and value in COMPILE_MODES:
-        return value
-    raise ValueError(f"compile={value!r}: use false, true or one of {', '.join(COMPILE_MODES)}")
-
-
-def compile_in_place(model: torch.nn.Module, loss: torch.nn.Module, mode: str) -> None:
-    """torch.compile each tower and the loss in place (nn.Module.compile), so parameter names and
-    checkpoints stay those of the eager model; the towers one by one, because the module calls
-    encode_image/encode_text (it logs the raw feature norms)."""
-    model.visual.compile(mode=mode)
-    model.text.compile(mode=mode)
-    loss.compile(mode=mode)
 
 
 def siglip2_parts(cfg: DictConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from clipforge.losses.benchmark import format_table, main
+from clipforge.bench.losses import format_table, main
 
 
 def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:

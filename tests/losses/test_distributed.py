@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipforge.bench.losses import open_clip_loss_module, run_distributed, saved_bytes
 from clipforge.losses import clip_loss, siglip_loss
-from clipforge.losses.benchmark import open_clip_loss_module, run_distributed, saved_bytes
 
 SIZES = {4: {"even": [3, 3, 3, 3], "uneven": [2, 4, 1, 3]}, 2: {"even": [3, 3], "uneven": [2, 5]}}
 DIM = 4

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clipforge.bench.losses import make_inputs, measure
 from clipforge.losses import clip_loss, siglip_loss
-from clipforge.losses.benchmark import make_inputs, measure
 
 pytestmark = [
     pytest.mark.gpu,

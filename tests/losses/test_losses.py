@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipforge.bench.losses import open_clip_loss_module, saved_bytes
 from clipforge.losses import ClipLoss, SigLipLoss, clip_loss, logit_stats, siglip_loss
-from clipforge.losses.benchmark import open_clip_loss_module, saved_bytes
 from clipforge.losses.distributed import world_info
 from clipforge.losses.tiled import use_tiled
 

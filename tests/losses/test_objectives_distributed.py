@@ -13,8 +13,8 @@ import torch.distributed as dist
 from objhelpers import IMG, captions, locca, objective_batch, silc, teacher_of, tiny_clip, tips
 from torch.nn.parallel import DistributedDataParallel
 
+from clipforge.bench.losses import run_distributed
 from clipforge.ema import ModelEMA
-from clipforge.losses.benchmark import run_distributed
 from clipforge.losses.silc import sample_crop_boxes
 from clipforge.losses.tips import random_patch_mask
 

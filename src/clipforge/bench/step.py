@@ -9,7 +9,6 @@ and a table: samples/s, TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``),
 
 GPU:  clipforge-benchmark --models vit_b16:256 vit_b32:512 --losses clip siglip --compile
 CPU smoke test:  clipforge-benchmark --models tiny:8 --device cpu --steps 2 --warmup 1
-Learning parity with open_clip's trainer:  clipforge-benchmark learning --help  (clipforge.bench.learning)
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,9 +28,9 @@ from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.checkpoint import build_model
+from clipforge.compilation import COMPILE_MODES, compile_in_place
 from clipforge.conf import CONF_DIR
 from clipforge.optim import param_groups
-from clipforge.train import COMPILE_MODES, compile_in_place
 
 H100_BF16_DENSE_TFLOPS = 989.0
 OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32"}
@@ -464,13 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["learning"]:  # clipforge-benchmark learning ...: parity with open_clip's trainer
-        from clipforge.bench.learning import main as learning
-
-        learning(args[1:])
-        return
-    run(parse_args(args))
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

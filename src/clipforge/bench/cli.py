@@ -1,0 +1,31 @@
+"""``clipforge-benchmark``: every benchmark of clipforge against open_clip behind one command.
+
+    clipforge-benchmark [step] --models vit_b16:256 ...   training-step throughput (clipforge.bench.step)
+    clipforge-benchmark learning ...                       models trained by both trainers (bench.learning)
+    clipforge-benchmark loss ...                           loss time and memory (clipforge.bench.losses)
+    clipforge-benchmark loader ...                         loader throughput (clipforge.data.bench)
+
+Without a benchmark name the arguments go to ``step`` (the command's first and original meaning).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS = {
+    "step": "clipforge.bench.step",
+    "learning": "clipforge.bench.learning",
+    "loss": "clipforge.bench.losses",
+    "loader": "clipforge.data.bench",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
+    name = args.pop(0) if args and args[0] in BENCHMARKS else "step"
+    importlib.import_module(BENCHMARKS[name]).main(args)

@@ -40,22 +40,16 @@ def build_model(model_cfg: Any, loss_cfg: Any | None = None) -> CLIP:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict without executing arbitrary pickled code (``weights_only=True``); a sharded
-    checkpoint directory is consolidated in memory (:func:`consolidate_checkpoint`)."""
+    """Load a checkpoint dict without executing arbitrary pickled code (``weights_only=True``, through the
+    one safe loader :func:`clipforge.fault.atomic_io.safe_torch_load`); a sharded checkpoint directory is
+    consolidated in memory (:func:`consolidate_checkpoint`)."""
+    from clipforge.fault.atomic_io import safe_torch_load
     from clipforge.fault.sharded import is_sharded_checkpoint
 
     path = Path(path)
     if is_sharded_checkpoint(path):
         return consolidate_checkpoint(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor/primitive checkpoint "
-            f"(torch.load(weights_only=True) failed: {e})"
-        ) from e
+    return safe_torch_load(path)
 
 
 # Where ContrastiveModule keeps the EMA of the two-tower model (clipforge.ema.ModelEMA, `ema=default`).

@@ -109,7 +109,7 @@ class ContrastiveModule(L.LightningModule):
 
     def logit_scale_and_bias(self) -> tuple[Tensor, Tensor | None]:
         """The exponentiated, clamped scale and the bias, as ``CLIP.forward`` returns them."""
-        return self.model.logit_scale.exp().clamp(max=self.model.max_logit_scale), self.model.logit_bias
+        return self.model.scale_and_bias()
 
     def embed_all(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``embed`` and ``logit_scale_and_bias`` in one call of the model's forward (the same operations in

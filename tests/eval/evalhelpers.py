@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from clipforge.data.tokenizer import Tokenizer
+from clipforge.models.clip import CLIP
 
 CONTEXT_LENGTH = 16
 IMAGE_SIZE = 4  # images are (3, 4, 4); the feature vector sits in images[:, 0, 0, :dim]
@@ -35,10 +36,13 @@ class HandSetModel(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))  # a parameter, so the model has a device
         self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
         self.logit_bias = None
+        self.max_logit_scale = 100.0
         self.embed_dim = dim
         self.text = _Text(tokenizer.context_length)
         self.visual = nn.Module()
         self.visual.img_size = IMAGE_SIZE
+
+    scale_and_bias = CLIP.scale_and_bias  # the real computation, on this double's parameters
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = images[:, 0, 0, : self.embed_dim] * self.gain

@@ -174,12 +174,12 @@ def classification_metrics(
 
 
 def logit_scale_and_bias(model: nn.Module) -> tuple[float, float | None]:
-    """The model's exponentiated temperature (clamped at 100) and its SigLIP bias, or ``(100, None)``."""
-    scale = getattr(model, "logit_scale", None)
-    s = float(scale.detach().float().exp().clamp(max=100.0)) if isinstance(scale, torch.Tensor) else 100.0
-    bias = getattr(model, "logit_bias", None)
-    b = float(bias.detach().float()) if isinstance(bias, torch.Tensor) else None
-    return s, b
+    """The model's temperature and SigLIP bias as it trained with them (``CLIP.scale_and_bias``: clamped
+    at the model's own ``max_logit_scale``)."""
+    if not hasattr(model, "scale_and_bias"):
+        raise TypeError(f"{type(model).__name__} has no scale_and_bias(): evaluate a clipforge CLIP")
+    scale, bias = model.scale_and_bias()
+    return float(scale.detach().float()), (float(bias.detach().float()) if bias is not None else None)
 
 
 @torch.inference_mode()

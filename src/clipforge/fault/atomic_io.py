@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 TMP_SUFFIX = ".tmp"
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+# Both errors are ValueErrors too: a bad file is a bad input value wherever it is loaded (resume, the
+# evaluation and export commands, init_from), so callers can catch one type for either.
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     """The file would need arbitrary unpickling (``weights_only=False``) to load: refused."""
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(RuntimeError, ValueError):
     """The file is truncated, not a torch checkpoint, or lacks what resuming needs."""
 
 

@@ -58,12 +58,18 @@ class CLIP(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """Both towers' features (unit-normalised unless ``normalize=False``), the exponentiated and clamped
         logit scale and the bias, in one call (FSDP2 gathers the root's weights around this call)."""
+        scale, bias = self.scale_and_bias()
         return {
             "image_features": self.encode_image(images, normalize=normalize),
             "text_features": self.encode_text(tokens, normalize=normalize),
-            "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
-            "logit_bias": self.logit_bias,
+            "logit_scale": scale,
+            "logit_bias": bias,
         }
+
+    def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logit scale as the losses and evaluation use it (``exp`` of the stored log-scale, clamped
+        at ``max_logit_scale``) and the SigLIP bias (None for CLIP); the one place that computes them."""
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale), self.logit_bias
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

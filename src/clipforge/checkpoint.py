@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
@@ -27,16 +28,24 @@ from clipforge.models.decoder import TextDecoder
 
 
 def build_model(model_cfg: Any, loss_cfg: Any | None = None) -> CLIP:
-    """Instantiate the model config; a null ``init_logit_scale/bias`` takes the loss's paper values."""
-    model_cfg = OmegaConf.create(model_cfg) if isinstance(model_cfg, dict) else model_cfg
-    overrides = {}
+    """Build the model config (a ``conf/model`` node, DictConfig or dict); a null ``init_logit_scale`` /
+    ``init_logit_bias`` takes the loss's paper values. Built by
+    :func:`clipforge.models.convert.instantiate_model`, the one builder of models from configs."""
+    from clipforge.models.convert.config import instantiate_model
+
+    node = (
+        OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    )
     if loss_cfg is not None:
         loss_cls = get_class(loss_cfg["_target_"])
-        if model_cfg.get("init_logit_scale") is None:
-            overrides["init_logit_scale"] = loss_cls.init_logit_scale
-        if model_cfg.get("init_logit_bias") is None:
-            overrides["init_logit_bias"] = loss_cls.init_logit_bias
-    return instantiate(model_cfg, **overrides)
+        if node.get("init_logit_scale") is None:
+            node["init_logit_scale"] = loss_cls.init_logit_scale
+        if node.get("init_logit_bias") is None:
+            node["init_logit_bias"] = loss_cls.init_logit_bias
+    try:
+        return instantiate_model(node)
+    except TypeError as e:  # a misspelt or unknown key: fail like every other config node does
+        raise InstantiationException(f"the model config does not build: {e}") from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ The two-tower layout is CLIP's (Radford et al., 2021); see :mod:`clipforge.model
 
 from __future__ import annotations
 
+import importlib
 from contextlib import nullcontext
 from typing import Any
 
@@ -18,7 +19,6 @@ from clipforge.models.vision import VisionTransformer
 CLIP_TARGET = "clipforge.models.CLIP"
 VISION_TARGET = "clipforge.models.VisionTransformer"
 TEXT_TARGET = "clipforge.models.TextTransformer"
-_CLASSES = {CLIP_TARGET: CLIP, VISION_TARGET: VisionTransformer, TEXT_TARGET: TextTransformer}
 
 
 def model_config(model: CLIP) -> dict[str, Any]:
@@ -37,16 +37,26 @@ def _scalar(p: torch.Tensor) -> float:
     return 0.0 if p.is_meta else float(p.detach())
 
 
-def _kwargs(node: dict[str, Any], target: str) -> dict[str, Any]:
-    if node.get("_target_", target) != target:
-        raise ValueError(f"expected _target_ {target!r}, got {node['_target_']!r}")
+def _kwargs(node: dict[str, Any], cls: type) -> dict[str, Any]:
+    """The node's keyword arguments, after checking that its ``_target_`` (any import path) names ``cls``."""
+    target = node.get("_target_")
+    if target is not None:
+        module, _, name = str(target).rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name) if module else None
+        except (ImportError, AttributeError):
+            found = None
+        if found is not cls:
+            raise ValueError(f"expected _target_ {cls.__module__}.{cls.__name__}, got {target!r}")
     return {k: v for k, v in node.items() if k != "_target_"}
 
 
 def instantiate_model(config: dict[str, Any], device: torch.device | str | None = None) -> CLIP:
-    """Build a CLIP from a config node (``device="meta"`` builds the structure without allocating)."""
-    cfg = _kwargs(dict(config), CLIP_TARGET)
+    """Build a CLIP from a config node (``device="meta"`` builds the structure without allocating).
+    The one builder of models from configs: ``clipforge.checkpoint.build_model`` fills the loss's
+    initial scale and bias and calls it."""
+    cfg = _kwargs(dict(config), CLIP)
     with torch.device(device) if device is not None else nullcontext():
-        vision = VisionTransformer(**_kwargs(dict(cfg.pop("vision")), VISION_TARGET))
-        text = TextTransformer(**_kwargs(dict(cfg.pop("text")), TEXT_TARGET))
+        vision = VisionTransformer(**_kwargs(dict(cfg.pop("vision")), VisionTransformer))
+        text = TextTransformer(**_kwargs(dict(cfg.pop("text")), TextTransformer))
         return CLIP(vision, text, **cfg)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.bench.losses import open_clip_loss_module, saved_bytes
+from clipforge.distributed import world_info
 from clipforge.losses import ClipLoss, SigLipLoss, clip_loss, logit_stats, siglip_loss
-from clipforge.losses.distributed import world_info
 from clipforge.losses.tiled import use_tiled
 
 LOSSES = {"clip": clip_loss, "siglip": siglip_loss}

@@ -26,8 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from clipforge.conf import CONF_DIR
+from clipforge.distributed import world_info
 from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
-from clipforge.eval.distributed import dist_info, shard_dataloader
+from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import Template, load_classnames, load_templates
 from clipforge.eval.retrieval import evaluate_retrieval
@@ -155,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
     model, model_label, device, image_size, tokenizer = _setup(cfg)
-    rank, _ = dist_info()
+    rank, _ = world_info()
     transform = eval_transform(image_size)
     names_given = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
     dataset = None
@@ -223,7 +224,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         max_samples=rc.get("max_samples"),
     )
     results = {**res, "model": model_label, "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True)}
-    if dist_info()[0] == 0:
+    if world_info()[0] == 0:
         _write_json(cfg, results, "retrieval.json")
         recalls = "  ".join(f"{k} {100 * v:.2f}%" for k, v in res.items() if "_r" in k)
         print(f"retrieval: {model_label}\n  {res['num_samples']} pairs  {recalls}", flush=True)
@@ -277,7 +278,7 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
         "classnames": classnames,
         "confusion": res["confusion"].tolist(),
     }
-    if dist_info()[0] == 0:
+    if world_info()[0] == 0:
         _write_json(cfg, results, "linear_probe.json")
         print(
             f"linear probe: {model_label}\n  train {res['num_train']}, test {res['num_samples']} images, "
@@ -338,7 +339,7 @@ def _predict_images(
     out = {
         "predictions": {str(p): [{"class": c, "probability": q} for c, q in t] for p, t in zip(paths, top)}
     }
-    if dist_info()[0] == 0:
+    if world_info()[0] == 0:
         for p, t in zip(paths, top):
             print(p)
             for c, q in t:

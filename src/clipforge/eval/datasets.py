@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from clipforge.data.shards import IMAGE_EXTS
-from clipforge.eval.distributed import dist_info
+from clipforge.distributed import world_info
 from clipforge.eval.metadata import align_classnames
 from clipforge.eval.zeroshot import IGNORE_LABEL
 
@@ -182,7 +182,7 @@ def labelled_wds_dataset(
     urls = list(urls)
     if not urls:
         raise ValueError("no WebDataset shards given")
-    rank, world = dist_info(distributed)
+    rank, world = world_info(enabled=distributed)
     if world > len(urls):
         log.warning("%d shards for %d ranks: ranks beyond %d evaluate nothing", len(urls), world, len(urls))
     class_index = {c: i for i, c in enumerate(classnames)} if classnames is not None else None

@@ -1,9 +1,9 @@
-"""Collectives for sharded evaluation of CLIP-style models (Radford et al., 2021).
+"""Sharded evaluation of CLIP-style models (Radford et al., 2021): which part of a held-out set each rank
+scores, and whether the weights are sharded so that evaluation outside the training step must skip.
 
-Every rank evaluates its own part of a held-out set; counts are summed with ``all_reduce`` and
-embeddings are exchanged with a padded ``all_gather`` so that every rank ends with the same
-result. With torch.distributed not initialised (or ``enabled=False``) every helper is the identity,
-so the same code path runs in one process and in tests.
+Every rank evaluates its own part; counts are summed and embeddings gathered with the shared collectives of
+:mod:`clipforge.distributed`, so every rank ends with the same result. Without torch.distributed (or with
+``enabled=False``) every helper is the identity, so the same code path runs in one process and in tests.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from clipforge.distributed import world_info
 
 
 def weights_sharded(trainer: Any) -> bool:
@@ -34,59 +34,6 @@ SHARDED_HINT = (
     "outside the training step; evaluate the saved checkpoint with `clipforge-zeroshot checkpoint=...` "
     "instead (a sharded checkpoint directory too, or its `clipforge-consolidate` file)"
 )
-
-
-def dist_info(enabled: bool = True) -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` when not distributed or not ``enabled``."""
-    if enabled and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def collective_device(fallback: torch.device) -> torch.device:
-    """NCCL reduces only CUDA tensors, gloo only CPU ones: pick what the backend needs."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    if dist.is_available() and dist.is_initialized():
-        return torch.device("cpu")
-    return fallback
-
-
-def all_reduce_sum(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """Sum ``t`` over ranks (returns a new tensor on ``t``'s device)."""
-    _, world = dist_info(enabled)
-    if world == 1:
-        return t
-    dev = collective_device(t.device)
-    buf = t.detach().to(dev).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
-
-
-def all_gather_cat(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """Concatenate along dim 0 the tensors of every rank, in rank order; sizes may differ by rank.
-
-    Each rank pads its tensor to the largest first dimension, gathers, and the padding is cut off,
-    so the result does not depend on how the data was split.
-    """
-    _, world = dist_info(enabled)
-    if world == 1:
-        return t
-    dev = collective_device(t.device)
-    local = t.detach().to(dev).contiguous()
-    # Every rank sends its shape; a rank with no rows may not know the trailing shape, so take it
-    # from a rank that has rows.
-    shape = torch.tensor(local.shape, device=dev, dtype=torch.long)
-    shapes = [torch.zeros_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    rows = [int(s[0]) for s in shapes]
-    trailing = next((tuple(s[1:].tolist()) for s in shapes if s[0] > 0), tuple(local.shape[1:]))
-    buf = local.new_zeros((max(rows), *trailing))
-    if local.shape[0]:
-        buf[: local.shape[0]] = local
-    out = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(out, buf)
-    return torch.cat([o[:r] for o, r in zip(out, rows)]).to(t.device)
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -136,7 +83,7 @@ def shard_dataloader(loader: Iterable[Any], enabled: bool = True) -> Iterable[An
     ``world_size`` equal to the process group's) is returned as it is; any other iterable is
     strided by batch (:class:`StridedBatches`), which needs the same batch order on every rank.
     """
-    rank, world = dist_info(enabled)
+    rank, world = world_info(enabled=enabled)
     if world == 1:
         return loader
     dataset = getattr(loader, "dataset", None)

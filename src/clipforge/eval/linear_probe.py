@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.eval.distributed import all_gather_cat, all_reduce_sum
+from clipforge.distributed import all_gather_cat, all_reduce_sum
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
 from clipforge.eval.zeroshot import IGNORE_LABEL, classification_metrics
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.eval.distributed import all_gather_cat
+from clipforge.distributed import all_gather_cat
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
 
 

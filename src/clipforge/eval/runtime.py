@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clipforge.eval.distributed import dist_info
+from clipforge.distributed import world_info
 
 T = TypeVar("T")
 
@@ -61,7 +61,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def progress_bar(iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None) -> Iterable[T]:
     """A tqdm bar on rank 0 only (other ranks would print the same bar again)."""
-    rank, _ = dist_info()
+    rank, _ = world_info()
     if not enabled or rank != 0:
         return iterable
     if total is None:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.eval.distributed import all_gather_cat, all_reduce_sum, dist_info, shard_range
+from clipforge.distributed import all_gather_cat, all_reduce_sum, world_info
+from clipforge.eval.distributed import shard_range
 from clipforge.eval.metadata import Template, fill_template
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
 
@@ -50,7 +51,7 @@ def build_zero_shot_classifier(
     if len(templates) == 0:
         raise ValueError("no prompt templates given")
     dev = resolve_device(device, model)
-    rank, world = dist_info(distributed)
+    rank, world = world_info(enabled=distributed)
     my_classes = shard_range(len(classnames), rank, world)
     local = _embed_classes(
         model, tokenizer, [classnames[i] for i in my_classes], templates, dev, batch_size, progress, precision

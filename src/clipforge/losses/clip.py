@@ -42,13 +42,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipforge.distributed import world_info
 from clipforge.losses.base import ContrastiveLoss
 from clipforge.losses.distributed import (
     Ring,
     all_gather_with_grad,
     check_dist_impl,
     gather_sizes,
-    world_info,
 )
 from clipforge.losses.tiled import (
     check_impl,

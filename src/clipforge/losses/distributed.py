@@ -24,19 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from clipforge.distributed import all_gather_padded
+
 DIST_IMPLS = ("ring", "gather")
 
 
 def check_dist_impl(dist_impl: str) -> None:
     if dist_impl not in DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-
-
-def world_info(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
-    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
 
 
 @torch.compiler.disable
@@ -48,21 +43,11 @@ def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None =
     return torch.cat(out).tolist()
 
 
-def _all_gather_cat(x: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
-    # all_gather needs equal shapes: pad every shard to the largest one, then drop the padding.
-    m = max(sizes)
-    if x.shape[0] < m:
-        x = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
-    bufs = [x.new_empty((m, *x.shape[1:])) for _ in sizes]
-    dist.all_gather(bufs, x.contiguous(), group=group)
-    return torch.cat([buf[:n] for buf, n in zip(bufs, sizes)])
-
-
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup | None) -> Tensor:
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _all_gather_cat(x, sizes, group)
+        return all_gather_padded(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

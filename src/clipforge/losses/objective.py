@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from clipforge.distributed import world_info
 from clipforge.ema import as_teacher
-from clipforge.losses.distributed import world_info
 from clipforge.models.clip import CLIP
 
 

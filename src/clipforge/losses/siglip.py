@@ -32,13 +32,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipforge.distributed import world_info
 from clipforge.losses.base import ContrastiveLoss
 from clipforge.losses.distributed import (
     Ring,
     all_gather_with_grad,
     check_dist_impl,
     gather_sizes,
-    world_info,
 )
 from clipforge.losses.tiled import SigmoidTiled, check_impl, sigmoid_tiles, stat_dtype, use_tiled
 

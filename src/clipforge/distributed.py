@@ -1,0 +1,70 @@
+"""Process-group helpers shared by the losses, the data pipeline and evaluation: who this process is,
+where a collective's tensors must live, and the sum and (padded) gather that everything else builds on.
+
+No paper. Everything reads ``torch.distributed`` at call time and reduces to the identity in one process
+(or with ``enabled=False``), so the same code runs in one process, in tests and under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_info(group: dist.ProcessGroup | None = None, enabled: bool = True) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when no process group is initialised or not ``enabled``."""
+    if enabled and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def collective_device(fallback: torch.device) -> torch.device:
+    """NCCL reduces only CUDA tensors, gloo only CPU ones: pick what the backend needs."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if dist.is_available() and dist.is_initialized():
+        return torch.device("cpu")
+    return fallback
+
+
+def all_reduce_sum(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """Sum ``t`` over ranks (a new tensor on ``t``'s device; ``t`` itself in one process)."""
+    _, world = world_info(enabled=enabled)
+    if world == 1:
+        return t
+    buf = t.detach().to(collective_device(t.device)).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def all_gather_padded(
+    x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of every rank of ``group``, rank ``r`` holding ``sizes[r]`` rows.
+
+    ``all_gather`` needs equal shapes: every rank pads to the largest size, gathers, and the padding is cut
+    off, so the result does not depend on how the rows were split.
+    """
+    m = max(sizes)
+    if x.shape[0] < m:
+        x = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
+    bufs = [x.new_empty((m, *x.shape[1:])) for _ in sizes]
+    dist.all_gather(bufs, x.contiguous(), group=group)
+    return torch.cat([buf[:n] for buf, n in zip(bufs, sizes)])
+
+
+def all_gather_cat(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """:func:`all_gather_padded` when the row counts (and, on a rank without rows, the trailing shape) are
+    not known in advance: every rank sends its shape first. Returns on ``t``'s device."""
+    _, world = world_info(enabled=enabled)
+    if world == 1:
+        return t
+    dev = collective_device(t.device)
+    local = t.detach().to(dev)
+    shape = torch.tensor(local.shape, device=dev, dtype=torch.long)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    # a rank with no rows may not know the trailing shape: take it from a rank that has rows
+    trailing = next((tuple(s[1:].tolist()) for s in shapes if s[0] > 0), tuple(local.shape[1:]))
+    return all_gather_padded(local.reshape(local.shape[0], *trailing), rows).to(t.device)

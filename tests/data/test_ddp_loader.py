@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from datahelpers import pattern, sample_ids, write_sizes
 
+from clipforge.data.config import Augment, Stream
 from clipforge.data.datamodule import WebDataModule
 
 SIZES = [30, 3, 11, 1, 17, 26, 9]  # 97 samples in shards of very different sizes
@@ -29,7 +30,14 @@ def rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=60),
     )
-    dm = WebDataModule(shards, batch_size=8, num_workers=0, image_size=16, context_length=8, return_keys=True)
+    dm = WebDataModule(
+        shards,
+        batch_size=8,
+        num_workers=0,
+        context_length=8,
+        stream=Stream(return_keys=True),
+        augment=Augment(image_size=16),
+    )
     dm.setup("fit")  # reads rank and world size from torch.distributed
     sizes, ids = [], []
     for epoch in range(2):

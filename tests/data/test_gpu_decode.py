@@ -9,6 +9,7 @@ import torch
 from datahelpers import pattern, sample_ids, write_sizes
 from PIL import Image
 
+from clipforge.data.config import Augment, Stream
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
 
@@ -36,11 +37,9 @@ def batches(shards, decode_device):
         shards,
         batch_size=4,
         num_workers=0,
-        image_size=32,
         context_length=8,
-        return_keys=True,
-        decode_device=decode_device,
-        scale=(0.5, 1.0),
+        stream=Stream(return_keys=True),
+        augment=Augment(image_size=32, scale=(0.5, 1.0), decode_device=decode_device),
     )
     dm.setup("fit")
     return dm, list(dm.train_dataloader())

@@ -96,3 +96,16 @@ def test_a_source_and_urls_together_are_refused(compose_cfg, tmp_path: Path) -> 
         instantiate(cfg.data)
     with pytest.raises(ValueError, match="train_urls is required"):
         WebDataModule()
+
+
+def test_the_crop_aspect_range_is_one_setting_end_to_end(compose_cfg, tmp_path: Path) -> None:
+    from datahelpers import pattern, write_sizes
+
+    assert instantiate(compose_cfg("data.augment.ratio=[1,1]").data).augment.ratio == (1.0, 1.0)
+    default = instantiate(compose_cfg().data).augment.ratio
+    assert default == (3 / 4, 4 / 3)  # the YAML spells torchvision's default exactly: same crops as before
+    write_sizes(tmp_path, [4])
+    dm = WebDataModule(pattern(tmp_path, 1), num_workers=0, augment=Augment(image_size=8, ratio=(1, 1)))
+    transform = dm._dataset("train").transform
+    boxes = [transform.box(40, 20, np.random.default_rng(i).random(40)) for i in range(50)]
+    assert all(r - x == b - y for x, y, r, b in boxes)  # square crops of a 2:1 image

@@ -68,18 +68,20 @@ class Stream:
 
 @dataclass(frozen=True)
 class Augment:
-    """The image transform (``data.augment``): CLIP's random resized crop of ``scale`` (area) range
-    to ``image_size`` pixels for training, resize + centre crop for evaluation
+    """The image transform (``data.augment``): CLIP's random resized crop of ``scale`` (area) and
+    ``ratio`` (aspect) ranges to ``image_size`` pixels for training, resize + centre crop for evaluation
     (:mod:`clipforge.data.transforms`). ``decode_device``: ``cuda`` decodes training JPEGs on the GPU
     (:mod:`clipforge.data.gpu_decode`); the workers then only parse headers and draw the crops."""
 
     image_size: int = 224
     scale: Sequence[float] = (0.9, 1.0)
+    ratio: Sequence[float] = (3 / 4, 4 / 3)
     interpolation: str = "bicubic"
     decode_device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", _pair(self.scale, "scale"))
+        object.__setattr__(self, "ratio", _pair(self.ratio, "ratio"))
         if self.decode_device != "cpu" and not self.decode_device.startswith("cuda"):
             raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {self.decode_device!r}")
 

@@ -98,6 +98,7 @@ class ShardDataset(IterableDataset):
             self.augment.image_size,
             train=train,
             scale=self.augment.scale,
+            ratio=self.augment.ratio,
             interpolation=self.augment.interpolation,
         )
         self.target, self.context_length = target, context_length

@@ -19,6 +19,10 @@ Inside a rank the S batches are split into contiguous blocks, one per worker (th
 workers get one more). PyTorch's DataLoader asks workers round-robin, so after the main process has
 taken T batches, worker k has delivered ``T // K + (k < T mod K)`` of them: that is how a resume point
 (T, stored in the checkpoint) maps back to a position inside each worker's block.
+
+Evaluation passes (:func:`plan_eval`) read the shards in order on one rank, with the same contiguous blocks
+per worker; resampled streams (:func:`draw_shards`) have no plan but an endless seeded draw of shards.
+This is the first stage of the pipeline (:mod:`clipforge.data.dataset`); nothing here reads a file.
 """
 
 from __future__ import annotations

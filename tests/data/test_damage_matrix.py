@@ -17,10 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from datahelpers import add, sample_ids, write_sizes
+from datahelpers import add, data_module, sample_ids, write_sizes
 
-from clipforge.data.config import Augment, Stream
-from clipforge.data.datamodule import WebDataModule
 from clipforge.data.plan import shard_order
 from clipforge.data.shards import CAUSES, DataError
 
@@ -114,10 +112,7 @@ def make_set(root: Path, damages: dict[str, str]) -> tuple[str | list[str], str 
 
 def run_epoch(urls, manifest, workers: int) -> dict:
     """One training epoch through the data module; what a trainer would see."""
-    dm = WebDataModule(
-        urls, manifest=manifest, batch_size=4, num_workers=workers, context_length=8,
-        stream=Stream(seed=SEED, return_keys=True), augment=Augment(image_size=16),
-    )  # fmt: skip
+    dm = data_module(urls, 4, workers, manifest=manifest, stream={"seed": SEED})
     dm.setup("fit")
     loader = dm.train_dataloader()
     out = {"steps": len(loader), "batches": 0, "ids": [], "error": None}

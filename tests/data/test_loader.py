@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from datahelpers import pattern, sample_ids, write_sizes
+from datahelpers import data_module, pattern, sample_ids, write_sizes
 
 from clipforge.data.config import Augment, Stream
 from clipforge.data.datamodule import WebDataModule
@@ -34,18 +34,6 @@ def make(shards, stream=None, **kw):
     kw = {"batch_size": 8, "augment": Augment(image_size=16), "context_length": 16} | kw
     stream = Stream(**{"shuffle_buffer": 10, "return_keys": True} | (stream or {}))
     return ShardDataset(sources, find_manifest(sources[0]), stream=stream, **kw)
-
-
-def module(shards, num_workers, **stream):
-    """The data module on ``shards`` with 16-pixel images, batches of 8 and keys."""
-    return WebDataModule(
-        shards,
-        batch_size=8,
-        num_workers=num_workers,
-        context_length=8,
-        stream=Stream(return_keys=True, **stream),
-        augment=Augment(image_size=16),
-    )
 
 
 def test_exact_epoch_sees_every_sample_once(shards):
@@ -139,7 +127,7 @@ def test_pipe_urls_read_like_files(shards, tmp_path):
 
 
 def test_dataloader_with_two_workers_sees_every_sample_once(shards):
-    dm = module(shards, 2)
+    dm = data_module(shards, 8, 2)
     dm.setup("fit")
     loader = dm.train_dataloader()
     batches = list(loader)
@@ -182,7 +170,7 @@ def test_sources_separated_by_double_colon(tmp_path):
 
 
 def test_persistent_workers_follow_the_epoch(shards):
-    dm = module(shards, 2, persistent_workers=True)
+    dm = data_module(shards, 8, 2, stream={"persistent_workers": True})
     dm.setup("fit")
     loader = dm.train_dataloader()
     epochs = [[i for b in loader for i in sample_ids(b[2])] for _ in range(2)]
@@ -204,14 +192,7 @@ def test_eval_without_manifest_reads_whole_shards_in_order(shards, tmp_path):
     assert ds.num_batches is None
     batches = epoch(ds)
     assert sample_ids([k for b in batches for k in b[2]]) == list(range(sum(SIZES)))
-    dm = WebDataModule(
-        shards,
-        val_urls=urls,
-        batch_size=10,
-        num_workers=2,
-        stream=Stream(return_keys=True),
-        augment=Augment(image_size=16),
-    )
+    dm = data_module(shards, 10, 2, val_urls=urls)
     ids = sample_ids([k for b in dm.val_dataloader() for k in b[2]])
     assert sorted(ids) == list(range(sum(SIZES)))  # two workers take whole shards in turn
 

@@ -3,11 +3,8 @@
 import lightning as L
 import pytest
 import torch
-from datahelpers import pattern, sample_ids, write_sizes
+from datahelpers import data_module, pattern, sample_ids, write_sizes
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-from clipforge.data.config import Augment, Stream
-from clipforge.data.datamodule import WebDataModule
 
 SIZES = [13, 2, 40, 7, 21, 9]  # 92 samples, 12 batches of 8
 
@@ -19,11 +16,7 @@ def shards(tmp_path):
 
 
 def make(shards, workers=0, scale=(0.9, 1.0)):
-    stream = Stream(shuffle_buffer=16, return_keys=True)
-    augment = Augment(image_size=16, scale=scale)
-    dm = WebDataModule(
-        shards, batch_size=8, num_workers=workers, context_length=8, stream=stream, augment=augment
-    )
+    dm = data_module(shards, 8, workers, stream={"shuffle_buffer": 16}, augment={"scale": scale})
     dm.setup("fit")
     return dm
 

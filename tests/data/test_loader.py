@@ -95,6 +95,16 @@ def test_resampled_mode_has_fixed_epoch_length_and_mixes_sources_by_weight(tmp_p
     assert 0.6 < share_a < 0.9  # weights are shares of samples (3:1), even though b's shards are small
 
 
+def test_weights_are_per_training_source_and_leave_evaluation_sets_alone(tmp_path):
+    a, b = write_sizes(tmp_path / "a", [10]), write_sizes(tmp_path / "b", [10], start=100)
+    stream = {"resampled": True, "epoch_samples": 40, "weights": [3, 1]}
+    dm = data_module([a[0], b[0]], 4, val_urls=a[0], stream=stream)
+    dm.setup("fit")  # the one val source takes no weight
+    assert len(list(dm.val_dataloader())) == 3
+    with pytest.raises(ValueError, match="2 weights for 1 sources"):
+        data_module(a[0], 4, stream=stream).setup("fit")
+
+
 def test_weights_without_resampling_are_refused(shards):
     with pytest.raises(ValueError, match="resampled"):
         make(shards, stream={"weights": [1.0, 2.0]})

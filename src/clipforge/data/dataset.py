@@ -88,7 +88,8 @@ class ShardDataset(IterableDataset):
                 "`clipforge-shards manifest DIR` (or pass data.manifest=...), or use "
                 "data.stream.resampled=true with data.stream.epoch_samples"
             )
-        self.weights = list(self.stream.weights) if self.stream.weights is not None else [1.0] * len(sources)
+        weights = self.stream.weights if train else None  # evaluation sets are read whole, never weighted
+        self.weights = list(weights) if weights is not None else [1.0] * len(sources)
         if len(self.weights) != len(sources):
             raise ValueError(f"{len(self.weights)} weights for {len(sources)} sources")
         self.batch_size, self.seed = batch_size, self.stream.seed

@@ -24,9 +24,9 @@ SMALL = (
     "trainer.log_every_n_steps=1",
     "scheduler.warmup_steps=2",
     "logger=csv",
-    "data.num_train=128",
-    "data.num_heldout=32",
-    "data.samples_per_shard=32",
+    "data.source.num_train=128",
+    "data.source.num_heldout=32",
+    "data.source.samples_per_shard=32",
     "data.batch_size=16",
     "data.num_workers=0",
 )

@@ -1,6 +1,6 @@
 """SigLIP 2 through the real config tree: one short run with every objective and the EMA (box targets from
-the synthetic adapter), then what reads its checkpoint: zero-shot of the EMA weights, export to open_clip
-and timm without the added towers, and clipforge-caption's three tasks."""
+the data module's regions stage), then what reads its checkpoint: zero-shot of the EMA weights, export to
+open_clip and timm without the added towers, and clipforge-caption's three tasks."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from clipforge.caption_cli import run_caption
 from clipforge.checkpoint import EMA_PREFIX, build_model, load_captioner, load_checkpoint, load_model
 from clipforge.convert_cli import main as convert_main
 from clipforge.data import synthetic
-from clipforge.data.synthetic_boxes import SyntheticBoxTargets
-from clipforge.data.transforms import random_resized_crop_box
+from clipforge.data.regions import in_crop
+from clipforge.data.tokenizer import Tokenizer
+from clipforge.data.transforms import CROP_DRAWS
 from clipforge.eval.cli import run_zeroshot
 from clipforge.models.convert import (
     check_parity,
@@ -33,7 +34,7 @@ from clipforge.train import train
 
 RUN = (
     "loss=siglip",
-    "objectives=[locca_synthetic,silc,tips]",
+    "objectives=[locca,silc,tips]",
     "objectives.silc.start_frac=0.5",
     "objectives.tips.start_frac=0.5",
     "objectives.silc.num_local=2",
@@ -55,10 +56,10 @@ RUN = (
     "trainer.enable_model_summary=false",
     "trainer.max_steps=4",
     "scheduler.warmup_steps=1",
-    "data.num_train=64",
-    "data.num_heldout=32",
+    "data.source.num_train=64",
+    "data.source.num_heldout=32",
     "data.batch_size=16",
-    "data.samples_per_shard=32",
+    "data.source.samples_per_shard=32",
     "data.num_workers=0",
 )
 
@@ -92,7 +93,7 @@ def test_every_objective_trains_and_the_ema_is_evaluated(trained: dict) -> None:
     assert 0.0 <= m["val/ema_zeroshot_top1"] <= 1.0 and "val/zeroshot_top1" in m
     module = trained["objs"]["module"]
     assert set(module.objectives) == {"locca", "silc", "tips"} and int(module.ema.steps) == 4
-    assert isinstance(module.objectives["locca"].box_targets, SyntheticBoxTargets)
+    assert trained["objs"]["datamodule"].stream.regions  # objectives=locca asks the data for boxes
     assert {"ref", "grounded"} & set(module.objectives["locca"].last_tasks)  # box tasks ran
 
 
@@ -165,20 +166,40 @@ def test_caption_cli_decodes_all_three_tasks(trained: dict, tmp_path: Path) -> N
     assert decoder.num_box_bins == 32 and not decoder.training
 
 
-def test_synthetic_box_adapter_gives_the_generators_targets_for_the_loader_keys(trained: dict) -> None:
+def test_training_batches_carry_the_generators_boxes_in_the_frame_of_each_crop(trained: dict) -> None:
     dm = trained["objs"]["datamodule"]
-    images, tokens, keys = next(iter(dm.train_dataloader()))
-    adapter = SyntheticBoxTargets("train", 32, 0, "tuples", context_length=20)
-    out = adapter((images, tokens, keys))
-    assert out["boxes"].shape == (16, 4) and out["region_tokens"].shape == (16, 20)
-    for i, key in enumerate(keys):
-        meta = synthetic.make_sample(int(key.rsplit("/", 1)[-1]), "train", 32).meta
-        assert out["boxes"][i].tolist() == pytest.approx(meta["box"])
-        assert adapter.tokenizer.decode(out["region_tokens"][i]) == meta["referring_expression"]
-    with pytest.raises(ValueError, match="return_keys"):
-        adapter((images, tokens))
-    # data.scale=[1, 1] (objectives=locca_synthetic): the crop is the whole image, up to one pixel
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        left, top, right, bottom = random_resized_crop_box(32, 32, rng, scale=(1.0, 1.0))
-        assert left <= 1 and top <= 1 and right >= 31 and bottom >= 31
+    ds = dm._dataset("train")
+    dm.set_epoch(0)
+    _, tokens, regions = next(iter(dm.train_dataloader()))  # objectives=locca: a third element, no keys
+    assert regions["boxes"].shape == (16, 4) and regions["region_tokens"].shape == tokens.shape == (16, 20)
+    # One worker, so the first batch's slot i is the epoch's i-th position: redo its crop from the same draws
+    # and find which generated sample it is by its phrase (their boxes all differ: positions are jittered).
+    rng = np.random.default_rng([0, 0, 0, 0, 0xC20])
+    tok = Tokenizer(20)
+    samples = [synthetic.make_sample(i, "train", 32).meta for i in range(64)]
+    for i in range(16):
+        draws = rng.random(CROP_DRAWS)
+        phrase = tok.decode(regions["region_tokens"][i])
+        box = regions["boxes"][i]
+        if torch.isnan(box).all():
+            assert phrase == ""
+            continue
+        matches = [m for m in samples if m["referring_expression"] == phrase]
+        crop = ds.transform.box(32, 32, draws)
+        assert any(box.tolist() == pytest.approx(in_crop(tuple(m["box"]), crop, (32, 32))) for m in matches)
+
+
+def test_a_short_locca_run_trains_the_box_tasks_on_the_data_modules_boxes(tmp_path: Path) -> None:
+    cfg = _compose(
+        "train",
+        *(o for o in RUN if not o.startswith(("objectives", "callbacks.zeroshot"))),
+        "objectives=locca",
+    )
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 3
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.data_dir = str(tmp_path / "data")
+    metrics, objs = train(cfg)
+    assert np.isfinite(metrics["train/locca_loss"]) and objs["trainer"].global_step == 3
+    assert {"ref", "grounded"} & set(objs["module"].objectives["locca"].last_tasks)  # box tasks ran
+    assert objs["datamodule"].stream.regions and "ema" not in objs["module"]._modules  # locca alone

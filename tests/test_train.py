@@ -90,7 +90,7 @@ def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cf
         "data=wds",
         f"data.train_urls='{synthetic.train_urls}'",
         "data.batch_size=16",
-        "data.shuffle_buffer=64",
+        "data.stream.shuffle_buffer=64",
         "trainer.max_steps=3",
         *FAST,
     )
@@ -104,7 +104,7 @@ def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cf
 
 
 def test_auto_num_workers() -> None:
-    from clipforge.data.datamodule import auto_num_workers
+    from clipforge.data.loader import auto_num_workers
 
     assert auto_num_workers(0) == 0 and auto_num_workers(3) == 3
     assert 1 <= auto_num_workers(None) <= 8 and auto_num_workers(None, cap=1) == 1

@@ -94,9 +94,9 @@ RUN = (
     "trainer.log_every_n_steps=1",
     "scheduler.warmup_steps=2",
     "final_eval=false",
-    "data.num_train=128",
-    "data.num_heldout=32",
-    "data.samples_per_shard=64",
+    "data.source.num_train=128",
+    "data.source.num_heldout=32",
+    "data.source.samples_per_shard=64",
     "data.batch_size=16",
     "data.num_workers=0",
     "callbacks.similarity_heatmap.every_n_steps=2",
@@ -151,7 +151,7 @@ def test_offline_run_has_metrics_pictures_config_and_artifacts(compose_cfg, tmp_
     assert list(run["run"].tags) == ["tiny", "cpu"]
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in run["config"].items()}
     assert config["loss"]["_target_"] == "clipforge.losses.SigLipLoss"
-    assert config["data"]["image_size"] == config["model"]["vision"]["img_size"] == 32  # resolved
+    assert config["data"]["augment"]["image_size"] == config["model"]["vision"]["img_size"] == 32  # resolved
     assert config["module"]["accum_freq"] == 1 and config["trainer"]["max_steps"] == STEPS
 
     # Scalars: every key on every logged step, with values that make sense.

@@ -157,7 +157,7 @@ class ContrastiveModule(L.LightningModule):
         scale, bias = self.logit_scale_and_bias()
         contrastive = self.contrastive_loss(img, txt, scale, bias)
         self.log("train/contrastive_loss", contrastive.detach(), batch_size=B)
-        inputs = ObjectiveBatch(images, tokens, image_tokens, extras=_batch_extras(batch), raw=batch)
+        inputs = ObjectiveBatch(images, tokens, image_tokens, extras=_batch_extras(batch))
         loss, step, total = contrastive, self.trainer.global_step, self.total_steps()
         self._inactive = []
         for name, objective in self.objectives.items():

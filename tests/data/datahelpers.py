@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clipforge.data.config import Augment, Stream
+from clipforge.data.datamodule import WebDataModule
 from clipforge.data.manifest import write_manifest
 
 
@@ -57,3 +59,24 @@ def pattern(out: Path, n: int) -> str:
 def sample_ids(keys: list[str]) -> list[int]:
     """``.../00003.tar/000000042`` -> 42."""
     return [int(k.rsplit("/", 1)[-1]) for k in keys]
+
+
+def data_module(
+    urls: str | list[str],
+    batch_size: int,
+    num_workers: int = 0,
+    stream: dict | None = None,
+    augment: dict | None = None,
+    **kw,
+) -> WebDataModule:
+    """The data module as the data tests use it: 16-pixel images, 8-token captions and each sample's key in
+    its batch; ``stream`` and ``augment`` hold further settings of those groups, ``kw`` the module's."""
+    return WebDataModule(
+        urls,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        context_length=8,
+        stream=Stream(**{"return_keys": True} | (stream or {})),
+        augment=Augment(**{"image_size": 16} | (augment or {})),
+        **kw,
+    )

@@ -5,9 +5,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from datahelpers import add, pattern, sample_ids, write_sizes
+from datahelpers import add, data_module, pattern, sample_ids, write_sizes
 
-from clipforge.data.datamodule import WebDataModule
+from clipforge.data.failures import FailurePolicy
 from clipforge.data.shards import DataError
 
 SIZES = [10, 10, 10, 10]
@@ -28,9 +28,7 @@ def rewrite(path, drop=(), corrupt=(), no_caption=(), no_image=()):
 
 
 def module(shards, **kw):
-    dm = WebDataModule(
-        shards, batch_size=4, num_workers=0, image_size=16, context_length=8, return_keys=True, **kw
-    )
+    dm = data_module(shards, 4, **kw)
     dm.setup("fit")
     return dm
 
@@ -82,7 +80,7 @@ def test_empty_truncated_and_unreadable_shards(shards):
     data = Path(urls[1]).read_bytes()
     Path(urls[1]).write_bytes(data[: len(data) // 2])  # cut at a 512-byte boundary: looks like a shorter tar
     Path(urls[2]).write_bytes(os.urandom(3000))  # not a tar at all
-    dm = module(pat, max_skip_fraction=0.9)
+    dm = module(pat, failures=FailurePolicy(0.9))
     batches = run_epoch(dm)
     counts = dm.skip_counts()
     assert counts["empty_shard"] == 1 and counts["truncated_shard"] == 1 and counts["unreadable_shard"] == 1
@@ -106,9 +104,7 @@ def test_truncated_mid_member(shards):
 def test_failing_pipe_command_is_an_unreadable_shard(shards):
     root, urls, _ = shards
     pipes = [f"pipe:cat {u}" for u in urls[:3]] + [f"pipe:cat {root}/gone/00003.tar"]
-    dm = WebDataModule(
-        pipes, manifest=str(root / "manifest.json"), batch_size=4, num_workers=0, image_size=16
-    )
+    dm = data_module(pipes, 4, manifest=str(root / "manifest.json"))
     dm.setup("fit")
     assert len(list(dm.train_dataloader())) == dm.steps_per_epoch
     assert dm.skip_counts()["unreadable_shard"] == 1
@@ -118,7 +114,7 @@ def test_counts_reach_the_main_process_from_worker_processes(shards):
     _, urls, pat = shards
     rewrite(urls[1], corrupt={11, 12})
     rewrite(urls[3], no_caption={33})
-    dm = WebDataModule(pat, batch_size=4, num_workers=2, image_size=16, context_length=8)
+    dm = data_module(pat, 4, num_workers=2)
     dm.setup("fit")
     run_epoch(dm)
     counts = dm.skip_counts()

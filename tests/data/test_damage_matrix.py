@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from datahelpers import add, sample_ids, write_sizes
+from datahelpers import add, data_module, sample_ids, write_sizes
 
-from clipforge.data.datamodule import WebDataModule
 from clipforge.data.plan import shard_order
 from clipforge.data.shards import CAUSES, DataError
 
@@ -113,10 +112,7 @@ def make_set(root: Path, damages: dict[str, str]) -> tuple[str | list[str], str 
 
 def run_epoch(urls, manifest, workers: int) -> dict:
     """One training epoch through the data module; what a trainer would see."""
-    dm = WebDataModule(
-        urls, manifest=manifest, batch_size=4, num_workers=workers, image_size=16, context_length=8,
-        return_keys=True, seed=SEED,
-    )  # fmt: skip
+    dm = data_module(urls, 4, workers, manifest=manifest, stream={"seed": SEED})
     dm.setup("fit")
     loader = dm.train_dataloader()
     out = {"steps": len(loader), "batches": 0, "ids": [], "error": None}

@@ -1,31 +1,34 @@
-"""SyntheticShardsDataModule: writes shards once, then behaves like the WebDataset module on them."""
+"""The synthetic shard source: writes shards once, then the WebDataset module reads them like any others."""
 
 import torch
 
 from clipforge.data import synthetic
-from clipforge.data.datamodule import SyntheticShardsDataModule
+from clipforge.data.config import Augment, Stream
+from clipforge.data.datamodule import WebDataModule
 from clipforge.data.manifest import read_manifest
+from clipforge.data.synthetic_shards import SyntheticShards
 from clipforge.data.tokenizer import Tokenizer
 
 
-def make(root, **kw):
-    args = {
-        "num_train": 60,
-        "num_heldout": 20,
-        "image_size": 16,
-        "samples_per_shard": 25,
-        "batch_size": 16,
-        "num_workers": 0,
-        "context_length": 24,
-        "seed": 0,
-    } | kw
-    return SyntheticShardsDataModule(str(root), **args)
+def make(root, train_seed=0, return_keys=False, **source):
+    """The data module over a synthetic source; ``source`` overrides the source's settings."""
+    source = SyntheticShards(
+        str(root), **{"num_train": 60, "num_heldout": 20, "image_size": 16, "samples_per_shard": 25} | source
+    )
+    return WebDataModule(
+        source=source,
+        batch_size=16,
+        num_workers=0,
+        context_length=24,
+        stream=Stream(seed=train_seed, return_keys=return_keys),
+        augment=Augment(image_size=16, scale=(0.8, 1.0)),
+    )
 
 
 def test_prepare_data_writes_once_and_rewrites_when_parameters_change(tmp_path):
     dm = make(tmp_path)
     dm.prepare_data()
-    train = dm.root / "train"
+    train = dm.source.root / "train"
     assert read_manifest(train / "manifest.json")["shards"] == {
         "00000.tar": 25,
         "00001.tar": 25,
@@ -65,7 +68,7 @@ def test_loaders_shapes_labels_and_heldout_split(tmp_path):
 
 
 def test_same_data_for_any_training_seed(tmp_path):
-    a, b = make(tmp_path, seed=0), make(tmp_path, seed=5)
-    assert a.root == b.root
-    assert make(tmp_path, data_seed=1).root != a.root
-    assert make(tmp_path, holdout="pairs").root != a.root
+    a, b = make(tmp_path, train_seed=0), make(tmp_path, train_seed=5)
+    assert a.source.root == b.source.root
+    assert make(tmp_path, seed=1).source.root != a.source.root
+    assert make(tmp_path, holdout="pairs").source.root != a.source.root

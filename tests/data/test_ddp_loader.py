@@ -7,9 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from datahelpers import pattern, sample_ids, write_sizes
-
-from clipforge.data.datamodule import WebDataModule
+from datahelpers import data_module, pattern, sample_ids, write_sizes
 
 SIZES = [30, 3, 11, 1, 17, 26, 9]  # 97 samples in shards of very different sizes
 
@@ -29,7 +27,7 @@ def rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=60),
     )
-    dm = WebDataModule(shards, batch_size=8, num_workers=0, image_size=16, context_length=8, return_keys=True)
+    dm = data_module(shards, 8)
     dm.setup("fit")  # reads rank and world size from torch.distributed
     sizes, ids = [], []
     for epoch in range(2):

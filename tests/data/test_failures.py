@@ -9,9 +9,10 @@ import pytest
 from datahelpers import write_sizes
 from torch.utils.data import DataLoader
 
-from clipforge.data.datamodule import EpochLoader
+from clipforge.data.config import Augment, Stream
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import COLUMNS, FailurePolicy
+from clipforge.data.loader import EpochLoader
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import DataError, expand_urls
 
@@ -42,7 +43,7 @@ def test_streams_without_a_plan_are_judged_over_a_window_of_samples_and_shards()
 
 
 def test_policy_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="max_skip_fraction must be in"):
+    with pytest.raises(ValueError, match="max_fraction must be in"):
         FailurePolicy(1.5)
 
 
@@ -52,8 +53,8 @@ def _resampled(tmp_path: Path, bad: int, policy: FailurePolicy) -> tuple[EpochLo
         Path(u).write_bytes(b"not a tar" * 50)
     sources = expand_urls(urls)
     ds = ShardDataset(
-        sources, batch_size=5, image_size=8, context_length=8, counts=find_manifest(urls), mode="resampled",
-        epoch_samples=50, shuffle_buffer=5, failure_policy=policy,
+        sources, find_manifest(urls), batch_size=5, augment=Augment(image_size=8), context_length=8,
+        stream=Stream(resampled=True, epoch_samples=50, shuffle_buffer=5), failures=policy,
     )  # fmt: skip
     epochs = iter(range(100))
     return EpochLoader(ds, DataLoader(ds, batch_size=None), lambda: next(epochs), lambda: None), ds

@@ -6,10 +6,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from datahelpers import pattern, sample_ids, write_sizes
+from datahelpers import data_module, pattern, sample_ids, write_sizes
 from PIL import Image
 
-from clipforge.data.datamodule import WebDataModule
 from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
 
 
@@ -32,15 +31,8 @@ def shards(tmp_path, monkeypatch):
 
 
 def batches(shards, decode_device):
-    dm = WebDataModule(
-        shards,
-        batch_size=4,
-        num_workers=0,
-        image_size=32,
-        context_length=8,
-        return_keys=True,
-        decode_device=decode_device,
-        scale=(0.5, 1.0),
+    dm = data_module(
+        shards, 4, augment={"image_size": 32, "scale": (0.5, 1.0), "decode_device": decode_device}
     )
     dm.setup("fit")
     return dm, list(dm.train_dataloader())

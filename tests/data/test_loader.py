@@ -5,8 +5,9 @@ import logging
 
 import pytest
 import torch
-from datahelpers import pattern, sample_ids, write_sizes
+from datahelpers import data_module, pattern, sample_ids, write_sizes
 
+from clipforge.data.config import Augment, Stream
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.manifest import find_manifest
@@ -28,16 +29,11 @@ def epoch(ds, epoch=0, resume=0):
     return list(ds)
 
 
-def make(shards, **kw):
+def make(shards, stream=None, **kw):
     sources = expand_urls(shards)
-    kw = {
-        "batch_size": 8,
-        "image_size": 16,
-        "context_length": 16,
-        "shuffle_buffer": 10,
-        "return_keys": True,
-    } | kw
-    return ShardDataset(sources, counts=find_manifest(sources[0]), **kw)
+    kw = {"batch_size": 8, "augment": Augment(image_size=16), "context_length": 16} | kw
+    stream = Stream(**{"shuffle_buffer": 10, "return_keys": True} | (stream or {}))
+    return ShardDataset(sources, find_manifest(sources[0]), stream=stream, **kw)
 
 
 def test_exact_epoch_sees_every_sample_once(shards):
@@ -75,7 +71,7 @@ def test_shuffle_is_seeded_by_epoch(shards):
 
 
 def test_drop_last_gives_full_batches_only(shards):
-    batches = epoch(make(shards, world_size=2, drop_last=True))
+    batches = epoch(make(shards, world_size=2, stream={"drop_last": True}))
     assert [len(b[2]) for b in batches] == [8] * 5
 
 
@@ -84,15 +80,13 @@ def test_resampled_mode_has_fixed_epoch_length_and_mixes_sources_by_weight(tmp_p
     b = write_sizes(tmp_path / "b", [5, 5, 5, 5, 5, 5, 5, 5], start=1000)
     ds = ShardDataset(
         [a, b],
-        counts=find_manifest(a + b),
+        find_manifest(a + b),
         batch_size=10,
-        image_size=16,
+        augment=Augment(image_size=16),
         context_length=8,
-        mode="resampled",
-        epoch_samples=600,
-        weights=[3.0, 1.0],
-        shuffle_buffer=20,
-        return_keys=True,
+        stream=Stream(
+            resampled=True, epoch_samples=600, weights=[3.0, 1.0], shuffle_buffer=20, return_keys=True
+        ),
     )
     batches = epoch(ds, 0)
     assert len(batches) == ds.num_batches == 60 and all(len(x[2]) == 10 for x in batches)
@@ -101,19 +95,29 @@ def test_resampled_mode_has_fixed_epoch_length_and_mixes_sources_by_weight(tmp_p
     assert 0.6 < share_a < 0.9  # weights are shares of samples (3:1), even though b's shards are small
 
 
+def test_weights_are_per_training_source_and_leave_evaluation_sets_alone(tmp_path):
+    a, b = write_sizes(tmp_path / "a", [10]), write_sizes(tmp_path / "b", [10], start=100)
+    stream = {"resampled": True, "epoch_samples": 40, "weights": [3, 1]}
+    dm = data_module([a[0], b[0]], 4, val_urls=a[0], stream=stream)
+    dm.setup("fit")  # the one val source takes no weight
+    assert len(list(dm.val_dataloader())) == 3
+    with pytest.raises(ValueError, match="2 weights for 1 sources"):
+        data_module(a[0], 4, stream=stream).setup("fit")
+
+
 def test_weights_without_resampling_are_refused(shards):
     with pytest.raises(ValueError, match="resampled"):
-        make(shards, weights=[1.0, 2.0])
+        make(shards, stream={"weights": [1.0, 2.0]})
 
 
 def test_eval_mode_is_ordered_and_complete(shards):
-    batches = epoch(make(shards, mode="eval", train_transform=False, batch_size=10))
+    batches = epoch(make(shards, train=False, batch_size=10))
     assert sample_ids([k for b in batches for k in b[2]]) == list(range(sum(SIZES)))
 
 
 def test_labels_for_zero_shot(tmp_path):
     write_sizes(tmp_path, [5, 6], labels=True)
-    ds = make(pattern(tmp_path, 2), mode="eval", target="label", train_transform=False)
+    ds = make(pattern(tmp_path, 2), train=False, target="label")
     batches = epoch(ds)
     ids = sample_ids([k for b in batches for k in b[2]])
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids]
@@ -123,17 +127,17 @@ def test_pipe_urls_read_like_files(shards, tmp_path):
     urls = [f"pipe:cat {u}" for u in expand_urls(shards)[0]]
     ds = ShardDataset(
         [urls],
-        counts=find_manifest(urls, manifest=str(tmp_path / "manifest.json")),
+        find_manifest(urls, manifest=str(tmp_path / "manifest.json")),
         batch_size=8,
-        image_size=16,
+        augment=Augment(image_size=16),
         context_length=8,
-        return_keys=True,
+        stream=Stream(return_keys=True),
     )
     assert sorted(sample_ids([k for b in epoch(ds) for k in b[2]])) == list(range(sum(SIZES)))
 
 
 def test_dataloader_with_two_workers_sees_every_sample_once(shards):
-    dm = WebDataModule(shards, batch_size=8, num_workers=2, image_size=16, context_length=8, return_keys=True)
+    dm = data_module(shards, 8, 2)
     dm.setup("fit")
     loader = dm.train_dataloader()
     batches = list(loader)
@@ -176,15 +180,7 @@ def test_sources_separated_by_double_colon(tmp_path):
 
 
 def test_persistent_workers_follow_the_epoch(shards):
-    dm = WebDataModule(
-        shards,
-        batch_size=8,
-        num_workers=2,
-        image_size=16,
-        context_length=8,
-        return_keys=True,
-        persistent_workers=True,
-    )
+    dm = data_module(shards, 8, 2, stream={"persistent_workers": True})
     dm.setup("fit")
     loader = dm.train_dataloader()
     epochs = [[i for b in loader for i in sample_ids(b[2])] for _ in range(2)]
@@ -196,18 +192,17 @@ def test_eval_without_manifest_reads_whole_shards_in_order(shards, tmp_path):
     urls = [f"pipe:cat {u}" for u in expand_urls(shards)[0]]  # pipe: URLs, no manifest given
     ds = ShardDataset(
         [urls],
-        counts=None,
+        None,
         batch_size=10,
-        image_size=16,
+        augment=Augment(image_size=16),
         context_length=8,
-        mode="eval",
-        train_transform=False,
-        return_keys=True,
+        train=False,
+        stream=Stream(return_keys=True),
     )
     assert ds.num_batches is None
     batches = epoch(ds)
     assert sample_ids([k for b in batches for k in b[2]]) == list(range(sum(SIZES)))
-    dm = WebDataModule(shards, val_urls=urls, batch_size=10, num_workers=2, image_size=16, return_keys=True)
+    dm = data_module(shards, 10, 2, val_urls=urls)
     ids = sample_ids([k for b in dm.val_dataloader() for k in b[2]])
     assert sorted(ids) == list(range(sum(SIZES)))  # two workers take whole shards in turn
 
@@ -240,7 +235,7 @@ def test_other_image_formats_and_modes_decode(tmp_path):
             add(tar, f"{i:09d}.{ext}", buf.getvalue())
             add(tar, f"{i:09d}.txt", f"a {ext} picture".encode())
     write_manifest(tmp_path, {"00000.tar": len(images)})
-    ds = make(str(tmp_path / "00000.tar"), mode="eval", train_transform=False, batch_size=len(images))
+    ds = make(str(tmp_path / "00000.tar"), train=False, batch_size=len(images))
     (batch,) = epoch(ds)
     assert batch[0].shape == (len(images), 3, 16, 16)
     assert sorted(sample_ids(batch[2])) == list(range(len(images)))  # none skipped (and refilled)

@@ -3,10 +3,8 @@
 import lightning as L
 import pytest
 import torch
-from datahelpers import pattern, sample_ids, write_sizes
+from datahelpers import data_module, pattern, sample_ids, write_sizes
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-from clipforge.data.datamodule import WebDataModule
 
 SIZES = [13, 2, 40, 7, 21, 9]  # 92 samples, 12 batches of 8
 
@@ -17,15 +15,8 @@ def shards(tmp_path):
     return pattern(tmp_path / "shards", len(SIZES))
 
 
-def make(shards, workers=0, **kw):
-    kw = {
-        "batch_size": 8,
-        "image_size": 16,
-        "context_length": 8,
-        "shuffle_buffer": 16,
-        "return_keys": True,
-    } | kw
-    dm = WebDataModule(shards, num_workers=workers, **kw)
+def make(shards, workers=0, scale=(0.9, 1.0)):
+    dm = data_module(shards, 8, workers, stream={"shuffle_buffer": 16}, augment={"scale": scale})
     dm.setup("fit")
     return dm
 
@@ -101,3 +92,19 @@ def test_lightning_resume_from_mid_epoch_checkpoint_continues_the_stream(shards,
         resumed, datamodule=make(shards, 2), ckpt_path=path, weights_only=True
     )
     assert resumed.seen == full.seen[15:]  # the same batches, none of epoch 1's first three again
+
+
+def test_one_holder_of_the_position_for_the_module_and_its_loader(shards, caplog):
+    dm = make(shards)
+    saved = {"epoch": 1, "batches": 4, "world_size": 1, "num_workers": 1, "batch_size": 16, "seed": 0}
+    dm.load_state_dict(saved)
+    assert dm.state_dict() == saved  # restored before any loader: kept whole
+    loader = dm.train_dataloader()  # checked against this run: the batch size differs
+    assert "different {'batch_size': (16, 8)}" in caplog.text
+    assert loader.position is dm.position and dm.state_dict() == loader.state_dict() == {
+        "epoch": 1,
+        "batches": 4,
+    }
+    dm.set_epoch(1)
+    assert len(list(loader)) == 12 - 4 and dm.position.restored is None
+    assert dm.state_dict()["batches"] == loader.state_dict()["batches"] == 12

@@ -65,6 +65,7 @@ def _noise(size: int = 32, mode: str = "RGB") -> Image.Image:
 
 
 def test_png_goes_into_a_shard_byte_identical_and_out_of_the_loader_pixel_identical(tmp_path):
+    from clipforge.data.config import Augment
     from clipforge.data.dataset import ShardDataset
     from clipforge.data.shards import expand_urls
     from clipforge.data.transforms import normalize_into
@@ -83,12 +84,11 @@ def test_png_goes_into_a_shard_byte_identical_and_out_of_the_loader_pixel_identi
     sources = expand_urls(str(tmp_path / "out" / "00000.tar"))
     ds = ShardDataset(
         sources,
+        find_manifest(sources[0]),
         batch_size=1,
-        image_size=32,
+        train=False,
+        augment=Augment(image_size=32),
         context_length=8,
-        counts=find_manifest(sources[0]),
-        mode="eval",
-        train_transform=False,
     )
     ds.set_epoch(0)
     (batch,) = list(ds)

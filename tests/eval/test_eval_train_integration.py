@@ -15,9 +15,9 @@ def test_training_callbacks_and_final_eval_agree(compose_cfg, tmp_path):
         "trainer.max_steps=4",
         "trainer.log_every_n_steps=1",
         "scheduler.warmup_steps=2",
-        "data.num_train=256",
-        "data.num_heldout=48",
-        "data.samples_per_shard=128",
+        "data.source.num_train=256",
+        "data.source.num_heldout=48",
+        "data.source.samples_per_shard=128",
         "data.batch_size=32",
         "data.num_workers=0",
     )

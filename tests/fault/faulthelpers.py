@@ -37,10 +37,10 @@ RUN = (
     "trainer.enable_model_summary=false",
     "trainer.max_steps=10",
     "scheduler.warmup_steps=2",
-    "data.num_train=64",
-    "data.num_heldout=32",
+    "data.source.num_train=64",
+    "data.source.num_heldout=32",
     "data.batch_size=16",
-    "data.samples_per_shard=32",
+    "data.source.samples_per_shard=32",
     "data.num_workers=0",
     "callbacks.periodic_checkpoint.every_n_train_steps=3",
 )

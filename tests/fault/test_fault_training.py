@@ -37,7 +37,7 @@ RECORDER = ("+callbacks.recorder._target_=faulthelpers.StepRecorder",)
 # from step 2, so the resumed stretch (steps 7-10) crosses none of these starts but depends on all of them.
 SIGLIP2 = (
     "loss=siglip",
-    "objectives=[locca_synthetic,silc,tips]",
+    "objectives=[locca,silc,tips]",
     "objectives.silc.start_frac=0.4",
     "objectives.tips.start_frac=0.4",
     "objectives.silc.num_local=2",

@@ -11,7 +11,7 @@ through the converter that is tested to give equal outputs, and both models go t
 :func:`clipforge.eval.zeroshot.zero_shot_eval` with the same preprocessing, prompts and images.
 
 Steps are whole epochs of open_clip (it runs ``len(data) // batch`` steps per epoch, the last partial
-batch dropped); clipforge runs the same number of steps with ``data.drop_last=true``.
+batch dropped); clipforge runs the same number of steps with ``data.stream.drop_last=true``.
 
     clipforge-benchmark learning                           # synthetic set, both losses, seeds 0 1 2
     clipforge-benchmark learning --dataset digits          # scikit-learn's handwritten digits (real images)
@@ -288,7 +288,7 @@ def clipforge_command(
         f"data.train_urls='{data.train_shards}'",
         f"data.batch_size={recipe.batch_size}",
         f"data.num_workers={recipe.workers}",
-        "data.drop_last=true",
+        "data.stream.drop_last=true",
         f"optimizer.lr={recipe.lr}",
         f"optimizer.weight_decay={recipe.weight_decay}",
         f"scheduler.warmup_steps={recipe.warmup}",

@@ -197,17 +197,16 @@ def measure(loader, num_workers: int, warmup: int = 2) -> dict:
 def clipforge_loader(
     pattern: str, batch_size: int, num_workers: int, image_size: int, decode_device: str = "cpu"
 ):
+    from clipforge.data.config import Augment, Stream
     from clipforge.data.datamodule import WebDataModule
 
     dm = WebDataModule(
         pattern,
         batch_size=batch_size,
         num_workers=num_workers,
-        image_size=image_size,
         context_length=77,
-        drop_last=True,
-        pin_memory=False,
-        decode_device=decode_device,
+        stream=Stream(drop_last=True, pin_memory=False),
+        augment=Augment(image_size=image_size, decode_device=decode_device),
     )
     dm.setup("fit")
     ds = dm._dataset("train")

@@ -9,7 +9,7 @@ Two halves:
   shared-memory table the main process reads, and the failed samples of each shard, so an error can
   name the shards.
 * :class:`FailurePolicy` judges those counts, **summed over all ranks**, in the main process
-  (:class:`clipforge.data.datamodule.EpochLoader`): every rank reaches the same decision at the same
+  (:class:`clipforge.data.loader.EpochLoader`): every rank reaches the same decision at the same
   batch, so no rank is left waiting in a collective for one that stopped. With a manifest (exact epochs)
   the fraction is judged over the epoch's planned samples, and the run stops as soon as the failures alone
   make the limit unreachable; without one (resampled streams) only over a window of at least
@@ -48,9 +48,9 @@ class FailurePolicy:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_fraction <= 1.0:
-            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_fraction}")
+            raise ValueError(f"data.failures.max_fraction must be in [0, 1], got {self.max_fraction}")
         if self.check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+            raise ValueError(f"data.failures.check_every must be >= 1, got {self.check_every}")
 
     def verdict(self, totals: dict[str, int], planned: int | None, final: bool = False) -> str | None:
         """Why the run must stop, or None. ``totals``: counts of :data:`COLUMNS` since the epoch began,
@@ -72,7 +72,7 @@ class FailurePolicy:
         where = f"on {world} ranks" if world > 1 else "in this run"
         return DataError(
             f"{reason} {where} ({causes}); that is not a few bad files but bad input "
-            f"(limit {self.max_fraction:.0%}, data.max_skip_fraction). Shards: {', '.join(shards) or '?'}"
+            f"(limit {self.max_fraction:.0%}, data.failures.max_fraction). Shards: {', '.join(shards) or '?'}"
         )
 
 

@@ -19,11 +19,16 @@ Inside a rank the S batches are split into contiguous blocks, one per worker (th
 workers get one more). PyTorch's DataLoader asks workers round-robin, so after the main process has
 taken T batches, worker k has delivered ``T // K + (k < T mod K)`` of them: that is how a resume point
 (T, stored in the checkpoint) maps back to a position inside each worker's block.
+
+Evaluation passes (:func:`plan_eval`) read the shards in order on one rank, with the same contiguous blocks
+per worker; resampled streams (:func:`draw_shards`) have no plan but an endless seeded draw of shards.
+This is the first stage of the pipeline (:mod:`clipforge.data.dataset`); nothing here reads a file.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,3 +151,41 @@ def skip_segments(segs: list[Segment], n: int) -> list[Segment]:
         out.append(Segment(s.url, s.start + n, s.count - n))
         n = 0
     return out
+
+
+def plan_eval(
+    urls: list[str], counts: dict[str, int] | None, batch_size: int, worker: int, num_workers: int
+) -> tuple[list[Segment], list[int]]:
+    """An evaluation pass (one rank, in shard order, partial last batch): the segments worker ``worker``
+    reads and the batch sizes it yields. Without a manifest, whole shards round-robin over the workers and
+    the batch sizes are unknown (``[]``)."""
+    if counts is None:
+        return [Segment(u, 0, -1) for u in urls[worker::num_workers]], []
+    total = sum(counts[u] for u in urls)
+    first, n = worker_batches(-(-total // batch_size), worker, num_workers)
+    begin, end = first * batch_size, min(total, (first + n) * batch_size)
+    sizes = [min(batch_size, end - b) for b in range(begin, end, batch_size)]
+    return segments(urls, counts, begin, end), sizes
+
+
+def whole_set(urls: list[str], counts: dict[str, int] | None) -> list[Segment]:
+    """Every sample of every shard, in ``urls`` order (what a worker re-reads when its own range has
+    nothing readable)."""
+    if counts is None:
+        return [Segment(u, 0, -1) for u in urls]
+    return segments(urls, counts, 0, sum(counts[u] for u in urls))
+
+
+def draw_shards(
+    sources: list[list[str]], weights: list[float], counts: dict[str, int] | None, rng: np.random.Generator
+) -> Iterator[str]:
+    """Resampled mode: shards drawn with replacement, endlessly: a source with probability proportional
+    to ``weight / mean shard size`` (so weights are shares of *samples*; of shards without a manifest),
+    then one of its shards uniformly."""
+    probs = np.array(weights, dtype=np.float64)
+    if counts is not None:
+        probs /= np.array([np.mean([counts[u] for u in src]) for src in sources])
+    probs /= probs.sum()
+    while True:
+        src = sources[int(rng.choice(len(sources), p=probs))]
+        yield src[int(rng.integers(len(src)))]

@@ -144,14 +144,15 @@ class ImageTransform:
         self, data: bytes | Image.Image, rng: np.random.Generator | np.ndarray | None = None
     ) -> torch.Tensor:
         if isinstance(data, Image.Image):
-            width, height = data.size
-            box = self.box(width, height, rng)
-            x, sx, sy = self._load(data, None, box)
-        else:
-            with Image.open(io.BytesIO(data)) as img:  # parses the header only
-                width, height = img.size
-                box = self.box(width, height, rng)
-                x, sx, sy = self._load(img, data, box)
+            return self.apply(data, None, self.box(*data.size, rng))
+        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+            return self.apply(img, data, self.box(*img.size, rng))
+
+    def apply(self, img: Image.Image, data: bytes | None, box: Box) -> torch.Tensor:
+        """The transform with its crop ``box`` already drawn (:meth:`box`): ``img`` as opened (only its
+        header parsed) and its encoded ``data`` if any."""
+        width, height = img.size  # before _load: a JPEG draft changes img.size
+        x, sx, sy = self._load(img, data, box)
         s = self.image_size
         if self.train:  # crop, then resize the crop (torchvision's resized_crop)
             left, top, right, bottom = (

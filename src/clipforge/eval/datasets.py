@@ -256,6 +256,7 @@ def caption_shards(
     """Held-out image-text WebDataset shards as ``(images, tokens)`` *batches*, read in order by the
     data module's own reader (``clipforge.data.dataset.ShardDataset``, eval mode); every rank reads
     all of it, and :func:`clipforge.eval.distributed.shard_dataloader` strides the batches by rank."""
+    from clipforge.data.config import Augment
     from clipforge.data.dataset import ShardDataset
     from clipforge.data.manifest import find_manifest
     from clipforge.data.shards import expand_urls
@@ -264,14 +265,13 @@ def caption_shards(
     counts = find_manifest([u for s in sources for u in s], manifest)
     ds = ShardDataset(
         sources,
+        counts,
         batch_size=batch_size,
-        image_size=image_size,
-        context_length=context_length,
-        counts=counts,
-        mode="eval",
-        num_workers=num_workers,
-        train_transform=False,
+        train=False,
+        augment=Augment(image_size=image_size),
         target="text",
+        context_length=context_length,
+        num_workers=num_workers,
     )
     ds.yields_batches = True  # type: ignore[attr-defined]
     return ds

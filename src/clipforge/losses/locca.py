@@ -14,8 +14,7 @@ its task with ``task_probs`` (caption, referring, grounded). Without any box dat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,6 @@ from torch import Tensor
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher, global_count, world_mean_coef
 from clipforge.models.clip import CLIP
 from clipforge.models.decoder import TASKS, TextDecoder, bpe_words
-
-BoxTargets = Callable[[Sequence[Any]], dict[str, Tensor] | None]
 
 
 def caption_loss(
@@ -46,9 +43,8 @@ def caption_loss(
 class LocCaLoss(Objective):
     """``objectives=locca``: the decoder's captioning / referring / grounded-captioning loss.
 
-    ``box_targets``: optional adapter that derives ``{"boxes", "region_tokens"}`` from the raw batch (e.g.
-    :class:`clipforge.data.synthetic_boxes.SyntheticBoxTargets`); without it they are read from the batch's
-    extras, which the data module may provide (see the module docstring).
+    Box targets are read from the batch's extras, which the data module provides with
+    ``data.stream.regions`` (:mod:`clipforge.data.regions`; see the module docstring).
     """
 
     def __init__(
@@ -57,7 +53,6 @@ class LocCaLoss(Objective):
         weight: float = 1.0,
         start_frac: float = 0.0,
         task_probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
-        box_targets: BoxTargets | None = None,
     ) -> None:
         super().__init__(weight, start_frac)
         if len(task_probs) != len(TASKS) or min(task_probs) < 0 or sum(task_probs) <= 0:
@@ -66,15 +61,12 @@ class LocCaLoss(Objective):
             )
         self.decoder = decoder
         self.task_probs = tuple(float(p) / sum(task_probs) for p in task_probs)
-        self.box_targets = box_targets
         self.last_tasks: list[str] = []  # the tasks of the last batch (for logging and tests)
 
     def targets(self, batch: ObjectiveBatch) -> tuple[Tensor | None, Tensor | None]:
         """``(boxes (B, 4) or None, region_tokens (B, L) or None)`` of the batch."""
-        found = self.box_targets(batch.raw) if self.box_targets is not None else batch.extras
-        if not found or found.get("boxes") is None:
-            return None, None
-        return found["boxes"], found.get("region_tokens")
+        boxes = batch.extras.get("boxes")
+        return (boxes, batch.extras.get("region_tokens")) if boxes is not None else (None, None)
 
     def sample_tasks(self, has_box: list[bool]) -> list[str]:
         """One task per sample (torch's per-step seeded generator): captioning where there is no box."""

@@ -11,7 +11,6 @@ averaging gives the full-batch gradient, whatever the split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,15 +37,13 @@ class ObjectiveBatch:
 
     ``images`` (B, 3, H, W) is the view the contrastive loss trained on; ``tokens`` (B, L) its captions;
     ``image_tokens`` (B, T, D) the student's un-pooled tokens from that same forward pass (shared, not
-    recomputed); ``extras`` what else the data provides (box targets, see :mod:`clipforge.losses.locca`);
-    ``raw`` the batch as the loader gave it (for adapters that derive targets from it).
+    recomputed); ``extras`` what else the data provides (box targets, see :mod:`clipforge.losses.locca`).
     """
 
     images: Tensor
     tokens: Tensor
     image_tokens: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
-    raw: Sequence[Any] = ()
     _teacher_tokens: Tensor | None = None
 
     def teacher_tokens(self, teacher: CLIP) -> Tensor:

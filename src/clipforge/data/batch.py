@@ -1,0 +1,172 @@
+"""The batch stage of the WebDataset stream (Breuel et al., 2020): decoded samples -> the batches a
+DataLoader worker hands to the main process, of exactly the sizes the plan promised.
+
+When a worker's samples run out early (bad samples were skipped), :class:`Refill` supplies re-read
+passes, counted as ``repeated_samples``: of the worker's own range, or of the whole set once a pass of
+the range gave nothing. So its batch count, and every rank's with it, stays as planned (a contrastive
+loss all-gathers equal shapes at every step).
+
+A batch is ``(images, targets[, keys][, regions])``: images ``(B, 3, S, S)`` float32 normalised (or an
+:class:`~clipforge.data.gpu_decode.EncodedBatch`), targets the tokenized captions ``(B, L)`` or the
+labels ``(B,)``, keys the samples' ``<shard>/<key>`` (``return_keys``), regions the mapping of
+:mod:`clipforge.data.regions` (``regions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import get_worker_info
+
+from clipforge.data.decode import Encoded, Sample
+from clipforge.data.failures import FailureMonitor
+from clipforge.data.gpu_decode import EncodedBatch
+from clipforge.data.shards import DataError
+from clipforge.data.tokenizer import Tokenizer
+from clipforge.data.transforms import normalize_into
+
+log = logging.getLogger(__name__)
+
+
+def _new_shared_batch(size: int, image_size: int) -> torch.Tensor:
+    """A batch tensor allocated straight in shared memory, so handing it to the main process is free."""
+    shape = (size, 3, image_size, image_size)
+    try:
+        storage = torch.UntypedStorage._new_shared(size * 3 * image_size * image_size * 4)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    except (AttributeError, RuntimeError):  # private API: fall back to the DataLoader's own copy
+        return torch.empty(shape, dtype=torch.float32)
+
+
+def _encoded_batch(images: list[torch.Tensor | Encoded]) -> EncodedBatch:
+    data = [
+        torch.frombuffer(bytearray(x.data), dtype=torch.uint8) if isinstance(x, Encoded) else x
+        for x in images
+    ]
+    boxes = torch.tensor([x.box if isinstance(x, Encoded) else (0.0, 0.0, 0.0, 0.0) for x in images])
+    return EncodedBatch(data, boxes.double())
+
+
+class Collate:
+    """Samples -> one batch tuple (see the module docstring). ``tokenizer`` None: integer labels.
+    ``defer``: images go out as an ``EncodedBatch`` for the GPU decoder. ``regions``: a callable that
+    turns the samples into the regions mapping, or None."""
+
+    def __init__(
+        self,
+        image_size: int,
+        tokenizer: Tokenizer | None,
+        defer: bool = False,
+        return_keys: bool = False,
+        regions: Callable[[list[Sample]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self.image_size, self.tokenizer, self.defer = image_size, tokenizer, defer
+        self.return_keys, self.regions = return_keys, regions
+
+    def __call__(self, items: list[Sample]) -> tuple[Any, ...]:
+        images = [s.image for s in items]
+        if self.defer:
+            pixels: torch.Tensor | EncodedBatch = _encoded_batch(images)
+        else:
+            shared = get_worker_info() is not None
+            pixels = normalize_into(
+                images, _new_shared_batch(len(items), self.image_size) if shared else None
+            )
+        if self.tokenizer is not None:
+            targets = self.tokenizer([s.target for s in items])
+        else:
+            targets = torch.tensor([s.target for s in items], dtype=torch.long)
+        batch: tuple[Any, ...] = (pixels, targets)
+        if self.return_keys:
+            batch += ([s.key for s in items],)
+        if self.regions is not None:
+            batch += (self.regions(items),)
+        return batch
+
+
+class Refill:
+    """Re-read passes for a worker whose samples ran out: ``reread(k, whole_set)`` gives the k-th pass, of
+    the worker's range or (once a pass of it gave nothing) of the whole set; ``give_up(reason)`` is the
+    error when even the whole set gives nothing."""
+
+    def __init__(
+        self,
+        reread: Callable[[int, bool], Iterator[Sample]],
+        monitor: FailureMonitor,
+        give_up: Callable[[str], Exception],
+    ) -> None:
+        self.reread, self.monitor, self.give_up = reread, monitor, give_up
+        self.passes, self.whole_set = 0, False
+
+    def next_pass(self, previous_gave_any: bool) -> Iterator[Sample]:
+        if self.passes > 0 and not previous_gave_any:
+            if self.whole_set:  # every shard of the set was read and none gave a sample
+                raise self.give_up("no sample of any shard could be read")
+            self.whole_set = True
+        self.passes += 1
+        log.warning(
+            "%s: re-reading %s (pass %d) to keep its batch count",
+            self.monitor.where,
+            "the whole set" if self.whole_set else "its range",
+            self.passes,
+        )
+        return self._counted(self.reread(self.passes, self.whole_set))
+
+    def _counted(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        for s in samples:
+            self.monitor.count("repeated_samples")
+            yield s
+
+
+def batches(
+    samples: Iterator[Sample],
+    sizes: list[int],
+    collate: Callable[[list[Sample]], tuple],
+    refill: Refill | None = None,
+    pass_ended: Callable[[], None] | None = None,
+) -> Iterator[tuple]:
+    """Cut ``samples`` into batches of ``sizes``, re-reading through ``refill`` when they run out early.
+    ``pass_ended`` is called once, when the first pass over the data ends (evaluation passes judge their
+    own failure counts there)."""
+    items: list[Sample] = []
+    got, ended = True, False
+    for size in sizes:
+        while len(items) < size:
+            nxt = next(samples, None)
+            if nxt is None:
+                if pass_ended is not None and not ended:
+                    pass_ended()
+                ended = True
+                if refill is None:
+                    raise DataError("the sample stream ended early")
+                samples, got = refill.next_pass(got), False
+                continue
+            got = True
+            items.append(nxt)
+        yield collate(items[:size])
+        items = items[size:]
+    if pass_ended is not None and not ended:
+        pass_ended()
+
+
+def open_batches(
+    samples: Iterator[Sample],
+    batch_size: int,
+    collate: Callable[[list[Sample]], tuple],
+    pass_ended: Callable[[], None] | None = None,
+) -> Iterator[tuple]:
+    """Batches of ``batch_size`` and a partial last one, for a pass of unknown length (evaluation without
+    a manifest); ``pass_ended`` is called before the partial batch."""
+    items: list[Sample] = []
+    for s in samples:
+        items.append(s)
+        if len(items) == batch_size:
+            yield collate(items)
+            items = []
+    if pass_ended is not None:
+        pass_ended()
+    if items:
+        yield collate(items)

@@ -1,0 +1,125 @@
+"""The data layer's settings, each in one place: small typed groups that Hydra builds as nested nodes of
+``conf/data/wds.yaml`` (``data.stream.*``, ``data.augment.*``; the failure policy is
+:class:`clipforge.data.failures.FailurePolicy`, ``data.failures.*``), and what a shard source hands the
+data module (:class:`ShardSet`). A misspelt key fails at once: a dataclass takes no unknown keyword.
+
+The pipeline they configure is that of WebDataset (Breuel et al., 2020) for CLIP (Radford et al., 2021).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Urls = str | list[str]  # a brace pattern, sources separated by "::", or a list with one pattern per source
+
+
+def _urls(urls: Urls | Sequence[str] | None) -> Urls | None:
+    """A pattern string as it is; any other sequence (Hydra's ListConfig) as a plain list of strings."""
+    return urls if urls is None or isinstance(urls, str) else [str(u) for u in urls]
+
+
+def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in values)  # Hydra hands over a ListConfig: make it a plain, picklable tuple
+    if not 0 < lo <= hi:
+        raise ValueError(f"data.augment.{name} must be two numbers 0 < low <= high, got {[lo, hi]}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How the training samples flow: order, epochs, and what each batch carries (``data.stream``).
+
+    ``seed`` drives shard order, shuffling and crops. ``resampled`` draws shards with replacement, mixing
+    sources by ``weights`` (shares of samples), in epochs of ``epoch_samples`` global samples; otherwise
+    every epoch reads every sample once (:mod:`clipforge.data.plan`). ``shuffle_buffer``: samples per
+    shuffled block (:mod:`clipforge.data.shuffle`). ``drop_last`` drops the partial last step.
+    ``return_keys`` adds each sample's ``<shard>/<key>`` to its batch; ``regions`` adds the box targets of
+    LocCa's decoder tasks (:mod:`clipforge.data.regions`). The rest configures the DataLoaders:
+    ``val_batch_size`` (null: ``batch_size``), ``pin_memory`` (null: when CUDA is available),
+    ``persistent_workers``, ``prefetch_factor``.
+    """
+
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    epoch_samples: int | None = None
+    weights: Sequence[float] | None = None
+    drop_last: bool = False
+    return_keys: bool = False
+    regions: bool = False
+    val_batch_size: int | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool = False
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if not self.resampled and len(set(self.weights)) > 1:
+                raise ValueError(
+                    "source weights need data.stream.resampled=true: an exact epoch reads every sample "
+                    "once, so it cannot up- or down-weight a source"
+                )
+        if self.resampled and not self.epoch_samples:
+            raise ValueError("resampled mode needs data.stream.epoch_samples (global samples per epoch)")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The image transform (``data.augment``): CLIP's random resized crop of ``scale`` (area) and
+    ``ratio`` (aspect) ranges to ``image_size`` pixels for training, resize + centre crop for evaluation
+    (:mod:`clipforge.data.transforms`). ``decode_device``: ``cuda`` decodes training JPEGs on the GPU
+    (:mod:`clipforge.data.gpu_decode`); the workers then only parse headers and draw the crops."""
+
+    image_size: int = 224
+    scale: Sequence[float] = (0.9, 1.0)
+    ratio: Sequence[float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"
+    decode_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _pair(self.scale, "scale"))
+        object.__setattr__(self, "ratio", _pair(self.ratio, "ratio"))
+        if self.decode_device != "cpu" and not self.decode_device.startswith("cuda"):
+            raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {self.decode_device!r}")
+
+
+@dataclass(frozen=True)
+class ZeroShotSet:
+    """Labelled shards (json ``label``, an index into ``classnames``) for zero-shot classification with
+    prompt ``templates`` (``data.zeroshot``; ``urls`` null: none)."""
+
+    urls: Urls | None = None
+    classnames: Sequence[str] | None = None
+    templates: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "urls", _urls(self.urls))
+        for name in ("classnames", "templates"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, [str(v) for v in value])
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards a data module reads, per split: what a :class:`ShardSource` hands back."""
+
+    train_urls: Urls
+    val_urls: Urls | None = None
+    zeroshot: ZeroShotSet = field(default_factory=ZeroShotSet)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train_urls", _urls(self.train_urls))
+        object.__setattr__(self, "val_urls", _urls(self.val_urls))
+
+
+class ShardSource(Protocol):
+    """Writes its shards once (``prepare``, on one process per node) and names them (``shards``, on every
+    process): e.g. :class:`clipforge.data.synthetic_shards.SyntheticShards` (``data.source``)."""
+
+    def prepare(self) -> None: ...
+
+    def shards(self) -> ShardSet: ...

@@ -1,0 +1,118 @@
+"""The decode stage of the WebDataset stream (Breuel et al., 2020): raw tar members -> :class:`Sample`,
+the image cropped and resized by CLIP's transform (Radford et al., 2021;
+:mod:`clipforge.data.transforms`) and the caption (or zero-shot label) read, in the DataLoader workers.
+
+Crop randomness is a function of the output position: every sample slot takes exactly ``CROP_DRAWS``
+uniforms from the worker's crop generator, a lost or bad sample too, so a resume at position ``p``
+advances the generator by ``p * CROP_DRAWS`` and draws the crops of the uninterrupted run.
+
+A sample that cannot be used is counted by cause (``missing_image``, ``missing_caption``,
+``missing_label``, ``corrupt_image``) and skipped; the batch stage makes up for it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipforge.data.failures import FailureMonitor
+from clipforge.data.shards import IMAGE_EXTS, RawSample
+from clipforge.data.transforms import CROP_DRAWS, Box, ImageTransform
+
+# What PIL and torchvision raise for bad image bytes; anything else is a bug and propagates.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, RuntimeError, EOFError, Image.DecompressionBombError)
+
+
+class Encoded:
+    """A JPEG kept encoded for :class:`~clipforge.data.gpu_decode.JpegDecoder`, with its crop box."""
+
+    __slots__ = ("box", "data")
+
+    def __init__(self, data: bytes, box: Box) -> None:
+        self.data, self.box = data, box
+
+
+@dataclass(slots=True)
+class Sample:
+    """One decoded sample and what later stages may need of it."""
+
+    image: torch.Tensor | Encoded  # uint8 (3, S, S), or the encoded JPEG (decode_device="cuda")
+    target: str | int  # the caption, or the zero-shot label
+    key: str  # "<shard url>/<sample key>"
+    crop: Box  # the crop box in source pixels (left, top, right, bottom)
+    size: tuple[int, int]  # the source image's (width, height)
+    meta: bytes | None  # the json member, undecoded
+    pick: float  # a uniform of the sample's own crop draws, for stages that choose (0.0 in evaluation)
+    region: tuple[Box, str] | None = None  # box in the crop's frame and its phrase (clipforge.data.regions)
+
+
+def _caption(raw: RawSample) -> str:
+    text = raw.members.get("txt", b"").decode("utf-8", "replace").strip()
+    if not text and "json" in raw.members:  # img2dataset also keeps the caption in the json
+        try:
+            text = str(json.loads(raw.members["json"]).get("caption") or "").strip()
+        except (ValueError, AttributeError):
+            text = ""
+    return text
+
+
+def _label(raw: RawSample) -> int | None:
+    try:
+        return int(json.loads(raw.members["json"])["label"])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def decode_sample(
+    raw: RawSample,
+    transform: ImageTransform,
+    draws: np.ndarray | None,
+    monitor: FailureMonitor,
+    target: str = "text",
+    defer: bool = False,
+) -> Sample | None:
+    """``raw`` decoded with the crop ``draws`` (None: the evaluation crop), or None when it is unusable
+    (counted). ``defer`` keeps JPEGs encoded for the GPU decoder."""
+    ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+    if ext is None:
+        monitor.sample_failed("missing_image", raw.url, raw.key)
+        return None
+    label = _caption(raw) if target == "text" else _label(raw)
+    if label is None or label == "":
+        monitor.sample_failed("missing_caption" if target == "text" else "missing_label", raw.url, raw.key)
+        return None
+    data = raw.members[ext]
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+            size = img.size
+            box = transform.box(*size, draws)
+            image = Encoded(data, box) if defer and img.format == "JPEG" else transform.apply(img, data, box)
+    except IMAGE_ERRORS:
+        monitor.sample_failed("corrupt_image", raw.url, raw.key)
+        return None
+    pick = float(draws[-1]) if draws is not None else 0.0
+    return Sample(image, label, f"{raw.url}/{raw.key}", box, size, raw.members.get("json"), pick)
+
+
+def decode(
+    stream: Iterable[RawSample | None],
+    transform: ImageTransform,
+    rng: np.random.Generator,
+    monitor: FailureMonitor,
+    target: str = "text",
+    defer: bool = False,
+) -> Iterator[Sample]:
+    """The usable samples of ``stream``; every slot, a lost one (``None``) too, takes its crop draws."""
+    for raw in stream:
+        draws = rng.random(CROP_DRAWS) if transform.train else None
+        if raw is None:  # lost with its shard; already counted
+            continue
+        sample = decode_sample(raw, transform, draws, monitor, target, defer)
+        if sample is not None:
+            yield sample

@@ -1,0 +1,170 @@
+"""The training loader's epochs, resume position and failure verdict, in the main process, around the
+WebDataset stream (Breuel et al., 2020) of :mod:`clipforge.data.dataset`.
+
+:class:`Position` is the one holder of where the training stream is: the epoch, the batches of it handed
+out, and a position restored from a checkpoint that the next pass must start from. The data module owns
+it; Lightning saves and restores it through both ``WebDataModule.state_dict`` and the loader's own
+``state_dict`` (its resumable-loader protocol), which read and write the same object.
+
+:class:`EpochLoader` wraps the DataLoader: before each pass it tells the dataset the epoch (from
+``trainer.current_epoch``, :meth:`WebDataModule.set_epoch` or a counter) and the batches to skip; while
+it iterates, it sums the failure counts of all ranks and stops the run, on every rank at the same batch,
+when :class:`~clipforge.data.failures.FailurePolicy` says the input is bad.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from clipforge.data.dataset import ShardDataset
+from clipforge.data.failures import COLUMNS
+
+log = logging.getLogger(__name__)
+
+POSITION_KEYS = ("epoch", "batches")  # where the stream is
+FINGERPRINT_KEYS = ("world_size", "num_workers", "batch_size", "seed")  # what must match to line up exactly
+
+
+class Position:
+    """Where the training stream is: ``epoch`` being read (-1: none yet), ``yielded`` batches of it handed
+    out (resumed ones included), and ``restored``, a checkpoint's position not yet started from."""
+
+    def __init__(self) -> None:
+        self.epoch, self.yielded = -1, 0
+        self.restored: dict | None = None
+
+    def start(self, epoch: int, num_batches: int) -> int:
+        """Begin a pass over ``epoch``; returns the batches to skip (those of a restored position)."""
+        resume = 0
+        if self.restored is not None and int(self.restored["epoch"]) == epoch:
+            resume = min(int(self.restored["batches"]), num_batches)
+            log.info("resuming epoch %d of the data stream after %d batches", epoch, resume)
+        elif self.restored is not None:
+            log.info(
+                "checkpoint's data position is for epoch %s; starting epoch %d fresh",
+                self.restored["epoch"],
+                epoch,
+            )
+        self.restored = None
+        self.epoch, self.yielded = epoch, resume
+        return resume
+
+    def state_dict(self, consumed: int | None, fingerprint: dict) -> dict:
+        """``{epoch, batches, world_size, num_workers, batch_size, seed}``; ``consumed``: batches training
+        has finished (Lightning's progress counter), else those handed out."""
+        if self.restored is not None:  # restored but not started yet: keep the restored position
+            return dict(self.restored)
+        return {"epoch": self.epoch, "batches": self.yielded if consumed is None else consumed, **fingerprint}
+
+    def load_state_dict(self, state: dict, fingerprint: dict) -> None:
+        if not state:
+            return
+        changed = {k: (state[k], v) for k, v in fingerprint.items() if k in state and state[k] != v}
+        if changed:
+            log.warning(
+                "data position restored with a different %s: the rest of epoch %s will not line up exactly "
+                "with what was already seen (some samples may repeat or be skipped)",
+                changed,
+                state.get("epoch"),
+            )
+        self.restored = {k: state[k] for k in POSITION_KEYS if k in state}
+
+
+class EpochLoader:
+    """Train loader: before each pass, sets the dataset's epoch and resume point; counts what it yields."""
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        loader: DataLoader,
+        epoch_fn: Callable[[], int | None],
+        progress_fn: Callable[[], int | None],
+        position: Position | None = None,
+    ) -> None:
+        # not called `dataset`: Lightning would then warn that an IterableDataset has a length
+        self.shards, self.loader = dataset, loader
+        self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
+        self.position = position if position is not None else Position()
+        self._run_start: torch.Tensor | None = None  # counts when a resampled stream began
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    def __len__(self) -> int:
+        n = self.shards.num_batches
+        if n is None:
+            raise TypeError("length unknown without a manifest")
+        return n
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self._epoch_fn()
+        epoch = self.position.epoch + 1 if epoch is None else epoch
+        resume = self.position.start(epoch, len(self))
+        self.shards.set_epoch(epoch)
+        self.shards.set_resume(resume)
+        # Exact epochs are judged on their own planned samples; a resampled stream, which has no plan, on
+        # everything read since the run began.
+        planned = self.shards.planned_samples(resume)
+        start = self.shards.progress_counts().clone()
+        if planned is None:
+            start = self._run_start if self._run_start is not None else start
+            self._run_start = start
+        every = self.shards.failures.check_every
+        for i, batch in enumerate(self.loader, 1):
+            self.position.yielded += 1
+            if i % every == 0:
+                self._check_failures(start, planned)
+            yield batch
+        self._check_failures(start, planned)
+
+    def _check_failures(self, start: torch.Tensor, planned: int | None) -> None:
+        """Stop on too much bad input, on every rank at the same batch: the counts are summed over ranks
+        first (a collective; all ranks fetch the same number of batches, so all come here together)."""
+        counts = self.shards.progress_counts() - start
+        world = self.shards.world_size
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            )
+            counts = counts.to(device) if device is not None else counts.clone()
+            dist.all_reduce(counts)
+        totals = dict(zip(COLUMNS, (int(n) for n in counts.tolist())))
+        policy = self.shards.failures
+        reason = policy.verdict(totals, planned)
+        if reason is not None:
+            raise policy.error(reason, totals, self.shards.worst_shards(), world)
+
+    def fingerprint(self) -> dict:
+        """What the position only lines up with when it is the same on resume."""
+        ds = self.shards
+        return dict(
+            zip(FINGERPRINT_KEYS, (ds.world_size, max(1, self.loader.num_workers), ds.batch_size, ds.seed))
+        )
+
+    def state_dict(self) -> dict:
+        return self.position.state_dict(self._progress_fn(), self.fingerprint())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.load_state_dict(state, self.fingerprint())
+
+
+def auto_num_workers(requested: int | None, cap: int = 8) -> int:
+    """``requested`` if given, else the CPUs this process may use shared among the GPUs of the node
+    (one training process per GPU), capped at ``cap``; at least 1."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"data.num_workers must be >= 0 or null (auto), got {requested}")
+        return int(requested)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    procs = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return max(1, min(cap, cpus // procs))

@@ -378,6 +378,21 @@ def evaluate(model: Any, data: Data, batch_size: int = 256) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ driver
+def resolved_config(cmd: Sequence[str]) -> dict[str, Any]:
+    """The training config a clipforge command composes (its Hydra overrides, defaults filled in), so a
+    cached run is reused only while the defaults it trained with are still the defaults."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from clipforge.conf import CONF_DIR
+
+    overrides = [o for o in cmd[3:] if not o.startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    keep = ("model", "loss", "data", "optimizer", "scheduler", "module", "trainer", "seed")
+    return {k: OmegaConf.to_container(cfg[k], resolve=False) for k in keep if k in cfg}
+
+
 def run_one(
     trainer: str,
     loss: str,
@@ -398,9 +413,12 @@ def run_one(
         cmd = clipforge_command(run_dir, data, recipe, loss, seed, overrides)
     else:
         cmd = open_clip_command(run_dir, data, recipe, loss, seed, model_json)
+    key = {"command": cmd[1:], "config": resolved_config(cmd) if trainer == "clipforge" else None}
     done = run_dir / "result.json"
-    if done.is_file() and (saved := json.loads(done.read_text()))["command"] == cmd[1:]:
-        # the same command on the same prepared data: training is deterministic, keep its result
+    saved = json.loads(done.read_text()) if done.is_file() else {}
+    if saved and {k: v for k, v in saved.items() if k != "result"} == key:
+        # the same command and resolved config (so the same defaults) on the same prepared data: training
+        # is deterministic, keep its result
         print(f"[learning] reuse {tag}", flush=True)
         return RunResult(**saved["result"])
     print(f"[learning] start {tag}", flush=True)
@@ -411,7 +429,7 @@ def run_one(
         trainer, loss, seed, data.name, steps, float(res["top1"]), float(res["top5"]), int(res["num_samples"]),
         round(seconds, 1), variant, list(overrides),
     )  # fmt: skip
-    done.write_text(json.dumps({"command": cmd[1:], "result": asdict(result)}))
+    done.write_text(json.dumps({**key, "result": asdict(result)}))
     print(f"[learning] done  {tag}: top-1 {100 * result.top1:.1f}% in {seconds / 60:.1f} min", flush=True)
     return result
 

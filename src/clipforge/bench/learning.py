@@ -390,7 +390,7 @@ def resolved_config(cmd: Sequence[str]) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     keep = ("model", "loss", "data", "optimizer", "scheduler", "module", "trainer", "seed")
-    return {k: OmegaConf.to_container(cfg[k], resolve=False) for k in keep if k in cfg}
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in keep if k in cfg]), resolve=False)
 
 
 def run_one(

@@ -9,23 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch.distributed as dist
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from clipforge.callbacks.schedule import logging_step
+from clipforge.distributed import all_reduce_sum
 
 
 def total_skip_counts(counts: dict[str, int]) -> dict[str, int]:
     """Sum this rank's ``{cause: count}`` over all ranks (a collective when distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(counts)
-    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, dict(counts))
-    total: dict[str, int] = {}
-    for rank_counts in gathered:
-        for cause, n in rank_counts.items():
-            total[cause] = total.get(cause, 0) + int(n)
-    return total
+    causes = sorted(counts)
+    summed = all_reduce_sum(torch.tensor([int(counts[c]) for c in causes], dtype=torch.int64))
+    return dict(zip(causes, (int(n) for n in summed.tolist())))
 
 
 class DataSkipMonitor(Callback):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from clipforge.data.config import Augment, ShardSet, ShardSource, Stream, Urls, ZeroShotSet
@@ -25,6 +24,7 @@ from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
 from clipforge.data.loader import EpochLoader, Position, auto_num_workers
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
+from clipforge.distributed import world_info
 
 
 class WebDataModule(L.LightningDataModule):
@@ -116,9 +116,7 @@ class WebDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return world_info()
 
     def _trainer_or_none(self) -> L.Trainer | None:
         return getattr(self, "trainer", None)

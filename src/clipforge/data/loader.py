@@ -19,11 +19,11 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import COLUMNS
+from clipforge.distributed import all_reduce_sum
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,8 @@ class EpochLoader:
     def _check_failures(self, start: torch.Tensor, planned: int | None) -> None:
         """Stop on too much bad input, on every rank at the same batch: the counts are summed over ranks
         first (a collective; all ranks fetch the same number of batches, so all come here together)."""
-        counts = self.shards.progress_counts() - start
         world = self.shards.world_size
-        if world > 1 and dist.is_available() and dist.is_initialized():
-            device = (
-                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-            )
-            counts = counts.to(device) if device is not None else counts.clone()
-            dist.all_reduce(counts)
+        counts = all_reduce_sum(self.shards.progress_counts() - start, enabled=world > 1)
         totals = dict(zip(COLUMNS, (int(n) for n in counts.tolist())))
         policy = self.shards.failures
         reason = policy.verdict(totals, planned)

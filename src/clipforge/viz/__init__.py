@@ -3,7 +3,7 @@ attention rollout), as files or as figures for W&B."""
 
 from clipforge.viz.attention import (
     figure_to_array,
-    load_image,
+    model_input,
     pos_embed_similarity,
     record_attention,
     rollout,
@@ -14,7 +14,7 @@ from clipforge.viz.attention import (
 
 __all__ = [
     "figure_to_array",
-    "load_image",
+    "model_input",
     "pos_embed_similarity",
     "record_attention",
     "rollout",

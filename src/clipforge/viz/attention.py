@@ -38,29 +38,19 @@ def vision_tower(model: nn.Module) -> VisionTransformer:
     return visual
 
 
-def load_image(image: ImageLike, img_size: int) -> torch.Tensor:
-    """A normalised (1, 3, S, S) batch: resize the short side to S (bicubic), centre-crop, CLIP mean/std.
-
-    A tensor is taken to be model input already ((3, S, S) or (B, 3, S, S), normalised).
-    """
+def model_input(image: ImageLike, img_size: int) -> torch.Tensor:
+    """A normalised (1, 3, S, S) batch, preprocessed as evaluation does (:func:`clipforge.eval.datasets.
+    eval_transform`: short side to S, centre crop, CLIP mean/std). A tensor is taken to be model input
+    already ((3, S, S) or (B, 3, S, S), normalised)."""
     if isinstance(image, torch.Tensor):
         x = image if image.ndim == 4 else image.unsqueeze(0)
         if x.shape[-2:] != (img_size, img_size):
             raise ValueError(f"expected {img_size}x{img_size} input, got {tuple(x.shape[-2:])}")
         return x
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = img_size / min(w, h)
-    image = image.resize((max(img_size, round(w * scale)), max(img_size, round(h * scale))), Image.BICUBIC)
-    left, top = (image.size[0] - img_size) // 2, (image.size[1] - img_size) // 2
-    image = image.crop((left, top, left + img_size, top + img_size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    x = (x - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[
-        :, None, None
-    ]
-    return x.unsqueeze(0)
+    from clipforge.eval.datasets import eval_transform, load_image
+
+    pil = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+    return eval_transform(img_size)(pil).unsqueeze(0)
 
 
 def denormalize(x: torch.Tensor) -> np.ndarray:
@@ -146,7 +136,7 @@ def vit_attention(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[s
     """
     visual = vision_tower(model)
     param = next(visual.parameters())
-    x = load_image(image, visual.img_size).to(device=param.device, dtype=param.dtype)[:1]
+    x = model_input(image, visual.img_size).to(device=param.device, dtype=param.dtype)[:1]
     was_training = visual.training
     visual.eval()
     try:

@@ -142,3 +142,39 @@ def test_summary_says_when_the_wandb_run_is_offline() -> None:
     text = summarize({"train/loss": 1.0}, trainer, WandbLogger(offline=True))
     assert "WandbLogger -> /runs/x/files" in text and "wandb sync" in text
     assert "wandb sync" not in summarize({}, trainer, WandbLogger(offline=False))
+
+
+def test_logging_step_follows_lightnings_own_cadence_from_public_counters(compose_cfg) -> None:
+    """``callbacks.schedule.logging_step`` reads only public trainer state; it must pick exactly the steps
+    whose logged values Lightning records (its private ``should_update_logs``), before and after the step."""
+    from lightning.pytorch.callbacks import Callback
+
+    from clipforge.callbacks.schedule import logging_step
+
+    seen: list[tuple[bool, bool, bool]] = []
+
+    class Compare(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            self.before = logging_step(trainer)
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            lightning_says = trainer._logger_connector.should_update_logs
+            seen.append((self.before, logging_step(trainer, step_done=True), lightning_says))
+
+    cfg = compose_cfg(
+        "debug=fast",
+        "trainer.max_steps=7",
+        "trainer.log_every_n_steps=3",
+        "final_eval=false",
+        "callbacks=none",
+    )
+    from hydra.utils import instantiate
+
+    from clipforge.checkpoint import build_model
+
+    model = build_model(cfg.model, cfg.loss)
+    module = instantiate(cfg.module)(model, instantiate(cfg.loss), instantiate(cfg.optimizer), None)
+    trainer = instantiate(cfg.trainer, callbacks=[Compare()], logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert [s[2] for s in seen] == [False, False, True, False, False, True, False]  # steps 3 and 6
+    assert all(before == after == lightning for before, after, lightning in seen)

@@ -19,18 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
 
 from clipforge.models.clip import CLIP
 from clipforge.models.decoder import TextDecoder
+
+# Hydra and OmegaConf are imported where configs are built, not at import: the LightningModule imports this
+# module for the checkpoint layout, and importing the module should not pull in Hydra.
 
 
 def build_model(model_cfg: Any, loss_cfg: Any | None = None) -> CLIP:
     """Build the model config (a ``conf/model`` node, DictConfig or dict); a null ``init_logit_scale`` /
     ``init_logit_bias`` takes the loss's paper values. Built by
     :func:`clipforge.models.convert.instantiate_model`, the one builder of models from configs."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
     from clipforge.models.convert.config import instantiate_model
 
     node = (
@@ -61,8 +65,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return safe_torch_load(path)
 
 
-# Where ContrastiveModule keeps the EMA of the two-tower model (clipforge.ema.ModelEMA, `ema=default`).
-EMA_PREFIX = "ema.shadow.model."
+# The layout of a clipforge checkpoint, written by training (Lightning), `clipforge-convert import` and
+# `clipforge-consolidate`: ``{"state_dict": {"<module attribute>.<name>": tensor}, CONFIG_KEY: resolved
+# config, ...}``, where ContrastiveModule keeps the two-tower model under ``model.`` and the EMA of the
+# whole module (clipforge.ema.ModelEMA, ``ema=default``) under ``ema.shadow.``.
+CONFIG_KEY = "clipforge_config"
+MODEL_PREFIX = "model."
+EMA_PREFIX = "ema.shadow."
+
+
+def checkpoint_dict(
+    model_state: dict[str, torch.Tensor], config: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """A clipforge checkpoint dict of the model's weights (keys as ``CLIP.state_dict()`` names them)."""
+    state = {f"{MODEL_PREFIX}{k}": v.contiguous() for k, v in model_state.items()}
+    return {"state_dict": state, CONFIG_KEY: config, **extra}
+
+
+def submodule_state(ckpt: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint's ``state_dict`` under ``prefix``, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def model_state_dict(
@@ -72,8 +94,7 @@ def model_state_dict(
     the EMA of them. Anything else in the checkpoint (decoder, distillation heads) is left out."""
     if "state_dict" not in ckpt:
         raise ValueError(f"{path} has no state_dict: was it written by clipforge (train or convert import)?")
-    prefix = EMA_PREFIX if use_ema else "model."
-    state = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = submodule_state(ckpt, (EMA_PREFIX if use_ema else "") + MODEL_PREFIX)
     if use_ema and not state:
         raise ValueError(f"{path} has no EMA weights: they are kept when training with ema=default")
     return state
@@ -97,7 +118,7 @@ def load_model(path: str | Path, use_ema: bool = False) -> tuple[CLIP, dict[str,
 
 
 def _model_from(ckpt: dict[str, Any], path: str | Path, use_ema: bool) -> tuple[CLIP, dict[str, Any]]:
-    cfg = ckpt.get("clipforge_config")
+    cfg = ckpt.get(CONFIG_KEY)
     if not cfg or "model" not in cfg:
         raise ValueError(f"{path} has no clipforge config: was it written by clipforge's trainer?")
     model = build_model(cfg["model"], cfg.get("loss"))
@@ -113,10 +134,12 @@ def load_captioner(path: str | Path, use_ema: bool = False) -> tuple[CLIP, TextD
     node = ((cfg.get("objectives") or {}).get("locca") or {}).get("decoder")
     if node is None:
         raise ValueError(f"{path} has no LocCa decoder: it is trained with objectives=locca (or siglip2)")
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
     decoder = instantiate(OmegaConf.create(node))
-    prefix = ("ema.shadow." if use_ema else "") + "objectives.locca.decoder."
     decoder.load_state_dict(
-        {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        submodule_state(ckpt, (EMA_PREFIX if use_ema else "") + "objectives.locca.decoder.")
     )
     return model, decoder.eval(), cfg
 
@@ -138,7 +161,7 @@ def consolidate_checkpoint(src: str | Path) -> dict[str, Any]:
 
     src = Path(src).resolve()  # last.ckpt is a link to the newest directory
     meta = verify_sharded_checkpoint(src)["meta"]
-    cfg = meta.get("clipforge_config")
+    cfg = meta.get(CONFIG_KEY)
     if not cfg or "model" not in cfg:
         raise ValueError(f"{src} has no clipforge config: was it written by clipforge's trainer?")
     loaded: dict[str, Any] = {}
@@ -151,36 +174,31 @@ def consolidate_checkpoint(src: str | Path) -> dict[str, Any]:
         planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
         no_dist=True,
     )
-    weights = loaded.get("state_dict", {})
+    weights = submodule_state(loaded, MODEL_PREFIX) if "state_dict" in loaded else {}
     with torch.device("meta"):
-        expected = {
-            f"model.{k}": v.shape for k, v in build_model(cfg["model"], cfg.get("loss")).state_dict().items()
-        }
-    missing, unexpected = (
-        sorted(set(expected) - set(weights)),
-        sorted(k for k in weights if k.startswith("model.") and k not in expected),
-    )
+        expected = {k: v.shape for k, v in build_model(cfg["model"], cfg.get("loss")).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{src} does not match its config's model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     state = {}
     for key, tensor in weights.items():
-        shape = expected.get(key)
-        if shape is not None and tensor.shape != shape:
+        shape = expected[key]
+        if tensor.shape != shape:
             if tensor.numel() != shape.numel():
                 raise ValueError(
-                    f"{src}: {key} has shape {tuple(tensor.shape)}, the model needs {tuple(shape)}"
+                    f"{src}: model.{key} has shape {tuple(tensor.shape)}, the model needs {tuple(shape)}"
                 )
             tensor = tensor.reshape(shape)
         state[key] = tensor
-    return {
-        "state_dict": state,
-        "clipforge_config": cfg,
-        "global_step": int(meta.get("global_step", 0)),
-        "epoch": int(meta.get("epoch", 0)),
-        "consolidated_from": str(src),
-    }
+    return checkpoint_dict(
+        state,
+        cfg,
+        global_step=int(meta.get("global_step", 0)),
+        epoch=int(meta.get("epoch", 0)),
+        consolidated_from=str(src),
+    )
 
 
 def save_consolidated(src: str | Path, dst: str | Path, overwrite: bool = False) -> dict[str, Any]:

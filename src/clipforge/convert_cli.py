@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from clipforge.checkpoint import checkpoint_dict
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 
 
@@ -50,9 +51,7 @@ def import_(args: argparse.Namespace) -> dict[str, Path]:
     cfg = model_config(model)
     paths = {"config": out / "model.yaml", "checkpoint": out / "model.ckpt"}
     OmegaConf.save(OmegaConf.create(cfg), paths["config"])
-    # The layout of a clipforge Lightning checkpoint that clipforge.checkpoint.load_model reads.
-    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    torch.save({"clipforge_config": {"model": cfg}, "state_dict": state}, paths["checkpoint"])
+    torch.save(checkpoint_dict(model.state_dict(), {"model": cfg}), paths["checkpoint"])
     return paths
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from clipforge.accumulate import CachedStep, feature_cache_backward
 from clipforge.callbacks.schedule import logging_step
+from clipforge.checkpoint import CONFIG_KEY
 from clipforge.ema import ModelEMA
 from clipforge.losses import logit_stats
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
@@ -228,7 +229,7 @@ class ContrastiveModule(L.LightningModule):
         self.log("train/lr", lr, **log)
         img = F.normalize(step.image_features.float(), dim=-1)
         txt = F.normalize(step.text_features.float(), dim=-1)
-        if logging_step(self.trainer):
+        if logging_step(self.trainer, step_done=not self.automatic_optimization):
             # On this rank's local batch; the B x B logit statistics cost one small matmul per log step.
             stats = logit_stats(img, txt, step.logit_scale.float(), _float(step.logit_bias))
             self.log_dict({f"train/{k}": v for k, v in stats.items()}, **log)
@@ -316,7 +317,7 @@ class ContrastiveModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["clipforge_config"] = self.config
+        checkpoint[CONFIG_KEY] = self.config  # clipforge.checkpoint's layout: the config travels along
 
 
 def _batch_extras(batch: tuple) -> dict[str, Any]:

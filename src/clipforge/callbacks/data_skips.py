@@ -31,7 +31,7 @@ class DataSkipMonitor(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         skip_counts = getattr(trainer.datamodule, "skip_counts", None)
-        if skip_counts is None or not logging_step(trainer):
+        if skip_counts is None or not logging_step(trainer, step_done=True):
             return
         for cause, n in sorted(total_skip_counts(skip_counts()).items()):
             pl_module.log(f"data/skipped_{cause}", float(n))

@@ -85,7 +85,7 @@ class ThroughputMonitor(Callback):
             self._t0, self._samples = now, 0
             return
         self._samples += len(batch[0]) * trainer.world_size
-        if not logging_step(trainer) or now <= self._t0:
+        if not logging_step(trainer, step_done=True) or now <= self._t0:
             return
         samples_per_s = self._samples / (now - self._t0)
         self._t0, self._samples = now, 0

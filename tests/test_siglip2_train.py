@@ -16,7 +16,14 @@ from omegaconf import DictConfig, open_dict
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from clipforge.caption_cli import run_caption
-from clipforge.checkpoint import EMA_PREFIX, build_model, load_captioner, load_checkpoint, load_model
+from clipforge.checkpoint import (
+    EMA_PREFIX,
+    MODEL_PREFIX,
+    build_model,
+    load_captioner,
+    load_checkpoint,
+    load_model,
+)
 from clipforge.convert_cli import main as convert_main
 from clipforge.data import synthetic
 from clipforge.data.regions import in_crop
@@ -103,7 +110,7 @@ def test_zeroshot_cli_reads_the_ema_weights(trained: dict, tmp_path: Path) -> No
     ema, _ = load_model(ckpt, use_ema=True)
     state = load_checkpoint(ckpt)["state_dict"]
     for k, v in ema.state_dict().items():
-        assert torch.equal(v, state[EMA_PREFIX + k])
+        assert torch.equal(v, state[EMA_PREFIX + MODEL_PREFIX + k])
     assert not torch.equal(ema.visual.proj.weight, live.visual.proj.weight)
     common = (f"checkpoint={ckpt}", "eval.dataset.num_samples=12", "num_workers=0", "progress=false")
     res = run_zeroshot(_compose("zeroshot", *common, "use_ema=true", f"output_dir={tmp_path}"))

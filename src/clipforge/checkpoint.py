@@ -177,7 +177,8 @@ def consolidate_checkpoint(src: str | Path) -> dict[str, Any]:
     weights = submodule_state(loaded, MODEL_PREFIX) if "state_dict" in loaded else {}
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build_model(cfg["model"], cfg.get("loss")).state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    missing = sorted(MODEL_PREFIX + k for k in set(expected) - set(weights))
+    unexpected = sorted(MODEL_PREFIX + k for k in set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{src} does not match its config's model: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -93,3 +93,35 @@ def local_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
+def weights_sharded(trainer: Any) -> bool:
+    """Whether the trainer's strategy shards the weights (FSDP, FSDP2 under ``ModelParallelStrategy``,
+    DeepSpeed): then a forward outside the training step would need every rank's shards gathered through
+    the strategy's wrapper, so the in-training evaluation and picture callbacks skip (with a warning)
+    instead of hanging rank 0 in a collective. The checkpoints evaluate offline with ``clipforge-zeroshot
+    checkpoint=...``: FSDP's consolidated file (``state_dict_type: full``) as it is, an FSDP2 sharded
+    directory directly or after ``clipforge-consolidate``."""
+    strategy = getattr(trainer, "strategy", None)
+    names = {c.__name__ for c in type(strategy).__mro__} if strategy is not None else set()
+    return bool(names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
+
+
+SHARDED_HINT = (
+    "the strategy shards the model's weights (FSDP, FSDP2, DeepSpeed), so it cannot run a forward pass "
+    "outside the training step; evaluate the saved checkpoint with `clipforge-zeroshot checkpoint=...` "
+    "instead (a sharded checkpoint directory too, or its `clipforge-consolidate` file)"
+)
+
+
+def skip_when_sharded(owner: Any, trainer: Any, what: str) -> bool:
+    """True when ``trainer`` shards the weights, so ``owner`` (a callback) must not run ``what`` (a forward
+    outside the training step); the first time, one warning names the owner and says what to do instead."""
+    if not weights_sharded(trainer):
+        return False
+    if not getattr(owner, "_sharded_warned", False):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{type(owner).__name__}: no {what}: {SHARDED_HINT}")
+        owner._sharded_warned = True
+    return True

@@ -153,8 +153,8 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
 
     Every rank calls it: the held-out set and the class prompts are split over ranks and reduced.
     """
-    from clipforge.eval.callbacks import ZeroShotCallback
-    from clipforge.eval.distributed import SHARDED_HINT, weights_sharded
+    from clipforge.callbacks.evaluation import ZeroShotCallback
+    from clipforge.sharding import SHARDED_HINT, weights_sharded
 
     classnames = getattr(datamodule, "zeroshot_classnames", None)
     if classnames and weights_sharded(trainer):

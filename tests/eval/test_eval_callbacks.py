@@ -8,7 +8,7 @@ from evalhelpers import CLASSNAMES, FEATURES, LABELS, images_from_features
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
-from clipforge.eval.callbacks import RetrievalCallback, ZeroShotCallback
+from clipforge.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
 
 
 class TinyModule(L.LightningModule):

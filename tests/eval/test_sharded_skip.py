@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-from clipforge.eval.callbacks import ZeroShotCallback
-from clipforge.eval.distributed import weights_sharded
+from clipforge.callbacks.attention import AttentionMapCallback
+from clipforge.callbacks.evaluation import ZeroShotCallback
+from clipforge.sharding import weights_sharded
 from clipforge.train import final_zero_shot
-from clipforge.viz.callback import AttentionMapCallback
 
 
 def _trainer(strategy, **kw):

@@ -48,7 +48,7 @@ RUN = (
 
 def fault(action: str, at_step: int, count: int = 1) -> tuple[str, ...]:
     return (
-        "+callbacks.fault._target_=clipforge.fault.FaultInjector",
+        "+callbacks.fault._target_=faultinject.FaultInjector",
         f"+callbacks.fault.action={action}",
         f"+callbacks.fault.at_step={at_step}",
         f"+callbacks.fault.count={count}",

@@ -29,7 +29,8 @@ from faulthelpers import (
 from omegaconf import DictConfig, open_dict
 from test_fault_files import malicious_checkpoint
 
-from clipforge.fault import NonFiniteError, PeriodicCheckpoint, UnsafeCheckpointError
+from clipforge.callbacks import NonFiniteError, PeriodicCheckpoint
+from clipforge.fault import UnsafeCheckpointError
 from clipforge.train import train
 
 RECORDER = ("+callbacks.recorder._target_=faulthelpers.StepRecorder",)

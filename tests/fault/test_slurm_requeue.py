@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clipforge.fault.preemption import requeue_slurm_job, slurm_job_id
+from clipforge.callbacks.preemption import requeue_slurm_job, slurm_job_id
 
 
 @pytest.fixture

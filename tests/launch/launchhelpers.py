@@ -78,8 +78,11 @@ def probe(out_dir: Path, **options: int) -> tuple[str, ...]:
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The environment of a launched process: launchprobe importable, one thread, no W&B."""
-    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    """The environment of a launched process: launchprobe and the fault injector (tests/fault/faultinject.py)
+    importable, one thread, no W&B."""
+    path = os.pathsep.join(
+        p for p in (str(HERE), str(HERE.parent / "fault"), os.environ.get("PYTHONPATH", "")) if p
+    )
     return os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
 
 

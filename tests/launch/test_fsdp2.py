@@ -55,7 +55,7 @@ def run(*cmd: str, cwd: Path) -> str:
 def test_fsdp2_on_two_cpu_processes(shards, tmp_path: Path) -> None:
     run_dir = tmp_path / "fsdp2"
     sigterm_after_6 = (
-        "+callbacks.fault._target_=clipforge.fault.FaultInjector",
+        "+callbacks.fault._target_=faultinject.FaultInjector",
         "+callbacks.fault.action=sigterm",
         "+callbacks.fault.at_step=6",
     )

@@ -15,6 +15,7 @@ from modelhelpers import perturb_, small_text, small_vit, tokens
 from omegaconf import OmegaConf
 from PIL import Image
 
+from clipforge.callbacks.attention import AttentionMapCallback
 from clipforge.models import CLIP, VisionTransformer
 from clipforge.models.convert import export_open_clip, model_config
 from clipforge.viz import (
@@ -25,7 +26,6 @@ from clipforge.viz import (
     vit_attention,
 )
 from clipforge.viz.attention import similarity_mosaic
-from clipforge.viz.callback import AttentionMapCallback
 from clipforge.viz.cli import main
 
 CONF = CONF_DIR / "model"

@@ -1,16 +1,37 @@
-"""Lightning callbacks that log what a contrastive pretraining run needs (CLIP, Radford et al., 2021;
-SigLIP, Zhai et al., 2023): throughput and MFU, data-skip counters and the image-text similarity matrix.
-The loss, temperature, logit statistics and feature norms are logged by the module itself."""
+"""Every Lightning callback of a contrastive pretraining run (CLIP, Radford et al., 2021; SigLIP, Zhai et
+al., 2023), one module per concern. The loss, temperature, logit statistics and feature norms are logged
+by the module itself.
 
+* what a run logs: ``throughput`` (samples/s, MFU), ``data_skips`` (skip counters), ``similarity``
+  (image-text logit heatmap), ``attention`` (ViT attention pictures), ``evaluation`` (zero-shot, retrieval);
+* what keeps it alive: ``periodic`` (step/time checkpoints), ``preemption`` (SIGTERM/SIGUSR1, SLURM
+  requeue), ``nonfinite`` (skip non-finite steps, stop on divergence), ``rng`` (resumable RNG states);
+* shared: ``schedule`` (when to log), ``sharded`` (skipping a forward outside training under FSDP).
+"""
+
+from clipforge.callbacks.attention import AttentionMapCallback
 from clipforge.callbacks.data_skips import DataSkipMonitor
+from clipforge.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
+from clipforge.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from clipforge.callbacks.periodic import PeriodicCheckpoint
+from clipforge.callbacks.preemption import PreemptionCheckpoint
+from clipforge.callbacks.rng import ResumableRng
 from clipforge.callbacks.schedule import logging_step
 from clipforge.callbacks.similarity import SimilarityHeatmap
 from clipforge.callbacks.throughput import ThroughputMonitor, model_flops_per_sample
 
 __all__ = [
+    "AttentionMapCallback",
     "DataSkipMonitor",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "PeriodicCheckpoint",
+    "PreemptionCheckpoint",
+    "ResumableRng",
+    "RetrievalCallback",
     "SimilarityHeatmap",
     "ThroughputMonitor",
+    "ZeroShotCallback",
     "logging_step",
     "model_flops_per_sample",
 ]

@@ -1,6 +1,6 @@
 """Evaluation of contrastive image-text models as in CLIP (Radford et al., 2021): zero-shot
 classification from prompt ensembles, image-text retrieval recall@K and linear probes, as pure
-functions that shard across ranks, plus thin Lightning callbacks (``clipforge.eval.callbacks``) and
+functions that shard across ranks, plus thin Lightning callbacks (``clipforge.callbacks.evaluation``) and
 the ``clipforge-zeroshot`` command (``clipforge.eval.cli``)."""
 
 from clipforge.eval.linear_probe import linear_probe

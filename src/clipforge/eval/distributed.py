@@ -1,5 +1,5 @@
 """Sharded evaluation of CLIP-style models (Radford et al., 2021): which part of a held-out set each rank
-scores, and whether the weights are sharded so that evaluation outside the training step must skip.
+scores.
 
 Every rank evaluates its own part; counts are summed and embeddings gathered with the shared collectives of
 :mod:`clipforge.distributed`, so every rank ends with the same result. Without torch.distributed (or with
@@ -15,25 +15,6 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from clipforge.distributed import world_info
-
-
-def weights_sharded(trainer: Any) -> bool:
-    """Whether the trainer's strategy shards the weights (FSDP, FSDP2 under ``ModelParallelStrategy``,
-    DeepSpeed): then a forward outside the training step would need every rank's shards gathered through
-    the strategy's wrapper, so the in-training evaluation and picture callbacks skip (with a warning)
-    instead of hanging rank 0 in a collective. The checkpoints evaluate offline with ``clipforge-zeroshot
-    checkpoint=...``: FSDP's consolidated file (``state_dict_type: full``) as it is, an FSDP2 sharded
-    directory directly or after ``clipforge-consolidate``."""
-    strategy = getattr(trainer, "strategy", None)
-    names = {c.__name__ for c in type(strategy).__mro__} if strategy is not None else set()
-    return bool(names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
-
-
-SHARDED_HINT = (
-    "the strategy shards the model's weights (FSDP, FSDP2, DeepSpeed), so it cannot run a forward pass "
-    "outside the training step; evaluate the saved checkpoint with `clipforge-zeroshot checkpoint=...` "
-    "instead (a sharded checkpoint directory too, or its `clipforge-consolidate` file)"
-)
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:

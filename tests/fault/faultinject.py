@@ -1,7 +1,7 @@
 """Deterministic fault injection for the resume tests: kill, signal or poison a run at a chosen point.
 
 No paper. Added from the command line only, e.g.
-``+callbacks.fault._target_=clipforge.fault.FaultInjector +callbacks.fault.at_step=7
+``+callbacks.fault._target_=faultinject.FaultInjector +callbacks.fault.at_step=7
 +callbacks.fault.action=sigkill_before_optimizer_step``; a normal run never contains it.
 
 Actions (``at_step`` is the value of ``trainer.global_step`` when the fault fires, i.e. the number of

@@ -21,9 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from clipforge.eval.distributed import weights_sharded
 from clipforge.fault.atomic_io import checkpoint_dir
-from clipforge.sharding import local_grads
+from clipforge.sharding import local_grads, weights_sharded
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from clipforge.eval.distributed import SHARDED_HINT, shard_dataloader, weights_sharded
+from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import zero_shot_eval
+from clipforge.sharding import skip_when_sharded
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,8 @@ class _PeriodicEval(L.Callback):
             self._maybe_evaluate(trainer, pl_module)
 
     def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if weights_sharded(trainer):
-            self._skip(SHARDED_HINT)
-            return
-        self.evaluate(trainer, pl_module)
+        if not skip_when_sharded(self, trainer, "evaluation"):
+            self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         raise NotImplementedError

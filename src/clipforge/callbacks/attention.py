@@ -9,9 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
 
-from clipforge.eval.distributed import SHARDED_HINT, weights_sharded
+from clipforge.sharding import skip_when_sharded
 from clipforge.viz.attention import figure_to_array, vit_figures
 
 
@@ -41,7 +40,6 @@ class AttentionMapCallback(pl.Callback):
         self.layer = layer
         self.key = key
         self._last_step = -1
-        self._warned = False
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -50,11 +48,7 @@ class AttentionMapCallback(pl.Callback):
         # global_step counts optimizer steps: with gradient accumulation several batches share one.
         if step == self._last_step or step % self.every_n_steps or not trainer.is_global_zero:
             return
-        if weights_sharded(trainer):
-            # rank 0 alone would wait forever in the shards' all-gather
-            if not self._warned:
-                rank_zero_warn(f"AttentionMapCallback: no pictures: {SHARDED_HINT}")
-                self._warned = True
+        if skip_when_sharded(self, trainer, "pictures"):  # rank 0 alone would wait in the shards' all-gather
             return
         logger = wandb_logger(trainer)
         if logger is None:

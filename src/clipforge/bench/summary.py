@@ -204,7 +204,7 @@ def write_summary(out_dir: Path, results: list[PartResult], planned: list[Any], 
     lines += table(["part", "what", "budget s", "took s", "status", "file"], status)
     lines += ["", "## Training step (bf16 autocast, fused AdamW; samples/s)", ""]
     lines += step_section(rows, ["step_b16", "step_b32"]) + _cut(results, ["step_b16", "step_b32"])
-    lines += ["", "## Loss forward + backward alone (fp32 features, d = 768)", ""]
+    lines += ["", "## Loss forward + backward alone (fp32 features, TF32 matmuls on the GPU, d = 768)", ""]
     lines += loss_section(rows) + _cut(results, ["loss"])
     lines += ["", "## GPU tests (-m gpu)", "", tests_line(out_dir)]
     lines += ["", "## Lightning loop against the bare step", ""]

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clipforge.bench.summary import FILES, PartResult, write_summary
 
@@ -150,7 +151,7 @@ def parts() -> list[Part]:
     ]
 
 
-def _json_row(line: str) -> dict | None:
+def _json_row(line: str) -> dict[str, Any] | None:
     if not line.startswith("{"):
         return None
     try:
@@ -160,7 +161,9 @@ def _json_row(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def run_part(part: Part, argv: tuple[str, ...], out_dir: Path, limit_s: int, env: dict) -> PartResult:
+def run_part(
+    part: Part, argv: tuple[str, ...], out_dir: Path, limit_s: int, env: dict[str, str]
+) -> PartResult:
     """Run ``argv`` under ``timeout limit_s``, streaming its lines to the console and to its files."""
     t0 = time.monotonic()
     keep_json = part.out.endswith(".jsonl")
@@ -190,7 +193,7 @@ def run_part(part: Part, argv: tuple[str, ...], out_dir: Path, limit_s: int, env
 
 
 def run_parts(
-    todo: list[Part], out_dir: Path, dry_run: bool, deadline: float, env: dict, header: str
+    todo: list[Part], out_dir: Path, dry_run: bool, deadline: float, env: dict[str, str], header: str
 ) -> list[PartResult]:
     """Each part in turn within ``deadline`` (time.time()); the summary is rewritten after each."""
     results: list[PartResult] = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import time
@@ -28,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipforge.bench.losses import _free
 from clipforge.checkpoint import build_model
 from clipforge.compilation import COMPILE_MODES, compile_in_place
 from clipforge.conf import CONF_DIR
@@ -91,13 +91,6 @@ def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.n
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    """Return the last measurement's memory, so the next one's peak is its own."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -400,7 +393,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             compile_mode=args.compile_mode,
         )
         emit({"kind": "step", **asdict(r)})
-        _free(device)
+        _free(device)  # the next measurement's peak memory is its own
         return r
 
     for spec in args.models:

@@ -3,6 +3,7 @@
     clipforge-benchmark [step] --models vit_b16:256 ...   training-step throughput (clipforge.bench.step)
     clipforge-benchmark learning ...                       models trained by both trainers (bench.learning)
     clipforge-benchmark loss ...                           loss time and memory (clipforge.bench.losses)
+    clipforge-benchmark profile ...                        top kernels of the step (clipforge.bench.profile)
     clipforge-benchmark loader ...                         loader throughput (clipforge.data.bench)
 
 Without a benchmark name the arguments go to ``step`` (the command's first and original meaning).
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "step": "clipforge.bench.step",
     "learning": "clipforge.bench.learning",
     "loss": "clipforge.bench.losses",
+    "profile": "clipforge.bench.profile",
     "loader": "clipforge.data.bench",
 }
 
@@ -29,3 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     name = args.pop(0) if args and args[0] in BENCHMARKS else "step"
     importlib.import_module(BENCHMARKS[name]).main(args)
+
+
+if __name__ == "__main__":  # python -m clipforge.bench.cli: where the console script is not installed
+    main()

@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipforge.bench.losses import _free
 from clipforge.checkpoint import build_model
 from clipforge.compilation import COMPILE_MODES, compile_in_place
 from clipforge.conf import CONF_DIR
@@ -108,8 +109,9 @@ def make_step(
     optim_impl: str | None = None,
     compile_mode: str = "default",
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One training step. With ``compile_`` the forward of both towers and the loss form one graph,
-    compiled in ``compile_mode`` (``reduce-overhead`` adds CUDA graphs).
+    """One training step. With ``compile_`` each tower and the loss are compiled in place in
+    ``compile_mode`` (``reduce-overhead`` adds CUDA graphs), exactly as ``clipforge-train compile=...``
+    does, so the bare step and the Lightning loop time the same graphs (clipforge models only).
 
     ``optim_impl``: ``fused`` (default on GPU), ``foreach`` (default on CPU) or ``loop`` (the plain
     per-parameter reference).
@@ -119,16 +121,17 @@ def make_step(
         param_groups(model, 0.1), lr=1e-4, fused=optim_impl == "fused", foreach=optim_impl == "foreach"
     )
 
+    if compile_:
+        compile_in_place(model, loss_fn, compile_mode)
+
     def forward_loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         out = model(images, tokens)
         # open_clip leaves logit_bias out of its output dict when the model has none (CLIP)
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
 
-    fwd = torch.compile(forward_loss, mode=compile_mode) if compile_ else forward_loss
-
     def step(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with _autocast(device, precision):
-            loss = fwd(images, tokens)
+            loss = forward_loss(images, tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -181,7 +184,7 @@ def time_step(
     return (time.perf_counter() - t) / steps, flops, warm_s, float(loss)
 
 
-def bench_step(
+def build_step(
     impl: str,
     model_name: str,
     loss_kind: str,
@@ -189,12 +192,11 @@ def bench_step(
     device: torch.device,
     precision: str,
     compile_: bool,
-    steps: int,
-    warmup: int,
-    peak_tflops: float,
     overrides: list[str] | None = None,
     compile_mode: str = "default",
-) -> StepResult:
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(step, images, tokens)``: ``impl``'s model and loss (``open_clip`` or ``clipforge``) of the
+    shape of ``conf/model/<model_name>``, on ``device``, with a synthetic batch for them."""
     torch.manual_seed(0)
     cfg = compose_model_cfg(model_name, loss_kind, overrides)
     loss_cls = get_class(cfg.loss._target_)
@@ -225,6 +227,26 @@ def bench_step(
     tokens = torch.randint(1, 49407, (batch, ctx), device=device)
     tokens[:, -1] = 49407  # an EOT in every row, as the tokenizer writes
     step = make_step(model, loss_fn, device, precision, compile_, after, compile_mode=compile_mode)
+    return step, images, tokens
+
+
+def bench_step(
+    impl: str,
+    model_name: str,
+    loss_kind: str,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    compile_: bool,
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
+    overrides: list[str] | None = None,
+    compile_mode: str = "default",
+) -> StepResult:
+    step, images, tokens = build_step(
+        impl, model_name, loss_kind, batch, device, precision, compile_, overrides, compile_mode
+    )
     dt, flops, warm_s, last = time_step(step, images, tokens, steps, warmup, device)
     tflops = flops / dt / 1e12
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -353,72 +375,61 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
+    def timed(
+        name: str, batch: int, impl: str, loss_kind: str, comp: bool, overrides: list[str] | None = None
+    ) -> StepResult:
+        r = bench_step(
+            impl,
+            name,
+            loss_kind,
+            batch,
+            device,
+            args.precision,
+            comp,
+            args.steps,
+            args.warmup,
+            args.peak_tflops,
+            overrides=overrides,
+            compile_mode=args.compile_mode,
+        )
+        emit({"kind": "step", **asdict(r)})
+        _free(device)  # the next measurement's peak memory is its own
+        return r
+
     for spec in args.models:
-        name, batch = spec.split(":")
+        name, batch = spec.split(":")[0], int(spec.split(":")[1])
+        # Every eager step first, the compiled ones last: a compile that overruns the caller's time
+        # limit (about a minute for ViT-B/16 on one GPU) then costs only the compiled rows.
+        plan = [(impl, loss_kind, False) for loss_kind in args.losses for impl in args.impls]
+        if args.compile and "clipforge" in args.impls:
+            plan += [("clipforge", loss_kind, True) for loss_kind in args.losses]
+        speed: dict[tuple[str, str], float] = {}  # (loss, impl[+compile]) -> samples/s
+        for impl, loss_kind, comp in plan:
+            key = f"{impl}{'+compile' if comp else ''}"
+            speed[loss_kind, key] = timed(name, batch, impl, loss_kind, comp).samples_per_s
+            if impl == "clipforge" and (loss_kind, "open_clip") in speed:
+                ratio = round(speed[loss_kind, key] / speed[loss_kind, "open_clip"], 3)
+                emit({"kind": "ratio", "model": name, "loss": loss_kind, "impl": key, "vs_open_clip": ratio})
         for loss_kind in args.losses:
-            per_impl: dict[str, float] = {}
-            for impl in args.impls:
-                compiles = [False, True] if (args.compile and impl == "clipforge") else [False]
-                for comp in compiles:
-                    r = bench_step(
-                        impl,
-                        name,
-                        loss_kind,
-                        int(batch),
-                        device,
-                        args.precision,
-                        comp,
-                        args.steps,
-                        args.warmup,
-                        args.peak_tflops,
-                        compile_mode=args.compile_mode,
-                    )
-                    emit({"kind": "step", **asdict(r)})
-                    per_impl[f"{impl}{'+compile' if comp else ''}"] = r.samples_per_s
-            if "open_clip" in per_impl:
-                for k, v in per_impl.items():
-                    if k != "open_clip":
-                        emit(
-                            {
-                                "kind": "ratio",
-                                "model": name,
-                                "loss": loss_kind,
-                                "impl": k,
-                                "vs_open_clip": round(v / per_impl["open_clip"], 3),
-                            }
-                        )
-            for extra in args.token_reduction:
-                r = bench_step(
-                    "clipforge",
-                    name,
-                    loss_kind,
-                    int(batch),
-                    device,
-                    args.precision,
-                    args.compile,
-                    args.steps,
-                    args.warmup,
-                    args.peak_tflops,
-                    overrides=[extra],
-                    compile_mode=args.compile_mode,
-                )
-                emit({"kind": "step", **asdict(r)})
+            for extra in args.token_reduction:  # one item may hold several overrides, space-separated
+                timed(name, batch, "clipforge", loss_kind, args.compile, extra.split())
             if args.lightning:
-                # the loop around the best bare step measured above (compiled when --compile)
+                # the loop around the bare step measured above (compiled when --compile)
                 mode = args.compile_mode if args.compile else None
                 lit = bench_lightning(
-                    name, loss_kind, int(batch), device, args.precision, args.steps, args.warmup, mode
+                    name, loss_kind, batch, device, args.precision, args.steps, args.warmup, mode
                 )
                 emit({"kind": "lightning", **lit})
-                bare = per_impl.get("clipforge+compile" if args.compile else "clipforge")
+                bare = speed.get((loss_kind, "clipforge+compile" if args.compile else "clipforge"))
                 if bare:
+                    ratio = round(lit["samples_per_s"] / bare, 3)
                     emit(
                         {
                             "kind": "ratio",
                             "model": name,
                             "loss": loss_kind,
                             "impl": "clipforge+lightning",
-                            "vs_bare_step": round(lit["samples_per_s"] / bare, 3),
+                            "vs_bare_step": ratio,
                         }
                     )
     print(format_table([r for r in rows if r["kind"] in ("step", "lightning")]), flush=True)
@@ -448,7 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--token-reduction",
         nargs="*",
         default=[],
-        help="extra clipforge runs with config overrides, e.g. model.vision.patch_dropout=0.5",
+        help="extra clipforge runs with config overrides, e.g. model.vision.patch_dropout=0.5; "
+        "several in one quoted item (space-separated) apply together",
     )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)

@@ -248,7 +248,7 @@ def open_clip_loader(pattern: str, num_samples: int, batch_size: int, num_worker
     return info.dataloader
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="data/bench_shards", help="where the benchmark shards are written")
     p.add_argument("--num-samples", type=int, default=2000)
@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpu-decode", action="store_true", help="also time clipforge with JPEG decode on CUDA")
     p.add_argument("--skip-open-clip", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     pattern = write_benchmark_shards(args.root, args.num_samples)
     b, k, s = args.batch_size, args.workers, args.image_size
@@ -290,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
             r["per_worker_cpu"] = float("nan")  # the work is split between workers, this process and the GPU
             results["clipforge + nvJPEG decode (worker: read, header, tokenize)"] = r
     base = results.get("open_clip get_wds_dataset")
+    for name, r in results.items():  # one JSON line each, for scripts that collect them
+        row = {key: None if isinstance(v, float) and v != v else v for key, v in r.items()}  # NaN: null
+        print(json.dumps({"kind": "loader", "loader": name, "batch": b, "workers": k, **row}), flush=True)
     print(f"\n{b=} workers={k} image_size={s} samples={args.num_samples} torch threads=1")
     print(f"{'loader':58s} {'img/s/worker (wall)':>20s} {'img/s/worker (CPU)':>19s} {'vs open_clip':>13s}")
     for name, r in results.items():

@@ -53,7 +53,7 @@ def test_exact_accuracy_and_confusion(handset_model, tokenizer):
 
 
 def test_batches_with_sample_keys_score_the_same(handset_model, tokenizer):
-    """A loader built with data.return_keys=true yields (images, labels, keys): the keys are ignored."""
+    """A loader built with data.stream.return_keys=true yields (images, labels, keys): the keys are ignored."""
     w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}"])
     keyed = [(images, labels, [f"k{i}" for i in range(len(labels))]) for images, labels in _loader()]
     plain, with_keys = (

@@ -61,13 +61,13 @@ def wds_overrides(shards: dict[str, str], batch_size: int = 16) -> tuple[str, ..
         "data=wds",
         f"data.train_urls='{shards['train']}'",
         f"data.val_urls='{shards['heldout']}'",
-        f"data.zeroshot_urls='{shards['heldout']}'",
-        f"data.zeroshot_classnames=[{','.join(classnames)}]",
-        "data.zeroshot_templates=['a {}.']",
+        f"data.zeroshot.urls='{shards['heldout']}'",
+        f"data.zeroshot.classnames=[{','.join(classnames)}]",
+        "data.zeroshot.templates=['a {}.']",
         f"data.batch_size={batch_size}",
         "data.num_workers=1",
-        "data.shuffle_buffer=48",
-        "data.return_keys=true",
+        "data.stream.shuffle_buffer=48",
+        "data.stream.return_keys=true",
     )
 
 

@@ -2,7 +2,7 @@
 launchprobe.LaunchProbe``, with this folder on PYTHONPATH): it makes what each rank did observable
 without touching the product.
 
-- With ``data.return_keys=true`` every batch carries its sample keys (``<shard url>/<key>``); each rank
+- With ``data.stream.return_keys=true`` every batch carries its sample keys (``<shard url>/<key>``); each rank
   appends one JSON line per training batch to ``<out_dir>/rank<R>.jsonl``: global step after the batch,
   epoch, batch index and keys.
 - Every checkpoint file a process writes through clipforge's ``AtomicCheckpointIO`` is appended to

@@ -36,7 +36,7 @@ def train(run_dir: Path, log: Path, shards: dict[str, str], *extra: str) -> subp
         "trainer.precision=32-true", "trainer.strategy.timeout.seconds=120", f"hydra.run.dir={run_dir}",
         "ckpt_path=auto", *SMALL_MODEL, *QUIET, "logger=csv", "trainer.log_every_n_steps=2",
         "scheduler.warmup_steps=2", f"trainer.max_steps={STEPS}", "callbacks.periodic_checkpoint.every_n_train_steps=4",
-        *wds_overrides(shards), "data.return_keys=false", *extra,
+        *wds_overrides(shards), "data.stream.return_keys=false", *extra,
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.run(

@@ -94,7 +94,7 @@ def test_two_torchrun_nodes_train_on_their_own_shards(shards, tmp_path: Path, mo
     run_dir, probe_dir = tmp_path / "run", tmp_path / "probe"
     data = wds_overrides(shards, BATCH)
     if mode == "resampled":
-        data += ("data.resampled=true", f"data.epoch_samples={TRAIN_SHARDS * SHARD_SIZE}")
+        data += ("data.stream.resampled=true", f"data.stream.epoch_samples={TRAIN_SHARDS * SHARD_SIZE}")
     cmd = node_command(free_port(), run_dir, *data, *probe(probe_dir), f"trainer.max_steps={STEPS_PER_EPOCH}")
     procs, logs = launch_pair(tmp_path, mode, cmd)
     assert wait(procs, timeout=300) == [0, 0], failure(logs)

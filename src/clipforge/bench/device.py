@@ -74,7 +74,7 @@ def parts() -> list[Part]:
     """The budget table, in the order the parts run (most important first)."""
     fsdp2_dir = "/tmp/clipforge-fsdp2"
     train = [sys.executable, "-m", "clipforge.train", "trainer=ddp", "trainer/strategy=fsdp2", "debug=fast"]
-    train += ["trainer.max_steps=20", "data.num_train=4096", "data.num_heldout=256"]
+    train += ["trainer.max_steps=20", "data.source.num_train=4096", "data.source.num_heldout=256"]
     train += ["paths.data_dir=/tmp/clipforge-data", f"hydra.run.dir={fsdp2_dir}"]
     train += ["callbacks.periodic_checkpoint.every_n_train_steps=10"]
     consolidate = [sys.executable, "-m", "clipforge.checkpoint", f"{fsdp2_dir}/checkpoints/last.ckpt"]

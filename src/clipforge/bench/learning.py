@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -378,6 +379,9 @@ def evaluate(model: Any, data: Data, batch_size: int = 256) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ driver
+_HYDRA_LOCK = threading.Lock()  # Hydra's compose API is process-global; runs start from several threads
+
+
 def resolved_config(cmd: Sequence[str]) -> dict[str, Any]:
     """The training config a clipforge command composes (its Hydra overrides, defaults filled in), so a
     cached run is reused only while the defaults it trained with are still the defaults."""
@@ -387,7 +391,7 @@ def resolved_config(cmd: Sequence[str]) -> dict[str, Any]:
     from clipforge.conf import CONF_DIR
 
     overrides = [o for o in cmd[3:] if not o.startswith("hydra.")]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with _HYDRA_LOCK, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     keep = ("model", "loss", "data", "optimizer", "scheduler", "module", "trainer", "seed")
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in keep if k in cfg]), resolve=False)

@@ -18,7 +18,7 @@ from clipforge.callbacks.preemption import PreemptionCheckpoint
 from clipforge.callbacks.rng import ResumableRng
 from clipforge.callbacks.schedule import logging_step
 from clipforge.callbacks.similarity import SimilarityHeatmap
-from clipforge.callbacks.throughput import ThroughputMonitor, model_flops_per_sample
+from clipforge.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "AttentionMapCallback",
@@ -33,5 +33,4 @@ __all__ = [
     "ThroughputMonitor",
     "ZeroShotCallback",
     "logging_step",
-    "model_flops_per_sample",
 ]

@@ -15,34 +15,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.callbacks.schedule import logging_step
-from clipforge.checkpoint import build_model
+from clipforge.flops import H100_BF16_PEAK_FLOPS, model_flops_per_sample
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 tensor-core peak of an H100 SXM; set ``peak_flops`` for other devices (A100: 312e12).
-H100_BF16_PEAK_FLOPS = 989e12
-
-
-def model_flops_per_sample(model_cfg: Any, loss_cfg: Any | None = None, train: bool = True) -> int:
-    """FLOPs of one forward and backward pass of both towers for one image-text pair.
-
-    The model is rebuilt from its config on the meta device, so counting allocates nothing and leaves the
-    real model, its gradients and any parallel wrapper alone. In train mode patch dropout shortens the
-    image sequence exactly as it does in training. The loss (``O(B d)`` per sample) is left out.
-    """
-    with torch.device("meta"):
-        model = build_model(model_cfg, loss_cfg)
-    model.train(train)
-    size = model.visual.img_size
-    images = torch.zeros(1, 3, size, size, device="meta")
-    tokens = torch.zeros(1, model.text.context_length, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        out = model(images, tokens)
-        (out["image_features"].sum() + out["text_features"].sum()).backward()
-    return counter.get_total_flops()
 
 
 class ThroughputMonitor(Callback):

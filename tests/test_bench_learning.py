@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipforge.bench.learning import Recipe, main, prepare_synthetic, steps_per_epoch, whole_epochs
+from clipforge.bench.learning import Recipe, main, steps_per_epoch, whole_epochs
+from clipforge.bench.learning_data import prepare_synthetic
 
 
 def test_steps_are_whole_open_clip_epochs(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ STEPS, BATCH = 3, 8
 def tiny_clip(bias: float | None = None) -> CLIP:
     torch.manual_seed(0)
     vision = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, output_dim=16)
-    text = TextTransformer(vocab_size=64, context_length=8, width=32, depth=1, num_heads=2, output_dim=16)
+    text = TextTransformer(vocab_size=64, context_length=8, embed_dim=32, depth=1, num_heads=2, output_dim=16)
     return CLIP(vision, text, init_logit_bias=bias)
 
 

@@ -30,13 +30,15 @@ STEPS, BATCH, VOCAB = 4, 6, 64
 def tiny_clip() -> CLIP:
     torch.manual_seed(0)
     vision = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, output_dim=16)
-    text = TextTransformer(vocab_size=VOCAB, context_length=8, width=32, depth=1, num_heads=2, output_dim=16)
+    text = TextTransformer(
+        vocab_size=VOCAB, context_length=8, embed_dim=32, depth=1, num_heads=2, output_dim=16
+    )
     return CLIP(vision, text, init_logit_bias=-10.0)
 
 
 def objectives(start: float = 0.0) -> dict:
     torch.manual_seed(1)
-    decoder = TextDecoder(VOCAB, 8, image_dim=32, width=16, depth=1, num_heads=2, num_box_bins=8)
+    decoder = TextDecoder(VOCAB, 8, image_dim=32, embed_dim=16, depth=1, num_heads=2, num_box_bins=8)
     return {
         "locca": LocCaLoss(decoder, weight=1.0, start_frac=0.0),
         "silc": SilcLoss(DinoHead(32, 16, 24, 8), weight=0.5, start_frac=start, num_local=2, local_grid=2),

@@ -235,7 +235,7 @@ def test_data_skip_counters_are_logged() -> None:
 
     model = CLIP(
         VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, output_dim=8),
-        TextTransformer(vocab_size=64, context_length=8, width=16, depth=1, num_heads=2, output_dim=8),
+        TextTransformer(vocab_size=64, context_length=8, embed_dim=16, depth=1, num_heads=2, output_dim=8),
     )
     module = ContrastiveModule(model, ClipLoss(), functools.partial(torch.optim.AdamW, lr=1e-3))
     trainer = L.Trainer(

@@ -24,7 +24,7 @@ def tiny_clip(seed: int = 0) -> CLIP:
         img_size=IMG, patch_size=4, embed_dim=WIDTH, depth=1, num_heads=2, output_dim=8
     )
     text = TextTransformer(
-        vocab_size=VOCAB, context_length=CTX, width=WIDTH, depth=1, num_heads=2, output_dim=8
+        vocab_size=VOCAB, context_length=CTX, embed_dim=WIDTH, depth=1, num_heads=2, output_dim=8
     )
     return CLIP(vision, text).double()
 
@@ -45,7 +45,7 @@ def tips() -> TipsLoss:
 
 def locca(task_probs=(1.0, 1.0, 1.0)) -> LocCaLoss:
     torch.manual_seed(4)
-    dec = TextDecoder(VOCAB, CTX, image_dim=WIDTH, width=16, depth=1, num_heads=2, num_box_bins=8)
+    dec = TextDecoder(VOCAB, CTX, image_dim=WIDTH, embed_dim=16, depth=1, num_heads=2, num_box_bins=8)
     return LocCaLoss(dec.double(), task_probs=task_probs)
 
 

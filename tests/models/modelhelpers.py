@@ -38,7 +38,7 @@ def small_vit(**overrides: Any) -> VisionTransformer:
 
 
 def small_text(**overrides: Any) -> TextTransformer:
-    kwargs = dict(vocab_size=100, context_length=12, width=32, depth=2, num_heads=4, output_dim=16)
+    kwargs = dict(vocab_size=100, context_length=12, embed_dim=32, depth=2, num_heads=4, output_dim=16)
     kwargs.update(overrides)
     return TextTransformer(**kwargs)
 

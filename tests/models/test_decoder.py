@@ -13,7 +13,7 @@ VOCAB = 100  # BPE ids 0..99, EOT = 99
 
 
 def small_decoder(**overrides) -> TextDecoder:
-    kwargs = dict(vocab_size=VOCAB, context_length=12, image_dim=32, width=32, depth=2, num_heads=4)
+    kwargs = dict(vocab_size=VOCAB, context_length=12, image_dim=32, embed_dim=32, depth=2, num_heads=4)
     kwargs.update(num_box_bins=16)
     kwargs.update(overrides)
     torch.manual_seed(0)

@@ -273,3 +273,13 @@ def test_tiny_config_is_small_and_runs() -> None:
         out = model(torch.randn(2, 3, 32, 32), tokens(2, 20, vocab=49408))
     assert out["image_features"].shape == out["text_features"].shape == (2, 96)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2))
+
+
+def test_text_tower_names_its_width_embed_dim_and_old_configs_still_build() -> None:
+    from clipforge.models.convert import instantiate_model, model_config
+
+    model = load_yaml("tiny")
+    cfg = model_config(model)
+    assert cfg["text"]["embed_dim"] == 96 and "width" not in cfg["text"]
+    legacy = {**cfg, "text": {("width" if k == "embed_dim" else k): v for k, v in cfg["text"].items()}}
+    assert instantiate_model(legacy, device="meta").text.embed_dim == 96  # a checkpoint of an earlier version

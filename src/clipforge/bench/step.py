@@ -79,7 +79,7 @@ def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.n
     text_cfg = {
         "context_length": t.context_length,
         "vocab_size": t.vocab_size,
-        "width": t.width,
+        "width": t.embed_dim,
         "heads": t.num_heads,
         "layers": t.depth,
         "mlp_ratio": t.mlp_ratio,

@@ -122,7 +122,7 @@ class TextDecoder(nn.Module):
         vocab_size: int = 49408,
         context_length: int = 77,
         image_dim: int = 768,
-        width: int = 512,
+        embed_dim: int = 512,
         depth: int = 6,
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
@@ -143,19 +143,19 @@ class TextDecoder(nn.Module):
         self.vocab_size = self.loc_offset + num_box_bins
         # the longest sequence: a task token, a caption of context_length - 1 ids (its SOT dropped) and a box
         self.max_len = context_length + BOX_TOKENS + 1
-        self.token_embedding = nn.Embedding(self.vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.max_len, width))
+        self.token_embedding = nn.Embedding(self.vocab_size, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.max_len, embed_dim))
         # the image tokens come from any readout (an avg-pool tower leaves them un-normalised): norm, project
         self.image_norm = nn.LayerNorm(image_dim, eps=norm_eps)
-        self.image_proj = nn.Linear(image_dim, width)
+        self.image_proj = nn.Linear(image_dim, embed_dim)
         self.blocks = nn.ModuleList(
             [
-                DecoderBlock(width, num_heads, mlp_ratio, qkv_bias, norm_eps, act, fused_attn)
+                DecoderBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, fused_attn)
                 for _ in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
-        self.head = nn.Linear(width, self.vocab_size, bias=False)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(embed_dim, self.vocab_size, bias=False)
         self.apply(init_vit_weights)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
@@ -229,12 +229,12 @@ class TextDecoder(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward_features(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, width) after the final norm."""
+        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, embed_dim) after the final norm."""
         n = tokens.shape[1]
         if n > self.max_len:
             raise ValueError(f"got {n} decoder tokens but the decoder holds at most {self.max_len}")
-        context = self.image_proj(self.image_norm(image_tokens))  # (B, T, width)
-        x = self.token_embedding(tokens) + self.pos_embed[:, :n]  # (B, n, width)
+        context = self.image_proj(self.image_norm(image_tokens))  # (B, T, embed_dim)
+        x = self.token_embedding(tokens) + self.pos_embed[:, :n]  # (B, n, embed_dim)
         for blk in self.blocks:
             x = blk(x, context)
         return self.norm(x)

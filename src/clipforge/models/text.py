@@ -22,7 +22,7 @@ class TextTransformer(nn.Module):
         self,
         vocab_size: int = 49408,
         context_length: int = 77,
-        width: int = 512,
+        embed_dim: int = 512,
         depth: int = 12,
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
@@ -45,21 +45,21 @@ class TextTransformer(nn.Module):
             raise ValueError(f"pool_type must be 'eot' or 'last', got {pool_type!r}")
         self.vocab_size = vocab_size
         self.context_length = context_length
-        self.width = width
+        self.embed_dim = embed_dim
         self.causal = causal
         self.pool_type = pool_type
         self.weight_init = weight_init
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.token_embedding = nn.Embedding(vocab_size, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, embed_dim))
         self.transformer = Transformer(
             depth,
             lambda i: Block(
-                width, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, fused_attn=fused_attn
+                embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, fused_attn=fused_attn
             ),
         )
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
-        self.output_dim = output_dim or width
-        self.proj = nn.Linear(width, output_dim, bias=proj_bias) if output_dim else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.output_dim = output_dim or embed_dim
+        self.proj = nn.Linear(embed_dim, output_dim, bias=proj_bias) if output_dim else nn.Identity()
         self.init_weights()
 
     @property
@@ -68,7 +68,7 @@ class TextTransformer(nn.Module):
 
     def init_weights(self, scheme: WeightInit | None = None) -> None:
         """Re-initialise all weights with ``scheme`` (default: the constructor's ``weight_init``)."""
-        init_tower(self, scheme or self.weight_init, self.width, len(self.blocks))
+        init_tower(self, scheme or self.weight_init, self.embed_dim, len(self.blocks))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
 
@@ -79,7 +79,7 @@ class TextTransformer(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> (B, L, width) after the final norm."""
+        """(B, L) token ids -> (B, L, embed_dim) after the final norm."""
         L = tokens.shape[1]
         if self.context_length < L:
             raise ValueError(f"got {L} tokens but context_length is {self.context_length}")

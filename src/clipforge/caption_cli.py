@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from clipforge.checkpoint import load_captioner
 from clipforge.conf import CONF_DIR
 from clipforge.data.tokenizer import Tokenizer
-from clipforge.eval.datasets import eval_transform, load_image
+from clipforge.eval.datasets import eval_transform, load_images
 from clipforge.eval.runtime import resolve_device
 from clipforge.models.clip import CLIP
 from clipforge.models.decoder import BOX_TOKENS, TextDecoder, bpe_words
@@ -77,16 +77,10 @@ def run_caption(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.get("device", "auto"), model)
     model, decoder = model.to(device), decoder.to(device)
     paths = [cfg.image] if isinstance(cfg.image, str) else [str(p) for p in cfg.image]
-    transform = eval_transform(model.visual.img_size)
-    images = []
-    for p in paths:
-        try:
-            images.append(transform(load_image(p)))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
+    images = load_images(paths, eval_transform(model.visual.img_size))
     box = list(cfg.box) if cfg.get("box") is not None else None
     answers = decode(
-        model, decoder, torch.stack(images).to(device), cfg.get("task", "caption"), cfg.get("ref"), box,
+        model, decoder, images.to(device), cfg.get("task", "caption"), cfg.get("ref"), box,
         cfg.get("max_new_tokens"),
     )  # fmt: skip
     for p, a in zip(paths, answers):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from clipforge.conf import CONF_DIR
 from clipforge.distributed import world_info
-from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
+from clipforge.eval.datasets import collate_skipping, eval_transform, load_images
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import Template, load_classnames, load_templates
@@ -326,14 +326,8 @@ def _predict_images(
     device: Any,
 ) -> dict[str, Any]:
     paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image)
-    images = []
-    for p in paths:
-        try:
-            images.append(transform(load_image(p)))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
     top = predict(
-        model, classifier, torch.stack(images), classnames, k=int(cfg.get("top_k", 5)), device=device,
+        model, classifier, load_images(paths, transform), classnames, k=int(cfg.get("top_k", 5)), device=device,
         precision=cfg.get("precision", "auto"),
     )  # fmt: skip
     out = {

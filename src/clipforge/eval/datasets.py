@@ -40,6 +40,18 @@ def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[
     return partial(to_tensor, image_size=image_size, train=False, interpolation=interpolation)
 
 
+def load_images(paths: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """One image path or several, decoded and transformed into a batch; an unreadable file is an error
+    naming it (single-image commands: the user asked for exactly these images)."""
+    images = []
+    for p in [paths] if isinstance(paths, str) else [str(p) for p in paths]:
+        try:
+            images.append(transform(load_image(p)))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
+    return torch.stack(images)
+
+
 def load_image(source: str | Path | bytes) -> Image.Image:
     """Open and fully decode an image as RGB (``load()`` so a truncated file fails here, not later)."""
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)

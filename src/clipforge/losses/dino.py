@@ -91,3 +91,19 @@ def updated_centre(
     count = global_count(teacher.shape[0], teacher.device, group)
     mean = global_sum(teacher, group) / count.clamp(min=1)
     return (centre * momentum + mean.to(centre.dtype) * (1 - momentum)).to(centre.dtype)
+
+
+def centred_distillation(
+    student: Tensor,
+    teacher: Tensor,
+    centre: Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    momentum: float,
+    centre_from: Tensor | None = None,
+) -> Tensor:
+    """:func:`dino_loss` of ``student`` against ``teacher``, then the centre buffer moves (in place) towards
+    the global batch mean of ``centre_from`` (default: ``teacher``), as SILC and TIPS both train."""
+    loss = dino_loss(student, teacher, centre, student_temp, teacher_temp)
+    centre.copy_(updated_centre(centre, teacher if centre_from is None else centre_from, momentum))
+    return loss

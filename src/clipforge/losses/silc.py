@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.losses.dino import DinoHead, dino_loss, updated_centre
+from clipforge.losses.dino import DinoHead, centred_distillation
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 
@@ -110,15 +110,15 @@ class SilcLoss(Objective):
             tvis = teacher.model.visual
             global_feat = tvis.forward_head(batch.teacher_tokens(teacher.model), pre_logits=True)  # (B, D)
             teacher_scores = teacher.objective.head(global_feat)  # (B, K)
-        loss = dino_loss(
+        return centred_distillation(
             student_scores,
             teacher_scores.repeat_interleave(self.num_local, dim=0),  # each crop's target: its image's
             self.centre,
             self.student_temp,
             self.teacher_temp,
+            self.centre_momentum,
+            centre_from=teacher_scores,  # one row per image, not per crop
         )
-        self.centre.copy_(updated_centre(self.centre, teacher_scores, self.centre_momentum))
-        return loss
 
     def extra_repr(self) -> str:
         return (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from clipforge.losses.dino import DinoHead, dino_loss, updated_centre
+from clipforge.losses.dino import DinoHead, centred_distillation
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 
@@ -75,15 +75,14 @@ class TipsLoss(Objective):
             teacher_scores = teacher.objective.head(
                 target_tokens[mask]
             )  # (M, K), the same rows as the student's
-        loss = dino_loss(
+        return centred_distillation(
             student_scores,
             teacher_scores,
             self.centre,
             self.student_temp,
             self.teacher_temp,
+            self.centre_momentum,
         )
-        self.centre.copy_(updated_centre(self.centre, teacher_scores, self.centre_momentum))
-        return loss
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, start_frac={self.start_frac}, mask_ratio={self.mask_ratio}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from clipforge.bench.learning import Recipe, main, steps_per_epoch, whole_epochs
 from clipforge.bench.learning_data import prepare_synthetic
 
@@ -33,3 +35,29 @@ def test_both_trainers_train_and_are_scored_by_one_evaluator(tmp_path: Path, cap
     # a second call reuses the finished runs instead of training again
     again = main(argv)
     assert [r.train_s for r in again] == [r.train_s for r in results]
+
+
+@pytest.mark.slow
+def test_siglip2_benchmark_scores_every_variant(tmp_path: Path) -> None:
+    from clipforge.bench.siglip2 import main as siglip2
+
+    small = ["data.source.num_train=256", "data.source.num_heldout=64", "data.source.samples_per_shard=128"]
+    rows = siglip2(
+        [
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--variants",
+            "base",
+            "all",
+            "--override",
+            *small,
+        ]
+    )
+    base, everything = rows
+    assert base.box_accuracy is None and everything.box_accuracy is not None
+    for r in rows:
+        assert 0 <= r.zeroshot_top1 <= 1 and 0 <= r.dense_miou <= 1

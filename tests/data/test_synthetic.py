@@ -73,12 +73,15 @@ def test_image_shows_the_shape_colour_where_the_caption_says():
 def test_box_is_the_tight_box_of_the_drawn_shape(shape):
     # Render without background noise so every pixel the shape touches is visible; same draws as render().
     rng = np.random.default_rng(5)
-    image, box = synthetic.render_with_box(shape, "white", "large", "top right", 64, rng)
+    image, box, coverage = synthetic.draw(shape, "white", "large", "top right", 64, rng)
     x0, y0, x1, y1 = box
     assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
     alpha_rng = np.random.default_rng(5)
-    _, again = synthetic.render_with_box(shape, "white", "large", "top right", 64, alpha_rng)
+    _, again, _ = synthetic.draw(shape, "white", "large", "top right", 64, alpha_rng)
     assert again == box  # a pure function of the draws
+    ys_c, xs_c = np.nonzero(coverage > 0)  # the coverage map lies inside the box too
+    assert xs_c.min() >= np.floor(x0 * 64) and xs_c.max() + 1 <= np.ceil(x1 * 64)
+    assert ys_c.min() >= np.floor(y0 * 64) and ys_c.max() + 1 <= np.ceil(y1 * 64)
     img = np.asarray(image).astype(float).mean(axis=-1)
     ys, xs = np.nonzero(img > 160)  # (well inside the shape: white over a background below ~100)
     assert len(xs) > 20

@@ -5,6 +5,7 @@
     clipforge-benchmark loss ...                           loss time and memory (clipforge.bench.losses)
     clipforge-benchmark profile ...                        top kernels of the step (clipforge.bench.profile)
     clipforge-benchmark loader ...                         loader throughput (clipforge.data.bench)
+    clipforge-benchmark siglip2 ...                        what the SigLIP 2 objectives add (bench.siglip2)
 
 Without a benchmark name the arguments go to ``step`` (the command's first and original meaning).
 """
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "loss": "clipforge.bench.losses",
     "profile": "clipforge.bench.profile",
     "loader": "clipforge.data.bench",
+    "siglip2": "clipforge.bench.siglip2",
 }
 
 

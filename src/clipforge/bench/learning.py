@@ -89,7 +89,7 @@ def _thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def _run(cmd: list[str], log: Path, threads: int) -> float:
+def run_logged(cmd: list[str], log: Path, threads: int) -> float:
     start = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_thread_env(threads), check=False)
@@ -251,7 +251,7 @@ def run_one(
         print(f"[learning] reuse {tag}", flush=True)
         return RunResult(**saved["result"])
     print(f"[learning] start {tag}", flush=True)
-    seconds = _run(cmd, run_dir / "train.log", threads)
+    seconds = run_logged(cmd, run_dir / "train.log", threads)
     res = evaluate(load_trained(trainer, run_dir, model_cfg), data)
     _, steps = whole_epochs(data, recipe)
     result = RunResult(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -108,6 +108,9 @@ class SyntheticSample:
     image: Image.Image
     caption: str
     meta: dict
+    # (H, W) fraction of each pixel the shape covers: the dense-probe target (clipforge.eval.dense);
+    # not written to shards
+    coverage: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @functools.cache
@@ -148,10 +151,10 @@ def render(
     supersample: int = 4,
 ) -> Image.Image:
     """Draw one anti-aliased shape on a noisy dark background; ``rng`` adds small jitter everywhere."""
-    return render_with_box(shape, color, size, position, image_size, rng, supersample)[0]
+    return draw(shape, color, size, position, image_size, rng, supersample)[0]
 
 
-def render_with_box(
+def draw(
     shape: str,
     color: str,
     size: str,
@@ -159,10 +162,11 @@ def render_with_box(
     image_size: int,
     rng: np.random.Generator,
     supersample: int = 4,
-) -> tuple[Image.Image, Box]:
-    """:func:`render`, and the shape's bounding box: the tightest box around the covered sub-pixels of the
-    supersampled mask, normalised by the image side (so every drawn pixel, anti-aliased edges included,
-    lies inside it). Same draws from ``rng`` in the same order as before boxes existed: same pixels."""
+) -> tuple[Image.Image, Box, np.ndarray]:
+    """:func:`render`, the shape's bounding box and its (H, W) pixel coverage. The box is the tightest one
+    around the covered sub-pixels of the supersampled mask, normalised by the image side (so every drawn
+    pixel, anti-aliased edges included, lies inside it). Same draws from ``rng`` in the same order as
+    before boxes existed: same pixels."""
     s = image_size * supersample
     cx, cy = POSITIONS[position]
     cx += rng.uniform(-0.04, 0.04)
@@ -181,7 +185,7 @@ def render_with_box(
     bg = bg_level + rng.normal(0, 8, (image_size, image_size, 3)).astype(np.float32)
     img = bg * (1 - alpha[..., None]) + rgb * alpha[..., None]
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
-    return image, tuple(round(float(b), 6) for b in box)
+    return image, tuple(round(float(b), 6) for b in box), alpha
 
 
 def referring_expression(shape: str, color: str, size: str) -> str:
@@ -201,7 +205,7 @@ def make_sample(
     shape, color, size, position = combos[int(rng.integers(len(combos)))]
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
     caption = template.format(shape=shape, color=color, size=size, position=position)
-    image, box = render_with_box(shape, color, size, position, image_size, rng)
+    image, box, coverage = draw(shape, color, size, position, image_size, rng)
     meta = {
         "shape": shape,
         "color": color,
@@ -215,7 +219,7 @@ def make_sample(
         "box": list(box),
         "referring_expression": referring_expression(shape, color, size),
     }
-    return SyntheticSample(key=f"{index:09d}", image=image, caption=caption, meta=meta)
+    return SyntheticSample(key=f"{index:09d}", image=image, caption=caption, meta=meta, coverage=coverage)
 
 
 def generate(

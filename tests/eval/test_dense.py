@@ -1,0 +1,103 @@
+"""The localisation measures: per-patch targets from the generator's coverage, mean IoU, the dense linear
+probe (perfect on features that carry the class, chance-like on features that do not), box IoU and the
+referring-box accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clipforge.data import synthetic
+from clipforge.eval import dense
+from clipforge.eval.dense import box_iou, dense_probe, mean_iou, patch_targets
+
+
+def test_patch_targets_label_the_patches_a_shape_mostly_covers() -> None:
+    coverage = np.zeros((8, 8))
+    coverage[0:4, 0:4] = 1.0  # patch (0, 0) fully covered
+    coverage[4:8, 4:6] = 1.0  # patch (1, 1) half covered: counts
+    coverage[0:4, 4:5] = 1.0  # patch (0, 1) a quarter: background
+    assert patch_targets(coverage, label=2, patch_size=4).tolist() == [3, 0, 0, 3]
+
+
+def test_generated_coverage_gives_shape_patches_in_its_box() -> None:
+    s = synthetic.make_sample(3, "heldout", image_size=32)
+    targets = patch_targets(s.coverage, s.meta["label"], patch_size=4).reshape(8, 8)
+    rows, cols = np.nonzero(targets)
+    assert len(rows) > 0 and set(targets[rows, cols].tolist()) == {s.meta["label"] + 1}
+    x0, y0, x1, y1 = s.meta["box"]
+    assert cols.min() >= math.floor(x0 * 8) and cols.max() < math.ceil(x1 * 8)
+    assert rows.min() >= math.floor(y0 * 8) and rows.max() < math.ceil(y1 * 8)
+
+
+def test_mean_iou_by_hand() -> None:
+    pred = torch.tensor([0, 0, 1, 1, 2])
+    target = torch.tensor([0, 1, 1, 1, 0])
+    miou, per_class = mean_iou(pred, target, num_classes=4)
+    assert per_class[:3] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 0.0] and math.isnan(per_class[3])
+    assert miou == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+
+
+class _PatchMeans(nn.Module):
+    """A stand-in image tower: each 4x4 patch's token is its mean colour (plus noise dims when ``noise``)."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, informative: bool) -> None:
+        super().__init__()
+        self.informative = informative
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).mean(dim=(-1, -2))  # (B, 3, g, g)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, N, 3)
+        if not self.informative:
+            tokens = torch.randn_like(tokens)
+        return tokens
+
+
+def _split(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Images of 2x2 patches coloured by class (0 black, 1 red, 2 green), with their patch targets."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n, 2, 2), generator=g)
+    colours = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    images = colours[labels].permute(0, 3, 1, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    return images, labels.reshape(n, -1).numpy()
+
+
+def test_dense_probe_reads_what_the_patch_tokens_carry() -> None:
+    train, test = _split(40, 0), _split(20, 1)
+    model = nn.Module()
+    model.visual = _PatchMeans(informative=True)
+    good = dense_probe(model, train, test, num_classes=3)
+    assert good["miou"] == pytest.approx(1.0) and good["patch_accuracy"] == 1.0
+    model.visual = _PatchMeans(informative=False)
+    torch.manual_seed(0)
+    blind = dense_probe(model, train, test, num_classes=3)
+    assert blind["miou"] < 0.5
+
+
+def test_box_iou_by_hand() -> None:
+    assert box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    assert box_iou([0, 0, 0.5, 1], [0.25, 0, 0.75, 1]) == pytest.approx(0.25 / 0.75)
+    assert box_iou([0, 0, 0.1, 0.1], [0.5, 0.5, 1, 1]) == 0.0
+
+
+def test_referring_box_accuracy_decodes_each_expression_once(monkeypatch) -> None:
+    calls = []
+
+    def fake_decode(model, decoder, images, task, ref):
+        calls.append((ref, images.shape[0]))
+        return [[0.0, 0.0, 0.5, 0.5]] * images.shape[0]
+
+    monkeypatch.setattr(dense, "decode", fake_decode)
+    images = torch.zeros(3, 3, 8, 8)
+    refs = ["the red circle", "the blue square", "the red circle"]
+    boxes = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.6, 0.5]]
+    res = dense.referring_box_accuracy(nn.Module(), nn.Module(), images, refs, boxes)
+    assert sorted(calls) == [("the blue square", 1), ("the red circle", 2)]
+    assert res["accuracy"] == pytest.approx(2 / 3)
+    assert res["mean_iou"] == pytest.approx((1.0 + 0.0 + 0.25 / 0.3) / 3)

@@ -122,6 +122,6 @@ def skip_when_sharded(owner: Any, trainer: Any, what: str) -> bool:
     if not getattr(owner, "_sharded_warned", False):
         from lightning.pytorch.utilities import rank_zero_warn
 
-        rank_zero_warn(f"{type(owner).__name__}: no {what}: {SHARDED_HINT}")
+        rank_zero_warn(f"{type(owner).__name__}: {SHARDED_HINT}; no {what} from now on")
         owner._sharded_warned = True
     return True

@@ -52,6 +52,7 @@ class ContrastiveModule(L.LightningModule):
         grad_clip_norm: float | None = 1.0,
         objectives: Mapping[str, Objective] | None = None,
         ema: EMAFactory | None = None,
+        decay_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if accum_freq < 1:
@@ -79,7 +80,7 @@ class ContrastiveModule(L.LightningModule):
         self.automatic_optimization = accum_freq == 1
         # Which parameters take weight decay, decided by name on the unwrapped model: under FSDP
         # (use_orig_params) they are flat 1-D shards by the time configure_optimizers runs.
-        decay = {id(p) for p in param_groups(model, 1.0)[0]["params"]}
+        decay = {id(p) for p in param_groups(model, 1.0, decay_embeddings)[0]["params"]}
         self._decay_names = {name for name, p in model.named_parameters() if id(p) in decay}
         # Present only when configured, so a default run's state_dict and checkpoints keep their keys.
         self.objectives = nn.ModuleDict(dict(objectives)) if objectives else None

@@ -15,13 +15,18 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """``[decay group, no-decay group]``. ``decay_embeddings`` decays the embedding tables too (token and
+    position embeddings: the names ``no_weight_decay`` lists whose squeezed shape has 2 dims), as
+    open_clip's rule does (every matrix but norms, biases and the logit scale); CLS tokens, attention-pool
+    latents, norms, biases and the logit scale/bias are never decayed."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+        table = decay_embeddings and p.squeeze().ndim >= 2
+        (no_decay if p.ndim < 2 or (name in skip and not table) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

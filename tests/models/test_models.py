@@ -283,3 +283,32 @@ def test_text_tower_names_its_width_embed_dim_and_old_configs_still_build() -> N
     assert cfg["text"]["embed_dim"] == 96 and "width" not in cfg["text"]
     legacy = {**cfg, "text": {("width" if k == "embed_dim" else k): v for k, v in cfg["text"].items()}}
     assert instantiate_model(legacy, device="meta").text.embed_dim == 96  # a checkpoint of an earlier version
+
+
+def test_decay_embeddings_decays_exactly_what_open_clip_decays() -> None:
+    """open_clip's rule on its own model: every parameter with >= 2 dims except norms, biases and the logit
+    scale. With decay_embeddings the same parameters (by converted name) decay in clipforge."""
+    import open_clip
+
+    from clipforge.models.convert import open_clip_key_map, open_clip_model_cfg
+    from clipforge.optim import param_groups
+
+    ours = load_yaml("tiny").to_empty(device="cpu")
+    theirs_names = {
+        n
+        for n, p in open_clip.model.CLIP(**open_clip_model_cfg(ours)).named_parameters()
+        if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)
+    }
+    to_theirs = {o: r.theirs for r in open_clip_key_map(ours, open_clip_model_cfg(ours)) for o in r.ours}
+    names = {id(p): n for n, p in ours.named_parameters()}
+    for decay_embeddings in (False, True):
+        decayed = {names[id(p)] for p in param_groups(ours, 0.2, decay_embeddings)[0]["params"]}
+        theirs = {t for n in decayed for t in to_theirs[n]}
+        if decay_embeddings:
+            assert theirs == theirs_names
+        else:
+            assert theirs_names - theirs == {
+                "positional_embedding",
+                "token_embedding.weight",
+                "visual.positional_embedding",
+            }

@@ -250,8 +250,14 @@ def run_one(
         # is deterministic, keep its result
         print(f"[learning] reuse {tag}", flush=True)
         return RunResult(**saved["result"])
-    print(f"[learning] start {tag}", flush=True)
-    seconds = run_logged(cmd, run_dir / "train.log", threads)
+    trained = run_dir / "trained.json"  # training done, evaluation maybe not (it can fail on its own)
+    marker = json.loads(trained.read_text()) if trained.is_file() else {}
+    if marker and {k: v for k, v in marker.items() if k != "train_s"} == key:
+        seconds = float(marker["train_s"])
+    else:
+        print(f"[learning] start {tag}", flush=True)
+        seconds = run_logged(cmd, run_dir / "train.log", threads)
+        trained.write_text(json.dumps({**key, "train_s": seconds}))
     res = evaluate(load_trained(trainer, run_dir, model_cfg), data)
     _, steps = whole_epochs(data, recipe)
     result = RunResult(

@@ -222,6 +222,15 @@ def resolved_config(cmd: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in keep if k in cfg]), resolve=False)
 
 
+def _same_training(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of a sibling run whose resolved config is this one's (run directories aside)."""
+    for other in run_dir.parent.glob("*/result.json"):
+        saved = json.loads(other.read_text())
+        if other.parent != run_dir and saved.get("config") == key["config"]:
+            return saved["result"]
+    return None
+
+
 def run_one(
     trainer: str,
     loss: str,
@@ -250,6 +259,13 @@ def run_one(
         # is deterministic, keep its result
         print(f"[learning] reuse {tag}", flush=True)
         return RunResult(**saved["result"])
+    twin = _same_training(run_dir, key) if trainer == "clipforge" else None
+    if twin is not None:
+        # another name for the same training (a variant's overrides that are now the defaults)
+        print(f"[learning] reuse {tag} (trained as {twin['variant'] or 'defaults'})", flush=True)
+        result = RunResult(**{**twin, "variant": variant, "overrides": list(overrides)})
+        done.write_text(json.dumps({**key, "result": asdict(result)}))
+        return result
     trained = run_dir / "trained.json"  # training done, evaluation maybe not (it can fail on its own)
     marker = json.loads(trained.read_text()) if trained.is_file() else {}
     if marker and {k: v for k, v in marker.items() if k != "train_s"} == key:

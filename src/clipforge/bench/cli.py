@@ -6,6 +6,7 @@
     clipforge-benchmark profile ...                        top kernels of the step (clipforge.bench.profile)
     clipforge-benchmark loader ...                         loader throughput (clipforge.data.bench)
     clipforge-benchmark siglip2 ...                        what the SigLIP 2 objectives add (bench.siglip2)
+    clipforge-benchmark init ...                           which weight init trains a model fastest (bench.init_sweep)
 
 Without a benchmark name the arguments go to ``step`` (the command's first and original meaning).
 """
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "profile": "clipforge.bench.profile",
     "loader": "clipforge.data.bench",
     "siglip2": "clipforge.bench.siglip2",
+    "init": "clipforge.bench.init_sweep",
 }
 
 

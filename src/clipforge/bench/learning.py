@@ -365,8 +365,29 @@ def _variants(specs: list[str]) -> list[tuple[str, list[str]]]:
         name, sep, rest = spec.partition(":")
         if not sep or not name or not rest:
             raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-        out.append((name, [o for o in rest.split(",") if o]))
+        out.append((name, _split_overrides(rest)))
     return out
+
+
+def _split_overrides(text: str) -> list[str]:
+    """``a=1,b=[0.8,1.0]`` -> ``["a=1", "b=[0.8,1.0]"]``: commas inside brackets or quotes stay."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p for p in parts if p]
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:

@@ -233,6 +233,7 @@ def _vision_node(v: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[st
         elif proj == "linear":
             node.update(output_dim=embed_dim, proj_bias=bool(v.get("timm_proj_bias", False)))
         node["patch_dropout"] = v.get("patch_dropout", 0.0)
+        node["weight_init"] = "timm"  # a timm trunk inside open_clip starts from timm's own init
         return {"_target_": VISION_TARGET, **node}
     if isinstance(v.get("layers", 12), list | tuple):
         raise ValueError("open_clip ResNet image towers are not supported")
@@ -266,6 +267,7 @@ def _vision_node(v: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[st
         "proj_bias": False,
         "init_values": v.get("ls_init_value"),
         "patch_dropout": v.get("patch_dropout", 0.0),
+        "weight_init": "openclip",  # retraining an imported model starts from open_clip's own init
     }
 
 
@@ -296,6 +298,7 @@ def _text_node(t: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[str,
         "norm_eps": (t.get("norm_kwargs") or {}).get("eps", 1e-5),
         "act": _act(t.get("act_kwargs"), quick_gelu),
         "init_values": t.get("ls_init_value"),
+        "weight_init": "openclip",
     }
 
 

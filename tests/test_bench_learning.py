@@ -61,3 +61,21 @@ def test_siglip2_benchmark_scores_every_variant(tmp_path: Path) -> None:
     assert base.box_accuracy is None and everything.box_accuracy is not None
     for r in rows:
         assert 0 <= r.zeroshot_top1 <= 1 and 0 <= r.dense_miou <= 1
+
+
+@pytest.mark.slow
+def test_init_sweep_trains_each_scheme_and_reuses_finished_runs(tmp_path: Path) -> None:
+    from clipforge.bench.init_sweep import main as init_sweep
+
+    argv = ["--out", str(tmp_path), "--models", "tiny", "--schemes", "timm", "openclip", "--steps", "3"]
+    argv += ["--last", "2", "--batch-size", "8", "--warmup", "1", "--image-size", "16"]
+    rows = init_sweep(argv)
+    assert [(r["scheme"], r["image_size"]) for r in rows] == [("timm", 16), ("openclip", 16)]
+    assert all(r["final_loss"] > 0 and r["train_s"] > 0 for r in rows)
+    # the schemes really differ: the same seed and data give different losses
+    assert rows[0]["final_loss"] != rows[1]["final_loss"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "data") == [
+        "tiny-16px-clip-openclip",
+        "tiny-16px-clip-timm",
+    ]
+    assert init_sweep(argv) == rows  # finished runs are read back, not retrained

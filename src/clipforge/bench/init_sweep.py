@@ -7,6 +7,7 @@ the models too large to train to convergence on a CPU (the tiny one is chosen by
 ``clipforge-benchmark learning``).
 
     clipforge-benchmark init --models vit_b32 --schemes timm openclip torch --steps 40 --batch-size 16
+    clipforge-benchmark init --models siglip_b16 --image-size 112     # B/16 widths and depth, 49 patches
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def command(run_dir: Path, model: str, scheme: str, args: argparse.Namespace) ->
         f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1", f"data.batch_size={args.batch_size}",
         f"scheduler.warmup_steps={args.warmup}", f"optimizer.lr={args.lr}", "data.source.num_train=4096",
         "data.source.num_heldout=64", "logger=csv", "final_eval=false", "callbacks=none", f"seed={args.seed}",
-    ]  # fmt: skip
+    ] + ([f"model.vision.img_size={args.image_size}"] if args.image_size else [])  # fmt: skip
 
 
 def mean_last_losses(run_dir: Path, last: int) -> float:
@@ -64,12 +65,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="default: the model's own; every scheme scales by width and depth only, so a smaller image "
+        "(fewer patches) measures the same choice for less compute",
+    )
     args = p.parse_args(argv)
     rows = []
     for model in args.models:
         loss = args.loss or ("siglip" if model.startswith("siglip") else "clip")
         for scheme in args.schemes or DEFAULT_SCHEMES.get(model, ["timm", "openclip"]):
-            run_dir = (args.out / f"{model}-{loss}-{scheme}").resolve()
+            size = f"-{args.image_size}px" if args.image_size else ""
+            run_dir = (args.out / f"{model}{size}-{loss}-{scheme}").resolve()
             done = run_dir / "loss.json"
             run_dir.mkdir(parents=True, exist_ok=True)
             if not done.is_file():
@@ -84,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     "scheme": scheme,
                     "steps": args.steps,
                     "batch": args.batch_size,
+                    "image_size": args.image_size,
                 }
                 row |= {"final_loss": mean_last_losses(run_dir, args.last), "train_s": round(seconds, 1)}
                 done.write_text(json.dumps(row))

@@ -52,12 +52,18 @@ def test_resume_continues_the_step_count(compose_cfg) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_default_run_learns_above_chance(compose_cfg, loss: str) -> None:
-    """The README's main job: held-out zero-shot accuracy clearly above chance for both losses."""
+def test_default_run_learns_what_the_old_recipe_missed(compose_cfg, loss: str) -> None:
+    """The README's main job learns what the old recipe could not: a recipe regression fails here.
+
+    Measured on the 2-core CPU machine (README, "Learning parity"), held-out zero-shot top-1 against 16.7%
+    chance: CLIP 92.9%, SigLIP 73.3% with today's defaults (the learning benchmark's seeds: 88.9-95.3% and
+    71.6-83.1%); the old timm init reached 35.4% and 28.5% (seeds: 34.5-37.6%, 16.5-31.9%), and open_clip's
+    own trainer 75.8-83.6% and 51.2-63.4% on the same generator. 60% lies below every seed of the current
+    recipe and far above every seed of the old one.
+    """
     cfg = compose_cfg(f"loss={loss}", "logger=none")
     metrics, _ = train(cfg)
-    # Measured on the 2-core CI machine: CLIP 35.4%, SigLIP 28.5% against 16.7% chance (README).
-    assert metrics["final/zeroshot_top1"] > 1.5 * metrics["final/zeroshot_chance"]
+    assert metrics["final/zeroshot_top1"] > 0.6
 
 
 def test_init_from_loads_weights_at_another_image_size(compose_cfg, tmp_path: Path) -> None:

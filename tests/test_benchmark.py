@@ -58,10 +58,13 @@ def test_fused_attention_step_equals_math_step() -> None:
     l2, p2 = _two_steps(fused_attn=False, foreach=False, precision="fp32")
     for a, b in zip(l1, l2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # Adam divides by sqrt(v): a gradient of ~1e-9 and its float32 twin can move a weight by a sizeable
-    # fraction of lr (1e-4) in opposite directions, so the weights agree to a small part of two lr steps.
-    for a, b in zip(p1, p2, strict=True):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=0)
+    # Adam divides by sqrt(v) + eps: where a gradient is near eps (1e-6), its float32 twin from the other
+    # attention kernel can move the weight by a sizeable part of lr (1e-4), even in the other direction.
+    # So: nearly every weight agrees to float precision, and none is further apart than Adam can move two
+    # weights in two steps (2 steps x 2 x lr).
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(p1, p2, strict=True)])
+    assert (diff > 1e-6).float().mean().item() < 1e-3
+    assert diff.max().item() <= 2 * 2 * 1e-4
 
 
 def test_fused_attention_gradients_equal_math_gradients() -> None:

@@ -9,6 +9,7 @@ weight converters stay plain key maps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,31 @@ class Transformer(nn.Module):
             else:
                 x = blk(x, is_causal=is_causal)
         return x
+
+
+class Tower(nn.Module):
+    """What the image and text towers share: their constructor arguments (``init_kwargs``, so converters
+    can describe a tower, e.g. as open_clip config), a :class:`Transformer` trunk (``self.transformer``,
+    set by the subclass) and the projection into the shared image-text space."""
+
+    transformer: Transformer
+
+    def __init__(self, init_locals: dict[str, Any]) -> None:
+        """``init_locals``: the subclass constructor's ``locals()``, taken before anything else is bound."""
+        super().__init__()
+        self.init_kwargs = {k: v for k, v in init_locals.items() if k not in ("self", "__class__")}
+
+    def make_proj(self, embed_dim: int, output_dim: int | None, bias: bool) -> None:
+        """``self.proj``: a linear map to ``output_dim``, or the identity (``output_dim`` falsy)."""
+        self.output_dim = output_dim or embed_dim
+        self.proj = nn.Linear(embed_dim, output_dim, bias=bias) if output_dim else nn.Identity()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
 
 
 class AttentionPool(HeadAttention):

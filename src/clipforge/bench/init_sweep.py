@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipforge.bench.learning import run_logged
+from clipforge.bench.learning_trainers import run_logged
 
 DEFAULT_SCHEMES = {
     "tiny": ["timm", "openclip", "torch"],

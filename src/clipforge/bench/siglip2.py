@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.bench.learning import resolved_config, run_logged
+from clipforge.bench.learning import resolved_config
+from clipforge.bench.learning_trainers import run_logged
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],

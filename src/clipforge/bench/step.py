@@ -28,6 +28,7 @@ from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipforge.bench.losses import _free
+from clipforge.bench.open_clip_ref import open_clip_loss, open_clip_model
 from clipforge.checkpoint import build_model
 from clipforge.compilation import COMPILE_MODES, compile_in_place
 from clipforge.conf import CONF_DIR
@@ -35,7 +36,6 @@ from clipforge.flops import H100_BF16_PEAK_FLOPS
 from clipforge.optim import param_groups
 
 H100_BF16_DENSE_TFLOPS = H100_BF16_PEAK_FLOPS / 1e12
-OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32"}
 
 
 @dataclass
@@ -61,32 +61,6 @@ class StepResult:
 def compose_model_cfg(model: str, loss: str, overrides: list[str] | None = None) -> Any:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[f"model={model}", f"loss={loss}", *(overrides or [])])
-
-
-def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.nn.Module:
-    """open_clip's CLIP of the same shape as a clipforge model config (ViT-B names use open_clip's own)."""
-    import open_clip
-
-    v, t = model_cfg.vision, model_cfg.text
-    vision_cfg = {
-        "image_size": v.img_size,
-        "patch_size": v.patch_size,
-        "width": v.embed_dim,
-        "layers": v.depth,
-        "head_width": v.embed_dim // v.num_heads,
-        "mlp_ratio": v.mlp_ratio,
-    }
-    text_cfg = {
-        "context_length": t.context_length,
-        "vocab_size": t.vocab_size,
-        "width": t.embed_dim,
-        "heads": t.num_heads,
-        "layers": t.depth,
-        "mlp_ratio": t.mlp_ratio,
-    }
-    return open_clip.model.CLIP(
-        embed_dim=v.output_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_bias=init_logit_bias
-    )
 
 
 def _sync(device: torch.device) -> None:
@@ -143,20 +117,6 @@ def make_step(
     return step
 
 
-def _open_clip_loss(kind: str) -> torch.nn.Module:
-    from open_clip.loss import ClipLoss, SigLipLoss
-
-    if kind == "siglip":
-        return SigLipLoss()
-    inner = ClipLoss()
-
-    class _Wrapped(torch.nn.Module):  # same call signature as clipforge's losses
-        def forward(self, fi, ft, scale, bias=None):  # type: ignore[no-untyped-def]
-            return inner(fi, ft, scale)
-
-    return _Wrapped()
-
-
 def time_step(
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -202,19 +162,8 @@ def build_step(
     cfg = compose_model_cfg(model_name, loss_kind, overrides)
     loss_cls = get_class(cfg.loss._target_)
     if impl == "open_clip":
-        import open_clip
-
-        if model_name in OPEN_CLIP_NAMES and not overrides:
-            model = open_clip.create_model(
-                OPEN_CLIP_NAMES[model_name], output_dict=True, init_logit_bias=loss_cls.init_logit_bias
-            )
-        else:
-            model = open_clip_from_cfg(cfg.model, loss_cls.init_logit_bias)
-            model.output_dict = True
-        if loss_cls.init_logit_bias is not None:
-            with torch.no_grad():
-                model.logit_scale.fill_(loss_cls.init_logit_scale)
-        loss_fn = _open_clip_loss(loss_kind)
+        model = open_clip_model(model_name, cfg.model, loss_cls, overrides)
+        loss_fn = open_clip_loss(loss_kind)
         after = None
     else:
         model = build_model(cfg.model, cfg.loss)

@@ -9,9 +9,7 @@ calls (and tests call). Under ``torchrun`` every rank evaluates its part and ran
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import Template, load_classnames, load_templates
+from clipforge.eval.report import format_summary, nan_to_none, results_dict, write_json, write_outputs
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.runtime import resolve_device
 from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot, predict
@@ -188,9 +187,9 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     )
     if res["num_samples"] == 0:
         raise ValueError(f"no readable images were evaluated ({res['num_skipped']} skipped)")
-    results = _results_dict(res, classnames, templates, model_label, cfg)
+    results = results_dict(res, classnames, templates, model_label, cfg)
     if rank == 0:
-        _write_outputs(cfg, results, res)
+        write_outputs(cfg, results, res)
         print(format_summary(results), flush=True)
     return results
 
@@ -225,7 +224,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     )
     results = {**res, "model": model_label, "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True)}
     if world_info()[0] == 0:
-        _write_json(cfg, results, "retrieval.json")
+        write_json(cfg, results, "retrieval.json")
         recalls = "  ".join(f"{k} {100 * v:.2f}%" for k, v in res.items() if "_r" in k)
         print(f"retrieval: {model_label}\n  {res['num_samples']} pairs  {recalls}", flush=True)
     return results
@@ -265,21 +264,21 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
         progress=cfg.get("progress", False),
         precision=cfg.get("precision", "auto"),
     )
-    results = {k: _nan_to_none(v) for k, v in res.items() if k.startswith("top")}
+    results = {k: nan_to_none(v) for k, v in res.items() if k.startswith("top")}
     results |= {
-        "mean_per_class_accuracy": _nan_to_none(res["mean_per_class_accuracy"]),
+        "mean_per_class_accuracy": nan_to_none(res["mean_per_class_accuracy"]),
         "num_samples": res["num_samples"],
         "num_train": res["num_train"],
         "num_skipped": res["num_skipped"],
         "C": res["C"],
         "c_sweep": {str(k): v for k, v in res["c_sweep"].items()},
         "model": model_label,
-        "per_class_accuracy": [_nan_to_none(a) for a in res["per_class_accuracy"]],
+        "per_class_accuracy": [nan_to_none(a) for a in res["per_class_accuracy"]],
         "classnames": classnames,
         "confusion": res["confusion"].tolist(),
     }
     if world_info()[0] == 0:
-        _write_json(cfg, results, "linear_probe.json")
+        write_json(cfg, results, "linear_probe.json")
         print(
             f"linear probe: {model_label}\n  train {res['num_train']}, test {res['num_samples']} images, "
             f"C={res['C']:.3g}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%",
@@ -298,23 +297,6 @@ def _train_split_node(test_node: DictConfig, overrides: Any) -> DictConfig:
     node = OmegaConf.merge(test_node, overrides)
     assert isinstance(node, DictConfig)
     return node
-
-
-def _output_dir(cfg: DictConfig) -> Path:
-    """Hydra's run directory when launched through Hydra (so ``hydra.run.dir=`` and ``output_dir=`` both
-    move every output, the log included), else ``cfg.output_dir`` for programmatic calls."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.output_dir)
-
-
-def _write_json(cfg: DictConfig, results: dict[str, Any], name: str) -> None:
-    out_dir = _output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / name).write_text(json.dumps(results, indent=2))
-    results["results_file"] = str(out_dir / name)
 
 
 def _predict_images(
@@ -339,58 +321,6 @@ def _predict_images(
             for c, q in t:
                 print(f"  {100 * q:6.2f}%  {c}")
     return out
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def _results_dict(
-    res: dict[str, Any], classnames: list[str], templates: list[Template], model_label: str, cfg: DictConfig
-) -> dict[str, Any]:
-    out = {k: _nan_to_none(v) for k, v in res.items() if k.startswith("top")}
-    out |= {
-        "mean_per_class_accuracy": _nan_to_none(res["mean_per_class_accuracy"]),
-        "num_samples": res["num_samples"],
-        "num_skipped": res["num_skipped"],
-        "num_classes": len(classnames),
-        "num_templates": len(templates),
-        "model": model_label,
-        "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True),
-        "per_class_accuracy": {c: _nan_to_none(a) for c, a in zip(classnames, res["per_class_accuracy"])},
-        "classnames": classnames,
-        "confusion": res["confusion"].tolist(),
-    }
-    return out
-
-
-def _write_outputs(cfg: DictConfig, results: dict[str, Any], res: dict[str, Any]) -> None:
-    _write_json(cfg, results, "results.json")
-    out_dir = _output_dir(cfg)
-    if cfg.get("save_confusion", True):
-        from clipforge.eval.plots import confusion_matrix_figure, save_figure
-
-        fig = confusion_matrix_figure(res["confusion"], results["classnames"])
-        results["confusion_png"] = str(save_figure(fig, out_dir / "confusion.png"))
-
-
-def format_summary(results: dict[str, Any], worst: int = 5) -> str:
-    lines = [
-        f"zero-shot: {results['model']}",
-        f"  {results['num_samples']} images, {results['num_classes']} classes, {results['num_templates']} templates"
-        + (f", {results['num_skipped']} unreadable images skipped" if results["num_skipped"] else ""),
-        f"  top-1 {100 * results['top1']:.2f}%   top-5 {100 * results['top5']:.2f}%   "
-        f"mean per-class {100 * (results['mean_per_class_accuracy'] or 0):.2f}%   "
-        f"(chance {100 / results['num_classes']:.2f}%)",
-    ]
-    scored = [(a, c) for c, a in results["per_class_accuracy"].items() if a is not None]
-    if len(scored) > worst:
-        lines.append(
-            "  worst classes: " + ", ".join(f"{c} {100 * a:.0f}%" for a, c in sorted(scored)[:worst])
-        )
-    if "results_file" in results:
-        lines.append(f"  results: {results['results_file']}")
-    return "\n".join(lines)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="zeroshot", version_base="1.3")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipforge.losses.objective import global_count, global_sum, world_mean_coef
+from clipforge.losses.objective import Objective, global_count, global_sum, world_mean_coef
 
 
 class DinoHead(nn.Module):
@@ -107,3 +107,37 @@ def centred_distillation(
     loss = dino_loss(student, teacher, centre, student_temp, teacher_temp)
     centre.copy_(updated_centre(centre, teacher if centre_from is None else centre_from, momentum))
     return loss
+
+
+class CentredDistillation(Objective):
+    """An objective that distils the EMA teacher's head scores into the student's by
+    :func:`centred_distillation` (SILC and TIPS): its head, temperatures and a centre buffer of its own."""
+
+    needs_teacher = True
+
+    def __init__(
+        self,
+        head: DinoHead,
+        weight: float,
+        start_frac: float,
+        student_temp: float,
+        teacher_temp: float,
+        centre_momentum: float,
+    ) -> None:
+        super().__init__(weight, start_frac)
+        self.head = head
+        self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.centre_momentum = centre_momentum
+        self.register_buffer("centre", torch.zeros(head.prototypes.shape[0]))
+
+    def distil(self, student: Tensor, teacher: Tensor, centre_from: Tensor | None = None) -> Tensor:
+        """:func:`centred_distillation` with this objective's temperatures, centre and momentum."""
+        return centred_distillation(
+            student,
+            teacher,
+            self.centre,
+            self.student_temp,
+            self.teacher_temp,
+            self.centre_momentum,
+            centre_from=centre_from,
+        )

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.losses.dino import DinoHead, centred_distillation
-from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
+from clipforge.losses.dino import CentredDistillation, DinoHead
+from clipforge.losses.objective import ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 
 
@@ -60,10 +60,8 @@ def crop_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class SilcLoss(Objective):
+class SilcLoss(CentredDistillation):
     """``objectives=silc``: student on ``num_local`` local crops, EMA teacher on the global view."""
-
-    needs_teacher = True
 
     def __init__(
         self,
@@ -77,20 +75,16 @@ class SilcLoss(Objective):
         teacher_temp: float = 0.04,
         centre_momentum: float = 0.9,
     ) -> None:
-        super().__init__(weight, start_frac)
+        super().__init__(head, weight, start_frac, student_temp, teacher_temp, centre_momentum)
         if num_local < 1:
             raise ValueError(f"num_local must be >= 1, got {num_local}")
         if not 0.0 < local_scale[0] <= local_scale[1] <= 1.0:
             raise ValueError(f"local_scale must satisfy 0 < min <= max <= 1, got {local_scale}")
-        self.head = head
         self.num_local = num_local
         self.local_scale = (float(local_scale[0]), float(local_scale[1]))
         if local_grid < 1:
             raise ValueError(f"local_grid must be >= 1, got {local_grid}")
         self.local_grid = local_grid
-        self.student_temp, self.teacher_temp = student_temp, teacher_temp
-        self.centre_momentum = centre_momentum
-        self.register_buffer("centre", torch.zeros(head.prototypes.shape[0]))
 
     def sample_boxes(self, batch: int, device: torch.device) -> Tensor:
         """(batch, num_local, 4) crop boxes; one place for the randomness (tests replace it)."""
@@ -110,13 +104,9 @@ class SilcLoss(Objective):
             tvis = teacher.model.visual
             global_feat = tvis.forward_head(batch.teacher_tokens(teacher.model), pre_logits=True)  # (B, D)
             teacher_scores = teacher.objective.head(global_feat)  # (B, K)
-        return centred_distillation(
+        return self.distil(
             student_scores,
             teacher_scores.repeat_interleave(self.num_local, dim=0),  # each crop's target: its image's
-            self.centre,
-            self.student_temp,
-            self.teacher_temp,
-            self.centre_momentum,
             centre_from=teacher_scores,  # one row per image, not per crop
         )
 

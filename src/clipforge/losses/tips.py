@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from clipforge.losses.dino import DinoHead, centred_distillation
-from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
+from clipforge.losses.dino import CentredDistillation, DinoHead
+from clipforge.losses.objective import ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 
 
@@ -31,10 +31,8 @@ def random_patch_mask(
     return torch.zeros(batch, num_patches, dtype=torch.bool, device=device).scatter_(1, order[:, :k], True)
 
 
-class TipsLoss(Objective):
+class TipsLoss(CentredDistillation):
     """``objectives=tips``: masked student patches predict the EMA teacher's patch distribution."""
-
-    needs_teacher = True
 
     def __init__(
         self,
@@ -47,16 +45,12 @@ class TipsLoss(Objective):
         teacher_temp: float = 0.04,
         centre_momentum: float = 0.9,
     ) -> None:
-        super().__init__(weight, start_frac)
+        super().__init__(head, weight, start_frac, student_temp, teacher_temp, centre_momentum)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        self.head = head
         self.mask_ratio = mask_ratio
-        self.student_temp, self.teacher_temp = student_temp, teacher_temp
-        self.centre_momentum = centre_momentum
         self.mask_token = nn.Parameter(torch.empty(embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.register_buffer("centre", torch.zeros(head.prototypes.shape[0]))
 
     def sample_mask(self, batch: int, num_patches: int, device: torch.device) -> Tensor:
         """(batch, num_patches) bool patch mask; one place for the randomness (tests replace it)."""
@@ -75,14 +69,7 @@ class TipsLoss(Objective):
             teacher_scores = teacher.objective.head(
                 target_tokens[mask]
             )  # (M, K), the same rows as the student's
-        return centred_distillation(
-            student_scores,
-            teacher_scores,
-            self.centre,
-            self.student_temp,
-            self.teacher_temp,
-            self.centre_momentum,
-        )
+        return self.distil(student_scores, teacher_scores)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, start_frac={self.start_frac}, mask_ratio={self.mask_ratio}"

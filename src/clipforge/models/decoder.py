@@ -25,10 +25,9 @@ tokens, and "0.25" has no tokenisation ambiguity; Pix2Seq (Chen et al., 2022) an
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clipforge.models.layers import Attention, Mlp
+from clipforge.models.layers import Attention, HeadAttention, Mlp
 from clipforge.models.weight_init import init_vit_weights
 
 TASKS: tuple[str, ...] = ("caption", "ref", "grounded")
@@ -53,19 +52,12 @@ def bpe_words(tokens: torch.Tensor) -> list[list[int]]:
     return [row[1:end] for row, end in zip(tokens.tolist(), ends)]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(HeadAttention):
     """Multi-head attention of text queries over image tokens, with the fused-SDPA and explicit-softmax
-    paths of :class:`~clipforge.models.layers.Attention` (``keep_attn`` keeps the maps for pictures)."""
+    paths of :class:`~clipforge.models.layers.HeadAttention` (``keep_attn`` keeps the maps for pictures)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.fused = fused
-        self.keep_attn = False
-        self.last_attn: torch.Tensor | None = None  # (B, H, L, T)
+        super().__init__(dim, num_heads, fused)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -76,13 +68,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         kv = self.kv(context).reshape(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, H, T, Dh)
-        if self.fused and not self.keep_attn:
-            x = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, L, T)
-            if self.keep_attn:
-                self.last_attn = attn.detach()
-            x = attn @ v  # (B, H, L, Dh)
+        x = self.attend(q, k, v)  # (B, H, L, Dh); the math path keeps (B, H, L, T) maps
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
 

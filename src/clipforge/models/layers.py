@@ -9,6 +9,7 @@ weight converters stay plain key maps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +35,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused-SDPA path and an explicit-softmax math path.
+class HeadAttention(nn.Module):
+    """What every attention module here shares: the head split, and the two ways to attend.
 
     The fused path (``F.scaled_dot_product_attention``) picks flash / memory-efficient kernels; with
     ``is_causal`` and no float mask the flash kernel stays eligible. The math path computes the same
     thing step by step and can keep the attention probabilities (``keep_attn``) for visualisation.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, fused: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
@@ -51,7 +52,30 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.fused = fused
         self.keep_attn = False
-        self.last_attn: torch.Tensor | None = None  # (B, H, N, N), set by the math path when keep_attn
+        self.last_attn: torch.Tensor | None = None  # (B, H, Lq, Lk), set by the math path when keep_attn
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+    ) -> torch.Tensor:
+        """(B, H, Lq, Dh) queries, (B, H, Lk, Dh) keys and values -> (B, H, Lq, Dh)."""
+        if self.fused and not self.keep_attn:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
+        if is_causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+            attn = attn.masked_fill(mask, float("-inf"))
+        attn = attn.softmax(dim=-1)
+        if self.keep_attn:
+            self.last_attn = attn.detach()
+        return attn @ v
+
+
+class Attention(HeadAttention):
+    """Multi-head self-attention with a fused-SDPA path and an explicit-softmax math path
+    (see :class:`HeadAttention`)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True) -> None:
+        super().__init__(dim, num_heads, fused)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -59,17 +83,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        if self.fused and not self.keep_attn:
-            x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            if is_causal:
-                mask = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)
-                attn = attn.masked_fill(mask, float("-inf"))
-            attn = attn.softmax(dim=-1)
-            if self.keep_attn:
-                self.last_attn = attn.detach()
-            x = attn @ v  # (B, H, N, Dh)
+        x = self.attend(q, k, v, is_causal)  # (B, H, N, Dh)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 
@@ -157,7 +171,32 @@ class Transformer(nn.Module):
         return x
 
 
-class AttentionPool(nn.Module):
+class Tower(nn.Module):
+    """What the image and text towers share: their constructor arguments (``init_kwargs``, so converters
+    can describe a tower, e.g. as open_clip config), a :class:`Transformer` trunk (``self.transformer``,
+    set by the subclass) and the projection into the shared image-text space."""
+
+    transformer: Transformer
+
+    def __init__(self, init_locals: dict[str, Any]) -> None:
+        """``init_locals``: the subclass constructor's ``locals()``, taken before anything else is bound."""
+        super().__init__()
+        self.init_kwargs = {k: v for k, v in init_locals.items() if k not in ("self", "__class__")}
+
+    def make_proj(self, embed_dim: int, output_dim: int | None, bias: bool) -> None:
+        """``self.proj``: a linear map to ``output_dim``, or the identity (``output_dim`` falsy)."""
+        self.output_dim = output_dim or embed_dim
+        self.proj = nn.Linear(embed_dim, output_dim, bias=bias) if output_dim else nn.Identity()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+
+class AttentionPool(HeadAttention):
     """Multihead attention pooling ("MAP"): a learned query attends over the tokens, then a residual
     MLP. Same computation as timm's ``AttentionPoolLatent`` and the SigLIP vision head."""
 
@@ -170,12 +209,7 @@ class AttentionPool(nn.Module):
         act: str = "gelu",
         fused: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.fused = fused
-        self.keep_attn = False
-        self.last_attn: torch.Tensor | None = None  # (B, H, 1, N)
+        super().__init__(dim, num_heads, fused)
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, dim * 2)
@@ -188,13 +222,7 @@ class AttentionPool(nn.Module):
         q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, H, N, Dh)
-        if self.fused and not self.keep_attn:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N)
-            if self.keep_attn:
-                self.last_attn = attn.detach()
-            out = attn @ v
+        out = self.attend(q, k, v)  # (B, H, 1, Dh); the math path keeps (B, H, 1, N) maps
         out = self.proj(out.transpose(1, 2).reshape(B, 1, C))
         out = out + self.mlp(self.norm(out))
         return out[:, 0]

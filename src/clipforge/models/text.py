@@ -13,11 +13,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clipforge.models.layers import Block, Transformer
+from clipforge.models.layers import Block, Tower, Transformer
 from clipforge.models.weight_init import WeightInit, init_tower
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(Tower):
     def __init__(
         self,
         vocab_size: int = 49408,
@@ -37,10 +37,7 @@ class TextTransformer(nn.Module):
         fused_attn: bool = True,
         weight_init: WeightInit = "timm",
     ) -> None:
-        # The constructor arguments, kept so converters can describe this tower (e.g. as open_clip config).
-        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        super().__init__()
-        self.init_kwargs = init_kwargs
+        super().__init__(locals())
         if pool_type not in ("eot", "last"):
             raise ValueError(f"pool_type must be 'eot' or 'last', got {pool_type!r}")
         self.vocab_size = vocab_size
@@ -58,13 +55,8 @@ class TextTransformer(nn.Module):
             ),
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.output_dim = output_dim or embed_dim
-        self.proj = nn.Linear(embed_dim, output_dim, bias=proj_bias) if output_dim else nn.Identity()
+        self.make_proj(embed_dim, output_dim, proj_bias)
         self.init_weights()
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.blocks
 
     def init_weights(self, scheme: WeightInit | None = None) -> None:
         """Re-initialise all weights with ``scheme`` (default: the constructor's ``weight_init``)."""
@@ -74,9 +66,6 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "token_embedding.weight"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, embed_dim) after the final norm."""

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clipforge.models.layers import AttentionPool, Block, Transformer
+from clipforge.models.layers import AttentionPool, Block, Tower, Transformer
 from clipforge.models.weight_init import WeightInit, init_tower, init_vit_weights
 
 __all__ = ["VisionTransformer", "init_vit_weights", "patch_dropout", "resample_pos_embed"]
@@ -36,7 +36,7 @@ def patch_dropout(x: torch.Tensor, keep: float, num_prefix: int) -> torch.Tensor
     return torch.cat([prefix, patches], dim=1)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Tower):
     def __init__(
         self,
         img_size: int = 224,
@@ -62,10 +62,7 @@ class VisionTransformer(nn.Module):
         fused_attn: bool = True,
         weight_init: WeightInit = "timm",
     ) -> None:
-        # The constructor arguments, kept so converters can describe this tower (e.g. as open_clip config).
-        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        super().__init__()
-        self.init_kwargs = init_kwargs
+        super().__init__(locals())
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         if global_pool not in ("token", "avg", "map"):
@@ -105,13 +102,8 @@ class VisionTransformer(nn.Module):
             else None
         )
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
-        self.output_dim = output_dim or embed_dim
-        self.proj = nn.Linear(embed_dim, output_dim, bias=proj_bias) if output_dim else nn.Identity()
+        self.make_proj(embed_dim, output_dim, proj_bias)
         self.init_weights()
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.blocks
 
     def init_weights(self, scheme: WeightInit | None = None) -> None:
         """Re-initialise all weights with ``scheme`` (default: the constructor's ``weight_init``)."""
@@ -133,9 +125,6 @@ class VisionTransformer(nn.Module):
         if self.attn_pool is not None:
             names.add("attn_pool.latent")
         return names
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
 
     def embed(
         self,

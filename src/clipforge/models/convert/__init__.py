@@ -16,13 +16,8 @@ from clipforge.models.convert.keymap import (
     convert_state_dict,
     count_params,
 )
-from clipforge.models.convert.openclip import (
-    from_open_clip,
-    model_config_from_open_clip,
-    open_clip_key_map,
-    open_clip_model_cfg,
-    to_open_clip,
-)
+from clipforge.models.convert.openclip import from_open_clip, open_clip_key_map, to_open_clip
+from clipforge.models.convert.openclip_config import model_config_from_open_clip, open_clip_model_cfg
 from clipforge.models.convert.openclip_io import (
     export_open_clip,
     infer_open_clip_cfg,

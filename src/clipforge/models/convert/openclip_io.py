@@ -15,7 +15,8 @@ import torch
 
 from clipforge.models.clip import CLIP
 from clipforge.models.convert.keymap import convert_state_dict
-from clipforge.models.convert.openclip import from_open_clip_state, open_clip_key_map, open_clip_model_cfg
+from clipforge.models.convert.openclip import from_open_clip_state, open_clip_key_map
+from clipforge.models.convert.openclip_config import open_clip_model_cfg
 
 
 def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") -> dict[str, Path]:

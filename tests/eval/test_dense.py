@@ -4,6 +4,7 @@ referring-box accuracy."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -101,3 +102,66 @@ def test_referring_box_accuracy_decodes_each_expression_once(monkeypatch) -> Non
     assert sorted(calls) == [("the blue square", 1), ("the red circle", 2)]
     assert res["accuracy"] == pytest.approx(2 / 3)
     assert res["mean_iou"] == pytest.approx((1.0 + 0.0 + 0.25 / 0.3) / 3)
+
+
+@pytest.mark.parametrize("num_box_bins", [16, 1024])
+def test_a_decoder_that_writes_its_training_target_scores_perfectly(monkeypatch, num_box_bins: int) -> None:
+    """Train-time target vs eval-time decode, end to end without training: the referring-task sequence the
+    loss teaches (regions stage in the eval crop's frame, collated phrase tokens, ``TextDecoder.sequences``)
+    is what an oracle ``generate`` writes after exactly the prompt that ``decode`` builds, under its allowed
+    tokens; reading it back and scoring must give every image its box. A mismatch of crop frame, x/y order,
+    prompt layout, teacher-forcing offset or (de)quantisation fails here."""
+    from clipforge.data.decode import Sample
+    from clipforge.data.regions import CollateRegions, region
+    from clipforge.data.tokenizer import Tokenizer
+    from clipforge.data.transforms import center_crop_box
+    from clipforge.eval.datasets import eval_transform
+    from clipforge.models.decoder import TextDecoder, bpe_words
+
+    samples = list(synthetic.generate("heldout", 12, image_size=32))
+    decoder = TextDecoder(
+        context_length=20, image_dim=8, embed_dim=8, depth=1, num_heads=1, num_box_bins=num_box_bins
+    )
+    tokenizer = Tokenizer(decoder.context_length)
+    # the training side: the regions stage with the crop of the eval transform, the loss's sequences
+    items = [
+        Sample(
+            None, s.caption, s.key, center_crop_box(32, 32, 32), (32, 32), json.dumps(s.meta).encode(), 0.0
+        )
+        for s in samples
+    ]
+    for item in items:
+        item.region = region(item)
+    extras = CollateRegions(tokenizer)(items)
+    seqs, is_target = decoder.sequences(
+        ["ref"] * len(items), [[]] * len(items), bpe_words(extras["region_tokens"]), extras["boxes"]
+    )
+    taught = {s.meta["referring_expression"]: [] for s in samples}
+    for s, seq, tgt in zip(samples, seqs.tolist(), is_target.tolist()):
+        first = tgt.index(True)
+        taught[s.meta["referring_expression"]].append((seq[:first], seq[first : first + 4]))
+
+    def oracle(image_tokens, prompt, max_new_tokens, allowed=None, stop_token=None):
+        rows = taught_for[tuple(prompt[0].tolist())]
+        assert len(rows) == prompt.shape[0] and max_new_tokens == 4
+        for taught_prompt, answer in rows:
+            assert taught_prompt == prompt[0].tolist()  # decode prompts exactly as training did
+            assert allowed is not None and all(bool(allowed[t]) for t in answer)
+        return torch.cat([prompt, torch.tensor([answer for _, answer in rows])], dim=1)
+
+    taught_for = {tuple(rows[0][0]): rows for rows in taught.values()}
+    monkeypatch.setattr(decoder, "generate", oracle)
+
+    class Tower(nn.Module):
+        def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(images.shape[0], 4, 8)
+
+    model = nn.Module()
+    model.visual = Tower()
+    transform = eval_transform(32)
+    images = torch.stack([transform(s.image) for s in samples])
+    refs = [s.meta["referring_expression"] for s in samples]
+    res = dense.referring_box_accuracy(model, decoder, images, refs, [s.meta["box"] for s in samples])
+    assert res["accuracy"] == 1.0
+    # the only loss is quantisation: each coordinate within half a bin
+    assert res["mean_iou"] > 1 - 8 / num_box_bins

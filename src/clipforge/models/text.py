@@ -35,7 +35,7 @@ class TextTransformer(Tower):
         act: str = "gelu",
         init_values: float | None = None,
         fused_attn: bool = True,
-        weight_init: WeightInit = "timm",
+        weight_init: WeightInit = "openclip",
     ) -> None:
         super().__init__(locals())
         if pool_type not in ("eot", "last"):

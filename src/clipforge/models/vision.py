@@ -60,7 +60,7 @@ class VisionTransformer(Tower):
         drop_path_rate: float = 0.0,
         patch_dropout: float = 0.0,
         fused_attn: bool = True,
-        weight_init: WeightInit = "timm",
+        weight_init: WeightInit = "openclip",
     ) -> None:
         super().__init__(locals())
         if img_size % patch_size:

@@ -1,13 +1,14 @@
 """Weight-initialisation schemes for the two towers, as small free functions.
 
-- ``timm`` (default): truncated normal, std 0.02, for every linear/conv weight, zero biases
-  (the timm ViT recipe, Dosovitskiy et al., 2021; Touvron et al., 2021).
+- ``timm``: truncated normal, std 0.02, for every linear/conv weight, zero biases (the timm ViT recipe,
+  Dosovitskiy et al., 2021; Touvron et al., 2021). At small width it is far below w^-1/2 and learned
+  much less (README, "Learning parity").
 - ``jax``: the Flax/big_vision ViT recipe (Zhai et al., 2022), as in timm's ``init_weights_vit_jax``:
   Xavier-uniform linear weights, zero biases except N(0, 1e-6) inside MLPs, LeCun-normal patch embedding.
   The output projection keeps Xavier init: zeroing it, as a classifier head would be, gives all-zero
   embeddings that a contrastive loss cannot normalise.
-- ``openclip``: OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by open_clip, applied to
-  both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input, N(0, w^-1/2 (2L)^-1/2) for the
+- ``openclip`` (the towers' default and every shipped model config's, chosen by the learning benchmark):
+  OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by open_clip, applied to both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input, N(0, w^-1/2 (2L)^-1/2) for the
   residual output projections (attention ``proj``, ``mlp.fc2``) so the residual stream keeps its scale
   with depth, N(0, w^-1/2) for the output projection and the vision class/position embeddings.
 - ``torch``: what open_clip's *image* tower gets, since OpenAI's CLIP defines no init for it: PyTorch's

@@ -58,12 +58,12 @@ def test_default_run_learns_what_the_old_recipe_missed(compose_cfg, loss: str) -
     Measured on the 2-core CPU machine (README, "Learning parity"), held-out zero-shot top-1 against 16.7%
     chance: CLIP 94.8%, SigLIP 68.4% with today's defaults (the learning benchmark's seeds: 88.9-95.3% and
     71.6-83.1%); the old timm init reached 35.4% and 28.5% (seeds: 34.5-37.6%, 16.5-31.9%), and open_clip's
-    own trainer 75.8-83.6% and 51.2-63.4% on the same generator. 60% lies below every seed of the current
-    recipe and far above every seed of the old one.
+    own trainer 75.8-83.6% and 51.2-63.4% on the same generator. 55% lies well below every run of the current
+    recipe (lowest: 68.4%) and far above every run of the old one (highest: 37.6%).
     """
     cfg = compose_cfg(f"loss={loss}", "logger=none")
     metrics, _ = train(cfg)
-    assert metrics["final/zeroshot_top1"] > 0.6
+    assert metrics["final/zeroshot_top1"] > 0.55
 
 
 def test_init_from_loads_weights_at_another_image_size(compose_cfg, tmp_path: Path) -> None:

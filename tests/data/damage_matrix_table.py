@@ -15,17 +15,18 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_damage_matrix import (
-    KINDS,
+    EVERY_DAMAGE,
+    LOST_CAUSES,
+    MOSTLY_BAD,
     ONE_RANK_CASES,
     _free_port,
     _rank_main,
     make_set,
     run_epoch,
+    two_rank_cases,
 )
 
 from clipforge.data.shards import CAUSES
-
-LOST = ("corrupt_image", "missing_image", "missing_caption", "lost_samples")
 
 
 def row(damage: str, where: str, procs: str, out: dict) -> str:
@@ -40,7 +41,7 @@ def row(damage: str, where: str, procs: str, out: dict) -> str:
         for c, n in counts.items()
         if n and c in CAUSES and c not in ("lost_samples", "repeated_samples")
     )
-    lost = sum(counts[c] for c in LOST)
+    lost = sum(counts[c] for c in LOST_CAUSES)
     return f"| {damage} | {where} | {procs} | {state} | {lost} | {causes} | {counts['repeated_samples']} |"
 
 
@@ -56,8 +57,7 @@ def main() -> None:
                 flush=True,
             )
         for workers in (1, 2):
-            kinds = [k for k in KINDS if k != "failing_pipe"]
-            urls, manifest = make_set(root / f"all{workers}", {f"i{i}": k for i, k in enumerate(kinds)})
+            urls, manifest = make_set(root / f"all{workers}", EVERY_DAMAGE)
             print(
                 row(
                     "all 8 at once",
@@ -66,18 +66,9 @@ def main() -> None:
                     run_epoch(urls, manifest, workers),
                 )
             )
-        urls, manifest = make_set(root / "bad", {f"i{i}": "garbage" for i in range(6)})
+        urls, manifest = make_set(root / "bad", MOSTLY_BAD)
         print(row("6 of 10 shards garbage", "shards 0-5", "1 worker, 1 rank", run_epoch(urls, manifest, 1)))
-        cases = []
-        for kind in KINDS:
-            for where in ("first", "last"):
-                cases.append((f"{kind}|{where}", *make_set(root / f"r-{kind}-{where}", {where: kind})))
-        cases.append(
-            (
-                "6 of 10 shards garbage|shards 0-5",
-                *make_set(root / "r-bad", {f"i{i}": "garbage" for i in range(6)}),
-            )
-        )
+        cases = two_rank_cases(root / "ranks")
         mp.start_processes(
             _rank_main, args=(2, cases, _free_port(), tmp), nprocs=2, join=True, start_method="fork"
         )
@@ -87,7 +78,9 @@ def main() -> None:
             both = {"counts": {c: a["counts"][c] + b["counts"][c] for c in CAUSES}, "batches": a["batches"]}
             both |= {"steps": a["steps"], "error": a["error"] or b["error"]}
             same = "" if a["batches"] == b["batches"] else f" (rank 1: {b['batches']})"
-            kind, where = name.split("|")
+            kind, where = (
+                ("6 of 10 shards garbage", "shards 0-5") if name == "mostly_bad" else name.rsplit("-", 1)
+            )
             print(row(kind, where, "1 worker, 2 gloo ranks (summed)", both) + same)
 
 

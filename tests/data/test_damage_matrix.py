@@ -47,6 +47,11 @@ EXPECTED: dict[str, dict[str, int | None]] = {
     "failing_pipe": {"unreadable_shard": 1, "lost_samples": 12},
 }
 SEED = 0
+# Causes that lose a sample (the rest name the shard a loss came from).
+LOST_CAUSES = ("corrupt_image", "missing_image", "missing_caption", "lost_samples")
+# Every shard-file damage at once, one per shard (a pipe: set is its own case).
+EVERY_DAMAGE = {f"i{i}": k for i, k in enumerate(k for k in KINDS if k != "failing_pipe")}
+MOSTLY_BAD = {f"i{i}": "garbage" for i in range(6)}  # 72 of 120 samples lost
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -135,7 +140,7 @@ def check_finished(out: dict, expected: dict[str, int | None]) -> None:
     for cause in CAUSES:
         if cause not in expected and cause != "repeated_samples":
             assert counts[cause] == 0, (cause, counts)
-    lost = sum(counts[c] for c in ("corrupt_image", "missing_image", "missing_caption", "lost_samples"))
+    lost = sum(counts[c] for c in LOST_CAUSES)
     assert counts["repeated_samples"] == lost  # every lost sample made up for by a re-read
 
 
@@ -156,8 +161,7 @@ def test_one_damaged_shard_one_rank(tmp_path, kind, where, workers):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_damage_at_once_one_rank(tmp_path, workers):
-    kinds = [k for k in KINDS if k != "failing_pipe"]  # a pipe: set is its own case below
-    urls, manifest = make_set(tmp_path, {f"i{i}": k for i, k in enumerate(kinds)})
+    urls, manifest = make_set(tmp_path, EVERY_DAMAGE)
     out = run_epoch(urls, manifest, workers)
     expected: dict[str, int | None] = {"truncated_shard": 1, "unreadable_shard": 2, "empty_shard": 1}
     expected |= {"corrupt_image": 3, "missing_caption": 3, "missing_image": 2, "lost_samples": None}
@@ -165,7 +169,7 @@ def test_every_damage_at_once_one_rank(tmp_path, workers):
 
 
 def test_a_mostly_bad_set_stops_naming_the_shards(tmp_path):
-    urls, manifest = make_set(tmp_path, {f"i{i}": "garbage" for i in range(6)})  # 72 of 120 lost
+    urls, manifest = make_set(tmp_path, MOSTLY_BAD)
     out = run_epoch(urls, manifest, 1)
     assert out["error"] is not None and "72 of the epoch's 120 planned samples failed" in out["error"]
     assert "unreadable_shard: 6" in out["error"] and ".tar (unreadable_shard, 12 failed)" in out["error"]
@@ -197,14 +201,21 @@ def _rank_main(rank: int, world: int, cases: list[tuple[str, list, str | None]],
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_finish_or_stop_together(tmp_path):
-    cases, expected = [], {}
+def two_rank_cases(root: Path) -> list[tuple[str, str | list[str], str | None]]:
+    """(name, urls, manifest): each kind first and last in the read order ("<kind>-<where>"), then
+    "mostly_bad"."""
+    cases = []
     for kind in KINDS:
         for where in ("first", "last"):
             name = f"{kind}-{where}"
-            cases.append((name, *make_set(tmp_path / name, {where: kind})))
-            expected[name] = EXPECTED[kind]
-    cases.append(("mostly_bad", *make_set(tmp_path / "mostly_bad", {f"i{i}": "garbage" for i in range(6)})))
+            cases.append((name, *make_set(root / name, {where: kind})))
+    cases.append(("mostly_bad", *make_set(root / "mostly_bad", MOSTLY_BAD)))
+    return cases
+
+
+def test_two_gloo_ranks_finish_or_stop_together(tmp_path):
+    cases = two_rank_cases(tmp_path)
+    expected = {f"{kind}-{where}": EXPECTED[kind] for kind in KINDS for where in ("first", "last")}
     mp.start_processes(
         _rank_main, args=(2, cases, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
     )

@@ -71,7 +71,7 @@ def test_image_shows_the_shape_colour_where_the_caption_says():
 
 @pytest.mark.parametrize("shape", synthetic.SHAPES)
 def test_box_is_the_tight_box_of_the_drawn_shape(shape):
-    # Render without background noise so every pixel the shape touches is visible; same draws as render().
+    # Render without background noise so every pixel the shape touches is visible; same draws as draw().
     rng = np.random.default_rng(5)
     image, box, coverage = synthetic.draw(shape, "white", "large", "top right", 64, rng)
     x0, y0, x1, y1 = box
@@ -100,10 +100,10 @@ def test_meta_adds_box_and_referring_expression_after_the_old_keys():
     assert x0 < cx < x1 and y0 < cy < y1  # the box is where the position says
     expr = s.meta["referring_expression"]
     assert s.meta["shape"] in expr and s.meta["color"] in expr and s.meta["size"] in expr
-    # the image is the one render() draws: adding the box changed no pixel
+    # the image is the one draw() makes from the sample's random state: the box changed no pixel
     combos = synthetic._allowed("train", "tuples")
     rng = np.random.default_rng([0, synthetic.SPLITS["train"], 3])
     combo = combos[int(rng.integers(len(combos)))]
     rng.integers(len(synthetic.CAPTION_TEMPLATES))  # the caption template's draw
-    plain = synthetic.render(*combo, 32, rng)
+    plain = synthetic.draw(*combo, 32, rng)[0]
     assert np.array_equal(np.asarray(plain), np.asarray(s.image))

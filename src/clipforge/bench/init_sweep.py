@@ -39,7 +39,8 @@ def command(run_dir: Path, model: str, scheme: str, args: argparse.Namespace) ->
         f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1", f"data.batch_size={args.batch_size}",
         f"scheduler.warmup_steps={args.warmup}", f"optimizer.lr={args.lr}", "data.source.num_train=4096",
         "data.source.num_heldout=64", "logger=csv", "final_eval=false", "callbacks=none", f"seed={args.seed}",
-    ] + ([f"model.vision.img_size={args.image_size}"] if args.image_size else [])  # fmt: skip
+    ] + ([f"model.vision.img_size={args.image_size}"] if args.image_size else []) + (
+        [f"model.text.context_length={args.context_length}"] if args.context_length else [])  # fmt: skip
 
 
 def mean_last_losses(run_dir: Path, last: int) -> float:
@@ -72,12 +73,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         help="default: the model's own; every scheme scales by width and depth only, so a smaller image "
         "(fewer patches) measures the same choice for less compute",
     )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="default: the model's own; the synthetic captions fit in 20 tokens, so a shorter text context "
+        "measures the same choice for less compute",
+    )
     args = p.parse_args(argv)
     rows = []
     for model in args.models:
         loss = args.loss or ("siglip" if model.startswith("siglip") else "clip")
         for scheme in args.schemes or DEFAULT_SCHEMES.get(model, ["timm", "openclip"]):
             size = f"-{args.image_size}px" if args.image_size else ""
+            size += f"-ctx{args.context_length}" if args.context_length else ""
             run_dir = (args.out / f"{model}{size}-{loss}-{scheme}").resolve()
             done = run_dir / "loss.json"
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     "steps": args.steps,
                     "batch": args.batch_size,
                     "image_size": args.image_size,
+                    "context_length": args.context_length,
+                    "lr": args.lr,
                 }
                 row |= {"final_loss": mean_last_losses(run_dir, args.last), "train_s": round(seconds, 1)}
                 done.write_text(json.dumps(row))

@@ -19,7 +19,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from clipforge.bench.step import _sync, build_step
+from clipforge.bench.step import StepSpec, _sync, build_step
 from clipforge.compilation import COMPILE_MODES
 
 
@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     name, batch = args.model.split(":")[0], int(args.model.split(":")[1])
-    step, images, tokens = build_step(
-        "clipforge", name, args.loss, batch, device, args.precision, args.compile, None, args.compile_mode
+    spec = StepSpec(
+        "clipforge", name, args.loss, batch, device, args.precision, args.compile, (), args.compile_mode
     )
+    step, images, tokens = build_step(spec)
     for _ in range(args.warmup):  # compiles here when --compile
         step(images, tokens)
     _sync(device)

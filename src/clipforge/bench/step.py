@@ -38,6 +38,22 @@ from clipforge.optim import param_groups
 H100_BF16_DENSE_TFLOPS = H100_BF16_PEAK_FLOPS / 1e12
 
 
+@dataclass(frozen=True)
+class StepSpec:
+    """What one timed training step is: whose model and loss (``open_clip`` or ``clipforge``), of the shape
+    of ``conf/model/<model>``, at what batch, device, precision and compilation."""
+
+    impl: str
+    model: str
+    loss: str
+    batch: int
+    device: torch.device
+    precision: str
+    compile: bool = False
+    overrides: tuple[str, ...] = ()
+    compile_mode: str = "default"
+
+
 @dataclass
 class StepResult:
     impl: str
@@ -146,24 +162,17 @@ def time_step(
 
 
 def build_step(
-    impl: str,
-    model_name: str,
-    loss_kind: str,
-    batch: int,
-    device: torch.device,
-    precision: str,
-    compile_: bool,
-    overrides: list[str] | None = None,
-    compile_mode: str = "default",
+    spec: StepSpec,
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``(step, images, tokens)``: ``impl``'s model and loss (``open_clip`` or ``clipforge``) of the
-    shape of ``conf/model/<model_name>``, on ``device``, with a synthetic batch for them."""
+    """``(step, images, tokens)``: the model and loss ``spec`` names, on its device, with a synthetic batch
+    for them."""
     torch.manual_seed(0)
-    cfg = compose_model_cfg(model_name, loss_kind, overrides)
+    device, batch, overrides = spec.device, spec.batch, list(spec.overrides)
+    cfg = compose_model_cfg(spec.model, spec.loss, overrides)
     loss_cls = get_class(cfg.loss._target_)
-    if impl == "open_clip":
-        model = open_clip_model(model_name, cfg.model, loss_cls, overrides)
-        loss_fn = open_clip_loss(loss_kind)
+    if spec.impl == "open_clip":
+        model = open_clip_model(spec.model, cfg.model, loss_cls, overrides)
+        loss_fn = open_clip_loss(spec.loss)
         after = None
     else:
         model = build_model(cfg.model, cfg.loss)
@@ -176,37 +185,26 @@ def build_step(
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     tokens = torch.randint(1, 49407, (batch, ctx), device=device)
     tokens[:, -1] = 49407  # an EOT in every row, as the tokenizer writes
-    step = make_step(model, loss_fn, device, precision, compile_, after, compile_mode=compile_mode)
+    step = make_step(
+        model, loss_fn, device, spec.precision, spec.compile, after, compile_mode=spec.compile_mode
+    )
     return step, images, tokens
 
 
-def bench_step(
-    impl: str,
-    model_name: str,
-    loss_kind: str,
-    batch: int,
-    device: torch.device,
-    precision: str,
-    compile_: bool,
-    steps: int,
-    warmup: int,
-    peak_tflops: float,
-    overrides: list[str] | None = None,
-    compile_mode: str = "default",
-) -> StepResult:
-    step, images, tokens = build_step(
-        impl, model_name, loss_kind, batch, device, precision, compile_, overrides, compile_mode
-    )
+def bench_step(spec: StepSpec, steps: int, warmup: int, peak_tflops: float) -> StepResult:
+    """Time ``steps`` steps of ``spec`` after ``warmup`` untimed ones; MFU against ``peak_tflops``."""
+    device, batch = spec.device, spec.batch
+    step, images, tokens = build_step(spec)
     dt, flops, warm_s, last = time_step(step, images, tokens, steps, warmup, device)
     tflops = flops / dt / 1e12
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return StepResult(
-        impl=impl,
-        model=model_name,
-        loss=loss_kind,
+        impl=spec.impl,
+        model=spec.model,
+        loss=spec.loss,
         batch=batch,
-        precision=precision,
-        compile=compile_,
+        precision=spec.precision,
+        compile=spec.compile,
         samples_per_s=round(batch / dt, 1),
         step_ms=round(dt * 1e3, 2),
         gflop_per_sample=round(flops / batch / 1e9, 2),
@@ -218,8 +216,8 @@ def bench_step(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         note=" ".join(
             [
-                *(overrides or []),
-                *([f"mode={compile_mode}"] if compile_ and compile_mode != "default" else []),
+                *spec.overrides,
+                *([f"mode={spec.compile_mode}"] if spec.compile and spec.compile_mode != "default" else []),
             ]
         ),
     )
@@ -259,7 +257,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     def timed(
         name: str, batch: int, impl: str, loss_kind: str, comp: bool, overrides: list[str] | None = None
     ) -> StepResult:
-        r = bench_step(
+        spec = StepSpec(
             impl,
             name,
             loss_kind,
@@ -267,12 +265,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             device,
             args.precision,
             comp,
-            args.steps,
-            args.warmup,
-            args.peak_tflops,
-            overrides=overrides,
-            compile_mode=args.compile_mode,
+            tuple(overrides or ()),
+            args.compile_mode,
         )
+        r = bench_step(spec, args.steps, args.warmup, args.peak_tflops)
         emit({"kind": "step", **asdict(r)})
         _free(device)  # the next measurement's peak memory is its own
         return r

@@ -141,19 +141,6 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarra
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the image side
 
 
-def render(
-    shape: str,
-    color: str,
-    size: str,
-    position: str,
-    image_size: int,
-    rng: np.random.Generator,
-    supersample: int = 4,
-) -> Image.Image:
-    """Draw one anti-aliased shape on a noisy dark background; ``rng`` adds small jitter everywhere."""
-    return draw(shape, color, size, position, image_size, rng, supersample)[0]
-
-
 def draw(
     shape: str,
     color: str,
@@ -163,7 +150,8 @@ def draw(
     rng: np.random.Generator,
     supersample: int = 4,
 ) -> tuple[Image.Image, Box, np.ndarray]:
-    """:func:`render`, the shape's bounding box and its (H, W) pixel coverage. The box is the tightest one
+    """Draw one anti-aliased shape on a noisy dark background (``rng`` adds small jitter everywhere); return
+    the image, the shape's bounding box and its (H, W) pixel coverage. The box is the tightest one
     around the covered sub-pixels of the supersampled mask, normalised by the image side (so every drawn
     pixel, anti-aliased edges included, lies inside it). Same draws from ``rng`` in the same order as
     before boxes existed: same pixels."""

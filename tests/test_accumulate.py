@@ -26,7 +26,7 @@ def tiny_clip(init_logit_bias: float | None, patch_dropout: float = 0.0, drop_pa
     torch.manual_seed(0)
     vision = VisionTransformer(
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, output_dim=16,
-        patch_dropout=patch_dropout, drop_path_rate=drop_path,
+        patch_dropout=patch_dropout, block={"drop_path_rate": drop_path},
     )  # fmt: skip
     text = TextTransformer(vocab_size=64, context_length=8, embed_dim=32, depth=2, num_heads=2, output_dim=16)
     return CLIP(vision, text, init_logit_bias=init_logit_bias).double()

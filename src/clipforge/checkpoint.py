@@ -137,7 +137,10 @@ def load_captioner(path: str | Path, use_ema: bool = False) -> tuple[CLIP, TextD
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    decoder = instantiate(OmegaConf.create(node))
+    from clipforge.models.specs import BlockSpec, group_settings
+
+    # decoder nodes written before its block settings became a group are flat: group them
+    decoder = instantiate(OmegaConf.create(group_settings({"block": BlockSpec}, node)))
     decoder.load_state_dict(
         submodule_state(ckpt, (EMA_PREFIX if use_ema else "") + "objectives.locca.decoder.")
     )

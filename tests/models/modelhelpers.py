@@ -32,15 +32,17 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def small_vit(**overrides: Any) -> VisionTransformer:
+    """A small image tower; ``overrides`` are flat settings (``norm_eps=1e-5`` as well as ``depth=3``)."""
     kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, output_dim=16)
     kwargs.update(overrides)
-    return VisionTransformer(**kwargs)
+    return VisionTransformer.from_settings(**kwargs)
 
 
 def small_text(**overrides: Any) -> TextTransformer:
+    """A small text tower; ``overrides`` are flat settings, as :func:`small_vit`'s."""
     kwargs = dict(vocab_size=100, context_length=12, embed_dim=32, depth=2, num_heads=4, output_dim=16)
     kwargs.update(overrides)
-    return TextTransformer(**kwargs)
+    return TextTransformer.from_settings(**kwargs)
 
 
 def tokens(batch: int, length: int, vocab: int = 100, seed: int = 0) -> torch.Tensor:

@@ -232,7 +232,7 @@ def test_siglip_b16_exports_through_timm_tower(tmp_path: Path) -> None:
     # open_clip builds SigLIP image towers as timm models; ours must have the exact timm architecture.
     torch.manual_seed(0)
     cfg = OmegaConf.load(CONF / "siglip_b16.yaml")
-    cfg.vision.act = "gelu"
+    cfg.vision.block.act = "gelu"
     cfg.text.depth = 2
     model = randomize_(instantiate(cfg, init_logit_bias=-10.0)).eval()
     paths = export_open_clip(model, tmp_path)

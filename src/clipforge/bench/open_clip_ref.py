@@ -22,7 +22,7 @@ def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.n
         "width": v.embed_dim,
         "layers": v.depth,
         "head_width": v.embed_dim // v.num_heads,
-        "mlp_ratio": v.mlp_ratio,
+        "mlp_ratio": v.block.mlp_ratio,
     }
     text_cfg = {
         "context_length": t.context_length,
@@ -30,7 +30,7 @@ def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.n
         "width": t.embed_dim,
         "heads": t.num_heads,
         "layers": t.depth,
-        "mlp_ratio": t.mlp_ratio,
+        "mlp_ratio": t.block.mlp_ratio,
     }
     return open_clip.model.CLIP(
         embed_dim=v.output_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_bias=init_logit_bias

@@ -24,10 +24,14 @@ tokens, and "0.25" has no tokenisation ambiguity; Pix2Seq (Chen et al., 2022) an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from clipforge.models.layers import Attention, HeadAttention, Mlp
+from clipforge.models.specs import BlockSpec, as_spec
 from clipforge.models.weight_init import init_vit_weights
 
 TASKS: tuple[str, ...] = ("caption", "ref", "grounded")
@@ -75,23 +79,17 @@ class CrossAttention(HeadAttention):
 class DecoderBlock(nn.Module):
     """x + self_attn(norm(x)) (causal), x + cross_attn(norm(x), image), x + mlp(norm(x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-5,
-        act: str = "gelu",
-        fused_attn: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, spec: BlockSpec) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn)
-        self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        if spec.init_values or spec.drop_path_rate:
+            raise ValueError("decoder blocks have no LayerScale or stochastic depth: leave init_values and "
+                             "drop_path_rate unset")  # fmt: skip
+        self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=spec.qkv_bias, fused=spec.fused_attn)
+        self.norm2 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=spec.qkv_bias, fused=spec.fused_attn)
+        self.norm3 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), act=spec.act)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), is_causal=True)
@@ -101,7 +99,9 @@ class DecoderBlock(nn.Module):
 
 class TextDecoder(nn.Module):
     """LocCa's decoder. ``vocab_size``/``context_length`` are the text tower's (its BPE ids and caption
-    length); ``image_dim`` the width of the image tower's tokens."""
+    length); ``image_dim`` the width of the image tower's tokens; ``block``: the settings its blocks share
+    (:class:`BlockSpec`, a spec or its mapping; LayerNorm eps 1e-5 by default; no LayerScale or stochastic
+    depth)."""
 
     def __init__(
         self,
@@ -111,14 +111,11 @@ class TextDecoder(nn.Module):
         embed_dim: int = 512,
         depth: int = 6,
         num_heads: int = 8,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
         num_box_bins: int = 1024,
-        norm_eps: float = 1e-5,
-        act: str = "gelu",
-        fused_attn: bool = True,
+        block: BlockSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        block = as_spec(BlockSpec, block, norm_eps=1e-5)
         if num_box_bins < 2:
             raise ValueError(f"num_box_bins must be >= 2, got {num_box_bins}")
         self.text_vocab_size = vocab_size
@@ -132,15 +129,10 @@ class TextDecoder(nn.Module):
         self.token_embedding = nn.Embedding(self.vocab_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.max_len, embed_dim))
         # the image tokens come from any readout (an avg-pool tower leaves them un-normalised): norm, project
-        self.image_norm = nn.LayerNorm(image_dim, eps=norm_eps)
+        self.image_norm = nn.LayerNorm(image_dim, eps=block.norm_eps)
         self.image_proj = nn.Linear(image_dim, embed_dim)
-        self.blocks = nn.ModuleList(
-            [
-                DecoderBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, fused_attn)
-                for _ in range(depth)
-            ]
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.blocks = nn.ModuleList([DecoderBlock(embed_dim, num_heads, block) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=block.norm_eps)
         self.head = nn.Linear(embed_dim, self.vocab_size, bias=False)
         self.apply(init_vit_weights)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

@@ -9,12 +9,15 @@ weight converters stay plain key maps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from clipforge.models.specs import BlockSpec, flat_settings, group_settings
 
 
 def make_act(name: str) -> nn.Module:
@@ -126,27 +129,20 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); ``drop_path``: this block's
+    stochastic-depth rate (:meth:`BlockSpec.drop_path`)."""
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-6,
-        act: str = "gelu",
-        init_values: float | None = None,
-        drop_path: float = 0.0,
-        fused_attn: bool = True,
+        self, dim: int, num_heads: int, spec: BlockSpec | None = None, drop_path: float = 0.0
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, fused=fused_attn)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        spec = spec or BlockSpec()
+        self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=spec.qkv_bias, fused=spec.fused_attn)
+        self.ls1 = LayerScale(dim, spec.init_values) if spec.init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), act=spec.act)
+        self.ls2 = LayerScale(dim, spec.init_values) if spec.init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
@@ -171,17 +167,41 @@ class Transformer(nn.Module):
         return x
 
 
+TowerT = TypeVar("TowerT", bound="Tower")
+
+
 class Tower(nn.Module):
-    """What the image and text towers share: their constructor arguments (``init_kwargs``, so converters
-    can describe a tower, e.g. as open_clip config), a :class:`Transformer` trunk (``self.transformer``,
-    set by the subclass) and the projection into the shared image-text space."""
+    """What the image and text towers share: their constructor arguments (``init_kwargs``, the config node
+    that rebuilds the tower, and ``settings``, the same flat, so converters can describe a tower, e.g. as
+    open_clip config), a :class:`Transformer` trunk (``self.transformer``, set by the subclass) and the
+    projection into the shared image-text space. ``groups``: the constructor arguments that are settings
+    groups (:mod:`clipforge.models.specs`), by name."""
 
     transformer: Transformer
+    groups: ClassVar[dict[str, type]] = {"block": BlockSpec}
 
     def __init__(self, init_locals: dict[str, Any]) -> None:
-        """``init_locals``: the subclass constructor's ``locals()``, taken before anything else is bound."""
+        """``init_locals``: the subclass constructor's ``locals()``, taken once its groups are specs and before
+        anything else is bound."""
         super().__init__()
-        self.init_kwargs = {k: v for k, v in init_locals.items() if k not in ("self", "__class__")}
+        self.init_kwargs = {
+            k: asdict(v) if k in self.groups else v
+            for k, v in init_locals.items()
+            if k not in ("self", "__class__")
+        }
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every constructor setting by its own name, the groups' fields beside the rest."""
+        return flat_settings(
+            {k: self.groups[k](**v) if k in self.groups else v for k, v in self.init_kwargs.items()}
+        )
+
+    @classmethod
+    def from_settings(cls: type[TowerT], **settings: Any) -> TowerT:
+        """The tower for flat settings (``norm_eps`` beside ``embed_dim``, as converters and old checkpoints
+        describe towers) or grouped ones."""
+        return cls(**group_settings(cls.groups, settings))
 
     def make_proj(self, embed_dim: int, output_dim: int | None, bias: bool) -> None:
         """``self.proj``: a linear map to ``output_dim``, or the identity (``output_dim`` falsy)."""
@@ -200,22 +220,15 @@ class AttentionPool(HeadAttention):
     """Multihead attention pooling ("MAP"): a learned query attends over the tokens, then a residual
     MLP. Same computation as timm's ``AttentionPoolLatent`` and the SigLIP vision head."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        norm_eps: float = 1e-6,
-        act: str = "gelu",
-        fused: bool = True,
-    ) -> None:
-        super().__init__(dim, num_heads, fused)
+    def __init__(self, dim: int, num_heads: int, spec: BlockSpec | None = None) -> None:
+        spec = spec or BlockSpec()
+        super().__init__(dim, num_heads, spec.fused_attn)
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.norm = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), act=spec.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

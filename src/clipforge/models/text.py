@@ -8,16 +8,21 @@ in CLIP's BPE vocabulary) or at the last position (``last``), then projected int
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from clipforge.models.layers import Block, Tower, Transformer
+from clipforge.models.specs import BlockSpec, as_spec
 from clipforge.models.weight_init import WeightInit, init_tower
 
 
 class TextTransformer(Tower):
+    """The text tower. ``block``: the settings every block shares (:class:`BlockSpec`, LayerNorm eps 1e-5 by
+    default, as CLIP), a spec or its mapping."""
+
     def __init__(
         self,
         vocab_size: int = 49408,
@@ -25,18 +30,14 @@ class TextTransformer(Tower):
         embed_dim: int = 512,
         depth: int = 12,
         num_heads: int = 8,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
         output_dim: int | None = 512,
         proj_bias: bool = False,
         causal: bool = True,
         pool_type: Literal["eot", "last"] = "eot",
-        norm_eps: float = 1e-5,
-        act: str = "gelu",
-        init_values: float | None = None,
-        fused_attn: bool = True,
+        block: BlockSpec | Mapping[str, Any] | None = None,
         weight_init: WeightInit = "openclip",
     ) -> None:
+        block = as_spec(BlockSpec, block, norm_eps=1e-5)
         super().__init__(locals())
         if pool_type not in ("eot", "last"):
             raise ValueError(f"pool_type must be 'eot' or 'last', got {pool_type!r}")
@@ -49,12 +50,9 @@ class TextTransformer(Tower):
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, embed_dim))
         self.transformer = Transformer(
-            depth,
-            lambda i: Block(
-                embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, fused_attn=fused_attn
-            ),
+            depth, lambda i: Block(embed_dim, num_heads, block, block.drop_path(i, depth))
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(embed_dim, eps=block.norm_eps)
         self.make_proj(embed_dim, output_dim, proj_bias)
         self.init_weights()
 

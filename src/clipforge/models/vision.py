@@ -10,12 +10,14 @@ the CLS token (``token``), the mean of patch tokens (``avg``), or multihead atte
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from clipforge.models.layers import AttentionPool, Block, Tower, Transformer
+from clipforge.models.specs import BlockSpec, VisionLayout, as_spec
 from clipforge.models.weight_init import WeightInit, init_tower, init_vit_weights
 
 __all__ = ["VisionTransformer", "init_vit_weights", "patch_dropout", "resample_pos_embed"]
@@ -37,31 +39,29 @@ def patch_dropout(x: torch.Tensor, keep: float, num_prefix: int) -> torch.Tensor
 
 
 class VisionTransformer(Tower):
+    """The image tower. ``block``: the settings every block shares (:class:`BlockSpec`, LayerNorm eps 1e-6 by
+    default); ``layout``: where norms and biases sit (:class:`VisionLayout`); each a spec or its mapping."""
+
+    groups: ClassVar[dict[str, type]] = {"block": BlockSpec, "layout": VisionLayout}
+
     def __init__(
         self,
         img_size: int = 224,
         patch_size: int = 16,
-        in_chans: int = 3,
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        class_token: bool = True,
-        global_pool: GlobalPool = "token",
-        fc_norm: bool | None = None,
-        pre_norm: bool = False,
-        norm_eps: float = 1e-6,
-        act: str = "gelu",
-        patch_bias: bool = True,
         output_dim: int | None = 512,
         proj_bias: bool = False,
-        init_values: float | None = None,
-        drop_path_rate: float = 0.0,
+        class_token: bool = True,
+        global_pool: GlobalPool = "token",
+        block: BlockSpec | Mapping[str, Any] | None = None,
+        layout: VisionLayout | Mapping[str, Any] | None = None,
         patch_dropout: float = 0.0,
-        fused_attn: bool = True,
         weight_init: WeightInit = "openclip",
     ) -> None:
+        block = as_spec(BlockSpec, block)
+        layout = as_spec(VisionLayout, layout)
         super().__init__(locals())
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
@@ -81,27 +81,21 @@ class VisionTransformer(Tower):
         self.patch_dropout = patch_dropout
         self.weight_init = weight_init
         # timm's convention: average pooling normalises after pooling (fc_norm), the others before.
-        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        use_fc_norm = global_pool == "avg" if layout.fc_norm is None else layout.fc_norm
+        eps = block.norm_eps
 
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=patch_bias)
+        self.patch_embed = nn.Conv2d(
+            layout.in_chans, embed_dim, patch_size, stride=patch_size, bias=layout.patch_bias
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, embed_dim))
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        # Stochastic depth grows linearly with depth; plain Python so the tower also builds on "meta".
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if layout.pre_norm else nn.Identity()
         self.transformer = Transformer(
-            depth,
-            lambda i: Block(
-                embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, act, init_values, dpr[i], fused_attn
-            ),
+            depth, lambda i: Block(embed_dim, num_heads, block, block.drop_path(i, depth))
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
-        self.attn_pool = (
-            AttentionPool(embed_dim, num_heads, mlp_ratio, norm_eps, act, fused_attn)
-            if global_pool == "map"
-            else None
-        )
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=eps) if not use_fc_norm else nn.Identity()
+        self.attn_pool = AttentionPool(embed_dim, num_heads, block) if global_pool == "map" else None
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=eps) if use_fc_norm else nn.Identity()
         self.make_proj(embed_dim, output_dim, proj_bias)
         self.init_weights()
 

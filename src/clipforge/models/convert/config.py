@@ -57,10 +57,11 @@ def instantiate_model(config: dict[str, Any], device: torch.device | str | None 
     initial scale and bias and calls it."""
     cfg = _kwargs(dict(config), CLIP)
     with torch.device(device) if device is not None else nullcontext():
-        vision = VisionTransformer(**_kwargs(dict(cfg.pop("vision")), VisionTransformer))
+        # from_settings: nodes written before the block settings became groups are flat, and still build
+        vision = VisionTransformer.from_settings(**_kwargs(dict(cfg.pop("vision")), VisionTransformer))
         text_node = dict(cfg.pop("text"))
         if "width" in text_node and "embed_dim" not in text_node:
             # checkpoints written before the text tower took the vision tower's name for its width
             text_node["embed_dim"] = text_node.pop("width")
-        text = TextTransformer(**_kwargs(text_node, TextTransformer))
+        text = TextTransformer.from_settings(**_kwargs(text_node, TextTransformer))
         return CLIP(vision, text, **cfg)

@@ -91,7 +91,7 @@ def vision_key_map(visual: VisionTransformer, vision_cfg: dict[str, Any]) -> Key
 def text_key_map(text: TextTransformer) -> KeyMap:
     """Our text tower <-> open_clip's ``TextTransformer`` (keys relative to the tower)."""
     special = {"pos_embed": squeezed("pos_embed", "positional_embedding", 1)}
-    if not text.init_kwargs["proj_bias"]:
+    if not text.settings["proj_bias"]:
         special["proj.weight"] = transposed("proj.weight", "text_projection")
     table = [("token_embedding", "token_embedding"), ("norm", "ln_final"), ("proj", "text_projection")]
     return build_key_map(text.state_dict(), special, table, _BLOCKS)

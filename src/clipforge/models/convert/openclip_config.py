@@ -15,6 +15,7 @@ from torch import nn
 from clipforge.models.clip import CLIP
 from clipforge.models.convert.config import CLIP_TARGET, TEXT_TARGET, VISION_TARGET
 from clipforge.models.convert.timm_vit import vision_kwargs_from_timm
+from clipforge.models.specs import group_settings
 from clipforge.models.text import TextTransformer
 from clipforge.models.vision import VisionTransformer
 
@@ -44,7 +45,7 @@ def _timm_trunk(name: str, pool: str, proj: str | None, embed_dim: int) -> nn.Mo
 
 def _timm_name(visual: VisionTransformer) -> str:
     """The timm model open_clip can build for a tower with no class token or with attention pooling."""
-    kw = dict(visual.init_kwargs)
+    kw = dict(visual.settings)
     kw["fc_norm"] = kw["global_pool"] == "avg" if kw["fc_norm"] is None else kw["fc_norm"]
     size = _TIMM_SIZES.get(kw["embed_dim"])
     tried = []
@@ -75,7 +76,7 @@ def _timm_is_model(name: str) -> bool:
 
 
 def _vision_cfg(visual: VisionTransformer) -> dict[str, Any]:
-    kw = visual.init_kwargs
+    kw = visual.settings
     if not (kw["class_token"] and kw["global_pool"] in ("token", "avg")):
         cfg = {
             "image_size": kw["img_size"],
@@ -118,7 +119,7 @@ def _vision_cfg(visual: VisionTransformer) -> dict[str, Any]:
 
 
 def _text_cfg(text: TextTransformer) -> dict[str, Any]:
-    kw = text.init_kwargs
+    kw = text.settings
     if not kw["qkv_bias"]:
         raise ValueError(
             "open_clip's text attention always has qkv biases: qkv_bias=False cannot be exported"
@@ -146,7 +147,7 @@ def open_clip_model_cfg(model: CLIP) -> dict[str, Any]:
     """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg`` ...) of ``model``."""
     vision_cfg, text_cfg = _vision_cfg(model.visual), _text_cfg(model.text)
     timm_tower = "timm_model_name" in vision_cfg
-    acts = {model.text.init_kwargs["act"]} | (set() if timm_tower else {model.visual.init_kwargs["act"]})
+    acts = {model.text.settings["act"]} | (set() if timm_tower else {model.visual.settings["act"]})
     # open_clip's quick_gelu switch covers both of its own towers at once.
     if "quick_gelu" in acts and acts != {"quick_gelu"}:
         raise ValueError("open_clip uses QuickGELU in both towers or in neither; the towers here differ")
@@ -280,10 +281,11 @@ def model_config_from_open_clip(model_cfg: dict[str, Any], img_size: int | None 
     vision = _vision_node(dict(model_cfg["vision_cfg"]), embed_dim, quick)
     if img_size is not None:
         vision["img_size"] = img_size
+    text = _text_node(dict(model_cfg["text_cfg"]), embed_dim, quick)
     return {
         "_target_": CLIP_TARGET,
-        "vision": vision,
-        "text": _text_node(dict(model_cfg["text_cfg"]), embed_dim, quick),
+        "vision": group_settings(VisionTransformer.groups, vision),
+        "text": group_settings(TextTransformer.groups, text),
         "init_logit_scale": model_cfg.get("init_logit_scale"),
         "init_logit_bias": model_cfg.get("init_logit_bias"),
     }

@@ -44,7 +44,7 @@ _TABLE = [
 
 
 def _check(visual: VisionTransformer) -> None:
-    kw = visual.init_kwargs
+    kw = visual.settings
     problems = {
         "class_token=True": kw["class_token"],
         "global_pool != 'map'": kw["global_pool"] != "map",
@@ -83,7 +83,7 @@ def siglip_vision_config(visual: VisionTransformer) -> Any:
     from transformers import SiglipVisionConfig
 
     _check(visual)
-    kw = visual.init_kwargs
+    kw = visual.settings
     acts = {v: k for k, v in _ACTS.items()}
     return SiglipVisionConfig(
         hidden_size=kw["embed_dim"],
@@ -131,9 +131,9 @@ def from_hf_siglip(model: nn.Module) -> VisionTransformer:
     """Our tower with the architecture and weights of a ``SiglipVisionModel``."""
     kwargs = vision_kwargs_from_siglip(model.config)
     with torch.device("meta"):
-        key_map = siglip_key_map(VisionTransformer(**kwargs))
+        key_map = siglip_key_map(VisionTransformer.from_settings(**kwargs))
     state = convert_state_dict(_hf_state(model), key_map, to="ours", ignore=("embeddings.position_ids",))
-    return build_with_weights(lambda: VisionTransformer(**kwargs), state)
+    return build_with_weights(lambda: VisionTransformer.from_settings(**kwargs), state)
 
 
 def to_hf_siglip(visual: VisionTransformer) -> nn.Module:

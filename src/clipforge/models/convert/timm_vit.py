@@ -27,7 +27,7 @@ _TOP = [
 
 def timm_key_map(visual: VisionTransformer, with_head: bool = True) -> KeyMap:
     """Key map for ``visual``; ``with_head=False`` leaves our ``proj`` out (callers map it themselves)."""
-    kw = visual.init_kwargs
+    kw = visual.settings
     if kw["patch_bias"] == kw["pre_norm"]:
         raise ValueError(
             "timm's patch embedding has a bias exactly when pre_norm is off; set patch_bias = not pre_norm"
@@ -40,7 +40,7 @@ def timm_key_map(visual: VisionTransformer, with_head: bool = True) -> KeyMap:
 
 def timm_kwargs(visual: VisionTransformer) -> dict[str, Any]:
     """Constructor arguments of a timm ``VisionTransformer`` with the same architecture as ``visual``."""
-    kw = visual.init_kwargs
+    kw = visual.settings
     return {
         "img_size": kw["img_size"],
         "patch_size": kw["patch_size"],
@@ -132,6 +132,6 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     """Our ``VisionTransformer`` with the architecture and weights of a timm ViT."""
     kwargs = vision_kwargs_from_timm(model)
     with torch.device("meta"):
-        key_map = timm_key_map(VisionTransformer(**kwargs))
+        key_map = timm_key_map(VisionTransformer.from_settings(**kwargs))
     state = convert_state_dict(model.state_dict(), key_map, to="ours")
-    return build_with_weights(lambda: VisionTransformer(**kwargs), state)
+    return build_with_weights(lambda: VisionTransformer.from_settings(**kwargs), state)

@@ -1,0 +1,107 @@
+"""Settings groups of the towers (clipforge.models.specs): one YAML node per group, flat settings for
+converters and for checkpoints written before the groups existed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from clipforge.conf import CONF_DIR
+from omegaconf import OmegaConf
+
+from clipforge.checkpoint import build_model
+from clipforge.models import TextTransformer, VisionTransformer
+from clipforge.models.convert.config import model_config
+from clipforge.models.decoder import TextDecoder
+from clipforge.models.specs import BlockSpec, VisionLayout, as_spec, flat_settings, group_settings
+
+FLAT_VISION = dict(
+    img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, output_dim=8, mlp_ratio=2.0,
+    norm_eps=1e-5, act="gelu_tanh", init_values=0.1, drop_path_rate=0.1, pre_norm=True, patch_bias=False,
+)  # fmt: skip
+
+
+def test_flat_and_grouped_settings_build_the_same_tower() -> None:
+    torch.manual_seed(0)
+    flat = VisionTransformer.from_settings(**FLAT_VISION)
+    torch.manual_seed(0)
+    grouped = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, output_dim=8,
+        block=BlockSpec(mlp_ratio=2.0, norm_eps=1e-5, act="gelu_tanh", init_values=0.1, drop_path_rate=0.1),
+        layout={"pre_norm": True, "patch_bias": False},
+    )  # fmt: skip
+    assert flat.init_kwargs == grouped.init_kwargs
+    for (k, a), (_, b) in zip(flat.state_dict().items(), grouped.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    settings = flat.settings
+    assert {k: settings[k] for k in FLAT_VISION} == FLAT_VISION  # every flat setting reads back by its name
+    assert flat.patch_embed.bias is None and flat.blocks[0].mlp.fc1.out_features == 64
+    assert isinstance(flat.blocks[0].drop_path, torch.nn.Identity)  # stochastic depth: 0 at the first block
+    assert flat.blocks[1].drop_path.p == pytest.approx(0.1)  # drop_path_rate at the last
+
+
+def test_group_and_flat_are_inverse() -> None:
+    grouped = group_settings(VisionTransformer.groups, FLAT_VISION)
+    assert grouped["block"] == {
+        "mlp_ratio": 2.0, "norm_eps": 1e-5, "act": "gelu_tanh", "init_values": 0.1, "drop_path_rate": 0.1
+    }  # fmt: skip
+    assert grouped["layout"] == {"pre_norm": True, "patch_bias": False}
+    specs = {
+        k: as_spec(VisionTransformer.groups[k], v) if k in ("block", "layout") else v
+        for k, v in grouped.items()
+    }
+    flat = flat_settings(specs)
+    assert {k: flat[k] for k in FLAT_VISION} == FLAT_VISION
+    assert group_settings(VisionTransformer.groups, grouped) == grouped  # grouped input stays as it is
+
+
+def test_a_setting_given_twice_or_unknown_fails_naming_it() -> None:
+    with pytest.raises(ValueError, match="'norm_eps' is given both flat and in 'block'"):
+        group_settings(VisionTransformer.groups, {"norm_eps": 1e-5, "block": {"norm_eps": 1e-6}})
+    with pytest.raises(TypeError, match=r"unknown BlockSpec setting\(s\) \['mlp_ration'\].*mlp_ratio"):
+        VisionTransformer(img_size=16, patch_size=4, block={"mlp_ration": 2.0})
+    with pytest.raises(TypeError, match="VisionLayout"):
+        VisionTransformer(img_size=16, patch_size=4, layout=[1, 2])
+    with pytest.raises(ValueError, match="no LayerScale or stochastic depth"):
+        TextDecoder(64, 8, image_dim=16, embed_dim=16, depth=1, num_heads=2, block={"init_values": 0.1})
+
+
+def test_tower_defaults_keep_their_layer_norm_eps() -> None:
+    assert VisionTransformer(img_size=16, patch_size=4, depth=1).blocks[0].norm1.eps == 1e-6  # timm/SigLIP
+    assert TextTransformer(vocab_size=64, context_length=8, depth=1).norm.eps == 1e-5  # CLIP
+    assert as_spec(VisionLayout, None) == VisionLayout()
+
+
+def test_a_flat_model_node_from_an_older_checkpoint_still_builds() -> None:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    node = model_config(model)
+    assert node["vision"]["block"]["norm_eps"] == 1e-5 and node["vision"]["layout"]["pre_norm"] is True
+    legacy = dict(node)
+    legacy["vision"] = {k: v for k, v in node["vision"].items() if k not in ("block", "layout")}
+    legacy["vision"] |= node["vision"]["block"] | node["vision"]["layout"]
+    legacy["text"] = {k: v for k, v in node["text"].items() if k != "block"} | node["text"]["block"]
+    assert "norm_eps" in legacy["vision"] and "block" not in legacy["text"]
+    rebuilt = build_model(legacy)
+    assert model_config(rebuilt) == node
+    rebuilt.load_state_dict(model.state_dict())  # same parameter names and shapes
+
+
+def test_a_flat_decoder_node_from_an_older_checkpoint_still_builds() -> None:
+    from hydra.utils import instantiate
+
+    flat = {
+        "_target_": "clipforge.models.decoder.TextDecoder", "vocab_size": 64, "context_length": 8,
+        "image_dim": 16, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_box_bins": 8, "mlp_ratio": 2.0,
+        "qkv_bias": True, "norm_eps": 1e-5, "act": "gelu", "fused_attn": True,
+    }  # fmt: skip
+    node = group_settings({"block": BlockSpec}, flat)  # as clipforge.checkpoint.load_captioner does
+    assert node["block"] == {
+        "mlp_ratio": 2.0,
+        "qkv_bias": True,
+        "norm_eps": 1e-5,
+        "act": "gelu",
+        "fused_attn": True,
+    }
+    decoder = instantiate(OmegaConf.create(node))
+    assert decoder.blocks[0].mlp.fc1.out_features == 32 and decoder.norm.eps == 1e-5

@@ -79,3 +79,8 @@ def test_init_sweep_trains_each_scheme_and_reuses_finished_runs(tmp_path: Path) 
         "tiny-16px-clip-timm",
     ]
     assert init_sweep(argv) == rows  # finished runs are read back, not retrained
+    # scored by held-out zero-shot too, one row per seed
+    scored = init_sweep([*argv[:5], "openclip", *argv[7:], "--seeds", "1", "--heldout", "12"])
+    assert [(r["scheme"], r["seed"], r["heldout"]) for r in scored] == [("openclip", 1, 12)]
+    assert 0.0 <= scored[0]["zeroshot_top1"] <= 1.0
+    assert (tmp_path / "tiny-16px-3steps-seed1-clip-openclip" / "loss.json").is_file()

@@ -1,12 +1,13 @@
 """Which initialisation trains a model config fastest, at a CPU-sized batch and step count: the same short
-run (synthetic captioned images, the model's own image size, same seed and steps) once per weight-init
-scheme of :mod:`clipforge.models.weight_init` (timm: Dosovitskiy et al., 2021; jax: big_vision, Zhai et al.,
-2022; openclip: CLIP's text-tower recipe, Radford et al., 2021; torch: open_clip's image tower), scored by
-the mean training loss of the last steps. Lower is better; how each model config's default was chosen for
-the models too large to train to convergence on a CPU (the tiny one is chosen by
-``clipforge-benchmark learning``).
+run (synthetic captioned images, same seeds and steps) once per weight-init scheme of
+:mod:`clipforge.models.weight_init` (timm: Dosovitskiy et al., 2021; jax: big_vision, Zhai et al., 2022;
+openclip: CLIP's recipe, Radford et al., 2021; torch: open_clip's image tower), scored by the mean training
+loss of the last steps (lower is better) and, with ``--heldout``, by held-out zero-shot top-1. How each model
+config's default was chosen for the models too large to train to convergence on a CPU (the tiny one is
+chosen by ``clipforge-benchmark learning``).
 
-    clipforge-benchmark init --models vit_b32 --schemes timm openclip torch --steps 40 --batch-size 16
+    clipforge-benchmark init --models vit_b32 --schemes timm openclip --image-size 64 --context-length 24 \
+        --steps 300 --batch-size 32 --warmup 20 --lr 2e-4 --last 20 --seeds 0 1 --heldout 500
     clipforge-benchmark init --models siglip_b16 --image-size 112     # B/16 widths and depth, 49 patches
 """
 
@@ -38,16 +39,23 @@ def command(run_dir: Path, model: str, scheme: str, args: argparse.Namespace) ->
         f"model={model}", f"loss={args.loss}", f"model.vision.weight_init={scheme}", f"model.text.weight_init={text_scheme}",
         f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1", f"data.batch_size={args.batch_size}",
         f"scheduler.warmup_steps={args.warmup}", f"optimizer.lr={args.lr}", "data.source.num_train=4096",
-        "data.source.num_heldout=64", "logger=csv", "final_eval=false", "callbacks=none", f"seed={args.seed}",
+        f"data.source.num_heldout={args.heldout or 64}", "logger=csv", f"final_eval={bool(args.heldout)}",
+        "callbacks=none", f"seed={args.seed}",
     ] + ([f"model.vision.img_size={args.image_size}"] if args.image_size else []) + (
         [f"model.text.context_length={args.context_length}"] if args.context_length else [])  # fmt: skip
 
 
-def mean_last_losses(run_dir: Path, last: int) -> float:
+def logged(run_dir: Path, key: str) -> list[float]:
+    """Every value of ``key`` the run's CSV logger wrote, in order."""
     rows = []
     for path in run_dir.rglob("metrics.csv"):
         with path.open() as f:
-            rows += [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+            rows += [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+    return rows
+
+
+def mean_last_losses(run_dir: Path, last: int) -> float:
+    rows = logged(run_dir, "train/loss")
     if len(rows) < last:
         raise RuntimeError(f"{run_dir}: {len(rows)} logged losses, fewer than {last}")
     return statistics.mean(rows[-last:])
@@ -64,7 +72,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        help="zero-shot classify this many held-out images (unseen attribute tuples) after training; 0: "
+        "score by the training loss only",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--image-size",
@@ -85,36 +100,69 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for model in args.models:
         loss = args.loss or ("siglip" if model.startswith("siglip") else "clip")
         for scheme in args.schemes or DEFAULT_SCHEMES.get(model, ["timm", "openclip"]):
-            size = f"-{args.image_size}px" if args.image_size else ""
-            size += f"-ctx{args.context_length}" if args.context_length else ""
-            run_dir = (args.out / f"{model}{size}-{loss}-{scheme}").resolve()
-            done = run_dir / "loss.json"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not done.is_file():
-                print(f"[init] {model} {loss} {scheme}: {args.steps} steps of {args.batch_size}", flush=True)
-                run_args = argparse.Namespace(**{**vars(args), "loss": loss})
-                seconds = run_logged(
-                    command(run_dir, model, scheme, run_args), run_dir / "train.log", args.threads
-                )
-                row = {
-                    "model": model,
-                    "loss": loss,
-                    "scheme": scheme,
-                    "steps": args.steps,
-                    "batch": args.batch_size,
-                    "image_size": args.image_size,
-                    "context_length": args.context_length,
-                    "lr": args.lr,
-                }
-                row |= {"final_loss": mean_last_losses(run_dir, args.last), "train_s": round(seconds, 1)}
-                done.write_text(json.dumps(row))
-            rows.append(json.loads(done.read_text()))
-            print(json.dumps(rows[-1]), flush=True)
-    print(
-        "| model | loss | init | mean train loss, last steps | train min |\n| --- | --- | --- | ---: | ---: |"
-    )
-    for r in rows:
-        print(
-            f"| {r['model']} | {r['loss']} | {r['scheme']} | {r['final_loss']:.4f} | {r['train_s'] / 60:.1f} |"
-        )
+            for seed in args.seeds:
+                rows.append(one_run(args, model, loss, scheme, seed))
+                print(json.dumps(rows[-1]), flush=True)
+    print(table(rows), flush=True)
     return rows
+
+
+def one_run(args: argparse.Namespace, model: str, loss: str, scheme: str, seed: int) -> dict:
+    """Train (or read back) one short run; its row of results."""
+    size = f"-{args.image_size}px" if args.image_size else ""
+    size += f"-ctx{args.context_length}" if args.context_length else ""
+    size += f"-{args.steps}steps-seed{seed}" if (seed or args.heldout) else ""
+    run_dir = (args.out / f"{model}{size}-{loss}-{scheme}").resolve()
+    done = run_dir / "loss.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not done.is_file():
+        print(
+            f"[init] {model} {loss} {scheme} seed {seed}: {args.steps} steps of {args.batch_size}", flush=True
+        )
+        run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed})
+        seconds = run_logged(command(run_dir, model, scheme, run_args), run_dir / "train.log", args.threads)
+        row = {
+            "model": model,
+            "loss": loss,
+            "scheme": scheme,
+            "seed": seed,
+            "steps": args.steps,
+            "batch": args.batch_size,
+            "image_size": args.image_size,
+            "context_length": args.context_length,
+            "lr": args.lr,
+            "final_loss": mean_last_losses(run_dir, args.last),
+            "train_s": round(seconds, 1),
+        }
+        if args.heldout:
+            top1 = logged(run_dir, "final/zeroshot_top1")
+            if not top1:
+                raise RuntimeError(f"{run_dir}: no final/zeroshot_top1 logged; see {run_dir / 'train.log'}")
+            row |= {"zeroshot_top1": top1[-1], "heldout": args.heldout}
+        done.write_text(json.dumps(row))
+    return json.loads(done.read_text())
+
+
+def table(rows: list[dict]) -> str:
+    """One line per model and scheme: means over seeds, then each seed's value."""
+    lines = [
+        "| model | loss | init | mean train loss, last steps | held-out zero-shot top-1 | train min |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["loss"], r["scheme"]), []).append(r)
+    for (model, loss, scheme), rs in groups.items():
+        losses = [r["final_loss"] for r in rs]
+        cell = f"{statistics.mean(losses):.4f}" + (
+            f" ({' / '.join(f'{v:.4f}' for v in losses)})" if len(rs) > 1 else ""
+        )
+        accs = [100 * r["zeroshot_top1"] for r in rs if "zeroshot_top1" in r]
+        acc = "-"
+        if accs:
+            acc = f"{statistics.mean(accs):.1f}%" + (
+                f" ({' / '.join(f'{a:.1f}' for a in accs)})" if len(accs) > 1 else ""
+            )
+        minutes = sum(r["train_s"] for r in rs) / 60 / len(rs)
+        lines.append(f"| {model} | {loss} | {scheme} | {cell} | {acc} | {minutes:.1f} |")
+    return "\n".join(lines)

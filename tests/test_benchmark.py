@@ -123,12 +123,17 @@ def test_compiled_step_equals_eager(loss: str) -> None:
         step(images, tokens)
         stepped.append([p.detach().clone() for p in model.parameters()])
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    # The compiled kernels sum in another order. An element's float32 error scales with the terms summed
+    # into it, not with the element (a position-embedding gradient sums the whole batch), so each gradient
+    # tensor is compared as a whole: within 1e-4 of its own norm.
     for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    # Adam divides by sqrt(v): where a gradient is ~1e-9 its two float32 versions can move the weight by
-    # a sizeable part of lr (1e-4) in opposite directions, so the weights agree to half an lr step.
-    for a, b in zip(*stepped, strict=True):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=0)
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-8
+    # Adam's first step moves a weight by lr * g / (|g| + eps): where a gradient is near eps (1e-6), its
+    # float32 twin can move the weight by a sizeable part of lr (1e-4), even the other way. So nearly every
+    # weight agrees to float precision, and none is further apart than two opposite steps (2 x lr).
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(*stepped, strict=True)])
+    assert (diff > 1e-6).float().mean().item() < 1e-3
+    assert diff.max().item() <= 2 * 1e-4
 
 
 def test_one_command_dispatches_every_benchmark(capsys) -> None:

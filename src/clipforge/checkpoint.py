@@ -137,10 +137,10 @@ def load_captioner(path: str | Path, use_ema: bool = False) -> tuple[CLIP, TextD
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from clipforge.models.specs import BlockSpec, group_settings
+    from clipforge.models.specs import group_settings
 
     # decoder nodes written before its block settings became a group are flat: group them
-    decoder = instantiate(OmegaConf.create(group_settings({"block": BlockSpec}, node)))
+    decoder = instantiate(OmegaConf.create(group_settings(TextDecoder.groups, node)))
     decoder.load_state_dict(
         submodule_state(ckpt, (EMA_PREFIX if use_ema else "") + "objectives.locca.decoder.")
     )

@@ -49,8 +49,9 @@ def test_group_and_flat_are_inverse() -> None:
         k: as_spec(VisionTransformer.groups[k], v) if k in ("block", "layout") else v
         for k, v in grouped.items()
     }
-    flat = flat_settings(specs)
-    assert {k: flat[k] for k in FLAT_VISION} == FLAT_VISION
+    for given in (specs, grouped):  # the groups as specs or as their mappings
+        flat = flat_settings(VisionTransformer.groups, given)
+        assert {k: flat[k] for k in FLAT_VISION} == FLAT_VISION
     assert group_settings(VisionTransformer.groups, grouped) == grouped  # grouped input stays as it is
 
 
@@ -95,7 +96,7 @@ def test_a_flat_decoder_node_from_an_older_checkpoint_still_builds() -> None:
         "image_dim": 16, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_box_bins": 8, "mlp_ratio": 2.0,
         "qkv_bias": True, "norm_eps": 1e-5, "act": "gelu", "fused_attn": True,
     }  # fmt: skip
-    node = group_settings({"block": BlockSpec}, flat)  # as clipforge.checkpoint.load_captioner does
+    node = group_settings(TextDecoder.groups, flat)  # as clipforge.checkpoint.load_captioner does
     assert node["block"] == {
         "mlp_ratio": 2.0,
         "qkv_bias": True,

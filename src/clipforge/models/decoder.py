@@ -25,7 +25,7 @@ tokens, and "0.25" has no tokenisation ambiguity; Pix2Seq (Chen et al., 2022) an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -82,8 +82,9 @@ class DecoderBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, spec: BlockSpec) -> None:
         super().__init__()
         if spec.init_values or spec.drop_path_rate:
-            raise ValueError("decoder blocks have no LayerScale or stochastic depth: leave init_values and "
-                             "drop_path_rate unset")  # fmt: skip
+            raise ValueError(
+                "decoder blocks have no LayerScale or stochastic depth: leave init_values and drop_path_rate unset"
+            )
         self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=spec.qkv_bias, fused=spec.fused_attn)
         self.norm2 = nn.LayerNorm(dim, eps=spec.norm_eps)
@@ -102,6 +103,8 @@ class TextDecoder(nn.Module):
     length); ``image_dim`` the width of the image tower's tokens; ``block``: the settings its blocks share
     (:class:`BlockSpec`, a spec or its mapping; LayerNorm eps 1e-5 by default; no LayerScale or stochastic
     depth)."""
+
+    groups: ClassVar[dict[str, type]] = {"block": BlockSpec}
 
     def __init__(
         self,

@@ -193,9 +193,7 @@ class Tower(nn.Module):
     @property
     def settings(self) -> dict[str, Any]:
         """Every constructor setting by its own name, the groups' fields beside the rest."""
-        return flat_settings(
-            {k: self.groups[k](**v) if k in self.groups else v for k, v in self.init_kwargs.items()}
-        )
+        return flat_settings(self.groups, self.init_kwargs)
 
     @classmethod
     def from_settings(cls: type[TowerT], **settings: Any) -> TowerT:

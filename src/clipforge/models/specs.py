@@ -89,12 +89,13 @@ def group_settings(groups: Mapping[str, type], settings: Mapping[str, Any]) -> d
     return out
 
 
-def flat_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`group_settings`: each group's fields beside the other settings."""
+def flat_settings(groups: Mapping[str, type], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`group_settings`: each group's fields (a spec or its mapping) beside the other
+    settings."""
     out: dict[str, Any] = {}
     for k, v in kwargs.items():
-        if is_dataclass(v) and not isinstance(v, type):
-            out |= asdict(v)
+        if k in groups:
+            out |= asdict(v) if is_dataclass(v) else dict(v)
         else:
             out[k] = v
     return out

@@ -1,16 +1,19 @@
 """Weight-initialisation schemes for the two towers, as small free functions.
 
 - ``timm``: truncated normal, std 0.02, for every linear/conv weight, zero biases (the timm ViT recipe,
-  Dosovitskiy et al., 2021; Touvron et al., 2021). At small width it is far below w^-1/2 and learned
-  much less (README, "Learning parity").
+  Dosovitskiy et al., 2021; Touvron et al., 2021). The default of ``vit_b32`` and ``vit_b16``, where it
+  learned more than ``openclip`` at width 768; at the tiny model's width 96 it is a fifth of w^-1/2 and
+  learned far less (README, "Learning parity").
 - ``jax``: the Flax/big_vision ViT recipe (Zhai et al., 2022), as in timm's ``init_weights_vit_jax``:
   Xavier-uniform linear weights, zero biases except N(0, 1e-6) inside MLPs, LeCun-normal patch embedding.
   The output projection keeps Xavier init: zeroing it, as a classifier head would be, gives all-zero
   embeddings that a contrastive loss cannot normalise.
-- ``openclip`` (the towers' default and every shipped model config's, chosen by the learning benchmark):
-  OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by open_clip, applied to both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input, N(0, w^-1/2 (2L)^-1/2) for the
-  residual output projections (attention ``proj``, ``mlp.fc2``) so the residual stream keeps its scale
-  with depth, N(0, w^-1/2) for the output projection and the vision class/position embeddings.
+- ``openclip`` (the towers' constructor default and that of ``tiny`` and ``siglip_b16``, chosen by the
+  learning benchmark on ``tiny``): OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by
+  open_clip, applied to both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input,
+  N(0, w^-1/2 (2L)^-1/2) for the residual output projections (attention ``proj``, ``mlp.fc2``) so the
+  residual stream keeps its scale with depth, N(0, w^-1/2) for the output projection and the vision
+  class/position embeddings.
 - ``torch``: what open_clip's *image* tower gets, since OpenAI's CLIP defines no init for it: PyTorch's
   layer defaults (Kaiming-uniform weights, U(+-fan_in^-1/2) biases), the qkv projection Xavier-uniform
   with a zero bias and a zero attention-output bias (``nn.MultiheadAttention``'s own init), N(0, w^-1/2)

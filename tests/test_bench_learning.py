@@ -83,4 +83,8 @@ def test_init_sweep_trains_each_scheme_and_reuses_finished_runs(tmp_path: Path) 
     scored = init_sweep([*argv[:5], "openclip", *argv[7:], "--seeds", "1", "--heldout", "12"])
     assert [(r["scheme"], r["seed"], r["heldout"]) for r in scored] == [("openclip", 1, 12)]
     assert 0.0 <= scored[0]["zeroshot_top1"] <= 1.0
-    assert (tmp_path / "tiny-16px-3steps-seed1-clip-openclip" / "loss.json").is_file()
+    assert (tmp_path / "tiny-16px-seed1-clip-openclip" / "loss.json").is_file()
+    # a finished run trained with other settings is trained again, never read back as this one
+    longer = init_sweep([*argv[:5], "openclip", "--steps", "4", *argv[9:]])
+    assert [(r["scheme"], r["steps"]) for r in longer] == [("openclip", 4)]
+    assert longer[0]["final_loss"] != rows[1]["final_loss"]

@@ -108,39 +108,43 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 def one_run(args: argparse.Namespace, model: str, loss: str, scheme: str, seed: int) -> dict:
-    """Train (or read back) one short run; its row of results."""
+    """Train one short run, or read back a finished one trained and scored with the same settings; its row."""
     size = f"-{args.image_size}px" if args.image_size else ""
     size += f"-ctx{args.context_length}" if args.context_length else ""
-    size += f"-{args.steps}steps-seed{seed}" if (seed or args.heldout) else ""
+    size += f"-seed{seed}" if seed else ""
     run_dir = (args.out / f"{model}{size}-{loss}-{scheme}").resolve()
     done = run_dir / "loss.json"
+    settings = {
+        "model": model,
+        "loss": loss,
+        "scheme": scheme,
+        "seed": seed,
+        "steps": args.steps,
+        "batch": args.batch_size,
+        "warmup": args.warmup,
+        "lr": args.lr,
+        "image_size": args.image_size,
+        "context_length": args.context_length,
+        "last": args.last,
+        "heldout": args.heldout,
+    }
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if {k: saved.get(k) for k in settings} == settings:
+            return saved
+        print(f"[init] {run_dir.name}: trained with other settings, training again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not done.is_file():
-        print(
-            f"[init] {model} {loss} {scheme} seed {seed}: {args.steps} steps of {args.batch_size}", flush=True
-        )
-        run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed})
-        seconds = run_logged(command(run_dir, model, scheme, run_args), run_dir / "train.log", args.threads)
-        row = {
-            "model": model,
-            "loss": loss,
-            "scheme": scheme,
-            "seed": seed,
-            "steps": args.steps,
-            "batch": args.batch_size,
-            "image_size": args.image_size,
-            "context_length": args.context_length,
-            "lr": args.lr,
-            "final_loss": mean_last_losses(run_dir, args.last),
-            "train_s": round(seconds, 1),
-        }
-        if args.heldout:
-            top1 = logged(run_dir, "final/zeroshot_top1")
-            if not top1:
-                raise RuntimeError(f"{run_dir}: no final/zeroshot_top1 logged; see {run_dir / 'train.log'}")
-            row |= {"zeroshot_top1": top1[-1], "heldout": args.heldout}
-        done.write_text(json.dumps(row))
-    return json.loads(done.read_text())
+    print(f"[init] {model} {loss} {scheme} seed {seed}: {args.steps} steps of {args.batch_size}", flush=True)
+    run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed})
+    seconds = run_logged(command(run_dir, model, scheme, run_args), run_dir / "train.log", args.threads)
+    row = settings | {"final_loss": mean_last_losses(run_dir, args.last), "train_s": round(seconds, 1)}
+    if args.heldout:
+        top1 = logged(run_dir, "final/zeroshot_top1")
+        if not top1:
+            raise RuntimeError(f"{run_dir}: no final/zeroshot_top1 logged; see {run_dir / 'train.log'}")
+        row["zeroshot_top1"] = top1[-1]
+    done.write_text(json.dumps(row))
+    return row
 
 
 def table(rows: list[dict]) -> str:
@@ -153,16 +157,15 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["model"], r["loss"], r["scheme"]), []).append(r)
     for (model, loss, scheme), rs in groups.items():
-        losses = [r["final_loss"] for r in rs]
-        cell = f"{statistics.mean(losses):.4f}" + (
-            f" ({' / '.join(f'{v:.4f}' for v in losses)})" if len(rs) > 1 else ""
-        )
+        cell = _mean_and_each([r["final_loss"] for r in rs], "{:.4f}")
         accs = [100 * r["zeroshot_top1"] for r in rs if "zeroshot_top1" in r]
-        acc = "-"
-        if accs:
-            acc = f"{statistics.mean(accs):.1f}%" + (
-                f" ({' / '.join(f'{a:.1f}' for a in accs)})" if len(accs) > 1 else ""
-            )
+        acc = _mean_and_each(accs, "{:.1f}", "%") if accs else "-"
         minutes = sum(r["train_s"] for r in rs) / 60 / len(rs)
         lines.append(f"| {model} | {loss} | {scheme} | {cell} | {acc} | {minutes:.1f} |")
     return "\n".join(lines)
+
+
+def _mean_and_each(values: list[float], fmt: str, unit: str = "") -> str:
+    """``mean`` alone for one value, ``mean (v1 / v2 ...)`` for several."""
+    text = fmt.format(statistics.mean(values)) + unit
+    return text + (f" ({' / '.join(fmt.format(v) for v in values)})" if len(values) > 1 else "")

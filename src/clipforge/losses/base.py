@@ -1,16 +1,83 @@
-"""The ``nn.Module`` face shared by the CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023) losses:
-the Hydra config (``conf/loss/*.yaml``) instantiates a subclass with ``impl``, ``dist_impl`` and
-``tile_size``, and the model reads its initial logit scale and bias from the class."""
+"""The faces shared by the CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023) losses: one public
+signature for both loss functions (:func:`contrastive_loss` checks the settings and works out the batch
+layout across ranks once, then hands a :class:`Layout` to the loss body), and the ``nn.Module`` that the
+Hydra config (``conf/loss/*.yaml``) instantiates with ``impl``, ``dist_impl`` and ``tile_size``; the model
+reads its initial logit scale and bias from the class."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from clipforge.losses.distributed import check_dist_impl
-from clipforge.losses.tiled import check_impl
+from clipforge.distributed import world_info
+from clipforge.losses.distributed import check_dist_impl, gather_sizes
+from clipforge.losses.tiled import check_impl, use_tiled
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one loss call is laid out: the requested implementations, this rank and the local batch size of
+    every rank (``[b]`` on one process)."""
+
+    impl: str
+    dist_impl: str
+    tile_size: int
+    rank: int
+    sizes: list[int]
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        """Index of this rank's first pair in the global batch."""
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def coef(self) -> float:
+        """``W / B``: this rank's loss is its share of the full-batch loss times ``W`` (see the loss modules)."""
+        return self.world / sum(self.sizes)
+
+    def tiled(self, rows: int, cols: int) -> bool:
+        return use_tiled(self.impl, rows, cols, self.tile_size)
+
+
+LossBody = Callable[[Tensor, Tensor, Tensor, "Tensor | None", Layout], Tensor]
+
+
+def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
+    """The public loss function around ``body(x, y, logit_scale, logit_bias, layout)``, with the signature
+    ``(image_features, text_features, logit_scale, logit_bias=None, *, impl="auto", dist_impl="ring",
+    tile_size=8192, group=None)`` and ``body``'s name and docstring."""
+
+    def loss(
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+        *,
+        impl: str = "auto",
+        dist_impl: str = "ring",
+        tile_size: int = 8192,
+        group: dist.ProcessGroup | None = None,
+    ) -> Tensor:
+        check_impl(impl, tile_size)
+        check_dist_impl(dist_impl)
+        rank, world = world_info(group)
+        b = image_features.shape[0]
+        sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]
+        layout = Layout(impl, dist_impl, tile_size, rank, sizes, group)
+        return body(image_features, text_features, logit_scale, logit_bias, layout)
+
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+        setattr(loss, attr, getattr(body, attr))
+    return loss
 
 
 class ContrastiveLoss(nn.Module):
@@ -34,15 +101,8 @@ class ContrastiveLoss(nn.Module):
         logit_scale: Tensor,
         logit_bias: Tensor | None = None,
     ) -> Tensor:
-        return type(self).loss_fn(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            impl=self.impl,
-            dist_impl=self.dist_impl,
-            tile_size=self.tile_size,
-        )
+        settings = {"impl": self.impl, "dist_impl": self.dist_impl, "tile_size": self.tile_size}
+        return type(self).loss_fn(image_features, text_features, logit_scale, logit_bias, **settings)
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, dist_impl={self.dist_impl!r}, tile_size={self.tile_size}"

@@ -38,26 +38,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.distributed import world_info
-from clipforge.losses.base import ContrastiveLoss
-from clipforge.losses.distributed import (
-    Ring,
-    all_gather_with_grad,
-    check_dist_impl,
-    gather_sizes,
-)
-from clipforge.losses.tiled import (
-    check_impl,
-    lse_grad_tiles,
-    lse_tiles,
-    stat_dtype,
-    tiled_lse,
-    use_tiled,
-)
+from clipforge.losses.base import ContrastiveLoss, Layout, contrastive_loss
+from clipforge.losses.distributed import Ring, all_gather_with_grad
+from clipforge.losses.tiled import lse_grad_tiles, lse_tiles, stat_dtype, tiled_lse
 
 
 def clip_loss_dense(
@@ -84,17 +70,8 @@ def clip_loss_dense(
     return ce * (coef / 2)
 
 
-def clip_loss(
-    image_features: Tensor,
-    text_features: Tensor,
-    logit_scale: Tensor,
-    logit_bias: Tensor | None = None,
-    *,
-    impl: str = "auto",
-    dist_impl: str = "ring",
-    tile_size: int = 8192,
-    group: dist.ProcessGroup | None = None,
-) -> Tensor:
+@contrastive_loss
+def clip_loss(x: Tensor, y: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, layout: Layout) -> Tensor:
     """CLIP loss of this rank's ``(b, d)`` features; see the module docstring for the DDP convention.
 
     ``impl``: ``dense`` materialises the logits, ``tiled`` works in ``tile_size``-square tiles, ``auto``
@@ -102,30 +79,24 @@ def clip_loss(
     tile. ``dist_impl`` (W > 1): ``ring`` (memory independent of W) or ``gather`` (all-gather
     reference). ``logit_bias`` does not change a softmax.
     """
-    check_impl(impl, tile_size)
-    check_dist_impl(dist_impl)
-    rank, world = world_info(group)
-    x, y, b = image_features, text_features, image_features.shape[0]
-    if world == 1:
-        if use_tiled(impl, b, b, tile_size):
-            loss = tiled_lse(x, y, logit_scale, tile_size, True, 0, 1.0 / (2 * b))
+    b, sizes, coef = x.shape[0], layout.sizes, layout.coef
+    if layout.world == 1:
+        if layout.tiled(b, b):
+            loss = tiled_lse(x, y, logit_scale, layout.tile_size, True, 0, coef / 2)
         else:
             loss = clip_loss_dense(x, y, x, y, logit_scale)
+    elif layout.dist_impl == "ring":
+        # dense inside: one tile covers any block (b x b_max at most)
+        tile = layout.tile_size if layout.tiled(b, max(sizes)) else max(sizes)
+        loss = _clip_ring(x, y, logit_scale, Ring(sizes, layout.rank, layout.group), tile, coef)
     else:
-        sizes = gather_sizes(b, x.device, group)
-        offset, coef = sum(sizes[:rank]), world / sum(sizes)
-        if dist_impl == "ring":
-            # dense inside: one tile covers any block (b x b_max at most)
-            tile = tile_size if use_tiled(impl, b, max(sizes), tile_size) else max(sizes)
-            loss = _clip_ring(x, y, logit_scale, Ring(sizes, rank, group), tile, coef)
+        all_x, all_y = (all_gather_with_grad(t, sizes, layout.rank, layout.group) for t in (x, y))
+        if layout.tiled(b, sum(sizes)):
+            half, tile = coef / 2, layout.tile_size
+            loss = tiled_lse(x, all_y, logit_scale, tile, False, layout.offset, half)
+            loss = loss + tiled_lse(y, all_x, logit_scale, tile, False, layout.offset, half)
         else:
-            all_x, all_y = (all_gather_with_grad(t, sizes, rank, group) for t in (x, y))
-            if use_tiled(impl, b, sum(sizes), tile_size):
-                half = coef / 2
-                loss = tiled_lse(x, all_y, logit_scale, tile_size, False, offset, half)
-                loss = loss + tiled_lse(y, all_x, logit_scale, tile_size, False, offset, half)
-            else:
-                loss = clip_loss_dense(x, y, all_x, all_y, logit_scale, offset, coef)
+            loss = clip_loss_dense(x, y, all_x, all_y, logit_scale, layout.offset, coef)
     if logit_bias is not None:
         # Softmax is shift-invariant, so the bias has zero gradient; keep it in the graph so that DDP
         # does not report an unused parameter.

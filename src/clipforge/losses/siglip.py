@@ -28,19 +28,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.distributed import world_info
-from clipforge.losses.base import ContrastiveLoss
-from clipforge.losses.distributed import (
-    Ring,
-    all_gather_with_grad,
-    check_dist_impl,
-    gather_sizes,
-)
-from clipforge.losses.tiled import SigmoidTiled, check_impl, sigmoid_tiles, stat_dtype, use_tiled
+from clipforge.losses.base import ContrastiveLoss, Layout, contrastive_loss
+from clipforge.losses.distributed import Ring, all_gather_with_grad
+from clipforge.losses.tiled import SigmoidTiled, sigmoid_tiles, stat_dtype
 
 
 def siglip_loss_dense(
@@ -111,16 +104,9 @@ class _SigLipRing(torch.autograd.Function):
         return gx.mul_(scale), gy.mul_(scale), g_scale, g_bias, None, None, None
 
 
+@contrastive_loss
 def siglip_loss(
-    image_features: Tensor,
-    text_features: Tensor,
-    logit_scale: Tensor,
-    logit_bias: Tensor | None = None,
-    *,
-    impl: str = "auto",
-    dist_impl: str = "ring",
-    tile_size: int = 8192,
-    group: dist.ProcessGroup | None = None,
+    x: Tensor, y: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, layout: Layout
 ) -> Tensor:
     """SigLIP loss of this rank's ``(b, d)`` features; see the module docstring for the DDP convention.
 
@@ -128,23 +114,17 @@ def siglip_loss(
     ``tile_size``-square tiles, ``auto`` tiles when ``B > tile_size``. ``dist_impl`` (W > 1): ``ring``
     (tiled blocks, memory independent of W) or ``gather`` (all-gather reference, ``b x B`` logits).
     """
-    check_impl(impl, tile_size)
-    check_dist_impl(dist_impl)
-    rank, world = world_info(group)
-    b = image_features.shape[0]
-    sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]
-    total = sum(sizes)
-    coef = world / total
-    if world > 1 and dist_impl == "gather":
-        all_text = all_gather_with_grad(text_features, sizes, rank, group)
-        return siglip_loss_dense(image_features, all_text, logit_scale, logit_bias, sum(sizes[:rank]), coef)
-    if world == 1 and not use_tiled(impl, b, b, tile_size):
-        return siglip_loss_dense(image_features, text_features, logit_scale, logit_bias, 0, coef)
+    b, coef, tile = x.shape[0], layout.coef, layout.tile_size
+    if layout.world > 1 and layout.dist_impl == "gather":
+        all_text = all_gather_with_grad(y, layout.sizes, layout.rank, layout.group)
+        return siglip_loss_dense(x, all_text, logit_scale, logit_bias, layout.offset, coef)
+    if layout.world == 1 and not layout.tiled(b, b):
+        return siglip_loss_dense(x, y, logit_scale, logit_bias, 0, coef)
     bias = logit_bias if logit_bias is not None else logit_scale.new_zeros(())
-    if world == 1:
-        return _siglip_tiled(image_features, text_features, logit_scale, bias, tile_size, coef)
-    ring = Ring(sizes, rank, group)
-    return _siglip_ring(image_features, text_features, logit_scale, bias, ring, tile_size, coef)
+    if layout.world == 1:
+        return _siglip_tiled(x, y, logit_scale, bias, tile, coef)
+    ring = Ring(layout.sizes, layout.rank, layout.group)
+    return _siglip_ring(x, y, logit_scale, bias, ring, tile, coef)
 
 
 @torch.compiler.disable

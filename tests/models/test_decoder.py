@@ -133,7 +133,7 @@ def test_mask_token_replaces_masked_patches_before_positions() -> None:
     assert torch.equal(masked[keep], plain[keep])
     vit.patch_dropout = 0.5
     vit.train()
-    assert vit.forward_features(x, mask, token).shape == (2, 1 + vit.num_patches, vit.embed_dim)
+    assert vit.encode(vit.embed(x, mask, token), masked=True).shape == (2, 1 + vit.num_patches, vit.embed_dim)
 
 
 def test_smaller_crops_take_a_resampled_position_grid_only_on_request() -> None:

@@ -14,10 +14,13 @@ patches per image, so a resumed run draws the same masks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from clipforge.losses.dino import CentredDistillation, DinoHead
+from clipforge.losses.dino import CentredDistillation, DinoHead, DistillSpec
 from clipforge.losses.objective import ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 
@@ -41,11 +44,9 @@ class TipsLoss(CentredDistillation):
         weight: float = 0.25,
         start_frac: float = 0.8,
         mask_ratio: float = 0.5,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.04,
-        centre_momentum: float = 0.9,
+        distill: DistillSpec | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(head, weight, start_frac, student_temp, teacher_temp, centre_momentum)
+        super().__init__(head, weight, start_frac, distill)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
@@ -62,7 +63,9 @@ class TipsLoss(CentredDistillation):
         visual = student.visual
         images, prefix = batch.images, visual.num_prefix_tokens
         mask = self.sample_mask(images.shape[0], visual.num_patches, images.device)  # (B, N)
-        tokens = visual.forward_features(images, mask, self.mask_token)[:, prefix:]  # (B, N, D)
+        tokens = visual.encode(visual.embed(images, mask, self.mask_token), masked=True)[
+            :, prefix:
+        ]  # (B, N, D)
         student_scores = self.head(tokens[mask])  # (M, K), M masked patches in row-major order
         with torch.no_grad():
             target_tokens = batch.teacher_tokens(teacher.model)[:, prefix:]  # (B, N, D)

@@ -155,17 +155,15 @@ class VisionTransformer(Tower):
             pos = resample_pos_embed(pos, grid, self.num_prefix_tokens)
         return x + pos.to(x.dtype)
 
-    def forward_features(
-        self,
-        images: torch.Tensor,
-        patch_mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
-        interpolate_pos: bool = False,
-    ) -> torch.Tensor:
-        """(B, C, H, W) -> token features (B, T, D) after the final norm. With a ``patch_mask`` (see
-        :meth:`embed`) every token stays in place, so patch dropout is not applied."""
-        x = self.embed(images, patch_mask, mask_token, interpolate_pos)
-        if self.training and self.patch_dropout > 0 and patch_mask is None:
+    def forward_features(self, images: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
+        """(B, C, H, W) -> token features (B, T, D) after the final norm; ``interpolate_pos`` as in
+        :meth:`embed`."""
+        return self.encode(self.embed(images, interpolate_pos=interpolate_pos))
+
+    def encode(self, x: torch.Tensor, masked: bool = False) -> torch.Tensor:
+        """Embedded tokens (B, T, D) from :meth:`embed` -> token features after the final norm. Patch dropout
+        applies in training unless the tokens are ``masked`` (a ``patch_mask`` keeps every token in place)."""
+        if self.training and self.patch_dropout > 0 and not masked:
             x = patch_dropout(x, 1.0 - self.patch_dropout, self.num_prefix_tokens)
         x = self.norm_pre(x)
         x = self.transformer(x)

@@ -18,12 +18,17 @@ at 1, written as a normalisation in the forward pass).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipforge.losses.objective import Objective, global_count, global_sum, world_mean_coef
+from clipforge.models.specs import as_spec
 
 
 class DinoHead(nn.Module):
@@ -109,9 +114,26 @@ def centred_distillation(
     return loss
 
 
+@dataclass(frozen=True)
+class DistillSpec:
+    """How a student is distilled from the teacher: DINO's temperatures (``teacher_temp < student_temp``
+    sharpens the teacher) and the momentum of the teacher-score centre (Caron et al., 2021)."""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    centre_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.student_temp <= 0 or self.teacher_temp <= 0:
+            raise ValueError(f"temperatures must be > 0, got {self.student_temp} and {self.teacher_temp}")
+        if not 0.0 <= self.centre_momentum < 1.0:
+            raise ValueError(f"centre_momentum must be in [0, 1), got {self.centre_momentum}")
+
+
 class CentredDistillation(Objective):
     """An objective that distils the EMA teacher's head scores into the student's by
-    :func:`centred_distillation` (SILC and TIPS): its head, temperatures and a centre buffer of its own."""
+    :func:`centred_distillation` (SILC and TIPS): its head, a :class:`DistillSpec` (or its mapping, a YAML
+    node) and a centre buffer of its own."""
 
     needs_teacher = True
 
@@ -120,24 +142,15 @@ class CentredDistillation(Objective):
         head: DinoHead,
         weight: float,
         start_frac: float,
-        student_temp: float,
-        teacher_temp: float,
-        centre_momentum: float,
+        distill: DistillSpec | Mapping[str, Any] | None,
     ) -> None:
         super().__init__(weight, start_frac)
         self.head = head
-        self.student_temp, self.teacher_temp = student_temp, teacher_temp
-        self.centre_momentum = centre_momentum
+        self.distill = as_spec(DistillSpec, distill)
         self.register_buffer("centre", torch.zeros(head.prototypes.shape[0]))
 
     def distil(self, student: Tensor, teacher: Tensor, centre_from: Tensor | None = None) -> Tensor:
         """:func:`centred_distillation` with this objective's temperatures, centre and momentum."""
-        return centred_distillation(
-            student,
-            teacher,
-            self.centre,
-            self.student_temp,
-            self.teacher_temp,
-            self.centre_momentum,
-            centre_from=centre_from,
-        )
+        d = self.distill
+        temps = (d.student_temp, d.teacher_temp)
+        return centred_distillation(student, teacher, self.centre, *temps, d.centre_momentum, centre_from)

@@ -15,12 +15,14 @@ a resampled position grid. SigLIP 2 uses 8 local views; so does the default here
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.losses.dino import CentredDistillation, DinoHead
+from clipforge.losses.dino import CentredDistillation, DinoHead, DistillSpec
 from clipforge.losses.objective import ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 
@@ -71,11 +73,9 @@ class SilcLoss(CentredDistillation):
         num_local: int = 8,
         local_scale: tuple[float, float] = (0.05, 0.4),
         local_grid: int = 6,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.04,
-        centre_momentum: float = 0.9,
+        distill: DistillSpec | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(head, weight, start_frac, student_temp, teacher_temp, centre_momentum)
+        super().__init__(head, weight, start_frac, distill)
         if num_local < 1:
             raise ValueError(f"num_local must be >= 1, got {num_local}")
         if not 0.0 < local_scale[0] <= local_scale[1] <= 1.0:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from clipforge.checkpoint import load_captioner
-from clipforge.conf import CONF_DIR
+from clipforge.entry import hydra_entry
 from clipforge.eval.captioning import decode
 from clipforge.eval.datasets import eval_transform, load_images
 from clipforge.eval.runtime import resolve_device
@@ -37,10 +36,7 @@ def run_caption(cfg: DictConfig) -> dict[str, Any]:
     return dict(zip(paths, answers))
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="caption", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_caption(cfg)
-
+main = hydra_entry("caption", run_caption)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -20,10 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model, init_from
 from clipforge.compilation import compile_in_place, compile_mode
-from clipforge.conf import CONF_DIR
+from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
-from clipforge.fault.secrets import scrub_current_hydra_run
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -256,11 +254,7 @@ def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    scrub_current_hydra_run()  # Hydra wrote .hydra/*.yaml with the command line as typed
-    train(cfg)
-
+main = hydra_entry("train", train)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
@@ -23,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipforge.conf import CONF_DIR
 from clipforge.distributed import world_info
+from clipforge.entry import hydra_entry
 from clipforge.eval.datasets import collate_skipping, eval_transform, load_images
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
@@ -323,13 +322,7 @@ def _predict_images(
     return out
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="zeroshot", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from clipforge.fault.secrets import scrub_current_hydra_run
-
-    scrub_current_hydra_run()  # Hydra wrote .hydra/*.yaml with the command line as typed
-    run(cfg)
-
+main = hydra_entry("zeroshot", run)
 
 if __name__ == "__main__":
     main()

@@ -104,12 +104,10 @@ class ZeroShotCallback(_PeriodicEval):
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         self.top_k = tuple(top_k)
-        self.prompt_batch_size = prompt_batch_size
-        self.use_ema = use_ema
-        self.log_confusion = log_confusion
-        self.save_dir = save_dir
-        self.precision = precision
-        self.progress = progress
+        self.use_ema, self.log_confusion, self.save_dir = use_ema, log_confusion, save_dir
+        # what zero_shot_eval takes besides the model, prompts, data and device
+        self.eval_settings = {"top_k": self.top_k, "prompt_batch_size": prompt_batch_size}
+        self.eval_settings |= {"precision": precision, "progress": progress}
         self.last_result: dict[str, Any] | None = None
         self.last_result_step = -1  # trainer.global_step at which last_result was computed
 
@@ -149,15 +147,7 @@ class ZeroShotCallback(_PeriodicEval):
         self, model: Any, pl_module: L.LightningModule, classnames: list, templates: list, loader: Any
     ) -> dict:
         return zero_shot_eval(
-            model,
-            classnames,
-            templates,
-            loader,
-            device=pl_module.device,
-            top_k=self.top_k,
-            prompt_batch_size=self.prompt_batch_size,
-            precision=self.precision,
-            progress=self.progress,
+            model, classnames, templates, loader, device=pl_module.device, **self.eval_settings
         )
 
     def _confusion_picture(self, trainer: L.Trainer, res: dict[str, Any], classnames: list[str]) -> None:
@@ -200,10 +190,9 @@ class RetrievalCallback(_PeriodicEval):
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         self.ks = tuple(ks)
-        self.max_samples = max_samples
-        self.dedupe_captions = dedupe_captions
-        self.precision = precision
-        self.progress = progress
+        # what evaluate_retrieval takes besides the model, data and device
+        self.eval_settings = {"ks": self.ks, "max_samples": max_samples, "dedupe_captions": dedupe_captions}
+        self.eval_settings |= {"precision": precision, "progress": progress}
         self.last_result: dict[str, Any] | None = None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
@@ -218,14 +207,7 @@ class RetrievalCallback(_PeriodicEval):
             self._skip("the datamodule has no val_dataloader of (images, tokens) pairs")
             return None
         res = evaluate_retrieval(
-            pl_module.model,
-            shard_dataloader(loader),
-            device=pl_module.device,
-            ks=self.ks,
-            dedupe_captions=self.dedupe_captions,
-            precision=self.precision,
-            max_samples=self.max_samples,
-            progress=self.progress,
+            pl_module.model, shard_dataloader(loader), device=pl_module.device, **self.eval_settings
         )
         metrics = {f"val/i2t_r{k}": res[f"i2t_r{k}"] for k in self.ks}
         metrics |= {f"val/t2i_r{k}": res[f"t2i_r{k}"] for k in self.ks}

@@ -238,24 +238,7 @@ def zero_shot_eval(
         from clipforge.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(context_length=model.text.context_length)
-    classifier = build_zero_shot_classifier(
-        model,
-        tokenizer,
-        list(classnames),
-        list(templates),
-        device=device,
-        batch_size=prompt_batch_size,
-        progress=progress,
-        precision=precision,
-        distributed=True,
-    )
-    return evaluate_zero_shot(
-        model,
-        classifier,
-        shard_dataloader(dataloader),
-        device=device,
-        progress=progress,
-        distributed=True,
-        top_k=top_k,
-        precision=precision,
-    )
+    run = {"device": device, "progress": progress, "precision": precision, "distributed": True}
+    prompts = list(classnames), list(templates)
+    classifier = build_zero_shot_classifier(model, tokenizer, *prompts, batch_size=prompt_batch_size, **run)
+    return evaluate_zero_shot(model, classifier, shard_dataloader(dataloader), top_k=top_k, **run)

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from clipforge.callbacks.schedule import EveryNSteps
 from clipforge.sharding import skip_when_sharded
 from clipforge.viz.attention import figure_to_array, vit_figures
 
@@ -18,7 +19,7 @@ def wandb_logger(trainer: pl.Trainer) -> WandbLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
 
 
-class AttentionMapCallback(pl.Callback):
+class AttentionMapCallback(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps, log the pictures under ``{key}/<name>``.
 
     ``image_source``: an image file; ``None`` takes the first image of the current training batch.
@@ -33,27 +34,20 @@ class AttentionMapCallback(pl.Callback):
         layer: int = -1,
         key: str = "viz",
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.image_source = image_source
-        self.layer = layer
-        self.key = key
-        self._last_step = -1
+        super().__init__(every_n_steps)
+        self.image_source, self.layer, self.key = image_source, layer, key
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        # global_step counts optimizer steps: with gradient accumulation several batches share one.
-        if step == self._last_step or step % self.every_n_steps or not trainer.is_global_zero:
+        if not trainer.is_global_zero or not self.due(trainer):
             return
         if skip_when_sharded(self, trainer, "pictures"):  # rank 0 alone would wait in the shards' all-gather
             return
         logger = wandb_logger(trainer)
         if logger is None:
             return
-        self._last_step = step
+        step = trainer.global_step
         image = self.image_source if self.image_source is not None else self._first_image(batch)
         model = getattr(pl_module, "model", pl_module)
         for name, fig in vit_figures(model, image, layer=self.layer).items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 
 def logging_step(trainer: Any, step_done: bool = False) -> bool:
     """Whether values logged during this training batch reach the logger, so work done only for logging
@@ -16,3 +18,23 @@ def logging_step(trainer: Any, step_done: bool = False) -> bool:
         return False
     step = trainer.global_step + (0 if step_done else 1)  # 1-based index of this batch's step
     return step % every == 0 or bool(trainer.should_stop)
+
+
+class EveryNSteps(Callback):
+    """Base of the callbacks that draw every ``every_n_steps`` optimizer steps. With gradient accumulation
+    several batches end on one ``global_step``: :meth:`due` is true for the first of them only."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
+
+    def due(self, trainer: Any) -> bool:
+        """Call in ``on_train_batch_end`` (``global_step`` already counts this batch's step): whether this
+        step is a multiple of ``every_n_steps`` not yet drawn; it counts as drawn from here on."""
+        step = trainer.global_step
+        if step == self._last_step or step % self.every_n_steps:
+            return False
+        self._last_step = step
+        return True

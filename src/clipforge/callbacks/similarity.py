@@ -10,8 +10,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+
+from clipforge.callbacks.schedule import EveryNSteps
 
 
 def similarity_logits(
@@ -51,26 +52,23 @@ def render_heatmap(logits: torch.Tensor, title: str) -> np.ndarray:
         plt.close(fig)
 
 
-class SimilarityHeatmap(Callback):
+class SimilarityHeatmap(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps, draw the logit matrix of the first ``max_samples`` pairs
     of the current batch (global rank 0's), from the features the module's ``training_step`` returns."""
 
     def __init__(
         self, every_n_steps: int = 500, max_samples: int = 32, key: str = "train/similarity"
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.max_samples = max_samples
-        self.key = key
+        super().__init__(every_n_steps)
+        self.max_samples, self.key = max_samples, key
 
     @rank_zero_only
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step  # already advanced by this batch's optimizer step
-        if step % self.every_n_steps or not isinstance(outputs, dict) or "image_features" not in outputs:
+        if not isinstance(outputs, dict) or "image_features" not in outputs or not self.due(trainer):
             return
+        step = trainer.global_step  # already advanced by this batch's optimizer step
         loggers = [lg for lg in trainer.loggers if hasattr(lg, "log_image")]
         if not loggers:
             return

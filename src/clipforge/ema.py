@@ -29,6 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from clipforge.optim import check_start_frac, has_started
+
 
 @contextlib.contextmanager
 def as_teacher(module: nn.Module) -> Iterator[nn.Module]:
@@ -63,8 +65,7 @@ class ModelEMA(nn.Module):
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
         if every_n_steps < 1:
             raise ValueError(f"ema every_n_steps must be >= 1, got {every_n_steps}")
-        if not 0.0 <= start_frac <= 1.0:
-            raise ValueError(f"ema start_frac must be in [0, 1], got {start_frac}")
+        check_start_frac(start_frac, "ema")
         self.decay = decay
         self.every_n_steps = every_n_steps
         self.start_frac = start_frac
@@ -78,9 +79,7 @@ class ModelEMA(nn.Module):
 
     def current_decay(self, total_steps: int | None) -> float:
         """The decay of the next update: 0 (copy) before ``start_frac`` of ``total_steps``."""
-        if self.start_frac > 0 and total_steps and int(self.steps) < self.start_frac * total_steps:
-            return 0.0
-        return self.decay
+        return self.decay if has_started(int(self.steps), self.start_frac, total_steps) else 0.0
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module], total_steps: int | None = None) -> bool:

@@ -57,3 +57,15 @@ def warmup_cosine(
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     del total_steps  # same signature as warmup_cosine so configs swap freely
     return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def check_start_frac(start_frac: float, owner: str) -> None:
+    """``start_frac``, the fraction of training after which ``owner`` starts, must be in [0, 1]."""
+    if not 0.0 <= start_frac <= 1.0:
+        raise ValueError(f"{owner} start_frac must be in [0, 1], got {start_frac}")
+
+
+def has_started(step: int, start_frac: float, total_steps: int | None) -> bool:
+    """Whether ``step`` (optimizer steps done) has reached ``start_frac`` of ``total_steps``; with no known
+    total, from the start."""
+    return not total_steps or step >= start_frac * total_steps

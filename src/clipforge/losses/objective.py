@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from clipforge.distributed import world_info
 from clipforge.ema import as_teacher
 from clipforge.models.clip import CLIP
+from clipforge.optim import check_start_frac, has_started
 
 
 @dataclass
@@ -65,13 +66,12 @@ class Objective(nn.Module):
         super().__init__()
         if weight < 0:
             raise ValueError(f"an objective's weight must be >= 0, got {weight}")
-        if not 0.0 <= start_frac <= 1.0:
-            raise ValueError(f"start_frac must be in [0, 1], got {start_frac}")
+        check_start_frac(start_frac, f"objective {type(self).__name__}")
         self.weight = weight
         self.start_frac = start_frac
 
-    def active(self, step: int, total_steps: int) -> bool:
-        return step >= self.start_frac * total_steps
+    def active(self, step: int, total_steps: int | None) -> bool:
+        return has_started(step, self.start_frac, total_steps)
 
     def forward(self, batch: ObjectiveBatch, student: CLIP, teacher: Teacher | None) -> Tensor:
         raise NotImplementedError

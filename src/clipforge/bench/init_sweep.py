@@ -42,7 +42,7 @@ def command(run_dir: Path, model: str, scheme: str, args: argparse.Namespace) ->
         f"data.source.num_heldout={args.heldout or 64}", "logger=csv", f"final_eval={bool(args.heldout)}",
         "callbacks=none", f"seed={args.seed}",
     ] + ([f"model.vision.img_size={args.image_size}"] if args.image_size else []) + (
-        [f"model.text.context_length={args.context_length}"] if args.context_length else [])  # fmt: skip
+        [f"model.text.context_length={args.context_length}"] if args.context_length else []) + list(args.override)  # fmt: skip
 
 
 def logged(run_dir: Path, key: str) -> list[float]:
@@ -95,6 +95,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         help="default: the model's own; the synthetic captions fit in 20 tokens, so a shorter text context "
         "measures the same choice for less compute",
     )
+    p.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="more clipforge-train overrides for every run, e.g. model.init_logit_bias=-3.43 (SigLIP's bias "
+        "prior, -ln(B - 1), at a CPU-sized batch B instead of the -10 of a 32k batch)",
+    )
     args = p.parse_args(argv)
     rows = []
     for model in args.models:
@@ -127,6 +134,7 @@ def one_run(args: argparse.Namespace, model: str, loss: str, scheme: str, seed: 
         "context_length": args.context_length,
         "last": args.last,
         "heldout": args.heldout,
+        "override": list(args.override),
     }
     if done.is_file():
         saved = json.loads(done.read_text())

@@ -68,11 +68,11 @@ class SilcLoss(CentredDistillation):
     def __init__(
         self,
         head: DinoHead,
-        weight: float = 1.0,
-        start_frac: float = 0.8,
         num_local: int = 8,
         local_scale: tuple[float, float] = (0.05, 0.4),
         local_grid: int = 6,
+        weight: float = 1.0,
+        start_frac: float = 0.8,
         distill: DistillSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(head, weight, start_frac, distill)

@@ -41,9 +41,9 @@ class TipsLoss(CentredDistillation):
         self,
         head: DinoHead,
         embed_dim: int,
+        mask_ratio: float = 0.5,
         weight: float = 0.25,
         start_frac: float = 0.8,
-        mask_ratio: float = 0.5,
         distill: DistillSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(head, weight, start_frac, distill)

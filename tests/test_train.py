@@ -109,6 +109,17 @@ def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cf
     assert objs["datamodule"].num_workers >= 1  # data.num_workers=null: chosen from the CPUs
 
 
+def test_callbacks_none_writes_no_checkpoint(compose_cfg) -> None:
+    """Lightning would add an epoch-end checkpoint of its own; callbacks=none means none at all."""
+    cfg = compose_cfg(
+        "callbacks=none", "data.source.num_train=64", "data.batch_size=16", "trainer.max_steps=5", *FAST
+    )
+    _, objs = train(cfg)
+    assert objs["trainer"].current_epoch >= 1  # an epoch ended, where Lightning's own checkpoint would save
+    assert not objs["trainer"].checkpoint_callbacks
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+
+
 def test_auto_num_workers() -> None:
     from clipforge.data.loader import auto_num_workers
 

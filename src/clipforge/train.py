@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model, init_from
@@ -115,6 +116,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "no validation set (data.val_urls is null): not keeping a best-by-%s checkpoint",
                 ", ".join(sorted({str(cb.monitor) for cb in dropped})),
             )
+    if "enable_checkpointing" not in cfg.trainer:
+        # Lightning adds an epoch-end ModelCheckpoint of its own when no callback is one; here the callbacks
+        # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
+        extra["enable_checkpointing"] = any(isinstance(cb, Checkpoint) for cb in callbacks)
     logger = instantiate_logger(cfg.get("logger"))
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
     trainer: L.Trainer = instantiate(

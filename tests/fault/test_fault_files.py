@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import pickle
@@ -52,6 +53,27 @@ def test_atomic_save_interrupted_mid_write_keeps_the_previous_file(tmp_path: Pat
         atomic_torch_save(fake_ckpt(2, size=100_000), path, write_hook=hook)
     assert torch.load(path, weights_only=True)["global_step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the partial temp file is gone
+
+
+def test_a_full_disk_is_named_as_such_and_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save(fake_ckpt(1), path)
+
+    def hook(written: int) -> None:
+        if written > 4096:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1024))
+    with pytest.raises(OSError, match=r"last.ckpt: the disk is \(nearly\) full, 0 MiB free") as info:
+        atomic_torch_save(fake_ckpt(2, size=100_000), path, write_hook=hook)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_checkpoint_io_roundtrip_is_complete(tmp_path: Path) -> None:

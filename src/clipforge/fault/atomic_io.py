@@ -12,9 +12,11 @@ unpickling is refused before any of its code can run.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,11 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+LOW_DISK_BYTES = (
+    64 * 2**20
+)  # a failed save with less free than this (or than it wrote) is put down to the disk
+
+
 class _CountingWriter:
     """File wrapper that reports progress after each write (the fault-injection tests cut a save here)."""
 
@@ -75,19 +82,37 @@ class _CountingWriter:
         self.f.flush()
 
 
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 def atomic_torch_save(obj: Any, path: str | Path, write_hook: Callable[[int], None] | None = None) -> None:
     """``torch.save`` to ``path`` such that a crash at any point leaves ``path`` as it was or complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)  # same directory, hence same filesystem: rename is atomic
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, _CountingWriter(f, write_hook))
+            writer = _CountingWriter(f, write_hook)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        written = writer.written if writer is not None else 0
+        free = _free_bytes(path.parent)
+        if isinstance(exc, Exception) and free is not None and free < max(written, LOW_DISK_BYTES):
+            # torch's zip writer reports a full disk as "unexpected pos ..."; say what it is
+            raise OSError(
+                errno.ENOSPC,
+                f"could not write checkpoint {path}: the disk is (nearly) full, {free / 2**20:.0f} MiB free "
+                f"after {written / 2**20:.0f} MiB of it were written ({exc}); the previous file is untouched",
+            ) from exc
         raise
     fsync_dir(path.parent)
 

@@ -88,6 +88,7 @@ def test_init_sweep_trains_each_scheme_and_reuses_finished_runs(tmp_path: Path) 
     longer = init_sweep([*argv[:5], "openclip", "--steps", "4", *argv[9:]])
     assert [(r["scheme"], r["steps"]) for r in longer] == [("openclip", 4)]
     assert longer[0]["final_loss"] != rows[1]["final_loss"]
+    assert len(list((tmp_path / "tiny-16px-clip-openclip").rglob("metrics.csv"))) == 1  # old logs cleared
     # extra overrides reach every run and count as a setting
     lr = init_sweep([*argv[:5], "openclip", *argv[7:], "--override", "optimizer.lr=0.01"])
     assert [(r["scheme"], r["override"]) for r in lr] == [("openclip", ["optimizer.lr=0.01"])]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -141,7 +142,9 @@ def one_run(args: argparse.Namespace, model: str, loss: str, scheme: str, seed: 
         if {k: saved.get(k) for k in settings} == settings:
             return saved
         print(f"[init] {run_dir.name}: trained with other settings, training again", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():  # unfinished or trained otherwise: its logs must not mix with the new run's
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     print(f"[init] {model} {loss} {scheme} seed {seed}: {args.steps} steps of {args.batch_size}", flush=True)
     run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed})
     seconds = run_logged(command(run_dir, model, scheme, run_args), run_dir / "train.log", args.threads)

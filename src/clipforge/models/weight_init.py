@@ -9,7 +9,7 @@
   The output projection keeps Xavier init: zeroing it, as a classifier head would be, gives all-zero
   embeddings that a contrastive loss cannot normalise.
 - ``openclip`` (the towers' constructor default and that of ``tiny`` and ``siglip_b16``, chosen by the
-  learning benchmark on ``tiny``): OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by
+  learning benchmark on ``tiny`` and by ``clipforge-benchmark init`` on ``siglip_b16``'s towers): OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by
   open_clip, applied to both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input,
   N(0, w^-1/2 (2L)^-1/2) for the residual output projections (attention ``proj``, ``mlp.fc2``) so the
   residual stream keeps its scale with depth, N(0, w^-1/2) for the output projection and the vision

@@ -28,7 +28,7 @@ def make(root, train_seed=0, return_keys=False, **source):
 def test_prepare_data_writes_once_and_rewrites_when_parameters_change(tmp_path):
     dm = make(tmp_path)
     dm.prepare_data()
-    train = dm.source.root / "train"
+    train = dm.source.folder / "train"
     assert read_manifest(train / "manifest.json")["shards"] == {
         "00000.tar": 25,
         "00001.tar": 25,
@@ -69,6 +69,6 @@ def test_loaders_shapes_labels_and_heldout_split(tmp_path):
 
 def test_same_data_for_any_training_seed(tmp_path):
     a, b = make(tmp_path, train_seed=0), make(tmp_path, train_seed=5)
-    assert a.source.root == b.source.root
-    assert make(tmp_path, seed=1).source.root != a.source.root
-    assert make(tmp_path, holdout="pairs").source.root != a.source.root
+    assert a.source.folder == b.source.folder
+    assert make(tmp_path, seed=1).source.folder != a.source.folder
+    assert make(tmp_path, holdout="pairs").source.folder != a.source.folder

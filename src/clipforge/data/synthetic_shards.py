@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clipforge.data import synthetic
@@ -26,29 +27,31 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 2  # 2: images stored as PNG (lossless); 1 wrote JPEG at quality 95
 
 
+@dataclass(frozen=True)
 class SyntheticShards:
-    """Writes ``num_train`` training and ``num_heldout`` held-out samples under ``root`` (in a folder
-    named by the parameters that change the images) and names them as a :class:`ShardSet`."""
+    """Writes ``num_train`` training and ``num_heldout`` held-out samples under ``root`` (in :attr:`folder`,
+    named by the settings that change the images) and names them as a :class:`ShardSet`. Every setting but
+    the two counts and ``root`` is recorded in each split's manifest, so a change rewrites the shards."""
 
-    def __init__(
-        self,
-        root: str,
-        num_train: int = 20_000,
-        num_heldout: int = 1_000,
-        image_size: int = 32,
-        samples_per_shard: int = 1_000,
-        seed: int = 0,
-        holdout: str = "tuples",
-    ) -> None:
-        if holdout not in synthetic.HOLDOUTS:
-            raise ValueError(f"holdout must be one of {synthetic.HOLDOUTS}, got {holdout!r}")
-        self.root = Path(root) / f"synthetic-{holdout}-{image_size}px-seed{seed}"
-        self.num_train, self.num_heldout, self.samples_per_shard = num_train, num_heldout, samples_per_shard
-        self.image_size, self.seed, self.holdout = image_size, seed, holdout
+    root: str
+    num_train: int = 20_000
+    num_heldout: int = 1_000
+    image_size: int = 32
+    samples_per_shard: int = 1_000
+    seed: int = 0
+    holdout: str = "tuples"
+
+    def __post_init__(self) -> None:
+        if self.holdout not in synthetic.HOLDOUTS:
+            raise ValueError(f"holdout must be one of {synthetic.HOLDOUTS}, got {self.holdout!r}")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.root) / f"synthetic-{self.holdout}-{self.image_size}px-seed{self.seed}"
 
     def _pattern(self, split: str, n: int) -> str:
         last = max(0, -(-n // self.samples_per_shard) - 1)
-        return str(self.root / split / f"{{00000..{last:05d}}}.tar")
+        return str(self.folder / split / f"{{00000..{last:05d}}}.tar")
 
     def shards(self) -> ShardSet:
         classnames, templates = synthetic.zeroshot_task()
@@ -58,21 +61,19 @@ class SyntheticShards:
         )
 
     def _params(self, split: str, n: int) -> dict:
+        images = {k: v for k, v in asdict(self).items() if k not in ("root", "num_train", "num_heldout")}
         return {
             "generator": "clipforge.data.synthetic",
             "version": GENERATOR_VERSION,
             "split": split,
             "num_samples": n,
-            "image_size": self.image_size,
-            "seed": self.seed,
-            "holdout": self.holdout,
-            "samples_per_shard": self.samples_per_shard,
+            **images,
         }
 
     def prepare(self) -> None:
         """Write the shards unless a manifest with the same parameters is already there."""
         for split, n in (("train", self.num_train), ("heldout", self.num_heldout)):
-            out = self.root / split
+            out = self.folder / split
             params = self._params(split, n)
             manifest = out / MANIFEST_NAME
             if manifest.is_file() and read_manifest(manifest)["params"] == params:

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipforge.bench.args import add_run_args
 from clipforge.bench.learning_trainers import run_logged
 
 DEFAULT_SCHEMES = {
@@ -64,16 +65,11 @@ def mean_last_losses(run_dir: Path, last: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="clipforge-benchmark init", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("outputs/bench_init"))
+    add_run_args(p, out="outputs/bench_init", steps=40, batch_size=16, lr=5e-4, warmup=10, seeds=[0])
     p.add_argument("--models", nargs="+", default=["vit_b32", "vit_b16", "siglip_b16"])
     p.add_argument("--schemes", nargs="+", default=None, help="default: the candidates for each model")
     p.add_argument("--loss", default=None, help="default: siglip for siglip_b16, clip otherwise")
-    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--last", type=int, default=10, help="losses of this many last steps are averaged")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument(
         "--heldout",
         type=int,

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipforge.bench.args import add_run_args
 from clipforge.bench.learning_data import Data, prepare_digits, prepare_folder, prepare_synthetic
 from clipforge.bench.learning_trainers import (
     Recipe,
@@ -187,22 +188,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=Path("outputs/bench_learning"), help="data, runs, results")
-    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
-    p.add_argument("--model", default="tiny", help="conf/model config, exported to open_clip as is")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=300,
-        help="rounded up to whole open_clip epochs. 300 (2 epochs of the synthetic set) keeps the default "
+    add_run_args(
+        p,
+        out="outputs/bench_learning",
+        steps=300,
+        batch_size=128,
+        lr=5e-4,
+        warmup=50,
+        seeds=[0, 1, 2],
+        steps_help="rounded up to whole open_clip epochs. 300 (2 epochs of the synthetic set) keeps the default "
         "3 seeds x 2 losses x 2 trainers at about 17 min on 2 CPU cores; the issue's recipe is 600",
     )
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    p.add_argument("--model", default="tiny", help="conf/model config, exported to open_clip as is")
     p.add_argument("--weight-decay", type=float, default=0.2)
-    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--workers", type=int, default=1, help="data loader workers per run")
     p.add_argument(

@@ -1,0 +1,27 @@
+"""Command-line settings the training benchmarks share (``clipforge-benchmark learning`` and ``init``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_run_args(
+    p: argparse.ArgumentParser,
+    *,
+    out: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    seeds: list[int],
+    steps_help: str | None = None,
+) -> None:
+    """``--out`` (where data, runs and results go) and each run's recipe: ``--steps``, ``--batch-size``,
+    ``--lr`` (peak, after ``--warmup`` linear steps) and ``--seeds`` (one run per seed), with these defaults."""
+    p.add_argument("--out", type=Path, default=Path(out), help="data, runs, results")
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
+    p.add_argument("--seeds", nargs="+", type=int, default=seeds)

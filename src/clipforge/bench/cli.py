@@ -4,7 +4,7 @@
     clipforge-benchmark learning ...                       models trained by both trainers (bench.learning)
     clipforge-benchmark loss ...                           loss time and memory (clipforge.bench.losses)
     clipforge-benchmark profile ...                        top kernels of the step (clipforge.bench.profile)
-    clipforge-benchmark loader ...                         loader throughput (clipforge.data.bench)
+    clipforge-benchmark loader ...                         loader throughput (clipforge.bench.loader)
     clipforge-benchmark siglip2 ...                        what the SigLIP 2 objectives add (bench.siglip2)
     clipforge-benchmark init ...                           which weight init trains a model fastest (bench.init_sweep)
 
@@ -22,7 +22,7 @@ BENCHMARKS = {
     "learning": "clipforge.bench.learning",
     "loss": "clipforge.bench.losses",
     "profile": "clipforge.bench.profile",
-    "loader": "clipforge.data.bench",
+    "loader": "clipforge.bench.loader",
     "siglip2": "clipforge.bench.siglip2",
     "init": "clipforge.bench.init_sweep",
 }

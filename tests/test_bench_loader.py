@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clipforge.data import bench
+from clipforge.bench import loader as bench
 
 
 def test_benchmark_runs_both_loaders_on_the_same_shards(tmp_path, capsys):

@@ -131,8 +131,7 @@ def test_budgets_fit_one_call_and_the_files_the_tool_brings_back() -> None:
 
 def test_gpu_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU-sized commands never run in the dry run: each benchmark parses its own arguments here."""
-    from clipforge.bench import losses, profile, step
-    from clipforge.bench import loader
+    from clipforge.bench import loader, losses, profile, step
 
     monkeypatch.chdir(ROOT)
     parsers = {"step": step.parse_args, "loss": losses.parse_args, "profile": profile.parse_args}

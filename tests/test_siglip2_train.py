@@ -38,6 +38,7 @@ from clipforge.models.convert import (
     timm_kwargs,
 )
 from clipforge.train import train
+from runconf import QUIET, towers
 
 RUN = (
     "loss=siglip",
@@ -48,19 +49,10 @@ RUN = (
     "objectives.silc.local_grid=2",
     "decoder.num_box_bins=32",
     "callbacks.zeroshot.use_ema=true",
-    "model.vision.embed_dim=32",
-    "model.vision.depth=1",
-    "model.vision.num_heads=2",
-    "model.vision.output_dim=32",
-    "model.text.embed_dim=32",
-    "model.text.depth=1",
-    "model.text.num_heads=2",
-    "model.text.output_dim=32",
+    *towers(32, 1, 2),
     "logger=none",
     "final_eval=false",
-    "~callbacks.progress_bar",
-    "+trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
+    *QUIET,
     "trainer.max_steps=4",
     "scheduler.warmup_steps=1",
     "data.source.num_train=64",

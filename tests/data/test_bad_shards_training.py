@@ -12,18 +12,10 @@ import pytest
 from datahelpers import add, pattern, write_sizes
 
 from clipforge.train import train
+from runconf import towers
 
 SIZES = [200] * 6 + [197]
-SMALL = (  # a 2-layer, 32-wide model: the data path is under test, not the model
-    "model.vision.embed_dim=32",
-    "model.vision.depth=1",
-    "model.vision.num_heads=2",
-    "model.vision.output_dim=32",
-    "model.text.embed_dim=32",
-    "model.text.depth=1",
-    "model.text.num_heads=2",
-    "model.text.output_dim=32",
-)
+SMALL = towers(32, 1, 2)  # a 2-layer, 32-wide model: the data path is under test, not the model
 
 
 @pytest.fixture(scope="module")

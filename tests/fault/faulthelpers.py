@@ -14,27 +14,20 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from runconf import QUIET, towers
+
 # A ~1.6 M-parameter model with patch dropout and drop path on, so the resumed run must also reproduce the
 # random masks; 64 training samples in batches of 16: 4 steps per epoch, validation at each epoch end.
 TINY = (
-    "model.vision.embed_dim=32",
-    "model.vision.depth=1",
-    "model.vision.num_heads=2",
-    "model.vision.output_dim=32",
+    *towers(32, 1, 2),
     "model.vision.patch_dropout=0.25",
     "model.vision.block.drop_path_rate=0.1",
-    "model.text.embed_dim=32",
-    "model.text.depth=1",
-    "model.text.num_heads=2",
-    "model.text.output_dim=32",
 )
 RUN = (
     *TINY,
     "logger=none",
     "final_eval=false",
-    "~callbacks.progress_bar",
-    "+trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
+    *QUIET,
     "trainer.max_steps=10",
     "scheduler.warmup_steps=2",
     "data.source.num_train=64",

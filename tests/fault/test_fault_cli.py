@@ -31,7 +31,15 @@ def cli(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedP
         *overrides,
     ]
     # the fault injector (faultinject.py, beside this file) is a test tool, not part of the package
-    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(
+        p
+        for p in (
+            str(Path(__file__).parent),
+            str(Path(__file__).parents[1]),
+            os.environ.get("PYTHONPATH", ""),
+        )
+        if p
+    )
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 

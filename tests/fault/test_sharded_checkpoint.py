@@ -19,16 +19,10 @@ from clipforge.checkpoint import build_model, consolidate_checkpoint, load_model
 from clipforge.fault import CorruptCheckpointError, UnsafeCheckpointError, find_latest_checkpoint
 from clipforge.fault.resume import resolve_ckpt_path
 from clipforge.fault.sharded import is_sharded_checkpoint, verify_sharded_checkpoint
+from runconf import towers
 
 SMALL = (
-    "model.vision.embed_dim=16",
-    "model.vision.depth=1",
-    "model.vision.num_heads=2",
-    "model.vision.output_dim=16",
-    "model.text.embed_dim=16",
-    "model.text.depth=1",
-    "model.text.num_heads=2",
-    "model.text.output_dim=16",
+    *towers(16, 1, 2),
     "model.text.vocab_size=100",
     "loss=siglip",  # a logit bias too: two scalars that FSDP2 stores as (1,)
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 from clipforge.data.sources import synthetic_records
 from clipforge.data.synthetic import zeroshot_task
 from clipforge.data.writer import write_shards
+from runconf import towers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -24,21 +25,7 @@ BIN = Path(sys.executable).parent  # torchrun, clipforge-train, ... of this envi
 TRAIN_SHARDS, SHARD_SIZE, HELDOUT = 8, 24, 48
 
 # A small model (two blocks per tower, so FSDP2 has several units to shard) that trains in ~0.1 s a step.
-SMALL_MODEL = (
-    "model.vision.embed_dim=32",
-    "model.vision.depth=2",
-    "model.vision.num_heads=2",
-    "model.vision.output_dim=32",
-    "model.text.embed_dim=32",
-    "model.text.depth=2",
-    "model.text.num_heads=2",
-    "model.text.output_dim=32",
-)
-QUIET = (
-    "~callbacks.progress_bar",
-    "+trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-)
+SMALL_MODEL = towers(32, 2, 2)
 
 
 def write_test_shards(root: Path) -> dict[str, str]:
@@ -81,7 +68,9 @@ def env(**extra: str) -> dict[str, str]:
     """The environment of a launched process: launchprobe and the fault injector (tests/fault/faultinject.py)
     importable, one thread, no W&B."""
     path = os.pathsep.join(
-        p for p in (str(HERE), str(HERE.parent / "fault"), os.environ.get("PYTHONPATH", "")) if p
+        p
+        for p in (str(HERE), str(HERE.parent / "fault"), str(HERE.parent), os.environ.get("PYTHONPATH", ""))
+        if p
     )
     return os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
 

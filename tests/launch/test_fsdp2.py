@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from launchhelpers import BIN, QUIET, ROOT, SMALL_MODEL, env, text, wds_overrides, write_test_shards
+from launchhelpers import BIN, ROOT, SMALL_MODEL, env, text, wds_overrides, write_test_shards
 
 from clipforge.checkpoint import load_checkpoint, load_model
+from runconf import QUIET
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from launchhelpers import (
     BIN,
-    QUIET,
     ROOT,
     SMALL_MODEL,
     env,
@@ -35,6 +34,8 @@ from launchhelpers import (
     wds_overrides,
     write_test_shards,
 )
+
+from runconf import QUIET
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,6 @@ import torch
 from launchhelpers import (
     BIN,
     HELDOUT,
-    QUIET,
     SHARD_SIZE,
     SMALL_MODEL,
     TRAIN_SHARDS,
@@ -38,6 +37,8 @@ from launchhelpers import (
     wds_overrides,
     write_test_shards,
 )
+
+from runconf import QUIET
 
 pytestmark = pytest.mark.slow
 

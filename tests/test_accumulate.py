@@ -4,7 +4,6 @@ process and on two gloo ranks, and replays patch dropout / drop path exactly."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -18,6 +17,7 @@ from clipforge.losses import ClipLoss, SigLipLoss
 from clipforge.models.clip import CLIP
 from clipforge.models.text import TextTransformer
 from clipforge.models.vision import VisionTransformer
+from gloohelpers import free_port, init_gloo
 
 LOSSES = {"clip": (ClipLoss, None), "siglip": (SigLipLoss, -10.0)}
 
@@ -131,15 +131,8 @@ def test_random_layers_are_replayed() -> None:
 
 
 # -- two ranks -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         images, tokens = make_batch(12)
         local = slice(rank * 6, (rank + 1) * 6)  # each rank holds half of the global batch
@@ -158,7 +151,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_feature_cache_on_two_ranks_equals_full_batch() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_worker, args=(2, _free_port(), out_dir), nprocs=2, start_method="spawn")
+        mp.start_processes(_rank_worker, args=(2, free_port(), out_dir), nprocs=2, start_method="spawn")
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
     images, tokens = make_batch(12)
     for name in LOSSES:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # gloohelpers
+sys.path.insert(0, str(Path(__file__).parent))  # test_damage_matrix
 from test_damage_matrix import (
     EVERY_DAMAGE,
     LOST_CAUSES,
     MOSTLY_BAD,
     ONE_RANK_CASES,
-    _free_port,
     _rank_main,
+    free_port,
     make_set,
     run_epoch,
     two_rank_cases,
@@ -70,7 +71,7 @@ def main() -> None:
         print(row("6 of 10 shards garbage", "shards 0-5", "1 worker, 1 rank", run_epoch(urls, manifest, 1)))
         cases = two_rank_cases(root / "ranks")
         mp.start_processes(
-            _rank_main, args=(2, cases, _free_port(), tmp), nprocs=2, join=True, start_method="fork"
+            _rank_main, args=(2, cases, free_port(), tmp), nprocs=2, join=True, start_method="fork"
         )
         r0, r1 = (json.loads((root / f"{r}.json").read_text()) for r in range(2))
         for name in r0:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tarfile
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from datahelpers import add, data_module, sample_ids, write_sizes
 
 from clipforge.data.plan import shard_order
 from clipforge.data.shards import CAUSES, DataError
+from gloohelpers import free_port, init_gloo
 
 SIZES = [12] * 10  # 120 samples; batch 4
 KINDS = (
@@ -176,21 +174,8 @@ def test_a_mostly_bad_set_stops_naming_the_shards(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 2 gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, cases: list[tuple[str, list, str | None]], port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     results = {}
     for name, urls, manifest in cases:
         res = run_epoch(urls, manifest, 1)
@@ -217,7 +202,7 @@ def test_two_gloo_ranks_finish_or_stop_together(tmp_path):
     cases = two_rank_cases(tmp_path)
     expected = {f"{kind}-{where}": EXPECTED[kind] for kind in KINDS for where in ("first", "last")}
     mp.start_processes(
-        _rank_main, args=(2, cases, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _rank_main, args=(2, cases, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
     )
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     for name, exp in expected.items():

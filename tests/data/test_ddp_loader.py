@@ -1,32 +1,19 @@
 """Two real gloo ranks: equal batches from unequal shards, with a collective at every step."""
 
 import json
-import socket
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from datahelpers import data_module, pattern, sample_ids, write_sizes
 
+from gloohelpers import free_port, init_gloo
+
 SIZES = [30, 3, 11, 1, 17, 26, 9]  # 97 samples in shards of very different sizes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     dm = data_module(shards, 8)
     dm.setup("fit")  # reads rank and world size from torch.distributed
     sizes, ids = [], []

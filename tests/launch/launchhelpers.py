@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from clipforge.data.sources import synthetic_records
 from clipforge.data.synthetic import zeroshot_task
 from clipforge.data.writer import write_shards
+from gloohelpers import free_port  # noqa: F401  (the launch tests import it from here)
 from runconf import towers
 
 HERE = Path(__file__).resolve().parent
@@ -73,12 +73,6 @@ def env(**extra: str) -> dict[str, str]:
         if p
     )
     return os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], log: Path, cwd: Path, environ: dict[str, str]) -> subprocess.Popen:

@@ -1,4 +1,5 @@
-"""Command-line settings the training benchmarks share (``clipforge-benchmark learning`` and ``init``)."""
+"""Command-line settings the training benchmarks share (``clipforge-benchmark learning``, ``init`` and
+``siglip2``)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def add_run_args(
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
     p.add_argument("--seeds", nargs="+", type=int, default=seeds)
+
+
+def add_child_args(p: argparse.ArgumentParser, override_example: str = "") -> None:
+    """``--threads`` (CPU threads of each training run, a ``clipforge-train`` child process) and
+    ``--override`` (more ``clipforge-train`` overrides for every run)."""
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each training run")
+    help_ = "more clipforge-train overrides for every run" + (
+        f", e.g. {override_example}" if override_example else ""
+    )
+    p.add_argument("--override", nargs="*", default=[], help=help_)

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipforge.bench.args import add_run_args
+from clipforge.bench.args import add_child_args, add_run_args
 from clipforge.bench.learning_trainers import run_logged
 
 DEFAULT_SCHEMES = {
@@ -77,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         help="zero-shot classify this many held-out images (unseen attribute tuples) after training; 0: "
         "score by the training loss only",
     )
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--image-size",
         type=int,
@@ -92,12 +91,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         help="default: the model's own; the synthetic captions fit in 20 tokens, so a shorter text context "
         "measures the same choice for less compute",
     )
-    p.add_argument(
-        "--override",
-        nargs="*",
-        default=[],
-        help="more clipforge-train overrides for every run, e.g. model.init_logit_bias=-3.43 (SigLIP's bias "
-        "prior, -ln(B - 1), at a CPU-sized batch B instead of the -10 of a 32k batch)",
+    add_child_args(
+        p,
+        "model.init_logit_bias=-3.43 (SigLIP's bias prior, -ln(B - 1), at a CPU-sized batch B instead of the "
+        "-10 of a 32k batch)",
     )
     args = p.parse_args(argv)
     rows = []

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipforge.bench.args import add_child_args
 from clipforge.bench.learning import resolved_config
 from clipforge.bench.learning_trainers import run_logged
 
@@ -162,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> list[Scores]:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of each training run")
-    p.add_argument("--override", nargs="*", default=[], help="more clipforge-train overrides for every run")
+    add_child_args(p)
     args = p.parse_args(argv)
     rows = [run_variant(v, args) for v in args.variants]
     for r in rows:

@@ -120,6 +120,18 @@ def test_callbacks_none_writes_no_checkpoint(compose_cfg) -> None:
     assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("num_train", [64, 1024])  # epochs of 4 and of 64 steps: 5 steps end mid-epoch
+def test_debug_fast_validates_at_its_last_step_and_keeps_the_best_checkpoint(
+    compose_cfg, num_train: int
+) -> None:
+    """The smoke run ends inside an epoch; it still validates once, logging val/loss for the
+    best-checkpoint callback, whatever the epoch length."""
+    cfg = compose_cfg("debug=fast", f"data.source.num_train={num_train}", "data.batch_size=16", *FAST[1:])
+    metrics, objs = train(cfg)
+    assert objs["trainer"].global_step == 5 and math.isfinite(metrics["val/loss"])
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "step0000005.ckpt").is_file()
+
+
 def test_auto_num_workers() -> None:
     from clipforge.data.loader import auto_num_workers
 

@@ -12,6 +12,7 @@ from evalhelpers import ColorModel
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from clipforge.data import synthetic
 from clipforge.eval import cli
 from clipforge.eval.cli import run_zeroshot
 
@@ -225,6 +226,22 @@ def test_linear_probe_task_on_colour_folders(tmp_path, color_model):
     assert res["num_train"] == 6 and res["num_samples"] == 3
     assert res["top1"] == 1.0 and res["confusion"] == [[1, 0], [0, 2]]
     assert res["classnames"] == ["a red", "b blue"]
+
+
+def test_linear_probe_on_the_default_synthetic_set_fits_on_its_train_split(tmp_path):
+    """No dataset given: the probe fits on the generator's train split and scores the held-out one."""
+    cfg = compose_zeroshot(
+        "task=linear_probe",
+        "model=tiny",
+        "eval.dataset.num_samples=24",
+        "linear_probe.C=1",
+        f"output_dir={tmp_path / 'out'}",
+        "num_workers=0",
+        "progress=false",
+    )
+    res = cli.run(cfg)
+    assert res["num_train"] == 24 and res["num_samples"] == 24
+    assert res["classnames"] == list(synthetic.SHAPES) and 0.0 <= res["top1"] <= 1.0
 
 
 def test_linear_probe_needs_a_train_split(tmp_path, color_model):

@@ -147,3 +147,44 @@ def test_misconfigurations_fail_at_construction() -> None:
         make_module(objectives=objectives())
     with pytest.raises(ValueError, match="accum_freq=1"):
         make_module(objectives=objectives(), ema=functools.partial(ModelEMA), accum_freq=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "mismatched", "message"),
+    [
+        (
+            "locca",
+            lambda: LocCaLoss(TextDecoder(VOCAB, 8, image_dim=24, embed_dim=16, depth=1, num_heads=2)),
+            "objectives.locca: decoder.image_dim is 24 but model.vision.embed_dim is 32",
+        ),
+        (
+            "locca",
+            lambda: LocCaLoss(TextDecoder(VOCAB + 1, 8, image_dim=32, embed_dim=16, depth=1, num_heads=2)),
+            "decoder.vocab_size is 65 but model.text.vocab_size is 64",
+        ),
+        (
+            "locca",
+            lambda: LocCaLoss(TextDecoder(VOCAB, 6, image_dim=32, embed_dim=16, depth=1, num_heads=2)),
+            "decoder.context_length is 6 but model.text.context_length is 8",
+        ),
+        (
+            "silc",
+            lambda: SilcLoss(DinoHead(24, 16, 24, 8), start_frac=0.8),
+            "objectives.silc: head.in_dim is 24 but model.vision.embed_dim is 32",
+        ),
+        (
+            "tips",
+            lambda: TipsLoss(DinoHead(32, 16, 24, 8), embed_dim=24),
+            "objectives.tips: embed_dim is 24 but model.vision.embed_dim is 32",
+        ),
+    ],
+)
+def test_an_objective_built_for_another_model_fails_when_the_module_is_built(
+    name, mismatched, message
+) -> None:
+    """A width, vocabulary or context that differs from the model's is named at once, not as a shape error
+    at the step the objective starts (80% into a SILC run)."""
+    teacher = {"ema": functools.partial(ModelEMA, decay=0.9)} if name != "locca" else {}
+    with pytest.raises(ValueError, match=message):
+        make_module(objectives={name: mismatched()}, **teacher)
+    make_module(objectives=objectives(), ema=functools.partial(ModelEMA, decay=0.9))  # built alike: fine

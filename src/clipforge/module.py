@@ -83,6 +83,11 @@ class ContrastiveModule(L.LightningModule):
         decay = {id(p) for p in param_groups(model, 1.0, decay_embeddings)[0]["params"]}
         self._decay_names = {name for name, p in model.named_parameters() if id(p) in decay}
         # Present only when configured, so a default run's state_dict and checkpoints keep their keys.
+        for name, objective in (objectives or {}).items():
+            try:
+                objective.check_model(model)
+            except ValueError as e:
+                raise ValueError(f"objectives.{name}: {e}") from None
         self.objectives = nn.ModuleDict(dict(objectives)) if objectives else None
         if self.objectives is not None:
             # the same rule for the objectives' matrices (decoder, heads); their embeddings are exempt

@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipforge.losses.objective import Objective, global_count, global_sum, world_mean_coef
+from clipforge.losses.objective import Objective, check_matches, global_count, global_sum, world_mean_coef
+from clipforge.models.clip import CLIP
 from clipforge.models.specs import as_spec
 
 
@@ -46,6 +47,7 @@ class DinoHead(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.in_dim = in_dim
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(num_layers):
@@ -148,6 +150,10 @@ class CentredDistillation(Objective):
         self.head = head
         self.distill = as_spec(DistillSpec, distill)
         self.register_buffer("centre", torch.zeros(head.prototypes.shape[0]))
+
+    def check_model(self, model: CLIP) -> None:
+        # the head reads the image tower's tokens
+        check_matches("head.in_dim", self.head.in_dim, "model.vision.embed_dim", model.visual.embed_dim)
 
     def distil(self, student: Tensor, teacher: Tensor, centre_from: Tensor | None = None) -> Tensor:
         """:func:`centred_distillation` with this objective's temperatures, centre and momentum."""

@@ -21,7 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher, global_count, world_mean_coef
+from clipforge.losses.objective import (
+    Objective,
+    ObjectiveBatch,
+    Teacher,
+    check_matches,
+    global_count,
+    world_mean_coef,
+)
 from clipforge.models.clip import CLIP
 from clipforge.models.decoder import TASKS, TextDecoder, bpe_words
 
@@ -62,6 +69,20 @@ class LocCaLoss(Objective):
         self.decoder = decoder
         self.task_probs = tuple(float(p) / sum(task_probs) for p in task_probs)
         self.last_tasks: list[str] = []  # the tasks of the last batch (for logging and tests)
+
+    def check_model(self, model: CLIP) -> None:
+        # the decoder reads the image tower's tokens and writes the text tower's BPE ids at its length
+        dec = self.decoder
+        check_matches("decoder.image_dim", dec.image_dim, "model.vision.embed_dim", model.visual.embed_dim)
+        check_matches(
+            "decoder.vocab_size", dec.text_vocab_size, "model.text.vocab_size", model.text.vocab_size
+        )
+        check_matches(
+            "decoder.context_length",
+            dec.context_length,
+            "model.text.context_length",
+            model.text.context_length,
+        )
 
     def targets(self, batch: ObjectiveBatch) -> tuple[Tensor | None, Tensor | None]:
         """``(boxes (B, 4) or None, region_tokens (B, L) or None)`` of the batch."""

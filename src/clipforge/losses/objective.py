@@ -73,6 +73,17 @@ class Objective(nn.Module):
     def active(self, step: int, total_steps: int | None) -> bool:
         return has_started(step, self.start_frac, total_steps)
 
+    def check_model(self, model: CLIP) -> None:
+        """Raise ``ValueError`` when this objective was built for another model (a width, vocabulary or
+        context that differs from ``model``'s). The module checks when it is built, so a mismatch fails at
+        once rather than as a shape error at the step the objective starts (80% into a SILC run)."""
+
+
+def check_matches(what: str, got: int, setting: str, expected: int) -> None:
+    """``what`` (``got``) must equal the model's ``setting`` (``expected``), or a ``ValueError`` says so."""
+    if got != expected:
+        raise ValueError(f"{what} is {got} but {setting} is {expected}: they must match")
+
     def forward(self, batch: ObjectiveBatch, student: CLIP, teacher: Teacher | None) -> Tensor:
         raise NotImplementedError
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from clipforge.losses.dino import CentredDistillation, DinoHead, DistillSpec
-from clipforge.losses.objective import ObjectiveBatch, Teacher
+from clipforge.losses.objective import ObjectiveBatch, Teacher, check_matches
 from clipforge.models.clip import CLIP
 
 
@@ -52,6 +52,10 @@ class TipsLoss(CentredDistillation):
         self.mask_ratio = mask_ratio
         self.mask_token = nn.Parameter(torch.empty(embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def check_model(self, model: CLIP) -> None:
+        super().check_model(model)
+        check_matches("embed_dim", self.mask_token.numel(), "model.vision.embed_dim", model.visual.embed_dim)
 
     def sample_mask(self, batch: int, num_patches: int, device: torch.device) -> Tensor:
         """(batch, num_patches) bool patch mask; one place for the randomness (tests replace it)."""

@@ -122,6 +122,7 @@ class TextDecoder(nn.Module):
         if num_box_bins < 2:
             raise ValueError(f"num_box_bins must be >= 2, got {num_box_bins}")
         self.text_vocab_size = vocab_size
+        self.image_dim = image_dim
         self.context_length = context_length
         self.num_box_bins = num_box_bins
         self.task_token = {task: vocab_size + i for i, task in enumerate(TASKS)}

@@ -55,13 +55,21 @@ def build_model(model_cfg: Any, loss_cfg: Any | None = None) -> CLIP:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict without executing arbitrary pickled code (``weights_only=True``, through the
     one safe loader :func:`clipforge.fault.atomic_io.safe_torch_load`); a sharded checkpoint directory is
-    consolidated in memory (:func:`consolidate_checkpoint`)."""
+    consolidated in memory (:func:`consolidate_checkpoint`); the folder ``clipforge-convert import`` writes
+    stands for the checkpoint in it (:data:`IMPORTED_CHECKPOINT`)."""
     from clipforge.fault.atomic_io import safe_torch_load
     from clipforge.fault.sharded import is_sharded_checkpoint
 
     path = Path(path)
     if is_sharded_checkpoint(path):
         return consolidate_checkpoint(path)
+    if path.is_dir():
+        if (path / IMPORTED_CHECKPOINT).is_file():
+            return safe_torch_load(path / IMPORTED_CHECKPOINT)
+        raise FileNotFoundError(
+            f"{path} is a folder, not a checkpoint: neither a sharded checkpoint (no .metadata or meta.pt) nor "
+            f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file"
+        )
     return safe_torch_load(path)
 
 
@@ -70,6 +78,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # config, ...}``, where ContrastiveModule keeps the two-tower model under ``model.`` and the EMA of the
 # whole module (clipforge.ema.ModelEMA, ``ema=default``) under ``ema.shadow.``.
 CONFIG_KEY = "clipforge_config"
+IMPORTED_CHECKPOINT = "model.ckpt"  # the checkpoint in the folder `clipforge-convert import --out` writes
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.shadow."
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from clipforge.checkpoint import checkpoint_dict
+from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 
 
@@ -49,7 +49,7 @@ def import_(args: argparse.Namespace) -> dict[str, Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model_config(model)
-    paths = {"config": out / "model.yaml", "checkpoint": out / "model.ckpt"}
+    paths = {"config": out / "model.yaml", "checkpoint": out / IMPORTED_CHECKPOINT}
     OmegaConf.save(OmegaConf.create(cfg), paths["config"])
     torch.save(checkpoint_dict(model.state_dict(), {"model": cfg}), paths["checkpoint"])
     return paths

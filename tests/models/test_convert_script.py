@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 from hydra.utils import instantiate
 from modelhelpers import tokens
@@ -29,6 +30,10 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
 
     imported = main(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "cf")])
     model, cfg = load_model(imported["checkpoint"])
+    folder_model, _ = load_model(imported["checkpoint"].parent)  # the import folder stands for its checkpoint
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), folder_model.state_dict().values())
+    )
     assert OmegaConf.to_container(OmegaConf.load(imported["config"])) == cfg["model"] == model_config(model)
     assert type(instantiate(OmegaConf.load(imported["config"]))).__name__ == "CLIP"
     with torch.no_grad():
@@ -41,3 +46,8 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
 
     first, second = load_file(exported["weights"]), load_file(again["weights"])
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_folder_that_holds_no_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint"):
+        load_model(tmp_path)

@@ -1,9 +1,10 @@
 """The synthetic shard source: writes shards once, then the WebDataset module reads them like any others."""
 
+import pytest
 import torch
 
 from clipforge.data import synthetic
-from clipforge.data.config import Augment, Stream
+from clipforge.data.config import Augment, Stream, ZeroShotSet
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.manifest import read_manifest
 from clipforge.data.synthetic_shards import SyntheticShards
@@ -72,3 +73,17 @@ def test_same_data_for_any_training_seed(tmp_path):
     assert a.source.folder == b.source.folder
     assert make(tmp_path, seed=1).source.folder != a.source.folder
     assert make(tmp_path, holdout="pairs").source.folder != a.source.folder
+
+
+def test_zeroshot_classnames_and_templates_take_a_file_or_a_builtin_name(tmp_path):
+    """As clipforge-zeroshot: a string names a file or a built-in list (it was split into characters)."""
+    names = tmp_path / "shapes.txt"
+    names.write_text("# one per line\ncircle\nsquare\n")
+    zs = ZeroShotSet(urls=None, classnames=str(names), templates="simple")
+    assert zs.classnames == ["circle", "square"] and len(zs.templates) == 7
+    assert ZeroShotSet(classnames="cifar10").classnames[:2] == ["airplane", "automobile"]
+    assert ZeroShotSet(classnames=["a", "b"], templates=["a {}."]).templates == ["a {}."]
+    with pytest.raises(FileNotFoundError, match=r"nofile\.txt"):
+        ZeroShotSet(classnames=str(tmp_path / "nofile.txt"))
+    with pytest.raises(ValueError, match="has no"):
+        ZeroShotSet(classnames=["a"], templates=["no slot"])

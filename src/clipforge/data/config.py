@@ -89,18 +89,23 @@ class Augment:
 @dataclass(frozen=True)
 class ZeroShotSet:
     """Labelled shards (json ``label``, an index into ``classnames``) for zero-shot classification with
-    prompt ``templates`` (``data.zeroshot``; ``urls`` null: none)."""
+    prompt ``templates`` (``data.zeroshot``; ``urls`` null: none). ``classnames``: a list, a built-in name
+    (``imagenet``, ``cifar10``, ``cifar100``) or a file with one name per line; ``templates``: a list,
+    ``openai``, ``simple`` or a file (as ``clipforge-zeroshot``, :mod:`clipforge.eval.metadata`)."""
 
     urls: Urls | None = None
-    classnames: Sequence[str] | None = None
-    templates: Sequence[str] | None = None
+    classnames: str | Sequence[str] | None = None
+    templates: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        from clipforge.eval.metadata import load_classnames, load_templates
+
         object.__setattr__(self, "urls", _urls(self.urls))
-        for name in ("classnames", "templates"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, [str(v) for v in value])
+        # a name or a path is read here, so a missing file fails at once (a bare string is no list of names)
+        if self.classnames is not None:
+            object.__setattr__(self, "classnames", load_classnames(self.classnames))
+        if self.templates is not None:
+            object.__setattr__(self, "templates", load_templates(self.templates))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ key ``WebDataModule``) and restores it with ``load_state_dict``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +27,9 @@ from clipforge.data.loader import EpochLoader, Position, auto_num_workers
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
 from clipforge.distributed import world_info
+
+if TYPE_CHECKING:
+    from clipforge.eval.metadata import Template
 
 
 class WebDataModule(L.LightningDataModule):
@@ -97,7 +102,7 @@ class WebDataModule(L.LightningDataModule):
         return list(names) if names is not None else None
 
     @property
-    def zeroshot_templates(self) -> list[str] | None:
+    def zeroshot_templates(self) -> list[Template] | None:
         templates = self.shards.zeroshot.templates
         return list(templates) if templates is not None else None
 

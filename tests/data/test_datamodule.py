@@ -87,3 +87,8 @@ def test_zeroshot_classnames_and_templates_take_a_file_or_a_builtin_name(tmp_pat
         ZeroShotSet(classnames=str(tmp_path / "nofile.txt"))
     with pytest.raises(ValueError, match="has no"):
         ZeroShotSet(classnames=["a"], templates=["no slot"])
+
+
+def test_zeroshot_shards_without_class_names_fail_at_once():
+    with pytest.raises(ValueError, match=r"data\.zeroshot\.urls needs data\.zeroshot\.classnames"):
+        ZeroShotSet(urls="/data/val/{000..009}.tar")

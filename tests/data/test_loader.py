@@ -1,15 +1,18 @@
 """The WebDataset loader: exact epochs, equal batches per rank, shuffling, modes, URL handling."""
 
 import collections
+import json
 import logging
+import tarfile
 
 import pytest
 import torch
-from datahelpers import data_module, pattern, sample_ids, write_sizes
+from datahelpers import add, data_module, pattern, sample_ids, tiny_jpeg, write_sizes
 
 from clipforge.data.config import Augment, Stream
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.dataset import ShardDataset
+from clipforge.data.failures import FailurePolicy
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import DataError, expand_urls
 from clipforge.data.tokenizer import Tokenizer
@@ -21,6 +24,9 @@ SIZES = [13, 2, 40, 7, 21, 9]  # unequal shards, 92 samples
 def shards(tmp_path):
     write_sizes(tmp_path, SIZES)
     return pattern(tmp_path, len(SIZES))
+
+
+STRICT = FailurePolicy(max_fraction=0.25)  # a quarter of the samples failing stops a pass
 
 
 def epoch(ds, epoch=0, resume=0):
@@ -121,6 +127,27 @@ def test_labels_for_zero_shot(tmp_path):
     batches = epoch(ds)
     ids = sample_ids([k for b in batches for k in b[2]])
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids]
+
+
+def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path):
+    """One label reader for training-time zero-shot shards and clipforge-zeroshot: ``.cls`` integers (as in
+    ImageNet's WebDataset shards) and json labels that are class names, looked up in the class names."""
+    names = ["cat", "dog", "fox"]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for n in range(6):
+            key = f"{n:09d}"
+            add(tar, f"{key}.jpg", tiny_jpeg(n))
+            if n % 2:
+                add(tar, f"{key}.cls", f"{n % 3}\n".encode())
+            else:
+                add(tar, f"{key}.json", json.dumps({"label": names[n % 3]}).encode())
+    ds = make(str(tmp_path / "00000.tar"), train=False, target=names)
+    batches = epoch(ds)
+    ids = sample_ids([k for b in batches for k in b[2]])
+    assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids] and len(ids) == 6
+    # names that are not among the class names are missing labels; a whole set of them stops the pass
+    with pytest.raises(DataError, match=r"3 of 6 samples read from 1 shards failed .*missing_label: 3"):
+        epoch(make(str(tmp_path / "00000.tar"), train=False, target=["ant", "bee", "cow"], failures=STRICT))
 
 
 def test_pipe_urls_read_like_files(shards, tmp_path):

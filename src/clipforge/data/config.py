@@ -101,6 +101,11 @@ class ZeroShotSet:
         from clipforge.eval.metadata import load_classnames, load_templates
 
         object.__setattr__(self, "urls", _urls(self.urls))
+        if self.urls is not None and self.classnames is None:
+            raise ValueError(
+                "data.zeroshot.urls needs data.zeroshot.classnames (a list in label order, imagenet, cifar10, "
+                "cifar100 or a file with one name per line): without them nothing can be classified"
+            )
         # a name or a path is read here, so a missing file fails at once (a bare string is no list of names)
         if self.classnames is not None:
             object.__setattr__(self, "classnames", load_classnames(self.classnames))

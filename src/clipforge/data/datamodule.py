@@ -144,7 +144,7 @@ class WebDataModule(L.LightningDataModule):
             train=train,
             stream=self.stream,
             augment=self.augment,
-            target="label" if split == "zeroshot" else "text",
+            target=(self.shards.zeroshot.classnames or "label") if split == "zeroshot" else "text",
             context_length=self.context_length,
             rank=rank if train else 0,
             world_size=world if train else 1,

@@ -23,7 +23,7 @@ own counts when they end.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipforge.data import plan
 from clipforge.data.batch import Collate, Refill, batches, open_batches
 from clipforge.data.config import Augment, Stream
-from clipforge.data.decode import Sample, decode
+from clipforge.data.decode import Sample, Target, decode
 from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables, table_totals, worst_shards
 from clipforge.data.read import read_segments, read_shards
 from clipforge.data.regions import CollateRegions, locate
@@ -58,7 +58,8 @@ class _Pass:
 class ShardDataset(IterableDataset):
     """Batches ``(images, tokens)`` (or ``(images, labels)``) from WebDataset shards; use with
     ``DataLoader(dataset, batch_size=None)``. ``counts``: samples per shard (the manifest), needed for
-    exact epochs. See the module docstring for the modes."""
+    exact epochs. ``target``: ``"text"`` (captions), ``"label"`` (integer labels: ``.cls`` or json
+    ``label``) or the class names (labels may be names too). See the module docstring for the modes."""
 
     def __init__(
         self,
@@ -69,15 +70,15 @@ class ShardDataset(IterableDataset):
         train: bool = True,
         stream: Stream | None = None,
         augment: Augment | None = None,
-        target: str = "text",
+        target: str | Sequence[str] = "text",
         context_length: int = 77,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
         failures: FailurePolicy | None = None,
     ) -> None:
-        if target not in ("text", "label"):
-            raise ValueError(f"target must be 'text' or 'label', got {target!r}")
+        if isinstance(target, str) and target not in ("text", "label"):
+            raise ValueError(f"target must be 'text', 'label' or the class names, got {target!r}")
         self.stream, self.augment = stream or Stream(), augment or Augment()
         self.mode = ("resampled" if self.stream.resampled else "exact") if train else "eval"
         self.sources, self.counts = sources, counts
@@ -102,7 +103,9 @@ class ShardDataset(IterableDataset):
             ratio=self.augment.ratio,
             interpolation=self.augment.interpolation,
         )
-        self.target, self.context_length = target, context_length
+        # class names: labels that are names count by their index, integer labels as they are
+        self.target: Target = target if isinstance(target, str) else {n: i for i, n in enumerate(target)}
+        self.context_length = context_length
         self.failures = failures or FailurePolicy()
         # Training JPEGs go to the main process encoded (gpu_decode); evaluation batches stay tensors.
         self.defer = train and self.augment.decode_device != "cpu"

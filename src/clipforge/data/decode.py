@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +62,41 @@ def _caption(raw: RawSample) -> str:
     return text
 
 
-def _label(raw: RawSample) -> int | None:
+# What a sample's target is: "text" (its caption), "label" (an integer class label) or a class index
+# {class name: label} for labels that may also be class names.
+Target = str | Mapping[str, int]
+
+
+def read_label(
+    members: Mapping[str, bytes], class_index: Mapping[str, int] | None, label_key: str = "label"
+) -> int:
+    """The class index of one labelled sample, from its ``.cls`` member (an integer) or its json's
+    ``label_key``: an integer, or a class name looked up in ``class_index``. ``ValueError`` says what is
+    missing (the one reader of labels, for training-time zero-shot shards and ``clipforge-zeroshot``)."""
+    if "cls" in members:
+        try:
+            return int(members["cls"].decode().strip())
+        except ValueError:
+            raise ValueError(f".cls holds {members['cls'][:40]!r}, not a class index") from None
+    if "json" not in members:
+        raise ValueError("it has neither a .cls nor a .json label")
     try:
-        return int(json.loads(raw.members["json"])["label"])
-    except (KeyError, ValueError, TypeError):
-        return None
+        meta = json.loads(members["json"])
+    except ValueError as e:
+        raise ValueError(f"its json does not parse ({e})") from None
+    if not isinstance(meta, dict) or label_key not in meta:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"json has no {label_key!r} key (keys: {keys})")
+    value = meta[label_key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"label {value!r} is neither a class index nor a class name")
+    if class_index is None:
+        raise ValueError(f"label {value!r} is a class name; pass classnames to map names to indices")
+    if value not in class_index:
+        raise ValueError(f"class name {value!r} is not among the class names")
+    return class_index[value]
 
 
 def decode_sample(
@@ -74,16 +104,23 @@ def decode_sample(
     transform: ImageTransform,
     draws: np.ndarray | None,
     monitor: FailureMonitor,
-    target: str = "text",
+    target: Target = "text",
     defer: bool = False,
 ) -> Sample | None:
     """``raw`` decoded with the crop ``draws`` (None: the evaluation crop), or None when it is unusable
-    (counted). ``defer`` keeps JPEGs encoded for the GPU decoder."""
+    (counted). ``target``: ``"text"`` (the caption), ``"label"`` (an integer label, :func:`read_label`) or
+    a class index (labels that are class names too). ``defer`` keeps JPEGs encoded for the GPU decoder."""
     ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
     if ext is None:
         monitor.sample_failed("missing_image", raw.url, raw.key)
         return None
-    label = _caption(raw) if target == "text" else _label(raw)
+    if target == "text":
+        label: str | int | None = _caption(raw)
+    else:
+        try:
+            label = read_label(raw.members, None if target == "label" else target)
+        except ValueError:
+            label = None
     if label is None or label == "":
         monitor.sample_failed("missing_caption" if target == "text" else "missing_label", raw.url, raw.key)
         return None
@@ -105,7 +142,7 @@ def decode(
     transform: ImageTransform,
     rng: np.random.Generator,
     monitor: FailureMonitor,
-    target: str = "text",
+    target: Target = "text",
     defer: bool = False,
 ) -> Iterator[Sample]:
     """The usable samples of ``stream``; every slot, a lost one (``None``) too, takes its crop draws."""

@@ -115,7 +115,7 @@ class FailureMonitor:
     ) -> None:
         self.table, self.per_shard, self.row = table, per_shard, row
         self.url_index, self.where = url_index, where
-        self.read = self.failed = 0
+        self.read = self.failed = self.opened = 0
         self.by_cause: Counter[str] = Counter()
         self.by_shard: Counter[str] = Counter()
         self.bad_shards: dict[str, str] = {}
@@ -137,6 +137,7 @@ class FailureMonitor:
 
     def shard_opened(self) -> None:
         self._add("shards_read", 1)
+        self.opened += 1
 
     def sample_failed(self, cause: str, url: str, key: str = "", n: int = 1) -> None:
         self.count(cause, n)
@@ -156,7 +157,7 @@ class FailureMonitor:
     def check_final(self, policy: FailurePolicy) -> None:
         """Single-process passes (evaluation sets): judge this worker's own pass when it ends."""
         totals = dict.fromkeys(COLUMNS, 0) | dict(self.by_cause)
-        totals |= {"samples_read": self.read, "shards_read": 0}
+        totals |= {"samples_read": self.read, "shards_read": self.opened}
         reason = policy.verdict(totals, None, final=True)
         nothing = self.read == 0 and bool(self.bad_shards)
         if reason or nothing:

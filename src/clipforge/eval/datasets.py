@@ -10,7 +10,6 @@ with the folders) raise at construction with a message that says what to fix.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from clipforge.data.decode import read_label
 from clipforge.data.shards import IMAGE_EXTS
 from clipforge.distributed import world_info
 from clipforge.eval.metadata import align_classnames
@@ -155,23 +155,10 @@ def _labelled_sample(
 
 
 def _label_of(sample: dict[str, Any], class_index: dict[str, int] | None, label_key: str) -> int:
-    if "cls" in sample:
-        return int(sample["cls"].decode().strip())
-    if "json" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} has neither a .cls nor a .json label")
-    meta = json.loads(sample["json"])
-    if label_key not in meta:
-        raise ValueError(
-            f"sample {sample.get('__key__')}: json has no {label_key!r} key (keys: {sorted(meta)})"
-        )
-    value = meta[label_key]
-    if isinstance(value, int):
-        return value
-    if class_index is None:
-        raise ValueError(f"label {value!r} is a class name; pass classnames to map names to indices")
-    if value not in class_index:
-        raise ValueError(f"sample {sample.get('__key__')}: class name {value!r} is not among the class names")
-    return class_index[value]
+    try:
+        return read_label(sample, class_index, label_key)
+    except ValueError as e:
+        raise ValueError(f"sample {sample.get('__key__')}: {e}") from None
 
 
 def labelled_wds_dataset(

@@ -50,6 +50,25 @@ def test_resume_continues_the_step_count(compose_cfg) -> None:
     assert objs["trainer"].global_step == 7
 
 
+def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(compose_cfg, caplog) -> None:
+    """Resuming or initialising from a checkpoint whose model the config does not build fails naming the
+    settings (not only torch's list of missing keys); a resume with other non-shape settings warns."""
+    cfg = compose_cfg("trainer.max_steps=2", *FAST)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    deeper = "model.vision.depth=4"
+    with pytest.raises(ValueError, match=r"ckpt_path=.*model\.vision\.depth: checkpoint 3, config 4"):
+        train(compose_cfg("trainer.max_steps=3", f"ckpt_path={last}", deeper, *FAST))
+    with pytest.raises(ValueError, match=r"init_from=.*model\.vision\.depth: checkpoint 3, config 4"):
+        train(compose_cfg("trainer.max_steps=1", f"init_from={last}", deeper, *FAST))
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        _, objs = train(
+            compose_cfg("trainer.max_steps=3", f"ckpt_path={last}", "model.vision.patch_dropout=0.25", *FAST)
+        )
+    assert objs["trainer"].global_step == 3
+    assert "model.vision.patch_dropout: checkpoint 0.0, config 0.25" in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_default_run_learns_what_the_old_recipe_missed(compose_cfg, loss: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,47 @@ def model_state_dict(
     if use_ema and not state:
         raise ValueError(f"{path} has no EMA weights: they are kept when training with ema=default")
     return state
+
+
+def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
+    """The resolved config stored in a clipforge checkpoint (a file, a sharded folder or an import folder),
+    read without loading its tensors into memory; ``None`` when it stores none."""
+    from clipforge.fault.atomic_io import safe_torch_load
+    from clipforge.fault.sharded import is_sharded_checkpoint, verify_sharded_checkpoint
+
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        return verify_sharded_checkpoint(path)["meta"].get(CONFIG_KEY)
+    if path.is_dir():
+        path = path / IMPORTED_CHECKPOINT
+    return safe_torch_load(path, mmap=True).get(CONFIG_KEY)
+
+
+def config_differences(stored: Any, current: Any, prefix: str) -> list[str]:
+    """``"prefix.key: checkpoint X, config Y"`` for every setting that differs between two config nodes
+    (nested mappings compared key by key; a setting one side lacks shows as ``(none)``)."""
+    if isinstance(stored, Mapping) and isinstance(current, Mapping):
+        out = []
+        for key in sorted(set(stored) | set(current), key=str):
+            out += config_differences(
+                stored.get(key, "(none)"), current.get(key, "(none)"), f"{prefix}.{key}"
+            )
+        return out
+    return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, config {current!r}"]
+
+
+def model_differences(path: str | Path, model_cfg: Any) -> list[str]:
+    """How the model config ``model_cfg`` differs from the one checkpoint ``path`` was trained with (an
+    empty list when the checkpoint stores no config)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    stored = (checkpoint_config(path) or {}).get("model")
+    if stored is None:
+        return []
+    current = (
+        OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
+    )
+    return config_differences(stored, current, "model")
 
 
 def init_from(model: CLIP, path: str | Path) -> CLIP:

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
-from clipforge.checkpoint import build_model, init_from
+from clipforge.checkpoint import build_model, init_from, model_differences
 from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
@@ -96,7 +96,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loss = instantiate(cfg.loss)
     model = build_model(cfg.model, cfg.loss)
     if cfg.get("init_from"):
-        init_from(model, cfg.init_from)
+        try:
+            init_from(model, cfg.init_from)
+        except RuntimeError as e:  # torch's "Error(s) in loading state_dict": say which settings differ
+            raise _model_mismatch("init_from", cfg.init_from, cfg.model, e) from e
+    if ckpt_path is not None:
+        changed = model_differences(ckpt_path, cfg.model)
+        if changed:
+            log.warning(
+                "resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed)
+            )
     if mode is not None:
         compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -132,6 +141,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception as e:
+        if (
+            ckpt_path is not None
+            and isinstance(e, RuntimeError)
+            and "Error(s) in loading state_dict" in str(e)
+        ):
+            raise _model_mismatch("ckpt_path", ckpt_path, cfg.model, e) from e
         # A node died or hangs: gloo/NCCL say "connection reset" or "timed out" but not which rank; say it.
         lost = explain_collective_failure(e, timeout, grace=LOST_RANK_GRACE_S)
         if lost is None:
@@ -149,6 +164,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         print(summary, flush=True)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
+
+
+def _model_mismatch(key: str, path: str | Path, model_cfg: Any, error: Exception) -> ValueError:
+    """The checkpoint's weights do not fit the configured model: name the settings that differ."""
+    changed = model_differences(path, model_cfg)
+    why = "; ".join(changed) if changed else "no model setting differs (the checkpoint's keys do not match)"
+    return ValueError(
+        f"{key}={path}: its weights do not fit the model this config builds ({why}). Use the checkpoint's "
+        f"model settings{'' if key == 'init_from' else ', or start from its weights with init_from='}. "
+        f"torch: {str(error).splitlines()[0]}"
+    )
 
 
 def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:

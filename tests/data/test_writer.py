@@ -185,6 +185,29 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
     assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2  # the empty caption is skipped
 
 
+def test_cli_skips_and_counts_bytes_that_are_no_image_and_json_that_does_not_parse(tmp_path, capsys):
+    """A corrupt file is skipped and counted (it stopped the whole write with a traceback); a sample whose
+    json does not parse keeps its image and caption."""
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "good.jpg").write_bytes(tiny_jpeg(0))
+    (images / "bad.jpg").write_bytes(b"not an image")
+    (tmp_path / "caps.csv").write_text("file,caption\ngood.jpg,a photo\nbad.jpg,broken\n")
+    assert shards_main(["folder", str(images), str(tmp_path / "caps.csv"), str(tmp_path / "a")]) == 0
+    assert read_manifest(tmp_path / "a" / "manifest.json")["num_samples"] == 1
+    assert "corrupt_image=1" in capsys.readouterr().out
+
+    files = tmp_path / "files" / "00000"
+    files.mkdir(parents=True)
+    for i, image in enumerate([tiny_jpeg(1), b"\xff\xd8\xff garbage", tiny_jpeg(2)]):
+        (files / f"{i:09d}.jpg").write_bytes(image)
+        (files / f"{i:09d}.txt").write_text(f"caption {i}")
+        (files / f"{i:09d}.json").write_text("{not json" if i == 2 else "{}")
+    assert shards_main(["img2dataset", str(tmp_path / "files"), str(tmp_path / "b")]) == 0
+    assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2
+    assert "corrupt_image=1" in capsys.readouterr().out
+
+
 def test_cli_synthetic_and_manifest_recount(tmp_path):
     out = tmp_path / "syn"
     assert (

@@ -6,13 +6,14 @@
   its ``files`` layout (``00000/000000001.jpg`` beside ``.txt`` and ``.json``);
 * :func:`synthetic_records`: the procedural generator of :mod:`clipforge.data.synthetic`.
 
-Each yields :class:`~clipforge.data.writer.Record`; problems (an image listed but missing, a sample
-without caption) are logged and skipped, and counted in the ``skipped`` dict passed in.
+Each yields :class:`~clipforge.data.writer.Record`; problems (an image listed but missing, bytes that are
+no image, a sample without caption) are logged and skipped, and counted in the ``skipped`` dict passed in.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import tarfile
@@ -20,7 +21,10 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
+
 from clipforge.data import synthetic
+from clipforge.data.decode import IMAGE_ERRORS
 from clipforge.data.shards import IMAGE_EXTS
 from clipforge.data.writer import Record
 
@@ -86,8 +90,24 @@ def folder_records(
             skipped["missing_caption"] += 1
             log.warning("skipping %s: empty caption", path)
             continue
+        image = path.read_bytes()
+        if not readable_image(image):
+            skipped["corrupt_image"] += 1
+            log.warning("skipping %s: not a readable image", path)
+            continue
         meta = {"source_file": name}
-        yield Record(key=f"{i:09d}", image=path.read_bytes(), caption=caption.strip(), meta=meta)
+        yield Record(key=f"{i:09d}", image=image, caption=caption.strip(), meta=meta)
+
+
+def readable_image(data: bytes) -> bool:
+    """Whether PIL recognises ``data`` as an image and its structure checks out (``verify``: no full
+    decode, so a truncated JPEG body still passes; training counts those as ``corrupt_image``)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except IMAGE_ERRORS:
+        return False
+    return True
 
 
 def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -135,11 +155,20 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
                         skipped["missing_image"] += 1
                     continue
                 caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-                meta = json.loads(sample["json"]) if "json" in sample else {}
+                try:
+                    meta = json.loads(sample["json"]) if "json" in sample else {}
+                except ValueError:
+                    log.warning("%s: its json does not parse; keeping the sample without it", key)
+                    meta = {}
+                meta = meta if isinstance(meta, dict) else {}
                 caption = caption or str(meta.get("caption") or "").strip()
                 if not caption:
                     skipped["missing_caption"] += 1
                     log.warning("skipping %s: no caption", key)
+                    continue
+                if not readable_image(sample[image_ext]):
+                    skipped["corrupt_image"] += 1
+                    log.warning("skipping %s: not a readable image", key)
                     continue
                 yield Record(key=key.rsplit("/", 1)[-1], image=sample[image_ext], caption=caption, meta=meta)
         except (tarfile.TarError, OSError, EOFError) as e:

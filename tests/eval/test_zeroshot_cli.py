@@ -24,6 +24,13 @@ def compose_zeroshot(*overrides: str):
         return compose(config_name="zeroshot", overrides=list(overrides))
 
 
+def compose_probe(tmp_path: Path, *overrides: str):
+    """task=linear_probe, quiet, in-process, results under tmp_path."""
+    return compose_zeroshot(
+        "task=linear_probe", *overrides, f"output_dir={tmp_path / 'out'}", "num_workers=0", "progress=false"
+    )
+
+
 @pytest.fixture
 def color_model(monkeypatch, tokenizer):
     model = ColorModel(tokenizer)
@@ -212,15 +219,12 @@ def test_linear_probe_task_on_colour_folders(tmp_path, color_model):
     test = make_color_folder(
         tmp_path / "test", {"a_red": [(180, 40, 40)], "b_blue": [(40, 40, 180), (0, 0, 120)]}
     )
-    cfg = compose_zeroshot(
-        "task=linear_probe",
+    cfg = compose_probe(
+        tmp_path,
         "eval/dataset=imagefolder",
         f"eval.dataset.root={test}",
         f"linear_probe.train_dataset={{root: {train}}}",
         "linear_probe.C=100",
-        f"output_dir={tmp_path / 'out'}",
-        "num_workers=0",
-        "progress=false",
     )
     res = cli.run(cfg)
     assert res["num_train"] == 6 and res["num_samples"] == 3
@@ -230,15 +234,7 @@ def test_linear_probe_task_on_colour_folders(tmp_path, color_model):
 
 def test_linear_probe_on_the_default_synthetic_set_fits_on_its_train_split(tmp_path):
     """No dataset given: the probe fits on the generator's train split and scores the held-out one."""
-    cfg = compose_zeroshot(
-        "task=linear_probe",
-        "model=tiny",
-        "eval.dataset.num_samples=24",
-        "linear_probe.C=1",
-        f"output_dir={tmp_path / 'out'}",
-        "num_workers=0",
-        "progress=false",
-    )
+    cfg = compose_probe(tmp_path, "model=tiny", "eval.dataset.num_samples=24", "linear_probe.C=1")
     res = cli.run(cfg)
     assert res["num_train"] == 24 and res["num_samples"] == 24
     assert res["classnames"] == list(synthetic.SHAPES) and 0.0 <= res["top1"] <= 1.0

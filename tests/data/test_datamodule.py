@@ -92,3 +92,24 @@ def test_zeroshot_classnames_and_templates_take_a_file_or_a_builtin_name(tmp_pat
 def test_zeroshot_shards_without_class_names_fail_at_once():
     with pytest.raises(ValueError, match=r"data\.zeroshot\.urls needs data\.zeroshot\.classnames"):
         ZeroShotSet(urls="/data/val/{000..009}.tar")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (lambda: {"batch_size": 0}, r"data\.batch_size must be an integer >= 1, got 0"),
+        (lambda: {"stream": Stream(shuffle_buffer=-1)}, r"data\.stream\.shuffle_buffer"),
+        (lambda: {"stream": Stream(prefetch_factor=0)}, r"data\.stream\.prefetch_factor"),
+        (lambda: {"stream": Stream(val_batch_size=0)}, r"data\.stream\.val_batch_size"),
+        (lambda: {"stream": Stream(resampled=True, epoch_samples=-5)}, r"data\.stream\.epoch_samples"),
+        (
+            lambda: {"stream": Stream(resampled=True, epoch_samples=8, weights=[1, -1])},
+            r"data\.stream\.weights",
+        ),
+        (lambda: {"augment": Augment(image_size=0)}, r"data\.augment\.image_size"),
+    ],
+)
+def test_a_setting_out_of_range_fails_at_once_naming_its_key(settings, message):
+    """It failed deep in the loader (ZeroDivisionError for batch_size=0) or not at all."""
+    with pytest.raises(ValueError, match=message):
+        WebDataModule(train_urls="/data/{00000..00009}.tar", **settings())

@@ -27,6 +27,13 @@ def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _at_least(low: int, group: str = "stream", **values: int | None) -> None:
+    """Each given (not null) setting of ``data.<group>`` is an integer ``>= low``, or a ValueError names it."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"data.{group}.{name} must be an integer >= {low}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Stream:
     """How the training samples flow: order, epochs, and what each batch carries (``data.stream``).
@@ -62,8 +69,13 @@ class Stream:
                     "source weights need data.stream.resampled=true: an exact epoch reads every sample "
                     "once, so it cannot up- or down-weight a source"
                 )
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError(f"data.stream.weights must be >= 0 and not all 0, got {list(self.weights)}")
         if self.resampled and not self.epoch_samples:
             raise ValueError("resampled mode needs data.stream.epoch_samples (global samples per epoch)")
+        _at_least(1, epoch_samples=self.epoch_samples, val_batch_size=self.val_batch_size)
+        _at_least(1, prefetch_factor=self.prefetch_factor)
+        _at_least(0, shuffle_buffer=self.shuffle_buffer)
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class Augment:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", _pair(self.scale, "scale"))
         object.__setattr__(self, "ratio", _pair(self.ratio, "ratio"))
+        _at_least(1, "augment", image_size=self.image_size)
         if self.decode_device != "cpu" and not self.decode_device.startswith("cuda"):
             raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {self.decode_device!r}")
 

@@ -56,6 +56,9 @@ class WebDataModule(L.LightningDataModule):
         failures: FailurePolicy | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("context_length", context_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
         zeroshot = zeroshot or ZeroShotSet()
         if source is not None:
             if train_urls is not None or val_urls is not None or zeroshot != ZeroShotSet():

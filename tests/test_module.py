@@ -234,3 +234,21 @@ def test_logged_learning_rate_is_the_steps_own_in_both_modes() -> None:
         )  # fmt: skip
         trainer.fit(make_module(accum_freq=accum_freq), train_dataloaders=loader())
         assert rec.logged == pytest.approx(rec.used) and len(set(rec.used)) > 1, accum_freq
+
+
+def test_settings_that_would_train_silently_wrong_fail_at_once() -> None:
+    """A negative clip norm makes torch scale gradients by a negative factor (ascent); a negative warmup
+    or a tower without blocks failed late or trained anyway."""
+    from clipforge.models.layers import Transformer
+    from clipforge.module import ContrastiveModule
+    from clipforge.optim import constant_with_warmup, warmup_cosine
+
+    opt = functools.partial(torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(ValueError, match=r"module\.grad_clip_norm must be >= 0"):
+        ContrastiveModule(torch.nn.Linear(1, 1), ClipLoss(), opt, grad_clip_norm=-1.0)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for schedule in (warmup_cosine, constant_with_warmup):
+        with pytest.raises(ValueError, match=r"scheduler\.warmup_steps must be >= 0"):
+            schedule(sgd, warmup_steps=-1, total_steps=10)
+    with pytest.raises(ValueError, match="depth >= 1"):
+        Transformer(0, lambda i: torch.nn.Identity())

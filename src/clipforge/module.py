@@ -57,6 +57,11 @@ class ContrastiveModule(L.LightningModule):
         super().__init__()
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
+        if grad_clip_norm is not None and grad_clip_norm < 0:
+            # torch would scale the gradients by a negative factor: ascent, silently
+            raise ValueError(
+                f"module.grad_clip_norm must be >= 0 (0 or null: no clipping), got {grad_clip_norm}"
+            )
         if objectives and accum_freq > 1:
             raise ValueError(
                 "the SigLIP 2 objectives need accum_freq=1 (feature caching covers the contrastive loss only)"

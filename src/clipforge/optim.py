@@ -41,7 +41,8 @@ def warmup_cosine(
 ) -> LambdaLR:
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
+        raise ValueError(f"total_steps (trainer.max_steps) must be positive, got {total_steps}")
+    check_warmup(warmup_steps)
     warmup_steps = min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:
@@ -56,7 +57,13 @@ def warmup_cosine(
 
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     del total_steps  # same signature as warmup_cosine so configs swap freely
+    check_warmup(warmup_steps)
     return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def check_warmup(warmup_steps: int) -> None:
+    if warmup_steps < 0:
+        raise ValueError(f"scheduler.warmup_steps must be >= 0, got {warmup_steps}")
 
 
 def check_start_frac(start_frac: float, owner: str) -> None:

@@ -155,6 +155,8 @@ class Transformer(nn.Module):
 
     def __init__(self, depth: int, make_block: Callable[[int], Block]) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"a tower needs depth >= 1 blocks, got {depth}")
         self.blocks = nn.ModuleList([make_block(i) for i in range(depth)])
         self.grad_checkpointing = False
 

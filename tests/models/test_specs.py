@@ -106,3 +106,18 @@ def test_a_flat_decoder_node_from_an_older_checkpoint_still_builds() -> None:
     }
     decoder = instantiate(OmegaConf.create(node))
     assert decoder.blocks[0].mlp.fc1.out_features == 32 and decoder.norm.eps == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"drop_path_rate": 1.5}, r"block\.drop_path_rate must be in \[0, 1\)"),
+        ({"drop_path_rate": -0.1}, r"block\.drop_path_rate"),
+        ({"mlp_ratio": 0}, r"block\.mlp_ratio and block\.norm_eps must be > 0"),
+        ({"norm_eps": -1e-6}, r"block\.mlp_ratio and block\.norm_eps must be > 0"),
+    ],
+)
+def test_block_settings_out_of_range_fail_when_the_tower_is_built(settings, message) -> None:
+    """drop_path_rate=1.5 built, then failed at the first training step inside torch.bernoulli_."""
+    with pytest.raises(ValueError, match=message):
+        VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, block=settings)

@@ -37,6 +37,15 @@ class BlockSpec:
     drop_path_rate: float = 0.0
     fused_attn: bool = True
 
+    def __post_init__(self) -> None:
+        # checked here, when the tower is built: a bad value otherwise surfaces at the first training step
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"block.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.mlp_ratio <= 0 or self.norm_eps <= 0:
+            raise ValueError(
+                f"block.mlp_ratio and block.norm_eps must be > 0, got {self.mlp_ratio}, {self.norm_eps}"
+            )
+
     def drop_path(self, index: int, depth: int) -> float:
         """Stochastic-depth rate of block ``index`` of ``depth`` (plain Python: builds on "meta" too)."""
         return self.drop_path_rate * index / max(depth - 1, 1)

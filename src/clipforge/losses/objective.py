@@ -78,14 +78,14 @@ class Objective(nn.Module):
         context that differs from ``model``'s). The module checks when it is built, so a mismatch fails at
         once rather than as a shape error at the step the objective starts (80% into a SILC run)."""
 
+    def forward(self, batch: ObjectiveBatch, student: CLIP, teacher: Teacher | None) -> Tensor:
+        raise NotImplementedError
+
 
 def check_matches(what: str, got: int, setting: str, expected: int) -> None:
     """``what`` (``got``) must equal the model's ``setting`` (``expected``), or a ``ValueError`` says so."""
     if got != expected:
         raise ValueError(f"{what} is {got} but {setting} is {expected}: they must match")
-
-    def forward(self, batch: ObjectiveBatch, student: CLIP, teacher: Teacher | None) -> Tensor:
-        raise NotImplementedError
 
 
 def global_count(n: int | Tensor, device: torch.device, group: dist.ProcessGroup | None = None) -> Tensor:

@@ -99,13 +99,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
             init_from(model, cfg.init_from)
         except RuntimeError as e:  # torch's "Error(s) in loading state_dict": say which settings differ
-            raise _model_mismatch("init_from", cfg.init_from, cfg.model, e) from e
-    if ckpt_path is not None:
-        changed = model_differences(ckpt_path, cfg.model)
-        if changed:
-            log.warning(
-                "resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed)
-            )
+            raise _model_mismatch(
+                "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model), e
+            ) from e
+    # read once from the checkpoint's stored config: warned about here, named again if the weights do not load
+    changed = model_differences(ckpt_path, cfg.model) if ckpt_path is not None else []
+    if changed:
+        log.warning("resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed))
     if mode is not None:
         compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             and isinstance(e, RuntimeError)
             and "Error(s) in loading state_dict" in str(e)
         ):
-            raise _model_mismatch("ckpt_path", ckpt_path, cfg.model, e) from e
+            raise _model_mismatch("ckpt_path", ckpt_path, changed, e) from e
         # A node died or hangs: gloo/NCCL say "connection reset" or "timed out" but not which rank; say it.
         lost = explain_collective_failure(e, timeout, grace=LOST_RANK_GRACE_S)
         if lost is None:
@@ -166,9 +166,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
 
 
-def _model_mismatch(key: str, path: str | Path, model_cfg: Any, error: Exception) -> ValueError:
+def _model_mismatch(key: str, path: str | Path, changed: list[str], error: Exception) -> ValueError:
     """The checkpoint's weights do not fit the configured model: name the settings that differ."""
-    changed = model_differences(path, model_cfg)
     why = "; ".join(changed) if changed else "no model setting differs (the checkpoint's keys do not match)"
     return ValueError(
         f"{key}={path}: its weights do not fit the model this config builds ({why}). Use the checkpoint's "

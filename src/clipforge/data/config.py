@@ -27,11 +27,11 @@ def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _at_least(low: int, group: str = "stream", **values: int | None) -> None:
-    """Each given (not null) setting of ``data.<group>`` is an integer ``>= low``, or a ValueError names it."""
+def check_at_least(low: int, where: str, **values: int | None) -> None:
+    """Each given (not null) setting ``<where>.<name>`` is an integer ``>= low``, or a ValueError names it."""
     for name, value in values.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"data.{group}.{name} must be an integer >= {low}, got {value!r}")
+            raise ValueError(f"{where}.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,9 @@ class Stream:
                 raise ValueError(f"data.stream.weights must be >= 0 and not all 0, got {list(self.weights)}")
         if self.resampled and not self.epoch_samples:
             raise ValueError("resampled mode needs data.stream.epoch_samples (global samples per epoch)")
-        _at_least(1, epoch_samples=self.epoch_samples, val_batch_size=self.val_batch_size)
-        _at_least(1, prefetch_factor=self.prefetch_factor)
-        _at_least(0, shuffle_buffer=self.shuffle_buffer)
+        check_at_least(1, "data.stream", epoch_samples=self.epoch_samples, val_batch_size=self.val_batch_size)
+        check_at_least(1, "data.stream", prefetch_factor=self.prefetch_factor)
+        check_at_least(0, "data.stream", shuffle_buffer=self.shuffle_buffer)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Augment:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", _pair(self.scale, "scale"))
         object.__setattr__(self, "ratio", _pair(self.ratio, "ratio"))
-        _at_least(1, "augment", image_size=self.image_size)
+        check_at_least(1, "data.augment", image_size=self.image_size)
         if self.decode_device != "cpu" and not self.decode_device.startswith("cuda"):
             raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {self.decode_device!r}")
 

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from clipforge.data.config import Augment, ShardSet, ShardSource, Stream, Urls, ZeroShotSet
+from clipforge.data.config import Augment, ShardSet, ShardSource, Stream, Urls, ZeroShotSet, check_at_least
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import FailurePolicy
 from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
@@ -56,9 +56,7 @@ class WebDataModule(L.LightningDataModule):
         failures: FailurePolicy | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("context_length", context_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
+        check_at_least(1, "data", batch_size=batch_size, context_length=context_length)
         zeroshot = zeroshot or ZeroShotSet()
         if source is not None:
             if train_urls is not None or val_urls is not None or zeroshot != ZeroShotSet():

@@ -48,9 +48,11 @@ def make_inputs(sizes: list[int], seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def loss_and_grads(fn, x, y, log_scale, bias) -> dict[str, torch.Tensor]:
+def loss_and_grads(fn, x, y, log_scale, bias, autocast: bool = False) -> dict[str, torch.Tensor]:
+    """With ``autocast``, forward runs under CPU bf16 autocast and backward outside it, as with bf16-mixed."""
     x, y, log_scale, bias = (t.detach().clone().requires_grad_() for t in (x, y, log_scale, bias))
-    loss = fn(x, y, log_scale.exp(), bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(x, y, log_scale.exp(), bias)
     gx, gy, gs, gb = torch.autograd.grad(loss, [x, y, log_scale, bias], allow_unused=True)
     out = {"loss": loss.detach(), "x": gx, "y": gy, "log_scale": gs, "bias_in_graph": gb is not None}
     return out | {"bias": torch.zeros_like(bias) if gb is None else gb}
@@ -72,6 +74,10 @@ def _worker(rank: int, world: int, all_cases: dict) -> dict:
         # bf16 features: float32 statistics travel beside bf16 texts
         low = [t.to(torch.bfloat16) for t in (x, y, inputs["log_scale"], inputs["bias"])]
         out[case, "clip_ring_tiled", "bf16"] = loss_and_grads(METHODS["clip_ring_tiled"], *low)
+        # float32 features under autocast (bf16-mixed): the rings must not compute their tiles in bf16
+        single = [t.float() for t in (x, y, inputs["log_scale"], inputs["bias"])]
+        for name in ("clip_ring_tiled", "siglip_ring"):
+            out[case, name, "autocast"] = loss_and_grads(METHODS[name], *single, autocast=True)
         if case == "even":
             open_clip_loss = open_clip_loss_module()
             clip = open_clip_loss.ClipLoss(
@@ -196,6 +202,19 @@ def test_clip_ring_bf16_near_float64(runs, world: int, case: str) -> None:
         assert low["x"].dtype == torch.bfloat16
         for key in ("loss", "x", "y", "log_scale"):
             torch.testing.assert_close(low[key].double(), exact[key], rtol=0.03, atol=0.03)
+
+
+@pytest.mark.parametrize("method", ["clip_ring_tiled", "siglip_ring"])
+@pytest.mark.parametrize("case", ["even", "uneven"])
+@pytest.mark.parametrize("world", list(SIZES))
+def test_ring_under_autocast_computes_in_float32(runs, world: int, case: str, method: str) -> None:
+    # forward inside autocast, backward outside: both passes of the ring must see the same float32 logits
+    # (before, CLIP's backward took float32 tiles against log-sum-exps of bf16 ones)
+    for r in runs[world][1]:
+        got, exact = r[case, method, "autocast"], r[case, method]
+        assert got["loss"].dtype == torch.float32
+        for key in ("loss", "x", "y", "log_scale", "bias"):
+            torch.testing.assert_close(got[key].double(), exact[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

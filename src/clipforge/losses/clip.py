@@ -43,7 +43,7 @@ from torch import Tensor
 
 from clipforge.losses.base import ContrastiveLoss, Layout, contrastive_loss
 from clipforge.losses.distributed import Ring, all_gather_with_grad
-from clipforge.losses.tiled import lse_grad_tiles, lse_tiles, stat_dtype, tiled_lse
+from clipforge.losses.tiled import lse_grad_tiles, lse_tiles, stat_dtype, tiled_lse, without_autocast
 
 
 def clip_loss_dense(
@@ -115,6 +115,7 @@ class _ClipRing(torch.autograd.Function):
     with ``S = scale * x @ y.T`` over the images ``x`` and texts ``y`` of all ranks of ``ring``."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, ring: Ring, tile: int, coef: float) -> Tensor:
         sd = stat_dtype(x)
         lse_row = torch.full((x.shape[0],), float("-inf"), dtype=sd, device=x.device)
@@ -130,6 +131,7 @@ class _ClipRing(torch.autograd.Function):
         return (coef / 2 * (lse_row.sum() + lse_col.sum() - 2 * pos)).to(x.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor):
         x, y, scale, lse_row, lse_col = ctx.saved_tensors
         ring, tile, sd = ctx.ring, ctx.tile, lse_row.dtype

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from clipforge.losses.base import ContrastiveLoss, Layout, contrastive_loss
 from clipforge.losses.distributed import Ring, all_gather_with_grad
-from clipforge.losses.tiled import SigmoidTiled, sigmoid_tiles, stat_dtype
+from clipforge.losses.tiled import SigmoidTiled, autocast_off, sigmoid_tiles, stat_dtype, without_autocast
 
 
 def siglip_loss_dense(
@@ -61,6 +61,7 @@ class _SigLipRing(torch.autograd.Function):
     """``coef * (sum_{i local, j all} softplus(l_ij) - sum_{i local} l_ii)`` over the ranks of ``ring``."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring, tile: int, coef: float):
         total = x.new_zeros((), dtype=stat_dtype(x))
 
@@ -75,6 +76,7 @@ class _SigLipRing(torch.autograd.Function):
         return (coef * (total - pos)).to(x.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor):
         x, y, scale, bias = ctx.saved_tensors
         ring, tile = ctx.ring, ctx.tile
@@ -139,10 +141,12 @@ def _siglip_ring(
 def _siglip_tiled(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, coef: float) -> Tensor:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, bias)):
         return SigmoidTiled.apply(x, y, scale, bias, tile, coef)
-    # no backward will follow (evaluation): the value alone, without the gradient matmuls
-    total, _ = sigmoid_tiles(x, y, scale, bias, tile)
-    pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * x.shape[0]
-    return (coef * (total - pos)).to(x.dtype)
+    # no backward will follow (evaluation): the value alone, without the gradient matmuls, computed as
+    # SigmoidTiled computes it (autocast off)
+    with autocast_off(x):
+        total, _ = sigmoid_tiles(x, y, scale, bias, tile)
+        pos = torch.linalg.vecdot(x, y).sum(dtype=total.dtype) * scale + bias * x.shape[0]
+        return (coef * (total - pos)).to(x.dtype)
 
 
 class SigLipLoss(ContrastiveLoss):

@@ -17,6 +17,11 @@ over any tile is spent on either.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,6 +48,30 @@ def tiles(n: int, tile: int) -> list[tuple[int, int]]:
 def stat_dtype(x: Tensor) -> torch.dtype:
     # Reductions of bf16/fp16 logits lose too much; keep statistics in at least float32.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``x``'s device type: the kernels compute in the dtype of their features."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def without_autocast(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` or ``backward`` of an ``autograd.Function`` run with autocast off (see ``autocast_off``).
+
+    Under ``bf16-mixed`` the loss runs inside autocast, which would turn every tile's matmul into bf16
+    whatever the features' dtype (float32 after ``F.normalize``), while backward, which recomputes the
+    tiles, runs wherever the caller's ``backward()`` does, usually outside autocast. The CLIP kernels would
+    then take softmaxes of float32 logits against log-sum-exps of bf16 ones (rows that do not sum to one:
+    gradients off by tens of percent at scale 100), and SigLIP's would add bf16 tiles into float32
+    gradients (a dtype error). In the features' dtype both passes see the same logits.
+    """
+
+    @functools.wraps(method)
+    def run(ctx: Any, *args: Any) -> Any:
+        with autocast_off(next(a for a in args if isinstance(a, Tensor))):
+            return method(ctx, *args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------- SigLIP tiles
@@ -101,6 +130,7 @@ class SigmoidTiled(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, coef: float) -> Tensor:
         gx, gy = torch.zeros_like(x), torch.zeros_like(y)
         total, g_bias = sigmoid_tiles(x, y, scale, bias, tile, grads=(gx, gy))
@@ -115,6 +145,7 @@ class SigmoidTiled(torch.autograd.Function):
         return (coef * (total - pos)).to(x.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor):
         gx, gy, scale, g_scale, g_bias = ctx.saved_tensors
         alpha = g * ctx.coef
@@ -215,6 +246,7 @@ class TiledLSE(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, a: Tensor, c: Tensor, scale: Tensor, tile: int, both: bool, offset: int, coef: float):
         n, m = a.shape[0], c.shape[0]
         sd = stat_dtype(a)
@@ -229,6 +261,7 @@ class TiledLSE(torch.autograd.Function):
         return (coef * total).to(a.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor):
         a, c, scale, lse_row, lse_col = ctx.saved_tensors
         both, offset, n = ctx.both, ctx.offset, a.shape[0]

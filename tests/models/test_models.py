@@ -165,6 +165,26 @@ def test_no_weight_decay_names_real_parameters() -> None:
     assert not any(params[n].ndim >= 2 and "blocks" in n for n in skip)  # block matrices do decay
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_scale_at_its_maximum_keeps_its_gradient(dtype: torch.dtype) -> None:
+    # clamp_logit_scale parks the log-scale at log(100) rounded to the dtype, whose exp is a hair above 100:
+    # a clamp after exp zeroed the gradient there, so a scale that reached 100 could never come down.
+    model = CLIP(small_vit(), small_text()).to(dtype)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale()
+    scale, _ = model.scale_and_bias()
+    assert scale.item() == pytest.approx(100.0, rel=1e-6)
+    (grad,) = torch.autograd.grad(scale, [model.logit_scale])
+    assert grad.item() == pytest.approx(100.0, rel=1e-6)
+    # above the bound (between two optimizer steps) the scale is still capped, and then has no gradient
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    scale, _ = model.scale_and_bias()
+    assert scale.item() == pytest.approx(100.0, rel=1e-6)
+    assert torch.autograd.grad(scale, [model.logit_scale])[0].item() == 0.0
+
+
 def test_weight_init_schemes() -> None:
     width, depth = 64, 6
     towers = {s: small_vit(embed_dim=width, depth=depth, weight_init=s) for s in ("timm", "jax", "openclip")}

@@ -68,8 +68,15 @@ class CLIP(nn.Module):
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logit scale as the losses and evaluation use it (``exp`` of the stored log-scale, clamped
-        at ``max_logit_scale``) and the SigLIP bias (None for CLIP); the one place that computes them."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale), self.logit_bias
+        at ``max_logit_scale``) and the SigLIP bias (None for CLIP); the one place that computes them.
+
+        The cap acts on the log-scale and passes the gradient at the bound, where ``clamp_logit_scale``
+        parks the parameter after every step: ``exp(log_scale).clamp(max=100)`` had no gradient there
+        (``exp`` of the float32 ``log(100)`` is 100.0000076, and ``torch.clamp`` passes none even at
+        equality), so a scale that once reached the maximum could never come down again. Above the bound
+        (before the next ``clamp_logit_scale``) the scale is capped and gets no gradient."""
+        log_scale, log_max = self.logit_scale, math.log(self.max_logit_scale)
+        return torch.where(log_scale > log_max, log_max, log_scale).exp(), self.logit_bias
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -175,6 +175,18 @@ def test_auto_tiles_beyond_one_tile_and_configs_fail_loudly() -> None:
     assert world_info() == (0, 1)
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
+def test_unpaired_features_fail_loudly(loss: str, impl: str) -> None:
+    # 5 texts for 4 images: the tiled CLIP and dense SigLIP losses used to score the extra text as a
+    # negative of every image and return a number
+    x, y = features(4, 3, seed=22), features(5, 3, seed=23)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    for a, b in [(x, y), (x, y[:4, :2]), (x[None], y[None, :4])]:
+        with pytest.raises(ValueError, match="same shape"):
+            LOSSES[loss](a, b, scale, bias, impl=impl, tile_size=2)
+
+
 def test_logit_stats_match_direct_computation() -> None:
     x, y = features(9, 4, seed=16).requires_grad_(), features(9, 4, seed=17)
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)

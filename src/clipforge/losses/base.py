@@ -48,6 +48,17 @@ class Layout:
         return use_tiled(self.impl, rows, cols, self.tile_size)
 
 
+def check_pairs(image_features: Tensor, text_features: Tensor) -> None:
+    """Both ``(b, d)`` with the same ``b`` and ``d``: row ``i`` of each is one pair. Unequal rows would
+    otherwise be scored silently (the tiled CLIP and dense SigLIP losses take the extra rows as negatives
+    without a positive) or, across ranks, give every rank a different layout."""
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            "image and text features must both be (batch, dim) with the same shape, one pair per row; got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+
+
 LossBody = Callable[[Tensor, Tensor, Tensor, "Tensor | None", Layout], Tensor]
 
 
@@ -69,6 +80,7 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
     ) -> Tensor:
         check_impl(impl, tile_size)
         check_dist_impl(dist_impl)
+        check_pairs(image_features, text_features)
         rank, world = world_info(group)
         b = image_features.shape[0]
         sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]

@@ -186,7 +186,10 @@ class VisionTransformer(Tower):
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Bicubic-interpolate a (1, prefix + g*g, D) position embedding to a new square grid."""
+    """Bicubic-interpolate a (1, prefix + g*g, D) position embedding to a new square grid, with
+    ``antialias=True`` as timm's ``resample_abs_pos_embed`` and open_clip's ``resize_pos_embed`` do (in
+    PyTorch that is another cubic kernel, a = -0.5 instead of -0.75, also when upsampling), so that a
+    checkpoint loaded at another image size gets the table those libraries would give it."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:
@@ -197,6 +200,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     # bicubic in float32 at least (bf16 interpolation is coarse); float64 stays float64
     dtype = torch.promote_types(grid.dtype, torch.float32)
     grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).to(dtype)  # (1, D, g, g)
-    grid = nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = nn.functional.interpolate(
+        grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True
+    )
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

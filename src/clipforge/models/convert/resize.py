@@ -1,8 +1,9 @@
 """Fit a state dict to a model built for another image size or text context length.
 
 The ViT position table is resampled bicubically on its 2-D grid, as Dosovitskiy et al. (2021, §3.2)
-do when fine-tuning at a higher resolution; a learned text position table is truncated to a shorter
-context (a longer one cannot be made up).
+do when fine-tuning at a higher resolution (with timm's and open_clip's antialiased kernel, so that the
+result is theirs); a learned text position table is truncated to a shorter context (a longer one cannot
+be made up).
 """
 
 from __future__ import annotations

@@ -187,6 +187,25 @@ def test_unpaired_features_fail_loudly(loss: str, impl: str) -> None:
             LOSSES[loss](a, b, scale, bias, impl=impl, tile_size=2)
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
+def test_scale_and_bias_of_shape_one_or_numbers(loss: str, impl: str) -> None:
+    # transformers' SigLIP and FSDP2 hold the scale and bias as (1,): the tiled CLIP backward raised
+    # ("invalid gradient ... got [] but expected shape compatible with [1]"), CLIP returned a (1,) loss;
+    # plain numbers raised in three of the four paths
+    x, y = features(6, 4, seed=24), features(6, 4, seed=25)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    ref = value_and_grads(LOSSES[loss], x, y, scale, bias, impl=impl, tile_size=4)
+    got = value_and_grads(LOSSES[loss], x, y, scale.reshape(1), bias.reshape(1), impl=impl, tile_size=4)
+    assert got[0].shape == () and got[3].shape == got[4].shape == (1,)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-12, atol=1e-12)
+    number = LOSSES[loss](x, y, 10.0, -5.0, impl=impl, tile_size=4)
+    torch.testing.assert_close(number, ref[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one number"):
+        LOSSES[loss](x, y, torch.ones(2), impl=impl, tile_size=4)
+
+
 def test_logit_stats_match_direct_computation() -> None:
     x, y = features(9, 4, seed=16).requires_grad_(), features(9, 4, seed=17)
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -59,6 +60,19 @@ def check_pairs(image_features: Tensor, text_features: Tensor) -> None:
         )
 
 
+def as_scalar(value: Tensor | float, name: str, like: Tensor) -> Tensor:
+    """``logit_scale`` or ``logit_bias`` as a 0-dim tensor, so that every implementation returns a 0-dim
+    loss and gradients of the caller's shape: a one-element tensor (``(1,)``, as FSDP2 and transformers'
+    SigLIP store them) is reshaped, differentiably; a number becomes a tensor beside ``like``."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(
+            float(value), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device
+        )
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold one number, got shape {tuple(value.shape)}")
+    return value.reshape(())
+
+
 LossBody = Callable[[Tensor, Tensor, Tensor, "Tensor | None", Layout], Tensor]
 
 
@@ -70,8 +84,8 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
     def loss(
         image_features: Tensor,
         text_features: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None = None,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | float | None = None,
         *,
         impl: str = "auto",
         dist_impl: str = "ring",
@@ -81,6 +95,9 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
         check_impl(impl, tile_size)
         check_dist_impl(dist_impl)
         check_pairs(image_features, text_features)
+        logit_scale = as_scalar(logit_scale, "logit_scale", image_features)
+        if logit_bias is not None:
+            logit_bias = as_scalar(logit_bias, "logit_bias", image_features)
         rank, world = world_info(group)
         b = image_features.shape[0]
         sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]

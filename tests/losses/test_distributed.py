@@ -1,6 +1,7 @@
-"""The losses are exact under data parallelism: W = 2 and W = 4 gloo processes on CPU give, after DDP's
+"""The losses are exact under data parallelism: W = 2, 3 and 4 gloo processes on CPU give, after DDP's
 gradient averaging, the loss and gradients of one process holding the full batch (float64, 1e-10), also
-for an uneven last batch (a rank with one row, ranks with odd rows); they agree with open_clip; and the
+for an uneven last batch (a rank with one row, a rank with none, ranks with odd rows), and with float32
+features under autocast; they agree with open_clip; and the
 rings of both losses save the same number of bytes for backward whatever W (2, 4, 8), while the
 all-gather references grow with it.
 
@@ -19,7 +20,11 @@ import torch.nn.functional as F
 from clipforge.bench.losses import open_clip_loss_module, run_distributed, saved_bytes
 from clipforge.losses import clip_loss, siglip_loss
 
-SIZES = {4: {"even": [3, 3, 3, 3], "uneven": [2, 4, 1, 3]}, 2: {"even": [3, 3], "uneven": [2, 5]}}
+SIZES = {
+    4: {"even": [3, 3, 3, 3], "uneven": [2, 4, 1, 3]},
+    3: {"even": [2, 2, 2], "uneven": [3, 0, 2]},  # an odd ring, and a rank without rows
+    2: {"even": [3, 3], "uneven": [2, 5]},
+}
 DIM = 4
 METHODS = {
     "clip_gather_dense": partial(clip_loss, dist_impl="gather", impl="dense"),

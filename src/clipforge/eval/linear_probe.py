@@ -22,7 +22,7 @@ from torch import nn
 
 from clipforge.distributed import all_gather_cat, all_reduce_sum
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
-from clipforge.eval.zeroshot import IGNORE_LABEL, classification_metrics
+from clipforge.eval.zeroshot import IGNORE_LABEL, check_top_k, classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def fit_and_score(
     scores[:, clf.classes_] = clf.predict_log_proba(test_x)
     scores_t = torch.from_numpy(scores)
     labels = torch.from_numpy(test_y).long()
-    ks = sorted({int(k) for k in (*top_k, 1, 5)})
+    ks = sorted({check_top_k(k) for k in (*top_k, 1, 5)})
     topk = scores_t.topk(min(ks[-1], num_classes), dim=-1).indices
     hit = topk == labels[:, None]
     counts = torch.tensor([int(hit[:, :k].any(-1).sum()) for k in ks] + [0])

@@ -36,3 +36,15 @@ def test_bad_inputs_are_explained(tmp_path):
     (tmp_path / "t.txt").write_text("a photo\n")
     with pytest.raises(ValueError, match="has no '\\{\\}'"):
         load_templates(tmp_path / "t.txt")
+
+
+@pytest.mark.parametrize(
+    "template", ["a {} next to a {}.", "a photo of a {} by {artist}.", "a {} {", "{0} and {}"]
+)
+def test_a_template_that_cannot_be_filled_is_named_when_read(tmp_path, template):
+    # each has a '{}' but str.format fails on it; this used to surface as a bare IndexError/KeyError
+    # from inside the classifier build
+    (tmp_path / "t.txt").write_text(f"a photo of a {{}}.\n{template}\n")
+    with pytest.raises(ValueError, match=r"prompt template .* cannot be filled .*literal brace"):
+        load_templates(tmp_path / "t.txt")
+    assert load_templates(["a {} with {{braces}}."]) == ["a {} with {{braces}}."]

@@ -116,8 +116,17 @@ def load_templates(spec: str | Path | Sequence[Template]) -> list[Template]:
     if not templates:
         raise ValueError("the list of prompt templates is empty")
     for t in templates:
-        if isinstance(t, str) and "{}" not in t and "{c}" not in t:
+        if not isinstance(t, str):
+            continue
+        if "{}" not in t and "{c}" not in t:
             raise ValueError(f"prompt template {t!r} has no '{{}}' where the class name should go")
+        try:
+            fill_template(t, "class name")
+        except (IndexError, KeyError, ValueError) as e:  # "{} and {}", "{name}", an unpaired "{"
+            raise ValueError(
+                f"prompt template {t!r} cannot be filled ({type(e).__name__}: {e}): it takes the class name "
+                "at one '{}' (or '{c}'); write a literal brace as '{{' or '}}'"
+            ) from e
     return templates
 
 

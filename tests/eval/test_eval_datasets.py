@@ -73,6 +73,23 @@ def test_classnames_unlike_the_folders_apply_by_position_with_a_warning(tmp_path
     assert "by position" in warning and "'n01' -> 'tench'" in warning and "'n02' -> 'goldfish'" in warning
 
 
+def test_classnames_that_name_other_folders_are_an_error_not_a_positional_pairing(tmp_path):
+    # a list in its own order with one name misspelt: by position "dog" would name the folder "cat"
+    root = make_folder(tmp_path / "ds", {"cat": 1, "dog": 1, "pickup_truck": 1})
+    with pytest.raises(ValueError, match=r"'dog' would name 'cat', 'cat' would name 'dog'") as info:
+        ImageFolderDataset(root, classnames=["dog", "cat", "pickup trcuk"])
+    assert "names matching no class: ['pickup trcuk']" in str(info.value)
+    assert "classes without their name: ['pickup_truck']" in str(info.value)
+    with pytest.raises(ValueError, match=r"'cat' would name 'dog'"):  # a name given twice
+        ImageFolderDataset(root, classnames=["cat", "cat", "truck"])
+    # names that agree with the folders wherever they match still apply by position
+    assert ImageFolderDataset(root, classnames=["cat", "hound", "truck"]).classnames == [
+        "cat",
+        "hound",
+        "truck",
+    ]
+
+
 def test_synthetic_heldout_matches_given_shape_names_by_name():
     from clipforge.data import synthetic
     from clipforge.eval.datasets import SyntheticHeldoutDataset

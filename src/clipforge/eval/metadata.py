@@ -85,7 +85,9 @@ def align_classnames(label_names: Sequence[str], given: Sequence[str], where: st
 
     When the two lists name the same classes (as sets, ignoring case, underscores and extra spaces), each
     label gets its own name, whatever the order of ``given``. Otherwise the counts must agree, and the
-    names are applied by position, with one warning that shows the first pairs, so a mismatch is seen.
+    names are applied by position, with one warning that shows the first pairs, so a mismatch is seen;
+    a name that is the name of another label (a list in another order with one name misspelt) is an
+    error, since applying it by position would score that class under the wrong label.
     """
     given = [str(c) for c in given]
     if len(given) != len(label_names):
@@ -97,6 +99,22 @@ def align_classnames(label_names: Sequence[str], given: Sequence[str], where: st
     label_keys = [_name_key(n) for n in label_names]
     if len(by_key) == len(given) and set(by_key) == set(label_keys):
         return [by_key[k] for k in label_keys]
+    crossed = [
+        f"{c!r} would name {label_names[i]!r}"
+        for i, c in enumerate(given)
+        if _name_key(c) in label_keys and _name_key(c) != label_keys[i]
+    ]
+    if crossed:
+        strays = [c for c in given if _name_key(c) not in label_keys]
+        unnamed = [n for n, k in zip(label_names, label_keys) if k not in by_key]
+        more = ", ..." if len(crossed) > 4 else ""
+        classes = ", ".join(map(repr, label_names[:8])) + (", ..." if len(label_names) > 8 else "")
+        raise ValueError(
+            f"the class names match some classes of {where} by name but not all (names matching no "
+            f"class: {strays[:4]}; classes without their name: {unnamed[:4]}), and applied by position they "
+            f"would cross: {', '.join(crossed[:4])}{more}. Give exactly the class names ({classes}) in any "
+            "order, or names in that (label) order"
+        )
     pairs = ", ".join(f"{n!r} -> {c!r}" for n, c in list(zip(label_names, given))[:4])
     log.warning(
         "the class names do not match the classes of %s by name; applying them by position "

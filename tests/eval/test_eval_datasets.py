@@ -90,6 +90,22 @@ def test_classnames_that_name_other_folders_are_an_error_not_a_positional_pairin
     ]
 
 
+def test_files_under_hidden_folders_of_a_class_are_not_samples(tmp_path):
+    root = make_folder(tmp_path / "ds", {"cat": 2, "dog": 1})
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    (root / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(_png((1, 2, 3)))
+    (root / "cat" / ".hidden.png").write_bytes(_png((1, 2, 3)))
+    (root / "dog" / "more").mkdir()
+    (root / "dog" / "more" / "1.PNG").write_bytes(_png((1, 2, 3)))  # nested folders and upper case count
+    ds = ImageFolderDataset(root)
+    assert sorted(p.relative_to(root).as_posix() for p, _ in ds.samples) == [
+        "cat/0.png",
+        "cat/1.png",
+        "dog/0.png",
+        "dog/more/1.PNG",
+    ]
+
+
 def test_synthetic_heldout_matches_given_shape_names_by_name():
     from clipforge.data import synthetic
     from clipforge.eval.datasets import SyntheticHeldoutDataset

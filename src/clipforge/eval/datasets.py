@@ -60,7 +60,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule).
+    """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule), their
+    samples the images anywhere below them, hidden files and folders (a leading ``.``) left out.
 
     ``classnames`` overrides the folder names as the text used in prompts: names that match the
     folders (in any order) go to their own folder, others are applied to the sorted folders by position
@@ -85,8 +86,12 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[Path, int]] = []
         empty = []
         for label, d in enumerate(class_dirs):
+            # hidden files and whatever is under hidden folders (.ipynb_checkpoints copies) are not samples
             files = sorted(
-                p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+                p
+                for p in d.rglob("*")
+                if p.suffix.lower() in IMG_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(d).parts)
             )
             if not files:
                 empty.append(d.name)

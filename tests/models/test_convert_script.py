@@ -3,6 +3,9 @@ back, through clipforge's checkpoint loader."""
 
 from __future__ import annotations
 
+import importlib
+import re
+import sys
 from pathlib import Path
 
 import open_clip
@@ -11,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from modelhelpers import tokens
 from omegaconf import OmegaConf
+from PIL import Image
 
 from clipforge.checkpoint import load_model
 from clipforge.convert_cli import main
@@ -51,3 +55,31 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
 def test_a_folder_that_holds_no_checkpoint_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint"):
         load_model(tmp_path)
+
+
+def test_the_console_scripts_that_write_files_exit_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The generated clipforge-convert / clipforge-visualize scripts run sys.exit(<entry point>()): an entry
+    # point returning its dict of paths printed it to stderr and exited 1 after a successful export.
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()  # tomllib needs Python 3.11
+    scripts = dict(re.findall(r'^(clipforge-[a-z]+) = "([\w.:]+)"$', pyproject, flags=re.M))
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    runs = {
+        "clipforge-convert": ["export", "--model", "tiny", "--out", str(tmp_path / "oc")],
+        "clipforge-visualize": [
+            "--image",
+            str(tmp_path / "red.png"),
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "v"),
+        ],
+    }
+    for name, args in runs.items():
+        module, func = scripts[name].split(":")
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        with pytest.raises(SystemExit) as info:
+            sys.exit(getattr(importlib.import_module(module), func)())
+        assert info.value.code in (0, None), f"{name} exited with {info.value.code!r}"
+    assert (tmp_path / "oc" / "open_clip_config.json").is_file() and (
+        tmp_path / "v" / "patch_grid.png"
+    ).is_file()

@@ -69,6 +69,19 @@ def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(comp
     assert "model.vision.patch_dropout: checkpoint 0.0, config 0.25" in caplog.text
 
 
+def test_a_checkpoint_of_the_other_loss_is_named_by_its_loss(compose_cfg) -> None:
+    """A SigLIP checkpoint has a logit_bias that a CLIP config's model lacks: the error names the losses,
+    where it said "no model setting differs" (the model nodes are equal, the loss adds the bias)."""
+    cfg = compose_cfg("loss=siglip", "trainer.max_steps=1", *FAST)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    loss_diff = r"loss\._target_: checkpoint '[\w.]+SigLipLoss', config '[\w.]+ClipLoss'"
+    with pytest.raises(ValueError, match=rf"ckpt_path=.*\({loss_diff}\)"):
+        train(compose_cfg("trainer.max_steps=2", f"ckpt_path={last}", *FAST))
+    with pytest.raises(ValueError, match=rf"init_from=.*\({loss_diff}\)"):
+        train(compose_cfg("trainer.max_steps=1", f"init_from={last}", *FAST))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_default_run_learns_what_the_old_recipe_missed(compose_cfg, loss: str) -> None:

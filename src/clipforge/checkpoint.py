@@ -137,18 +137,24 @@ def config_differences(stored: Any, current: Any, prefix: str) -> list[str]:
     return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, config {current!r}"]
 
 
-def model_differences(path: str | Path, model_cfg: Any) -> list[str]:
+def model_differences(path: str | Path, model_cfg: Any, loss_cfg: Any | None = None) -> list[str]:
     """How the model config ``model_cfg`` differs from the one checkpoint ``path`` was trained with (an
-    empty list when the checkpoint stores no config)."""
+    empty list when the checkpoint stores no config); with ``loss_cfg``, also the loss class, which decides
+    whether the model has a SigLIP ``logit_bias`` (see :func:`build_model`)."""
     from omegaconf import DictConfig, OmegaConf
 
-    stored = (checkpoint_config(path) or {}).get("model")
+    stored_cfg = checkpoint_config(path) or {}
+    stored = stored_cfg.get("model")
     if stored is None:
         return []
     current = (
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
-    return config_differences(stored, current, "model")
+    changed = config_differences(stored, current, "model")
+    stored_loss = (stored_cfg.get("loss") or {}).get("_target_")
+    if loss_cfg is not None and stored_loss is not None:
+        changed += config_differences(stored_loss, loss_cfg.get("_target_"), "loss._target_")
+    return changed
 
 
 def init_from(model: CLIP, path: str | Path) -> CLIP:

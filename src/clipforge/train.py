@@ -100,10 +100,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             init_from(model, cfg.init_from)
         except RuntimeError as e:  # torch's "Error(s) in loading state_dict": say which settings differ
             raise _model_mismatch(
-                "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model), e
+                "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model, cfg.loss), e
             ) from e
     # read once from the checkpoint's stored config: warned about here, named again if the weights do not load
-    changed = model_differences(ckpt_path, cfg.model) if ckpt_path is not None else []
+    changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
     if changed:
         log.warning("resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed))
     if mode is not None:

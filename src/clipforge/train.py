@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import build_model, init_from, model_differences
 from clipforge.compilation import compile_in_place, compile_mode
+from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
@@ -72,6 +73,14 @@ def strategy_timeout(cfg: DictConfig) -> timedelta | None:
     return value
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Fail before anything is built, naming the key, when the step or epoch budget is not an integer
+    (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``); -1 is
+    Lightning's "no limit"."""
+    trainer = cfg.get("trainer") or {}
+    check_at_least(-1, "trainer", max_steps=trainer.get("max_steps"), max_epochs=trainer.get("max_epochs"))
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
@@ -82,6 +91,7 @@ def check_paths(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
+    check_trainer(cfg)
     mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
     timeout = strategy_timeout(cfg)
     L.seed_everything(cfg.seed, workers=True)

@@ -83,6 +83,24 @@ def test_classname_count_mismatch_is_explained(tmp_path, color_model):
         run_zeroshot(cfg)
 
 
+@pytest.mark.parametrize(
+    ("dataset", "key", "task"),
+    [
+        ("imagefolder", "root", "zeroshot"),
+        ("wds", "urls", "zeroshot"),
+        ("imagefolder", "root", "linear_probe"),
+    ],
+)
+def test_a_dataset_without_its_required_key_names_the_key(tmp_path, color_model, dataset, key, task):
+    # eval/dataset=imagefolder without eval.dataset.root failed with "ImageFolderDataset.__init__() missing
+    # 1 required positional argument: 'root'" (hydra drops a ??? value from a partial)
+    cfg = compose_zeroshot(
+        f"eval/dataset={dataset}", f"task={task}", f"output_dir={tmp_path}", "num_workers=0"
+    )
+    with pytest.raises(ValueError, match=rf"needs eval\.dataset\.{key}: set it on the command line"):
+        cli.run(cfg)
+
+
 def test_classnames_file_in_natural_order_scores_like_the_folder_names(tmp_path, color_model):
     # Folders named after the classes; the names file lists them in another order than sorted.
     root = make_color_folder(

@@ -84,7 +84,12 @@ def model_image_size(model: nn.Module) -> int:
 
 
 def _build_dataset(node: DictConfig, **available: Any) -> Any:
-    """Instantiate a dataset node (a ``_partial_`` factory), passing those of ``available`` it accepts."""
+    """Instantiate a dataset node (a ``_partial_`` factory), passing those of ``available`` it accepts; a
+    required key left at ``???`` (``eval.dataset.root`` of ``eval/dataset=imagefolder``) is named."""
+    missing = sorted(OmegaConf.missing_keys(node))  # full keys (eval.dataset.root) for a node of cfg
+    if missing:
+        keys = [k if k.startswith("eval.dataset.") else f"eval.dataset.{k}" for k in missing]
+        raise ValueError(f"{node.get('_target_')} needs {', '.join(keys)}: set it on the command line")
     factory = instantiate(node)
     params = inspect.signature(factory.func if hasattr(factory, "func") else factory).parameters
     return factory(**{k: v for k, v in available.items() if k in params and v is not None})

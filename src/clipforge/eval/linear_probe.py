@@ -91,13 +91,23 @@ def select_C(
     """
     tr, va = _stratified_split(y, val_fraction, seed)
     if len(va) == 0 or len(np.unique(y[tr])) < 2:
-        raise ValueError("the train split is too small to hold out a validation part for choosing C")
+        raise ValueError(
+            "the train split is too small to hold out a validation part for choosing C "
+            "(give C, linear_probe.C=<value> on the command line, to skip the search)"
+        )
     scores: dict[float, float] = {}
 
     def score(log_c: float) -> float:
         if log_c not in scores:
             clf = _fit(x[tr], y[tr], 10.0**log_c, max_iter)
             scores[log_c] = float((clf.predict(x[va]) == y[va]).mean())
+            # one fit takes minutes on a large train split: say where the search is
+            log.info(
+                "linear probe: C=%.3g, validation accuracy %.2f%% (%d fits so far)",
+                10.0**log_c,
+                100 * scores[log_c],
+                len(scores),
+            )
         return scores[log_c]
 
     def best_of(candidates: Iterable[float]) -> float:

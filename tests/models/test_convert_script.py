@@ -83,3 +83,26 @@ def test_the_console_scripts_that_write_files_exit_0(tmp_path: Path, monkeypatch
     assert (tmp_path / "oc" / "open_clip_config.json").is_file() and (
         tmp_path / "v" / "patch_grid.png"
     ).is_file()
+
+
+def test_an_import_killed_mid_write_leaves_the_previous_import_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
+    imported = main(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "cf")])
+    before = imported["checkpoint"].read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs) -> None:  # a kill (or full disk) after the first bytes
+        if isinstance(f, str | Path):
+            f = open(f, "wb")  # noqa: SIM115 - closed by the crash, as a killed process would leave it
+        f.write(b"PK\x03\x04 partial")
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        main(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "cf")])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert imported["checkpoint"].read_bytes() == before
+    load_model(imported["checkpoint"])

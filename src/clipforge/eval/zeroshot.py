@@ -144,15 +144,15 @@ def evaluate_zero_shot(
     return classification_metrics(confusion, counts, ks)
 
 
-def check_top_k(k: Any) -> int:
-    """``k`` of a top-k accuracy or prediction, an int of at least 1: 0 would count nothing and -2 slice
-    the wrong columns, each reported as an accuracy; 2.5 is no rank."""
+def check_top_k(k: Any, name: str = "top_k") -> int:
+    """``k`` of a top-k accuracy, prediction or recall@k (the setting ``name``), an int of at least 1: 0
+    would count nothing and -2 slice the wrong columns, each reported as an accuracy; 2.5 is no rank."""
     try:
         value = operator.index(k)
     except TypeError:
         value = 0
     if value < 1:
-        raise ValueError(f"top_k must be a whole number of at least 1, got {k!r}")
+        raise ValueError(f"{name} must be a whole number of at least 1, got {k!r}")
     return value
 
 

@@ -67,9 +67,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         if (path / IMPORTED_CHECKPOINT).is_file():
             return safe_torch_load(path / IMPORTED_CHECKPOINT)
+        is_open_clip = (path / "open_clip_config.json").is_file()
+        hint = " (it is an open_clip folder: load it with open_clip_checkpoint=)" if is_open_clip else ""
         raise FileNotFoundError(
             f"{path} is a folder, not a checkpoint: neither a sharded checkpoint (no .metadata or meta.pt) nor "
-            f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file"
+            f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file{hint}"
         )
     return safe_torch_load(path)
 
@@ -177,7 +179,10 @@ def load_model(path: str | Path, use_ema: bool = False) -> tuple[CLIP, dict[str,
 def _model_from(ckpt: dict[str, Any], path: str | Path, use_ema: bool) -> tuple[CLIP, dict[str, Any]]:
     cfg = ckpt.get(CONFIG_KEY)
     if not cfg or "model" not in cfg:
-        raise ValueError(f"{path} has no clipforge config: was it written by clipforge's trainer?")
+        raise ValueError(
+            f"{path} has no clipforge config: was it written by clipforge's trainer? (open_clip weights load "
+            "with open_clip_checkpoint=, or become a clipforge checkpoint with clipforge-convert import)"
+        )
     model = build_model(cfg["model"], cfg.get("loss"))
     model.load_state_dict(model_state_dict(ckpt, path, use_ema))
     return model.eval(), cfg

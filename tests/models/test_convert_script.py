@@ -106,3 +106,24 @@ def test_an_import_killed_mid_write_leaves_the_previous_import_whole(
     monkeypatch.setattr(torch, "save", real_save)
     assert imported["checkpoint"].read_bytes() == before
     load_model(imported["checkpoint"])
+
+
+def test_clipforge_and_open_clip_checkpoints_given_to_each_others_loader_say_which_is_which(
+    tmp_path: Path,
+) -> None:
+    # an open_clip checkpoint given as checkpoint= (or the reverse) failed with "pass model_name" or a bare
+    # "has no clipforge config", which sent users to the wrong fix
+    from clipforge.checkpoint import checkpoint_dict
+    from clipforge.models.convert import load_open_clip_checkpoint
+
+    exported = main(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
+    with pytest.raises(
+        FileNotFoundError, match=r"it is an open_clip folder: load it with open_clip_checkpoint="
+    ):
+        load_model(tmp_path / "oc")
+    with pytest.raises(ValueError, match=r"has no clipforge config.*open_clip_checkpoint="):
+        load_model(exported["weights"])
+    model = build_fresh("tiny")
+    torch.save(checkpoint_dict(model.state_dict(), {"model": model_config(model)}), tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match=r"this is a clipforge checkpoint .* load it as checkpoint=<file>"):
+        load_open_clip_checkpoint(tmp_path / "run.ckpt")

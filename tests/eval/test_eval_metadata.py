@@ -27,6 +27,15 @@ def test_files(tmp_path):
     ]
 
 
+def test_a_names_file_from_a_windows_editor_reads_the_same(tmp_path):
+    # a byte-order mark and CRLF line ends: the BOM stayed in the first name ("\ufeffcat"), which then
+    # matched no class folder and went into every prompt
+    (tmp_path / "n.txt").write_bytes("cat\r\ngolden retriever\r\n".encode("utf-8-sig"))
+    assert load_classnames(tmp_path / "n.txt") == ["cat", "golden retriever"]
+    (tmp_path / "t.txt").write_bytes("a photo of a {}.\r\n".encode("utf-8-sig"))
+    assert load_templates(tmp_path / "t.txt") == ["a photo of a {}."]
+
+
 def test_bad_inputs_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a built-in name nor a readable file"):
         load_classnames("imagenet21k")

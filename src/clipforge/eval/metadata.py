@@ -55,7 +55,8 @@ def _read_lines(path: str | Path, what: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} is neither a built-in name nor a readable file")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    # utf-8-sig: the byte-order mark Windows editors write first is not part of the first name
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise ValueError(f"{what} file {p} is empty")

@@ -119,6 +119,31 @@ def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> No
         train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))
 
 
+def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path) -> None:
+    # the folder `clipforge-convert import --out` writes stands for its model.ckpt everywhere a checkpoint
+    # is read; init_from= alone refused it as "no such checkpoint file" (and an empty folder still is)
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model, checkpoint_dict
+
+    cfg = compose_cfg("trainer.max_steps=1", *FAST)
+    source = build_model(cfg.model, cfg.loss)
+    source.visual.patch_embed.weight.data.fill_(0.125)  # unlike any fresh init
+    (tmp_path / "imported").mkdir()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.save(
+        checkpoint_dict(source.state_dict(), {"model": model_cfg}), tmp_path / "imported" / "model.ckpt"
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*empty.*no such checkpoint file"):
+        train(compose_cfg(f"init_from={tmp_path / 'empty'}", *FAST))
+    _, objs = train(
+        compose_cfg("trainer.max_steps=1", "optimizer.lr=0", f"init_from={tmp_path / 'imported'}", *FAST)
+    )
+    trained = objs["module"].model.visual.patch_embed.weight.detach().cpu()
+    torch.testing.assert_close(trained, source.visual.patch_embed.weight.detach())
+
+
 def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cfg) -> None:
     from hydra.utils import instantiate
 

@@ -18,12 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
-from clipforge.checkpoint import build_model, init_from, model_differences
+from clipforge.checkpoint import IMPORTED_CHECKPOINT, build_model, init_from, model_differences
 from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
+from clipforge.fault.sharded import is_sharded_checkpoint
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,14 @@ def check_trainer(cfg: DictConfig) -> None:
 
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
-    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
-        raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file")
+    if cfg.get("init_from"):
+        path = Path(cfg.init_from)
+        # what clipforge.checkpoint.load_checkpoint reads: a file, a sharded directory, an import folder
+        if not (path.is_file() or is_sharded_checkpoint(path) or (path / IMPORTED_CHECKPOINT).is_file()):
+            raise FileNotFoundError(
+                f"init_from={cfg.init_from!r}: no such checkpoint file, sharded checkpoint directory or "
+                f"clipforge-convert import folder (with {IMPORTED_CHECKPOINT})"
+            )
     if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file or sharded directory")
 

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import tarfile
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def test_classnames_matching_the_folders_map_by_name_in_any_order(tmp_path, capl
     assert ds.folder_names == ["Zebra", "apple", "golden_retriever"]
     assert ds.classnames == ["zebra", "apple", "golden retriever"]
     assert not caplog.records
+
+
+def test_classnames_match_folders_whatever_their_unicode_normal_form(tmp_path, caplog):
+    # macOS stores "café" decomposed (e + combining accent); a names file typed elsewhere holds it composed
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    assert nfd != nfc
+    root = make_folder(tmp_path / "ds", {nfd: 1, "bar": 1, "Ölmühle": 1})
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(root, classnames=["ölmühle", nfc, "bar"])
+    assert ds.classnames == ["bar", nfc, "ölmühle"] and not caplog.records
 
 
 def test_classnames_unlike_the_folders_apply_by_position_with_a_warning(tmp_path, caplog):

@@ -10,6 +10,7 @@ one entry per line; a template line holds ``{}`` (or ``{c}``) where the class na
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -76,8 +77,9 @@ def load_classnames(spec: str | Path | Sequence[str]) -> list[str]:
 
 
 def _name_key(name: str) -> str:
-    # A folder "pickup_truck" and a name "Pickup truck" are the same class.
-    return " ".join(name.replace("_", " ").split()).casefold()
+    # A folder "pickup_truck" and a name "Pickup truck" are the same class, and so are a folder "café"
+    # named on macOS (decomposed, NFD) and "café" typed in a names file (composed, NFC).
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).casefold()
 
 
 def align_classnames(label_names: Sequence[str], given: Sequence[str], where: str) -> list[str]:

@@ -115,6 +115,25 @@ def test_missing_checkpoint_fails_before_anything_runs(compose_cfg, tmp_path: Pa
         train(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.max_steps=abc", "max_steps"),
+        ("trainer.max_steps=2.5", "max_steps"),
+        ("trainer.max_epochs=x", "max_epochs"),
+    ],
+)
+def test_a_step_budget_of_the_wrong_type_is_named_before_anything_runs(
+    compose_cfg, override: str, key: str
+) -> None:
+    # Lightning failed on these with "'<' not supported between 'str' and 'int'" or a val_check_interval
+    # complaint, naming only "trainer"; now nothing (data shards included) is built before the error.
+    cfg = compose_cfg(override)
+    with pytest.raises(ValueError, match=rf"trainer\.{key} must be an integer >= -1, got"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes_and_builds(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"experiment={name}", "data.train_urls='/tmp/x-{000000..000001}.tar'")

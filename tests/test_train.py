@@ -69,6 +69,19 @@ def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(comp
     assert "model.vision.patch_dropout: checkpoint 0.0, config 0.25" in caplog.text
 
 
+def test_a_checkpoint_of_the_other_loss_is_named_by_its_loss(compose_cfg) -> None:
+    """A SigLIP checkpoint has a logit_bias that a CLIP config's model lacks: the error names the losses,
+    where it said "no model setting differs" (the model nodes are equal, the loss adds the bias)."""
+    cfg = compose_cfg("loss=siglip", "trainer.max_steps=1", *FAST)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    loss_diff = r"loss\._target_: checkpoint '[\w.]+SigLipLoss', config '[\w.]+ClipLoss'"
+    with pytest.raises(ValueError, match=rf"ckpt_path=.*\({loss_diff}\)"):
+        train(compose_cfg("trainer.max_steps=2", f"ckpt_path={last}", *FAST))
+    with pytest.raises(ValueError, match=rf"init_from=.*\({loss_diff}\)"):
+        train(compose_cfg("trainer.max_steps=1", f"init_from={last}", *FAST))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_default_run_learns_what_the_old_recipe_missed(compose_cfg, loss: str) -> None:
@@ -104,6 +117,31 @@ def test_init_from_loads_weights_at_another_image_size(compose_cfg, tmp_path: Pa
 def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))
+
+
+def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path) -> None:
+    # the folder `clipforge-convert import --out` writes stands for its model.ckpt everywhere a checkpoint
+    # is read; init_from= alone refused it as "no such checkpoint file" (and an empty folder still is)
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model, checkpoint_dict
+
+    cfg = compose_cfg("trainer.max_steps=1", *FAST)
+    source = build_model(cfg.model, cfg.loss)
+    source.visual.patch_embed.weight.data.fill_(0.125)  # unlike any fresh init
+    (tmp_path / "imported").mkdir()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.save(
+        checkpoint_dict(source.state_dict(), {"model": model_cfg}), tmp_path / "imported" / "model.ckpt"
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*empty.*no such checkpoint file"):
+        train(compose_cfg(f"init_from={tmp_path / 'empty'}", *FAST))
+    _, objs = train(
+        compose_cfg("trainer.max_steps=1", "optimizer.lr=0", f"init_from={tmp_path / 'imported'}", *FAST)
+    )
+    trained = objs["module"].model.visual.patch_embed.weight.detach().cpu()
+    torch.testing.assert_close(trained, source.visual.patch_embed.weight.detach())
 
 
 def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cfg) -> None:

@@ -67,9 +67,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         if (path / IMPORTED_CHECKPOINT).is_file():
             return safe_torch_load(path / IMPORTED_CHECKPOINT)
+        is_open_clip = (path / "open_clip_config.json").is_file()
+        hint = " (it is an open_clip folder: load it with open_clip_checkpoint=)" if is_open_clip else ""
         raise FileNotFoundError(
             f"{path} is a folder, not a checkpoint: neither a sharded checkpoint (no .metadata or meta.pt) nor "
-            f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file"
+            f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file{hint}"
         )
     return safe_torch_load(path)
 
@@ -137,18 +139,24 @@ def config_differences(stored: Any, current: Any, prefix: str) -> list[str]:
     return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, config {current!r}"]
 
 
-def model_differences(path: str | Path, model_cfg: Any) -> list[str]:
+def model_differences(path: str | Path, model_cfg: Any, loss_cfg: Any | None = None) -> list[str]:
     """How the model config ``model_cfg`` differs from the one checkpoint ``path`` was trained with (an
-    empty list when the checkpoint stores no config)."""
+    empty list when the checkpoint stores no config); with ``loss_cfg``, also the loss class, which decides
+    whether the model has a SigLIP ``logit_bias`` (see :func:`build_model`)."""
     from omegaconf import DictConfig, OmegaConf
 
-    stored = (checkpoint_config(path) or {}).get("model")
+    stored_cfg = checkpoint_config(path) or {}
+    stored = stored_cfg.get("model")
     if stored is None:
         return []
     current = (
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
-    return config_differences(stored, current, "model")
+    changed = config_differences(stored, current, "model")
+    stored_loss = (stored_cfg.get("loss") or {}).get("_target_")
+    if loss_cfg is not None and stored_loss is not None:
+        changed += config_differences(stored_loss, loss_cfg.get("_target_"), "loss._target_")
+    return changed
 
 
 def init_from(model: CLIP, path: str | Path) -> CLIP:
@@ -171,7 +179,10 @@ def load_model(path: str | Path, use_ema: bool = False) -> tuple[CLIP, dict[str,
 def _model_from(ckpt: dict[str, Any], path: str | Path, use_ema: bool) -> tuple[CLIP, dict[str, Any]]:
     cfg = ckpt.get(CONFIG_KEY)
     if not cfg or "model" not in cfg:
-        raise ValueError(f"{path} has no clipforge config: was it written by clipforge's trainer?")
+        raise ValueError(
+            f"{path} has no clipforge config: was it written by clipforge's trainer? (open_clip weights load "
+            "with open_clip_checkpoint=, or become a clipforge checkpoint with clipforge-convert import)"
+        )
     model = build_model(cfg["model"], cfg.get("loss"))
     model.load_state_dict(model_state_dict(ckpt, path, use_ema))
     return model.eval(), cfg

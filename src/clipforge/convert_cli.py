@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
+from clipforge.fault.atomic_io import atomic_torch_save
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 
 
@@ -51,7 +51,8 @@ def import_(args: argparse.Namespace) -> dict[str, Path]:
     cfg = model_config(model)
     paths = {"config": out / "model.yaml", "checkpoint": out / IMPORTED_CHECKPOINT}
     OmegaConf.save(OmegaConf.create(cfg), paths["config"])
-    torch.save(checkpoint_dict(model.state_dict(), {"model": cfg}), paths["checkpoint"])
+    # atomic, as every checkpoint clipforge writes: a kill mid-write leaves a previous import whole
+    atomic_torch_save(checkpoint_dict(model.state_dict(), {"model": cfg}), paths["checkpoint"])
     return paths
 
 
@@ -86,3 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
+
+
+def cli() -> int:
+    """The ``clipforge-convert`` console script: :func:`main` on the command line, exit status 0 (a console
+    script hands its function's return value to ``sys.exit``, which prints main's dict and exits 1)."""
+    main()
+    return 0

@@ -18,11 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
-from clipforge.checkpoint import build_model, init_from, model_differences
+from clipforge.checkpoint import IMPORTED_CHECKPOINT, build_model, init_from, model_differences
 from clipforge.compilation import compile_in_place, compile_mode
+from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
+from clipforge.fault.sharded import is_sharded_checkpoint
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -72,16 +74,31 @@ def strategy_timeout(cfg: DictConfig) -> timedelta | None:
     return value
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Fail before anything is built, naming the key, when the step or epoch budget is not an integer
+    (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``); -1 is
+    Lightning's "no limit"."""
+    trainer = cfg.get("trainer") or {}
+    check_at_least(-1, "trainer", max_steps=trainer.get("max_steps"), max_epochs=trainer.get("max_epochs"))
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
-    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
-        raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file")
+    if cfg.get("init_from"):
+        path = Path(cfg.init_from)
+        # what clipforge.checkpoint.load_checkpoint reads: a file, a sharded directory, an import folder
+        if not (path.is_file() or is_sharded_checkpoint(path) or (path / IMPORTED_CHECKPOINT).is_file()):
+            raise FileNotFoundError(
+                f"init_from={cfg.init_from!r}: no such checkpoint file, sharded checkpoint directory or "
+                f"clipforge-convert import folder (with {IMPORTED_CHECKPOINT})"
+            )
     if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file or sharded directory")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
+    check_trainer(cfg)
     mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
     timeout = strategy_timeout(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -100,10 +117,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             init_from(model, cfg.init_from)
         except RuntimeError as e:  # torch's "Error(s) in loading state_dict": say which settings differ
             raise _model_mismatch(
-                "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model), e
+                "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model, cfg.loss), e
             ) from e
     # read once from the checkpoint's stored config: warned about here, named again if the weights do not load
-    changed = model_differences(ckpt_path, cfg.model) if ckpt_path is not None else []
+    changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
     if changed:
         log.warning("resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed))
     if mode is not None:

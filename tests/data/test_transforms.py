@@ -103,3 +103,24 @@ def test_jpeg_draft_decoding_is_close_to_full_decoding(train, monkeypatch):
     # the crop (>= 90% of 512 px) covers >= 4x the 64-px output: decode at 1/2 or 1/4 scale, not 1/8
     assert len(requested) == 1 and 128 <= requested[0][0] <= 256
     assert np.abs(out[True] - out[False]).mean() < 3.0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_16_bit_greyscale_png_keeps_its_picture(train, tmp_path):
+    # PIL opens it as I;16 and its convert("RGB") clips every value above 255: a 0..65535 ramp came out
+    # 254.5 on average (nearly white) in the eval loader and the training decode alike
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    x = ImageTransform(64, train=train, scale=(1.0, 1.0), ratio=(1.0, 1.0))(
+        buf.getvalue(), np.random.default_rng(0)
+    )
+    assert x.shape == (3, 64, 64) and torch.equal(x[0], x[2])
+    expected = torch.from_numpy((ramp >> 8).astype(np.uint8))
+    assert (x[0].int() - expected.int()).abs().max() <= 1
+
+    from clipforge.eval.datasets import load_image
+
+    (tmp_path / "ramp.png").write_bytes(buf.getvalue())
+    assert np.asarray(load_image(tmp_path / "ramp.png"))[..., 1].tolist() == (ramp >> 8).tolist()

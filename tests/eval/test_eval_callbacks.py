@@ -135,6 +135,14 @@ def test_bad_period_is_rejected():
         ZeroShotCallback(every_n_steps=0)
 
 
+def test_a_bad_top_k_or_recall_k_fails_when_the_callback_is_built():
+    # not at the first evaluation, an epoch (or hours) into training, as a "top0" of 0.0 before
+    with pytest.raises(ValueError, match=r"callbacks\.zeroshot\.top_k must be a whole number"):
+        ZeroShotCallback(top_k=[1, 0])
+    with pytest.raises(ValueError, match=r"callbacks\.retrieval\.ks must be a whole number"):
+        RetrievalCallback(ks=[1, -5])
+
+
 @pytest.mark.parametrize("name", ["zeroshot", "retrieval"])
 def test_callback_configs_instantiate(name):
     from clipforge.conf import CONF_DIR

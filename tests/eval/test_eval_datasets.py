@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import tarfile
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,16 @@ def test_classnames_matching_the_folders_map_by_name_in_any_order(tmp_path, capl
     assert not caplog.records
 
 
+def test_classnames_match_folders_whatever_their_unicode_normal_form(tmp_path, caplog):
+    # macOS stores "café" decomposed (e + combining accent); a names file typed elsewhere holds it composed
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    assert nfd != nfc
+    root = make_folder(tmp_path / "ds", {nfd: 1, "bar": 1, "Ölmühle": 1})
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(root, classnames=["ölmühle", nfc, "bar"])
+    assert ds.classnames == ["bar", nfc, "ölmühle"] and not caplog.records
+
+
 def test_classnames_unlike_the_folders_apply_by_position_with_a_warning(tmp_path, caplog):
     root = make_folder(tmp_path / "ds", {"n01": 1, "n02": 1})
     with caplog.at_level(logging.WARNING):
@@ -71,6 +82,39 @@ def test_classnames_unlike_the_folders_apply_by_position_with_a_warning(tmp_path
     assert ds.classnames == ["tench", "goldfish"]
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "by position" in warning and "'n01' -> 'tench'" in warning and "'n02' -> 'goldfish'" in warning
+
+
+def test_classnames_that_name_other_folders_are_an_error_not_a_positional_pairing(tmp_path):
+    # a list in its own order with one name misspelt: by position "dog" would name the folder "cat"
+    root = make_folder(tmp_path / "ds", {"cat": 1, "dog": 1, "pickup_truck": 1})
+    with pytest.raises(ValueError, match=r"'dog' would name 'cat', 'cat' would name 'dog'") as info:
+        ImageFolderDataset(root, classnames=["dog", "cat", "pickup trcuk"])
+    assert "names matching no class: ['pickup trcuk']" in str(info.value)
+    assert "classes without their name: ['pickup_truck']" in str(info.value)
+    with pytest.raises(ValueError, match=r"'cat' would name 'dog'"):  # a name given twice
+        ImageFolderDataset(root, classnames=["cat", "cat", "truck"])
+    # names that agree with the folders wherever they match still apply by position
+    assert ImageFolderDataset(root, classnames=["cat", "hound", "truck"]).classnames == [
+        "cat",
+        "hound",
+        "truck",
+    ]
+
+
+def test_files_under_hidden_folders_of_a_class_are_not_samples(tmp_path):
+    root = make_folder(tmp_path / "ds", {"cat": 2, "dog": 1})
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    (root / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(_png((1, 2, 3)))
+    (root / "cat" / ".hidden.png").write_bytes(_png((1, 2, 3)))
+    (root / "dog" / "more").mkdir()
+    (root / "dog" / "more" / "1.PNG").write_bytes(_png((1, 2, 3)))  # nested folders and upper case count
+    ds = ImageFolderDataset(root)
+    assert sorted(p.relative_to(root).as_posix() for p, _ in ds.samples) == [
+        "cat/0.png",
+        "cat/1.png",
+        "dog/0.png",
+        "dog/more/1.PNG",
+    ]
 
 
 def test_synthetic_heldout_matches_given_shape_names_by_name():

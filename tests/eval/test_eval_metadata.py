@@ -27,6 +27,15 @@ def test_files(tmp_path):
     ]
 
 
+def test_a_names_file_from_a_windows_editor_reads_the_same(tmp_path):
+    # a byte-order mark and CRLF line ends: the BOM stayed in the first name ("\ufeffcat"), which then
+    # matched no class folder and went into every prompt
+    (tmp_path / "n.txt").write_bytes("cat\r\ngolden retriever\r\n".encode("utf-8-sig"))
+    assert load_classnames(tmp_path / "n.txt") == ["cat", "golden retriever"]
+    (tmp_path / "t.txt").write_bytes("a photo of a {}.\r\n".encode("utf-8-sig"))
+    assert load_templates(tmp_path / "t.txt") == ["a photo of a {}."]
+
+
 def test_bad_inputs_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a built-in name nor a readable file"):
         load_classnames("imagenet21k")
@@ -36,3 +45,15 @@ def test_bad_inputs_are_explained(tmp_path):
     (tmp_path / "t.txt").write_text("a photo\n")
     with pytest.raises(ValueError, match="has no '\\{\\}'"):
         load_templates(tmp_path / "t.txt")
+
+
+@pytest.mark.parametrize(
+    "template", ["a {} next to a {}.", "a photo of a {} by {artist}.", "a {} {", "{0} and {}"]
+)
+def test_a_template_that_cannot_be_filled_is_named_when_read(tmp_path, template):
+    # each has a '{}' but str.format fails on it; this used to surface as a bare IndexError/KeyError
+    # from inside the classifier build
+    (tmp_path / "t.txt").write_text(f"a photo of a {{}}.\n{template}\n")
+    with pytest.raises(ValueError, match=r"prompt template .* cannot be filled .*literal brace"):
+        load_templates(tmp_path / "t.txt")
+    assert load_templates(["a {} with {{braces}}."]) == ["a {} with {{braces}}."]

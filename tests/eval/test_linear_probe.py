@@ -33,19 +33,29 @@ def test_probe_matches_sklearn_reference():
     assert 0.5 < res["top1"] < 1.0  # noisy enough that the test could fail
 
 
-def test_select_c_follows_the_papers_search():
+def test_select_c_follows_the_papers_search(caplog):
     # Imbalanced classes: with very strong regularisation only the (unpenalised) intercept is left,
     # which predicts the majority class everywhere.
     x0, y0 = _blobs(30, np.eye(1, 6) * 3, 1.0, 0)
     x1, y1 = _blobs(10, np.eye(3, 6)[1:] * 3, 1.0, 1)
     x, y = np.concatenate([x0, x1]), np.concatenate([y0, y1 + 1])
-    C, sweep = select_C(x, y)
+    with caplog.at_level("INFO", logger="clipforge.eval.linear_probe"):
+        C, sweep = select_C(x, y)
+    # every fit of the search (minutes each on a large split) is reported as it ends
+    assert len([r for r in caplog.records if "validation accuracy" in r.getMessage()]) == len(sweep)
     coarse = {-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0}
     assert coarse <= set(sweep)
     assert np.log10(C) in sweep and sweep[np.log10(C)] == max(sweep.values())
     # resolution reached: 1/8 decade steps exist next to the optimum
     assert any(abs(abs(k - np.log10(C)) - 0.125) < 1e-9 for k in sweep)
     assert sweep[-6.0] < sweep[np.log10(C)]
+
+
+def test_a_train_split_too_small_for_the_search_says_how_to_skip_it():
+    x, y = _blobs(2, np.eye(3, 6) * 3, 1.0, 0)  # two images per class: none left over for validation
+    with pytest.raises(ValueError, match=r"too small .* linear_probe\.C=<value>"):
+        select_C(x, y)
+    assert fit_and_score(x, y, x, y, C=1.0)["top1"] == 1.0
 
 
 def test_linear_probe_on_model_features(handset_model):

@@ -21,6 +21,14 @@ def test_recall_known_ranks():
     assert r == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
 
 
+@pytest.mark.parametrize("k", [0, -1, 1.5])
+def test_a_recall_k_that_is_no_rank_is_an_error(k):
+    # retrieval.ks=[0] printed "i2t_r0 0.00%" as if the model had retrieved nothing
+    texts = _unit([[1, 0, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match=r"retrieval\.ks must be a whole number of at least 1"):
+        recall_at_k(texts, texts, torch.arange(2), torch.arange(2), ks=(1, k))
+
+
 def test_retrieval_metrics_both_directions():
     texts = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     images = _unit([[1, 0.1, 0], [0.9, 0.5, 0], [0.5, 0.4, 0.3]])

@@ -90,6 +90,16 @@ def test_label_outside_classifier_is_an_error(handset_model, tokenizer):
         evaluate_zero_shot(handset_model, w, [(images_from_features(FEATURES[:1]), torch.tensor([3]))])
 
 
+@pytest.mark.parametrize("k", [0, -2, 2.5, "5"])
+def test_a_top_k_that_is_no_rank_is_an_error(handset_model, tokenizer, k):
+    # top_k=0 was reported as "top0": 0.0 and top_k=-2 sliced the wrong columns into a "top-2" accuracy
+    w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}"])
+    with pytest.raises(ValueError, match="top_k must be a whole number of at least 1"):
+        evaluate_zero_shot(handset_model, w, _loader(), top_k=(1, k))
+    with pytest.raises(ValueError, match="top_k must be a whole number of at least 1"):
+        predict(handset_model, w, images_from_features(FEATURES[:1]), CLASSNAMES, k=k)
+
+
 def test_evaluation_restores_train_mode(handset_model, tokenizer):
     handset_model.train()
     w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}"])

@@ -76,11 +76,51 @@ def test_image_folder_run_exact_results_and_files(tmp_path, color_model):
     assert (out / "confusion.png").stat().st_size > 1000
 
 
+def test_classes_sharing_a_name_keep_their_own_results(tmp_path, color_model):
+    # classnames=imagenet holds "missile" and "sunglasses" twice: per_class_accuracy, a dict keyed by name,
+    # kept 998 of the 1,000 classes, one result of each pair overwritten by the other
+    root = make_color_folder(tmp_path / "ds", {"a_red": [RED], "b_green": [GREEN, GREEN], "c_blue": [BLUE]})
+    (tmp_path / "names.txt").write_text("red\ngreen\ngreen\n")
+    cfg = compose_zeroshot(
+        "eval/dataset=imagefolder",
+        f"eval.dataset.root={root}",
+        f"classnames={tmp_path / 'names.txt'}",
+        f"output_dir={tmp_path / 'out'}",
+        "num_workers=0",
+        "progress=false",
+    )
+    res = run_zeroshot(cfg)
+    assert res["classnames"] == ["red", "green", "green"]
+    # the two "green" columns tie, so which of them wins is torch's choice; each keeps its own entry
+    assert list(res["per_class_accuracy"]) == ["red", "green [1]", "green [2]"]
+    assert res["per_class_accuracy"]["red"] == 1.0 and None not in res["per_class_accuracy"].values()
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["per_class_accuracy"]) == saved["num_classes"] == 3
+
+
 def test_classname_count_mismatch_is_explained(tmp_path, color_model):
     root = make_color_folder(tmp_path / "ds", {"r": [RED], "g": [GREEN]})
     cfg = compose_zeroshot("eval/dataset=imagefolder", f"eval.dataset.root={root}", "classnames=cifar10")
     with pytest.raises(ValueError, match=r"10 class names were given but .* has 2 classes"):
         run_zeroshot(cfg)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "key", "task"),
+    [
+        ("imagefolder", "root", "zeroshot"),
+        ("wds", "urls", "zeroshot"),
+        ("imagefolder", "root", "linear_probe"),
+    ],
+)
+def test_a_dataset_without_its_required_key_names_the_key(tmp_path, color_model, dataset, key, task):
+    # eval/dataset=imagefolder without eval.dataset.root failed with "ImageFolderDataset.__init__() missing
+    # 1 required positional argument: 'root'" (hydra drops a ??? value from a partial)
+    cfg = compose_zeroshot(
+        f"eval/dataset={dataset}", f"task={task}", f"output_dir={tmp_path}", "num_workers=0"
+    )
+    with pytest.raises(ValueError, match=rf"needs eval\.dataset\.{key}: set it on the command line"):
+        cli.run(cfg)
 
 
 def test_classnames_file_in_natural_order_scores_like_the_folder_names(tmp_path, color_model):

@@ -100,6 +100,26 @@ def test_auto_resume_picks_the_highest_step_and_skips_corrupt_files(tmp_path: Pa
     assert resolve_ckpt_path("auto", tmp_path) == str(found)
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [b"hello\n", b"Q\xd2\xd5\x08(", b"X", b""],
+    ids=["text: KeyError", "pop from empty stack: IndexError", "short argument: struct.error", "empty"],
+)
+def test_auto_resume_skips_a_file_of_garbage_whatever_the_unpickler_trips_on(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    # Not a zip, so torch.load reads it as a legacy pickle, and the restricted unpickler fails with
+    # whatever exception the first opcodes cause; every one of them is "not a checkpoint".
+    ckpts = tmp_path / "checkpoints"
+    atomic_torch_save(fake_ckpt(4), ckpts / "periodic-step0000004.ckpt")
+    _write(ckpts / "periodic-step0000008.ckpt", garbage)
+    with pytest.warns(UserWarning, match=r"skips .*periodic-step0000008\.ckpt: .*not a readable torch"):
+        assert find_latest_checkpoint(tmp_path) == ckpts / "periodic-step0000004.ckpt"
+    with pytest.raises(CorruptCheckpointError, match=r"periodic-step0000008\.ckpt") as info:
+        load_checkpoint(ckpts / "periodic-step0000008.ckpt")
+    assert garbage or "the file is empty" in str(info.value)
+
+
 def test_auto_resume_on_an_empty_dir_starts_fresh(tmp_path: Path) -> None:
     assert resolve_ckpt_path("auto", tmp_path / "missing") is None
     assert resolve_ckpt_path("auto", tmp_path) is None

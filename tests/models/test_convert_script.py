@@ -3,6 +3,9 @@ back, through clipforge's checkpoint loader."""
 
 from __future__ import annotations
 
+import importlib
+import re
+import sys
 from pathlib import Path
 
 import open_clip
@@ -11,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from modelhelpers import tokens
 from omegaconf import OmegaConf
+from PIL import Image
 
 from clipforge.checkpoint import load_model
 from clipforge.convert_cli import main
@@ -51,3 +55,75 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
 def test_a_folder_that_holds_no_checkpoint_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint"):
         load_model(tmp_path)
+
+
+def test_the_console_scripts_that_write_files_exit_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The generated clipforge-convert / clipforge-visualize scripts run sys.exit(<entry point>()): an entry
+    # point returning its dict of paths printed it to stderr and exited 1 after a successful export.
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()  # tomllib needs Python 3.11
+    scripts = dict(re.findall(r'^(clipforge-[a-z]+) = "([\w.:]+)"$', pyproject, flags=re.M))
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    runs = {
+        "clipforge-convert": ["export", "--model", "tiny", "--out", str(tmp_path / "oc")],
+        "clipforge-visualize": [
+            "--image",
+            str(tmp_path / "red.png"),
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "v"),
+        ],
+    }
+    for name, args in runs.items():
+        module, func = scripts[name].split(":")
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        with pytest.raises(SystemExit) as info:
+            sys.exit(getattr(importlib.import_module(module), func)())
+        assert info.value.code in (0, None), f"{name} exited with {info.value.code!r}"
+    assert (tmp_path / "oc" / "open_clip_config.json").is_file() and (
+        tmp_path / "v" / "patch_grid.png"
+    ).is_file()
+
+
+def test_an_import_killed_mid_write_leaves_the_previous_import_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
+    imported = main(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "cf")])
+    before = imported["checkpoint"].read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs) -> None:  # a kill (or full disk) after the first bytes
+        if isinstance(f, str | Path):
+            f = open(f, "wb")  # noqa: SIM115 - closed by the crash, as a killed process would leave it
+        f.write(b"PK\x03\x04 partial")
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        main(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "cf")])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert imported["checkpoint"].read_bytes() == before
+    load_model(imported["checkpoint"])
+
+
+def test_clipforge_and_open_clip_checkpoints_given_to_each_others_loader_say_which_is_which(
+    tmp_path: Path,
+) -> None:
+    # an open_clip checkpoint given as checkpoint= (or the reverse) failed with "pass model_name" or a bare
+    # "has no clipforge config", which sent users to the wrong fix
+    from clipforge.checkpoint import checkpoint_dict
+    from clipforge.models.convert import load_open_clip_checkpoint
+
+    exported = main(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
+    with pytest.raises(
+        FileNotFoundError, match=r"it is an open_clip folder: load it with open_clip_checkpoint="
+    ):
+        load_model(tmp_path / "oc")
+    with pytest.raises(ValueError, match=r"has no clipforge config.*open_clip_checkpoint="):
+        load_model(exported["weights"])
+    model = build_fresh("tiny")
+    torch.save(checkpoint_dict(model.state_dict(), {"model": model_config(model)}), tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match=r"this is a clipforge checkpoint .* load it as checkpoint=<file>"):
+        load_open_clip_checkpoint(tmp_path / "run.ckpt")

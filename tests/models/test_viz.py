@@ -112,6 +112,18 @@ def test_attention_pool_query_is_drawn_for_map_towers() -> None:
     assert math.isclose(data["rollout"].sum().item(), 1.0, rel_tol=1e-5)
 
 
+def test_a_layer_beyond_the_tower_is_named() -> None:
+    # --layer 7 on a 2-block tower raised "IndexError: range object index out of range"
+    vit = small_vit().eval()
+    depth = len(vit.blocks)
+    for layer in (depth, -depth - 1):
+        with pytest.raises(
+            ValueError, match=rf"layer {layer} is not a block of this {depth}-block image tower"
+        ):
+            vit_attention(vit, torch.randn(1, 3, 32, 32), layer=layer)
+    assert vit_attention(vit, torch.randn(1, 3, 32, 32), layer=-depth)["layer"] == 0
+
+
 def test_save_pictures_writes_small_non_blank_pngs(image_file: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = CLIP(perturb_(small_vit(img_size=32, patch_size=4)), small_text()).train()

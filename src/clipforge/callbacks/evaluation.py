@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
-from clipforge.eval.zeroshot import zero_shot_eval
+from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
 from clipforge.sharding import skip_when_sharded
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class ZeroShotCallback(_PeriodicEval):
         use_ema: bool = False,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
-        self.top_k = tuple(top_k)
+        # checked here, at the start of training, not at the first evaluation hours into it
+        self.top_k = tuple(check_top_k(k, "callbacks.zeroshot.top_k") for k in top_k)
         self.use_ema, self.log_confusion, self.save_dir = use_ema, log_confusion, save_dir
         # what zero_shot_eval takes besides the model, prompts, data and device
         self.eval_settings = {"top_k": self.top_k, "prompt_batch_size": prompt_batch_size}
@@ -189,7 +190,7 @@ class RetrievalCallback(_PeriodicEval):
         progress: bool = False,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
-        self.ks = tuple(ks)
+        self.ks = tuple(check_top_k(k, "callbacks.retrieval.ks") for k in ks)
         # what evaluate_retrieval takes besides the model, data and device
         self.eval_settings = {"ks": self.ks, "max_samples": max_samples, "dedupe_captions": dedupe_captions}
         self.eval_settings |= {"precision": precision, "progress": progress}

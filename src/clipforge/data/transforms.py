@@ -97,6 +97,14 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)[0]
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. A 16-bit greyscale image (a 16-bit PNG opens as ``I;16``) keeps its high
+    byte first: PIL's own ``convert("RGB")`` clips its values at 255, which turns it almost white."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 class ImageTransform:
     """Encoded image bytes (or a PIL image) -> uint8 ``(3, size, size)``: random resized crop (train)
     or resize + centre crop (eval). ``rng`` (a generator, or ``CROP_DRAWS`` uniforms) drives the crop."""
@@ -136,7 +144,7 @@ class ImageTransform:
             elif data is not None:
                 x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
                 return x, 1.0, 1.0
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        rgb = as_rgb(img)
         x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H', W') view of the (H', W', 3) pixels
         return x, rgb.size[0] / width, rgb.size[1] / height
 

@@ -31,7 +31,7 @@ from clipforge.eval.metadata import Template, load_classnames, load_templates
 from clipforge.eval.report import format_summary, nan_to_none, results_dict, write_json, write_outputs
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.runtime import resolve_device
-from clipforge.eval.zeroshot import build_zero_shot_classifier, evaluate_zero_shot, predict
+from clipforge.eval.zeroshot import build_zero_shot_classifier, check_top_k, evaluate_zero_shot, predict
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,12 @@ def model_image_size(model: nn.Module) -> int:
 
 
 def _build_dataset(node: DictConfig, **available: Any) -> Any:
-    """Instantiate a dataset node (a ``_partial_`` factory), passing those of ``available`` it accepts."""
+    """Instantiate a dataset node (a ``_partial_`` factory), passing those of ``available`` it accepts; a
+    required key left at ``???`` (``eval.dataset.root`` of ``eval/dataset=imagefolder``) is named."""
+    missing = sorted(OmegaConf.missing_keys(node))  # full keys (eval.dataset.root) for a node of cfg
+    if missing:
+        keys = [k if k.startswith("eval.dataset.") else f"eval.dataset.{k}" for k in missing]
+        raise ValueError(f"{node.get('_target_')} needs {', '.join(keys)}: set it on the command line")
     factory = instantiate(node)
     params = inspect.signature(factory.func if hasattr(factory, "func") else factory).parameters
     return factory(**{k: v for k, v in available.items() if k in params and v is not None})
@@ -181,7 +186,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
         shard_dataloader(_loader(dataset, cfg, device)),
         device=device,
         progress=cfg.get("progress", False),
-        top_k=sorted({1, 5, int(cfg.get("top_k", 5))}),
+        top_k=sorted({1, 5, check_top_k(cfg.get("top_k", 5))}),
         precision=cfg.get("precision", "auto"),
     )
     if res["num_samples"] == 0:
@@ -308,7 +313,7 @@ def _predict_images(
 ) -> dict[str, Any]:
     paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image)
     top = predict(
-        model, classifier, load_images(paths, transform), classnames, k=int(cfg.get("top_k", 5)), device=device,
+        model, classifier, load_images(paths, transform), classnames, k=check_top_k(cfg.get("top_k", 5)), device=device,
         precision=cfg.get("precision", "auto"),
     )  # fmt: skip
     out = {

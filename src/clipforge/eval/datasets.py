@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from clipforge.data.decode import read_label
 from clipforge.data.shards import IMAGE_EXTS
+from clipforge.data.transforms import as_rgb
 from clipforge.distributed import world_info
 from clipforge.eval.metadata import align_classnames
 from clipforge.eval.zeroshot import IGNORE_LABEL
@@ -56,11 +57,12 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     """Open and fully decode an image as RGB (``load()`` so a truncated file fails here, not later)."""
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
-    return img.convert("RGB")
+    return as_rgb(img)
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule).
+    """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule), their
+    samples the images anywhere below them, hidden files and folders (a leading ``.``) left out.
 
     ``classnames`` overrides the folder names as the text used in prompts: names that match the
     folders (in any order) go to their own folder, others are applied to the sorted folders by position
@@ -85,8 +87,12 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[Path, int]] = []
         empty = []
         for label, d in enumerate(class_dirs):
+            # hidden files and whatever is under hidden folders (.ipynb_checkpoints copies) are not samples
             files = sorted(
-                p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+                p
+                for p in d.rglob("*")
+                if p.suffix.lower() in IMG_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(d).parts)
             )
             if not files:
                 empty.append(d.name)

@@ -22,7 +22,7 @@ from torch import nn
 
 from clipforge.distributed import all_gather_cat, all_reduce_sum
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
-from clipforge.eval.zeroshot import IGNORE_LABEL, classification_metrics
+from clipforge.eval.zeroshot import IGNORE_LABEL, check_top_k, classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,23 @@ def select_C(
     """
     tr, va = _stratified_split(y, val_fraction, seed)
     if len(va) == 0 or len(np.unique(y[tr])) < 2:
-        raise ValueError("the train split is too small to hold out a validation part for choosing C")
+        raise ValueError(
+            "the train split is too small to hold out a validation part for choosing C "
+            "(give C, linear_probe.C=<value> on the command line, to skip the search)"
+        )
     scores: dict[float, float] = {}
 
     def score(log_c: float) -> float:
         if log_c not in scores:
             clf = _fit(x[tr], y[tr], 10.0**log_c, max_iter)
             scores[log_c] = float((clf.predict(x[va]) == y[va]).mean())
+            # one fit takes minutes on a large train split: say where the search is
+            log.info(
+                "linear probe: C=%.3g, validation accuracy %.2f%% (%d fits so far)",
+                10.0**log_c,
+                100 * scores[log_c],
+                len(scores),
+            )
         return scores[log_c]
 
     def best_of(candidates: Iterable[float]) -> float:
@@ -141,7 +151,7 @@ def fit_and_score(
     scores[:, clf.classes_] = clf.predict_log_proba(test_x)
     scores_t = torch.from_numpy(scores)
     labels = torch.from_numpy(test_y).long()
-    ks = sorted({int(k) for k in (*top_k, 1, 5)})
+    ks = sorted({check_top_k(k) for k in (*top_k, 1, 5)})
     topk = scores_t.topk(min(ks[-1], num_classes), dim=-1).indices
     hit = topk == labels[:, None]
     counts = torch.tensor([int(hit[:, :k].any(-1).sum()) for k in ks] + [0])

@@ -10,6 +10,7 @@ one entry per line; a template line holds ``{}`` (or ``{c}``) where the class na
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def _read_lines(path: str | Path, what: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} is neither a built-in name nor a readable file")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    # utf-8-sig: the byte-order mark Windows editors write first is not part of the first name
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise ValueError(f"{what} file {p} is empty")
@@ -75,8 +77,9 @@ def load_classnames(spec: str | Path | Sequence[str]) -> list[str]:
 
 
 def _name_key(name: str) -> str:
-    # A folder "pickup_truck" and a name "Pickup truck" are the same class.
-    return " ".join(name.replace("_", " ").split()).casefold()
+    # A folder "pickup_truck" and a name "Pickup truck" are the same class, and so are a folder "café"
+    # named on macOS (decomposed, NFD) and "café" typed in a names file (composed, NFC).
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).casefold()
 
 
 def align_classnames(label_names: Sequence[str], given: Sequence[str], where: str) -> list[str]:
@@ -85,7 +88,9 @@ def align_classnames(label_names: Sequence[str], given: Sequence[str], where: st
 
     When the two lists name the same classes (as sets, ignoring case, underscores and extra spaces), each
     label gets its own name, whatever the order of ``given``. Otherwise the counts must agree, and the
-    names are applied by position, with one warning that shows the first pairs, so a mismatch is seen.
+    names are applied by position, with one warning that shows the first pairs, so a mismatch is seen;
+    a name that is the name of another label (a list in another order with one name misspelt) is an
+    error, since applying it by position would score that class under the wrong label.
     """
     given = [str(c) for c in given]
     if len(given) != len(label_names):
@@ -97,6 +102,22 @@ def align_classnames(label_names: Sequence[str], given: Sequence[str], where: st
     label_keys = [_name_key(n) for n in label_names]
     if len(by_key) == len(given) and set(by_key) == set(label_keys):
         return [by_key[k] for k in label_keys]
+    crossed = [
+        f"{c!r} would name {label_names[i]!r}"
+        for i, c in enumerate(given)
+        if _name_key(c) in label_keys and _name_key(c) != label_keys[i]
+    ]
+    if crossed:
+        strays = [c for c in given if _name_key(c) not in label_keys]
+        unnamed = [n for n, k in zip(label_names, label_keys) if k not in by_key]
+        more = ", ..." if len(crossed) > 4 else ""
+        classes = ", ".join(map(repr, label_names[:8])) + (", ..." if len(label_names) > 8 else "")
+        raise ValueError(
+            f"the class names match some classes of {where} by name but not all (names matching no "
+            f"class: {strays[:4]}; classes without their name: {unnamed[:4]}), and applied by position they "
+            f"would cross: {', '.join(crossed[:4])}{more}. Give exactly the class names ({classes}) in any "
+            "order, or names in that (label) order"
+        )
     pairs = ", ".join(f"{n!r} -> {c!r}" for n, c in list(zip(label_names, given))[:4])
     log.warning(
         "the class names do not match the classes of %s by name; applying them by position "
@@ -116,8 +137,17 @@ def load_templates(spec: str | Path | Sequence[Template]) -> list[Template]:
     if not templates:
         raise ValueError("the list of prompt templates is empty")
     for t in templates:
-        if isinstance(t, str) and "{}" not in t and "{c}" not in t:
+        if not isinstance(t, str):
+            continue
+        if "{}" not in t and "{c}" not in t:
             raise ValueError(f"prompt template {t!r} has no '{{}}' where the class name should go")
+        try:
+            fill_template(t, "class name")
+        except (IndexError, KeyError, ValueError) as e:  # "{} and {}", "{name}", an unpaired "{"
+            raise ValueError(
+                f"prompt template {t!r} cannot be filled ({type(e).__name__}: {e}): it takes the class name "
+                "at one '{}' (or '{c}'); write a literal brace as '{{' or '}}'"
+            ) from e
     return templates
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,14 @@ def nan_to_none(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def distinct_names(classnames: list[str]) -> list[str]:
+    """The class names as keys that cannot collide: a name that several labels share gets its label index
+    (open_clip's ImageNet names hold "missile" and "sunglasses" twice), so no class's result overwrites
+    another's."""
+    counts = Counter(classnames)
+    return [f"{c} [{i}]" if counts[c] > 1 else c for i, c in enumerate(classnames)]
+
+
 def results_dict(
     res: dict[str, Any], classnames: list[str], templates: list[Template], model_label: str, cfg: DictConfig
 ) -> dict[str, Any]:
@@ -51,7 +60,9 @@ def results_dict(
         "num_templates": len(templates),
         "model": model_label,
         "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True),
-        "per_class_accuracy": {c: nan_to_none(a) for c, a in zip(classnames, res["per_class_accuracy"])},
+        "per_class_accuracy": {
+            c: nan_to_none(a) for c, a in zip(distinct_names(classnames), res["per_class_accuracy"])
+        },
         "classnames": classnames,
         "confusion": res["confusion"].tolist(),
     }

@@ -22,6 +22,7 @@ from torch import nn
 
 from clipforge.distributed import all_gather_cat
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
+from clipforge.eval.zeroshot import check_top_k
 
 
 @torch.inference_mode()
@@ -76,6 +77,7 @@ def recall_at_k(
     ``queries (Nq, D)``, ``candidates (Nc, D)``; scored by dot product in chunks of ``chunk`` queries
     so memory stays ``chunk * Nc``.
     """
+    ks = [check_top_k(k, "retrieval.ks") for k in ks]
     if queries.shape[0] == 0:
         return {k: float("nan") for k in ks}
     hits = torch.zeros(len(ks), dtype=torch.long)

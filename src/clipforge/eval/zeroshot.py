@@ -12,6 +12,7 @@ the confusion matrix (from which every reported metric follows) is summed over r
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -112,7 +113,7 @@ def evaluate_zero_shot(
     dev = resolve_device(device, model)
     classifier = classifier.to(dev, torch.float32)
     num_classes = classifier.shape[1]
-    ks = sorted({int(k) for k in (*top_k, 1, 5)})
+    ks = sorted({check_top_k(k) for k in (*top_k, 1, 5)})
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=dev)
     # counts[i] = number of samples whose label is among the top-ks[i] predictions
     counts = torch.zeros(len(ks) + 1, dtype=torch.long, device=dev)  # last slot: skipped
@@ -141,6 +142,18 @@ def evaluate_zero_shot(
     confusion = all_reduce_sum(confusion, enabled=distributed)
     counts = all_reduce_sum(counts, enabled=distributed)
     return classification_metrics(confusion, counts, ks)
+
+
+def check_top_k(k: Any, name: str = "top_k") -> int:
+    """``k`` of a top-k accuracy, prediction or recall@k (the setting ``name``), an int of at least 1: 0
+    would count nothing and -2 slice the wrong columns, each reported as an accuracy; 2.5 is no rank."""
+    try:
+        value = operator.index(k)
+    except TypeError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {k!r}")
+    return value
 
 
 def _image_logits(
@@ -204,6 +217,7 @@ def predict(
         raise ValueError(
             f"classifier has {classifier.shape[1]} classes but {len(classnames)} names were given"
         )
+    k = check_top_k(k)
     dev = resolve_device(device, model)
     with eval_mode(model):
         logits = _image_logits(model, images.to(dev), classifier.to(dev, torch.float32), dev, precision)

@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,12 @@ def atomic_torch_save(obj: Any, path: str | Path, write_hook: Callable[[int], No
     fsync_dir(path.parent)
 
 
+# What the restricted unpickler raises on bytes that are not a pickle at all (a text file, a file overwritten
+# with garbage): torch.load tries the legacy format on anything that is not a zip, and its opcodes then
+# index an empty memo or stack (KeyError, IndexError) or read short arguments (struct.error).
+_GARBAGE_PICKLE_ERRORS = (KeyError, IndexError, TypeError, struct.error)
+
+
 def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
     path = Path(path)
@@ -139,8 +146,11 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         if mmap and "mmap" in str(e):  # legacy (non-zip) serialization cannot be memory-mapped
             return safe_torch_load(path, map_location, mmap=False)
         raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (truncated?): {e}") from e
-    except (EOFError, OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (truncated?): {e}") from e
+    except (EOFError, OSError, ValueError, *_GARBAGE_PICKLE_ERRORS) as e:
+        what = str(e) if str(e) and not isinstance(e, _GARBAGE_PICKLE_ERRORS) else f"{type(e).__name__} {e}"
+        if path.stat().st_size == 0:
+            what = "the file is empty"
+        raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (truncated?): {what}") from e
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

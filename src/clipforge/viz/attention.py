@@ -145,7 +145,12 @@ def vit_attention(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[s
     finally:
         visual.train(was_training)
     g, p = visual.grid_size, visual.num_prefix_tokens
-    layer_index = range(len(rec["blocks"]))[layer]
+    depth = len(rec["blocks"])
+    if not -depth <= layer < depth:
+        raise ValueError(
+            f"layer {layer} is not a block of this {depth}-block image tower: use 0..{depth - 1} or -1"
+        )
+    layer_index = range(depth)[layer]
     attn = rec["blocks"][layer_index][0].float()  # (H, T, T)
     if rec["pool"]:
         heads, query = rec["pool"][0][0, :, 0].float(), "attention-pool query"  # (H, N)

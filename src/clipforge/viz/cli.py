@@ -65,3 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
+
+
+def cli() -> int:
+    """The ``clipforge-visualize`` console script: :func:`main` on the command line, exit status 0 (a console
+    script hands its function's return value to ``sys.exit``, which prints main's dict and exits 1)."""
+    main()
+    return 0

@@ -99,6 +99,11 @@ def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
 
 def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """An open_clip model config read off the weight shapes of a native open_clip ViT checkpoint."""
+    if any(k.startswith("model.visual.") for k in state):  # clipforge.checkpoint's layout
+        raise ValueError(
+            "this is a clipforge checkpoint (its weights are model.visual.*, model.text.*), not an open_clip "
+            "one: load it as checkpoint=<file> (clipforge-zeroshot) or --checkpoint (clipforge-visualize)"
+        )
     if "visual.conv1.weight" not in state or "visual.positional_embedding" not in state:
         raise ValueError(
             "cannot infer the architecture of this checkpoint (not a native open_clip ViT): pass model_name"

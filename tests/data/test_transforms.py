@@ -103,3 +103,16 @@ def test_jpeg_draft_decoding_is_close_to_full_decoding(train, monkeypatch):
     # the crop (>= 90% of 512 px) covers >= 4x the 64-px output: decode at 1/2 or 1/4 scale, not 1/8
     assert len(requested) == 1 and 128 <= requested[0][0] <= 256
     assert np.abs(out[True] - out[False]).mean() < 3.0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_16_bit_greyscale_png_keeps_its_high_byte(train):
+    """A 16-bit greyscale PNG (PIL mode I;16) came out white: ``convert("RGB")`` clipped it at 255."""
+    grey8 = np.asarray(photo(64, 48).convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(grey8.astype(np.uint16) * 256 + 99).save(buf, format="PNG")  # low byte 99: dropped
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    transform = ImageTransform(32, train=train)
+    ours = transform(buf.getvalue(), np.random.default_rng(0))
+    expected = transform(Image.fromarray(grey8).convert("RGB"), np.random.default_rng(0))
+    assert torch.equal(ours, expected)

@@ -117,6 +117,9 @@ def test_reencode_jpeg_is_explicit_and_keeps_jpeg_bytes(tmp_path):
     assert ext == "jpg" and image_format(data) == "jpg"
     with pytest.raises(ValueError, match="reencode must be one of"):
         encode_image(png, reencode="webp")
+    grey = np.asarray(_noise(16, "L"))  # 16-bit greyscale became white JPEG (PIL clips I;16 at 255)
+    data, _ = encode_image(_encoded(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), reencode="jpeg")
+    assert np.abs(np.asarray(Image.open(io.BytesIO(data)).convert("L"), float) - grey).mean() < 8
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(png)
     (tmp_path / "caps.csv").write_text("file,caption\na.png,a picture\n")

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from clipforge.data.decode import read_label
 from clipforge.data.shards import IMAGE_EXTS
+from clipforge.data.transforms import to_rgb
 from clipforge.distributed import world_info
 from clipforge.eval.metadata import align_classnames
 from clipforge.eval.zeroshot import IGNORE_LABEL
@@ -56,7 +57,7 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     """Open and fully decode an image as RGB (``load()`` so a truncated file fails here, not later)."""
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 class ImageFolderDataset(Dataset):

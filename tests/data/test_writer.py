@@ -149,6 +149,21 @@ def test_read_captions_formats(tmp_path, fmt):
     assert read_captions(path) == rows
 
 
+def test_read_captions_of_real_files(tmp_path):
+    """A byte-order mark (Excel's "CSV UTF-8") hid the header, a quoted caption lost its line breaks
+    (its words ran together) and a raw U+2028 in a JSONL caption broke its line in two."""
+    path = tmp_path / "captions.csv"
+    path.write_text('file,caption,source\na.jpg,"two\nlines",x\nb.png,"p\u2028q",y\n', encoding="utf-8-sig")
+    assert read_captions(path) == {"a.jpg": "two\nlines", "b.png": "p\u2028q"}
+    path = tmp_path / "captions.jsonl"
+    lines = [
+        json.dumps({"file": "a.jpg", "caption": "p\u2028q"}, ensure_ascii=False),
+        '{"file": "b.png", "caption": "c"}',
+    ]
+    path.write_text("\r\n".join(lines), encoding="utf-8-sig")
+    assert read_captions(path) == {"a.jpg": "p\u2028q", "b.png": "c"}
+
+
 def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):
     images = tmp_path / "img"
     images.mkdir()

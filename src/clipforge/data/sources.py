@@ -46,7 +46,7 @@ def _pick(keys: list[str], wanted: tuple[str, ...], what: str, path: Path) -> st
 def read_captions(path: str | Path) -> dict[str, str]:
     """File name -> caption from a CSV/TSV (with a header, or two columns without), JSONL or JSON file."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # spreadsheets save CSV with a byte-order mark
     suffix = path.suffix.lower()
     if suffix == ".json":
         data = json.loads(text)
@@ -54,10 +54,12 @@ def read_captions(path: str | Path) -> dict[str, str]:
             return {str(k): str(v) for k, v in data.items()}
         rows = data
     elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        # lines end at "\n" only: str.splitlines also splits at U+2028 and others, which JSON strings hold raw
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     else:
         delimiter = "\t" if suffix in (".tsv", ".tab") else ","
-        table = list(csv.reader(text.splitlines(), delimiter=delimiter))
+        # csv splits the lines itself: a quoted caption may hold line breaks
+        table = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
         if not table:
             return {}
         header = [h.strip() for h in table[0]]

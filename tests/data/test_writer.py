@@ -1,6 +1,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,20 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
         assert tar.extractfile("000000002.txt").read() == b"file caption 2"
         assert json.loads(tar.extractfile("000000002.json").read())["url"] == "http://x/2"
     assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2  # the empty caption is skipped
+
+
+def test_cli_reshard_keeps_every_complete_sample_of_a_truncated_tar(tmp_path, capsys, caplog):
+    """A tar cut inside sample 3's image lost sample 2 too (the last complete one), and the warning
+    named the folder, not the shard."""
+    (shard,) = write_sizes(tmp_path / "i2d", [5])
+    with tarfile.open(shard) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000003.jpg").offset_data + 10
+    data = Path(shard).read_bytes()
+    Path(shard).write_bytes(data[:cut])
+    assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "out")]) == 0
+    assert read_manifest(tmp_path / "out" / "manifest.json")["num_samples"] == 3
+    assert "truncated_shard=1" in capsys.readouterr().out
+    assert any("00000.tar" in r.getMessage() and "truncated_shard" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_skips_and_counts_bytes_that_are_no_image_and_json_that_does_not_parse(tmp_path, capsys):

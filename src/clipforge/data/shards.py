@@ -127,7 +127,7 @@ def _open(url: str) -> tuple[IO[bytes], subprocess.Popen | None, IO[bytes] | Non
     return open(url, "rb", buffering=1 << 20), None, None
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """WebDataset's key/extension split: the key is the path up to the first dot of the base name."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
@@ -158,7 +158,7 @@ def read_shard(
             if not info.isfile():
                 continue
             members += 1
-            key, ext = _split_name(info.name)
+            key, ext = split_name(info.name)
             if current is None or key != current.key:
                 if current is not None:
                     if index >= start:

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import logging
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from PIL import Image
 
 from clipforge.data import synthetic
 from clipforge.data.decode import IMAGE_ERRORS
-from clipforge.data.shards import IMAGE_EXTS
+from clipforge.data.shards import IMAGE_EXTS, ShardResult, read_shard, split_name
 from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
@@ -113,28 +112,27 @@ def readable_image(data: bytes) -> bool:
 
 
 def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive ``(name, data)`` pairs by key (the name up to its first dot)."""
+    """Group consecutive ``(name, data)`` pairs by key (WebDataset's split, :func:`split_name`)."""
     key, sample = None, {}
     for name, data in members:
-        base = name.rsplit("/", 1)[-1]
-        prefix = name[: len(name) - len(base)]
-        k, _, ext = base.partition(".")
-        k = prefix + k
+        k, ext = split_name(name)
         if k != key and sample:
             yield key, sample
             sample = {}
         key = k
-        sample[ext.lower()] = data
+        sample[ext] = data
     if sample:
         yield key, sample
 
 
-def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, "r|*") as tar:
-        for info in tar:
-            if info.isfile():
-                f = tar.extractfile(info)
-                yield info.name, f.read() if f is not None else b""
+def _tar_samples(path: Path, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one tar through the loader's reader (:func:`read_shard`): a shard that breaks off
+    keeps every complete sample before the break, and its failure is counted (and logged, naming it)."""
+    result = ShardResult()
+    for raw in read_shard(str(path), result):
+        yield raw.key, raw.members
+    if result.failure is not None:
+        skipped[result.failure] += 1
 
 
 def _file_members(root: Path) -> Iterator[tuple[str, bytes]]:
@@ -147,10 +145,10 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
     root = Path(root)
     skipped = skipped if skipped is not None else Counter()
     tars = sorted(root.rglob("*.tar"))
-    streams = (_tar_members(t) for t in tars) if tars else (_file_members(root),)
-    for members in streams:
+    streams = (_tar_samples(t, skipped) for t in tars) if tars else (_group(_file_members(root)),)
+    for samples in streams:
         try:
-            for key, sample in _group(members):
+            for key, sample in samples:
                 image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
                 if image_ext is None:
                     if "txt" in sample or "json" in sample:
@@ -173,9 +171,9 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
                     log.warning("skipping %s: not a readable image", key)
                     continue
                 yield Record(key=key.rsplit("/", 1)[-1], image=sample[image_ext], caption=caption, meta=meta)
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except OSError as e:  # a file of the files layout that cannot be read
             skipped["unreadable_shard"] += 1
-            log.warning("stopped reading a shard under %s: %s", root, e)
+            log.warning("stopped reading %s: %s", root, e)
 
 
 def synthetic_records(

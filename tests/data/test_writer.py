@@ -187,7 +187,7 @@ def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):
     assert "missing_image=1" in capsys.readouterr().out
 
 
-def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
+def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     write_sizes(tmp_path / "i2d", [3, 4])
     assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "a"), "--max-count", "5"]) == 0
     assert read_manifest(tmp_path / "a" / "manifest.json")["shards"] == {"00000.tar": 5, "00001.tar": 2}
@@ -197,11 +197,15 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
         (files / f"{i:09d}.jpg").write_bytes(tiny_jpeg(i))
         (files / f"{i:09d}.txt").write_text(f"file caption {i}" if i != 1 else "")
         (files / f"{i:09d}.json").write_text(json.dumps({"url": f"http://x/{i}"}))
+    # img2dataset's own files beside each shard folder (they were counted as samples missing their image)
+    (tmp_path / "files" / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
+    (tmp_path / "files" / "00000.parquet").write_bytes(b"PAR1")
     assert shards_main(["img2dataset", str(tmp_path / "files"), str(tmp_path / "b")]) == 0
     with tarfile.open(tmp_path / "b" / "00000.tar") as tar:
         assert tar.extractfile("000000002.txt").read() == b"file caption 2"
         assert json.loads(tar.extractfile("000000002.json").read())["url"] == "http://x/2"
     assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2  # the empty caption is skipped
+    assert capsys.readouterr().out.endswith("skipped: missing_caption=1\n")
 
 
 def test_cli_reshard_keeps_every_complete_sample_of_a_truncated_tar(tmp_path, capsys, caplog):

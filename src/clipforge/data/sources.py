@@ -135,9 +135,14 @@ def _tar_samples(path: Path, skipped: Counter) -> Iterator[tuple[str, dict[str, 
         skipped[result.failure] += 1
 
 
+# What img2dataset writes beside each shard folder of its files layout: no samples
+_I2D_SHARD_FILES = ("*_stats.json", "*.parquet", "*.feather")
+
+
 def _file_members(root: Path) -> Iterator[tuple[str, bytes]]:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        yield str(path.relative_to(root)), path.read_bytes()
+        if not any(path.match(pattern) for pattern in _I2D_SHARD_FILES):
+            yield str(path.relative_to(root)), path.read_bytes()
 
 
 def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Iterator[Record]:

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from datahelpers import add, data_module, pattern, sample_ids, write_sizes
 
-from clipforge.data.failures import FailurePolicy
+from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables
+from clipforge.data.manifest import write_manifest
+from clipforge.data.plan import Segment
+from clipforge.data.read import read_segments
 from clipforge.data.shards import DataError
 
 SIZES = [10, 10, 10, 10]
@@ -136,3 +139,25 @@ def test_all_shards_unreadable_stops(shards):
         Path(u).write_bytes(b"not a tar" * 100)
     with pytest.raises(DataError, match=r"unreadable_shard|lost_samples"):
         run_epoch(module(pat))
+
+
+def test_a_shard_longer_than_its_manifest_says_is_named(shards, caplog):
+    """A stale manifest that undercounts a shard left the rest of it unread every epoch, without a word.
+    Not named: a shard cut inside the sample after its count (the manifest counted it after the cut),
+    a shard read in parts (one segment per worker) for its first parts."""
+    root, urls, pat = shards
+    with tarfile.open(urls[1]) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000016.jpg").offset_data + 10
+    Path(urls[1]).write_bytes(Path(urls[1]).read_bytes()[:cut])
+    write_manifest(root, {Path(u).name: 6 if u in urls[1:3] else 10 for u in urls})
+    dm = module(pat)
+    ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
+    assert sorted(ids) == [i for i in range(40) if not (16 <= i < 20 or 26 <= i < 30)]  # as the manifest says
+    named = [r.getMessage() for r in caplog.records if "its manifest says" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith(f"{urls[2]} holds more than the 6 samples")
+
+    caplog.clear()
+    parts = [Segment(urls[0], 0, 4), Segment(urls[0], 4, 6), Segment(urls[2], 0, 6)]
+    monitor = FailureMonitor(*new_tables(1, 4), 0, {u: i for i, u in enumerate(urls)}, "test")
+    assert len(list(read_segments(parts, monitor, {urls[0]: 10, urls[2]: 6}))) == 16
+    assert monitor.short_shards == 1

@@ -112,6 +112,7 @@ class ShardResult:
     delivered: int = 0
     failure: str | None = None  # one of the *_shard causes
     message: str = ""
+    more: bool = False  # the read stopped at its count, and a whole sample followed (asked with peek)
 
 
 def _open(url: str) -> tuple[IO[bytes], subprocess.Popen | None, IO[bytes] | None]:
@@ -136,14 +137,32 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def _sample_follows(tar: tarfile.TarFile, first: tarfile.TarInfo) -> bool:
+    """Whether the sample that member ``first`` begins is whole: its members read through to the next
+    sample or the end of the tar (a shard cut inside it holds no more than the samples before it)."""
+    key = split_name(first.name)[0]
+    info: tarfile.TarInfo | None = first
+    try:
+        while info is not None and (not info.isfile() or split_name(info.name)[0] == key):
+            f = tar.extractfile(info) if info.isfile() else None
+            if f is not None:
+                f.read()
+            info = tar.next()
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return False
+    return True
+
+
 def read_shard(
-    url: str, result: ShardResult, start: int = 0, count: int | None = None
+    url: str, result: ShardResult, start: int = 0, count: int | None = None, peek: bool = False
 ) -> Iterator[RawSample]:
     """Yield samples ``start .. start + count - 1`` of the tar at ``url`` (to the end if ``count`` is None).
 
     Never raises for bad data. A shard that cannot be opened or parsed, has no samples, or breaks off
     is reported in ``result.failure``; samples before a break are still yielded (but not a last one
-    that the break left incomplete). Samples before ``start`` are read through but not kept.
+    that the break left incomplete). Samples before ``start`` are read through but not kept. ``peek``:
+    when the read stops at ``count``, read the next sample too, to tell whether a whole one follows
+    (``result.more``: the shard holds more than its manifest says).
     """
     stream = proc = errfile = None
     index = 0  # samples completed so far in this shard
@@ -167,6 +186,7 @@ def read_shard(
                     index += 1
                     if stop is not None and index >= stop:
                         current = None
+                        result.more = peek and _sample_follows(tar, info)
                         break
                 current = RawSample(key=key, url=url)
             if index >= start:

@@ -175,13 +175,12 @@ def labelled_wds_dataset(
     ``classnames``. Unreadable images yield ``(None, IGNORE_LABEL)``; batch with ``collate_skipping``.
     """
     import webdataset as wds
-    from braceexpand import braceexpand
 
-    if isinstance(urls, str):
-        urls = list(braceexpand(urls))
-    urls = list(urls)
-    if not urls:
-        raise ValueError("no WebDataset shards given")
+    from clipforge.data.shards import expand_urls
+
+    # the training reader's expansion: a pattern that matches no shard fails here naming it, and the
+    # missing shards of one that matches some are named (webdataset's warning names none)
+    urls = [u for source in expand_urls(urls if isinstance(urls, str) else list(urls)) for u in source]
     rank, world = world_info(enabled=distributed)
     if world > len(urls):
         log.warning("%d shards for %d ranks: ranks beyond %d evaluate nothing", len(urls), world, len(urls))

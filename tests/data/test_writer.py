@@ -12,6 +12,7 @@ from PIL import Image
 from clipforge.data.cli import main as shards_main
 from clipforge.data.cli import parse_bytes
 from clipforge.data.manifest import find_manifest, read_manifest, shard_name
+from clipforge.data.shards import DataError
 from clipforge.data.sources import read_captions
 from clipforge.data.writer import Record, ShardWriter, encode_image, image_format
 
@@ -297,3 +298,17 @@ def test_cli_reshard_keeps_boxes_of_img2dataset_json(tmp_path):
         out = [json.loads(tar.extractfile(f"{i:09d}.json").read()) for i in range(2)]
     for got, meta in zip(out, metas):
         assert {k: got[k] for k in meta} == meta
+
+
+def test_manifest_given_but_missing_fails_and_uncounted_shards_are_named(tmp_path, caplog):
+    """data.manifest=<a path that does not exist> was ignored: the error then asked for data.manifest=...;
+    a shard added after its manifest was written left only that error, naming no shard."""
+    a = write_sizes(tmp_path / "a", [2, 3])
+    with pytest.raises(DataError, match=r"gone\.json does not exist"):
+        find_manifest(a, manifest=str(tmp_path / "gone.json"))
+    (tmp_path / "a" / "00002.tar").write_bytes(Path(a[0]).read_bytes())
+    assert find_manifest([*a, str(tmp_path / "a" / "00002.tar")]) is None
+    assert any(
+        "1 of 3 shards are in no manifest" in r.getMessage() and "00002.tar" in r.getMessage()
+        for r in caplog.records
+    )

@@ -13,9 +13,14 @@ reads that file for its epoch length. Shards are looked up by base name, so a ma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
+
+from clipforge.data.shards import DataError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
@@ -60,8 +65,11 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
 
     A local shard is looked up in ``manifest.json``/``sizes.json`` beside it first (so two sources that
     both have a ``00000.tar`` do not mix up their counts), then in the explicit ``manifest`` file, which
-    is how ``pipe:`` URLs get their counts.
+    is how ``pipe:`` URLs get their counts. An explicit ``manifest`` that does not exist is an error; shards
+    that no manifest counts while others are counted are named in a warning.
     """
+    if manifest is not None and not Path(manifest).is_file():
+        raise DataError(f"the manifest {manifest} does not exist")
     cache: dict[Path, dict[str, int]] = {}
 
     def table(path: Path) -> dict[str, int]:
@@ -69,7 +77,7 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
             cache[path] = read_manifest(path)["shards"] if path.is_file() else {}
         return cache[path]
 
-    counts = {}
+    counts, missing = {}, []
     for url in urls:
         name = shard_name(url)
         tables = []
@@ -80,6 +88,17 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
             tables.append(table(Path(manifest)))
         found = next((t[name] for t in tables if name in t), None)
         if found is None:
-            return None
-        counts[url] = found
-    return counts
+            missing.append(url)
+        else:
+            counts[url] = found
+    if missing and counts:  # a manifest was found, but it lacks these (shards added after it was written?)
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        log.warning(
+            "%d of %d shards are in no manifest, so samples per shard are unknown (looked in manifest.json "
+            "and sizes.json beside each shard%s): %s",
+            len(missing),
+            len(urls),
+            f" and in {manifest}" if manifest is not None else "",
+            shown,
+        )
+    return None if missing else counts

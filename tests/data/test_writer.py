@@ -148,7 +148,7 @@ def test_read_captions_formats(tmp_path, fmt):
     suffix = {"csv_noheader": "csv"}.get(fmt, fmt)
     path = tmp_path / f"captions.{suffix}"
     path.write_text(text)
-    assert read_captions(path) == rows
+    assert read_captions(path) == list(rows.items())
 
 
 def test_read_captions_of_real_files(tmp_path):
@@ -156,14 +156,30 @@ def test_read_captions_of_real_files(tmp_path):
     (its words ran together) and a raw U+2028 in a JSONL caption broke its line in two."""
     path = tmp_path / "captions.csv"
     path.write_text('file,caption,source\na.jpg,"two\nlines",x\nb.png,"p\u2028q",y\n', encoding="utf-8-sig")
-    assert read_captions(path) == {"a.jpg": "two\nlines", "b.png": "p\u2028q"}
+    assert read_captions(path) == [("a.jpg", "two\nlines"), ("b.png", "p\u2028q")]
     path = tmp_path / "captions.jsonl"
     lines = [
         json.dumps({"file": "a.jpg", "caption": "p\u2028q"}, ensure_ascii=False),
         '{"file": "b.png", "caption": "c"}',
     ]
     path.write_text("\r\n".join(lines), encoding="utf-8-sig")
-    assert read_captions(path) == {"a.jpg": "p\u2028q", "b.png": "c"}
+    assert read_captions(path) == [("a.jpg", "p\u2028q"), ("b.png", "c")]
+
+
+def test_every_caption_of_an_image_is_a_sample(tmp_path):
+    """COCO-style files give an image several captions (rows, or a list); all but the last were dropped
+    without a word, and a JSON list of captions became one caption "['a', 'b']"."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "img" / name).write_bytes(tiny_jpeg(0))
+    (tmp_path / "caps.csv").write_text("file,caption\nb.jpg,b one\na.jpg,a one\nb.jpg,b two\n")
+    (tmp_path / "caps.json").write_text(json.dumps({"b.jpg": ["b one", "b two"], "a.jpg": "a one"}))
+    for caps in ("caps.csv", "caps.json"):
+        out = tmp_path / caps.replace(".", "_")
+        assert shards_main(["folder", str(tmp_path / "img"), str(tmp_path / caps), str(out)]) == 0
+        with tarfile.open(out / "00000.tar") as tar:
+            texts = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+        assert texts == ["a one", "b one", "b two"]
 
 
 def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):

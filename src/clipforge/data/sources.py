@@ -42,15 +42,24 @@ def _pick(keys: list[str], wanted: tuple[str, ...], what: str, path: Path) -> st
     raise ValueError(f"{path}: no {what} column; expected one of {wanted}, found {keys}")
 
 
-def read_captions(path: str | Path) -> dict[str, str]:
-    """File name -> caption from a CSV/TSV (with a header, or two columns without), JSONL or JSON file."""
+def _texts(value: object) -> list[str]:
+    """The captions of one entry: a list holds several (one sample each), null none."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value or "")]
+
+
+def read_captions(path: str | Path) -> list[tuple[str, str]]:
+    """``(file name, caption)`` pairs, one per row, from a CSV/TSV (with a header, or two columns without),
+    JSONL or JSON file (a list of rows, or an object file name -> caption). An image may have several
+    captions (rows, or a list), each a sample of its own, as in COCO's five per image."""
     path = Path(path)
     text = path.read_text(encoding="utf-8-sig")  # spreadsheets save CSV with a byte-order mark
     suffix = path.suffix.lower()
     if suffix == ".json":
         data = json.loads(text)
         if isinstance(data, dict):
-            return {str(k): str(v) for k, v in data.items()}
+            return [(str(k), t) for k, v in data.items() for t in _texts(v)]
         rows = data
     elif suffix == ".jsonl":
         # lines end at "\n" only: str.splitlines also splits at U+2028 and others, which JSON strings hold raw
@@ -60,28 +69,30 @@ def read_captions(path: str | Path) -> dict[str, str]:
         # csv splits the lines itself: a quoted caption may hold line breaks
         table = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
         if not table:
-            return {}
+            return []
         header = [h.strip() for h in table[0]]
         has_header = any(h.lower() in FILE_KEYS for h in header)
         if not has_header:
             if len(header) != 2:
                 raise ValueError(f"{path}: without a header row the file needs exactly two columns")
-            return {row[0]: row[1] for row in table if len(row) >= 2}
+            return [(row[0], row[1]) for row in table if len(row) >= 2]
         rows = [dict(zip(header, row)) for row in table[1:] if row]
     if not rows:
-        return {}
+        return []
     file_key = _pick(list(rows[0]), FILE_KEYS, "file name", path)
     caption_key = _pick(list(rows[0]), CAPTION_KEYS, "caption", path)
-    return {str(r[file_key]): str(r.get(caption_key) or "") for r in rows}
+    return [(str(r[file_key]), t) for r in rows for t in _texts(r.get(caption_key))]
 
 
 def folder_records(
     image_dir: str | Path, captions: str | Path, skipped: Counter | None = None
 ) -> Iterator[Record]:
-    """Records for every entry of the captions file whose image exists under ``image_dir``."""
+    """Records for every entry of the captions file whose image exists under ``image_dir`` (an image with
+    several captions gives one record each)."""
     image_dir = Path(image_dir)
     skipped = skipped if skipped is not None else Counter()
-    for i, (name, caption) in enumerate(sorted(read_captions(captions).items())):
+    # by file name (several captions of one file keep their order): the keys follow the names
+    for i, (name, caption) in enumerate(sorted(read_captions(captions), key=lambda row: row[0])):
         path = image_dir / name
         if not path.is_file():
             skipped["missing_image"] += 1

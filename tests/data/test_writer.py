@@ -225,6 +225,18 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("skipped: missing_caption=1\n")
 
 
+@pytest.mark.parametrize("out", [".", "resharded"])
+def test_cli_reshard_into_its_own_source_fails_at_once(tmp_path, out, capsys):
+    """Re-sharding into the source folder overwrote input shards before they were read (20 samples in,
+    14 out, the input gone); a folder inside the source would be read back as input on the next run."""
+    write_sizes(tmp_path / "i2d", [10, 10])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "i2d").glob("*.tar")}
+    with pytest.raises(SystemExit):
+        shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "i2d" / out), "--max-count", "4"])
+    assert "is inside the source" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "i2d").glob("*.tar")} == before
+
+
 def test_cli_reshard_keeps_every_complete_sample_of_a_truncated_tar(tmp_path, capsys, caplog):
     """A tar cut inside sample 3's image lost sample 2 too (the last complete one), and the warning
     named the folder, not the shard."""

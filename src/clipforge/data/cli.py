@@ -88,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "img2dataset":
+        source, out = Path(args.source).resolve(), Path(args.out).resolve()
+        if out == source or source in out.parents:
+            # the new shards would replace input shards not yet read, or be read back as input
+            parser.error(
+                f"the output folder {args.out} is inside the source {args.source}: write it elsewhere"
+            )
     if args.command == "manifest":
         counts = count_shards(args.directory)
         if not counts:

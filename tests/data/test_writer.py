@@ -237,6 +237,25 @@ def test_cli_reshard_into_its_own_source_fails_at_once(tmp_path, out, capsys):
     assert {p.name: p.read_bytes() for p in (tmp_path / "i2d").glob("*.tar")} == before
 
 
+def test_cli_wrong_paths_fail_at_once_and_nothing_written_is_a_failure(tmp_path, capsys):
+    """A misspelt image folder or source gave "0 samples in 0 shards", an empty manifest and status 0."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "caps.csv").write_text("file,caption\na.jpg,a photo\n")
+    for argv, message in (
+        (["folder", str(tmp_path / "imgs"), str(tmp_path / "caps.csv")], "imgs is not a folder"),
+        (["folder", str(tmp_path / "img"), str(tmp_path / "caps.tsv")], "caps.tsv does not exist"),
+        (["img2dataset", str(tmp_path / "laion")], "laion is not a folder"),
+    ):
+        with pytest.raises(SystemExit):
+            shards_main([*argv, str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert (
+        shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 1
+    )
+    assert "no sample was written" in capsys.readouterr().err
+
+
 def test_cli_reshard_keeps_every_complete_sample_of_a_truncated_tar(tmp_path, capsys, caplog):
     """A tar cut inside sample 3's image lost sample 2 too (the last complete one), and the warning
     named the folder, not the shard."""

@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    folder = {"folder": "images", "img2dataset": "source"}.get(args.command)
+    if folder is not None and not Path(getattr(args, folder)).is_dir():
+        parser.error(f"{getattr(args, folder)} is not a folder")
+    if args.command == "folder" and not Path(args.captions).is_file():
+        parser.error(f"the captions file {args.captions} does not exist")
     if args.command == "img2dataset":
         source, out = Path(args.source).resolve(), Path(args.out).resolve()
         if out == source or source in out.parents:
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(counts.values())} samples in {len(counts)} shards under {args.out}")
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    if not counts:
+        print("no sample was written: see the skipped counts and warnings above", file=sys.stderr)
+        return 1
     return 0
 
 

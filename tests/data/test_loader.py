@@ -179,6 +179,14 @@ def test_pattern_matching_nothing_fails_at_once_naming_it(tmp_path):
         expand_urls(str(tmp_path / "*.tar"))
 
 
+def test_a_folder_given_as_shards_fails_at_once_naming_it(shards, tmp_path):
+    """The shards' folder as data.train_urls failed with "exact-epoch mode needs samples per shard" (the
+    manifest beside it was not found), or in resampled mode as 16 unreadable shards in a row."""
+    for stream in (Stream(), Stream(resampled=True, epoch_samples=40)):
+        with pytest.raises(DataError, match=r"is a folder, not a shard: name its shards, e\.g\. '.*\*\.tar'"):
+            WebDataModule(str(tmp_path) + "/", num_workers=0, stream=stream).setup("fit")
+
+
 def test_shards_beyond_the_manifest_fail_naming_them(shards, tmp_path, caplog):
     bad = shards.replace("00005}", "00007}")
     with caplog.at_level(logging.WARNING):

@@ -69,6 +69,12 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
                 expanded.append(url if url.startswith("pipe:") else os.path.expanduser(url))
         if not expanded:
             raise DataError(f"shard pattern {spec!r} matches no shard")
+        folder = next((u for u in expanded if os.path.isdir(u)), None)
+        if folder is not None:  # read as a tar, a folder only fails later, as an unreadable shard
+            raise DataError(
+                f"shard URL {folder!r} is a folder, not a shard: name its shards, e.g. "
+                f"'{os.path.join(folder, '*.tar')}' or a brace pattern like '{os.path.join(folder, '{00000..00099}.tar')}'"
+            )
         missing = missing_local(expanded)
         if missing and len(missing) == len(expanded):
             raise DataError(

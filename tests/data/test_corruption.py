@@ -161,3 +161,19 @@ def test_a_shard_longer_than_its_manifest_says_is_named(shards, caplog):
     monitor = FailureMonitor(*new_tables(1, 4), 0, {u: i for i, u in enumerate(urls)}, "test")
     assert len(list(read_segments(parts, monitor, {urls[0]: 10, urls[2]: 6}))) == 16
     assert monitor.short_shards == 1
+
+
+def test_macos_tar_resource_forks_are_not_samples(shards):
+    """A tar made on macOS holds ``._NAME`` before each file with extended attributes: every sample was split
+    in two, counted as missing images and captions, and the run stopped as mostly bad input."""
+    _, urls, pat = shards
+    with tarfile.open(urls[0]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(urls[0], "w") as tar:
+        for name, data in members:
+            add(tar, "._" + name, b"\x00\x05\x16\x07 Mac OS X        ")
+            add(tar, name, data)
+    dm = module(pat)
+    ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
+    assert sorted(ids) == list(range(40))
+    assert set(dm.skip_counts().values()) == {0}

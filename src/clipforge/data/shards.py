@@ -143,13 +143,21 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def _is_apple_double(name: str) -> bool:
+    """macOS tar writes ``._NAME`` (extended attributes) before each file that has some, e.g. a downloaded
+    image: read as samples, they would split every real sample in two."""
+    return name.rsplit("/", 1)[-1].startswith("._")
+
+
 def _sample_follows(tar: tarfile.TarFile, first: tarfile.TarInfo) -> bool:
     """Whether the sample that member ``first`` begins is whole: its members read through to the next
     sample or the end of the tar (a shard cut inside it holds no more than the samples before it)."""
     key = split_name(first.name)[0]
     info: tarfile.TarInfo | None = first
     try:
-        while info is not None and (not info.isfile() or split_name(info.name)[0] == key):
+        while info is not None and (
+            not info.isfile() or _is_apple_double(info.name) or split_name(info.name)[0] == key
+        ):
             f = tar.extractfile(info) if info.isfile() else None
             if f is not None:
                 f.read()
@@ -180,7 +188,7 @@ def read_shard(
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the stream is closed below)
         current: RawSample | None = None
         for info in tar:
-            if not info.isfile():
+            if not info.isfile() or _is_apple_double(info.name):
                 continue
             members += 1
             key, ext = split_name(info.name)

@@ -359,3 +359,16 @@ def test_manifest_given_but_missing_fails_and_uncounted_shards_are_named(tmp_pat
         "1 of 3 shards are in no manifest" in r.getMessage() and "00002.tar" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("", "Expecting value"), ("[1, 2]", "a JSON list"), ('{"shards": {"00000.tar": "ten"}}', "'ten'")],
+)
+def test_a_broken_manifest_is_an_error_naming_it(tmp_path, text, why):
+    """An empty or mangled manifest.json beside the shards failed with a bare JSONDecodeError, ValueError or
+    AttributeError that named no file."""
+    (url,) = write_sizes(tmp_path, [2])
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=rf"manifest\.json is not a manifest \(.*{why}"):
+        find_manifest([url])

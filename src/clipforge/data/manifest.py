@@ -52,11 +52,26 @@ def write_manifest(out_dir: str | Path, shards: dict[str, int], params: dict | N
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Read a ``manifest.json`` (or an open_clip-style ``sizes.json``) into the manifest layout."""
-    data = json.loads(Path(path).read_text())
-    if "shards" not in data:  # sizes.json: a bare {name: count} mapping
-        data = {"version": 1, "shards": data, "num_samples": sum(data.values()), "params": {}}
-    data["shards"] = {str(k): int(v) for k, v in data["shards"].items()}
+    """Read a ``manifest.json`` (or an open_clip-style ``sizes.json``) into the manifest layout; one that
+    does not parse or whose counts are not sample counts is an error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        if "shards" not in data:  # sizes.json: a bare {name: count} mapping
+            data = {"version": 1, "shards": data, "params": {}}
+        shards = data["shards"]
+        if not isinstance(shards, dict):
+            raise ValueError(f"its shards are a JSON {type(shards).__name__}, not an object")
+        data["shards"] = {str(k): int(v) for k, v in shards.items()}
+    except ValueError as e:  # json's errors included
+        raise DataError(
+            f"{path} is not a manifest ({e}); rewrite it: clipforge-shards manifest DIR"
+        ) from None
+    bad = {k: v for k, v in data["shards"].items() if v < 0}
+    if bad:
+        raise DataError(f"{path} gives negative sample counts: {bad}")
+    data["num_samples"] = sum(data["shards"].values())
     return data
 
 

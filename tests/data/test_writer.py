@@ -238,7 +238,8 @@ def test_cli_reshard_into_its_own_source_fails_at_once(tmp_path, out, capsys):
 
 
 def test_cli_wrong_paths_fail_at_once_and_nothing_written_is_a_failure(tmp_path, capsys):
-    """A misspelt image folder or source gave "0 samples in 0 shards", an empty manifest and status 0."""
+    """A misspelt image folder or source gave "0 samples in 0 shards", an empty manifest and status 0;
+    --max-count 0 or below, a traceback."""
     (tmp_path / "img").mkdir()
     (tmp_path / "caps.csv").write_text("file,caption\na.jpg,a photo\n")
     for argv, message in (
@@ -250,6 +251,12 @@ def test_cli_wrong_paths_fail_at_once_and_nothing_written_is_a_failure(tmp_path,
             shards_main([*argv, str(tmp_path / "out")])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    for limit in ("0", "-3"):  # the help's "0: no limit" needs a byte limit; both were tracebacks
+        with pytest.raises(SystemExit):
+            shards_main(
+                ["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), "x", "--max-count", limit]
+            )
+        assert "give a count >= 1, or 0 (no limit) with --max-bytes" in capsys.readouterr().err
     assert (
         shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 1
     )

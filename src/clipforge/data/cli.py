@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "manifest" and (
+        args.max_count < 0 or (args.max_count == 0 and args.max_bytes is None)
+    ):
+        parser.error(f"--max-count {args.max_count}: give a count >= 1, or 0 (no limit) with --max-bytes")
     folder = {"folder": "images", "img2dataset": "source"}.get(args.command)
     if folder is not None and not Path(getattr(args, folder)).is_dir():
         parser.error(f"{getattr(args, folder)} is not a folder")

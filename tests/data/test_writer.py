@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datahelpers import tiny_jpeg, write_sizes
+from datahelpers import add, tiny_jpeg, write_sizes
 from PIL import Image
 
 from clipforge.data.cli import main as shards_main
@@ -261,6 +261,33 @@ def test_cli_wrong_paths_fail_at_once_and_nothing_written_is_a_failure(tmp_path,
         shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 1
     )
     assert "no sample was written" in capsys.readouterr().err
+
+
+def test_a_dot_in_a_key_is_counted_and_explained(tmp_path, capsys, caplog):
+    """Files named ``photo.2021.jpg``: WebDataset's key is ``photo``, so the sample has no ``jpg``. The loader
+    logged only "skipped photo: missing_image"; re-sharding dropped such samples without counting them."""
+    from clipforge.data.decode import decode_sample
+    from clipforge.data.failures import FailureMonitor, new_tables
+    from clipforge.data.shards import RawSample
+    from clipforge.data.transforms import ImageTransform
+
+    (tmp_path / "src").mkdir()
+    with tarfile.open(tmp_path / "src" / "00000.tar", "w") as tar:
+        for name, data in (
+            ("photo.2021.jpg", tiny_jpeg(0)),
+            ("photo.2021.txt", b"a photo"),
+            ("ok.jpg", tiny_jpeg(1)),
+        ):
+            add(tar, name, data)
+        add(tar, "ok.txt", b"fine")
+    assert shards_main(["img2dataset", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert "missing_image=1" in capsys.readouterr().out
+    monitor = FailureMonitor(*new_tables(1, 1), 0, {"u": 0}, "test")
+    raw = RawSample("photo", "u", {"2021.jpg": tiny_jpeg(0), "2021.txt": b"a photo"})
+    assert decode_sample(raw, ImageTransform(8, train=False), None, monitor) is None
+    assert monitor.by_cause["missing_image"] == 1
+    hints = [r.getMessage() for r in caplog.records if "photo.2021.jpg is an image" in r.getMessage()]
+    assert len(hints) == 2 and all("no dot in the keys" in h for h in hints)
 
 
 def test_cli_reshard_keeps_every_complete_sample_of_a_truncated_tar(tmp_path, capsys, caplog):

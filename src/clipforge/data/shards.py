@@ -14,7 +14,7 @@ import os
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -141,6 +141,18 @@ def split_name(name: str) -> tuple[str, str]:
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1 :].lower()
+
+
+def dotted_key_hint(key: str, exts: Iterable[str]) -> str:
+    """Why a sample has no image when a dot in its key hid it (``a.b.jpg``: key ``a``, extension
+    ``b.jpg``), or ``""``."""
+    hidden = sorted(e for e in exts if "." in e and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
+    if not hidden:
+        return ""
+    return (
+        f"{key}.{hidden[0]} is an image, but WebDataset keys end at the first dot of a file name, so its "
+        f"key is {key!r}: write the shards with no dot in the keys"
+    )
 
 
 def _is_apple_double(name: str) -> bool:

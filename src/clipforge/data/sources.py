@@ -24,7 +24,7 @@ from PIL import Image
 
 from clipforge.data import synthetic
 from clipforge.data.decode import IMAGE_ERRORS
-from clipforge.data.shards import IMAGE_EXTS, ShardResult, read_shard, split_name
+from clipforge.data.shards import IMAGE_EXTS, ShardResult, dotted_key_hint, read_shard, split_name
 from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,11 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
             for key, sample in samples:
                 image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
                 if image_ext is None:
-                    if "txt" in sample or "json" in sample:
+                    hint = dotted_key_hint(key, sample)
+                    if "txt" in sample or "json" in sample or hint:
                         skipped["missing_image"] += 1
+                    if hint:
+                        log.warning("skipping %s: %s", key, hint)
                     continue
                 caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
                 try:

@@ -129,7 +129,7 @@ def test_labels_for_zero_shot(tmp_path):
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids]
 
 
-def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path):
+def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path, caplog):
     """One label reader for training-time zero-shot shards and clipforge-zeroshot: ``.cls`` integers (as in
     ImageNet's WebDataset shards) and json labels that are class names, looked up in the class names."""
     names = ["cat", "dog", "fox"]
@@ -145,9 +145,14 @@ def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path):
     batches = epoch(ds)
     ids = sample_ids([k for b in batches for k in b[2]])
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids] and len(ids) == 6
-    # names that are not among the class names are missing labels; a whole set of them stops the pass
-    with pytest.raises(DataError, match=r"3 of 6 samples read from 1 shards failed .*missing_label: 3"):
+    # names that are not among the class names are missing labels; a whole set of them stops the pass, and
+    # the log says why (it said only "skipped KEY: missing_label")
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(DataError, match=r"3 of 6 samples .*missing_label: 3"),
+    ):
         epoch(make(str(tmp_path / "00000.tar"), train=False, target=["ant", "bee", "cow"], failures=STRICT))
+    assert "(class name 'cat' is not among the class names): missing_label" in caplog.text
 
 
 def test_pipe_urls_read_like_files(shards, tmp_path):

@@ -115,15 +115,17 @@ def decode_sample(
         hint = dotted_key_hint(raw.key, raw.members)
         monitor.sample_failed("missing_image", raw.url, f"{raw.key} ({hint})" if hint else raw.key)
         return None
+    why = ""  # what read_label found wrong, for the log
     if target == "text":
         label: str | int | None = _caption(raw)
     else:
         try:
             label = read_label(raw.members, None if target == "label" else target)
-        except ValueError:
-            label = None
+        except ValueError as e:
+            label, why = None, str(e)
     if label is None or label == "":
-        monitor.sample_failed("missing_caption" if target == "text" else "missing_label", raw.url, raw.key)
+        cause = "missing_caption" if target == "text" else "missing_label"
+        monitor.sample_failed(cause, raw.url, f"{raw.key} ({why})" if why else raw.key)
         return None
     data = raw.members[ext]
     try:

@@ -2,11 +2,13 @@
 
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from datahelpers import add, data_module, pattern, sample_ids, write_sizes
 
+from clipforge.data import shards as shards_module
 from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables
 from clipforge.data.manifest import write_manifest
 from clipforge.data.plan import Segment
@@ -111,6 +113,26 @@ def test_failing_pipe_command_is_an_unreadable_shard(shards):
     dm.setup("fit")
     assert len(list(dm.train_dataloader())) == dm.steps_per_epoch
     assert dm.skip_counts()["unreadable_shard"] == 1
+
+
+def test_a_stalled_pipe_command_is_a_broken_shard_not_a_hang(shards, monkeypatch):
+    """A pipe: command that stops writing (a stalled download) held its worker, and the run, forever."""
+    monkeypatch.setattr(shards_module, "PIPE_STALL_S", 0.5)
+    root, urls, _ = shards
+    head = len(Path(urls[1]).read_bytes()) // 2
+    pipes = [
+        f"pipe:cat {urls[0]}",
+        f"pipe:head -c {head} {urls[1]}; sleep 5",
+        f"pipe:sleep 5 # {urls[2]}",
+        f"pipe:cat {urls[3]}",
+    ]
+    dm = data_module(pipes, 4, manifest=str(root / "manifest.json"), failures=FailurePolicy(0.9))
+    dm.setup("fit")
+    start = time.monotonic()
+    assert len(list(dm.train_dataloader())) == dm.steps_per_epoch
+    assert time.monotonic() - start < 4  # neither sleep was waited for
+    counts = dm.skip_counts()
+    assert counts["truncated_shard"] == 1 and counts["unreadable_shard"] == 1
 
 
 def test_counts_reach_the_main_process_from_worker_processes(shards):

@@ -9,8 +9,10 @@ brace expansion (``data/{00000..00099}.tar``); ``::`` separates sources, as in o
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
+import select
 import subprocess
 import tarfile
 import tempfile
@@ -21,6 +23,9 @@ from typing import IO
 import braceexpand
 
 log = logging.getLogger(__name__)
+
+# Seconds a pipe: command may write nothing before its shard counts as broken (a stalled download).
+PIPE_STALL_S = 300.0
 
 # Sample members that hold the image, in order of preference: any format PIL reads.
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
@@ -121,12 +126,33 @@ class ShardResult:
     more: bool = False  # the read stopped at its count, and a whole sample followed (asked with peek)
 
 
+class _StallGuard(io.RawIOBase):
+    """A ``pipe:`` command's output that raises ``TimeoutError`` when the command writes nothing for
+    ``PIPE_STALL_S`` seconds (a stalled download would otherwise hold its DataLoader worker, and the run,
+    forever); the shard then counts as unreadable or truncated like any broken one."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        if not select.select([self.raw], [], [], PIPE_STALL_S)[0]:
+            raise TimeoutError(f"the command wrote nothing for {PIPE_STALL_S:g} s")
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _open(url: str) -> tuple[IO[bytes], subprocess.Popen | None, IO[bytes] | None]:
     if url.startswith("pipe:"):
         errfile = tempfile.TemporaryFile()  # noqa: SIM115 (closed by read_shard). A file, not a pipe: a chatty command cannot block on it
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=errfile, bufsize=1 << 20)
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=errfile, bufsize=0)
         assert proc.stdout is not None
-        return proc.stdout, proc, errfile
+        return io.BufferedReader(_StallGuard(proc.stdout), 1 << 20), proc, errfile
     if "://" in url:
         from webdataset.gopen import gopen
 
@@ -238,7 +264,7 @@ def read_shard(
         else:
             result.failure = "truncated_shard"
         result.message = message
-        reached_end = True
+        reached_end = not isinstance(e, TimeoutError)  # a stalled command is killed: its status says nothing
     finally:
         if stream is not None:
             stream.close()

@@ -348,6 +348,19 @@ def test_cli_synthetic_and_manifest_recount(tmp_path):
     )
 
 
+def test_cli_manifest_says_which_shards_are_broken(tmp_path, capsys, caplog):
+    """Counting a folder with broken shards ended in "N samples in M shards" alone, and logged each broken
+    shard twice."""
+    urls = write_sizes(tmp_path, [4, 4, 4])
+    Path(urls[1]).write_bytes(b"")
+    with tarfile.open(urls[2]) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000009.jpg").offset_data + 10
+    Path(urls[2]).write_bytes(Path(urls[2]).read_bytes()[:cut])
+    assert shards_main(["manifest", str(tmp_path)]) == 0
+    assert "broken shards: empty_shard=1, truncated_shard=1" in capsys.readouterr().out
+    assert sum("00001.tar" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_manifest_lookup_by_directory_and_for_pipe_urls(tmp_path):
     a = write_sizes(tmp_path / "a", [2, 3])
     b = write_sizes(tmp_path / "b", [5])

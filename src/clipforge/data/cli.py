@@ -38,15 +38,15 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def count_shards(directory: str | Path) -> dict[str, int]:
-    """Samples per shard of every ``*.tar`` in ``directory``, by reading them."""
+def count_shards(directory: str | Path, broken: Counter | None = None) -> dict[str, int]:
+    """Samples per shard of every ``*.tar`` in ``directory``, by reading them; a broken shard counts the
+    samples that could be read, and its cause is counted in ``broken`` (read_shard logs it)."""
     counts = {}
     for path in tqdm(sorted(Path(directory).glob("*.tar")), desc="counting", unit="shard"):
         result = ShardResult()
-        n = sum(1 for _ in read_shard(str(path), result))
-        if result.failure is not None:
-            logging.warning("%s: %s (%s); counted %d samples", path, result.failure, result.message, n)
-        counts[path.name] = n
+        counts[path.name] = sum(1 for _ in read_shard(str(path), result))
+        if result.failure is not None and broken is not None:
+            broken[result.failure] += 1
     return counts
 
 
@@ -107,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"the output folder {args.out} is inside the source {args.source}: write it elsewhere"
             )
     if args.command == "manifest":
-        counts = count_shards(args.directory)
+        broken: Counter = Counter()
+        counts = count_shards(args.directory, broken)
         if not counts:
             print(f"no *.tar shards in {args.directory}", file=sys.stderr)
             return 1
         write_manifest(args.directory, counts, {"source": "counted"})
         print(f"{sum(counts.values())} samples in {len(counts)} shards; wrote {args.directory}/manifest.json")
+        if broken:  # counted as far as they read: training will not see their damage again
+            causes = ", ".join(f"{k}={v}" for k, v in sorted(broken.items()))
+            print(f"broken shards: {causes} (counted as far as they could be read; see the warnings above)")
         return 0
     skipped: Counter = Counter()
     total = None

@@ -176,7 +176,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if cfg.get("final_eval", True):
         metrics.update(final_zero_shot(module.model, datamodule, trainer))
-    summary = summarize(metrics, trainer, logger)
+    summary = summarize(metrics, trainer, logger, data_skips(datamodule))
     finish_logger(logger, metrics, trainer.global_step)
     if trainer.is_global_zero:
         print(summary, flush=True)
@@ -263,8 +263,22 @@ def _wandb_offline(logger: Any) -> bool:
     return bool(offline)
 
 
-def summarize(metrics: dict[str, float], trainer: L.Trainer, logger: Any) -> str:
+def data_skips(datamodule: Any) -> dict[str, int]:
+    """What the data skipped over the run, by cause, summed over ranks (every rank calls it)."""
+    counts = getattr(datamodule, "skip_counts", None)
+    if counts is None:
+        return {}
+    from clipforge.callbacks.data_skips import total_skip_counts
+
+    return {cause: n for cause, n in total_skip_counts(counts()).items() if n}
+
+
+def summarize(
+    metrics: dict[str, float], trainer: L.Trainer, logger: Any, skipped: dict[str, int] | None = None
+) -> str:
     lines = ["", "=" * 60, "clipforge run summary", "=" * 60, f"steps:             {trainer.global_step}"]
+    if skipped:  # bad input is never silent: without a logger this line is where the counts show
+        lines.append("data skipped:      " + ", ".join(f"{cause}={n}" for cause, n in skipped.items()))
     if "train/loss" in metrics:
         lines.append(f"final train loss:  {metrics['train/loss']:.4f}")
     if "val/loss" in metrics:

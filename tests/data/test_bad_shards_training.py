@@ -37,7 +37,7 @@ def damaged_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     "seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
 )
 def test_seven_shards_three_damaged_train_to_the_end(
-    compose_cfg, damaged_shards: str, tmp_path: Path, seed: int
+    compose_cfg, damaged_shards: str, tmp_path: Path, seed: int, capsys
 ):
     cfg = compose_cfg(
         *SMALL,
@@ -64,3 +64,6 @@ def test_seven_shards_three_damaged_train_to_the_end(
     sample_level = ("lost_samples", "corrupt_image", "missing_caption", "missing_image")
     lost = sum(last[f"data/skipped_{c}"] for c in sample_level)
     assert last["data/skipped_repeated_samples"] == lost  # every one made up for by a re-read
+    # the run summary says so too (a run without a logger had no word of it)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("data skipped:")]
+    assert "corrupt_image=1" in line and "truncated_shard=1" in line and "unreadable_shard=1" in line

@@ -2,12 +2,17 @@
 
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from datahelpers import add, data_module, pattern, sample_ids, write_sizes
 
-from clipforge.data.failures import FailurePolicy
+from clipforge.data import shards as shards_module
+from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables
+from clipforge.data.manifest import write_manifest
+from clipforge.data.plan import Segment
+from clipforge.data.read import read_segments
 from clipforge.data.shards import DataError
 
 SIZES = [10, 10, 10, 10]
@@ -110,6 +115,26 @@ def test_failing_pipe_command_is_an_unreadable_shard(shards):
     assert dm.skip_counts()["unreadable_shard"] == 1
 
 
+def test_a_stalled_pipe_command_is_a_broken_shard_not_a_hang(shards, monkeypatch):
+    """A pipe: command that stops writing (a stalled download) held its worker, and the run, forever."""
+    monkeypatch.setattr(shards_module, "PIPE_STALL_S", 0.5)
+    root, urls, _ = shards
+    head = len(Path(urls[1]).read_bytes()) // 2
+    pipes = [
+        f"pipe:cat {urls[0]}",
+        f"pipe:head -c {head} {urls[1]}; sleep 5",
+        f"pipe:sleep 5 # {urls[2]}",
+        f"pipe:cat {urls[3]}",
+    ]
+    dm = data_module(pipes, 4, manifest=str(root / "manifest.json"), failures=FailurePolicy(0.9))
+    dm.setup("fit")
+    start = time.monotonic()
+    assert len(list(dm.train_dataloader())) == dm.steps_per_epoch
+    assert time.monotonic() - start < 4  # neither sleep was waited for
+    counts = dm.skip_counts()
+    assert counts["truncated_shard"] == 1 and counts["unreadable_shard"] == 1
+
+
 def test_counts_reach_the_main_process_from_worker_processes(shards):
     _, urls, pat = shards
     rewrite(urls[1], corrupt={11, 12})
@@ -136,3 +161,41 @@ def test_all_shards_unreadable_stops(shards):
         Path(u).write_bytes(b"not a tar" * 100)
     with pytest.raises(DataError, match=r"unreadable_shard|lost_samples"):
         run_epoch(module(pat))
+
+
+def test_a_shard_longer_than_its_manifest_says_is_named(shards, caplog):
+    """A stale manifest that undercounts a shard left the rest of it unread every epoch, without a word.
+    Not named: a shard cut inside the sample after its count (the manifest counted it after the cut),
+    a shard read in parts (one segment per worker) for its first parts."""
+    root, urls, pat = shards
+    with tarfile.open(urls[1]) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000016.jpg").offset_data + 10
+    Path(urls[1]).write_bytes(Path(urls[1]).read_bytes()[:cut])
+    write_manifest(root, {Path(u).name: 6 if u in urls[1:3] else 10 for u in urls})
+    dm = module(pat)
+    ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
+    assert sorted(ids) == [i for i in range(40) if not (16 <= i < 20 or 26 <= i < 30)]  # as the manifest says
+    named = [r.getMessage() for r in caplog.records if "its manifest says" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith(f"{urls[2]} holds more than the 6 samples")
+
+    caplog.clear()
+    parts = [Segment(urls[0], 0, 4), Segment(urls[0], 4, 6), Segment(urls[2], 0, 6)]
+    monitor = FailureMonitor(*new_tables(1, 4), 0, {u: i for i, u in enumerate(urls)}, "test")
+    assert len(list(read_segments(parts, monitor, {urls[0]: 10, urls[2]: 6}))) == 16
+    assert monitor.short_shards == 1
+
+
+def test_macos_tar_resource_forks_are_not_samples(shards):
+    """A tar made on macOS holds ``._NAME`` before each file with extended attributes: every sample was split
+    in two, counted as missing images and captions, and the run stopped as mostly bad input."""
+    _, urls, pat = shards
+    with tarfile.open(urls[0]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(urls[0], "w") as tar:
+        for name, data in members:
+            add(tar, "._" + name, b"\x00\x05\x16\x07 Mac OS X        ")
+            add(tar, name, data)
+    dm = module(pat)
+    ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
+    assert sorted(ids) == list(range(40))
+    assert set(dm.skip_counts().values()) == {0}

@@ -129,7 +129,7 @@ def test_labels_for_zero_shot(tmp_path):
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids]
 
 
-def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path):
+def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path, caplog):
     """One label reader for training-time zero-shot shards and clipforge-zeroshot: ``.cls`` integers (as in
     ImageNet's WebDataset shards) and json labels that are class names, looked up in the class names."""
     names = ["cat", "dog", "fox"]
@@ -145,9 +145,14 @@ def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path):
     batches = epoch(ds)
     ids = sample_ids([k for b in batches for k in b[2]])
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids] and len(ids) == 6
-    # names that are not among the class names are missing labels; a whole set of them stops the pass
-    with pytest.raises(DataError, match=r"3 of 6 samples read from 1 shards failed .*missing_label: 3"):
+    # names that are not among the class names are missing labels; a whole set of them stops the pass, and
+    # the log says why (it said only "skipped KEY: missing_label")
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(DataError, match=r"3 of 6 samples .*missing_label: 3"),
+    ):
         epoch(make(str(tmp_path / "00000.tar"), train=False, target=["ant", "bee", "cow"], failures=STRICT))
+    assert "(class name 'cat' is not among the class names): missing_label" in caplog.text
 
 
 def test_pipe_urls_read_like_files(shards, tmp_path):
@@ -177,6 +182,14 @@ def test_pattern_matching_nothing_fails_at_once_naming_it(tmp_path):
         WebDataModule(str(tmp_path / "nothing-here/{00000..00003}.tar")).setup("fit")
     with pytest.raises(DataError, match="matches no shard"):
         expand_urls(str(tmp_path / "*.tar"))
+
+
+def test_a_folder_given_as_shards_fails_at_once_naming_it(shards, tmp_path):
+    """The shards' folder as data.train_urls failed with "exact-epoch mode needs samples per shard" (the
+    manifest beside it was not found), or in resampled mode as 16 unreadable shards in a row."""
+    for stream in (Stream(), Stream(resampled=True, epoch_samples=40)):
+        with pytest.raises(DataError, match=r"is a folder, not a shard: name its shards, e\.g\. '.*\*\.tar'"):
+            WebDataModule(str(tmp_path) + "/", num_workers=0, stream=stream).setup("fit")
 
 
 def test_shards_beyond_the_manifest_fail_naming_them(shards, tmp_path, caplog):

@@ -124,3 +124,16 @@ def test_a_16_bit_greyscale_png_keeps_its_picture(train, tmp_path):
 
     (tmp_path / "ramp.png").write_bytes(buf.getvalue())
     assert np.asarray(load_image(tmp_path / "ramp.png"))[..., 1].tolist() == (ramp >> 8).tolist()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_16_bit_greyscale_png_keeps_its_high_byte(train):
+    """A 16-bit greyscale PNG (PIL mode I;16) came out white: ``convert("RGB")`` clipped it at 255."""
+    grey8 = np.asarray(photo(64, 48).convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(grey8.astype(np.uint16) * 256 + 99).save(buf, format="PNG")  # low byte 99: dropped
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    transform = ImageTransform(32, train=train)
+    ours = transform(buf.getvalue(), np.random.default_rng(0))
+    expected = transform(Image.fromarray(grey8).convert("RGB"), np.random.default_rng(0))
+    assert torch.equal(ours, expected)

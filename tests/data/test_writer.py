@@ -1,16 +1,18 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from datahelpers import tiny_jpeg, write_sizes
+from datahelpers import add, tiny_jpeg, write_sizes
 from PIL import Image
 
 from clipforge.data.cli import main as shards_main
 from clipforge.data.cli import parse_bytes
 from clipforge.data.manifest import find_manifest, read_manifest, shard_name
+from clipforge.data.shards import DataError
 from clipforge.data.sources import read_captions
 from clipforge.data.writer import Record, ShardWriter, encode_image, image_format
 
@@ -117,6 +119,9 @@ def test_reencode_jpeg_is_explicit_and_keeps_jpeg_bytes(tmp_path):
     assert ext == "jpg" and image_format(data) == "jpg"
     with pytest.raises(ValueError, match="reencode must be one of"):
         encode_image(png, reencode="webp")
+    grey = np.asarray(_noise(16, "L"))  # 16-bit greyscale became white JPEG (PIL clips I;16 at 255)
+    data, _ = encode_image(_encoded(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), reencode="jpeg")
+    assert np.abs(np.asarray(Image.open(io.BytesIO(data)).convert("L"), float) - grey).mean() < 8
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(png)
     (tmp_path / "caps.csv").write_text("file,caption\na.png,a picture\n")
@@ -143,7 +148,38 @@ def test_read_captions_formats(tmp_path, fmt):
     suffix = {"csv_noheader": "csv"}.get(fmt, fmt)
     path = tmp_path / f"captions.{suffix}"
     path.write_text(text)
-    assert read_captions(path) == rows
+    assert read_captions(path) == list(rows.items())
+
+
+def test_read_captions_of_real_files(tmp_path):
+    """A byte-order mark (Excel's "CSV UTF-8") hid the header, a quoted caption lost its line breaks
+    (its words ran together) and a raw U+2028 in a JSONL caption broke its line in two."""
+    path = tmp_path / "captions.csv"
+    path.write_text('file,caption,source\na.jpg,"two\nlines",x\nb.png,"p\u2028q",y\n', encoding="utf-8-sig")
+    assert read_captions(path) == [("a.jpg", "two\nlines"), ("b.png", "p\u2028q")]
+    path = tmp_path / "captions.jsonl"
+    lines = [
+        json.dumps({"file": "a.jpg", "caption": "p\u2028q"}, ensure_ascii=False),
+        '{"file": "b.png", "caption": "c"}',
+    ]
+    path.write_text("\r\n".join(lines), encoding="utf-8-sig")
+    assert read_captions(path) == [("a.jpg", "p\u2028q"), ("b.png", "c")]
+
+
+def test_every_caption_of_an_image_is_a_sample(tmp_path):
+    """COCO-style files give an image several captions (rows, or a list); all but the last were dropped
+    without a word, and a JSON list of captions became one caption "['a', 'b']"."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "img" / name).write_bytes(tiny_jpeg(0))
+    (tmp_path / "caps.csv").write_text("file,caption\nb.jpg,b one\na.jpg,a one\nb.jpg,b two\n")
+    (tmp_path / "caps.json").write_text(json.dumps({"b.jpg": ["b one", "b two"], "a.jpg": "a one"}))
+    for caps in ("caps.csv", "caps.json"):
+        out = tmp_path / caps.replace(".", "_")
+        assert shards_main(["folder", str(tmp_path / "img"), str(tmp_path / caps), str(out)]) == 0
+        with tarfile.open(out / "00000.tar") as tar:
+            texts = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+        assert texts == ["a one", "b one", "b two"]
 
 
 def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):
@@ -168,7 +204,7 @@ def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):
     assert "missing_image=1" in capsys.readouterr().out
 
 
-def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
+def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     write_sizes(tmp_path / "i2d", [3, 4])
     assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "a"), "--max-count", "5"]) == 0
     assert read_manifest(tmp_path / "a" / "manifest.json")["shards"] == {"00000.tar": 5, "00001.tar": 2}
@@ -178,11 +214,94 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path):
         (files / f"{i:09d}.jpg").write_bytes(tiny_jpeg(i))
         (files / f"{i:09d}.txt").write_text(f"file caption {i}" if i != 1 else "")
         (files / f"{i:09d}.json").write_text(json.dumps({"url": f"http://x/{i}"}))
+    # img2dataset's own files beside each shard folder (they were counted as samples missing their image)
+    (tmp_path / "files" / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
+    (tmp_path / "files" / "00000.parquet").write_bytes(b"PAR1")
     assert shards_main(["img2dataset", str(tmp_path / "files"), str(tmp_path / "b")]) == 0
     with tarfile.open(tmp_path / "b" / "00000.tar") as tar:
         assert tar.extractfile("000000002.txt").read() == b"file caption 2"
         assert json.loads(tar.extractfile("000000002.json").read())["url"] == "http://x/2"
     assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2  # the empty caption is skipped
+    assert capsys.readouterr().out.endswith("skipped: missing_caption=1\n")
+
+
+@pytest.mark.parametrize("out", [".", "resharded"])
+def test_cli_reshard_into_its_own_source_fails_at_once(tmp_path, out, capsys):
+    """Re-sharding into the source folder overwrote input shards before they were read (20 samples in,
+    14 out, the input gone); a folder inside the source would be read back as input on the next run."""
+    write_sizes(tmp_path / "i2d", [10, 10])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "i2d").glob("*.tar")}
+    with pytest.raises(SystemExit):
+        shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "i2d" / out), "--max-count", "4"])
+    assert "is inside the source" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "i2d").glob("*.tar")} == before
+
+
+def test_cli_wrong_paths_fail_at_once_and_nothing_written_is_a_failure(tmp_path, capsys):
+    """A misspelt image folder or source gave "0 samples in 0 shards", an empty manifest and status 0;
+    --max-count 0 or below, a traceback."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "caps.csv").write_text("file,caption\na.jpg,a photo\n")
+    for argv, message in (
+        (["folder", str(tmp_path / "imgs"), str(tmp_path / "caps.csv")], "imgs is not a folder"),
+        (["folder", str(tmp_path / "img"), str(tmp_path / "caps.tsv")], "caps.tsv does not exist"),
+        (["img2dataset", str(tmp_path / "laion")], "laion is not a folder"),
+    ):
+        with pytest.raises(SystemExit):
+            shards_main([*argv, str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    for limit in ("0", "-3"):  # the help's "0: no limit" needs a byte limit; both were tracebacks
+        with pytest.raises(SystemExit):
+            shards_main(
+                ["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), "x", "--max-count", limit]
+            )
+        assert "give a count >= 1, or 0 (no limit) with --max-bytes" in capsys.readouterr().err
+    assert (
+        shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 1
+    )
+    assert "no sample was written" in capsys.readouterr().err
+
+
+def test_a_dot_in_a_key_is_counted_and_explained(tmp_path, capsys, caplog):
+    """Files named ``photo.2021.jpg``: WebDataset's key is ``photo``, so the sample has no ``jpg``. The loader
+    logged only "skipped photo: missing_image"; re-sharding dropped such samples without counting them."""
+    from clipforge.data.decode import decode_sample
+    from clipforge.data.failures import FailureMonitor, new_tables
+    from clipforge.data.shards import RawSample
+    from clipforge.data.transforms import ImageTransform
+
+    (tmp_path / "src").mkdir()
+    with tarfile.open(tmp_path / "src" / "00000.tar", "w") as tar:
+        for name, data in (
+            ("photo.2021.jpg", tiny_jpeg(0)),
+            ("photo.2021.txt", b"a photo"),
+            ("ok.jpg", tiny_jpeg(1)),
+        ):
+            add(tar, name, data)
+        add(tar, "ok.txt", b"fine")
+    assert shards_main(["img2dataset", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert "missing_image=1" in capsys.readouterr().out
+    monitor = FailureMonitor(*new_tables(1, 1), 0, {"u": 0}, "test")
+    raw = RawSample("photo", "u", {"2021.jpg": tiny_jpeg(0), "2021.txt": b"a photo"})
+    assert decode_sample(raw, ImageTransform(8, train=False), None, monitor) is None
+    assert monitor.by_cause["missing_image"] == 1
+    hints = [r.getMessage() for r in caplog.records if "photo.2021.jpg is an image" in r.getMessage()]
+    assert len(hints) == 2 and all("no dot in the keys" in h for h in hints)
+
+
+def test_cli_reshard_keeps_every_complete_sample_of_a_truncated_tar(tmp_path, capsys, caplog):
+    """A tar cut inside sample 3's image lost sample 2 too (the last complete one), and the warning
+    named the folder, not the shard."""
+    (shard,) = write_sizes(tmp_path / "i2d", [5])
+    with tarfile.open(shard) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000003.jpg").offset_data + 10
+    data = Path(shard).read_bytes()
+    Path(shard).write_bytes(data[:cut])
+    assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "out")]) == 0
+    assert read_manifest(tmp_path / "out" / "manifest.json")["num_samples"] == 3
+    assert "truncated_shard=1" in capsys.readouterr().out
+    assert any("00000.tar" in r.getMessage() and "truncated_shard" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_skips_and_counts_bytes_that_are_no_image_and_json_that_does_not_parse(tmp_path, capsys):
@@ -229,6 +348,19 @@ def test_cli_synthetic_and_manifest_recount(tmp_path):
     )
 
 
+def test_cli_manifest_says_which_shards_are_broken(tmp_path, capsys, caplog):
+    """Counting a folder with broken shards ended in "N samples in M shards" alone, and logged each broken
+    shard twice."""
+    urls = write_sizes(tmp_path, [4, 4, 4])
+    Path(urls[1]).write_bytes(b"")
+    with tarfile.open(urls[2]) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000009.jpg").offset_data + 10
+    Path(urls[2]).write_bytes(Path(urls[2]).read_bytes()[:cut])
+    assert shards_main(["manifest", str(tmp_path)]) == 0
+    assert "broken shards: empty_shard=1, truncated_shard=1" in capsys.readouterr().out
+    assert sum("00001.tar" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_manifest_lookup_by_directory_and_for_pipe_urls(tmp_path):
     a = write_sizes(tmp_path / "a", [2, 3])
     b = write_sizes(tmp_path / "b", [5])
@@ -260,3 +392,30 @@ def test_cli_reshard_keeps_boxes_of_img2dataset_json(tmp_path):
         out = [json.loads(tar.extractfile(f"{i:09d}.json").read()) for i in range(2)]
     for got, meta in zip(out, metas):
         assert {k: got[k] for k in meta} == meta
+
+
+def test_manifest_given_but_missing_fails_and_uncounted_shards_are_named(tmp_path, caplog):
+    """data.manifest=<a path that does not exist> was ignored: the error then asked for data.manifest=...;
+    a shard added after its manifest was written left only that error, naming no shard."""
+    a = write_sizes(tmp_path / "a", [2, 3])
+    with pytest.raises(DataError, match=r"gone\.json does not exist"):
+        find_manifest(a, manifest=str(tmp_path / "gone.json"))
+    (tmp_path / "a" / "00002.tar").write_bytes(Path(a[0]).read_bytes())
+    assert find_manifest([*a, str(tmp_path / "a" / "00002.tar")]) is None
+    assert any(
+        "1 of 3 shards are in no manifest" in r.getMessage() and "00002.tar" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("", "Expecting value"), ("[1, 2]", "a JSON list"), ('{"shards": {"00000.tar": "ten"}}', "'ten'")],
+)
+def test_a_broken_manifest_is_an_error_naming_it(tmp_path, text, why):
+    """An empty or mangled manifest.json beside the shards failed with a bare JSONDecodeError, ValueError or
+    AttributeError that named no file."""
+    (url,) = write_sizes(tmp_path, [2])
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=rf"manifest\.json is not a manifest \(.*{why}"):
+        find_manifest([url])

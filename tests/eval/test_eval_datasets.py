@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clipforge.data.shards import DataError
 from clipforge.eval.datasets import ImageFolderDataset, collate_skipping, eval_transform, labelled_wds_dataset
 from clipforge.eval.zeroshot import IGNORE_LABEL
 
@@ -177,3 +178,15 @@ def test_labelled_wds_unknown_class_name(tmp_path):
     ds = labelled_wds_dataset(s, eval_transform(8), classnames=["cat", "dog"])
     with pytest.raises(ValueError, match="'zebra' is not among the class names"):
         next(iter(ds))
+
+
+def test_labelled_wds_names_missing_shards_and_fails_on_none(tmp_path, caplog):
+    """A shard missing from a brace pattern was skipped with webdataset's "FileNotFoundError(2, 'No such
+    file or directory')", naming no file; a pattern matching nothing evaluated nothing."""
+    write_labelled_shard(tmp_path / "00000.tar", [(_png((255, 0, 0)), 1)])
+    with caplog.at_level(logging.WARNING):
+        ds = labelled_wds_dataset(str(tmp_path / "{00000..00001}.tar"), eval_transform(8), distributed=False)
+    assert any("00001.tar" in r.getMessage() for r in caplog.records)
+    assert next(iter(DataLoader(ds, batch_size=8, collate_fn=collate_skipping)))[1].tolist() == [1]
+    with pytest.raises(DataError, match="matches no shard"):
+        labelled_wds_dataset(str(tmp_path / "test-{000..009}.tar"), eval_transform(8))

@@ -148,7 +148,7 @@ def prepare_folder(
     if not eval_root.is_dir():
         raise FileNotFoundError(f"--eval-dir {eval_root} is not a folder of class folders")
     caps = read_captions(captions)
-    rows = [(images / name, text.strip()) for name, text in sorted(caps.items())]
+    rows = [(images / name, text.strip()) for name, text in sorted(caps, key=lambda row: row[0])]
     rows = [(p, c) for p, c in rows if p.is_file() and c]
     if not rows:
         raise ValueError(f"none of the files listed in {captions} exists under {images} with a caption")

@@ -38,15 +38,15 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def count_shards(directory: str | Path) -> dict[str, int]:
-    """Samples per shard of every ``*.tar`` in ``directory``, by reading them."""
+def count_shards(directory: str | Path, broken: Counter | None = None) -> dict[str, int]:
+    """Samples per shard of every ``*.tar`` in ``directory``, by reading them; a broken shard counts the
+    samples that could be read, and its cause is counted in ``broken`` (read_shard logs it)."""
     counts = {}
     for path in tqdm(sorted(Path(directory).glob("*.tar")), desc="counting", unit="shard"):
         result = ShardResult()
-        n = sum(1 for _ in read_shard(str(path), result))
-        if result.failure is not None:
-            logging.warning("%s: %s (%s); counted %d samples", path, result.failure, result.message, n)
-        counts[path.name] = n
+        counts[path.name] = sum(1 for _ in read_shard(str(path), result))
+        if result.failure is not None and broken is not None:
+            broken[result.failure] += 1
     return counts
 
 
@@ -88,14 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "manifest" and (
+        args.max_count < 0 or (args.max_count == 0 and args.max_bytes is None)
+    ):
+        parser.error(f"--max-count {args.max_count}: give a count >= 1, or 0 (no limit) with --max-bytes")
+    folder = {"folder": "images", "img2dataset": "source"}.get(args.command)
+    if folder is not None and not Path(getattr(args, folder)).is_dir():
+        parser.error(f"{getattr(args, folder)} is not a folder")
+    if args.command == "folder" and not Path(args.captions).is_file():
+        parser.error(f"the captions file {args.captions} does not exist")
+    if args.command == "img2dataset":
+        source, out = Path(args.source).resolve(), Path(args.out).resolve()
+        if out == source or source in out.parents:
+            # the new shards would replace input shards not yet read, or be read back as input
+            parser.error(
+                f"the output folder {args.out} is inside the source {args.source}: write it elsewhere"
+            )
     if args.command == "manifest":
-        counts = count_shards(args.directory)
+        broken: Counter = Counter()
+        counts = count_shards(args.directory, broken)
         if not counts:
             print(f"no *.tar shards in {args.directory}", file=sys.stderr)
             return 1
         write_manifest(args.directory, counts, {"source": "counted"})
         print(f"{sum(counts.values())} samples in {len(counts)} shards; wrote {args.directory}/manifest.json")
+        if broken:  # counted as far as they read: training will not see their damage again
+            causes = ", ".join(f"{k}={v}" for k, v in sorted(broken.items()))
+            print(f"broken shards: {causes} (counted as far as they could be read; see the warnings above)")
         return 0
     skipped: Counter = Counter()
     total = None
@@ -131,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(counts.values())} samples in {len(counts)} shards under {args.out}")
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    if not counts:
+        print("no sample was written: see the skipped counts and warnings above", file=sys.stderr)
+        return 1
     return 0
 
 

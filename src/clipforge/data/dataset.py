@@ -224,7 +224,7 @@ class ShardDataset(IterableDataset):
         def shuffled(
             segments: list[plan.Segment], skip: int, salt: tuple, mon: FailureMonitor
         ) -> Iterator[Sample]:
-            raw = read_segments(plan.skip_segments(segments, block_start(skip, m)), mon)
+            raw = read_segments(plan.skip_segments(segments, block_start(skip, m)), mon, self.counts)
             return self._samples(block_shuffle(raw, m, salt, skip), rng, mon)
 
         pass_ended = (lambda: p.monitor.check_final(self.failures)) if self.mode == "eval" else None

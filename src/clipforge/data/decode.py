@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from clipforge.data.failures import FailureMonitor
-from clipforge.data.shards import IMAGE_EXTS, RawSample
+from clipforge.data.shards import IMAGE_EXTS, RawSample, dotted_key_hint
 from clipforge.data.transforms import CROP_DRAWS, Box, ImageTransform
 
 # What PIL and torchvision raise for bad image bytes; anything else is a bug and propagates.
@@ -112,17 +112,20 @@ def decode_sample(
     a class index (labels that are class names too). ``defer`` keeps JPEGs encoded for the GPU decoder."""
     ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
     if ext is None:
-        monitor.sample_failed("missing_image", raw.url, raw.key)
+        hint = dotted_key_hint(raw.key, raw.members)
+        monitor.sample_failed("missing_image", raw.url, f"{raw.key} ({hint})" if hint else raw.key)
         return None
+    why = ""  # what read_label found wrong, for the log
     if target == "text":
         label: str | int | None = _caption(raw)
     else:
         try:
             label = read_label(raw.members, None if target == "label" else target)
-        except ValueError:
-            label = None
+        except ValueError as e:
+            label, why = None, str(e)
     if label is None or label == "":
-        monitor.sample_failed("missing_caption" if target == "text" else "missing_label", raw.url, raw.key)
+        cause = "missing_caption" if target == "text" else "missing_label"
+        monitor.sample_failed(cause, raw.url, f"{raw.key} ({why})" if why else raw.key)
         return None
     data = raw.members[ext]
     try:

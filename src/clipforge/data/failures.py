@@ -115,7 +115,7 @@ class FailureMonitor:
     ) -> None:
         self.table, self.per_shard, self.row = table, per_shard, row
         self.url_index, self.where = url_index, where
-        self.read = self.failed = self.opened = 0
+        self.read = self.failed = self.opened = self.short_shards = 0
         self.by_cause: Counter[str] = Counter()
         self.by_shard: Counter[str] = Counter()
         self.bad_shards: dict[str, str] = {}
@@ -147,6 +147,18 @@ class FailureMonitor:
             self.per_shard[self.url_index[url], 0] += n
         if self.table is not None and self.by_cause[cause] <= 3:
             log.warning("skipped %s: %s in %s (%s)", key or f"{n} samples", cause, url, self.where)
+
+    def manifest_short(self, url: str, count: int) -> None:
+        """Shard ``url`` holds more samples than the manifest's ``count``: exact epochs never read the rest."""
+        self.short_shards += 1
+        if self.table is not None and self.short_shards <= 3:
+            log.warning(
+                "%s holds more than the %d samples its manifest says; the rest are never read: the manifest "
+                "is stale or belongs to other shards (rewrite it: clipforge-shards manifest DIR) (%s)",
+                url,
+                count,
+                self.where,
+            )
 
     def shard_failed(self, cause: str, url: str) -> None:
         self.count(cause)

@@ -13,9 +13,14 @@ reads that file for its epoch length. Shards are looked up by base name, so a ma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
+
+from clipforge.data.shards import DataError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
@@ -47,11 +52,26 @@ def write_manifest(out_dir: str | Path, shards: dict[str, int], params: dict | N
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Read a ``manifest.json`` (or an open_clip-style ``sizes.json``) into the manifest layout."""
-    data = json.loads(Path(path).read_text())
-    if "shards" not in data:  # sizes.json: a bare {name: count} mapping
-        data = {"version": 1, "shards": data, "num_samples": sum(data.values()), "params": {}}
-    data["shards"] = {str(k): int(v) for k, v in data["shards"].items()}
+    """Read a ``manifest.json`` (or an open_clip-style ``sizes.json``) into the manifest layout; one that
+    does not parse or whose counts are not sample counts is an error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        if "shards" not in data:  # sizes.json: a bare {name: count} mapping
+            data = {"version": 1, "shards": data, "params": {}}
+        shards = data["shards"]
+        if not isinstance(shards, dict):
+            raise ValueError(f"its shards are a JSON {type(shards).__name__}, not an object")
+        data["shards"] = {str(k): int(v) for k, v in shards.items()}
+    except ValueError as e:  # json's errors included
+        raise DataError(
+            f"{path} is not a manifest ({e}); rewrite it: clipforge-shards manifest DIR"
+        ) from None
+    bad = {k: v for k, v in data["shards"].items() if v < 0}
+    if bad:
+        raise DataError(f"{path} gives negative sample counts: {bad}")
+    data["num_samples"] = sum(data["shards"].values())
     return data
 
 
@@ -60,8 +80,11 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
 
     A local shard is looked up in ``manifest.json``/``sizes.json`` beside it first (so two sources that
     both have a ``00000.tar`` do not mix up their counts), then in the explicit ``manifest`` file, which
-    is how ``pipe:`` URLs get their counts.
+    is how ``pipe:`` URLs get their counts. An explicit ``manifest`` that does not exist is an error; shards
+    that no manifest counts while others are counted are named in a warning.
     """
+    if manifest is not None and not Path(manifest).is_file():
+        raise DataError(f"the manifest {manifest} does not exist")
     cache: dict[Path, dict[str, int]] = {}
 
     def table(path: Path) -> dict[str, int]:
@@ -69,7 +92,7 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
             cache[path] = read_manifest(path)["shards"] if path.is_file() else {}
         return cache[path]
 
-    counts = {}
+    counts, missing = {}, []
     for url in urls:
         name = shard_name(url)
         tables = []
@@ -80,6 +103,17 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
             tables.append(table(Path(manifest)))
         found = next((t[name] for t in tables if name in t), None)
         if found is None:
-            return None
-        counts[url] = found
-    return counts
+            missing.append(url)
+        else:
+            counts[url] = found
+    if missing and counts:  # a manifest was found, but it lacks these (shards added after it was written?)
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        log.warning(
+            "%d of %d shards are in no manifest, so samples per shard are unknown (looked in manifest.json "
+            "and sizes.json beside each shard%s): %s",
+            len(missing),
+            len(urls),
+            f" and in {manifest}" if manifest is not None else "",
+            shown,
+        )
+    return None if missing else counts

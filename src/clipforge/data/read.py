@@ -22,13 +22,13 @@ MAX_FAILED_IN_A_ROW = 16  # resampled shards in a row that gave no sample before
 
 
 def _read_counted(
-    url: str, monitor: FailureMonitor, start: int = 0, count: int | None = None
+    url: str, monitor: FailureMonitor, start: int = 0, count: int | None = None, peek: bool = False
 ) -> Iterator[RawSample]:
     """Samples of one shard; its opening, its samples and its failure go to ``monitor``. The result of
     the read is the generator's return value."""
     result = ShardResult()
     monitor.shard_opened()
-    for sample in read_shard(url, result, start, count):
+    for sample in read_shard(url, result, start, count, peek):
         monitor.samples_read()  # the denominator counts every sample read, good or bad
         yield sample
     if result.failure is not None:
@@ -36,15 +36,22 @@ def _read_counted(
     return result
 
 
-def read_segments(segs: Iterable[Segment], monitor: FailureMonitor) -> Iterator[RawSample | None]:
-    """Raw samples of the segments in order; ``None`` for each sample a broken shard did not deliver."""
+def read_segments(
+    segs: Iterable[Segment], monitor: FailureMonitor, counts: dict[str, int] | None = None
+) -> Iterator[RawSample | None]:
+    """Raw samples of the segments in order; ``None`` for each sample a broken shard did not deliver.
+    ``counts`` (the manifest) tells when a shard holds more samples than it says: those are never read."""
     for seg in segs:
         count = None if seg.count < 0 else seg.count
-        result = yield from _read_counted(seg.url, monitor, seg.start, count)
+        end = None if counts is None else counts.get(seg.url)
+        peek = count is not None and end is not None and seg.start + count >= end  # the shard's last part
+        result = yield from _read_counted(seg.url, monitor, seg.start, count, peek)
         lost = 0 if count is None else count - result.delivered
         if lost > 0:
             monitor.sample_failed("lost_samples", seg.url, n=lost)
             yield from [None] * lost
+        if result.more and end is not None:
+            monitor.manifest_short(seg.url, end)
 
 
 def read_shards(

@@ -9,18 +9,23 @@ brace expansion (``data/{00000..00099}.tar``); ``::`` separates sources, as in o
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
+import select
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
 import braceexpand
 
 log = logging.getLogger(__name__)
+
+# Seconds a pipe: command may write nothing before its shard counts as broken (a stalled download).
+PIPE_STALL_S = 300.0
 
 # Sample members that hold the image, in order of preference: any format PIL reads.
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
@@ -69,6 +74,12 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
                 expanded.append(url if url.startswith("pipe:") else os.path.expanduser(url))
         if not expanded:
             raise DataError(f"shard pattern {spec!r} matches no shard")
+        folder = next((u for u in expanded if os.path.isdir(u)), None)
+        if folder is not None:  # read as a tar, a folder only fails later, as an unreadable shard
+            raise DataError(
+                f"shard URL {folder!r} is a folder, not a shard: name its shards, e.g. "
+                f"'{os.path.join(folder, '*.tar')}' or a brace pattern like '{os.path.join(folder, '{00000..00099}.tar')}'"
+            )
         missing = missing_local(expanded)
         if missing and len(missing) == len(expanded):
             raise DataError(
@@ -112,14 +123,36 @@ class ShardResult:
     delivered: int = 0
     failure: str | None = None  # one of the *_shard causes
     message: str = ""
+    more: bool = False  # the read stopped at its count, and a whole sample followed (asked with peek)
+
+
+class _StallGuard(io.RawIOBase):
+    """A ``pipe:`` command's output that raises ``TimeoutError`` when the command writes nothing for
+    ``PIPE_STALL_S`` seconds (a stalled download would otherwise hold its DataLoader worker, and the run,
+    forever); the shard then counts as unreadable or truncated like any broken one."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        if not select.select([self.raw], [], [], PIPE_STALL_S)[0]:
+            raise TimeoutError(f"the command wrote nothing for {PIPE_STALL_S:g} s")
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _open(url: str) -> tuple[IO[bytes], subprocess.Popen | None, IO[bytes] | None]:
     if url.startswith("pipe:"):
         errfile = tempfile.TemporaryFile()  # noqa: SIM115 (closed by read_shard). A file, not a pipe: a chatty command cannot block on it
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=errfile, bufsize=1 << 20)
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=errfile, bufsize=0)
         assert proc.stdout is not None
-        return proc.stdout, proc, errfile
+        return io.BufferedReader(_StallGuard(proc.stdout), 1 << 20), proc, errfile
     if "://" in url:
         from webdataset.gopen import gopen
 
@@ -127,7 +160,7 @@ def _open(url: str) -> tuple[IO[bytes], subprocess.Popen | None, IO[bytes] | Non
     return open(url, "rb", buffering=1 << 20), None, None
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """WebDataset's key/extension split: the key is the path up to the first dot of the base name."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
@@ -136,14 +169,52 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def dotted_key_hint(key: str, exts: Iterable[str]) -> str:
+    """Why a sample has no image when a dot in its key hid it (``a.b.jpg``: key ``a``, extension
+    ``b.jpg``), or ``""``."""
+    hidden = sorted(e for e in exts if "." in e and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
+    if not hidden:
+        return ""
+    return (
+        f"{key}.{hidden[0]} is an image, but WebDataset keys end at the first dot of a file name, so its "
+        f"key is {key!r}: write the shards with no dot in the keys"
+    )
+
+
+def _is_apple_double(name: str) -> bool:
+    """macOS tar writes ``._NAME`` (extended attributes) before each file that has some, e.g. a downloaded
+    image: read as samples, they would split every real sample in two."""
+    return name.rsplit("/", 1)[-1].startswith("._")
+
+
+def _sample_follows(tar: tarfile.TarFile, first: tarfile.TarInfo) -> bool:
+    """Whether the sample that member ``first`` begins is whole: its members read through to the next
+    sample or the end of the tar (a shard cut inside it holds no more than the samples before it)."""
+    key = split_name(first.name)[0]
+    info: tarfile.TarInfo | None = first
+    try:
+        while info is not None and (
+            not info.isfile() or _is_apple_double(info.name) or split_name(info.name)[0] == key
+        ):
+            f = tar.extractfile(info) if info.isfile() else None
+            if f is not None:
+                f.read()
+            info = tar.next()
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return False
+    return True
+
+
 def read_shard(
-    url: str, result: ShardResult, start: int = 0, count: int | None = None
+    url: str, result: ShardResult, start: int = 0, count: int | None = None, peek: bool = False
 ) -> Iterator[RawSample]:
     """Yield samples ``start .. start + count - 1`` of the tar at ``url`` (to the end if ``count`` is None).
 
     Never raises for bad data. A shard that cannot be opened or parsed, has no samples, or breaks off
     is reported in ``result.failure``; samples before a break are still yielded (but not a last one
-    that the break left incomplete). Samples before ``start`` are read through but not kept.
+    that the break left incomplete). Samples before ``start`` are read through but not kept. ``peek``:
+    when the read stops at ``count``, read the next sample too, to tell whether a whole one follows
+    (``result.more``: the shard holds more than its manifest says).
     """
     stream = proc = errfile = None
     index = 0  # samples completed so far in this shard
@@ -155,10 +226,10 @@ def read_shard(
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the stream is closed below)
         current: RawSample | None = None
         for info in tar:
-            if not info.isfile():
+            if not info.isfile() or _is_apple_double(info.name):
                 continue
             members += 1
-            key, ext = _split_name(info.name)
+            key, ext = split_name(info.name)
             if current is None or key != current.key:
                 if current is not None:
                     if index >= start:
@@ -167,6 +238,7 @@ def read_shard(
                     index += 1
                     if stop is not None and index >= stop:
                         current = None
+                        result.more = peek and _sample_follows(tar, info)
                         break
                 current = RawSample(key=key, url=url)
             if index >= start:
@@ -192,7 +264,7 @@ def read_shard(
         else:
             result.failure = "truncated_shard"
         result.message = message
-        reached_end = True
+        reached_end = not isinstance(e, TimeoutError)  # a stalled command is killed: its status says nothing
     finally:
         if stream is not None:
             stream.close()

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import logging
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from PIL import Image
 
 from clipforge.data import synthetic
 from clipforge.data.decode import IMAGE_ERRORS
-from clipforge.data.shards import IMAGE_EXTS
+from clipforge.data.shards import IMAGE_EXTS, ShardResult, dotted_key_hint, read_shard, split_name
 from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
@@ -43,44 +42,57 @@ def _pick(keys: list[str], wanted: tuple[str, ...], what: str, path: Path) -> st
     raise ValueError(f"{path}: no {what} column; expected one of {wanted}, found {keys}")
 
 
-def read_captions(path: str | Path) -> dict[str, str]:
-    """File name -> caption from a CSV/TSV (with a header, or two columns without), JSONL or JSON file."""
+def _texts(value: object) -> list[str]:
+    """The captions of one entry: a list holds several (one sample each), null none."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value or "")]
+
+
+def read_captions(path: str | Path) -> list[tuple[str, str]]:
+    """``(file name, caption)`` pairs, one per row, from a CSV/TSV (with a header, or two columns without),
+    JSONL or JSON file (a list of rows, or an object file name -> caption). An image may have several
+    captions (rows, or a list), each a sample of its own, as in COCO's five per image."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # spreadsheets save CSV with a byte-order mark
     suffix = path.suffix.lower()
     if suffix == ".json":
         data = json.loads(text)
         if isinstance(data, dict):
-            return {str(k): str(v) for k, v in data.items()}
+            return [(str(k), t) for k, v in data.items() for t in _texts(v)]
         rows = data
     elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        # lines end at "\n" only: str.splitlines also splits at U+2028 and others, which JSON strings hold raw
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     else:
         delimiter = "\t" if suffix in (".tsv", ".tab") else ","
-        table = list(csv.reader(text.splitlines(), delimiter=delimiter))
+        # csv splits the lines itself: a quoted caption may hold line breaks
+        table = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
         if not table:
-            return {}
+            return []
         header = [h.strip() for h in table[0]]
         has_header = any(h.lower() in FILE_KEYS for h in header)
         if not has_header:
             if len(header) != 2:
                 raise ValueError(f"{path}: without a header row the file needs exactly two columns")
-            return {row[0]: row[1] for row in table if len(row) >= 2}
+            return [(row[0], row[1]) for row in table if len(row) >= 2]
         rows = [dict(zip(header, row)) for row in table[1:] if row]
     if not rows:
-        return {}
+        return []
     file_key = _pick(list(rows[0]), FILE_KEYS, "file name", path)
     caption_key = _pick(list(rows[0]), CAPTION_KEYS, "caption", path)
-    return {str(r[file_key]): str(r.get(caption_key) or "") for r in rows}
+    return [(str(r[file_key]), t) for r in rows for t in _texts(r.get(caption_key))]
 
 
 def folder_records(
     image_dir: str | Path, captions: str | Path, skipped: Counter | None = None
 ) -> Iterator[Record]:
-    """Records for every entry of the captions file whose image exists under ``image_dir``."""
+    """Records for every entry of the captions file whose image exists under ``image_dir`` (an image with
+    several captions gives one record each)."""
     image_dir = Path(image_dir)
     skipped = skipped if skipped is not None else Counter()
-    for i, (name, caption) in enumerate(sorted(read_captions(captions).items())):
+    # by file name (several captions of one file keep their order): the keys follow the names
+    for i, (name, caption) in enumerate(sorted(read_captions(captions), key=lambda row: row[0])):
         path = image_dir / name
         if not path.is_file():
             skipped["missing_image"] += 1
@@ -111,33 +123,37 @@ def readable_image(data: bytes) -> bool:
 
 
 def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive ``(name, data)`` pairs by key (the name up to its first dot)."""
+    """Group consecutive ``(name, data)`` pairs by key (WebDataset's split, :func:`split_name`)."""
     key, sample = None, {}
     for name, data in members:
-        base = name.rsplit("/", 1)[-1]
-        prefix = name[: len(name) - len(base)]
-        k, _, ext = base.partition(".")
-        k = prefix + k
+        k, ext = split_name(name)
         if k != key and sample:
             yield key, sample
             sample = {}
         key = k
-        sample[ext.lower()] = data
+        sample[ext] = data
     if sample:
         yield key, sample
 
 
-def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, "r|*") as tar:
-        for info in tar:
-            if info.isfile():
-                f = tar.extractfile(info)
-                yield info.name, f.read() if f is not None else b""
+def _tar_samples(path: Path, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one tar through the loader's reader (:func:`read_shard`): a shard that breaks off
+    keeps every complete sample before the break, and its failure is counted (and logged, naming it)."""
+    result = ShardResult()
+    for raw in read_shard(str(path), result):
+        yield raw.key, raw.members
+    if result.failure is not None:
+        skipped[result.failure] += 1
+
+
+# What img2dataset writes beside each shard folder of its files layout: no samples
+_I2D_SHARD_FILES = ("*_stats.json", "*.parquet", "*.feather")
 
 
 def _file_members(root: Path) -> Iterator[tuple[str, bytes]]:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        yield str(path.relative_to(root)), path.read_bytes()
+        if not any(path.match(pattern) for pattern in _I2D_SHARD_FILES):
+            yield str(path.relative_to(root)), path.read_bytes()
 
 
 def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Iterator[Record]:
@@ -145,14 +161,17 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
     root = Path(root)
     skipped = skipped if skipped is not None else Counter()
     tars = sorted(root.rglob("*.tar"))
-    streams = (_tar_members(t) for t in tars) if tars else (_file_members(root),)
-    for members in streams:
+    streams = (_tar_samples(t, skipped) for t in tars) if tars else (_group(_file_members(root)),)
+    for samples in streams:
         try:
-            for key, sample in _group(members):
+            for key, sample in samples:
                 image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
                 if image_ext is None:
-                    if "txt" in sample or "json" in sample:
+                    hint = dotted_key_hint(key, sample)
+                    if "txt" in sample or "json" in sample or hint:
                         skipped["missing_image"] += 1
+                    if hint:
+                        log.warning("skipping %s: %s", key, hint)
                     continue
                 caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
                 try:
@@ -171,9 +190,9 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
                     log.warning("skipping %s: not a readable image", key)
                     continue
                 yield Record(key=key.rsplit("/", 1)[-1], image=sample[image_ext], caption=caption, meta=meta)
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except OSError as e:  # a file of the files layout that cannot be read
             skipped["unreadable_shard"] += 1
-            log.warning("stopped reading a shard under %s: %s", root, e)
+            log.warning("stopped reading %s: %s", root, e)
 
 
 def synthetic_records(

@@ -89,20 +89,23 @@ def center_crop_box(width: int, height: int, size: int) -> Box:
     return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. PIL's ``convert("RGB")`` clips 16-bit greyscale (mode ``I;16``: 16-bit PNG
+    and TIFF) at 255, which turns almost every such image white; its high byte is kept instead, which is
+    what PIL itself does for 16-bit colour."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """uint8 ``(3, h, w)`` -> uint8 ``(3, *size)``, through PyTorch's channels-last uint8 kernels."""
     x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")[0]
     return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)[0]
-
-
-def as_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as 8-bit RGB. A 16-bit greyscale image (a 16-bit PNG opens as ``I;16``) keeps its high
-    byte first: PIL's own ``convert("RGB")`` clips its values at 255, which turns it almost white."""
-    if img.mode.startswith("I;16"):
-        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), mode="L")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ImageTransform:
@@ -144,7 +147,7 @@ class ImageTransform:
             elif data is not None:
                 x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
                 return x, 1.0, 1.0
-        rgb = as_rgb(img)
+        rgb = to_rgb(img)
         x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H', W') view of the (H', W', 3) pixels
         return x, rgb.size[0] / width, rgb.size[1] / height
 

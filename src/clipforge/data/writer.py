@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipforge.data.manifest import write_manifest
+from clipforge.data.transforms import to_rgb
 
 _TAR_BLOCK = 512
 
@@ -75,7 +76,7 @@ def encode_image(
             image = im.copy()
     buf = io.BytesIO()
     if reencode == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+        to_rgb(image).save(buf, format="JPEG", quality=quality)
         return buf.getvalue(), "jpg"
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from clipforge.data.decode import read_label
 from clipforge.data.shards import IMAGE_EXTS
-from clipforge.data.transforms import as_rgb
+from clipforge.data.transforms import to_rgb
 from clipforge.distributed import world_info
 from clipforge.eval.metadata import align_classnames
 from clipforge.eval.zeroshot import IGNORE_LABEL
@@ -57,7 +57,7 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     """Open and fully decode an image as RGB (``load()`` so a truncated file fails here, not later)."""
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
-    return as_rgb(img)
+    return to_rgb(img)
 
 
 class ImageFolderDataset(Dataset):
@@ -180,13 +180,12 @@ def labelled_wds_dataset(
     ``classnames``. Unreadable images yield ``(None, IGNORE_LABEL)``; batch with ``collate_skipping``.
     """
     import webdataset as wds
-    from braceexpand import braceexpand
 
-    if isinstance(urls, str):
-        urls = list(braceexpand(urls))
-    urls = list(urls)
-    if not urls:
-        raise ValueError("no WebDataset shards given")
+    from clipforge.data.shards import expand_urls
+
+    # the training reader's expansion: a pattern that matches no shard fails here naming it, and the
+    # missing shards of one that matches some are named (webdataset's warning names none)
+    urls = [u for source in expand_urls(urls if isinstance(urls, str) else list(urls)) for u in source]
     rank, world = world_info(enabled=distributed)
     if world > len(urls):
         log.warning("%d shards for %d ranks: ranks beyond %d evaluate nothing", len(urls), world, len(urls))

@@ -47,9 +47,10 @@ def model_input(image: ImageLike, img_size: int) -> torch.Tensor:
         if x.shape[-2:] != (img_size, img_size):
             raise ValueError(f"expected {img_size}x{img_size} input, got {tuple(x.shape[-2:])}")
         return x
+    from clipforge.data.transforms import to_rgb
     from clipforge.eval.datasets import eval_transform, load_image
 
-    pil = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+    pil = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
     return eval_transform(img_size)(pil).unsqueeze(0)
 
 

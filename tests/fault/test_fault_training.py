@@ -126,6 +126,20 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on(run_cfg, tmp_path: Pa
     assert load(tmp_path / "checkpoints" / "last.ckpt")["callbacks"]["NonFiniteGuard"]["total"] == 1
 
 
+def test_a_nan_batch_does_not_poison_the_distillation_centres(run_cfg, tmp_path: Path) -> None:
+    # SILC and TIPS from the first step: the NaN batch of step 3 reaches the teacher, whose scores feed the
+    # running DINO centres. Only that step may be skipped; the next ones train on finite losses.
+    starts = ("objectives.silc.start_frac=0", "objectives.tips.start_frac=0", "trainer.max_steps=5")
+    _, objs = train(run_cfg(tmp_path, *SIGLIP2, *starts, *fault("nan_batch", 2)))
+    trainer, module = objs["trainer"], objs["module"]
+    guard = trainer.callbacks[[type(cb).__name__ for cb in trainer.callbacks].index("NonFiniteGuard")]
+    assert guard.total == 1 and guard.consecutive == 0
+    for name in ("silc", "tips"):
+        assert torch.isfinite(module.objectives[name].centre).all(), name
+        assert torch.isfinite(module.ema["objectives"][name].centre).all(), name
+        assert math.isfinite(trainer.callback_metrics[f"train/{name}_loss"].item()), name
+
+
 def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(run_cfg, tmp_path: Path) -> None:
     cfg = run_cfg(tmp_path, *fault("nan_batch", 3, count=3), "callbacks.nonfinite_guard.max_consecutive=3")
     ckpt = tmp_path / "checkpoints" / "nonfinite-step0000006.ckpt"

@@ -10,6 +10,7 @@ import torch
 
 from clipforge.checkpoint import load_model
 from clipforge.train import train
+from runconf import towers
 
 # A few steps of the tiny model on a small synthetic set: seconds on 2 cores.
 FAST = (
@@ -48,6 +49,37 @@ def test_resume_continues_the_step_count(compose_cfg) -> None:
     cfg2 = compose_cfg("trainer.max_steps=7", f"ckpt_path={last}", *FAST)
     _, objs = train(cfg2)
     assert objs["trainer"].global_step == 7
+
+
+def test_a_resume_trains_with_the_configured_learning_rate_and_weight_decay(compose_cfg, caplog) -> None:
+    """docs/resuming.md: after a divergence, lower the learning rate and resume. The checkpoint's optimizer
+    and schedule states carry the old peak and decay; the configured ones must win, mid-schedule."""
+    small = (
+        *towers(32, 1, 2),
+        "data.source.num_train=64",
+        "data.source.samples_per_shard=32",
+        "data.batch_size=16",
+    )
+    small = (*small, "data.source.num_heldout=32", "data.num_workers=0", "callbacks=none", *FAST)
+    ckpt = (
+        "+callbacks.ckpt._target_=clipforge.callbacks.PeriodicCheckpoint",
+        "+callbacks.ckpt.dirpath=${paths.output_dir}",
+    )
+    cfg = compose_cfg("trainer.max_steps=3", *ckpt, *small)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    lower = ("optimizer.lr=1e-4", "optimizer.weight_decay=0.05", "optimizer.betas=[0.9,0.95]")
+    with caplog.at_level("WARNING", logger="clipforge.module"):
+        _, objs = train(compose_cfg("trainer.max_steps=5", f"ckpt_path={last}", *lower, *small))
+    assert "param group 0 initial_lr: checkpoint 0.0005, config 0.0001" in caplog.text
+    trainer = objs["trainer"]
+    opt, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == [1e-4, 1e-4]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in opt.param_groups)
+    # warmup 2 then cosine over 5 steps: the last step (index 4) trains at a quarter of the new peak
+    assert scheduler.lr_lambdas[0](4) == pytest.approx(0.25)
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(1e-4 * scheduler.lr_lambdas[0](4))
 
 
 def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(compose_cfg, caplog) -> None:

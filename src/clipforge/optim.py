@@ -9,6 +9,7 @@ token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,47 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (all but its parameters), as the optimizer holds them."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    settings: list[dict[str, Any]],
+) -> list[str]:
+    """Give ``optimizer`` the group ``settings`` of a freshly configured one (:func:`group_settings`) where a
+    resumed checkpoint left others, and return ``"param group i key: checkpoint X, config Y"`` for each.
+
+    The peak learning rate of a scheduled group is its ``initial_lr`` (the scheduler's ``base_lrs``); the
+    current ``lr`` is rescaled with it, so the schedule goes on from the same point at the new peak. Settings
+    that already agree are not touched: an unchanged config resumes bit for bit.
+    """
+    changed = []
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, settings, strict=True)):
+        scheduled = "initial_lr" in want
+        for key, value in want.items():
+            have = group.get(key)
+            if (key == "lr" and scheduled) or _same(have, value):
+                continue  # a scheduled lr is the schedule's, rescaled with initial_lr below
+            changed.append(f"param group {i} {key}: checkpoint {have!r}, config {value!r}")
+            if key == "initial_lr":
+                if have:  # (a peak of 0 leaves lr as it is; the next scheduler step sets it)
+                    group["lr"] = group["lr"] * value / have
+                if scheduler is not None:
+                    scheduler.base_lrs[i] = value
+            group[key] = value
+    return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings; a tuple and a list of the same values (``betas`` from YAML) are the same."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return list(a) == list(b)
+    return a == b
 
 
 def warmup_cosine(

@@ -20,6 +20,22 @@ FAST = (
     "final_eval=false",
 )
 
+# Smaller still: a one-block model, 4 steps an epoch, only a step checkpoint (in the output dir) as callback.
+SMALL = (
+    *towers(32, 1, 2),
+    "data.source.num_train=64",
+    "data.source.num_heldout=32",
+    "data.source.samples_per_shard=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "callbacks=none",
+    *FAST,
+)
+PERIODIC = (
+    "+callbacks.ckpt._target_=clipforge.callbacks.PeriodicCheckpoint",
+    "+callbacks.ckpt.dirpath=${paths.output_dir}",
+)
+
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_short_run_trains_and_checkpoints(compose_cfg, loss: str) -> None:
@@ -54,23 +70,12 @@ def test_resume_continues_the_step_count(compose_cfg) -> None:
 def test_a_resume_trains_with_the_configured_learning_rate_and_weight_decay(compose_cfg, caplog) -> None:
     """docs/resuming.md: after a divergence, lower the learning rate and resume. The checkpoint's optimizer
     and schedule states carry the old peak and decay; the configured ones must win, mid-schedule."""
-    small = (
-        *towers(32, 1, 2),
-        "data.source.num_train=64",
-        "data.source.samples_per_shard=32",
-        "data.batch_size=16",
-    )
-    small = (*small, "data.source.num_heldout=32", "data.num_workers=0", "callbacks=none", *FAST)
-    ckpt = (
-        "+callbacks.ckpt._target_=clipforge.callbacks.PeriodicCheckpoint",
-        "+callbacks.ckpt.dirpath=${paths.output_dir}",
-    )
-    cfg = compose_cfg("trainer.max_steps=3", *ckpt, *small)
+    cfg = compose_cfg("trainer.max_steps=3", *SMALL, *PERIODIC)
     train(cfg)
     last = Path(cfg.paths.output_dir) / "last.ckpt"
     lower = ("optimizer.lr=1e-4", "optimizer.weight_decay=0.05", "optimizer.betas=[0.9,0.95]")
     with caplog.at_level("WARNING", logger="clipforge.module"):
-        _, objs = train(compose_cfg("trainer.max_steps=5", f"ckpt_path={last}", *lower, *small))
+        _, objs = train(compose_cfg("trainer.max_steps=5", f"ckpt_path={last}", *lower, *SMALL))
     assert "param group 0 initial_lr: checkpoint 0.0005, config 0.0001" in caplog.text
     trainer = objs["trainer"]
     opt, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
@@ -99,6 +104,31 @@ def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(comp
         )
     assert objs["trainer"].global_step == 3
     assert "model.vision.patch_dropout: checkpoint 0.0, config 0.25" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("switched_on", "named", "key"),
+    [
+        ("ema=default", "ema: checkpoint off, config on", '"ema.steps"'),
+        (
+            "loss=siglip",
+            "loss: checkpoint clipforge.losses.ClipLoss, config clipforge.losses.SigLipLoss",
+            "model.logit_bias",
+        ),
+    ],
+)
+def test_a_resume_that_adds_weights_names_the_setting_and_the_keys(
+    compose_cfg, switched_on: str, named: str, key: str
+) -> None:
+    """The model settings are the same; what adds weights is the EMA, an objective or SigLIP's bias. The error
+    names that setting and the first missing keys (torch's own list is cut at its first line otherwise)."""
+    cfg = compose_cfg("trainer.max_steps=1", *SMALL, *PERIODIC)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    with pytest.raises(ValueError, match=r"ckpt_path=.*its weights do not fit") as err:
+        train(compose_cfg("trainer.max_steps=2", f"ckpt_path={last}", switched_on, *SMALL))
+    assert named in str(err.value) and key in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow

@@ -151,6 +151,28 @@ def model_differences(path: str | Path, model_cfg: Any) -> list[str]:
     return config_differences(stored, current, "model")
 
 
+def module_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
+    """Beyond the model, the settings of the resolved train ``config`` that decide which weights a training
+    checkpoint holds, where checkpoint ``path`` was trained with others: the loss (SigLIP's adds the logit
+    bias), the EMA and the SigLIP 2 objectives (their decoder, heads and centres)."""
+    stored = checkpoint_config(path) or {}
+    out = []
+    if "loss" in stored:
+        was, now = (stored.get("loss") or {}).get("_target_"), (config.get("loss") or {}).get("_target_")
+        if was != now:
+            out.append(f"loss: checkpoint {was}, config {now}")
+    if bool(stored.get("ema")) != bool(config.get("ema")):
+        out.append(f"ema: checkpoint {_on(stored.get('ema'))}, config {_on(config.get('ema'))}")
+    was, now = sorted(stored.get("objectives") or {}), sorted(config.get("objectives") or {})
+    if was != now:
+        out.append(f"objectives: checkpoint {was or 'none'}, config {now or 'none'}")
+    return out
+
+
+def _on(setting: Any) -> str:
+    return "on" if setting else "off"
+
+
 def init_from(model: CLIP, path: str | Path) -> CLIP:
     """Initialise ``model`` from a clipforge checkpoint's weights (training state is not restored).
 

@@ -85,6 +85,9 @@ def warmup_cosine(
     if total_steps <= 0:
         raise ValueError(f"total_steps (trainer.max_steps) must be positive, got {total_steps}")
     check_warmup(warmup_steps)
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        # below 0 the tail of training would run at a negative learning rate (ascent), above 1 it climbs
+        raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     warmup_steps = min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:

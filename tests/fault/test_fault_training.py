@@ -162,6 +162,21 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(run_cfg,
         assert torch.equal(stopped["optimizer_states"][0]["state"][i]["exp_avg"], s["exp_avg"])
 
 
+def test_a_run_resumed_from_its_divergence_checkpoint_starts_a_new_streak(run_cfg, tmp_path: Path) -> None:
+    # As the error advises: lower the learning rate and resume from the divergence checkpoint. One bad batch
+    # right after the resume is one skipped step, not the fourth of the previous attempt's streak.
+    limit = "callbacks.nonfinite_guard.max_consecutive=3"
+    with pytest.raises(NonFiniteError):
+        train(run_cfg(tmp_path, *fault("nan_batch", 3, count=3), limit))
+    ckpt = tmp_path / "checkpoints" / "nonfinite-step0000006.ckpt"
+    resumed = run_cfg(tmp_path, *fault("nan_batch", 6), limit, f"ckpt_path={ckpt}", "optimizer.lr=1e-4")
+    _, objs = train(resumed)
+    trainer = objs["trainer"]
+    guard = trainer.callbacks[[type(cb).__name__ for cb in trainer.callbacks].index("NonFiniteGuard")]
+    assert trainer.global_step == 10
+    assert guard.total == 4 and guard.consecutive == 0
+
+
 def test_training_refuses_a_malicious_checkpoint(run_cfg, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     bad = malicious_checkpoint(tmp_path / "evil.ckpt", marker)

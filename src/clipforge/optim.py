@@ -120,4 +120,5 @@ def check_start_frac(start_frac: float, owner: str) -> None:
 def has_started(step: int, start_frac: float, total_steps: int | None) -> bool:
     """Whether ``step`` (optimizer steps done) has reached ``start_frac`` of ``total_steps``; with no known
     total, from the start."""
-    return not total_steps or step >= start_frac * total_steps
+    # Rounded: in binary 0.55 * 100 is 55.00000000000001, which started the objective (or EMA) a step late.
+    return not total_steps or step >= round(start_frac * total_steps, 9)

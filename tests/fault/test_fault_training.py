@@ -230,3 +230,15 @@ def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(run_cfg, tmp_p
 def test_periodic_checkpoint_needs_a_trigger() -> None:
     with pytest.raises(ValueError, match="every_n_train_steps and/or every_n_minutes"):
         PeriodicCheckpoint(every_n_train_steps=None, every_n_minutes=None)
+
+
+def test_each_preemption_replaces_the_previous_preemption_checkpoint(run_cfg, tmp_path: Path) -> None:
+    # A job requeued again and again must not keep one full checkpoint per preemption.
+    for at in (2, 5):
+        status = run_forked(lambda at=at: train(run_cfg(tmp_path, *fault("sigterm", at), "ckpt_path=auto")))
+        assert os.WIFEXITED(status), status
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("preempt-*.ckpt"))
+    assert names == ["preempt-step0000006.ckpt"]
+    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
+    assert Path(objs["trainer"].ckpt_path).name == "preempt-step0000006.ckpt"
+    assert objs["trainer"].global_step == 10

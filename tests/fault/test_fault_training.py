@@ -242,3 +242,14 @@ def test_each_preemption_replaces_the_previous_preemption_checkpoint(run_cfg, tm
     _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
     assert Path(objs["trainer"].ckpt_path).name == "preempt-step0000006.ckpt"
     assert objs["trainer"].global_step == 10
+
+
+def test_a_run_after_one_that_failed_in_this_process_still_saves_on_sigterm(run_cfg, tmp_path: Path) -> None:
+    # The failed fit leaves its preemption handler installed (Lightning puts back the handler it found); the
+    # next run's handler must not chain to it, or SIGTERM kills that run instead of saving it.
+    diverge = (*fault("nan_batch", 0), "callbacks.nonfinite_guard.max_consecutive=1", "trainer.max_steps=2")
+    with pytest.raises(NonFiniteError):
+        train(run_cfg(tmp_path / "failed", *diverge))
+    status = run_forked(lambda: train(run_cfg(tmp_path / "run", *fault("sigterm", 2))))
+    assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
+    assert (tmp_path / "run" / "checkpoints" / "preempt-step0000003.ckpt").is_file()

@@ -93,7 +93,7 @@ class PreemptionCheckpoint(Callback):
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
-            self._previous[sig] = signal.getsignal(sig)
+            self._previous[sig] = _live_handler(signal.getsignal(sig), sig)
             signal.signal(sig, self._handler)
         self._active = True
 
@@ -151,6 +151,18 @@ class PreemptionCheckpoint(Callback):
         job_id = slurm_job_id()
         if self.requeue and job_id and trainer.is_global_zero:
             requeue_slurm_job(job_id)
+
+
+def _live_handler(handler: Any, sig: signal.Signals) -> Any:
+    """``handler`` without the handlers of earlier, finished runs in front of it. A fit that ends in an
+    exception never calls the callbacks' ``teardown``, and Lightning then puts back the handler it found,
+    ours: a later run in the same process (a notebook, an in-process sweep) would chain to that stale
+    handler, which re-raises the signal with its default action and kills the run instead of saving."""
+    while (
+        getattr(handler, "__func__", None) is PreemptionCheckpoint._handler and not handler.__self__._active
+    ):
+        handler = handler.__self__._previous.get(sig, signal.SIG_DFL)
+    return handler
 
 
 def _preemption_checkpoints(dirpath: str, below: int) -> list[str]:

@@ -141,6 +141,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception as e:
+        # Closed as failed: left open, the next train() in this process (a notebook, an in-process sweep)
+        # would log into this run, in its directory (Lightning's WandbLogger reuses an open run).
+        _finish_wandb(logger, exit_code=1)
         if (
             ckpt_path is not None
             and isinstance(e, RuntimeError)
@@ -253,11 +256,16 @@ def finish_logger(logger: Any, metrics: dict[str, float], step: int) -> None:
     if final:
         logger.log_metrics(final, step=step)
     logger.finalize("success")
+    _finish_wandb(logger, exit_code=0)
+
+
+def _finish_wandb(logger: Any, exit_code: int) -> None:
+    """End the W&B run of a ``WandbLogger`` (other loggers keep no process-wide run)."""
     if type(logger).__name__ == "WandbLogger":
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def _wandb_offline(logger: Any) -> bool:

@@ -253,3 +253,14 @@ def test_a_run_after_one_that_failed_in_this_process_still_saves_on_sigterm(run_
     status = run_forked(lambda: train(run_cfg(tmp_path / "run", *fault("sigterm", 2))))
     assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
     assert (tmp_path / "run" / "checkpoints" / "preempt-step0000003.ckpt").is_file()
+
+
+def test_a_failed_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cfg, tmp_path: Path) -> None:
+    import wandb
+
+    diverge = (*fault("nan_batch", 0), "callbacks.nonfinite_guard.max_consecutive=1", "trainer.max_steps=2")
+    with pytest.raises(NonFiniteError):
+        train(run_cfg(tmp_path / "failed", "logger=wandb", *diverge))
+    assert wandb.run is None
+    _, objs = train(run_cfg(tmp_path / "next", "logger=wandb", "trainer.max_steps=1"))
+    assert Path(objs["logger"].experiment.dir).is_relative_to(tmp_path / "next")

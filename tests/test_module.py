@@ -237,8 +237,8 @@ def test_logged_learning_rate_is_the_steps_own_in_both_modes() -> None:
 
 
 def test_settings_that_would_train_silently_wrong_fail_at_once() -> None:
-    """A negative clip norm makes torch scale gradients by a negative factor (ascent); a negative warmup
-    or a tower without blocks failed late or trained anyway."""
+    """A negative clip norm makes torch scale gradients by a negative factor (ascent), and so does a negative
+    min_lr_ratio, by a negative lr; a negative warmup or a tower without blocks failed late or trained anyway."""
     from clipforge.models.layers import Transformer
     from clipforge.module import ContrastiveModule
     from clipforge.optim import constant_with_warmup, warmup_cosine
@@ -250,5 +250,8 @@ def test_settings_that_would_train_silently_wrong_fail_at_once() -> None:
     for schedule in (warmup_cosine, constant_with_warmup):
         with pytest.raises(ValueError, match=r"scheduler\.warmup_steps must be >= 0"):
             schedule(sgd, warmup_steps=-1, total_steps=10)
+    for ratio in (-0.1, 1.5):  # a negative end lr is gradient ascent; above 1 the "decay" climbs
+        with pytest.raises(ValueError, match=r"scheduler\.min_lr_ratio must be in \[0, 1\]"):
+            warmup_cosine(sgd, warmup_steps=1, total_steps=10, min_lr_ratio=ratio)
     with pytest.raises(ValueError, match="depth >= 1"):
         Transformer(0, lambda i: torch.nn.Identity())

@@ -5,6 +5,7 @@ untouched (no update, no weight decay, no AdamW state) before it."""
 from __future__ import annotations
 
 import functools
+import math
 
 import lightning as L
 import pytest
@@ -140,6 +141,23 @@ def test_objectives_add_their_weighted_losses_and_start_on_time() -> None:
     assert not torch.equal(
         module.ema["objectives"]["silc"].head.prototypes, module.objectives["silc"].head.prototypes
     )
+
+
+def test_start_frac_starts_at_the_exact_fraction_of_training() -> None:
+    """``start_frac * total`` in floating point is one ulp above a whole step for fractions like 0.55 or 0.07
+    (of 100 steps): the objective and the EMA started a step late there."""
+    from fractions import Fraction
+
+    from clipforge.optim import has_started
+
+    for frac, total in [(0.55, 100), (0.07, 100), (0.55, 180), (0.8, 10), (0.25, 10), (0.5, 3)]:
+        first = next(s for s in range(total + 1) if has_started(s, frac, total))
+        assert first == math.ceil(Fraction(repr(frac)) * total), (frac, total)
+    head = DinoHead(32, 16, 24, 8)
+    assert TipsLoss(head, embed_dim=32, start_frac=0.55).active(55, 100)
+    ema = ModelEMA({"m": torch.nn.Linear(1, 1)}, decay=0.5, start_frac=0.07)
+    ema.steps.fill_(7)
+    assert ema.current_decay(100) == 0.5
 
 
 def test_misconfigurations_fail_at_construction() -> None:

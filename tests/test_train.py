@@ -10,6 +10,7 @@ import torch
 
 from clipforge.checkpoint import load_model
 from clipforge.train import train
+from runconf import towers
 
 # A few steps of the tiny model on a small synthetic set: seconds on 2 cores.
 FAST = (
@@ -17,6 +18,22 @@ FAST = (
     "trainer.log_every_n_steps=1",
     "scheduler.warmup_steps=2",
     "final_eval=false",
+)
+
+# Smaller still: a one-block model, 4 steps an epoch, only a step checkpoint (in the output dir) as callback.
+SMALL = (
+    *towers(32, 1, 2),
+    "data.source.num_train=64",
+    "data.source.num_heldout=32",
+    "data.source.samples_per_shard=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "callbacks=none",
+    *FAST,
+)
+PERIODIC = (
+    "+callbacks.ckpt._target_=clipforge.callbacks.PeriodicCheckpoint",
+    "+callbacks.ckpt.dirpath=${paths.output_dir}",
 )
 
 
@@ -50,6 +67,26 @@ def test_resume_continues_the_step_count(compose_cfg) -> None:
     assert objs["trainer"].global_step == 7
 
 
+def test_a_resume_trains_with_the_configured_learning_rate_and_weight_decay(compose_cfg, caplog) -> None:
+    """docs/resuming.md: after a divergence, lower the learning rate and resume. The checkpoint's optimizer
+    and schedule states carry the old peak and decay; the configured ones must win, mid-schedule."""
+    cfg = compose_cfg("trainer.max_steps=3", *SMALL, *PERIODIC)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    lower = ("optimizer.lr=1e-4", "optimizer.weight_decay=0.05", "optimizer.betas=[0.9,0.95]")
+    with caplog.at_level("WARNING", logger="clipforge.module"):
+        _, objs = train(compose_cfg("trainer.max_steps=5", f"ckpt_path={last}", *lower, *SMALL))
+    assert "param group 0 initial_lr: checkpoint 0.0005, config 0.0001" in caplog.text
+    trainer = objs["trainer"]
+    opt, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == [1e-4, 1e-4]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in opt.param_groups)
+    # warmup 2 then cosine over 5 steps: the last step (index 4) trains at a quarter of the new peak
+    assert scheduler.lr_lambdas[0](4) == pytest.approx(0.25)
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(1e-4 * scheduler.lr_lambdas[0](4))
+
+
 def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(compose_cfg, caplog) -> None:
     """Resuming or initialising from a checkpoint whose model the config does not build fails naming the
     settings (not only torch's list of missing keys); a resume with other non-shape settings warns."""
@@ -80,6 +117,31 @@ def test_a_checkpoint_of_the_other_loss_is_named_by_its_loss(compose_cfg) -> Non
         train(compose_cfg("trainer.max_steps=2", f"ckpt_path={last}", *FAST))
     with pytest.raises(ValueError, match=rf"init_from=.*\({loss_diff}\)"):
         train(compose_cfg("trainer.max_steps=1", f"init_from={last}", *FAST))
+
+
+@pytest.mark.parametrize(
+    ("switched_on", "named", "key"),
+    [
+        ("ema=default", "ema: checkpoint off, config on", '"ema.steps"'),
+        (
+            "loss=siglip",
+            "loss._target_: checkpoint 'clipforge.losses.ClipLoss', config 'clipforge.losses.SigLipLoss'",
+            "model.logit_bias",
+        ),
+    ],
+)
+def test_a_resume_that_adds_weights_names_the_setting_and_the_keys(
+    compose_cfg, switched_on: str, named: str, key: str
+) -> None:
+    """The model settings are the same; what adds weights is the EMA, an objective or SigLIP's bias. The error
+    names that setting and the first missing keys (torch's own list is cut at its first line otherwise)."""
+    cfg = compose_cfg("trainer.max_steps=1", *SMALL, *PERIODIC)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    with pytest.raises(ValueError, match=r"ckpt_path=.*its weights do not fit") as err:
+        train(compose_cfg("trainer.max_steps=2", f"ckpt_path={last}", switched_on, *SMALL))
+    assert named in str(err.value) and key in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow

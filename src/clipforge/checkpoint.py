@@ -159,6 +159,24 @@ def model_differences(path: str | Path, model_cfg: Any, loss_cfg: Any | None = N
     return changed
 
 
+def module_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
+    """Beyond the model and its loss (:func:`model_differences`), the settings of the resolved train
+    ``config`` that decide which weights a training checkpoint holds, where checkpoint ``path`` was trained
+    with others: the EMA and the SigLIP 2 objectives (their decoder, heads and centres)."""
+    stored = checkpoint_config(path) or {}
+    out = []
+    if bool(stored.get("ema")) != bool(config.get("ema")):
+        out.append(f"ema: checkpoint {_on(stored.get('ema'))}, config {_on(config.get('ema'))}")
+    was, now = sorted(stored.get("objectives") or {}), sorted(config.get("objectives") or {})
+    if was != now:
+        out.append(f"objectives: checkpoint {was or 'none'}, config {now or 'none'}")
+    return out
+
+
+def _on(setting: Any) -> str:
+    return "on" if setting else "off"
+
+
 def init_from(model: CLIP, path: str | Path) -> CLIP:
     """Initialise ``model`` from a clipforge checkpoint's weights (training state is not restored).
 

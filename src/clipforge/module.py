@@ -18,6 +18,7 @@ of training is reached.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,11 +34,13 @@ from clipforge.ema import ModelEMA
 from clipforge.losses import logit_stats
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
-from clipforge.optim import param_groups
+from clipforge.optim import apply_settings, group_settings, param_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 EMAFactory = Callable[[dict[str, nn.Module]], ModelEMA]
+
+log = logging.getLogger(__name__)
 
 
 class ContrastiveModule(L.LightningModule):
@@ -110,6 +113,7 @@ class ContrastiveModule(L.LightningModule):
         self.ema = ema(self._ema_sources()) if ema is not None else None
         self._inactive: list[str] = []  # objectives not yet started at this step
         self._total_steps: int | None = None
+        self._configured: list[dict[str, Any]] | None = None  # the optimizer's group settings as built
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor | None]:
         return self.model(images, tokens)
@@ -322,10 +326,23 @@ class ContrastiveModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
+            self._configured = group_settings(optimizer)
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        self._configured = group_settings(optimizer)  # with the scheduler's initial_lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resume loads the checkpoint's optimizer settings (lr, weight decay, betas) over the configured
+        # ones; the config wins, as it does for max_steps, so "lower the learning rate and resume" works.
+        if self._configured is None:
+            return
+        changed = apply_settings(self.trainer.optimizers[0], self.lr_schedulers(), self._configured)
+        if changed and self.trainer.is_global_zero:
+            log.warning(
+                "resuming with optimizer settings other than the checkpoint's: %s", "; ".join(changed)
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config  # clipforge.checkpoint's layout: the config travels along

@@ -9,6 +9,7 @@ token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,47 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     ]
 
 
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (all but its parameters), as the optimizer holds them."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    settings: list[dict[str, Any]],
+) -> list[str]:
+    """Give ``optimizer`` the group ``settings`` of a freshly configured one (:func:`group_settings`) where a
+    resumed checkpoint left others, and return ``"param group i key: checkpoint X, config Y"`` for each.
+
+    The peak learning rate of a scheduled group is its ``initial_lr`` (the scheduler's ``base_lrs``); the
+    current ``lr`` is rescaled with it, so the schedule goes on from the same point at the new peak. Settings
+    that already agree are not touched: an unchanged config resumes bit for bit.
+    """
+    changed = []
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, settings, strict=True)):
+        scheduled = "initial_lr" in want
+        for key, value in want.items():
+            have = group.get(key)
+            if (key == "lr" and scheduled) or _same(have, value):
+                continue  # a scheduled lr is the schedule's, rescaled with initial_lr below
+            changed.append(f"param group {i} {key}: checkpoint {have!r}, config {value!r}")
+            if key == "initial_lr":
+                if have:  # (a peak of 0 leaves lr as it is; the next scheduler step sets it)
+                    group["lr"] = group["lr"] * value / have
+                if scheduler is not None:
+                    scheduler.base_lrs[i] = value
+            group[key] = value
+    return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings; a tuple and a list of the same values (``betas`` from YAML) are the same."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return list(a) == list(b)
+    return a == b
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,
@@ -43,6 +85,9 @@ def warmup_cosine(
     if total_steps <= 0:
         raise ValueError(f"total_steps (trainer.max_steps) must be positive, got {total_steps}")
     check_warmup(warmup_steps)
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        # below 0 the tail of training would run at a negative learning rate (ascent), above 1 it climbs
+        raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     warmup_steps = min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:
@@ -75,4 +120,5 @@ def check_start_frac(start_frac: float, owner: str) -> None:
 def has_started(step: int, start_frac: float, total_steps: int | None) -> bool:
     """Whether ``step`` (optimizer steps done) has reached ``start_frac`` of ``total_steps``; with no known
     total, from the start."""
-    return not total_steps or step >= start_frac * total_steps
+    # Rounded: in binary 0.55 * 100 is 55.00000000000001, which started the objective (or EMA) a step late.
+    return not total_steps or step >= round(start_frac * total_steps, 9)

@@ -18,7 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
-from clipforge.checkpoint import IMPORTED_CHECKPOINT, build_model, init_from, model_differences
+from clipforge.checkpoint import (
+    IMPORTED_CHECKPOINT,
+    build_model,
+    init_from,
+    model_differences,
+    module_differences,
+)
 from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
@@ -158,12 +164,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception as e:
+        # Closed as failed: left open, the next train() in this process (a notebook, an in-process sweep)
+        # would log into this run, in its directory (Lightning's WandbLogger reuses an open run).
+        _finish_wandb(logger, exit_code=1)
         if (
             ckpt_path is not None
             and isinstance(e, RuntimeError)
             and "Error(s) in loading state_dict" in str(e)
         ):
-            raise _model_mismatch("ckpt_path", ckpt_path, changed, e) from e
+            raise _model_mismatch(
+                "ckpt_path", ckpt_path, changed + module_differences(ckpt_path, config), e
+            ) from e
         # A node died or hangs: gloo/NCCL say "connection reset" or "timed out" but not which rank; say it.
         lost = explain_collective_failure(e, timeout, grace=LOST_RANK_GRACE_S)
         if lost is None:
@@ -185,12 +196,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _model_mismatch(key: str, path: str | Path, changed: list[str], error: Exception) -> ValueError:
     """The checkpoint's weights do not fit the configured model: name the settings that differ."""
-    why = "; ".join(changed) if changed else "no model setting differs (the checkpoint's keys do not match)"
+    why = "; ".join(changed) if changed else "no setting differs (the checkpoint's keys do not match)"
     return ValueError(
         f"{key}={path}: its weights do not fit the model this config builds ({why}). Use the checkpoint's "
-        f"model settings{'' if key == 'init_from' else ', or start from its weights with init_from='}. "
-        f"torch: {str(error).splitlines()[0]}"
+        f"settings{'' if key == 'init_from' else ', or start from its weights with init_from='}. "
+        f"torch: {_state_dict_error_summary(error)}"
     )
+
+
+def _state_dict_error_summary(error: Exception, keys: int = 3) -> str:
+    """torch's "Error(s) in loading state_dict" on one line, shortened to the first ``keys`` missing and
+    unexpected keys and size mismatches, with their counts (the full list runs to thousands of keys)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    parts, mismatches = [], []
+    for line in lines[1:]:
+        what, sep, rest = line.partition(": ")
+        if sep and rest.startswith('"'):  # Missing / Unexpected key(s) in state_dict: "a", "b", ...
+            parts.append(f"{what}: {_first(rest.rstrip('.').split(', '), keys)}")
+        else:  # size mismatch for <key>: ..., one line each
+            mismatches.append(line)
+    if mismatches:
+        parts.append(_first(mismatches, keys))
+    return " ".join([lines[0] if lines else type(error).__name__, "; ".join(parts)]).strip()
+
+
+def _first(items: list[str], n: int) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
@@ -248,11 +279,16 @@ def finish_logger(logger: Any, metrics: dict[str, float], step: int) -> None:
     if final:
         logger.log_metrics(final, step=step)
     logger.finalize("success")
+    _finish_wandb(logger, exit_code=0)
+
+
+def _finish_wandb(logger: Any, exit_code: int) -> None:
+    """End the W&B run of a ``WandbLogger`` (other loggers keep no process-wide run)."""
     if type(logger).__name__ == "WandbLogger":
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def _wandb_offline(logger: Any) -> bool:

@@ -126,6 +126,20 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on(run_cfg, tmp_path: Pa
     assert load(tmp_path / "checkpoints" / "last.ckpt")["callbacks"]["NonFiniteGuard"]["total"] == 1
 
 
+def test_a_nan_batch_does_not_poison_the_distillation_centres(run_cfg, tmp_path: Path) -> None:
+    # SILC and TIPS from the first step: the NaN batch of step 3 reaches the teacher, whose scores feed the
+    # running DINO centres. Only that step may be skipped; the next ones train on finite losses.
+    starts = ("objectives.silc.start_frac=0", "objectives.tips.start_frac=0", "trainer.max_steps=5")
+    _, objs = train(run_cfg(tmp_path, *SIGLIP2, *starts, *fault("nan_batch", 2)))
+    trainer, module = objs["trainer"], objs["module"]
+    guard = trainer.callbacks[[type(cb).__name__ for cb in trainer.callbacks].index("NonFiniteGuard")]
+    assert guard.total == 1 and guard.consecutive == 0
+    for name in ("silc", "tips"):
+        assert torch.isfinite(module.objectives[name].centre).all(), name
+        assert torch.isfinite(module.ema["objectives"][name].centre).all(), name
+        assert math.isfinite(trainer.callback_metrics[f"train/{name}_loss"].item()), name
+
+
 def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(run_cfg, tmp_path: Path) -> None:
     cfg = run_cfg(tmp_path, *fault("nan_batch", 3, count=3), "callbacks.nonfinite_guard.max_consecutive=3")
     ckpt = tmp_path / "checkpoints" / "nonfinite-step0000006.ckpt"
@@ -146,6 +160,21 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(run_cfg,
     assert all(torch.equal(stopped["state_dict"][k], v) for k, v in before["state_dict"].items())
     for i, s in before["optimizer_states"][0]["state"].items():
         assert torch.equal(stopped["optimizer_states"][0]["state"][i]["exp_avg"], s["exp_avg"])
+
+
+def test_a_run_resumed_from_its_divergence_checkpoint_starts_a_new_streak(run_cfg, tmp_path: Path) -> None:
+    # As the error advises: lower the learning rate and resume from the divergence checkpoint. One bad batch
+    # right after the resume is one skipped step, not the fourth of the previous attempt's streak.
+    limit = "callbacks.nonfinite_guard.max_consecutive=3"
+    with pytest.raises(NonFiniteError):
+        train(run_cfg(tmp_path, *fault("nan_batch", 3, count=3), limit))
+    ckpt = tmp_path / "checkpoints" / "nonfinite-step0000006.ckpt"
+    resumed = run_cfg(tmp_path, *fault("nan_batch", 6), limit, f"ckpt_path={ckpt}", "optimizer.lr=1e-4")
+    _, objs = train(resumed)
+    trainer = objs["trainer"]
+    guard = trainer.callbacks[[type(cb).__name__ for cb in trainer.callbacks].index("NonFiniteGuard")]
+    assert trainer.global_step == 10
+    assert guard.total == 4 and guard.consecutive == 0
 
 
 def test_training_refuses_a_malicious_checkpoint(run_cfg, tmp_path: Path) -> None:
@@ -201,3 +230,37 @@ def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(run_cfg, tmp_p
 def test_periodic_checkpoint_needs_a_trigger() -> None:
     with pytest.raises(ValueError, match="every_n_train_steps and/or every_n_minutes"):
         PeriodicCheckpoint(every_n_train_steps=None, every_n_minutes=None)
+
+
+def test_each_preemption_replaces_the_previous_preemption_checkpoint(run_cfg, tmp_path: Path) -> None:
+    # A job requeued again and again must not keep one full checkpoint per preemption.
+    for at in (2, 5):
+        status = run_forked(lambda at=at: train(run_cfg(tmp_path, *fault("sigterm", at), "ckpt_path=auto")))
+        assert os.WIFEXITED(status), status
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("preempt-*.ckpt"))
+    assert names == ["preempt-step0000006.ckpt"]
+    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
+    assert Path(objs["trainer"].ckpt_path).name == "preempt-step0000006.ckpt"
+    assert objs["trainer"].global_step == 10
+
+
+def test_a_run_after_one_that_failed_in_this_process_still_saves_on_sigterm(run_cfg, tmp_path: Path) -> None:
+    # The failed fit leaves its preemption handler installed (Lightning puts back the handler it found); the
+    # next run's handler must not chain to it, or SIGTERM kills that run instead of saving it.
+    diverge = (*fault("nan_batch", 0), "callbacks.nonfinite_guard.max_consecutive=1", "trainer.max_steps=2")
+    with pytest.raises(NonFiniteError):
+        train(run_cfg(tmp_path / "failed", *diverge))
+    status = run_forked(lambda: train(run_cfg(tmp_path / "run", *fault("sigterm", 2))))
+    assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
+    assert (tmp_path / "run" / "checkpoints" / "preempt-step0000003.ckpt").is_file()
+
+
+def test_a_failed_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cfg, tmp_path: Path) -> None:
+    import wandb
+
+    diverge = (*fault("nan_batch", 0), "callbacks.nonfinite_guard.max_consecutive=1", "trainer.max_steps=2")
+    with pytest.raises(NonFiniteError):
+        train(run_cfg(tmp_path / "failed", "logger=wandb", *diverge))
+    assert wandb.run is None
+    _, objs = train(run_cfg(tmp_path / "next", "logger=wandb", "trainer.max_steps=1"))
+    assert Path(objs["logger"].experiment.dir).is_relative_to(tmp_path / "next")

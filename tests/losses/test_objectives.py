@@ -46,6 +46,16 @@ def test_dino_loss_and_centre_match_the_written_out_formula() -> None:
     torch.testing.assert_close(updated_centre(c, t, 0.9), 0.9 * c + 0.1 * t.mean(0), rtol=1e-12, atol=1e-15)
 
 
+def test_a_non_finite_teacher_batch_leaves_the_centre_where_it_was() -> None:
+    # The non-finite guard skips the update of a NaN batch; the running centre must not keep its NaN.
+    c = torch.randn(12, dtype=torch.float64) * 0.1
+    t = torch.randn(7, 12, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):
+        poisoned = t.clone()
+        poisoned[3, 5] = bad
+        assert torch.equal(updated_centre(c, poisoned, 0.9), c)
+
+
 def test_caption_loss_is_the_mean_over_target_tokens() -> None:
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)

@@ -130,3 +130,8 @@ class NonFiniteGuard(Callback):
         self.total = int(state_dict["total"])
         self.consecutive = int(state_dict["consecutive"])
         self.first_bad_step = state_dict["first_bad_step"]
+        if self.consecutive >= self.max_consecutive:
+            # The divergence checkpoint (_stop), resumed as its error says: none of that streak was applied
+            # and the run goes on with other settings, so a new streak starts; otherwise its first bad step
+            # would stop the run at once, counted together with the previous attempt's.
+            self.consecutive, self.first_bad_step = 0, None

@@ -3,8 +3,8 @@
 No paper. Schedulers warn before they kill: Kubernetes and most clouds send SIGTERM, SLURM sends the
 signal named in ``#SBATCH --signal=USR1@120`` (SIGUSR1 here) some time before the hard kill. The handler
 only sets a flag (nothing is safe to do inside a signal handler); the next ``on_train_batch_end``
-saves ``preempt-step<N>.ckpt``, asks SLURM to requeue the job when running under SLURM, and leaves
-through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit status 0), as Lightning itself does on
+saves ``preempt-step<N>.ckpt`` (and removes those of earlier preemptions), asks SLURM to requeue the
+job when running under SLURM, and leaves through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit status 0), as Lightning itself does on
 SIGTERM. Leaving at once, rather than through ``trainer.should_stop``, skips the end-of-training work
 (validation, final checkpoints, evaluation): it would take time the scheduler may not give, and a
 "final" checkpoint written then would mark the epoch as finished, so a resume would skip the rest of
@@ -93,7 +93,7 @@ class PreemptionCheckpoint(Callback):
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
-            self._previous[sig] = signal.getsignal(sig)
+            self._previous[sig] = _live_handler(signal.getsignal(sig), sig)
             signal.signal(sig, self._handler)
         self._active = True
 
@@ -142,8 +142,34 @@ class PreemptionCheckpoint(Callback):
         path = os.path.join(dirpath, f"preempt-step{trainer.global_step:07d}.ckpt")
         trainer.save_checkpoint(path)
         self.preempted_at = path
+        # A run requeued again and again would keep one full checkpoint per preemption until the disk is
+        # full: the earlier ones hold older states than this one (complete on disk by now), so they go.
+        for older in _preemption_checkpoints(dirpath, below=trainer.global_step):
+            trainer.strategy.remove_checkpoint(older)
         sig = self.received.name if self.received is not None else "signal"
         log.warning("%s received: saved %s at step %d, exiting", sig, path, trainer.global_step)
         job_id = slurm_job_id()
         if self.requeue and job_id and trainer.is_global_zero:
             requeue_slurm_job(job_id)
+
+
+def _live_handler(handler: Any, sig: signal.Signals) -> Any:
+    """``handler`` without the handlers of earlier, finished runs in front of it. A fit that ends in an
+    exception never calls the callbacks' ``teardown``, and Lightning then puts back the handler it found,
+    ours: a later run in the same process (a notebook, an in-process sweep) would chain to that stale
+    handler, which re-raises the signal with its default action and kills the run instead of saving."""
+    while (
+        getattr(handler, "__func__", None) is PreemptionCheckpoint._handler and not handler.__self__._active
+    ):
+        handler = handler.__self__._previous.get(sig, signal.SIG_DFL)
+    return handler
+
+
+def _preemption_checkpoints(dirpath: str, below: int) -> list[str]:
+    """The ``preempt-step<N>.ckpt`` files (or sharded directories) in ``dirpath`` with ``N < below``."""
+    found = []
+    for name in sorted(os.listdir(dirpath)) if os.path.isdir(dirpath) else []:
+        match = re.fullmatch(r"preempt-step(\d+)\.ckpt", name)
+        if match and int(match.group(1)) < below:
+            found.append(os.path.join(dirpath, name))
+    return found

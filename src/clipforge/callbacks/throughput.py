@@ -28,18 +28,23 @@ class ThroughputMonitor(Callback):
 
     Rates are averaged over the steps between two logging steps and timed on the host, so nothing here
     synchronises with the device: over a window the host cannot run ahead of the device for long. The first
-    step (warm-up, compilation) is excluded. ``peak_flops`` is per device; ``None`` means the H100 value on
-    CUDA and no MFU elsewhere. Set it on CPU to log MFU there too.
+    step (warm-up, compilation) is excluded, and so is the time between training batches spent on
+    validation and on what runs at an epoch's end (evaluations, checkpoints): counted, it made every window
+    with a validation report a fraction of the rate. Loading the batches is training time, the first of an
+    epoch included. ``peak_flops`` is per device; ``None`` means the H100 value on CUDA and no MFU elsewhere.
+    Set it on CPU to log MFU there too.
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
         self.peak_flops = peak_flops
         self.flops_per_sample: int | None = None
-        self._t0: float | None = None
+        self._mark: float | None = None  # when the time of the next batch started to count
+        self._elapsed = 0.0  # training time of the window so far
         self._samples = 0
+        self._paused = False  # a validation ran since the last batch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0, self._samples = None, 0
+        self._mark, self._elapsed, self._samples, self._paused = None, 0.0, 0, False
         self._cuda = trainer.strategy.root_device.type == "cuda"
         self._peak = (
             self.peak_flops if self.peak_flops is not None else (H100_BF16_PEAK_FLOPS if self._cuda else None)
@@ -54,18 +59,36 @@ class ThroughputMonitor(Callback):
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every epoch-end hook (this callback's is not necessarily the first) has run: count from here.
+        if self._mark is not None:
+            self._mark = time.perf_counter()
+        self._paused = False
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._paused and self._mark is not None:  # a validation in mid-epoch (val_check_interval)
+            self._mark = time.perf_counter()
+        self._paused = False
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.perf_counter()
-        if self._t0 is None:  # the window starts after the first step
-            self._t0, self._samples = now, 0
+        if self._mark is None:  # the window starts after the first step
+            self._mark, self._elapsed, self._samples = now, 0.0, 0
             return
+        self._elapsed += now - self._mark
+        self._mark = now
         self._samples += len(batch[0]) * trainer.world_size
-        if not logging_step(trainer, step_done=True) or now <= self._t0:
+        if not logging_step(trainer, step_done=True) or self._elapsed <= 0:
             return
-        samples_per_s = self._samples / (now - self._t0)
-        self._t0, self._samples = now, 0
+        samples_per_s = self._samples / self._elapsed
+        self._elapsed, self._samples = 0.0, 0
         pl_module.log("train/samples_per_s", samples_per_s, prog_bar=True)
         if self._peak and self.flops_per_sample:
             mfu = self.flops_per_sample * samples_per_s / (self._peak * trainer.world_size)

@@ -94,10 +94,14 @@ def dino_loss(
 def updated_centre(
     centre: Tensor, teacher: Tensor, momentum: float, group: dist.ProcessGroup | None = None
 ) -> Tensor:
-    """``momentum * centre + (1 - momentum) * mean(teacher)``, the mean over the global batch's rows."""
+    """``momentum * centre + (1 - momentum) * mean(teacher)``, the mean over the global batch's rows;
+    ``centre`` unchanged when that mean is not finite."""
     count = global_count(teacher.shape[0], teacher.device, group)
     mean = global_sum(teacher, group) / count.clamp(min=1)
-    return (centre * momentum + mean.to(centre.dtype) * (1 - momentum)).to(centre.dtype)
+    moved = (centre * momentum + mean.to(centre.dtype) * (1 - momentum)).to(centre.dtype)
+    # A running buffer outlives its step: one NaN batch (a step the non-finite guard skips) would otherwise
+    # make every later loss NaN. The mean is global, so every rank keeps or moves its centre alike; no sync.
+    return torch.where(torch.isfinite(mean).all(), moved, centre)
 
 
 def centred_distillation(

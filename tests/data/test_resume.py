@@ -108,3 +108,23 @@ def test_one_holder_of_the_position_for_the_module_and_its_loader(shards, caplog
     dm.set_epoch(1)
     assert len(list(loader)) == 12 - 4 and dm.position.restored is None
     assert dm.state_dict()["batches"] == loader.state_dict()["batches"] == 12
+
+
+def test_a_run_stopped_by_max_steps_mid_epoch_goes_on_from_there_when_extended(shards, tmp_path):
+    """Training longer from the checkpoint of a finished run (same command, a larger max_steps): the save
+    at the end of training is the state after its last step, not one where Lightning has closed the epoch
+    that max_steps cut short, so the rest of that epoch is trained, not skipped."""
+    from clipforge.callbacks.periodic import PeriodicCheckpoint
+
+    full = Recorder()
+    trainer(tmp_path / "full", max_steps=24).fit(full, datamodule=make(shards, 2))
+    assert len(full.seen) == 24
+    periodic = PeriodicCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1000)
+    trainer(tmp_path, max_steps=5, callbacks=[periodic]).fit(Recorder(), datamodule=make(shards, 2))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    resumed = Recorder()
+    trainer(tmp_path, max_steps=24).fit(
+        resumed, datamodule=make(shards, 2), ckpt_path=last, weights_only=True
+    )
+    assert resumed.seen == full.seen[5:]

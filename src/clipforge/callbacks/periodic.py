@@ -83,7 +83,18 @@ class PeriodicCheckpoint(ModelCheckpoint):
             kind="periodic", every_n_train_steps=self._every_n_train_steps, interval=self._train_time_interval
         )
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        # The step that reaches max_steps is saved here, mid-epoch as a periodic save is: by on_train_end
+        # Lightning has closed the epoch that max_steps cut short, and a longer run resumed from that file
+        # (a larger max_steps) would start the next epoch, skipping the rest of this one's data.
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.sanity_checking:
+            self._save_final(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_final(trainer)
+
+    def _save_final(self, trainer: L.Trainer) -> None:
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)

@@ -128,3 +128,13 @@ def test_a_run_stopped_by_max_steps_mid_epoch_goes_on_from_there_when_extended(s
         resumed, datamodule=make(shards, 2), ckpt_path=last, weights_only=True
     )
     assert resumed.seen == full.seen[5:]
+
+
+def test_a_changed_setting_is_warned_about_once_though_lightning_restores_the_position_twice(shards, caplog):
+    dm = make(shards)
+    saved = {"epoch": 0, "batches": 2, "world_size": 2, "num_workers": 1, "batch_size": 8, "seed": 0}
+    dm.load_state_dict(saved)  # the data module's copy, before any loader
+    loader = dm.train_dataloader()
+    loader.load_state_dict(saved)  # the train loader's copy, restored by Lightning's fit loop
+    assert caplog.text.count("data position restored with a different {'world_size': (2, 1)}") == 1
+    assert dm.position.restored == {"epoch": 0, "batches": 2}

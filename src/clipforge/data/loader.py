@@ -38,6 +38,7 @@ class Position:
     def __init__(self) -> None:
         self.epoch, self.yielded = -1, 0
         self.restored: dict | None = None
+        self._warned: dict | None = None  # the restored state last warned about
 
     def start(self, epoch: int, num_batches: int) -> int:
         """Begin a pass over ``epoch``; returns the batches to skip (those of a restored position)."""
@@ -66,7 +67,9 @@ class Position:
         if not state:
             return
         changed = {k: (state[k], v) for k, v in fingerprint.items() if k in state and state[k] != v}
-        if changed:
+        # Lightning restores the same state twice (the data module's and the train loader's copy): one warning.
+        if changed and state != self._warned:
+            self._warned = dict(state)
             log.warning(
                 "data position restored with a different %s: the rest of epoch %s will not line up exactly "
                 "with what was already seen (some samples may repeat or be skipped)",

@@ -1,10 +1,22 @@
 """Command-line settings the training benchmarks share (``clipforge-benchmark learning``, ``init`` and
-``siglip2``)."""
+``siglip2``), and the argument types every benchmark checks its counts with."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def add_run_args(

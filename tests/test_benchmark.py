@@ -19,6 +19,10 @@ def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(steps) == {"open_clip", "clipforge"}
     for r in steps.values():
         assert r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0
+        # figures to three significant digits: a CPU step's few GFLOP/s used to round to 0.0 TFLOP/s
+        assert r["tflops"] > 0 and r["mfu"] > 0
+        expected = r["gflop_per_sample"] * r["samples_per_s"] / 1e3
+        assert r["tflops"] == pytest.approx(expected, rel=0.05)
     # Same architecture on both sides: the FLOP counts agree to a few percent.
     a, b = steps["open_clip"]["gflop_per_sample"], steps["clipforge"]["gflop_per_sample"]
     assert abs(a - b) / a < 0.05

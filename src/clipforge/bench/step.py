@@ -221,8 +221,9 @@ def bench_step(spec: StepSpec, steps: int, warmup: int, peak_tflops: float) -> S
         samples_per_s=round(batch / dt, 1),
         step_ms=round(dt * 1e3, 2),
         gflop_per_sample=round(flops / batch / 1e9, 2),
-        tflops=round(tflops, 2),
-        mfu=round(tflops / peak_tflops, 4),
+        # three significant digits, not decimals: a CPU step (a few GFLOP/s) printed as 0.0 TFLOP/s, 0.0 MFU
+        tflops=float(f"{tflops:.3g}"),
+        mfu=float(f"{tflops / peak_tflops:.3g}"),
         peak_mem_gib=None if peak_mem is None else round(peak_mem, 2),
         warmup_s=round(warm_s, 1),
         final_loss=round(last, 4),

@@ -167,6 +167,9 @@ def test_one_command_dispatches_every_benchmark(capsys) -> None:
         ("loss", ["--batches", "64", "-4"], "--batches: expected a positive integer, got '-4'"),
         ("loss", ["--repeats", "0"], "--repeats: expected a positive integer"),
         ("loader", ["--num-samples", "0"], "--num-samples: expected a positive integer"),
+        ("learning", ["--steps", "0"], "--steps: expected a positive integer"),
+        ("init", ["--batch-size", "-8"], "--batch-size: expected a positive integer"),
+        ("siglip2", ["--steps", "-1"], "--steps: expected a positive integer"),
     ],
 )
 def test_bad_settings_are_named_before_anything_runs(bench: str, argv: list[str], named: str, capsys) -> None:
@@ -175,6 +178,6 @@ def test_bad_settings_are_named_before_anything_runs(bench: str, argv: list[str]
     from clipforge.bench.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main([bench, *argv, "--device", "cpu"] if bench != "loader" else [bench, *argv])
+        main([bench, *argv, "--device", "cpu"] if bench in ("step", "profile", "loss") else [bench, *argv])
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err

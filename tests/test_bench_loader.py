@@ -37,3 +37,14 @@ def test_benchmark_runs_both_loaders_on_the_same_shards(tmp_path, capsys):
     assert set(results) == {"clipforge", "open_clip get_wds_dataset"}
     assert all(r["images"] > 0 and r["per_worker_wall"] > 0 for r in results.values())
     assert "vs open_clip" in capsys.readouterr().out
+
+
+def test_too_few_samples_to_time_is_an_error_not_zero_images_per_second(tmp_path):
+    # 40 samples in batches of 16 leave nothing after the two warm-up batches: the benchmark printed
+    # "0.0 images/s per worker", as though the loader had stalled.
+    pytest.importorskip("skimage")
+    pattern = bench.write_benchmark_shards(tmp_path, num_samples=40, samples_per_shard=40)
+    for batch in (16, 32):  # nothing left to time; fewer batches than the warm-up
+        loader, _ = bench.clipforge_loader(pattern, batch, 0, 32)
+        with pytest.raises(ValueError, match="no batch was left to time after the 2 warm-up batches"):
+            bench.measure(loader, 0)

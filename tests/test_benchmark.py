@@ -19,6 +19,10 @@ def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(steps) == {"open_clip", "clipforge"}
     for r in steps.values():
         assert r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0
+        # figures to three significant digits: a CPU step's few GFLOP/s used to round to 0.0 TFLOP/s
+        assert r["tflops"] > 0 and r["mfu"] > 0
+        expected = r["gflop_per_sample"] * r["samples_per_s"] / 1e3
+        assert r["tflops"] == pytest.approx(expected, rel=0.05)
     # Same architecture on both sides: the FLOP counts agree to a few percent.
     a, b = steps["open_clip"]["gflop_per_sample"], steps["clipforge"]["gflop_per_sample"]
     assert abs(a - b) / a < 0.05
@@ -149,3 +153,31 @@ def test_one_command_dispatches_every_benchmark(capsys) -> None:
             main([name, "--help"])  # each parses its own arguments
         assert exit_info.value.code == 0
         assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("bench", "argv", "named"),
+    [
+        ("step", ["--models", "tiny"], "'tiny': expected conf/model name:batch"),
+        ("step", ["--models", "tiny:0"], "'tiny:0': expected conf/model name:batch"),
+        ("step", ["--models", "nope:8"], "unknown model 'nope': conf/model has siglip_b16, tiny"),
+        ("step", ["--models", "tiny:4", "--steps", "0"], "--steps: expected a positive integer"),
+        ("step", ["--models", "tiny:4", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
+        ("profile", ["--model", "tiny:-1"], "'tiny:-1': expected conf/model name:batch"),
+        ("loss", ["--batches", "64", "-4"], "--batches: expected a positive integer, got '-4'"),
+        ("loss", ["--repeats", "0"], "--repeats: expected a positive integer"),
+        ("loader", ["--num-samples", "0"], "--num-samples: expected a positive integer"),
+        ("learning", ["--steps", "0"], "--steps: expected a positive integer"),
+        ("init", ["--batch-size", "-8"], "--batch-size: expected a positive integer"),
+        ("siglip2", ["--steps", "-1"], "--steps: expected a positive integer"),
+    ],
+)
+def test_bad_settings_are_named_before_anything_runs(bench: str, argv: list[str], named: str, capsys) -> None:
+    # They used to fail deep inside with an IndexError, a ZeroDivisionError, a StatisticsError or a
+    # negative tensor dimension, after models were built.
+    from clipforge.bench.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([bench, *argv, "--device", "cpu"] if bench in ("step", "profile", "loss") else [bench, *argv])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err

@@ -292,7 +292,12 @@ def save_consolidated(src: str | Path, dst: str | Path, overwrite: bool = False)
 
     src, dst = Path(src), Path(dst)
     if not is_sharded_checkpoint(src):
-        what = "it is a file (already one checkpoint)" if src.is_file() else "no such directory"
+        if src.is_file():
+            what = "it is a file (already one checkpoint)"
+        elif src.is_dir():
+            what = "a directory without DCP's .metadata or meta.pt (not written by trainer/strategy=fsdp2)"
+        else:
+            what = "no such directory"
         raise ValueError(f"{src} is not a sharded checkpoint directory: {what}")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")

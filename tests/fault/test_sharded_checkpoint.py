@@ -78,6 +78,11 @@ def test_consolidate_command_fails_clearly(tmp_path: Path, config: dict, capsys)
     assert main([str(src), str(dst), "--force"]) == 0
     assert main([str(dst), str(tmp_path / "again.ckpt")]) == 1
     assert "is not a sharded checkpoint directory: it is a file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # it used to say "no such directory" of a directory that is there
+    assert main([str(tmp_path / "empty"), str(tmp_path / "again.ckpt")]) == 1
+    assert "empty is not a sharded checkpoint directory: a directory without" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), str(tmp_path / "again.ckpt")]) == 1
+    assert "nope is not a sharded checkpoint directory: no such directory" in capsys.readouterr().err
     config["model"]["vision"]["depth"] = 2  # the config no longer describes these weights
     torch.save({"global_step": 3, "loops": {}, "clipforge_config": config}, src / "meta.pt")
     with pytest.raises(ValueError, match=r"does not match its config's model: missing \['model.visual"):

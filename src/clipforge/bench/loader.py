@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clipforge.bench.args import non_negative_int, positive_int
 from clipforge.data.manifest import MANIFEST_NAME, read_manifest
 from clipforge.data.writer import Record, write_shards
 
@@ -178,9 +179,14 @@ def _cpu_seconds(pid: int) -> float:
 def measure(loader, num_workers: int, warmup: int = 2) -> dict:
     """Images per second after ``warmup`` batches (worker start-up and shuffle-buffer fill excluded).
     Workers must be persistent, so their CPU time can still be read once the pass is over."""
+    too_few = ValueError(  # a figure of 0 images/s would read as a loader that stalls
+        f"no batch was left to time after the {warmup} warm-up batches: raise --num-samples "
+        "(or lower --batch-size)"
+    )
     it = iter(loader)
     for _ in range(warmup):
-        next(it)
+        if next(it, None) is None:
+            raise too_few
     # DataLoader workers are this process's multiprocessing children (open_clip's WebLoader hides its
     # DataLoader iterator, so ask multiprocessing rather than the iterator)
     pids = [c.pid for c in multiprocessing.active_children()] if num_workers else []
@@ -189,6 +195,8 @@ def measure(loader, num_workers: int, warmup: int = 2) -> dict:
     for batch in it:
         n += batch[0].shape[0] if torch.is_tensor(batch[0]) else len(batch[0])
     wall = time.perf_counter() - t0
+    if n == 0:
+        raise too_few
     cpu = sum(_cpu_seconds(p) for p in pids) - sum(cpu0) if pids else time.process_time() - cpu0[0]
     workers = max(1, num_workers)
     return {"images": n, "wall_s": wall, "per_worker_wall": n / wall / workers, "per_worker_cpu": n / cpu}
@@ -251,13 +259,16 @@ def open_clip_loader(pattern: str, num_samples: int, batch_size: int, num_worker
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="data/bench_shards", help="where the benchmark shards are written")
-    p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-samples", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument(
-        "--workers", type=int, default=1, help="DataLoader workers (per-worker figures divide by it)"
+        "--workers",
+        type=non_negative_int,
+        default=1,
+        help="DataLoader workers (per-worker figures divide by it)",
     )
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=2, help="passes per loader; the best is reported")
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--repeats", type=positive_int, default=2, help="passes per loader; the best is reported")
     p.add_argument("--gpu-decode", action="store_true", help="also time clipforge with JPEG decode on CUDA")
     p.add_argument("--skip-open-clip", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")

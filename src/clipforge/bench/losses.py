@@ -43,6 +43,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipforge.bench.args import non_negative_int, positive_int
 from clipforge.losses.clip import ClipLoss
 from clipforge.losses.siglip import SigLipLoss
 from clipforge.losses.tiled import use_tiled
@@ -54,21 +55,23 @@ LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
-    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--batches", type=positive_int, nargs="+", default=DEFAULT_BATCHES)
+    ap.add_argument("--dim", type=positive_int, default=768)
     ap.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--impl", default="auto", choices=["auto", "dense", "tiled"], help="clipforge's impl")
-    ap.add_argument("--tile-size", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--tile-size", type=positive_int, default=8192)
+    ap.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed runs per measurement (median reported)"
+    )
+    ap.add_argument("--warmup", type=non_negative_int, default=1)
     ap.add_argument("--no-open-clip", action="store_true", help="measure clipforge only")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (both implementations)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--world-sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         help="run W gloo processes on CPU for each W; --batches are then local batches (per process)",
     )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.bench.args import add_child_args
+from clipforge.bench.args import add_child_args, positive_int
 from clipforge.bench.learning import resolved_config
 from clipforge.bench.learning_trainers import run_logged
 
@@ -160,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> list[Scores]:
     p = argparse.ArgumentParser(prog="clipforge-benchmark siglip2", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/bench_siglip2"))
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     add_child_args(p)
     args = p.parse_args(argv)

@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipforge.bench.args import non_negative_int, positive_int
 from clipforge.bench.losses import _free
 from clipforge.bench.open_clip_ref import open_clip_loss, open_clip_model
 from clipforge.checkpoint import build_model
@@ -72,6 +73,18 @@ class StepResult:
     final_loss: float
     device: str
     note: str = ""
+
+
+def model_batch(text: str) -> tuple[str, int]:
+    """``name:batch`` on the command line -> ``(name, batch)``: a ``conf/model`` name and a positive batch,
+    checked before anything is built (argparse names the argument that is wrong)."""
+    name, _, batch = text.partition(":")
+    if not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected conf/model name:batch, e.g. vit_b16:256")
+    known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}: conf/model has {', '.join(known)}")
+    return name, int(batch)
 
 
 def compose_model_cfg(model: str, loss: str, overrides: list[str] | None = None) -> Any:
@@ -208,8 +221,9 @@ def bench_step(spec: StepSpec, steps: int, warmup: int, peak_tflops: float) -> S
         samples_per_s=round(batch / dt, 1),
         step_ms=round(dt * 1e3, 2),
         gflop_per_sample=round(flops / batch / 1e9, 2),
-        tflops=round(tflops, 2),
-        mfu=round(tflops / peak_tflops, 4),
+        # three significant digits, not decimals: a CPU step (a few GFLOP/s) printed as 0.0 TFLOP/s, 0.0 MFU
+        tflops=float(f"{tflops:.3g}"),
+        mfu=float(f"{tflops / peak_tflops:.3g}"),
         peak_mem_gib=None if peak_mem is None else round(peak_mem, 2),
         warmup_s=round(warm_s, 1),
         final_loss=round(last, 4),
@@ -273,8 +287,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         _free(device)  # the next measurement's peak memory is its own
         return r
 
-    for spec in args.models:
-        name, batch = spec.split(":")[0], int(spec.split(":")[1])
+    for name, batch in args.models:
         # Every eager step first, the compiled ones last: a compile that overruns the caller's time
         # limit (about a minute for ViT-B/16 on one GPU) then costs only the compiled rows.
         plan = [(impl, loss_kind, False) for loss_kind in args.losses for impl in args.impls]
@@ -318,7 +331,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--models", nargs="+", default=["vit_b16:256", "vit_b32:512"], help="conf/model name:batch"
+        "--models",
+        nargs="+",
+        type=model_batch,
+        default=[("vit_b16", 256), ("vit_b32", 512)],
+        help="conf/model name:batch",
     )
     ap.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip"])
     ap.add_argument(
@@ -341,8 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra clipforge runs with config overrides, e.g. model.vision.patch_dropout=0.5; "
         "several in one quoted item (space-separated) apply together",
     )
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=positive_int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps before them")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     args = ap.parse_args(argv)
     if args.precision is None:

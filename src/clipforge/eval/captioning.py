@@ -32,6 +32,16 @@ def decode(
     a box ``[x0, y0, x1, y1]`` each (``box``, always four location tokens)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if max_new_tokens is not None and max_new_tokens < 1:  # 0 or less decoded nothing, silently
+        raise ValueError(
+            f"max_new_tokens must be positive (null: all the decoder holds), got {max_new_tokens}"
+        )
+    if task == "grounded":
+        x0, y0, x1, y1 = box if box is not None and len(box) == 4 else (0, 0, 0, 0)
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):  # clamped, the region was empty or the frame
+            raise ValueError(
+                f"task=grounded needs box=[x0,y0,x1,y1] with 0 <= x0 < x1 <= 1, y too; got {box}"
+            )
     tokenizer = tokenizer or Tokenizer(decoder.context_length)
     image_tokens = model.visual.forward_features(images)  # (B, T, D)
     B = images.shape[0]
@@ -44,14 +54,12 @@ def decode(
         )
         return [[round(c, 4) for c in row] for row in decoder.tokens_to_box(seq[:, -BOX_TOKENS:]).tolist()]
     if task == "grounded":
-        if box is None or len(box) != 4:
-            raise ValueError("task=grounded needs box=[x0,y0,x1,y1] (normalised)")
         prompt = decoder.prompt("grounded", box=torch.tensor([float(c) for c in box]))
     else:
         prompt = decoder.prompt("caption")
     # text only: no padding id, no SOT (decoder sequences never contain them), no task or location tokens
     allowed = decoder.text_mask(exclude=(0, tokenizer.sot_token_id))
-    budget = max_new_tokens or decoder.max_len
+    budget = decoder.max_len if max_new_tokens is None else max_new_tokens
     seq = decoder.generate(
         image_tokens, _repeat(prompt, B, images), budget, allowed=allowed, stop_token=decoder.eot_token_id
     )

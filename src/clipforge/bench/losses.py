@@ -186,7 +186,8 @@ def measure(fn: LossFn, inputs: list[Tensor], repeats: int, warmup: int) -> dict
             _sync(device)
             times.append(time.perf_counter() - t0)
             if device.type == "cuda":
-                out["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / MIB
+                peak = (torch.cuda.max_memory_allocated(device) - base) / MIB  # the largest over the repeats
+                out["peak_extra_mib"] = max(peak, out["peak_extra_mib"] or 0.0)
         out["time_ms"] = 1e3 * statistics.median(times)
         out["saved_mib"] = saved_bytes(lambda: fn(*inputs)) / MIB
     except (torch.OutOfMemoryError, RuntimeError) as err:

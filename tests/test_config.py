@@ -190,3 +190,37 @@ def test_objective_configs_compose_one_word_each(compose_cfg, name: str) -> None
         (cfg.get("decoder") is not None) == ("locca" in expected) == cfg.data.stream.regions
     )  # boxes in batches
     assert compose_cfg().get("objectives") is None and compose_cfg().get("ema") is None  # off by default
+
+
+@pytest.mark.parametrize(
+    ("module", "script", "groups"),
+    [
+        ("clipforge.eval.cli", "clipforge-zeroshot", {"eval/dataset", "model"}),
+        ("clipforge.caption_cli", "clipforge-caption", set()),
+        ("clipforge.train", "clipforge-train", None),  # every group under conf/
+    ],
+)
+def test_help_names_the_command_and_lists_its_own_groups(module: str, script: str, groups) -> None:
+    """``--help`` of a Hydra command names it and lists the groups it reads, with every option under conf/
+    (Hydra's default lists all groups of conf/, the training ones too, under the job's module name)."""
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.argv = [{script!r}, '--help']; from {module} import main; main()"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    text = out.stdout
+    assert text.startswith(script), text[:200]
+    listed = {}
+    if "== Configuration groups ==" in text:
+        block = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+        listed = {
+            line.split(":")[0]: set(line.split(":", 1)[1].replace(" ", "").split(","))
+            for line in block.splitlines()
+            if ": " in line
+        }
+    if groups is not None:
+        assert set(listed) == groups, listed
+    for group, options in listed.items():
+        assert options == {p.stem for p in (CONF_DIR / group).glob("*.yaml")}, group

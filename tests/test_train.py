@@ -284,11 +284,14 @@ def test_summary_says_when_the_wandb_run_is_offline() -> None:
 
     class WandbLogger:  # the name is what summarize looks at
         def __init__(self, offline: bool) -> None:
-            self.experiment = SimpleNamespace(offline=offline, dir="/runs/x/files")
+            # wandb's run.dir is the run's files/ folder, which `wandb sync` does not take
+            self.experiment = SimpleNamespace(offline=offline, dir="/runs/x/wandb/offline-run-1-ab/files")
 
     trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[])
     text = summarize({"train/loss": 1.0}, trainer, WandbLogger(offline=True))
-    assert "WandbLogger -> /runs/x/files" in text and "wandb sync" in text
+    # the line names the run directory `wandb sync` uploads, and the hint says to sync that very folder
+    assert "WandbLogger -> /runs/x/wandb/offline-run-1-ab\n" in text, text
+    assert "wandb sync /runs/x/wandb/offline-run-1-ab" in text, text
     assert "wandb sync" not in summarize({}, trainer, WandbLogger(offline=False))
 
 

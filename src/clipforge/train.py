@@ -344,9 +344,12 @@ def summarize(
         run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(
             logger, "log_dir", None
         )
+        wandb = type(logger).__name__ == "WandbLogger"
+        if wandb and run_dir and Path(run_dir).name == "files":
+            run_dir = str(Path(run_dir).parent)  # wandb's run.dir is <run>/files; `wandb sync` takes <run>
         lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
-        if type(logger).__name__ == "WandbLogger" and _wandb_offline(logger):
-            lines.append("                   (offline; upload later with `wandb sync <run dir>`)")
+        if wandb and _wandb_offline(logger):
+            lines.append(f"                   (offline; upload later with `wandb sync {run_dir}`)")
     lines.append("=" * 60)
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""``scripts/visualize.py``: write the ViT pictures (patch grid, position-embedding similarity,
-attention per head, attention rollout after Abnar & Zuidema, 2020) for one image and one model."""
+"""``clipforge-visualize`` (= ``python scripts/visualize.py``): write the ViT pictures (patch grid,
+position-embedding similarity, attention per head, attention rollout after Abnar & Zuidema, 2020) for one
+image and one model."""
 
 from __future__ import annotations
 

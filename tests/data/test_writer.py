@@ -327,7 +327,7 @@ def test_cli_skips_and_counts_bytes_that_are_no_image_and_json_that_does_not_par
     assert "corrupt_image=1" in capsys.readouterr().out
 
 
-def test_cli_synthetic_and_manifest_recount(tmp_path):
+def test_cli_synthetic_and_manifest_recount(tmp_path, capsys):
     out = tmp_path / "syn"
     assert (
         shards_main(["synthetic", str(out), "--num-samples", "30", "--max-count", "8", "--image-size", "16"])
@@ -335,7 +335,9 @@ def test_cli_synthetic_and_manifest_recount(tmp_path):
     )
     before = read_manifest(out / "manifest.json")["shards"]
     (out / "manifest.json").unlink()
-    assert shards_main(["manifest", str(out)]) == 0
+    capsys.readouterr()
+    assert shards_main(["manifest", f"{out}/"]) == 0  # a folder given with its slash, as shells complete it
+    assert f"wrote {out / 'manifest.json'}\n" in capsys.readouterr().out
     assert (
         read_manifest(out / "manifest.json")["shards"]
         == before

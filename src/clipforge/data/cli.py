@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if not counts:
             print(f"no *.tar shards in {args.directory}", file=sys.stderr)
             return 1
-        write_manifest(args.directory, counts, {"source": "counted"})
-        print(f"{sum(counts.values())} samples in {len(counts)} shards; wrote {args.directory}/manifest.json")
+        written = write_manifest(args.directory, counts, {"source": "counted"})
+        print(f"{sum(counts.values())} samples in {len(counts)} shards; wrote {written}")
         if broken:  # counted as far as they read: training will not see their damage again
             causes = ", ".join(f"{k}={v}" for k, v in sorted(broken.items()))
             print(f"broken shards: {causes} (counted as far as they could be read; see the warnings above)")

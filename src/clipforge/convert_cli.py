@@ -26,6 +26,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
+from clipforge.entry import exit_zero, files_written
 from clipforge.fault.atomic_io import atomic_torch_save
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 
@@ -84,13 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     im.set_defaults(run=import_)
     args = parser.parse_args(argv)
     paths = args.run(args)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return paths
+    return files_written(paths)
 
 
-def cli() -> int:
-    """The ``clipforge-convert`` console script: :func:`main` on the command line, exit status 0 (a console
-    script hands its function's return value to ``sys.exit``, which prints main's dict and exits 1)."""
-    main()
-    return 0
+cli = exit_zero(main)  # the console script

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from clipforge.conf import CONF_DIR
+from clipforge.entry import exit_zero, files_written
 from clipforge.viz.attention import save_vit_pictures
 
 
@@ -63,13 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     else:
         model = build_fresh(args.model, args.seed)
     paths = save_vit_pictures(model, args.image, args.out, layer=args.layer)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return paths
+    return files_written(paths)
 
 
-def cli() -> int:
-    """The ``clipforge-visualize`` console script: :func:`main` on the command line, exit status 0 (a console
-    script hands its function's return value to ``sys.exit``, which prints main's dict and exits 1)."""
-    main()
-    return 0
+cli = exit_zero(main)  # the console script

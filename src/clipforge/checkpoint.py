@@ -112,6 +112,15 @@ def model_state_dict(
     return state
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is something :func:`load_checkpoint` reads: a file, a sharded checkpoint directory or
+    a ``clipforge-convert import`` folder."""
+    from clipforge.fault.sharded import is_sharded_checkpoint
+
+    path = Path(path)
+    return path.is_file() or is_sharded_checkpoint(path) or (path / IMPORTED_CHECKPOINT).is_file()
+
+
 def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
     """The resolved config stored in a clipforge checkpoint (a file, a sharded folder or an import folder),
     read without loading its tensors into memory; ``None`` when it stores none."""

@@ -22,6 +22,7 @@ from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
     build_model,
     init_from,
+    is_checkpoint,
     model_differences,
     module_differences,
 )
@@ -30,7 +31,6 @@ from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
-from clipforge.fault.sharded import is_sharded_checkpoint
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,11 @@ def check_trainer(cfg: DictConfig) -> None:
 
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
-    if cfg.get("init_from"):
-        path = Path(cfg.init_from)
-        # what clipforge.checkpoint.load_checkpoint reads: a file, a sharded directory, an import folder
-        if not (path.is_file() or is_sharded_checkpoint(path) or (path / IMPORTED_CHECKPOINT).is_file()):
-            raise FileNotFoundError(
-                f"init_from={cfg.init_from!r}: no such checkpoint file, sharded checkpoint directory or "
-                f"clipforge-convert import folder (with {IMPORTED_CHECKPOINT})"
-            )
+    if cfg.get("init_from") and not is_checkpoint(cfg.init_from):
+        raise FileNotFoundError(
+            f"init_from={cfg.init_from!r}: no such checkpoint file, sharded checkpoint directory or "
+            f"clipforge-convert import folder (with {IMPORTED_CHECKPOINT})"
+        )
     if cfg.get("ckpt_path") and cfg.ckpt_path != AUTO and not Path(cfg.ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file or sharded directory")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from clipforge.checkpoint import load_model
@@ -131,3 +132,30 @@ def test_fsdp2_strategy_config_is_lightnings_model_parallel_with_sharded_saves(c
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, ModelParallelStrategy)
     assert strategy._save_distributed_checkpoint and strategy._timeout == timedelta(seconds=60)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tmp_path: Path) -> None:
+    # Ctrl+C reaches rank 1 only (at the start of step 3): both ranks finish step 3, agree to stop, and
+    # rank 0 saves preempt-step3; the run exits 0 with no end-of-training work.
+    run_dir = tmp_path / "run"
+    fault = (
+        "+callbacks.fault._target_=faultinject.FaultInjector",
+        "+callbacks.fault.action=sigint",
+        "+callbacks.fault.at_step=2",
+        "+callbacks.fault.rank=1",
+    )
+    cmd = [
+        sys.executable, "-m", "clipforge.train", *SMALL, "trainer.max_steps=8", *fault,
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    path = os.pathsep.join([str(Path(__file__).parent / "fault"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "clipforge run summary" not in proc.stdout
+    preempt = sorted((run_dir / "checkpoints").glob("preempt-*.ckpt"))
+    assert [p.name for p in preempt] == ["preempt-step0000003.ckpt"]
+    assert torch.load(preempt[0], map_location="cpu", weights_only=True)["global_step"] == 3
+    out = proc.stdout + proc.stderr
+    assert out.count("at step 3, exiting") == 2, out[-4000:]  # each rank left after the same step

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
+from clipforge.callbacks.preemption import signal_handlers_kept
 from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
     build_model,
@@ -157,9 +158,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if logger:
         logger.log_hyperparams(config)
 
-    # On SIGTERM/SIGUSR1 a callback saves a checkpoint and exits (SystemExit, status 0): clipforge.fault.
+    # On SIGTERM/SIGUSR1 or a first Ctrl+C a callback saves a checkpoint and exits (SystemExit, status 0):
+    # clipforge.callbacks.preemption. The caller's signal handlers are back when fit ends, however it ends.
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with signal_handlers_kept():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception as e:
         # Closed as failed: left open, the next train() in this process (a notebook, an in-process sweep)
         # would log into this run, in its directory (Lightning's WandbLogger reuses an open run).

@@ -4,6 +4,8 @@ No paper. Added from the command line only, e.g.
 ``+callbacks.fault._target_=faultinject.FaultInjector +callbacks.fault.at_step=7
 +callbacks.fault.action=sigkill_before_optimizer_step``; a normal run never contains it.
 
+``rank`` (default: every rank) limits the signals sent at a step start to one global rank.
+
 Actions (``at_step`` is the value of ``trainer.global_step`` when the fault fires, i.e. the number of
 optimizer steps already completed):
 
@@ -14,6 +16,7 @@ optimizer steps already completed):
 - ``sigkill_in_save``: SIGKILL half-way through writing the first checkpoint saved at step ``at_step``
   (needs :class:`~clipforge.fault.AtomicCheckpointIO`).
 - ``sigterm`` / ``sigusr1``: send the signal to ourselves at the start of step ``at_step + 1``.
+- ``sigint``: Ctrl+C, ``count`` times in a row, at the start of step ``at_step + 1``.
 - ``sigterm_validation``: send SIGTERM during the validation that follows step ``at_step``.
 - ``nan_batch``: fill the images of the batches of steps ``at_step + 1 .. at_step + count`` with NaN.
 """
@@ -36,6 +39,7 @@ ACTIONS = (
     "sigkill_in_save",
     "sigterm",
     "sigusr1",
+    "sigint",
     "sigterm_validation",
     "nan_batch",
 )
@@ -46,10 +50,10 @@ def _kill_self(sig: int = signal.SIGKILL) -> None:
 
 
 class FaultInjector(Callback):
-    def __init__(self, at_step: int, action: str, count: int = 1) -> None:
+    def __init__(self, at_step: int, action: str, count: int = 1, rank: int | None = None) -> None:
         if action not in ACTIONS:
             raise ValueError(f"unknown fault action {action!r}; expected one of {ACTIONS}")
-        self.at_step, self.action, self.count = at_step, action, count
+        self.at_step, self.action, self.count, self.rank = at_step, action, count, rank
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.action != "sigkill_in_save":
@@ -69,10 +73,15 @@ class FaultInjector(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if self.action == "sigterm" and step == self.at_step:
             _kill_self(signal.SIGTERM)
         elif self.action == "sigusr1" and step == self.at_step:
             _kill_self(signal.SIGUSR1)
+        elif self.action == "sigint" and step == self.at_step:
+            for _ in range(self.count):
+                _kill_self(signal.SIGINT)
         elif self.action == "nan_batch" and self.at_step <= step < self.at_step + self.count:
             batch[0].fill_(float("nan"))  # in place: the same tensor reaches training_step
 

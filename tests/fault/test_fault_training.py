@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ from faulthelpers import (
 from omegaconf import DictConfig, open_dict
 from test_fault_files import malicious_checkpoint
 
-from clipforge.callbacks import NonFiniteError, PeriodicCheckpoint
+from clipforge.callbacks import NonFiniteError, PeriodicCheckpoint, PreemptionCheckpoint
 from clipforge.fault import UnsafeCheckpointError
 from clipforge.train import train
 
@@ -264,3 +266,57 @@ def test_a_failed_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cf
     assert wandb.run is None
     _, objs = train(run_cfg(tmp_path / "next", "logger=wandb", "trainer.max_steps=1"))
     assert Path(objs["logger"].experiment.dir).is_relative_to(tmp_path / "next")
+
+
+def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes_there(
+    run_cfg, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    # One Ctrl+C at the start of step 5: the step finishes, preempt-step5 is saved, the run leaves as on
+    # SIGTERM (SystemExit, status 0) and this process gets its own Ctrl+C handling back.
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            train(run_cfg(tmp_path, *fault("sigint", 4)))
+        assert not leaving.value.code, (
+            "Ctrl+C did not end the run cleanly (Lightning's exit(1) on KeyboardInterrupt)"
+        )
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capfd.readouterr().err
+    assert "Ctrl+C: saving a checkpoint at the end of the current step" in err and "again" in err
+    preempt = tmp_path / "checkpoints" / "preempt-step0000005.ckpt"
+    assert load(preempt)["global_step"] == 5
+    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
+    assert Path(objs["trainer"].ckpt_path).name == preempt.name
+    assert objs["trainer"].global_step == 10
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(run_cfg, tmp_path: Path) -> None:
+    def interrupted_twice() -> None:
+        try:
+            train(run_cfg(tmp_path, *fault("sigint", 4, count=2)))
+        except SystemExit as e:  # Lightning answers KeyboardInterrupt with exit(1)
+            os._exit(40 + int(e.code or 0))
+
+    status = run_forked(interrupted_twice)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 41, status
+    assert not list((tmp_path / "checkpoints").glob("preempt-*"))
+
+
+def test_ctrl_c_stays_ignored_where_it_was_and_off_the_main_thread_nothing_is_installed() -> None:
+    trainer = SimpleNamespace(local_rank=0)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup or in a background job
+    try:
+        callback = PreemptionCheckpoint()
+        callback.setup(trainer, None, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == callback._handler
+        callback.teardown(trainer, None, "fit")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        worker = threading.Thread(target=PreemptionCheckpoint().setup, args=(trainer, None, "fit"))
+        worker.start()
+        worker.join()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

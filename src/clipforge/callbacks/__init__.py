@@ -4,8 +4,8 @@ by the module itself.
 
 * what a run logs: ``throughput`` (samples/s, MFU), ``data_skips`` (skip counters), ``similarity``
   (image-text logit heatmap), ``attention`` (ViT attention pictures), ``evaluation`` (zero-shot, retrieval);
-* what keeps it alive: ``periodic`` (step/time checkpoints), ``preemption`` (SIGTERM/SIGUSR1, SLURM
-  requeue), ``nonfinite`` (skip non-finite steps, stop on divergence), ``rng`` (resumable RNG states);
+* what keeps it alive: ``periodic`` (step/time checkpoints), ``preemption`` (SIGTERM/SIGUSR1/Ctrl+C,
+  SLURM requeue), ``nonfinite`` (skip non-finite steps, stop on divergence), ``rng`` (resumable RNG states);
 * shared: ``schedule`` (when to log, ``EveryNSteps``); the skip of a forward outside training while the
   weights are sharded (FSDP) is :func:`clipforge.sharding.skip_when_sharded`.
 """

@@ -1,4 +1,5 @@
-"""Preemption: on SIGTERM or SIGUSR1, save a checkpoint at the end of the current step and exit cleanly.
+"""Preemption: on SIGTERM, SIGUSR1 or a first Ctrl+C (SIGINT), save a checkpoint at the end of the
+current step and exit cleanly.
 
 No paper. Schedulers warn before they kill: Kubernetes and most clouds send SIGTERM, SLURM sends the
 signal named in ``#SBATCH --signal=USR1@120`` (SIGUSR1 here) some time before the hard kill. The handler
@@ -9,6 +10,11 @@ SIGTERM. Leaving at once, rather than through ``trainer.should_stop``, skips the
 (validation, final checkpoints, evaluation): it would take time the scheduler may not give, and a
 "final" checkpoint written then would mark the epoch as finished, so a resume would skip the rest of
 it. A ``ckpt_path=auto`` restart resumes from the preemption file.
+
+Ctrl+C takes the same path, so stopping a run by hand loses nothing either: the first one prints that the
+run will save at the end of the current step and stop; a second one raises ``KeyboardInterrupt`` at once,
+as Ctrl+C otherwise does (Lightning then shuts down without saving). A process started with Ctrl+C
+ignored (``nohup``, a background job) keeps ignoring it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import re
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -60,7 +68,7 @@ class PreemptionCheckpoint(Callback):
     def __init__(
         self,
         dirpath: str | None = None,
-        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT"),
         requeue: bool = True,
     ) -> None:
         self.dirpath = dirpath
@@ -70,30 +78,63 @@ class PreemptionCheckpoint(Callback):
         self.preempted_at: str | None = None  # path of the preemption checkpoint once written
         self._previous: dict[signal.Signals, Any] = {}
         self._active = False
+        self._interrupted = False  # a first Ctrl+C was received: the next one aborts
+        self._pid = os.getpid()  # forked data-loader workers inherit the handler; only this process acts
+        self._announce = True  # the local rank 0 says what Ctrl+C does, not every rank of the machine
 
     def _handler(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
-        previous = self._previous.get(sig, signal.SIG_DFL)
         if not self._active:
             # Left installed after fit ended by an exception (Lightning's teardown re-installs the handlers
             # it found, ours among them): behave as if we had never been there.
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signum)
+            self._pass_on(sig, frame)
+            return
+        if sig == signal.SIGINT:
+            self._ctrl_c(frame)
             return
         self.received = sig
+        previous = self._previous.get(sig, signal.SIG_DFL)
         if callable(previous):  # keep whatever was installed before us (e.g. a launcher's handler)
             previous(signum, frame)
+
+    def _ctrl_c(self, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a data-loader worker: the training process decides, and stops the workers itself
+        if self._interrupted:
+            self._pass_on(signal.SIGINT, frame)  # the second Ctrl+C: KeyboardInterrupt, at once
+            return
+        self._interrupted = True
+        self.received = self.received or signal.SIGINT
+        if self._announce:
+            # os.write, not print: a handler that runs while the main code is inside print would make a
+            # reentrant call on the same buffered stream, which Python refuses with a RuntimeError.
+            os.write(
+                2,
+                b"\nCtrl+C: saving a checkpoint at the end of the current step, then stopping "
+                b"(Ctrl+C again aborts at once, without saving)\n",
+            )
+
+    def _pass_on(self, sig: signal.Signals, frame: Any) -> None:
+        """Give ``sig`` the behaviour it had before us: reinstall that handler and run it."""
+        previous = self._previous.get(sig, signal.SIG_DFL)
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        if callable(previous):
+            previous(int(sig), frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), sig)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Installed before Lightning's own SIGTERM handler, which then calls ours in turn. Because SIGUSR1
         # already has a handler, Lightning's SLURM auto-requeue does not install its own (no second save).
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
+        self._pid, self._announce = os.getpid(), trainer.local_rank == 0
+        self._interrupted = False
         for sig in self.signals:
-            self._previous[sig] = _live_handler(signal.getsignal(sig), sig)
+            previous = _live_handler(signal.getsignal(sig), sig)
+            if sig == signal.SIGINT and previous == signal.SIG_IGN:
+                continue  # started with Ctrl+C ignored (nohup, a background job): it stays ignored
+            self._previous[sig] = previous
             signal.signal(sig, self._handler)
         self._active = True
 
@@ -151,6 +192,26 @@ class PreemptionCheckpoint(Callback):
         job_id = slurm_job_id()
         if self.requeue and job_id and trainer.is_global_zero:
             requeue_slurm_job(job_id)
+
+
+@contextmanager
+def signal_handlers_kept(
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1),
+) -> Iterator[None]:
+    """Put back on the way out the handlers ``signals`` had on the way in (main thread only), so that an
+    in-process caller (a test, a notebook) gets its own Ctrl+C back however ``fit`` ended: one ended by an
+    exception (a preemption's exit among them) never runs the callbacks' ``teardown``, and Lightning
+    leaves SIGINT ignored after it has handled a ``KeyboardInterrupt``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back from here
+                signal.signal(sig, handler)
 
 
 def _live_handler(handler: Any, sig: signal.Signals) -> Any:

@@ -21,6 +21,16 @@ from clipforge.models.vision import VisionTransformer
 
 # The timm ViTs open_clip's SigLIP configs name, by width: the only timm towers we export to.
 _TIMM_SIZES = {768: "base", 1024: "large", 1152: "so400m", 1536: "giantopt"}
+# open_clip 3.3's act_kwargs reach nn.GELU in its own ViT and text towers only (_build_vision_tower and
+# _build_text_tower); a timm tower gets the activation its registered model has, and no config key passes
+# another one to timm.create_model.
+_TIMM_ACT_NOTE = (
+    " The image tower's act={ours!r} is what has no open_clip counterpart here: open_clip's act_kwargs "
+    "(e.g. {{'approximate': 'tanh'}}) reach only its own ViT and text towers, not the timm model it names, "
+    "and its own ViT cannot hold this tower (it always adds a class token, its patch conv has no bias, and "
+    "its attentional pooler is CoCa's, not a MAP head). The text tower's activation is exported through "
+    "act_kwargs; to export this image tower, train it with the activation of the timm model above."
+)
 _CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
@@ -48,7 +58,7 @@ def _timm_name(visual: VisionTransformer) -> str:
     kw = dict(visual.settings)
     kw["fc_norm"] = kw["global_pool"] == "avg" if kw["fc_norm"] is None else kw["fc_norm"]
     size = _TIMM_SIZES.get(kw["embed_dim"])
-    tried = []
+    tried, acts = [], set()
     for variant in ("siglip", "siglip_gap"):
         name = f"vit_{size}_patch{kw['patch_size']}_{variant}_{kw['img_size']}"
         if size is None or not _timm_is_model(name):
@@ -63,9 +73,11 @@ def _timm_name(visual: VisionTransformer) -> str:
         if not diff:
             return name
         tried.append(f"{name} differs in (ours, timm's) {diff}")
+        acts.add(theirs["act"])
     raise ValueError(
         "open_clip's own ViT needs a class token and token/avg pooling; for other towers it builds a timm "
         f"model by name, and none matches this one. {'; '.join(tried) or 'No timm SigLIP ViT has this size.'}"
+        + (_TIMM_ACT_NOTE.format(ours=kw["act"]) if acts and kw["act"] not in acts else "")
     )
 
 

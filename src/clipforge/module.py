@@ -326,9 +326,8 @@ class ContrastiveModule(L.LightningModule):
         if is_padding(batch):
             return None
         loss = self.contrastive_loss(*embeds, local=world_info()[1] > 1)
-        pairs = torch.tensor(
-            [loss.detach().double() * batch[0].shape[0], batch[0].shape[0]], device=loss.device
-        )
+        n = loss.new_tensor(batch[0].shape[0], dtype=torch.float64)  # no host sync per step
+        pairs = torch.stack([loss.detach().double() * n, n])
         self._val_sums = pairs if self._val_sums is None else self._val_sums + pairs
         return loss
 

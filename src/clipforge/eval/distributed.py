@@ -40,7 +40,7 @@ def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> Dataset:
 class StridedBatches:
     """Every ``world_size``-th batch of an iterable, starting at ``rank``: batch i goes to rank i % world.
 
-    For data that cannot be split by index (WebDataset streams that every rank reads in full): all
+    For data that cannot be split by index (an iterable that every rank reads in full): all
     ranks read the same deterministic batch sequence, but each runs the model on its own batches
     only, so every sample is scored exactly once. Pairs within a batch stay together.
     """

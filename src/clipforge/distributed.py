@@ -1,11 +1,15 @@
 """Process-group helpers shared by the losses, the data pipeline and evaluation: who this process is,
-where a collective's tensors must live, and the sum and (padded) gather that everything else builds on.
+where a collective's tensors must live, the sum and (padded) gather that everything else builds on, and
+:class:`EvenSteps`, which lets ranks holding different numbers of batches take the same number of steps.
 
 No paper. Everything reads ``torch.distributed`` at call time and reduces to the identity in one process
 (or with ``enabled=False``), so the same code runs in one process, in tests and under DDP.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,3 +72,41 @@ def all_gather_cat(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:
     # a rank with no rows may not know the trailing shape: take it from a rank that has rows
     trailing = next((tuple(s[1:].tolist()) for s in shapes if s[0] > 0), tuple(local.shape[1:]))
     return all_gather_padded(local.reshape(local.shape[0], *trailing), rows).to(t.device)
+
+
+PADDING = "padding"  # the key of the mapping that marks an EvenSteps padding batch
+
+
+def is_padding(batch: Any) -> bool:
+    """Whether ``batch`` is a padding step of :class:`EvenSteps` (to be run but not counted)."""
+    return isinstance(batch, tuple | list) and any(
+        isinstance(x, Mapping) and x.get(PADDING) for x in batch[2:]
+    )
+
+
+class EvenSteps:
+    """``loader``'s batches, then padding batches until every rank's loader is exhausted, so that every
+    rank takes the same number of steps (a forward under FSDP, or DDP's buffer broadcast, is a collective).
+
+    Each step costs one all-reduce of one number, in the main process. A padding batch is
+    ``(*pad(), {"padding": True})`` (:func:`is_padding`): the step runs the model on it and counts nothing.
+    Nothing is repeated or dropped, so sums over the real batches of all ranks are the one-process sums.
+    In one process the batches pass through unchanged and nothing is padded.
+    """
+
+    def __init__(self, loader: Iterable[Any], pad: Callable[[], tuple]) -> None:
+        self.loader, self.pad = loader, pad
+
+    def __iter__(self) -> Iterator[Any]:
+        _, world = world_info()
+        if world == 1:
+            yield from self.loader
+            return
+        it: Iterator[Any] | None = iter(self.loader)
+        while True:
+            batch = next(it, None) if it is not None else None
+            if batch is None:
+                it = None  # exhausted: never ask it again
+            if int(all_reduce_sum(torch.tensor([float(batch is not None)])).item()) == 0:
+                return
+            yield batch if batch is not None else (*self.pad(), {PADDING: True})

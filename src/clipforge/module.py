@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from clipforge.accumulate import CachedStep, feature_cache_backward
 from clipforge.callbacks.schedule import logging_step
 from clipforge.checkpoint import CONFIG_KEY
+from clipforge.distributed import all_reduce_sum, is_padding, world_info
 from clipforge.ema import ModelEMA
 from clipforge.losses import logit_stats
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
@@ -114,6 +115,7 @@ class ContrastiveModule(L.LightningModule):
         self._inactive: list[str] = []  # objectives not yet started at this step
         self._total_steps: int | None = None
         self._configured: list[dict[str, Any]] | None = None  # the optimizer's group settings as built
+        self._val_sums: Tensor | None = None  # [sum of loss x pairs, pairs] of this rank's validation
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor | None]:
         return self.model(images, tokens)
@@ -141,11 +143,16 @@ class ContrastiveModule(L.LightningModule):
         )
 
     def contrastive_loss(
-        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor | None
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None,
+        local: bool = False,
     ) -> Tensor:
-        return self.loss(
-            F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1), logit_scale, logit_bias
-        )
+        """The loss over the global batch, or with ``local`` over this rank's batch alone."""
+        img, txt = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+        return self.loss(img, txt, logit_scale, logit_bias, **({"local": True} if local else {}))
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
@@ -307,10 +314,28 @@ class ContrastiveModule(L.LightningModule):
         return f"accum_freq={self.accum_freq} needs DDP or one device, not {strategy}"
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.contrastive_loss(*self.embed_all(batch[0], batch[1]))
-        self.log("val/loss", loss, batch_size=batch[0].shape[0], sync_dist=True)
+    # Under DDP each rank validates its own block of the held-out batches (WebDataModule.val_dataloader):
+    # every batch is scored alone, as one process scores it, and val/loss is the sum of loss x pairs over
+    # all ranks' batches divided by the sum of pairs (a mean of per-rank means would weigh unequal shares
+    # wrongly), so it does not depend on the number of ranks.
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        embeds = self.embed_all(batch[0], batch[1])  # on padding steps too: a forward may be a collective
+        if is_padding(batch):
+            return None
+        loss = self.contrastive_loss(*embeds, local=world_info()[1] > 1)
+        n = loss.new_tensor(batch[0].shape[0], dtype=torch.float64)  # no host sync per step
+        pairs = torch.stack([loss.detach().double() * n, n])
+        self._val_sums = pairs if self._val_sums is None else self._val_sums + pairs
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        local = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64)
+        total, pairs = all_reduce_sum(local.to(self.device)).tolist()
+        if pairs > 0:
+            self.log("val/loss", total / pairs, batch_size=int(pairs), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # The factory is a partial (Hydra _partial_: true) whose weight_decay we route to the decay group.

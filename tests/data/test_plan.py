@@ -83,3 +83,35 @@ def test_skip_segments_skips_whole_segments_without_reading():
     assert plan.skip_segments(segs, 3) == [plan.Segment("b", 0, 4)]
     assert plan.skip_segments(segs, 6) == [plan.Segment("b", 3, 1)]
     assert plan.skip_segments(segs, 7) == []
+
+
+@pytest.mark.parametrize(
+    ("sizes", "batch", "world", "workers"), [([7, 6], 3, 2, 1), ([5, 1, 9], 4, 3, 2), ([2], 3, 4, 2)]
+)
+def test_eval_plan_splits_the_one_process_batches_over_ranks_without_repeats(sizes, batch, world, workers):
+    """Every sample once over all ranks and workers, in the batches one process makes; ranks differ by at
+    most one batch (with fewer batches than ranks, some ranks get none)."""
+    urls = [f"s{i}" for i in range(len(sizes))]
+    counts = dict(zip(urls, sizes))
+
+    def samples(segs):
+        return [(s.url, s.start + j) for s in segs for j in range(s.count)]
+
+    one = [plan.plan_eval(urls, counts, batch, k, workers) for k in range(workers)]
+    per_rank, got_samples, got_sizes = [], [], []
+    for r in range(world):
+        parts = [plan.plan_eval(urls, counts, batch, k, workers, r, world) for k in range(workers)]
+        per_rank.append(sum(len(sz) for _, sz in parts))
+        got_samples += [x for segs, _ in parts for x in samples(segs)]
+        got_sizes += [n for _, sz in parts for n in sz]
+    assert got_samples == [x for segs, _ in one for x in samples(segs)]  # in order, none twice
+    assert got_sizes == [n for _, sz in one for n in sz]  # the one-process batches
+    assert max(per_rank) - min(per_rank) <= 1
+    # without a manifest: whole shards, each on one rank and worker
+    shards = [
+        s.url
+        for r in range(world)
+        for k in range(workers)
+        for s in plan.plan_eval(urls, None, batch, k, workers, r, world)[0]
+    ]
+    assert sorted(shards) == urls

@@ -26,7 +26,7 @@ from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
 from clipforge.data.loader import EpochLoader, Position, auto_num_workers
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
-from clipforge.distributed import world_info
+from clipforge.distributed import EvenSteps, world_info
 
 if TYPE_CHECKING:
     from clipforge.eval.metadata import Template
@@ -129,7 +129,7 @@ class WebDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> ShardDataset:
         ds = self._datasets.get(split)
-        if ds is not None and (split != "train" or (ds.rank, ds.world_size) == self._rank_world()):
+        if ds is not None and (ds.rank, ds.world_size) == self._rank_world():
             return ds
         urls = {"train": self.train_urls, "val": self.val_urls, "zeroshot": self.zeroshot_urls}[split]
         sources = expand_urls(urls)
@@ -147,8 +147,8 @@ class WebDataModule(L.LightningDataModule):
             augment=self.augment,
             target=(self.shards.zeroshot.classnames or "label") if split == "zeroshot" else "text",
             context_length=self.context_length,
-            rank=rank if train else 0,
-            world_size=world if train else 1,
+            rank=rank,  # evaluation sets too: each rank reads only its block of the batches
+            world_size=world,
             num_workers=self.num_workers,
             failures=self.failures,
         )
@@ -202,14 +202,23 @@ class WebDataModule(L.LightningDataModule):
         self._train_loader = loader
         return loader
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Held-out image-text pairs as ``(images, tokens)``; ``[]`` (Lightning: no validation) if none."""
+    def val_dataloader(self) -> EvenSteps | list:
+        """Held-out image-text pairs as ``(images, tokens)``; ``[]`` (Lightning: no validation) if none.
+
+        Each rank reads its own block of the batches one process would make; ranks with one batch fewer
+        then take a padding step (a one-pair blank batch, :class:`~clipforge.distributed.EvenSteps`) so
+        that every rank runs the validation step equally often."""
         if self.val_urls is None:
             return []
-        return self._loader(self._dataset("val"))
+        return EvenSteps(self._loader(self._dataset("val")), self._blank_pair)
+
+    def _blank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.augment.image_size
+        return torch.zeros(1, 3, size, size), torch.zeros(1, self.context_length, dtype=torch.long)
 
     def zeroshot_dataloader(self) -> DataLoader | None:
-        """``(images, labels)`` with labels from each sample's json ``label``; None without zero-shot data."""
+        """``(images, labels)`` with labels from each sample's json ``label``, this rank's block of the
+        batches (:func:`~clipforge.data.plan.plan_eval`); None without zero-shot data."""
         if self.zeroshot_urls is None:
             return None
         return self._loader(self._dataset("zeroshot"))

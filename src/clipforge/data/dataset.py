@@ -11,7 +11,9 @@ Modes:
   global batch.
 * resampled (``stream.resampled``): an endless stream (shards drawn with replacement, sources mixed by
   weight), cut into epochs of ``epoch_samples``; every rank and worker draws from its own seeded generator.
-* eval (``train=False``): one ordered pass on every rank, no shuffling, partial last batch.
+* eval (``train=False``): one ordered pass, no shuffling, partial last batch; rank ``r`` reads only the
+  ``r``-th contiguous block of the batches one process would make (:func:`~clipforge.data.plan.plan_eval`),
+  so the ranks' batch counts may differ by one.
 
 A few bad files never stop training and none passes silently. Every skipped sample or shard is counted
 by cause (:data:`clipforge.data.shards.CAUSES`), with the samples read, in shared-memory tables that the
@@ -132,8 +134,8 @@ class ShardDataset(IterableDataset):
         if self.counts is None:
             return None
         total = sum(self.counts[u] for u in self.urls)
-        if self.mode == "eval":
-            return -(-total // self.batch_size)
+        if self.mode == "eval":  # this rank's block of the batches
+            return plan.worker_batches(-(-total // self.batch_size), self.rank, self.world_size)[1]
         return plan.epoch_shape(total, self.world_size, self.batch_size, self.stream.drop_last).steps
 
     def skip_counts(self) -> dict[str, int]:
@@ -197,7 +199,9 @@ class ShardDataset(IterableDataset):
         """Exact and eval modes: this worker's planned segments, block-shuffled, cut into planned batches."""
         salt = (self.seed, p.epoch, self.rank, p.worker)
         if self.mode == "eval":
-            segs, sizes = plan.plan_eval(self.urls, self.counts, self.batch_size, p.worker, p.num_workers)
+            segs, sizes = plan.plan_eval(
+                self.urls, self.counts, self.batch_size, p.worker, p.num_workers, self.rank, self.world_size
+            )
         else:
             assert self.counts is not None  # checked in __init__
             wp = plan.plan_worker(

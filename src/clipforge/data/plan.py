@@ -20,8 +20,9 @@ workers get one more). PyTorch's DataLoader asks workers round-robin, so after t
 taken T batches, worker k has delivered ``T // K + (k < T mod K)`` of them: that is how a resume point
 (T, stored in the checkpoint) maps back to a position inside each worker's block.
 
-Evaluation passes (:func:`plan_eval`) read the shards in order on one rank, with the same contiguous blocks
-per worker; resampled streams (:func:`draw_shards`) have no plan but an endless seeded draw of shards.
+Evaluation passes (:func:`plan_eval`) read the shards in order, each rank a contiguous block of the batches
+one process would make, split into the same contiguous blocks per worker; resampled streams
+(:func:`draw_shards`) have no plan but an endless seeded draw of shards.
 This is the first stage of the pipeline (:mod:`clipforge.data.dataset`); nothing here reads a file.
 """
 
@@ -154,15 +155,26 @@ def skip_segments(segs: list[Segment], n: int) -> list[Segment]:
 
 
 def plan_eval(
-    urls: list[str], counts: dict[str, int] | None, batch_size: int, worker: int, num_workers: int
+    urls: list[str],
+    counts: dict[str, int] | None,
+    batch_size: int,
+    worker: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[list[Segment], list[int]]:
-    """An evaluation pass (one rank, in shard order, partial last batch): the segments worker ``worker``
-    reads and the batch sizes it yields. Without a manifest, whole shards round-robin over the workers and
-    the batch sizes are unknown (``[]``)."""
+    """An evaluation pass (in shard order, partial last batch): the segments worker ``worker`` of rank
+    ``rank`` reads and the batch sizes it yields. The set is cut into the batches one process would make;
+    rank ``r`` takes the contiguous block ``r`` of them (:func:`worker_batches`: blocks differ by at most
+    one batch, none is padded or repeated) and its workers split that block the same way. Without a
+    manifest, whole shards go round-robin to the ranks, then to the workers, and the batch sizes are
+    unknown (``[]``)."""
     if counts is None:
-        return [Segment(u, 0, -1) for u in urls[worker::num_workers]], []
+        return [Segment(u, 0, -1) for u in urls[rank::world_size][worker::num_workers]], []
     total = sum(counts[u] for u in urls)
-    first, n = worker_batches(-(-total // batch_size), worker, num_workers)
+    first_r, n_r = worker_batches(-(-total // batch_size), rank, world_size)
+    first_w, n = worker_batches(n_r, worker, num_workers)
+    first = first_r + first_w
     begin, end = first * batch_size, min(total, (first + n) * batch_size)
     sizes = [min(batch_size, end - b) for b in range(begin, end, batch_size)]
     return segments(urls, counts, begin, end), sizes

@@ -258,8 +258,9 @@ def caption_shards(
     manifest: str | None = None,
 ) -> IterableDataset:
     """Held-out image-text WebDataset shards as ``(images, tokens)`` *batches*, read in order by the
-    data module's own reader (``clipforge.data.dataset.ShardDataset``, eval mode); every rank reads
-    all of it, and :func:`clipforge.eval.distributed.shard_dataloader` strides the batches by rank."""
+    data module's own reader (``clipforge.data.dataset.ShardDataset``, eval mode); each rank reads only
+    its block of the batches, which :func:`clipforge.eval.distributed.shard_dataloader` then leaves as
+    it is."""
     from clipforge.data.config import Augment
     from clipforge.data.dataset import ShardDataset
     from clipforge.data.manifest import find_manifest
@@ -267,6 +268,7 @@ def caption_shards(
 
     sources = expand_urls(urls)
     counts = find_manifest([u for s in sources for u in s], manifest)
+    rank, world = world_info()
     ds = ShardDataset(
         sources,
         counts,
@@ -276,6 +278,8 @@ def caption_shards(
         target="text",
         context_length=context_length,
         num_workers=num_workers,
+        rank=rank,
+        world_size=world,
     )
     ds.yields_batches = True  # type: ignore[attr-defined]
     return ds

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from clipforge.distributed import world_info
+from clipforge.distributed import EvenSteps, world_info
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -40,7 +40,7 @@ def shard_dataset(dataset: Dataset, rank: int, world_size: int) -> Dataset:
 class StridedBatches:
     """Every ``world_size``-th batch of an iterable, starting at ``rank``: batch i goes to rank i % world.
 
-    For data that cannot be split by index (WebDataset streams that every rank reads in full): all
+    For data that cannot be split by index (an iterable that every rank reads in full): all
     ranks read the same deterministic batch sequence, but each runs the model on its own batches
     only, so every sample is scored exactly once. Pairs within a batch stay together.
     """
@@ -61,9 +61,13 @@ def shard_dataloader(loader: Iterable[Any], enabled: bool = True) -> Iterable[An
 
     A ``DataLoader`` over a map-style dataset is rebuilt over this rank's contiguous block (same batch
     size, workers, collate). An iterable dataset that already splits by rank (it has
-    ``world_size`` equal to the process group's) is returned as it is; any other iterable is
-    strided by batch (:class:`StridedBatches`), which needs the same batch order on every rank.
+    ``world_size`` equal to the process group's, as the data module's evaluation sets do) is returned
+    as it is, without the padding steps of an :class:`~clipforge.distributed.EvenSteps` around it; any
+    other iterable is strided by batch (:class:`StridedBatches`), which needs the same batch order on
+    every rank.
     """
+    if isinstance(loader, EvenSteps):  # its padding keeps a step count even; an evaluation counts none
+        loader = loader.loader
     rank, world = world_info(enabled=enabled)
     if world == 1:
         return loader

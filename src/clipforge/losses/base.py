@@ -79,7 +79,9 @@ LossBody = Callable[[Tensor, Tensor, Tensor, "Tensor | None", Layout], Tensor]
 def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
     """The public loss function around ``body(x, y, logit_scale, logit_bias, layout)``, with the signature
     ``(image_features, text_features, logit_scale, logit_bias=None, *, impl="auto", dist_impl="ring",
-    tile_size=8192, group=None)`` and ``body``'s name and docstring."""
+    tile_size=8192, group=None, local=False)`` and ``body``'s name and docstring. ``local=True``: the loss
+    of this rank's batch alone, as one process computes it, with no collective (validation, where every
+    rank scores its own batches)."""
 
     def loss(
         image_features: Tensor,
@@ -91,6 +93,7 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
         dist_impl: str = "ring",
         tile_size: int = 8192,
         group: dist.ProcessGroup | None = None,
+        local: bool = False,
     ) -> Tensor:
         check_impl(impl, tile_size)
         check_dist_impl(dist_impl)
@@ -98,7 +101,7 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
         logit_scale = as_scalar(logit_scale, "logit_scale", image_features)
         if logit_bias is not None:
             logit_bias = as_scalar(logit_bias, "logit_bias", image_features)
-        rank, world = world_info(group)
+        rank, world = world_info(group, enabled=not local)
         b = image_features.shape[0]
         sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]
         layout = Layout(impl, dist_impl, tile_size, rank, sizes, group)
@@ -111,7 +114,7 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
 
 class ContrastiveLoss(nn.Module):
     """Calls ``loss_fn(image_features, text_features, logit_scale, logit_bias, impl=..., dist_impl=...,
-    tile_size=...)``; subclasses set ``loss_fn`` and the initial scale and bias."""
+    tile_size=..., local=...)``; subclasses set ``loss_fn`` and the initial scale and bias."""
 
     loss_fn: ClassVar[Callable[..., Tensor]]
     init_logit_scale: float
@@ -129,9 +132,12 @@ class ContrastiveLoss(nn.Module):
         text_features: Tensor,
         logit_scale: Tensor,
         logit_bias: Tensor | None = None,
+        local: bool = False,
     ) -> Tensor:
         settings = {"impl": self.impl, "dist_impl": self.dist_impl, "tile_size": self.tile_size}
-        return type(self).loss_fn(image_features, text_features, logit_scale, logit_bias, **settings)
+        return type(self).loss_fn(
+            image_features, text_features, logit_scale, logit_bias, local=local, **settings
+        )
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, dist_impl={self.dist_impl!r}, tile_size={self.tile_size}"

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipforge.data.manifest import write_manifest
-from clipforge.data.transforms import to_rgb
+from clipforge.data.transforms import to_rgb, upright
 
 _TAR_BLOCK = 512
 
@@ -63,7 +63,8 @@ def encode_image(
     By default nothing is lost: JPEG, PNG and WebP bytes are stored as they are, under their own
     extension; other formats (BMP, TIFF, GIF, ...) and PIL images are encoded as PNG. ``reencode="jpeg"``
     turns everything that is not already JPEG into JPEG at ``quality`` (JPEG bytes still pass through:
-    a second JPEG pass would only lose more).
+    a second JPEG pass would only lose more). Bytes kept keep their EXIF orientation tag (the loader
+    applies it); an image encoded here is stored upright, since the new file carries no tag.
     """
     if reencode not in REENCODE:
         raise ValueError(f"reencode must be one of {REENCODE}, got {reencode!r}")
@@ -74,7 +75,7 @@ def encode_image(
         with Image.open(io.BytesIO(image)) as im:
             im.load()
             image = im.copy()
-    buf = io.BytesIO()
+    image, buf = upright(image), io.BytesIO()
     if reencode == "jpeg":
         to_rgb(image).save(buf, format="JPEG", quality=quality)
         return buf.getvalue(), "jpg"

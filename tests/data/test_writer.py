@@ -225,6 +225,15 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("skipped: missing_caption=1\n")
 
 
+def test_cli_reshard_follows_symlinked_folders_of_the_source(tmp_path):
+    write_sizes(tmp_path / "part1", [3])
+    (tmp_path / "i2d").mkdir()
+    (tmp_path / "i2d" / "part1").symlink_to(tmp_path / "part1", target_is_directory=True)
+    (tmp_path / "i2d" / "loop").symlink_to(tmp_path / "i2d", target_is_directory=True)
+    assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "out")]) == 0
+    assert read_manifest(tmp_path / "out" / "manifest.json")["num_samples"] == 3
+
+
 @pytest.mark.parametrize("out", [".", "resharded"])
 def test_cli_reshard_into_its_own_source_fails_at_once(tmp_path, out, capsys):
     """Re-sharding into the source folder overwrote input shards before they were read (20 samples in,

@@ -75,8 +75,13 @@ def _shard(tmp_path, name: str, image: bytes) -> str:
     return str(tmp_path / name / "00000.tar")
 
 
-@pytest.mark.parametrize("decode_device", ["cpu", "cuda"])  # "cuda": the deferred route, decoded on CPU
-def test_training_batches_of_an_oriented_jpeg_shard_are_upright(tmp_path, decode_device):
+@pytest.mark.parametrize(
+    ("decode_device", "device"),  # decode_device="cuda" on a CPU device: the deferred route's code on CPU
+    [("cpu", "cpu"), ("cuda", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.gpu)],
+)
+def test_training_batches_of_an_oriented_jpeg_shard_are_upright(tmp_path, decode_device, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     data = tagged(photo(48, 32), 6)
     batches = {}
     for name, image in (("tagged", data), ("upright", upright_png(data))):
@@ -84,7 +89,7 @@ def test_training_batches_of_an_oriented_jpeg_shard_are_upright(tmp_path, decode
         dm = data_module(_shard(tmp_path, name, image), 4, augment=augment)
         dm.setup("fit")
         raw = next(iter(dm.train_dataloader()))
-        batches[name] = dm.decode_batch(raw, "cpu")[0] if decode_device == "cuda" else raw[0]
+        batches[name] = dm.decode_batch(raw, device)[0].cpu() if decode_device == "cuda" else raw[0]
     assert close(batches["tagged"] * 60, batches["upright"] * 60)  # normalised: ~1/60 per grey level
 
 

@@ -38,9 +38,11 @@ def test_prepare_data_writes_once_and_rewrites_when_parameters_change(tmp_path):
     stamp = (train / "00000.tar").stat().st_mtime_ns
     make(tmp_path).prepare_data()
     assert (train / "00000.tar").stat().st_mtime_ns == stamp  # reused
+    (train / "notes.txt").write_text("not the writer's")
     make(tmp_path, num_train=30).prepare_data()
     assert read_manifest(train / "manifest.json")["shards"] == {"00000.tar": 25, "00001.tar": 5}
-    assert not (train / "00002.tar").exists()
+    assert not (train / "00002.tar").exists()  # no stale shard for a pattern or glob to pick up
+    assert (train / "notes.txt").exists()  # only the writer's own files are deleted
 
 
 def test_loaders_shapes_labels_and_heldout_split(tmp_path):

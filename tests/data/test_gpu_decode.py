@@ -70,3 +70,10 @@ def test_corrupt_jpeg_body_is_replaced_with_its_caption_and_counted(shards):
 def test_decoder_rejects_unknown_interpolation():
     with pytest.raises(ValueError, match="bicubic"):
         JpegDecoder(32, "lanczos")
+
+
+def test_a_batch_with_no_jpeg_left_to_decode_is_only_copied():
+    # every image decoded by the worker (PNGs, EXIF-oriented JPEGs): decode_jpeg([]) raised ValueError
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    out, source = JpegDecoder(8)(EncodedBatch([image], torch.zeros(1, 4, dtype=torch.float64)), "cpu")
+    assert out.shape == (1, 3, 8, 8) and source.tolist() == [0]

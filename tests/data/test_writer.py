@@ -14,7 +14,7 @@ from clipforge.data.cli import parse_bytes
 from clipforge.data.manifest import find_manifest, read_manifest, shard_name
 from clipforge.data.shards import DataError
 from clipforge.data.sources import read_captions
-from clipforge.data.writer import Record, ShardWriter, encode_image, image_format
+from clipforge.data.writer import Record, ShardWriter, encode_image, image_format, write_shards
 
 
 def members(path):
@@ -225,6 +225,15 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("skipped: missing_caption=1\n")
 
 
+def test_cli_reshard_follows_symlinked_folders_of_the_source(tmp_path):
+    write_sizes(tmp_path / "part1", [3])
+    (tmp_path / "i2d").mkdir()
+    (tmp_path / "i2d" / "part1").symlink_to(tmp_path / "part1", target_is_directory=True)
+    (tmp_path / "i2d" / "loop").symlink_to(tmp_path / "i2d", target_is_directory=True)
+    assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "out")]) == 0
+    assert read_manifest(tmp_path / "out" / "manifest.json")["num_samples"] == 3
+
+
 @pytest.mark.parametrize("out", [".", "resharded"])
 def test_cli_reshard_into_its_own_source_fails_at_once(tmp_path, out, capsys):
     """Re-sharding into the source folder overwrote input shards before they were read (20 samples in,
@@ -325,6 +334,53 @@ def test_cli_skips_and_counts_bytes_that_are_no_image_and_json_that_does_not_par
     assert shards_main(["img2dataset", str(tmp_path / "files"), str(tmp_path / "b")]) == 0
     assert read_manifest(tmp_path / "b" / "manifest.json")["num_samples"] == 2
     assert "corrupt_image=1" in capsys.readouterr().out
+
+
+def _synthetic(out, n: int, *extra: str) -> int:
+    return shards_main(
+        ["synthetic", str(out), "--num-samples", str(n), "--max-count", "4", "--image-size", "8", *extra]
+    )
+
+
+def test_cli_refuses_a_folder_holding_shards_and_overwrite_deletes_only_its_own_files(tmp_path, capsys):
+    # a smaller second run left 00002.tar behind: '{00000..00002}.tar' or '*.tar' trained on a mix
+    out = tmp_path / "out"
+    assert _synthetic(out, 12) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "laion-000.tar").write_bytes(b"")  # not a name the writer gives: not its to delete
+    (out / ".00007.tar.tmp").write_bytes(b"")  # what an interrupted run leaves
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        _synthetic(out, 4)
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and "already holds 3 shard(s)" in err
+        and "00000.tar" in err
+        and "--overwrite" in err
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    assert _synthetic(out, 4, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000.tar",
+        "laion-000.tar",
+        "manifest.json",
+        "notes.txt",
+        "sizes.json",
+    ]
+    assert read_manifest(out / "manifest.json")["shards"] == {"00000.tar": 4}
+
+
+def test_the_writer_refuses_shards_of_an_earlier_run_and_accepts_other_files(tmp_path):
+    records = [Record(f"{i:09d}", tiny_jpeg(i), f"caption {i}") for i in range(3)]
+    (tmp_path / "readme.txt").write_text("a folder with other files is fine")
+    write_shards(records, tmp_path, max_count=2, progress=False)
+    with pytest.raises(FileExistsError, match=r"2 shard\(s\) of an earlier run \(00000.tar, 00001.tar\)"):
+        ShardWriter(tmp_path, max_count=2)
+    assert write_shards(records[:1], tmp_path, max_count=2, progress=False, overwrite=True) == {
+        "00000.tar": 1
+    }
+    assert not (tmp_path / "00001.tar").exists() and (tmp_path / "readme.txt").exists()
 
 
 def test_cli_synthetic_and_manifest_recount(tmp_path, capsys):

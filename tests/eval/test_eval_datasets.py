@@ -118,6 +118,27 @@ def test_files_under_hidden_folders_of_a_class_are_not_samples(tmp_path):
     ]
 
 
+def test_symlinked_folders_in_a_class_are_followed_and_a_loop_is_walked_once(tmp_path, caplog):
+    # torchvision's ImageFolder follows them; rglob did not, so a class of linked folders looked empty
+    root = make_folder(tmp_path / "ds", {"cat": 1, "dog": 1})
+    shared = make_folder(tmp_path / "elsewhere", {"photos": 2}) / "photos"
+    (root / "cat" / "linked").symlink_to(shared, target_is_directory=True)
+    (root / "dog" / "loop").symlink_to(root / "dog", target_is_directory=True)  # dog/loop/loop/... forever
+    (root / "bird").symlink_to(shared, target_is_directory=True)  # a class that is only a link
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(root)
+    assert ds.classnames == ["bird", "cat", "dog"]
+    assert sorted((p.relative_to(root).as_posix(), lab) for p, lab in ds.samples) == [
+        ("bird/0.png", 0),
+        ("bird/1.png", 0),
+        ("cat/0.png", 1),
+        ("cat/linked/0.png", 1),
+        ("cat/linked/1.png", 1),
+        ("dog/0.png", 2),
+    ]
+    assert "dog/loop" in caplog.text and "already walked" in caplog.text
+
+
 def test_synthetic_heldout_matches_given_shape_names_by_name():
     from clipforge.data import synthetic
     from clipforge.eval.datasets import SyntheticHeldoutDataset

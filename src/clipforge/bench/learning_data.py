@@ -72,7 +72,9 @@ def prepare_synthetic(
         s.image.save(path)
         rows.append((path, s.caption))
     _write_csv(data.train_csv, rows)
-    write_shards(folder_records(images, data.train_csv), out / "shards", max_count=1000, progress=False)
+    write_shards(
+        folder_records(images, data.train_csv), out / "shards", max_count=1000, progress=False, overwrite=True
+    )
     for s in _progress(
         synthetic.generate("heldout", num_heldout, image_size, seed, holdout), num_heldout, "held-out"
     ):
@@ -174,7 +176,9 @@ def prepare_folder(
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(data.train_csv, rows)
     # the shards hold the same bytes as the files open_clip reads (the writer keeps JPEG/PNG/WebP as they are)
-    write_shards(folder_records(images, captions), out / "shards", max_count=1000, progress=False)
+    write_shards(
+        folder_records(images, captions), out / "shards", max_count=1000, progress=False, overwrite=True
+    )
     marker.write_text(json.dumps(params))
     return data
 

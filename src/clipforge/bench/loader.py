@@ -164,7 +164,13 @@ def write_benchmark_shards(
                 yield Record(f"{i:09d}", buf.getvalue(), make_caption(rng))
 
         write_shards(
-            records(), out, max_count=samples_per_shard, params=params, total=num_samples, desc="bench shards"
+            records(),
+            out,
+            max_count=samples_per_shard,
+            params=params,
+            total=num_samples,
+            desc="bench shards",
+            overwrite=True,  # the benchmark's own cache, rewritten when its parameters change
         )
     n = len(read_manifest(manifest)["shards"])
     return str(out / f"{{00000..{n - 1:05d}}}.tar")

@@ -8,6 +8,10 @@ Examples::
     clipforge-shards img2dataset laion_part/ out/ --max-bytes 1GB
     clipforge-shards synthetic out/ --split train --num-samples 20000 --image-size 32
     clipforge-shards manifest out/
+
+An output folder that already holds shards (NNNNN.tar) is refused: a brace pattern or glob over it would
+mix the earlier run's extra shards into the new set. ``--overwrite`` deletes those shards and the old
+manifest first (nothing else in the folder).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from tqdm import tqdm
 from clipforge.data.manifest import write_manifest
 from clipforge.data.shards import ShardResult, read_shard
 from clipforge.data.sources import folder_records, img2dataset_records, synthetic_records
-from clipforge.data.writer import write_shards
+from clipforge.data.writer import claim_out_dir, write_shards
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -66,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
             "other formats become PNG: nothing is lost)",
         )
         p.add_argument("--quality", type=int, default=95, help="JPEG quality with --reencode jpeg")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="delete the shards (NNNNN.tar) and manifest already in the output folder first (default: "
+            "refuse such a folder, whose old shards a pattern or glob would mix with the new ones)",
+        )
 
     p = sub.add_parser("folder", help="an image folder and a CSV/TSV/JSONL file name -> caption")
     p.add_argument("images", help="folder the file names are relative to")
@@ -106,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"the output folder {args.out} is inside the source {args.source}: write it elsewhere"
             )
+    if args.command != "manifest":
+        try:  # before reading any input: a refused folder fails at once
+            claim_out_dir(args.out, args.overwrite)
+        except FileExistsError as e:
+            parser.error(str(e))
     if args.command == "manifest":
         broken: Counter = Counter()
         counts = count_shards(args.directory, broken)
@@ -148,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         total=total,
         reencode=args.reencode,
         quality=args.quality,
+        overwrite=args.overwrite,
     )
     print(f"{sum(counts.values())} samples in {len(counts)} shards under {args.out}")
     if skipped:

@@ -23,14 +23,15 @@ from PIL import Image
 
 from clipforge.data.failures import FailureMonitor
 from clipforge.data.shards import IMAGE_EXTS, RawSample, dotted_key_hint
-from clipforge.data.transforms import CROP_DRAWS, Box, ImageTransform
+from clipforge.data.transforms import CROP_DRAWS, Box, ImageTransform, exif_orientation, upright_size
 
 # What PIL and torchvision raise for bad image bytes; anything else is a bug and propagates.
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, RuntimeError, EOFError, Image.DecompressionBombError)
 
 
 class Encoded:
-    """A JPEG kept encoded for :class:`~clipforge.data.gpu_decode.JpegDecoder`, with its crop box."""
+    """A JPEG kept encoded for :class:`~clipforge.data.gpu_decode.JpegDecoder`, with its crop box (only
+    JPEGs stored upright: nvJPEG does not apply an EXIF orientation, so the others are decoded here)."""
 
     __slots__ = ("box", "data")
 
@@ -46,7 +47,7 @@ class Sample:
     target: str | int  # the caption, or the zero-shot label
     key: str  # "<shard url>/<sample key>"
     crop: Box  # the crop box in source pixels (left, top, right, bottom)
-    size: tuple[int, int]  # the source image's (width, height)
+    size: tuple[int, int]  # the source image's upright (width, height): its EXIF orientation applied
     meta: bytes | None  # the json member, undecoded
     pick: float  # a uniform of the sample's own crop draws, for stages that choose (0.0 in evaluation)
     region: tuple[Box, str] | None = None  # box in the crop's frame and its phrase (clipforge.data.regions)
@@ -130,9 +131,10 @@ def decode_sample(
     data = raw.members[ext]
     try:
         with Image.open(io.BytesIO(data)) as img:  # parses the header only
-            size = img.size
+            size = upright_size(img)
             box = transform.box(*size, draws)
-            image = Encoded(data, box) if defer and img.format == "JPEG" else transform.apply(img, data, box)
+            gpu = defer and img.format == "JPEG" and exif_orientation(img) == 1
+            image = Encoded(data, box) if gpu else transform.apply(img, data, box)
     except IMAGE_ERRORS:
         monitor.sample_failed("corrupt_image", raw.url, raw.key)
         return None

@@ -3,8 +3,9 @@
 With ``decode_device="cuda"`` the DataLoader workers only read the tar, parse each JPEG header (for the
 image size) and draw the crop box, and tokenize; the encoded bytes travel to the main process, where
 :class:`JpegDecoder` decodes the whole batch with nvJPEG (``torchvision.io.decode_jpeg(..., device=)``),
-crops, resizes with antialiasing and normalises on the device. Images that are not JPEG were already
-decoded on the CPU by the worker and are only copied.
+crops, resizes with antialiasing and normalises on the device. Images that are not JPEG, and JPEGs whose
+EXIF orientation is not 1 (nvJPEG ignores the tag; torchvision's ``apply_exif_orientation`` works on the
+CPU only), were already decoded upright on the CPU by the worker and are only copied.
 
 The same code runs with ``device="cpu"`` (torchvision's libjpeg-turbo decoder), which is what the
 tests exercise on machines without a GPU.
@@ -51,6 +52,8 @@ class JpegDecoder:
         self.corrupt = 0  # images that failed to decode here (their header had parsed in the worker)
 
     def _decode(self, datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+        if not datas:  # every image came decoded (not JPEG, or EXIF-oriented): decode_jpeg rejects []
+            return []
         try:
             return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:  # one bad image fails the batch call: decode one by one to find it

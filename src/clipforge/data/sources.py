@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,35 @@ log = logging.getLogger(__name__)
 # open_clip's CSV dataset names its columns filepath and title
 FILE_KEYS = ("file", "filename", "file_name", "filepath", "image", "image_path", "path", "img", "key")
 CAPTION_KEYS = ("caption", "text", "txt", "title", "description")
+
+
+def files_under(root: str | Path, hidden: bool = True) -> list[Path]:
+    """Every file below ``root``, sorted, following symlinked folders as torchvision's ``ImageFolder`` does;
+    ``hidden=False`` leaves out names starting with ``.`` and everything under such folders. A folder
+    reached a second time (a symlink loop, or two links to one folder) is walked once; the links skipped
+    are named in a warning instead of walking forever."""
+    visited, skipped, files = {os.path.realpath(root)}, [], []
+    for top, dirs, names in os.walk(root, followlinks=True):
+        walk = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, d))
+            if not hidden and d.startswith("."):
+                continue
+            if real in visited:
+                skipped.append(os.path.join(top, d))
+                continue
+            visited.add(real)
+            walk.append(d)
+        dirs[:] = walk  # os.walk descends into these only
+        files += [Path(top, n) for n in names if hidden or not n.startswith(".")]
+    if skipped:
+        log.warning(
+            "%s: %d symlinked folder(s) lead to a folder already walked (a loop?), not walked again: %s",
+            root,
+            len(skipped),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
+    return sorted(files)
 
 
 def _pick(keys: list[str], wanted: tuple[str, ...], what: str, path: Path) -> str:
@@ -151,7 +181,7 @@ _I2D_SHARD_FILES = ("*_stats.json", "*.parquet", "*.feather")
 
 
 def _file_members(root: Path) -> Iterator[tuple[str, bytes]]:
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in (p for p in files_under(root) if p.is_file()):
         if not any(path.match(pattern) for pattern in _I2D_SHARD_FILES):
             yield str(path.relative_to(root)), path.read_bytes()
 
@@ -160,7 +190,7 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
     """Records from img2dataset output: its tar shards if there are any, else its ``files`` layout."""
     root = Path(root)
     skipped = skipped if skipped is not None else Counter()
-    tars = sorted(root.rglob("*.tar"))
+    tars = [p for p in files_under(root) if p.suffix == ".tar"]
     streams = (_tar_samples(t, skipped) for t in tars) if tars else (_group(_file_members(root)),)
     for samples in streams:
         try:

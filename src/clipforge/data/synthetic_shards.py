@@ -12,7 +12,6 @@ augmentation).
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,13 +78,12 @@ class SyntheticShards:
             if manifest.is_file() and read_manifest(manifest)["params"] == params:
                 log.info("reusing %d synthetic %s samples in %s", n, split, out)
                 continue
-            if out.exists():
-                shutil.rmtree(out)
-            write_shards(
+            write_shards(  # overwrite: the shards of other settings go, none is left beyond the new count
                 synthetic_records(split, n, self.image_size, self.seed, self.holdout),
                 out,
                 max_count=self.samples_per_shard,
                 params=params,
                 total=n,
                 desc=f"synthetic {split} shards",
+                overwrite=True,
             )

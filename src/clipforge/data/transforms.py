@@ -4,6 +4,9 @@ crop for evaluation, normalisation with the CLIP mean and std.
 The results match torchvision's ``RandomResizedCrop`` and open_clip's eval ``Resize``/``CenterCrop``
 (bicubic, antialiased; same crop boxes, same rounding), but the work is arranged for throughput:
 
+* every image is turned upright by its EXIF orientation tag (:func:`to_rgb`), as viewers show it and as
+  captions describe it: a phone photo tagged "rotate 90" is otherwise learned and evaluated sideways.
+  Crop boxes are drawn in the upright frame (:func:`upright_size`);
 * JPEGs are decoded by libjpeg-turbo through ``torchvision.io.decode_jpeg``, straight into a uint8
   tensor; the crop box is drawn from the header before decoding, so an image much larger than the
   crop needs decodes at 1/2, 1/4 or 1/8 scale in the DCT domain instead (:meth:`PIL.Image.Image.draft`,
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -89,10 +92,38 @@ def center_crop_box(width: int, height: int, size: int) -> Box:
     return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = stored upright, 2..8 = mirror and/or rotate to show it
+_QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """``img``'s EXIF orientation, 1..8 (1 when it has none). A malformed EXIF block or a value outside
+    1..8 counts as 1: the pixels are shown as stored, which is what viewers do with such a tag."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # untrusted metadata: PIL raises many kinds (struct.error, ValueError, ...) on bad EXIF
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of ``img`` once its EXIF orientation is applied (:func:`to_rgb`); only the
+    header is needed for a JPEG, so crop boxes can be drawn before decoding."""
+    width, height = img.size
+    return (height, width) if exif_orientation(img) in _QUARTER_TURNS else (width, height)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` with its EXIF orientation applied and the tag removed (``img`` itself when it has none)."""
+    return ImageOps.exif_transpose(img) if exif_orientation(img) != 1 else img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as 8-bit RGB. PIL's ``convert("RGB")`` clips 16-bit greyscale (mode ``I;16``: 16-bit PNG
+    """``img`` upright (:func:`upright`) as 8-bit RGB: the one place training, evaluation and the shard
+    writer turn an opened image into pixels. PIL's ``convert("RGB")`` clips 16-bit greyscale (mode ``I;16``: 16-bit PNG
     and TIFF) at 255, which turns almost every such image white; its high byte is kept instead, which is
     what PIL itself does for 16-bit colour."""
+    img = upright(img)
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16"):
@@ -137,33 +168,36 @@ class ImageTransform:
             )
         return center_crop_box(width, height, self.image_size)
 
-    def _load(self, img: Image.Image, data: bytes | None, box: Box) -> tuple[torch.Tensor, float, float]:
-        """Decode to uint8 ``(3, H', W')``; returns it and the scale from source to decoded pixels."""
-        width, height = img.size
+    def _load(
+        self, img: Image.Image, data: bytes | None, box: Box, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, float, float]:
+        """Decode upright to uint8 ``(3, H', W')``; returns it and the scale from source pixels (upright
+        ``size``, the frame of ``box``) to decoded pixels."""
         if img.format == "JPEG":
             reduce = min(box[2] - box[0], box[3] - box[1]) / self.image_size / 2.0
-            if self.draft and reduce >= 2:
-                img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+            if self.draft and reduce >= 2:  # the same factor on both sides: the stored frame will do
+                img.draft("RGB", (math.ceil(img.size[0] / reduce), math.ceil(img.size[1] / reduce)))
             elif data is not None:
-                x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                x = decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
                 return x, 1.0, 1.0
         rgb = to_rgb(img)
         x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H', W') view of the (H', W', 3) pixels
-        return x, rgb.size[0] / width, rgb.size[1] / height
+        return x, rgb.size[0] / size[0], rgb.size[1] / size[1]
 
     def __call__(
         self, data: bytes | Image.Image, rng: np.random.Generator | np.ndarray | None = None
     ) -> torch.Tensor:
         if isinstance(data, Image.Image):
-            return self.apply(data, None, self.box(*data.size, rng))
+            return self.apply(data, None, self.box(*upright_size(data), rng))
         with Image.open(io.BytesIO(data)) as img:  # parses the header only
-            return self.apply(img, data, self.box(*img.size, rng))
+            return self.apply(img, data, self.box(*upright_size(img), rng))
 
     def apply(self, img: Image.Image, data: bytes | None, box: Box) -> torch.Tensor:
         """The transform with its crop ``box`` already drawn (:meth:`box`): ``img`` as opened (only its
-        header parsed) and its encoded ``data`` if any."""
-        width, height = img.size  # before _load: a JPEG draft changes img.size
-        x, sx, sy = self._load(img, data, box)
+        header parsed) and its encoded ``data`` if any; ``box`` is in the upright frame (:func:`upright_size`)."""
+        width, height = upright_size(img)  # before _load: a JPEG draft changes img.size
+        x, sx, sy = self._load(img, data, box, (width, height))
         s = self.image_size
         if self.train:  # crop, then resize the crop (torchvision's resized_crop)
             left, top, right, bottom = (

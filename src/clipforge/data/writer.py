@@ -6,6 +6,12 @@ kept as it came unless re-encoding is asked for), ``KEY.txt`` (the caption, UTF-
 one reaches ``max_count`` samples or ``max_bytes`` bytes. Each shard is written under a temporary name
 and renamed when complete, so an interrupted run never leaves a truncated shard behind under a real name.
 On close the writer records samples per shard in ``manifest.json`` (see :mod:`clipforge.data.manifest`).
+
+A folder that already holds shards under these names (an earlier run's) is refused before anything is
+written, unless ``overwrite``: a later ``{00000..00099}.tar`` or ``*.tar`` over the folder would otherwise
+mix the old shards beyond the new ones' count into training, while the new manifest lists only the new.
+``overwrite`` deletes the writer's own files only (``NNNNN.tar``, their ``.NNNNN.tar.tmp`` leftovers,
+``manifest.json``, ``sizes.json``); anything else in the folder stays.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,8 +28,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from clipforge.data.manifest import write_manifest
-from clipforge.data.transforms import to_rgb
+from clipforge.data.manifest import MANIFEST_NAME, SIZES_NAME, write_manifest
+from clipforge.data.transforms import to_rgb, upright
 
 _TAR_BLOCK = 512
 
@@ -63,7 +70,8 @@ def encode_image(
     By default nothing is lost: JPEG, PNG and WebP bytes are stored as they are, under their own
     extension; other formats (BMP, TIFF, GIF, ...) and PIL images are encoded as PNG. ``reencode="jpeg"``
     turns everything that is not already JPEG into JPEG at ``quality`` (JPEG bytes still pass through:
-    a second JPEG pass would only lose more).
+    a second JPEG pass would only lose more). Bytes kept keep their EXIF orientation tag (the loader
+    applies it); an image encoded here is stored upright, since the new file carries no tag.
     """
     if reencode not in REENCODE:
         raise ValueError(f"reencode must be one of {REENCODE}, got {reencode!r}")
@@ -74,7 +82,7 @@ def encode_image(
         with Image.open(io.BytesIO(image)) as im:
             im.load()
             image = im.copy()
-    buf = io.BytesIO()
+    image, buf = upright(image), io.BytesIO()
     if reencode == "jpeg":
         to_rgb(image).save(buf, format="JPEG", quality=quality)
         return buf.getvalue(), "jpg"
@@ -84,12 +92,40 @@ def encode_image(
     return buf.getvalue(), "png"
 
 
+_SHARD = re.compile(r"\d{5,}\.tar")  # the names ShardWriter gives: 00000.tar, 00001.tar, ...
+_LEFTOVER = re.compile(r"\.\d{5,}\.tar\.tmp")  # a shard an interrupted run was writing
+
+
+def claim_out_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Make ``out_dir`` ready for a new set of shards: refuse (``FileExistsError`` naming them) when it
+    holds shards of an earlier run, or with ``overwrite`` delete those, their leftovers and the manifests."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    shards = sorted(p for p in out_dir.iterdir() if _SHARD.fullmatch(p.name) and not p.is_dir())
+    if not overwrite:
+        if shards:
+            last = f" ... {shards[-1].name}" if len(shards) > 3 else ""
+            raise FileExistsError(
+                f"{out_dir} already holds {len(shards)} shard(s) of an earlier run "
+                f"({', '.join(p.name for p in shards[:3])}{last}): a pattern or glob over the folder would "
+                "mix them with the new ones. Choose an empty folder, or pass --overwrite (overwrite=True) "
+                "to delete them and the old manifest.json/sizes.json first (other files stay)"
+            )
+        return
+    leftovers = [p for p in out_dir.iterdir() if _LEFTOVER.fullmatch(p.name)]
+    manifests = [out_dir / MANIFEST_NAME, out_dir / SIZES_NAME]
+    for path in [*shards, *leftovers, *manifests]:
+        path.unlink(missing_ok=True)
+
+
 def _member_size(nbytes: int) -> int:
     return _TAR_BLOCK + (nbytes + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
 
 
 class ShardWriter:
-    """Stream records into numbered tar shards; use as a context manager or call :meth:`close`."""
+    """Stream records into numbered tar shards; use as a context manager or call :meth:`close`. A folder
+    that holds shards already is an error unless ``overwrite`` (:func:`claim_out_dir`)."""
 
     def __init__(
         self,
@@ -99,18 +135,20 @@ class ShardWriter:
         params: dict | None = None,
         reencode: str | None = None,
         quality: int = 95,
+        overwrite: bool = False,
     ) -> None:
         if max_count is None and max_bytes is None:
             raise ValueError("set max_count, max_bytes or both: shards need a size limit")
         if max_count is not None and max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
+        if reencode not in REENCODE:
+            raise ValueError(f"reencode must be one of {REENCODE}, got {reencode!r}")
         self.out_dir = Path(out_dir)
+        claim_out_dir(self.out_dir, overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.params = params or {}
-        if reencode not in REENCODE:
-            raise ValueError(f"reencode must be one of {REENCODE}, got {reencode!r}")
         self.reencode, self.quality = reencode, quality
         self.counts: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
@@ -186,10 +224,14 @@ def write_shards(
     progress: bool = True,
     reencode: str | None = None,
     quality: int = 95,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Write ``records`` to shards under ``out_dir`` with a progress bar; returns samples per shard.
-    Images are stored losslessly unless ``reencode="jpeg"`` (see :func:`encode_image`)."""
-    writer = ShardWriter(out_dir, max_count, max_bytes, params, reencode=reencode, quality=quality)
+    Images are stored losslessly unless ``reencode="jpeg"`` (see :func:`encode_image`); shards already in
+    ``out_dir`` are an error unless ``overwrite`` deletes them first (:func:`claim_out_dir`)."""
+    writer = ShardWriter(
+        out_dir, max_count, max_bytes, params, reencode=reencode, quality=quality, overwrite=overwrite
+    )
     with writer:
         for record in tqdm(records, total=total, desc=desc, unit="img", disable=not progress):
             writer.write(record)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from clipforge.data.decode import read_label
 from clipforge.data.shards import IMAGE_EXTS
+from clipforge.data.sources import files_under
 from clipforge.data.transforms import to_rgb
 from clipforge.distributed import world_info
 from clipforge.eval.metadata import align_classnames
@@ -62,7 +63,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
 
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>``; classes are the sub-folders in sorted order (torchvision's rule), their
-    samples the images anywhere below them, hidden files and folders (a leading ``.``) left out.
+    samples the images anywhere below them, symlinked folders followed (a loop walked once, with a
+    warning), hidden files and folders (a leading ``.``) left out.
 
     ``classnames`` overrides the folder names as the text used in prompts: names that match the
     folders (in any order) go to their own folder, others are applied to the sorted folders by position
@@ -87,13 +89,9 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[Path, int]] = []
         empty = []
         for label, d in enumerate(class_dirs):
-            # hidden files and whatever is under hidden folders (.ipynb_checkpoints copies) are not samples
-            files = sorted(
-                p
-                for p in d.rglob("*")
-                if p.suffix.lower() in IMG_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(d).parts)
-            )
+            # hidden files and whatever is under hidden folders (.ipynb_checkpoints copies) are not samples;
+            # symlinked folders are followed (torchvision's ImageFolder does), a loop walked once
+            files = [p for p in files_under(d, hidden=False) if p.suffix.lower() in IMG_EXTENSIONS]
             if not files:
                 empty.append(d.name)
             self.samples += [(p, label) for p in files]

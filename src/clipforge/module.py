@@ -326,13 +326,17 @@ class ContrastiveModule(L.LightningModule):
         if is_padding(batch):
             return None
         loss = self.contrastive_loss(*embeds, local=world_info()[1] > 1)
-        n = loss.new_tensor(batch[0].shape[0], dtype=torch.float64)  # no host sync per step
+        n = loss.new_tensor(batch[0].shape[0], dtype=self._sum_dtype)  # no host sync per step
         pairs = torch.stack([loss.detach().double() * n, n])
         self._val_sums = pairs if self._val_sums is None else self._val_sums + pairs
         return loss
 
+    @property
+    def _sum_dtype(self) -> torch.dtype:
+        return torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+
     def on_validation_epoch_end(self) -> None:
-        local = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64)
+        local = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=self._sum_dtype)
         total, pairs = all_reduce_sum(local.to(self.device)).tolist()
         if pairs > 0:
             self.log("val/loss", total / pairs, batch_size=int(pairs), sync_dist=False)

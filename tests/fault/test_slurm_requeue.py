@@ -4,11 +4,12 @@ argv (fast; the whole sbatch script with SIGUSR1 and a resume is tests/launch/te
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import pytest
 
-from clipforge.callbacks.preemption import requeue_slurm_job, slurm_job_id
+from clipforge.callbacks.preemption import PreemptionCheckpoint, requeue_slurm_job, slurm_job_id
 
 
 @pytest.fixture
@@ -53,3 +54,32 @@ def test_a_failed_or_impossible_requeue_is_a_warning_not_a_crash(
     monkeypatch.setenv("PATH", "/nonexistent")
     assert not requeue_slurm_job("4242")
     assert "scontrol is not on PATH" in caplog.text
+
+
+class _Trainer:
+    """What ``PreemptionCheckpoint._checkpoint`` touches of a trainer, recording the saves."""
+
+    def __init__(self, root: Path) -> None:
+        self.global_step, self.is_global_zero, self.checkpoint_callback = 7, True, None
+        self.default_root_dir, self.saved = str(root), []
+        self.strategy = type("Strategy", (), {"remove_checkpoint": staticmethod(lambda path: None)})()
+
+    def save_checkpoint(self, path: str) -> None:
+        self.saved.append(path)
+
+
+@pytest.mark.parametrize(
+    ("sig", "requeued"), [(signal.SIGUSR1, True), (signal.SIGTERM, True), (signal.SIGINT, False)]
+)
+def test_a_scheduler_signal_requeues_the_job_and_ctrl_c_does_not(
+    scontrol: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals, requeued: bool
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    callback, trainer = PreemptionCheckpoint(dirpath=str(tmp_path / "ckpt")), _Trainer(tmp_path)
+    callback.received = sig
+    callback._checkpoint(trainer)
+    assert trainer.saved == [str(tmp_path / "ckpt" / "preempt-step0000007.ckpt")]
+    assert (scontrol.read_text().splitlines() if scontrol.exists() else []) == (
+        ["requeue 4242"] if requeued else []
+    )

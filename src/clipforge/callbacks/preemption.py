@@ -190,7 +190,8 @@ class PreemptionCheckpoint(Callback):
         sig = self.received.name if self.received is not None else "signal"
         log.warning("%s received: saved %s at step %d, exiting", sig, path, trainer.global_step)
         job_id = slurm_job_id()
-        if self.requeue and job_id and trainer.is_global_zero:
+        # Ctrl+C is a person stopping the run, not a scheduler taking the node: no requeue.
+        if self.requeue and job_id and trainer.is_global_zero and self.received != signal.SIGINT:
             requeue_slurm_job(job_id)
 
 

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from clipforge.bench.step import compose_model_cfg, make_step, parse_args, run
 from clipforge.checkpoint import build_model
+from clipforge.flops import peak_tflops
 
 
 def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,7 +21,8 @@ def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     for r in steps.values():
         assert r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0
         # figures to three significant digits: a CPU step's few GFLOP/s used to round to 0.0 TFLOP/s
-        assert r["tflops"] > 0 and r["mfu"] > 0
+        assert r["tflops"] > 0
+        assert r["mfu"] is None  # no peak for a CPU: not an MFU against an H100's
         expected = r["gflop_per_sample"] * r["samples_per_s"] / 1e3
         assert r["tflops"] == pytest.approx(expected, rel=0.05)
     # Same architecture on both sides: the FLOP counts agree to a few percent.
@@ -29,7 +31,47 @@ def test_benchmark_smoke_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert any(r["kind"] == "ratio" for r in rows)
     assert any(r["kind"] == "lightning" and r["samples_per_s"] > 0 for r in rows)
     assert any(r["kind"] == "ratio" and r.get("vs_bare_step", 0) > 0 for r in rows)
-    assert "samples_per_s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "samples_per_s" in out and "MFU n/a: no known peak for cpu" in out
+    table = out[out.index("impl | model") :].splitlines()
+    mfus = [line.split(" | ")[7] for line in table[2:] if line.split(" | ")[0] in ("open_clip", "clipforge")]
+    assert len(mfus) == 4 and set(mfus) == {"n/a"}
+
+
+def test_benchmark_mfu_against_peak_tflops_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--models", "tiny:2", "--device", "cpu", "--steps", "1", "--warmup", "0", "--losses", "clip"]
+    rows = run(parse_args([*argv, "--impls", "clipforge", "--peak-tflops", "0.002"]))
+    (r,) = [r for r in rows if r["kind"] == "step"]
+    assert r["mfu"] == pytest.approx(r["tflops"] / 0.002, rel=0.01)
+    assert "MFU against 0.002 TFLOP/s (cpu)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--peak-tflops", "0"])
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("Tesla V100-SXM2-16GB", None),  # no bf16 tensor cores
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_tflops_by_device_name(name: str, tflops: float | None) -> None:
+    assert peak_tflops(name) == tflops
+
+
+def test_peak_tflops_of_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert peak_tflops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_tflops(torch.device("cuda", 0)) == 989.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_tflops(torch.device("cuda")) is None
 
 
 def _two_steps(fused_attn: bool, foreach: bool, precision: str, loss: str = "clip") -> tuple[list, list]:

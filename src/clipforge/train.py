@@ -47,11 +47,34 @@ def instantiate_logger(cfg: DictConfig | None) -> Any:
     if not cfg or "_target_" not in cfg:
         return False
     if cfg._target_.endswith("WandbLogger"):
-        # Offline by default: W&B then writes locally and never opens a network connection or prompt.
-        os.environ.setdefault("WANDB_MODE", "offline" if cfg.get("offline", True) else "online")
-        os.environ.setdefault("WANDB_SILENT", "true")
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        return instantiate(cfg, **wandb_run_options(cfg), _convert_="all")
     return instantiate(cfg)
+
+
+def wandb_run_options(cfg: DictConfig) -> dict[str, Any]:
+    """This run's W&B ``mode`` (and ``settings``), for its ``wandb.init`` through the WandbLogger's keywords.
+
+    Never through os.environ: wandb reads its variables once per process, and a WANDB_MODE set for one
+    train() (here, or as "dryrun" by Lightning's ``offline=True``) held for every later run in the
+    process. A WANDB_MODE / WANDB_SILENT the user exported still wins; else ``logger.offline`` (default
+    true: the run writes local files and never opens a network connection or prompt) and silent.
+    Lightning gets ``offline=False``, its ``offline`` only setting that variable; its one check, no
+    model upload from an offline run, is made here.
+    """
+    offline = bool(cfg.get("offline", True))
+    if offline and cfg.get("log_model"):
+        raise ValueError(
+            f"logger.log_model={cfg.log_model} needs logger.offline=false: an offline W&B run uploads no "
+            "checkpoints (WANDB_MODE=offline with logger.offline=false keeps them as local artifacts)"
+        )
+    options: dict[str, Any] = {
+        "offline": False,
+        "mode": os.environ.get("WANDB_MODE") or ("offline" if offline else "online"),
+    }
+    if "WANDB_SILENT" not in os.environ:
+        options["settings"] = {**(cfg.get("settings") or {}), "silent": True}
+    return options
 
 
 def siglip2_parts(cfg: DictConfig) -> dict[str, Any]:
@@ -292,7 +315,7 @@ def _finish_wandb(logger: Any, exit_code: int) -> None:
 
 
 def _wandb_offline(logger: Any) -> bool:
-    # Lightning's offline=True turns WANDB_MODE into "dryrun"; the run itself knows best
+    # the run itself knows best (its mode came from wandb_run_options); else the user's WANDB_MODE
     offline = getattr(getattr(logger, "experiment", None), "offline", None)
     if offline is None:
         return os.environ.get("WANDB_MODE") in ("offline", "dryrun")

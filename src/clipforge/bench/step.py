@@ -4,8 +4,10 @@ For each (model, loss) it times a full optimizer step — forward of both towers
 (CLIP, Radford et al., 2021, or SigLIP, Zhai et al., 2023), backward, AdamW — for open_clip's model
 and loss and for clipforge's, on the same synthetic batch, precision and optimizer settings, and
 optionally the whole Lightning loop around clipforge's step. It prints one JSON line per measurement
-and a table: samples/s, TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``), MFU against a peak
-(989 TFLOP/s dense bf16 for an H100 SXM), peak memory and warm-up/compile time.
+and a table: samples/s, TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``), MFU against the device's
+dense bf16 peak (``clipforge.flops.PEAK_BF16_TFLOPS`` by CUDA device name, e.g. 989 TFLOP/s for an H100 SXM
+or H200; ``--peak-tflops`` overrides; n/a on the CPU or an unknown device without it), peak memory and
+warm-up/compile time.
 
 GPU:  clipforge-benchmark --models vit_b16:256 vit_b32:512 --losses clip siglip --compile
 CPU smoke test:  clipforge-benchmark --models tiny:8 --device cpu --steps 2 --warmup 1
@@ -33,10 +35,8 @@ from clipforge.bench.open_clip_ref import open_clip_loss, open_clip_model
 from clipforge.checkpoint import build_model
 from clipforge.compilation import COMPILE_MODES, compile_in_place
 from clipforge.conf import CONF_DIR
-from clipforge.flops import H100_BF16_PEAK_FLOPS
+from clipforge.flops import peak_tflops
 from clipforge.optim import param_groups
-
-H100_BF16_DENSE_TFLOPS = H100_BF16_PEAK_FLOPS / 1e12
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class StepResult:
     step_ms: float
     gflop_per_sample: float
     tflops: float
-    mfu: float
+    mfu: float | None  # None: no known peak for the device (the CPU) and no --peak-tflops
     peak_mem_gib: float | None
     warmup_s: float
     final_loss: float
@@ -204,8 +204,8 @@ def build_step(
     return step, images, tokens
 
 
-def bench_step(spec: StepSpec, steps: int, warmup: int, peak_tflops: float) -> StepResult:
-    """Time ``steps`` steps of ``spec`` after ``warmup`` untimed ones; MFU against ``peak_tflops``."""
+def bench_step(spec: StepSpec, steps: int, warmup: int, peak: float | None) -> StepResult:
+    """Time ``steps`` steps of ``spec`` after ``warmup`` untimed ones; MFU against ``peak`` TFLOP/s, if any."""
     device, batch = spec.device, spec.batch
     step, images, tokens = build_step(spec)
     dt, flops, warm_s, last = time_step(step, images, tokens, steps, warmup, device)
@@ -223,11 +223,11 @@ def bench_step(spec: StepSpec, steps: int, warmup: int, peak_tflops: float) -> S
         gflop_per_sample=round(flops / batch / 1e9, 2),
         # three significant digits, not decimals: a CPU step (a few GFLOP/s) printed as 0.0 TFLOP/s, 0.0 MFU
         tflops=float(f"{tflops:.3g}"),
-        mfu=float(f"{tflops / peak_tflops:.3g}"),
+        mfu=None if peak is None else float(f"{tflops / peak:.3g}"),
         peak_mem_gib=None if peak_mem is None else round(peak_mem, 2),
         warmup_s=round(warm_s, 1),
         final_loss=round(last, 4),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        device=_device_name(device),
         note=" ".join(
             [
                 *spec.overrides,
@@ -235,6 +235,10 @@ def bench_step(spec: StepSpec, steps: int, warmup: int, peak_tflops: float) -> S
             ]
         ),
     )
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -253,7 +257,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
-        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
+        lines.append(" | ".join("n/a" if r.get(c, "") is None else str(r.get(c, "")) for c in cols))
     return "\n".join(lines)
 
 
@@ -263,6 +267,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows: list[dict[str, Any]] = []
+    peak = args.peak_tflops or peak_tflops(device)  # TFLOP/s; None: MFU n/a, not against a made-up peak
+    name = _device_name(device)
+    print(
+        f"MFU against {peak:g} TFLOP/s ({name})"
+        if peak
+        else f"MFU n/a: no known peak for {name} (--peak-tflops sets one)",
+        flush=True,
+    )
 
     def emit(row: dict[str, Any]) -> None:
         print(json.dumps(row), flush=True)
@@ -282,7 +294,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             tuple(overrides or ()),
             args.compile_mode,
         )
-        r = bench_step(spec, args.steps, args.warmup, args.peak_tflops)
+        r = bench_step(spec, args.steps, args.warmup, peak)
         emit({"kind": "step", **asdict(r)})
         _free(device)  # the next measurement's peak memory is its own
         return r
@@ -360,11 +372,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--steps", type=positive_int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps before them")
-    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak for MFU; default: clipforge.flops.PEAK_BF16_TFLOPS by CUDA device name "
+        "(MFU n/a on the CPU or a device not in it)",
+    )
     args = ap.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    if not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0:
+    if args.peak_tflops is not None and (not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0):
         ap.error("--peak-tflops must be positive")
     return args
 

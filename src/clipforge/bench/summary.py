@@ -217,8 +217,9 @@ def write_summary(out_dir: Path, results: list[PartResult], planned: list[Any], 
     lines += profile_section(rows) + _cut(results, ["profile"])
     lines += [
         "",
-        "MFU: FLOPs of one step counted by torch.utils.flop_counter / step time / 989 TFLOP/s (dense bf16 of "
-        "an H100 SXM, the H200's too). Warm-up includes the compile. Lightning rows include the "
+        "MFU: FLOPs of one step counted by torch.utils.flop_counter / step time / the device's dense bf16 "
+        "peak (clipforge.flops.PEAK_BF16_TFLOPS: 989 TFLOP/s for an H100 SXM or H200). Warm-up includes the "
+        "compile. Lightning rows include the "
         "host-to-device copy of each batch, which the bare step (one batch kept on the device) does not.",
         "",
     ]

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from clipforge.callbacks.schedule import logging_step
-from clipforge.flops import H100_BF16_PEAK_FLOPS, model_flops_per_sample
+from clipforge.flops import model_flops_per_sample, peak_tflops
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ class ThroughputMonitor(Callback):
     step (warm-up, compilation) is excluded, and so is the time between training batches spent on
     validation and on what runs at an epoch's end (evaluations, checkpoints): counted, it made every window
     with a validation report a fraction of the rate. Loading the batches is training time, the first of an
-    epoch included. ``peak_flops`` is per device; ``None`` means the H100 value on CUDA and no MFU elsewhere.
-    Set it on CPU to log MFU there too.
+    epoch included. ``peak_flops`` is per device; ``None`` means the device's dense bf16 peak from
+    ``clipforge.flops.PEAK_BF16_TFLOPS`` (by CUDA device name), and no MFU on the CPU or a device not in
+    it. Set it there to log MFU too.
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
@@ -46,9 +47,8 @@ class ThroughputMonitor(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mark, self._elapsed, self._samples, self._paused = None, 0.0, 0, False
         self._cuda = trainer.strategy.root_device.type == "cuda"
-        self._peak = (
-            self.peak_flops if self.peak_flops is not None else (H100_BF16_PEAK_FLOPS if self._cuda else None)
-        )
+        tflops = peak_tflops(trainer.strategy.root_device)
+        self._peak = self.peak_flops if self.peak_flops is not None else (tflops and tflops * 1e12)
         config = getattr(pl_module, "config", None) or {}
         if self._peak and self.flops_per_sample is None:
             if "model" in config:

@@ -30,6 +30,7 @@ SECTIONS = [
 ]
 
 
+@pytest.mark.slow  # ~45 s alone on 2 CPU cores: every part of the script runs, tiny; the cheap checks below stay
 def test_dry_run_writes_every_file_and_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

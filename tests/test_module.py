@@ -255,3 +255,14 @@ def test_settings_that_would_train_silently_wrong_fail_at_once() -> None:
             warmup_cosine(sgd, warmup_steps=1, total_steps=10, min_lr_ratio=ratio)
     with pytest.raises(ValueError, match="depth >= 1"):
         Transformer(0, lambda i: torch.nn.Identity())
+
+
+def test_validation_sums_stay_in_the_devices_sum_dtype(monkeypatch) -> None:
+    # MPS has no float64: there _sum_dtype is float32 and nothing may be converted to float64
+    monkeypatch.setattr(ContrastiveModule, "_sum_dtype", property(lambda self: torch.float32))
+    module = make_module()
+    module.log = lambda *a, **k: None
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(next(iter(loader())), 0)
+    assert module._val_sums.dtype == torch.float32

@@ -327,7 +327,7 @@ class ContrastiveModule(L.LightningModule):
             return None
         loss = self.contrastive_loss(*embeds, local=world_info()[1] > 1)
         n = loss.new_tensor(batch[0].shape[0], dtype=self._sum_dtype)  # no host sync per step
-        pairs = torch.stack([loss.detach().double() * n, n])
+        pairs = torch.stack([loss.detach().to(n.dtype) * n, n])
         self._val_sums = pairs if self._val_sums is None else self._val_sums + pairs
         return loss
 

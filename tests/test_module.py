@@ -257,6 +257,26 @@ def test_settings_that_would_train_silently_wrong_fail_at_once() -> None:
         Transformer(0, lambda i: torch.nn.Identity())
 
 
+class OwnLoss(torch.nn.Module):
+    """A user's loss written before validation was split over ranks: no ``local`` argument."""
+
+    def forward(self, img, txt, logit_scale, logit_bias=None):
+        logits = logit_scale * img @ txt.T
+        labels = torch.arange(len(img))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def test_a_loss_without_local_is_named_before_ddp_validation_starts(monkeypatch) -> None:
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    module = ContrastiveModule(tiny_clip(), OwnLoss(), optimizer)
+    module.on_validation_epoch_start()  # one process: never called with local, so it is fine
+    monkeypatch.setattr("clipforge.module.world_info", lambda *a, **k: (0, 2))
+    with pytest.raises(TypeError, match=r"OwnLoss takes no `local` argument.*Add `local: bool = False`"):
+        module.on_validation_epoch_start()
+    module.loss = ClipLoss()  # the library's losses, and any taking **kwargs, pass
+    module.on_validation_epoch_start()
+
+
 def test_validation_sums_stay_in_the_devices_sum_dtype(monkeypatch) -> None:
     # MPS has no float64: there _sum_dtype is float32 and nothing may be converted to float64
     monkeypatch.setattr(ContrastiveModule, "_sum_dtype", property(lambda self: torch.float32))

@@ -33,6 +33,7 @@ from clipforge.checkpoint import CONFIG_KEY
 from clipforge.distributed import all_reduce_sum, is_padding, world_info
 from clipforge.ema import ModelEMA
 from clipforge.losses import logit_stats
+from clipforge.losses.base import check_takes_local
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
 from clipforge.optim import apply_settings, group_settings, param_groups
@@ -320,6 +321,8 @@ class ContrastiveModule(L.LightningModule):
     # wrongly), so it does not depend on the number of ranks.
     def on_validation_epoch_start(self) -> None:
         self._val_sums = None
+        if world_info()[1] > 1:  # before any batch: a custom loss without `local` is named, not a TypeError
+            check_takes_local(self.loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         embeds = self.embed_all(batch[0], batch[1])  # on padding steps too: a forward may be a collective

@@ -6,6 +6,7 @@ reads its initial logit scale and bias from the class."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -110,6 +111,26 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
     for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
         setattr(loss, attr, getattr(body, attr))
     return loss
+
+
+def check_takes_local(loss: Callable[..., Tensor]) -> None:
+    """Raise a ``TypeError`` naming what to add when ``loss`` cannot be called with ``local=True`` (a user's
+    own loss module written before validation was split over ranks); one whose signature cannot be read
+    passes, and the call itself will say."""
+    try:
+        # a module's own __call__ takes (*args, **kwargs): its forward says what it accepts
+        params = inspect.signature(loss.forward if isinstance(loss, nn.Module) else loss).parameters
+    except (TypeError, ValueError):
+        return
+    if "local" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    name = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", repr(loss))
+    raise TypeError(
+        f"the loss {name} takes no `local` argument: under DDP each rank validates only its own batches "
+        "and calls the loss with local=True, meaning this rank's batch alone with no collective (the ranks "
+        "may take different numbers of real batches). Add `local: bool = False` to its forward and skip "
+        "any all-gather when it is true, or subclass clipforge.losses.base.ContrastiveLoss"
+    )
 
 
 class ContrastiveLoss(nn.Module):

@@ -3,6 +3,7 @@ viewer shows it and its caption describes it, in training (the shard decode, its
 libjpeg-turbo paths, the deferred-decode route), in evaluation and in the shard writer."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -126,3 +127,40 @@ def test_the_writer_stores_an_image_it_encodes_upright(as_pil):
     stored, ext = encode_image(image, None if as_pil else "jpeg")
     with Image.open(io.BytesIO(stored)) as img:
         assert (img.size, ext) == ((24, 40), "png" if as_pil else "jpg")
+
+
+def raw_exif(order: str, typ: int, value: bytes, trailer: bytes = b"") -> bytes:
+    """An APP1 EXIF block with one orientation entry of TIFF type ``typ`` (3 SHORT, 4 LONG, 2 ASCII,
+    5 RATIONAL: its 4 bytes are the offset of ``trailer``), written by hand: PIL writes only valid ones."""
+    e = "<" if order == "II" else ">"
+    ifd = struct.pack(e + "H", 1) + struct.pack(e + "HHI", 0x0112, typ, 1) + value + struct.pack(e + "I", 0)
+    return b"Exif\0\0" + order.encode() + struct.pack(e + "HI", 42, 8) + ifd + trailer
+
+
+@pytest.mark.parametrize(
+    ("exif", "turn"),
+    [
+        (raw_exif("II", 3, struct.pack("<HH", 0, 0)), 1),  # 0: no such orientation
+        (raw_exif("II", 3, struct.pack("<HH", 9, 0)), 1),  # 9: no such orientation
+        (raw_exif("II", 3, struct.pack("<HH", 6, 0))[:20], 1),  # cut short
+        (raw_exif("II", 2, b"6\0\0\0"), 1),  # the string "6": ImageOps.exif_transpose turns nothing
+        (raw_exif("MM", 4, struct.pack(">I", 6)), 6),  # big-endian LONG: libjpeg-turbo's reader saw 0
+        (raw_exif("II", 5, struct.pack("<I", 26), struct.pack("<II", 6, 1)), 6),  # rational 6/1
+    ],
+    ids=["zero", "nine", "truncated", "ascii", "big-endian-long", "rational"],
+)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [(48, 32), (640, 400)])  # full decode (libjpeg-turbo) / JPEG draft
+def test_a_malformed_orientation_tag_decodes_the_image_in_one_frame(exif, turn, train, size):
+    # The crop box (drawn in the frame exif_orientation gives) and the pixels must agree: either the tag
+    # counts and the image is turned, or it does not and the image is decoded as stored, never one of each
+    buf = io.BytesIO()
+    photo(*size).save(buf, format="JPEG", quality=100, subsampling=0, exif=exif)
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as img:
+        stored = img.convert("RGB")
+    ref = io.BytesIO()
+    (stored if turn == 1 else stored.transpose(Image.Transpose.ROTATE_270)).save(ref, format="PNG")
+    transform = ImageTransform(16, train=train, scale=(0.5, 1.0))
+    ours = transform(data, np.random.default_rng(0))
+    assert close(ours, transform(ref.getvalue(), np.random.default_rng(0)), 1.0 if size[0] < 100 else 3.0)

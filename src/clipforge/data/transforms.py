@@ -94,16 +94,20 @@ def center_crop_box(width: int, height: int, size: int) -> Box:
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = stored upright, 2..8 = mirror and/or rotate to show it
 _QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
+_ORIENTATIONS = frozenset(range(1, 9))
 
 
 def exif_orientation(img: Image.Image) -> int:
     """``img``'s EXIF orientation, 1..8 (1 when it has none). A malformed EXIF block or a value outside
     1..8 counts as 1: the pixels are shown as stored, which is what viewers do with such a tag."""
     try:
-        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # untrusted metadata: PIL raises many kinds (struct.error, ValueError, ...) on bad EXIF
         return 1
-    return value if 1 <= value <= 8 else 1
+    # Looked up as ImageOps.exif_transpose (which turns the pixels) looks it up, so the two always agree: a
+    # string "6" is no orientation there (int() would make it one here: a box in the wrong frame), a
+    # rational 6/1 is 6.
+    return int(value) if value in _ORIENTATIONS else 1
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
@@ -177,10 +181,11 @@ class ImageTransform:
             reduce = min(box[2] - box[0], box[3] - box[1]) / self.image_size / 2.0
             if self.draft and reduce >= 2:  # the same factor on both sides: the stored frame will do
                 img.draft("RGB", (math.ceil(img.size[0] / reduce), math.ceil(img.size[1] / reduce)))
-            elif data is not None:
+            elif data is not None and exif_orientation(img) == 1:
+                # an oriented JPEG goes through to_rgb: torchvision's own EXIF reader disagrees with PIL's
+                # on some tags (a big-endian LONG, a rational), and the box is in PIL's upright frame
                 buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                x = decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-                return x, 1.0, 1.0
+                return decode_jpeg(buf, mode=ImageReadMode.RGB), 1.0, 1.0
         rgb = to_rgb(img)
         x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H', W') view of the (H', W', 3) pixels
         return x, rgb.size[0] / size[0], rgb.size[1] / size[1]

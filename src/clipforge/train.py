@@ -186,10 +186,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         with signal_handlers_kept():
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except Exception as e:
-        # Closed as failed: left open, the next train() in this process (a notebook, an in-process sweep)
-        # would log into this run, in its directory (Lightning's WandbLogger reuses an open run).
-        _finish_wandb(logger, exit_code=1)
+    except BaseException as e:
+        # Closed (as failed unless a preemption's clean exit): left open, the next train() in this process
+        # (a notebook, an in-process sweep) would log into this run, in its directory (Lightning's
+        # WandbLogger reuses an open run). A preemption or Ctrl+C leaves by SystemExit, not an Exception.
+        _finish_wandb(logger, exit_code=0 if isinstance(e, SystemExit) and not e.code else 1)
+        if not isinstance(e, Exception):
+            raise
         if (
             ckpt_path is not None
             and isinstance(e, RuntimeError)

@@ -268,6 +268,21 @@ def test_a_failed_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cf
     assert Path(objs["logger"].experiment.dir).is_relative_to(tmp_path / "next")
 
 
+def test_a_preempted_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cfg, tmp_path: Path) -> None:
+    # A preemption leaves by SystemExit (status 0), not an Exception: the W&B run must still be closed.
+    import wandb
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            train(run_cfg(tmp_path / "preempted", "logger=wandb", *fault("sigint", 1)))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert wandb.run is None
+    _, objs = train(run_cfg(tmp_path / "next", "logger=wandb", "trainer.max_steps=1"))
+    assert Path(objs["logger"].experiment.dir).is_relative_to(tmp_path / "next")
+
+
 def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes_there(
     run_cfg, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:

@@ -1,9 +1,13 @@
 """The synthetic shard source: writes shards once, then the WebDataset module reads them like any others."""
 
+import json
+import threading
+import time
+
 import pytest
 import torch
 
-from clipforge.data import synthetic
+from clipforge.data import synthetic, synthetic_shards
 from clipforge.data.config import Augment, Stream, ZeroShotSet
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.manifest import read_manifest
@@ -38,11 +42,42 @@ def test_prepare_data_writes_once_and_rewrites_when_parameters_change(tmp_path):
     stamp = (train / "00000.tar").stat().st_mtime_ns
     make(tmp_path).prepare_data()
     assert (train / "00000.tar").stat().st_mtime_ns == stamp  # reused
+    # other counts are another folder: a run reading these shards never sees them rewritten under it
+    fewer = make(tmp_path, num_train=30)
+    fewer.prepare_data()
+    assert fewer.source.folder != dm.source.folder
+    assert read_manifest(fewer.source.folder / "train" / "manifest.json")["shards"] == {
+        "00000.tar": 25,
+        "00001.tar": 5,
+    }
+    assert (train / "00000.tar").stat().st_mtime_ns == stamp
+    # shards whose manifest differs (an older generator, a write cut short) are rewritten in place
     (train / "notes.txt").write_text("not the writer's")
-    make(tmp_path, num_train=30).prepare_data()
-    assert read_manifest(train / "manifest.json")["shards"] == {"00000.tar": 25, "00001.tar": 5}
-    assert not (train / "00002.tar").exists()  # no stale shard for a pattern or glob to pick up
+    manifest = json.loads((train / "manifest.json").read_text())
+    manifest["params"]["version"] = 1
+    (train / "manifest.json").write_text(json.dumps(manifest))
+    (train / "00003.tar").write_bytes(b"an earlier run's extra shard")
+    make(tmp_path).prepare_data()
+    assert read_manifest(train / "manifest.json")["params"]["version"] == synthetic_shards.GENERATOR_VERSION
+    assert not (train / "00003.tar").exists()  # no stale shard for a pattern or glob to pick up
     assert (train / "notes.txt").exists()  # only the writer's own files are deleted
+
+
+def test_a_second_process_waits_for_the_first_to_write_and_then_reuses(tmp_path, caplog):
+    source = make(tmp_path).source
+    done = threading.Event()
+    with synthetic_shards.folder_lock(source.folder):  # another process writing these shards
+        with caplog.at_level("WARNING", logger="clipforge.data.synthetic_shards"):
+            waiter = threading.Thread(target=lambda: (source.prepare(), done.set()))
+            waiter.start()
+            for _ in range(600):  # until it says it waits (at most a minute)
+                if "waiting for another process" in caplog.text:
+                    break
+                time.sleep(0.1)
+        assert "waiting for another process to finish writing" in caplog.text
+        assert not done.is_set() and not (source.folder / "train" / "manifest.json").exists()
+    waiter.join(timeout=120)
+    assert done.is_set() and (source.folder / "train" / "manifest.json").is_file()
 
 
 def test_loaders_shapes_labels_and_heldout_split(tmp_path):

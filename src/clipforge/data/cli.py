@@ -4,10 +4,10 @@ synthetic generator; or write the manifest for existing shards.
 
 Examples::
 
-    clipforge-shards folder photos/ captions.csv out/ --max-count 10000
-    clipforge-shards img2dataset laion_part/ out/ --max-bytes 1GB
-    clipforge-shards synthetic out/ --split train --num-samples 20000 --image-size 32
-    clipforge-shards manifest out/
+    clipforge-shards folder photos/ captions.csv photo_shards/ --max-count 10000
+    clipforge-shards img2dataset laion_part/ laion_shards/ --max-bytes 1GB
+    clipforge-shards synthetic shapes/ --split train --num-samples 20000 --image-size 32
+    clipforge-shards manifest existing_shards/
 
 An output folder that already holds shards (NNNNN.tar) is refused: a brace pattern or glob over it would
 mix the earlier run's extra shards into the new set. ``--overwrite`` deletes those shards and the old

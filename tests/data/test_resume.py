@@ -138,3 +138,29 @@ def test_a_changed_setting_is_warned_about_once_though_lightning_restores_the_po
     loader.load_state_dict(saved)  # the train loader's copy, restored by Lightning's fit loop
     assert caplog.text.count("data position restored with a different {'world_size': (2, 1)}") == 1
     assert dm.position.restored == {"epoch": 0, "batches": 2}
+
+
+def test_a_changed_shard_list_is_named_when_the_position_is_restored(tmp_path, caplog):
+    """The plan numbers the epoch's samples along the shard order: a shard added (or removed, or recounted
+    in the manifest) moves every boundary, so a restored batch count no longer marks what was seen."""
+    write_sizes(tmp_path / "a", SIZES)
+    write_sizes(tmp_path / "b", [*SIZES, 11])
+    dm = make(pattern(tmp_path / "a", len(SIZES)))
+    loader = dm.train_dataloader()
+    for i, _ in enumerate(loader, 1):
+        if i == 5:
+            break
+    state = dm.state_dict()
+    assert (state["shards"], state["samples"]) == (6, 92)
+    grown = make(pattern(tmp_path / "b", len(SIZES) + 1))
+    grown.load_state_dict(state)
+    with caplog.at_level("WARNING", logger="clipforge.data.loader"):
+        grown.train_dataloader()
+    assert "'shards': (6, 7), 'samples': (92, 103), 'shard_list': (" in caplog.text
+    assert "(checkpoint, config): the rest of epoch 0 will not line up exactly" in caplog.text
+    caplog.clear()
+    moved = make(pattern(tmp_path / "b", len(SIZES)))  # the same six shards in another folder: no warning
+    moved.load_state_dict(state)
+    with caplog.at_level("WARNING", logger="clipforge.data.loader"):
+        moved.train_dataloader()
+    assert "data position restored" not in caplog.text

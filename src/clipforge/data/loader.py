@@ -14,6 +14,7 @@ when :class:`~clipforge.data.failures.FailurePolicy` says the input is bad.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -28,7 +29,20 @@ from clipforge.distributed import all_reduce_sum
 log = logging.getLogger(__name__)
 
 POSITION_KEYS = ("epoch", "batches")  # where the stream is
-FINGERPRINT_KEYS = ("world_size", "num_workers", "batch_size", "seed")  # what must match to line up exactly
+# What must match for the rest of an epoch to line up exactly with what was already seen: the rank and
+# worker split, and the plan's inputs (the shard list and its sample counts, the order and shuffle settings).
+FINGERPRINT_KEYS = (
+    "world_size",
+    "num_workers",
+    "batch_size",
+    "seed",
+    "shards",
+    "samples",
+    "shard_list",
+    "drop_last",
+    "shuffle_buffer",
+    "resampled",
+)
 
 
 class Position:
@@ -71,8 +85,8 @@ class Position:
         if changed and state != self._warned:
             self._warned = dict(state)
             log.warning(
-                "data position restored with a different %s: the rest of epoch %s will not line up exactly "
-                "with what was already seen (some samples may repeat or be skipped)",
+                "data position restored with a different %s (checkpoint, config): the rest of epoch %s will "
+                "not line up exactly with what was already seen (some of its samples may repeat or be skipped)",
                 changed,
                 state.get("epoch"),
             )
@@ -141,15 +155,34 @@ class EpochLoader:
     def fingerprint(self) -> dict:
         """What the position only lines up with when it is the same on resume."""
         ds = self.shards
-        return dict(
-            zip(FINGERPRINT_KEYS, (ds.world_size, max(1, self.loader.num_workers), ds.batch_size, ds.seed))
+        workers = max(1, self.loader.num_workers)
+        samples = sum(ds.counts[u] for u in ds.urls) if ds.counts is not None else None
+        stream = (ds.stream.drop_last, ds.shuffle_buffer, ds.stream.resampled)
+        values = (
+            ds.world_size,
+            workers,
+            ds.batch_size,
+            ds.seed,
+            len(ds.urls),
+            samples,
+            shard_list(ds),
+            *stream,
         )
+        return dict(zip(FINGERPRINT_KEYS, values, strict=True))
 
     def state_dict(self) -> dict:
         return self.position.state_dict(self._progress_fn(), self.fingerprint())
 
     def load_state_dict(self, state: dict) -> None:
         self.position.load_state_dict(state, self.fingerprint())
+
+
+def shard_list(ds: ShardDataset) -> str:
+    """A short digest of the shards in plan order, by file name and sample count: a shard added, removed,
+    reordered or recounted changes it; the same shards moved to another directory or bucket do not."""
+    counts = ds.counts or {}
+    names = "\n".join(f"{u.rsplit('/', 1)[-1]}:{counts.get(u, -1)}" for u in ds.urls)
+    return hashlib.sha1(names.encode()).hexdigest()[:12]
 
 
 def auto_num_workers(requested: int | None, cap: int = 8) -> int:

@@ -329,3 +329,21 @@ def test_logging_step_follows_lightnings_own_cadence_from_public_counters(compos
     trainer.fit(module, datamodule=instantiate(cfg.data))
     assert [s[2] for s in seen] == [False, False, True, False, False, True, False]  # steps 3 and 6
     assert all(before == after == lightning for before, after, lightning in seen)
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1)])
+def test_a_resume_that_changes_accum_freq_goes_on_from_the_checkpoints_step(
+    compose_cfg, before, after
+) -> None:
+    """accum_freq=1 steps through Lightning's automatic optimization, >1 through manual optimization: a
+    resume across the two restarted the step count at 0 (two steps run twice) while the schedule went on."""
+    cfg = compose_cfg("trainer.max_steps=2", f"module.accum_freq={before}", *SMALL, *PERIODIC)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    _, objs = train(
+        compose_cfg("trainer.max_steps=4", f"module.accum_freq={after}", f"ckpt_path={last}", *SMALL)
+    )
+    trainer = objs["trainer"]
+    assert trainer.global_step == 4
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # two steps trained, not four
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4

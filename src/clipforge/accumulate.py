@@ -21,8 +21,10 @@ passes a ``no_sync`` context so DDP all-reduces the accumulated gradients once, 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -132,3 +134,29 @@ def feature_cache_backward(
         logit_scale=scale.detach(),
         logit_bias=bias.detach() if bias is not None else None,
     )
+
+
+_AUTO = "epoch_loop.automatic_optimization.optim_progress"
+_MANUAL = "epoch_loop.manual_optimization.optim_step_progress"
+
+
+def carry_step_progress(checkpoint: dict[str, Any], automatic: bool) -> int:
+    """Move a checkpoint's optimizer-step count to the loop this run steps with; returns the steps moved.
+
+    ``accum_freq=1`` steps through Lightning's automatic optimization, ``accum_freq>1`` through manual
+    optimization, and Lightning counts ``global_step`` in whichever loop ran. A resume that changes between
+    them found no steps in its own loop and started again from step 0, while the LR schedule went on from
+    the checkpoint's step (and ``max_steps`` trained that many steps more)."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    auto, manual = loops.get(_AUTO), loops.get(_MANUAL)
+    if auto is None or manual is None:
+        return 0
+    have = auto["optimizer"]["step"] if automatic else manual
+    other = manual if automatic else auto["optimizer"]["step"]
+    if have["total"]["completed"] or not other["total"]["completed"]:
+        return 0
+    if automatic:
+        auto["optimizer"]["step"] = copy.deepcopy(other)
+    else:
+        loops[_MANUAL] = copy.deepcopy(other)
+    return int(other["total"]["completed"])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipforge.accumulate import CachedStep, feature_cache_backward
+from clipforge.accumulate import CachedStep, carry_step_progress, feature_cache_backward
 from clipforge.callbacks.schedule import logging_step
 from clipforge.checkpoint import CONFIG_KEY
 from clipforge.distributed import all_reduce_sum, is_padding, world_info
@@ -375,6 +375,11 @@ class ContrastiveModule(L.LightningModule):
             log.warning(
                 "resuming with optimizer settings other than the checkpoint's: %s", "; ".join(changed)
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        carry_step_progress(
+            checkpoint, self.automatic_optimization
+        )  # a resume with accum_freq changed across 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config  # clipforge.checkpoint's layout: the config travels along

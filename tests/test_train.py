@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -347,3 +348,27 @@ def test_a_resume_that_changes_accum_freq_goes_on_from_the_checkpoints_step(
     assert trainer.global_step == 4
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # two steps trained, not four
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+
+
+def test_a_resume_with_another_schedule_names_it_and_trains_its_first_step_on_it(compose_cfg, caplog) -> None:
+    """A longer warmup (or another max_steps) on resume recomputes the schedule: the warning names the
+    settings and the LR jump, and the first resumed step already trains at the configured schedule's LR
+    (it trained at the checkpoint's, the new schedule taking over one step late)."""
+    cfg = compose_cfg("trainer.max_steps=2", *SMALL, *PERIODIC)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    with caplog.at_level("WARNING"):
+        train(compose_cfg(*SMALL, "trainer.max_steps=3", "scheduler.warmup_steps=3", f"ckpt_path={last}"))
+    assert (
+        "trainer.max_steps: checkpoint 2, config 3; scheduler.warmup_steps: checkpoint 2, config 3"
+        in caplog.text
+    )
+    # at step 2 the old schedule had ended its warmup (lr 5e-4); the new one is at 3/3 of it too, so the
+    # step-2 value only differs on a longer run: one step more of warmup than the run has is clamped
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train(compose_cfg(*SMALL, "trainer.max_steps=6", "scheduler.warmup_steps=4", f"ckpt_path={last}"))
+    assert "param group 0 lr at step 2: checkpoint's schedule 0.0005, config's 0.000375" in caplog.text
+    newest = max((Path(cfg.paths.output_dir) / "csv").rglob("metrics.csv"), key=lambda f: f.stat().st_mtime)
+    lrs = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(newest.open()) if r.get("train/lr")}
+    assert lrs[2] == pytest.approx(5e-4 * 3 / 4)  # warmup step 3 of 4, not the checkpoint's full lr

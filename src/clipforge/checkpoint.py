@@ -182,6 +182,17 @@ def module_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]
     return out
 
 
+def schedule_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
+    """The LR schedule's settings (``trainer.max_steps``, ``scheduler.*``) that differ from checkpoint
+    ``path``'s: a resume recomputes the schedule from the config, so its learning rate jumps there."""
+    stored = checkpoint_config(path) or {}
+    if not stored:
+        return []
+    steps = (stored.get("trainer") or {}).get("max_steps"), (config.get("trainer") or {}).get("max_steps")
+    out = config_differences(steps[0], steps[1], "trainer.max_steps")
+    return out + config_differences(stored.get("scheduler") or {}, config.get("scheduler") or {}, "scheduler")
+
+
 def _on(setting: Any) -> str:
     return "on" if setting else "off"
 

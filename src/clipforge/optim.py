@@ -65,6 +65,26 @@ def apply_settings(
                 if scheduler is not None:
                     scheduler.base_lrs[i] = value
             group[key] = value
+    return changed + _resync(optimizer, scheduler)
+
+
+def _resync(optimizer: torch.optim.Optimizer, scheduler: Any) -> list[str]:
+    """Set each group's lr to the configured schedule's value at the restored step. A checkpoint holds the
+    lr its own schedule gave for the next step; with another ``trainer.max_steps`` or warmup that step ran on
+    the old schedule and only the following ones on the new. Unchanged, the value is the same to the bit."""
+    if not isinstance(scheduler, LambdaLR):
+        return []
+    changed, step = [], scheduler.last_epoch
+    for i, (group, base, fn) in enumerate(
+        zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)
+    ):
+        want = base * fn(step)
+        if not math.isclose(group["lr"], want, rel_tol=1e-6, abs_tol=1e-12):
+            changed.append(
+                f"param group {i} lr at step {step}: checkpoint's schedule {group['lr']!r}, config's {want!r}"
+            )
+        group["lr"] = want
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     return changed
 
 

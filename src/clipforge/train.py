@@ -26,6 +26,7 @@ from clipforge.checkpoint import (
     is_checkpoint,
     model_differences,
     module_differences,
+    schedule_differences,
 )
 from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.data.config import check_at_least
@@ -150,6 +151,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
     if changed:
         log.warning("resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed))
+    schedule = schedule_differences(ckpt_path, config) if ckpt_path is not None else []
+    if schedule:  # the LR at the resume step is logged by the module (`lr at step N`) when it changes
+        log.warning(
+            "resuming %s with another LR schedule (%s): the schedule is recomputed from this config and goes on "
+            "from the checkpoint's step (the cosine is not stretched from the current learning rate)",
+            ckpt_path,
+            "; ".join(schedule),
+        )
     if mode is not None:
         compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None

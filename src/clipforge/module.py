@@ -377,9 +377,7 @@ class ContrastiveModule(L.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        carry_step_progress(
-            checkpoint, self.automatic_optimization
-        )  # a resume with accum_freq changed across 1
+        carry_step_progress(checkpoint, self.automatic_optimization)  # accum_freq changed across 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config  # clipforge.checkpoint's layout: the config travels along

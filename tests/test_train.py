@@ -182,7 +182,7 @@ def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> No
         train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))
 
 
-def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path) -> None:
+def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path, caplog) -> None:
     # the folder `clipforge-convert import --out` writes stands for its model.ckpt everywhere a checkpoint
     # is read; init_from= alone refused it as "no such checkpoint file" (and an empty folder still is)
     from omegaconf import OmegaConf
@@ -200,11 +200,25 @@ def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"init_from=.*empty.*no such checkpoint file"):
         train(compose_cfg(f"init_from={tmp_path / 'empty'}", *FAST))
-    _, objs = train(
-        compose_cfg("trainer.max_steps=1", "optimizer.lr=0", f"init_from={tmp_path / 'imported'}", *FAST)
-    )
+    init = compose_cfg("trainer.max_steps=1", "optimizer.lr=0", f"init_from={tmp_path / 'imported'}", *FAST)
+    with caplog.at_level("INFO", logger="clipforge.train"):
+        _, objs = train(init)
     trained = objs["module"].model.visual.patch_embed.weight.detach().cpu()
     torch.testing.assert_close(trained, source.visual.patch_embed.weight.detach())
+    assert (
+        "(init_from); the step, the optimizer, the schedule and the data position start fresh" in caplog.text
+    )
+    # both named: the resume restores everything, and the message says init_from is not used
+    caplog.clear()
+    last = Path(init.paths.output_dir) / "checkpoints" / "last.ckpt"
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        _, objs = train(
+            compose_cfg(
+                "trainer.max_steps=2", f"ckpt_path={last}", f"init_from={tmp_path / 'imported'}", *FAST
+            )
+        )
+    assert objs["trainer"].global_step == 2
+    assert f"resuming from {last} restores the weights" in caplog.text and "init_from=" in caplog.text
 
 
 def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cfg) -> None:

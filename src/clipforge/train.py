@@ -140,13 +140,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
     model = build_model(cfg.model, cfg.loss)
-    if cfg.get("init_from"):
+    if cfg.get("init_from") and ckpt_path is not None:
+        # auto after a requeue of a run that began from init_from: the resume is the point. Named explicitly
+        # beside init_from, the two disagree about where the weights come from: say which one wins.
+        (log.info if cfg.ckpt_path == AUTO else log.warning)(
+            "resuming from %s restores the weights, the step, the optimizer and the data position: "
+            "init_from=%s is not used",
+            ckpt_path,
+            cfg.init_from,
+        )
+    elif cfg.get("init_from"):
         try:
             init_from(model, cfg.init_from)
         except RuntimeError as e:  # torch's "Error(s) in loading state_dict": say which settings differ
             raise _model_mismatch(
                 "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model, cfg.loss), e
             ) from e
+        log.info(
+            "weights from %s (init_from); the step, the optimizer, the schedule and the data position "
+            "start fresh",
+            cfg.init_from,
+        )
     # read once from the checkpoint's stored config: warned about here, named again if the weights do not load
     changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
     if changed:

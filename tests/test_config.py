@@ -71,7 +71,7 @@ def test_gpu_trainer_config_is_bf16(compose_cfg) -> None:
 
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_configs_build(compose_cfg, name: str) -> None:
-    from clipforge.train import instantiate_logger
+    from clipforge.loggers import instantiate_logger
 
     cfg = compose_cfg(f"logger={name}")
     logger = instantiate_logger(cfg.get("logger"))

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import wandb
 
-from clipforge.train import instantiate_logger
+from clipforge.loggers import instantiate_logger
 
 
 @pytest.fixture

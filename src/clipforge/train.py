@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
+from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger, wandb_offline
 from clipforge.module import ContrastiveModule
 
 log = logging.getLogger(__name__)
@@ -42,40 +42,6 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
-
-
-def instantiate_logger(cfg: DictConfig | None) -> Any:
-    if not cfg or "_target_" not in cfg:
-        return False
-    if cfg._target_.endswith("WandbLogger"):
-        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        return instantiate(cfg, **wandb_run_options(cfg), _convert_="all")
-    return instantiate(cfg)
-
-
-def wandb_run_options(cfg: DictConfig) -> dict[str, Any]:
-    """This run's W&B ``mode`` (and ``settings``), for its ``wandb.init`` through the WandbLogger's keywords.
-
-    Never through os.environ: wandb reads its variables once per process, and a WANDB_MODE set for one
-    train() (here, or as "dryrun" by Lightning's ``offline=True``) held for every later run in the
-    process. A WANDB_MODE / WANDB_SILENT the user exported still wins; else ``logger.offline`` (default
-    true: the run writes local files and never opens a network connection or prompt) and silent.
-    Lightning gets ``offline=False``, its ``offline`` only setting that variable; its one check, no
-    model upload from an offline run, is made here.
-    """
-    offline = bool(cfg.get("offline", True))
-    if offline and cfg.get("log_model"):
-        raise ValueError(
-            f"logger.log_model={cfg.log_model} needs logger.offline=false: an offline W&B run uploads no "
-            "checkpoints (WANDB_MODE=offline with logger.offline=false keeps them as local artifacts)"
-        )
-    options: dict[str, Any] = {
-        "offline": False,
-        "mode": os.environ.get("WANDB_MODE") or ("offline" if offline else "online"),
-    }
-    if "WANDB_SILENT" not in os.environ:
-        options["settings"] = {**(cfg.get("settings") or {}), "silent": True}
-    return options
 
 
 def siglip2_parts(cfg: DictConfig) -> dict[str, Any]:
@@ -213,7 +179,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # Closed (as failed unless a preemption's clean exit): left open, the next train() in this process
         # (a notebook, an in-process sweep) would log into this run, in its directory (Lightning's
         # WandbLogger reuses an open run). A preemption or Ctrl+C leaves by SystemExit, not an Exception.
-        _finish_wandb(logger, exit_code=0 if isinstance(e, SystemExit) and not e.code else 1)
+        finish_wandb(logger, exit_code=0 if isinstance(e, SystemExit) and not e.code else 1)
         if not isinstance(e, Exception):
             raise
         if (
@@ -320,34 +286,6 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
     }
 
 
-def finish_logger(logger: Any, metrics: dict[str, float], step: int) -> None:
-    """Send the final metrics and close the run, so a later train() in this process starts a new one."""
-    if not logger:
-        return
-    final = {k: v for k, v in metrics.items() if k.startswith("final/")}
-    if final:
-        logger.log_metrics(final, step=step)
-    logger.finalize("success")
-    _finish_wandb(logger, exit_code=0)
-
-
-def _finish_wandb(logger: Any, exit_code: int) -> None:
-    """End the W&B run of a ``WandbLogger`` (other loggers keep no process-wide run)."""
-    if type(logger).__name__ == "WandbLogger":
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=exit_code)
-
-
-def _wandb_offline(logger: Any) -> bool:
-    # the run itself knows best (its mode came from wandb_run_options); else the user's WANDB_MODE
-    offline = getattr(getattr(logger, "experiment", None), "offline", None)
-    if offline is None:
-        return os.environ.get("WANDB_MODE") in ("offline", "dryrun")
-    return bool(offline)
-
-
 def data_skips(datamodule: Any) -> dict[str, int]:
     """What the data skipped over the run, by cause, summed over ranks (every rank calls it)."""
     counts = getattr(datamodule, "skip_counts", None)
@@ -397,7 +335,7 @@ def summarize(
         if wandb and run_dir and Path(run_dir).name == "files":
             run_dir = str(Path(run_dir).parent)  # wandb's run.dir is <run>/files; `wandb sync` takes <run>
         lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
-        if wandb and _wandb_offline(logger):
+        if wandb and wandb_offline(logger):
             lines.append(f"                   (offline; upload later with `wandb sync {run_dir}`)")
     lines.append("=" * 60)
     return "\n".join(lines)

@@ -275,6 +275,7 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
         "num_train": res["num_train"],
         "num_skipped": res["num_skipped"],
         "C": res["C"],
+        "trivial_top_k": res["trivial_top_k"],
         "c_sweep": {str(k): v for k, v in res["c_sweep"].items()},
         "model": model_label,
         "per_class_accuracy": [nan_to_none(a) for a in res["per_class_accuracy"]],

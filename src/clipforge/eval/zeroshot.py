@@ -11,6 +11,7 @@ the confusion matrix (from which every reported metric follows) is summed over r
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +25,8 @@ from clipforge.distributed import all_gather_cat, all_reduce_sum, world_info
 from clipforge.eval.distributed import shard_range
 from clipforge.eval.metadata import Template, fill_template
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
+
+log = logging.getLogger(__name__)
 
 IGNORE_LABEL = -1
 """Label of a sample whose image could not be read: it is skipped and counted, never scored."""
@@ -107,7 +110,8 @@ def evaluate_zero_shot(
 
     Returns ``top1``/``top5`` (and any other ``top{k}``) as fractions, ``per_class_accuracy`` (list,
     NaN for a class without samples), ``confusion`` (``(C, C)`` int64, rows = true class),
-    ``num_samples`` and ``num_skipped`` (samples labelled ``IGNORE_LABEL``). With torch.distributed
+    ``num_samples``, ``num_skipped`` (samples labelled ``IGNORE_LABEL``) and ``trivial_top_k`` (the ks
+    of at least C, whose top-k holds every class: 1.0 by construction, with a warning that says so). With torch.distributed
     initialised, ``dataloader`` must hold this rank's share and every rank must call; all get the totals.
     """
     dev = resolve_device(device, model)
@@ -184,6 +188,15 @@ def classification_metrics(
     out["confusion"] = confusion
     out["num_samples"] = n
     out["num_skipped"] = int(counts[-1])
+    # top-5 of 3 classes holds every class: it is 1.0 whatever the model does (scikit-learn's
+    # top_k_accuracy_score gives 1.0 too, with a warning); say so rather than report it as a measurement
+    out["trivial_top_k"] = [k for k in ks if k >= len(support)]
+    if out["trivial_top_k"] and n:
+        log.warning(
+            "top-%s of %d classes holds every class: 100%% by construction, not a measurement",
+            "/".join(map(str, out["trivial_top_k"])),
+            len(support),
+        )
     return out
 
 

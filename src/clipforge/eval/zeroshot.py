@@ -111,8 +111,9 @@ def evaluate_zero_shot(
     Returns ``top1``/``top5`` (and any other ``top{k}``) as fractions, ``per_class_accuracy`` (list,
     NaN for a class without samples), ``confusion`` (``(C, C)`` int64, rows = true class),
     ``num_samples``, ``num_skipped`` (samples labelled ``IGNORE_LABEL``) and ``trivial_top_k`` (the ks
-    of at least C, whose top-k holds every class: 1.0 by construction, with a warning that says so). With torch.distributed
-    initialised, ``dataloader`` must hold this rank's share and every rank must call; all get the totals.
+    of at least C, whose top-k holds every class: 1.0 by construction, with a warning that says so).
+    With torch.distributed initialised, ``dataloader`` must hold this rank's share and every rank must
+    call; all get the totals.
     """
     dev = resolve_device(device, model)
     classifier = classifier.to(dev, torch.float32)

@@ -40,6 +40,19 @@ def test_classifier_independent_of_batch_size_and_template_kind(handset_model, t
     torch.testing.assert_close(w1, w3, atol=1e-6, rtol=0)
 
 
+def test_class_names_cut_to_the_same_prompt_are_an_error(handset_model, tokenizer, caplog):
+    """Names longer than the text context (16 tokens here, 77 in CLIP) are cut: two that differ only past
+    the cut got identical weights, and every image of the second was scored as the first, silently."""
+    long = "a very long and detailed description of a small domestic animal that is called a "
+    with pytest.raises(ValueError, match="become the same prompts once cut"):
+        build_zero_shot_classifier(handset_model, tokenizer, [long + "cat", long + "dog", "bird"], ["{}"])
+    # cut but still different: scored, with a warning naming them
+    w = build_zero_shot_classifier(handset_model, tokenizer, ["cat " + long, "dog " + long, "bird"], ["{}"])
+    assert w.shape == (4, 3) and "prompts of 2 class(es) fill the text context" in caplog.text
+    # the same name twice (ImageNet's two "missile" classes) is no error, cut or not
+    build_zero_shot_classifier(handset_model, tokenizer, ["cat " + long, "cat " + long, "bird"], ["{}"])
+
+
 def test_exact_accuracy_and_confusion(handset_model, tokenizer):
     w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}", "a photo of a {}."])
     res = evaluate_zero_shot(handset_model, w, _loader(), top_k=(1, 2, 5))

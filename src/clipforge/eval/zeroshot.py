@@ -57,11 +57,36 @@ def build_zero_shot_classifier(
     dev = resolve_device(device, model)
     rank, world = world_info(enabled=distributed)
     my_classes = shard_range(len(classnames), rank, world)
-    local = _embed_classes(
+    local, prompt_ids = _embed_classes(
         model, tokenizer, [classnames[i] for i in my_classes], templates, dev, batch_size, progress, precision
-    )  # (C_local, D)
+    )  # (C_local, D), (C_local, 2)
+    _check_cut_prompts(classnames, all_gather_cat(prompt_ids, enabled=distributed).tolist())
     weights = all_gather_cat(local, enabled=distributed)  # (C, D)
     return weights.T.contiguous()
+
+
+def _check_cut_prompts(classnames: Sequence[str], prompt_ids: list[list[int]]) -> None:
+    """``prompt_ids[c]`` = [hash of class c's prompt tokens, whether one of them fills the text context].
+    Prompts that fill the context are cut there (CLIP's 77 tokens, fewer in small models): a warning
+    names those classes, and two classes whose cut prompts are the same tokens are an error, since their
+    weights would be identical and every image of one would be scored as the other (the first of them)."""
+    cut = [c for c, (_, filled) in zip(classnames, prompt_ids) if filled]
+    if not cut:
+        return
+    log.warning(
+        "prompts of %d class(es) fill the text context and are cut there: %s%s",
+        len(cut),
+        ", ".join(repr(c[:60]) for c in cut[:3]),
+        ", ..." if len(cut) > 3 else "",
+    )
+    first: dict[int, str] = {}
+    for name, (sig, filled) in zip(classnames, prompt_ids):
+        other = first.setdefault(sig, name)
+        if filled and other != name:
+            raise ValueError(
+                f"class names {other!r} and {name!r} become the same prompts once cut to the text context: "
+                "the classifier could not tell them apart. Shorten the names so they differ early on"
+            )
 
 
 def _embed_classes(
@@ -73,25 +98,32 @@ def _embed_classes(
     batch_size: int,
     show_progress: bool,
     precision: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     num_t = len(templates)
     # Flatten (class, template) pairs so every forward is a full batch, however few templates there are.
     prompts = [fill_template(t, c) for c in classnames for t in templates]
     owner = torch.arange(len(classnames), device=device).repeat_interleave(num_t)  # (C*T,)
     sums: torch.Tensor | None = None
+    # per class: a hash of its prompts' tokens, and whether one fills the context (was cut there)
+    ids = [[0, 0] for _ in classnames]
     starts = range(0, len(prompts), batch_size)
     with eval_mode(model):
         for s in progress_bar(starts, show_progress, "class embeddings"):
-            tokens = tokenizer(prompts[s : s + batch_size]).to(device)
+            tokens = tokenizer(prompts[s : s + batch_size])
+            for j, row in enumerate(tokens.tolist(), start=s):
+                c = ids[j // num_t]
+                c[0], c[1] = hash((c[0], *row)), c[1] or int(row[-1] != 0)
+            tokens = tokens.to(device)
             with autocast(device, precision):
                 emb = model.encode_text(tokens, normalize=False)
             emb = F.normalize(emb.float(), dim=-1)  # (b, D)
             if sums is None:
                 sums = emb.new_zeros(len(classnames), emb.shape[-1])
             sums.index_add_(0, owner[s : s + batch_size], emb)
+    prompt_ids = torch.tensor(ids, dtype=torch.long, device=device).view(-1, 2)
     if sums is None:  # this rank owns no class (more ranks than classes); the gather fixes the width
-        return torch.zeros(0, 1, device=device)
-    return F.normalize(sums / num_t, dim=-1)  # (C, D)
+        return torch.zeros(0, 1, device=device), prompt_ids
+    return F.normalize(sums / num_t, dim=-1), prompt_ids  # (C, D), (C, 2)
 
 
 def evaluate_zero_shot(

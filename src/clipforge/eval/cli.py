@@ -54,8 +54,13 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
         from clipforge.checkpoint import load_model
 
         use_ema = bool(cfg.get("use_ema"))
-        model, _ = load_model(cfg.checkpoint, use_ema=use_ema)
-        return model, f"checkpoint {cfg.checkpoint}" + (" (EMA weights)" if use_ema else "")
+        model, stored = load_model(cfg.checkpoint, use_ema=use_ema)
+        # a checkpoint trained with ema=default holds two models: the results say which one was scored
+        which = " (EMA weights)" if use_ema else ""
+        if not use_ema and stored.get("ema"):
+            which = " (training weights; it also holds EMA weights, which use_ema=true scores)"
+            log.info("checkpoint %s holds EMA weights too: scoring the training weights", cfg.checkpoint)
+        return model, f"checkpoint {cfg.checkpoint}{which}"
     if cfg.get("open_clip_checkpoint"):
         try:
             from clipforge.models.convert import load_open_clip_checkpoint

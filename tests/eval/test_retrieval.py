@@ -51,6 +51,17 @@ def test_identical_captions_count_as_one():
     assert plain["i2t_r1"] == pytest.approx(2 / 3)  # without merging, image 1 "misses" its caption
 
 
+def test_a_wrong_caption_carried_by_several_images_costs_one_rank():
+    """Captions A, A, B, B: image 0 scores B above A. Among the distinct captions A is 2nd (a hit at
+    R@2), but B's two copies were each counted as a wrong candidate above it, ranking A 3rd."""
+    tokens = torch.tensor([[5, 0], [5, 0], [7, 0], [7, 0]])
+    texts = _unit([[1, 0], [1, 0], [0, 1], [0, 1]])
+    images = _unit([[0.6, 0.8], [1, 0], [0, 1], [0, 1]])
+    m = retrieval_metrics(images, texts, tokens, ks=(1, 2))
+    assert m["i2t_r1"] == pytest.approx(3 / 4) and m["i2t_r2"] == 1.0
+    assert m["t2i_r1"] == 1.0  # text->image: images are distinct candidates, unchanged
+
+
 def test_evaluate_retrieval_end_to_end(handset_model, tokenizer):
     captions = ["cat", "dog", "bird", "a photo of a cat"]
     tokens = tokenizer(captions)

@@ -40,6 +40,19 @@ def test_classifier_independent_of_batch_size_and_template_kind(handset_model, t
     torch.testing.assert_close(w1, w3, atol=1e-6, rtol=0)
 
 
+def test_class_names_cut_to_the_same_prompt_are_an_error(handset_model, tokenizer, caplog):
+    """Names longer than the text context (16 tokens here, 77 in CLIP) are cut: two that differ only past
+    the cut got identical weights, and every image of the second was scored as the first, silently."""
+    long = "a very long and detailed description of a small domestic animal that is called a "
+    with pytest.raises(ValueError, match="become the same prompts once cut"):
+        build_zero_shot_classifier(handset_model, tokenizer, [long + "cat", long + "dog", "bird"], ["{}"])
+    # cut but still different: scored, with a warning naming them
+    w = build_zero_shot_classifier(handset_model, tokenizer, ["cat " + long, "dog " + long, "bird"], ["{}"])
+    assert w.shape == (4, 3) and "prompts of 2 class(es) fill the text context" in caplog.text
+    # the same name twice (ImageNet's two "missile" classes) is no error, cut or not
+    build_zero_shot_classifier(handset_model, tokenizer, ["cat " + long, "cat " + long, "bird"], ["{}"])
+
+
 def test_exact_accuracy_and_confusion(handset_model, tokenizer):
     w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}", "a photo of a {}."])
     res = evaluate_zero_shot(handset_model, w, _loader(), top_k=(1, 2, 5))
@@ -47,9 +60,24 @@ def test_exact_accuracy_and_confusion(handset_model, tokenizer):
     assert res["top1"] == pytest.approx(4 / 6)
     assert res["top2"] == pytest.approx(5 / 6)  # the misread cat has cat 2nd, the misread bird has bird 3rd
     assert res["top5"] == 1.0  # k is capped at the 3 classes
+    assert res["trivial_top_k"] == [5]  # ... and the result says so
     assert res["confusion"].tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert res["per_class_accuracy"] == [0.5, 1.0, 0.5]
     assert res["mean_per_class_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_top_k_of_every_class_is_flagged_not_passed_off_as_a_measurement(handset_model, tokenizer, caplog):
+    """top-5 of 3 classes is 100% whatever the model does: the result names it and a warning says so."""
+    w = build_zero_shot_classifier(handset_model, tokenizer, CLASSNAMES, ["{}"])
+    res = evaluate_zero_shot(handset_model, w, _loader(), top_k=(1, 2, 3, 5))
+    assert res["trivial_top_k"] == [3, 5] and res["top3"] == res["top5"] == 1.0
+    assert "top-3/5 of 3 classes holds every class" in caplog.text
+    from clipforge.eval.report import format_summary
+
+    summary = {"model": "m", "num_samples": 6, "num_classes": 3, "num_templates": 1, "num_skipped": 0}
+    summary |= {"top1": 0.5, "top5": 1.0, "mean_per_class_accuracy": 0.5, "per_class_accuracy": {}}
+    assert "top-5 100.00% (every one of 3 classes)" in format_summary(summary | {"trivial_top_k": [5]})
+    assert "every one" not in format_summary(summary | {"trivial_top_k": []})
 
 
 def test_batches_with_sample_keys_score_the_same(handset_model, tokenizer):

@@ -235,6 +235,68 @@ def test_clipforge_checkpoint_on_synthetic_heldout(tmp_path):
     assert res["confusion"] == ref["confusion"].tolist()
 
 
+def test_synthetic_heldout_is_drawn_at_the_checkpoints_training_size(tmp_path, monkeypatch, caplog):
+    """A checkpoint trained on 48 px synthetic images was scored on images drawn at a fixed 32 px and
+    upsampled: render_size=null now draws them at the size the checkpoint's training data had."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_zeroshot("model=tiny", "model.vision.img_size=48")
+    model = instantiate(cfg.model)
+    stored = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {"source": {"image_size": 48}},
+    }
+    ckpt = {
+        "clipforge_config": stored,
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    sizes = []
+    draw = synthetic.make_sample
+    monkeypatch.setattr(
+        synthetic,
+        "make_sample",
+        lambda i, split, size, seed: sizes.append(size) or draw(i, split, size, seed),
+    )
+    run = (
+        f"checkpoint={tmp_path / 'm.ckpt'}",
+        "eval.dataset.num_samples=4",
+        "num_workers=0",
+        "progress=false",
+    )
+    res = run_zeroshot(compose_zeroshot(*run, f"output_dir={tmp_path / 'a'}", "save_confusion=false"))
+    assert set(sizes) == {48} and res["dataset"]["render_size"] == 48  # the size used, not the node's null
+    sizes.clear()
+    run_zeroshot(compose_zeroshot(*run, f"output_dir={tmp_path / 'b'}", "eval.dataset.render_size=32"))
+    assert set(sizes) == {32}  # a size given is kept, and the disagreement named
+    assert "render_size=32, but checkpoint" in caplog.text and "drawn at 48 px" in caplog.text
+
+
+def test_the_label_says_which_weights_of_an_ema_checkpoint_are_scored(tmp_path):
+    """A checkpoint trained with ema=default holds two models; scored without use_ema, the results named
+    only the file, so one could not tell which of them the numbers belong to."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_zeroshot("model=tiny")
+    state = instantiate(cfg.model).state_dict()
+    stored = {"model": OmegaConf.to_container(cfg.model, resolve=True), "ema": {"decay": 0.99}}
+    weights = {f"model.{k}": v for k, v in state.items()} | {
+        f"ema.shadow.model.{k}": v for k, v in state.items()
+    }
+    torch.save({"clipforge_config": stored, "state_dict": weights}, tmp_path / "m.ckpt")
+    _, label = cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'm.ckpt'}"))
+    assert label.endswith("(training weights; it also holds EMA weights, which use_ema=true scores)")
+    _, label = cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'm.ckpt'}", "use_ema=true"))
+    assert label.endswith("(EMA weights)")
+    del stored["ema"]
+    torch.save({"clipforge_config": stored, "state_dict": weights}, tmp_path / "plain.ckpt")
+    assert cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'plain.ckpt'}"))[1].endswith(
+        "plain.ckpt"
+    )
+
+
 def test_retrieval_task_on_synthetic_captions(tmp_path, color_model):
     cfg = compose_zeroshot(
         "task=retrieval",

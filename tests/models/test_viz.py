@@ -137,6 +137,17 @@ def test_save_pictures_writes_small_non_blank_pngs(image_file: Path, tmp_path: P
     assert model.training  # the pictures ran in eval mode and put the mode back
 
 
+def test_cli_names_an_unreadable_image(image_file: Path, tmp_path: Path) -> None:
+    """A truncated JPEG stopped clipforge-visualize with PIL's bare "image file is truncated", naming no file."""
+    broken = tmp_path / "broken.jpg"
+    Image.open(image_file).save(broken, quality=95)
+    broken.write_bytes(broken.read_bytes()[:-300])
+    with pytest.raises(
+        ValueError, match=r"cannot read image .*broken\.jpg: OSError: image file is truncated"
+    ):
+        main(["--image", str(broken), "--out", str(tmp_path / "out")])
+
+
 def test_cli_with_fresh_model_checkpoint_and_open_clip_export(image_file: Path, tmp_path: Path) -> None:
     fresh = main(["--image", str(image_file), "--model", "tiny", "--out", str(tmp_path / "fresh")])
     assert all(p.is_file() for p in fresh.values())

@@ -54,8 +54,13 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
         from clipforge.checkpoint import load_model
 
         use_ema = bool(cfg.get("use_ema"))
-        model, _ = load_model(cfg.checkpoint, use_ema=use_ema)
-        return model, f"checkpoint {cfg.checkpoint}" + (" (EMA weights)" if use_ema else "")
+        model, stored = load_model(cfg.checkpoint, use_ema=use_ema)
+        # a checkpoint trained with ema=default holds two models: the results say which one was scored
+        which = " (EMA weights)" if use_ema else ""
+        if not use_ema and stored.get("ema"):
+            which = " (training weights; it also holds EMA weights, which use_ema=true scores)"
+            log.info("checkpoint %s holds EMA weights too: scoring the training weights", cfg.checkpoint)
+        return model, f"checkpoint {cfg.checkpoint}{which}"
     if cfg.get("open_clip_checkpoint"):
         try:
             from clipforge.models.convert import load_open_clip_checkpoint
@@ -81,6 +86,41 @@ def model_image_size(model: nn.Module) -> int:
     if not size:
         raise ValueError("cannot tell the model's input size; set image_size=")
     return int(size)
+
+
+def render_size(cfg: DictConfig, image_size: int) -> int | None:
+    """The size the synthetic held-out set is drawn at when ``eval.dataset.render_size`` is null: that of the
+    checkpoint's training data (its stored ``data.source.image_size``), else the model's input size. A size
+    given that differs from the checkpoint's training data is kept, with a warning naming both. ``None``
+    (keep the node's value) for other data sets and for a size given."""
+    node = cfg.eval.dataset
+    if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
+        return None
+    trained = None
+    if cfg.get("checkpoint"):
+        from clipforge.checkpoint import checkpoint_config
+
+        source = ((checkpoint_config(cfg.checkpoint) or {}).get("data") or {}).get("source") or {}
+        trained = source.get("image_size")
+    given = node.get("render_size")
+    if given is None:
+        return int(trained or image_size)
+    if trained is not None and int(given) != int(trained):
+        log.warning(
+            "eval.dataset.render_size=%s, but checkpoint %s was trained on synthetic images drawn at %s px: "
+            "the held-out images are drawn at another scale than training's (render_size=null draws at %s)",
+            given,
+            cfg.checkpoint,
+            trained,
+            trained,
+        )
+    return None
+
+
+def _record_render_size(results: dict[str, Any], dataset: Any) -> None:
+    """The size the synthetic set was drawn at, in the results' dataset record (its node may say null)."""
+    if isinstance(getattr(dataset, "render_size", None), int):
+        results["dataset"]["render_size"] = dataset.render_size
 
 
 def _build_dataset(node: DictConfig, **available: Any) -> Any:
@@ -164,7 +204,12 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     names_given = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
     dataset = None
     if not cfg.get("image") or names_given is None:
-        dataset = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names_given)
+        dataset = _build_dataset(
+            cfg.eval.dataset,
+            transform=transform,
+            classnames=names_given,
+            render_size=render_size(cfg, image_size),
+        )
     classnames, templates = resolve_task(cfg, dataset)
     classifier = build_zero_shot_classifier(
         model,
@@ -192,6 +237,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     if res["num_samples"] == 0:
         raise ValueError(f"no readable images were evaluated ({res['num_skipped']} skipped)")
     results = results_dict(res, classnames, templates, model_label, cfg)
+    _record_render_size(results, dataset)
     if rank == 0:
         write_outputs(cfg, results, res)
         print(format_summary(results), flush=True)
@@ -211,6 +257,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         context_length=tokenizer.context_length,
         batch_size=cfg.batch_size,
         num_workers=cfg.get("num_workers", 0),
+        render_size=render_size(cfg, image_size),
     )
     if getattr(dataset, "target", None) not in ("caption", "text"):
         raise ValueError(
@@ -227,6 +274,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         max_samples=rc.get("max_samples"),
     )
     results = {**res, "model": model_label, "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True)}
+    _record_render_size(results, dataset)
     if world_info()[0] == 0:
         write_json(cfg, results, "retrieval.json")
         recalls = "  ".join(f"{k} {100 * v:.2f}%" for k, v in res.items() if "_r" in k)
@@ -245,9 +293,10 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
     pc = cfg.get("linear_probe") or {}
     transform = eval_transform(image_size)
     names = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
-    test_set = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names)
+    size = render_size(cfg, image_size)
+    test_set = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names, render_size=size)
     train_node = _train_split_node(cfg.eval.dataset, pc.get("train_dataset"))
-    train_set = _build_dataset(train_node, transform=transform, classnames=names)
+    train_set = _build_dataset(train_node, transform=transform, classnames=names, render_size=size)
     train_classes, test_classes = (getattr(d, "folder_names", None) for d in (train_set, test_set))
     if train_classes is not None and test_classes is not None and train_classes != test_classes:
         # label i must be the same class in both splits, or the probe scores the wrong classes
@@ -275,6 +324,7 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
         "num_train": res["num_train"],
         "num_skipped": res["num_skipped"],
         "C": res["C"],
+        "trivial_top_k": res["trivial_top_k"],
         "c_sweep": {str(k): v for k, v in res["c_sweep"].items()},
         "model": model_label,
         "per_class_accuracy": [nan_to_none(a) for a in res["per_class_accuracy"]],

@@ -58,6 +58,7 @@ def results_dict(
         "num_skipped": res["num_skipped"],
         "num_classes": len(classnames),
         "num_templates": len(templates),
+        "trivial_top_k": res.get("trivial_top_k", []),
         "model": model_label,
         "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True),
         "per_class_accuracy": {
@@ -80,13 +81,20 @@ def write_outputs(cfg: DictConfig, results: dict[str, Any], res: dict[str, Any])
         results["confusion_png"] = str(save_figure(fig, out_dir / "confusion.png"))
 
 
+def _trivial(results: dict[str, Any], k: int) -> str:
+    """A note after a top-``k`` accuracy that holds every class (fewer than ``k`` classes)."""
+    return (
+        f" (every one of {results['num_classes']} classes)" if k in results.get("trivial_top_k", ()) else ""
+    )
+
+
 def format_summary(results: dict[str, Any], worst: int = 5) -> str:
     """The lines printed after a zero-shot run: sizes, accuracies, the ``worst`` classes, the results file."""
     lines = [
         f"zero-shot: {results['model']}",
         f"  {results['num_samples']} images, {results['num_classes']} classes, {results['num_templates']} templates"
         + (f", {results['num_skipped']} unreadable images skipped" if results["num_skipped"] else ""),
-        f"  top-1 {100 * results['top1']:.2f}%   top-5 {100 * results['top5']:.2f}%   "
+        f"  top-1 {100 * results['top1']:.2f}%   top-5 {100 * results['top5']:.2f}%{_trivial(results, 5)}   "
         f"mean per-class {100 * (results['mean_per_class_accuracy'] or 0):.2f}%   "
         f"(chance {100 / results['num_classes']:.2f}%)",
     ]

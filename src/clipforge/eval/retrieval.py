@@ -103,7 +103,12 @@ def retrieval_metrics(
     """
     n = image_features.shape[0]
     ids = caption_ids(tokens) if tokens is not None else torch.arange(n, device=image_features.device)
-    i2t = recall_at_k(image_features, text_features, ids, ids, ks)
+    # an image's candidates are the distinct captions, each once: a wrong caption that several images
+    # carry counted once per copy, so one wrong caption above the right one cost several ranks
+    m = int(ids.max()) + 1 if n else 0
+    first = torch.full((m,), n, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, ids, torch.arange(n, device=ids.device), reduce="amin")
+    i2t = recall_at_k(image_features, text_features[first], ids, torch.arange(m, device=ids.device), ks)
     t2i = recall_at_k(text_features, image_features, ids, ids, ks)
     out: dict[str, Any] = {f"i2t_r{k}": v for k, v in i2t.items()}
     out |= {f"t2i_r{k}": v for k, v in t2i.items()}

@@ -11,6 +11,7 @@ the confusion matrix (from which every reported metric follows) is summed over r
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +25,8 @@ from clipforge.distributed import all_gather_cat, all_reduce_sum, world_info
 from clipforge.eval.distributed import shard_range
 from clipforge.eval.metadata import Template, fill_template
 from clipforge.eval.runtime import autocast, eval_mode, progress_bar, resolve_device
+
+log = logging.getLogger(__name__)
 
 IGNORE_LABEL = -1
 """Label of a sample whose image could not be read: it is skipped and counted, never scored."""
@@ -54,11 +57,36 @@ def build_zero_shot_classifier(
     dev = resolve_device(device, model)
     rank, world = world_info(enabled=distributed)
     my_classes = shard_range(len(classnames), rank, world)
-    local = _embed_classes(
+    local, prompt_ids = _embed_classes(
         model, tokenizer, [classnames[i] for i in my_classes], templates, dev, batch_size, progress, precision
-    )  # (C_local, D)
+    )  # (C_local, D), (C_local, 2)
+    _check_cut_prompts(classnames, all_gather_cat(prompt_ids, enabled=distributed).tolist())
     weights = all_gather_cat(local, enabled=distributed)  # (C, D)
     return weights.T.contiguous()
+
+
+def _check_cut_prompts(classnames: Sequence[str], prompt_ids: list[list[int]]) -> None:
+    """``prompt_ids[c]`` = [hash of class c's prompt tokens, whether one of them fills the text context].
+    Prompts that fill the context are cut there (CLIP's 77 tokens, fewer in small models): a warning
+    names those classes, and two classes whose cut prompts are the same tokens are an error, since their
+    weights would be identical and every image of one would be scored as the other (the first of them)."""
+    cut = [c for c, (_, filled) in zip(classnames, prompt_ids) if filled]
+    if not cut:
+        return
+    log.warning(
+        "prompts of %d class(es) fill the text context and are cut there: %s%s",
+        len(cut),
+        ", ".join(repr(c[:60]) for c in cut[:3]),
+        ", ..." if len(cut) > 3 else "",
+    )
+    first: dict[int, str] = {}
+    for name, (sig, filled) in zip(classnames, prompt_ids):
+        other = first.setdefault(sig, name)
+        if filled and other != name:
+            raise ValueError(
+                f"class names {other!r} and {name!r} become the same prompts once cut to the text context: "
+                "the classifier could not tell them apart. Shorten the names so they differ early on"
+            )
 
 
 def _embed_classes(
@@ -70,25 +98,32 @@ def _embed_classes(
     batch_size: int,
     show_progress: bool,
     precision: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     num_t = len(templates)
     # Flatten (class, template) pairs so every forward is a full batch, however few templates there are.
     prompts = [fill_template(t, c) for c in classnames for t in templates]
     owner = torch.arange(len(classnames), device=device).repeat_interleave(num_t)  # (C*T,)
     sums: torch.Tensor | None = None
+    # per class: a hash of its prompts' tokens, and whether one fills the context (was cut there)
+    ids = [[0, 0] for _ in classnames]
     starts = range(0, len(prompts), batch_size)
     with eval_mode(model):
         for s in progress_bar(starts, show_progress, "class embeddings"):
-            tokens = tokenizer(prompts[s : s + batch_size]).to(device)
+            tokens = tokenizer(prompts[s : s + batch_size])
+            for j, row in enumerate(tokens.tolist(), start=s):
+                c = ids[j // num_t]
+                c[0], c[1] = hash((c[0], *row)), c[1] or int(row[-1] != 0)
+            tokens = tokens.to(device)
             with autocast(device, precision):
                 emb = model.encode_text(tokens, normalize=False)
             emb = F.normalize(emb.float(), dim=-1)  # (b, D)
             if sums is None:
                 sums = emb.new_zeros(len(classnames), emb.shape[-1])
             sums.index_add_(0, owner[s : s + batch_size], emb)
+    prompt_ids = torch.tensor(ids, dtype=torch.long, device=device).view(-1, 2)
     if sums is None:  # this rank owns no class (more ranks than classes); the gather fixes the width
-        return torch.zeros(0, 1, device=device)
-    return F.normalize(sums / num_t, dim=-1)  # (C, D)
+        return torch.zeros(0, 1, device=device), prompt_ids
+    return F.normalize(sums / num_t, dim=-1), prompt_ids  # (C, D), (C, 2)
 
 
 def evaluate_zero_shot(
@@ -107,8 +142,10 @@ def evaluate_zero_shot(
 
     Returns ``top1``/``top5`` (and any other ``top{k}``) as fractions, ``per_class_accuracy`` (list,
     NaN for a class without samples), ``confusion`` (``(C, C)`` int64, rows = true class),
-    ``num_samples`` and ``num_skipped`` (samples labelled ``IGNORE_LABEL``). With torch.distributed
-    initialised, ``dataloader`` must hold this rank's share and every rank must call; all get the totals.
+    ``num_samples``, ``num_skipped`` (samples labelled ``IGNORE_LABEL``) and ``trivial_top_k`` (the ks
+    of at least C, whose top-k holds every class: 1.0 by construction, with a warning that says so).
+    With torch.distributed initialised, ``dataloader`` must hold this rank's share and every rank must
+    call; all get the totals.
     """
     dev = resolve_device(device, model)
     classifier = classifier.to(dev, torch.float32)
@@ -184,6 +221,15 @@ def classification_metrics(
     out["confusion"] = confusion
     out["num_samples"] = n
     out["num_skipped"] = int(counts[-1])
+    # top-5 of 3 classes holds every class: it is 1.0 whatever the model does (scikit-learn's
+    # top_k_accuracy_score gives 1.0 too, with a warning); say so rather than report it as a measurement
+    out["trivial_top_k"] = [k for k in ks if k >= len(support)]
+    if out["trivial_top_k"] and n:
+        log.warning(
+            "top-%s of %d classes holds every class: 100%% by construction, not a measurement",
+            "/".join(map(str, out["trivial_top_k"])),
+            len(support),
+        )
     return out
 
 

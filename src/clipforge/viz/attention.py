@@ -48,10 +48,11 @@ def model_input(image: ImageLike, img_size: int) -> torch.Tensor:
             raise ValueError(f"expected {img_size}x{img_size} input, got {tuple(x.shape[-2:])}")
         return x
     from clipforge.data.transforms import to_rgb
-    from clipforge.eval.datasets import eval_transform, load_image
+    from clipforge.eval.datasets import eval_transform, load_images
 
-    pil = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-    return eval_transform(img_size)(pil).unsqueeze(0)
+    if not isinstance(image, Image.Image):  # a path: an unreadable file is an error naming it
+        return load_images(str(image), eval_transform(img_size))
+    return eval_transform(img_size)(to_rgb(image)).unsqueeze(0)
 
 
 def denormalize(x: torch.Tensor) -> np.ndarray:

@@ -19,7 +19,13 @@ def instantiate_logger(cfg: DictConfig | None) -> Any:
         return False
     if cfg._target_.endswith("WandbLogger"):
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        return instantiate(cfg, **wandb_run_options(cfg), _convert_="all")
+        logger = instantiate(cfg, **wandb_run_options(cfg), _convert_="all")
+        # Lightning passes anonymous=None to every wandb.init, and wandb warns about the key whatever its
+        # value ("has no effect"), before the silent setting applies: the no-op key goes, the warning with it.
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        return logger
     return instantiate(cfg)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,12 @@ def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tmp_
     ]  # fmt: skip
     path = os.pathsep.join([str(Path(__file__).parent / "fault"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # Ctrl+C as a terminal delivers it: pytest started in the background (as CI may) ignores SIGINT, and
+    # an ignored disposition passes to children, where the callback rightly keeps ignoring it.
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "clipforge run summary" not in proc.stdout
     preempt = sorted((run_dir / "checkpoints").glob("preempt-*.ckpt"))

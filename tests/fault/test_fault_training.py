@@ -268,7 +268,19 @@ def test_a_failed_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cf
     assert Path(objs["logger"].experiment.dir).is_relative_to(tmp_path / "next")
 
 
-def test_a_preempted_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run_cfg, tmp_path: Path) -> None:
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """Ctrl+C as an interactive shell delivers it (KeyboardInterrupt). A process started in the background
+    (``nohup``, ``cmd &`` in a script: how CI may start pytest) has SIGINT ignored, and the preemption
+    callback rightly leaves an ignored Ctrl+C ignored; these tests are about the terminal case."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_preempted_run_closes_its_wandb_run_so_the_next_one_starts_its_own(
+    run_cfg, tmp_path: Path, ctrl_c_as_in_a_terminal
+) -> None:
     # A preemption leaves by SystemExit (status 0), not an Exception: the W&B run must still be closed.
     import wandb
 
@@ -284,7 +296,7 @@ def test_a_preempted_run_closes_its_wandb_run_so_the_next_one_starts_its_own(run
 
 
 def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes_there(
-    run_cfg, tmp_path: Path, capfd: pytest.CaptureFixture
+    run_cfg, tmp_path: Path, capfd: pytest.CaptureFixture, ctrl_c_as_in_a_terminal
 ) -> None:
     # One Ctrl+C at the start of step 5: the step finishes, preempt-step5 is saved, the run leaves as on
     # SIGTERM (SystemExit, status 0) and this process gets its own Ctrl+C handling back.
@@ -307,7 +319,9 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes_there(
     assert objs["trainer"].global_step == 10
 
 
-def test_a_second_ctrl_c_aborts_at_once_without_saving(run_cfg, tmp_path: Path) -> None:
+def test_a_second_ctrl_c_aborts_at_once_without_saving(
+    run_cfg, tmp_path: Path, ctrl_c_as_in_a_terminal
+) -> None:
     def interrupted_twice() -> None:
         try:
             train(run_cfg(tmp_path, *fault("sigint", 4, count=2)))

@@ -137,3 +137,31 @@ def test_16_bit_greyscale_png_keeps_its_high_byte(train):
     ours = transform(buf.getvalue(), np.random.default_rng(0))
     expected = transform(Image.fromarray(grey8).convert("RGB"), np.random.default_rng(0))
     assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize(
+    ("values", "mode", "expected"),
+    [
+        (np.linspace(0, 65535, 64).astype(np.int32), "I", (np.linspace(0, 65535, 64).astype(np.int32) >> 8)),
+        (np.arange(64, dtype=np.int32) * 4, "I", np.arange(64) * 4),
+        (
+            np.linspace(0, 1, 64).astype(np.float32),
+            "F",
+            np.rint(np.linspace(0, 1, 64).astype(np.float32) * 255.0),
+        ),
+        (np.linspace(-3, 5, 64).astype(np.float32), "F", np.rint(np.linspace(0, 255, 64))),
+        (np.linspace(-1000, 70000, 64).astype(np.int32), "I", np.rint(np.linspace(0, 255, 64))),
+    ],
+    ids=["int32-16-bit-range", "int32-8-bit-range", "float-unit", "float-hdr", "int32-wide"],
+)
+def test_32_bit_greyscale_tiffs_keep_their_picture(tmp_path, values, mode, expected) -> None:
+    # PIL's convert("RGB") clips mode I and F at 0 and 255: a 32-bit integer ramp came out almost all white
+    # and a float one in [0, 1] almost all black
+    img = Image.fromarray(np.tile(values, (8, 1)))
+    assert img.mode == mode
+    img.save(tmp_path / "grey.tif")
+    from clipforge.eval.datasets import load_image
+
+    out = np.asarray(load_image(tmp_path / "grey.tif"))
+    assert out.shape == (8, 64, 3) and (out[..., 0] == out[..., 2]).all()
+    assert np.abs(out[0, :, 1].astype(int) - np.asarray(expected).astype(int)).max() <= 1

@@ -132,7 +132,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode.startswith("I;16"):
         img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    elif img.mode in ("I", "F"):  # 32-bit integer or float greyscale (TIFF): convert() clips at 0 and 255
+        img = Image.fromarray(_grey_to_uint8(np.asarray(img), img.mode == "F"))
     return img.convert("RGB")
+
+
+def _grey_to_uint8(a: np.ndarray, is_float: bool) -> np.ndarray:
+    """32-bit greyscale to 8 bits by the range its values say: floats in [0, 1] scaled by 255, integers in
+    [0, 255] kept and in [0, 65535] (16-bit data in a 32-bit container) their high byte; any other range
+    (HDR, signed, scientific data) stretched from its minimum to its maximum. NaN and inf become 0."""
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if is_float and lo >= 0.0 and hi <= 1.0:
+        a = a * 255.0
+    elif not is_float and lo >= 0 and hi <= 255:
+        pass
+    elif not is_float and lo >= 0 and hi <= 65535:
+        a = np.floor(a / 256.0)
+    elif hi > lo:
+        a = (a - lo) * (255.0 / (hi - lo))
+    else:
+        a = np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
-from clipforge.callbacks.preemption import signal_handlers_kept
+from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers_kept
 from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
     build_model,
@@ -200,13 +200,29 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
-    if cfg.get("final_eval", True):
+    if cfg.get("final_eval", True) and not stop_requested(callbacks, trainer):
         metrics.update(final_zero_shot(module.model, datamodule, trainer))
     summary = summarize(metrics, trainer, logger, data_skips(datamodule))
     finish_logger(logger, metrics, trainer.global_step)
     if trainer.is_global_zero:
         print(summary, flush=True)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
+
+
+def stop_requested(callbacks: list[Any], trainer: L.Trainer) -> bool:
+    """Whether a stop signal (a first Ctrl+C, SIGTERM) reached any rank after the last step, during the last
+    validation, when no step was left to save and stop at: training is complete and saved, so the final
+    evaluation, which can take minutes, is skipped. Every rank calls it (a collective), so all agree."""
+    got = next(
+        (cb.received for cb in callbacks if isinstance(cb, PreemptionCheckpoint) and cb.received), None
+    )
+    if not trainer.strategy.reduce_boolean_decision(got is not None, all=False):
+        return False
+    log.warning(
+        "%s received during the last validation: the run is complete and saved; final evaluation skipped",
+        got.name if got is not None else "a stop signal (on another rank)",
+    )
+    return True
 
 
 def _model_mismatch(key: str, path: str | Path, changed: list[str], error: Exception) -> ValueError:

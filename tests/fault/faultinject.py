@@ -17,7 +17,8 @@ optimizer steps already completed):
   (needs :class:`~clipforge.fault.AtomicCheckpointIO`).
 - ``sigterm`` / ``sigusr1``: send the signal to ourselves at the start of step ``at_step + 1``.
 - ``sigint``: Ctrl+C, ``count`` times in a row, at the start of step ``at_step + 1``.
-- ``sigterm_validation``: send SIGTERM during the validation that follows step ``at_step``.
+- ``sigterm_validation`` / ``sigint_validation``: send SIGTERM / Ctrl+C during the validation that follows
+  step ``at_step``.
 - ``nan_batch``: fill the images of the batches of steps ``at_step + 1 .. at_step + count`` with NaN.
 """
 
@@ -41,6 +42,7 @@ ACTIONS = (
     "sigusr1",
     "sigint",
     "sigterm_validation",
+    "sigint_validation",
     "nan_batch",
 )
 
@@ -93,8 +95,11 @@ class FaultInjector(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.action == "sigterm_validation" and trainer.global_step == self.at_step and batch_idx == 0:
-            _kill_self(signal.SIGTERM)
+        if trainer.global_step == self.at_step and batch_idx == 0:
+            if self.action == "sigterm_validation":
+                _kill_self(signal.SIGTERM)
+            elif self.action == "sigint_validation":
+                _kill_self(signal.SIGINT)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer

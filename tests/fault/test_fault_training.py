@@ -319,6 +319,20 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes_there(
     assert objs["trainer"].global_step == 10
 
 
+def test_ctrl_c_in_the_last_validation_skips_the_final_evaluation(
+    run_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture, ctrl_c_as_in_a_terminal
+) -> None:
+    # Ctrl+C while the run validates after its last step: no step is left to stop at, so the run ends
+    # complete and saved, and the final evaluation (minutes on a real held-out set) is not started.
+    cfg = run_cfg(tmp_path, "trainer.max_steps=8", "final_eval=true", *fault("sigint_validation", 8))
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        metrics, objs = train(cfg)
+    assert objs["trainer"].global_step == 8
+    assert "SIGINT received during the last validation" in caplog.text
+    assert not any(k.startswith("final/") for k in metrics)
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+
 def test_a_second_ctrl_c_aborts_at_once_without_saving(
     run_cfg, tmp_path: Path, ctrl_c_as_in_a_terminal
 ) -> None:

@@ -131,10 +131,11 @@ def decode_sample(
     data = raw.members[ext]
     try:
         with Image.open(io.BytesIO(data)) as img:  # parses the header only
-            size = upright_size(img)
+            orientation = exif_orientation(img)  # read once: the size, the route and the decode use it
+            size = upright_size(img, orientation)
             box = transform.box(*size, draws)
-            gpu = defer and img.format == "JPEG" and exif_orientation(img) == 1
-            image = Encoded(data, box) if gpu else transform.apply(img, data, box)
+            gpu = defer and img.format == "JPEG" and orientation == 1
+            image = Encoded(data, box) if gpu else transform.apply(img, data, box, orientation)
     except IMAGE_ERRORS:
         monitor.sample_failed("corrupt_image", raw.url, raw.key)
         return None

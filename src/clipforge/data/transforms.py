@@ -110,24 +110,30 @@ def exif_orientation(img: Image.Image) -> int:
     return int(value) if value in _ORIENTATIONS else 1
 
 
-def upright_size(img: Image.Image) -> tuple[int, int]:
+# The functions below take the ``orientation`` a caller already read (:func:`exif_orientation`), so a decode
+# parses the EXIF block once, not once per step; ``None`` reads it here.
+
+
+def upright_size(img: Image.Image, orientation: int | None = None) -> tuple[int, int]:
     """``(width, height)`` of ``img`` once its EXIF orientation is applied (:func:`to_rgb`); only the
     header is needed for a JPEG, so crop boxes can be drawn before decoding."""
     width, height = img.size
-    return (height, width) if exif_orientation(img) in _QUARTER_TURNS else (width, height)
+    orientation = exif_orientation(img) if orientation is None else orientation
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
-def upright(img: Image.Image) -> Image.Image:
+def upright(img: Image.Image, orientation: int | None = None) -> Image.Image:
     """``img`` with its EXIF orientation applied and the tag removed (``img`` itself when it has none)."""
-    return ImageOps.exif_transpose(img) if exif_orientation(img) != 1 else img
+    orientation = exif_orientation(img) if orientation is None else orientation
+    return ImageOps.exif_transpose(img) if orientation != 1 else img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, orientation: int | None = None) -> Image.Image:
     """``img`` upright (:func:`upright`) as 8-bit RGB: the one place training, evaluation and the shard
     writer turn an opened image into pixels. PIL's ``convert("RGB")`` clips 16-bit greyscale (mode ``I;16``: 16-bit PNG
     and TIFF) at 255, which turns almost every such image white; its high byte is kept instead, which is
     what PIL itself does for 16-bit colour."""
-    img = upright(img)
+    img = upright(img, orientation)
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16"):
@@ -194,7 +200,7 @@ class ImageTransform:
         return center_crop_box(width, height, self.image_size)
 
     def _load(
-        self, img: Image.Image, data: bytes | None, box: Box, size: tuple[int, int]
+        self, img: Image.Image, data: bytes | None, box: Box, size: tuple[int, int], orientation: int
     ) -> tuple[torch.Tensor, float, float]:
         """Decode upright to uint8 ``(3, H', W')``; returns it and the scale from source pixels (upright
         ``size``, the frame of ``box``) to decoded pixels."""
@@ -202,12 +208,12 @@ class ImageTransform:
             reduce = min(box[2] - box[0], box[3] - box[1]) / self.image_size / 2.0
             if self.draft and reduce >= 2:  # the same factor on both sides: the stored frame will do
                 img.draft("RGB", (math.ceil(img.size[0] / reduce), math.ceil(img.size[1] / reduce)))
-            elif data is not None and exif_orientation(img) == 1:
+            elif data is not None and orientation == 1:
                 # an oriented JPEG goes through to_rgb: torchvision's own EXIF reader disagrees with PIL's
                 # on some tags (a big-endian LONG, a rational), and the box is in PIL's upright frame
                 buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 return decode_jpeg(buf, mode=ImageReadMode.RGB), 1.0, 1.0
-        rgb = to_rgb(img)
+        rgb = to_rgb(img, orientation)
         x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, H', W') view of the (H', W', 3) pixels
         return x, rgb.size[0] / size[0], rgb.size[1] / size[1]
 
@@ -215,15 +221,21 @@ class ImageTransform:
         self, data: bytes | Image.Image, rng: np.random.Generator | np.ndarray | None = None
     ) -> torch.Tensor:
         if isinstance(data, Image.Image):
-            return self.apply(data, None, self.box(*upright_size(data), rng))
+            orientation = exif_orientation(data)
+            return self.apply(data, None, self.box(*upright_size(data, orientation), rng), orientation)
         with Image.open(io.BytesIO(data)) as img:  # parses the header only
-            return self.apply(img, data, self.box(*upright_size(img), rng))
+            orientation = exif_orientation(img)
+            return self.apply(img, data, self.box(*upright_size(img, orientation), rng), orientation)
 
-    def apply(self, img: Image.Image, data: bytes | None, box: Box) -> torch.Tensor:
+    def apply(
+        self, img: Image.Image, data: bytes | None, box: Box, orientation: int | None = None
+    ) -> torch.Tensor:
         """The transform with its crop ``box`` already drawn (:meth:`box`): ``img`` as opened (only its
-        header parsed) and its encoded ``data`` if any; ``box`` is in the upright frame (:func:`upright_size`)."""
-        width, height = upright_size(img)  # before _load: a JPEG draft changes img.size
-        x, sx, sy = self._load(img, data, box, (width, height))
+        header parsed) and its encoded ``data`` if any; ``box`` is in the upright frame (:func:`upright_size`),
+        ``orientation`` the image's :func:`exif_orientation` when the caller has read it."""
+        orientation = exif_orientation(img) if orientation is None else orientation
+        width, height = upright_size(img, orientation)  # before _load: a JPEG draft changes img.size
+        x, sx, sy = self._load(img, data, box, (width, height), orientation)
         s = self.image_size
         if self.train:  # crop, then resize the crop (torchvision's resized_crop)
             left, top, right, bottom = (

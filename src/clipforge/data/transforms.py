@@ -172,7 +172,8 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 class ImageTransform:
     """Encoded image bytes (or a PIL image) -> uint8 ``(3, size, size)``: random resized crop (train)
-    or resize + centre crop (eval). ``rng`` (a generator, or ``CROP_DRAWS`` uniforms) drives the crop."""
+    or resize + centre crop (eval). ``rng`` (a generator, or ``CROP_DRAWS`` uniforms) drives the crop.
+    ``draft``: decode a large JPEG at reduced scale in the DCT domain; ``None``: in training only."""
 
     def __init__(
         self,
@@ -181,7 +182,7 @@ class ImageTransform:
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         interpolation: str = "bicubic",
-        draft: bool = True,
+        draft: bool | None = None,
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
@@ -190,7 +191,7 @@ class ImageTransform:
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
         self.interpolation = interpolation
-        self.draft = draft
+        self.draft = train if draft is None else draft
 
     def box(self, width: int, height: int, rng: np.random.Generator | np.ndarray | None) -> Box:
         if self.train:

@@ -93,3 +93,25 @@ def test_init_sweep_trains_each_scheme_and_reuses_finished_runs(tmp_path: Path) 
     lr = init_sweep([*argv[:5], "openclip", *argv[7:], "--override", "optimizer.lr=0.01"])
     assert [(r["scheme"], r["override"]) for r in lr] == [("openclip", ["optimizer.lr=0.01"])]
     assert lr[0]["final_loss"] != rows[1]["final_loss"]
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        (
+            "learning",
+            ["--jobs", "-1"],
+        ),  # ThreadPoolExecutor's "max_workers must be greater than 0", after data prep
+        ("learning", ["--num-train", "0"]),
+        ("init", ["--last", "0"]),  # rows[-0:] averaged every logged loss instead of the last ones
+        ("init", ["--heldout", "-5"]),  # bool(-5) asked for a final zero-shot of -5 images
+        ("init", ["--image-size", "0"]),
+    ],
+)
+def test_benchmark_counts_out_of_range_fail_at_parse_time(command, argv, tmp_path: Path, capsys) -> None:
+    from clipforge.bench import init_sweep, learning
+
+    parse = learning.parse_args if command == "learning" else init_sweep.main
+    with pytest.raises(SystemExit):
+        parse(["--out", str(tmp_path / "out"), *argv])
+    assert "expected" in capsys.readouterr().err and not (tmp_path / "out").exists()

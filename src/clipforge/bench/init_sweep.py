@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipforge.bench.args import add_child_args, add_run_args
+from clipforge.bench.args import add_child_args, add_run_args, non_negative_int, positive_int
 from clipforge.bench.learning_trainers import run_logged
 
 DEFAULT_SCHEMES = {
@@ -69,24 +69,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=["vit_b32", "vit_b16", "siglip_b16"])
     p.add_argument("--schemes", nargs="+", default=None, help="default: the candidates for each model")
     p.add_argument("--loss", default=None, help="default: siglip for siglip_b16, clip otherwise")
-    p.add_argument("--last", type=int, default=10, help="losses of this many last steps are averaged")
+    p.add_argument(
+        "--last", type=positive_int, default=10, help="losses of this many last steps are averaged"
+    )
     p.add_argument(
         "--heldout",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="zero-shot classify this many held-out images (unseen attribute tuples) after training; 0: "
         "score by the training loss only",
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="default: the model's own; every scheme scales by width and depth only, so a smaller image "
         "(fewer patches) measures the same choice for less compute",
     )
     p.add_argument(
         "--context-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="default: the model's own; the synthetic captions fit in 20 tokens, so a shorter text context "
         "measures the same choice for less compute",

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipforge.bench.args import add_run_args
+from clipforge.bench.args import add_run_args, non_negative_int, positive_int
 from clipforge.bench.learning_data import Data, prepare_digits, prepare_folder, prepare_synthetic
 from clipforge.bench.learning_trainers import (
     Recipe,
@@ -204,10 +204,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="conf/model config, exported to open_clip as is")
     p.add_argument("--weight-decay", type=float, default=0.2)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=1, help="data loader workers per run")
+    p.add_argument("--workers", type=non_negative_int, default=1, help="data loader workers per run")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="runs at a time, CPU threads split between them; 0: as many as CPU cores (at most the number "
         "of runs)",
@@ -228,9 +228,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "handwritten digits, 1,397 to train, 400 held out (real images, shipped with the package)",
     )
     syn = p.add_argument_group("synthetic data (default)")
-    syn.add_argument("--num-train", type=int, default=19_200)
-    syn.add_argument("--num-heldout", type=int, default=1_000)
-    syn.add_argument("--image-size", type=int, default=32)
+    syn.add_argument("--num-train", type=positive_int, default=19_200)
+    syn.add_argument("--num-heldout", type=positive_int, default=1_000)
+    syn.add_argument("--image-size", type=positive_int, default=32)
     own = p.add_argument_group("your own data instead")
     own.add_argument("--images", type=Path, help="folder the caption file's names are relative to")
     own.add_argument("--captions", type=Path, help="CSV/TSV/JSONL/JSON: file name -> caption")

@@ -223,3 +223,19 @@ def test_bad_settings_are_named_before_anything_runs(bench: str, argv: list[str]
         main([bench, *argv, "--device", "cpu"] if bench in ("step", "profile", "loss") else [bench, *argv])
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["²", "2.5", "x", "", "0", "-3"])
+def test_count_arguments_are_checked_as_config_settings_are(text: str) -> None:
+    """The benchmarks' counts are checked by check_at_least, the check of config settings: "²" passed
+    str.isdigit and then failed int() with a bare ValueError instead of the argument's message."""
+    import argparse
+
+    from clipforge.bench.args import non_negative_int, positive_int
+
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"expected a positive integer, got '{text}'"):
+        positive_int(text)
+    if text != "0":
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"expected an integer >= 0, got '{text}'"):
+            non_negative_int(text)
+    assert positive_int("12") == 12 and non_negative_int("0") == 0

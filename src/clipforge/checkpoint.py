@@ -17,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -59,21 +59,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     consolidated in memory (:func:`consolidate_checkpoint`); the folder ``clipforge-convert import`` writes
     stands for the checkpoint in it (:data:`IMPORTED_CHECKPOINT`)."""
     from clipforge.fault.atomic_io import safe_torch_load
+
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "sharded":
+        return consolidate_checkpoint(path)
+    return safe_torch_load(_checkpoint_file(path, kind))
+
+
+CheckpointKind = Literal["sharded", "imported", "file", "folder", "missing"]
+
+
+def checkpoint_kind(path: str | Path) -> CheckpointKind:
+    """What ``path`` is, decided here for every reader of checkpoints: a sharded (DCP) checkpoint directory,
+    a ``clipforge-convert import`` folder (holding :data:`IMPORTED_CHECKPOINT`), a file, a folder that is
+    neither, or nothing."""
     from clipforge.fault.sharded import is_sharded_checkpoint
 
     path = Path(path)
     if is_sharded_checkpoint(path):
-        return consolidate_checkpoint(path)
+        return "sharded"
     if path.is_dir():
-        if (path / IMPORTED_CHECKPOINT).is_file():
-            return safe_torch_load(path / IMPORTED_CHECKPOINT)
+        return "imported" if (path / IMPORTED_CHECKPOINT).is_file() else "folder"
+    return "file" if path.is_file() else "missing"
+
+
+def _checkpoint_file(path: Path, kind: CheckpointKind) -> Path:
+    """The one file that holds the (not sharded) checkpoint at ``path`` of ``kind``; a folder that holds
+    none is a ``FileNotFoundError`` saying what it lacks (a missing path is named by the loader)."""
+    if kind == "imported":
+        return path / IMPORTED_CHECKPOINT
+    if kind == "folder":
         is_open_clip = (path / "open_clip_config.json").is_file()
         hint = " (it is an open_clip folder: load it with open_clip_checkpoint=)" if is_open_clip else ""
         raise FileNotFoundError(
             f"{path} is a folder, not a checkpoint: neither a sharded checkpoint (no .metadata or meta.pt) nor "
             f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file{hint}"
         )
-    return safe_torch_load(path)
+    return path
 
 
 # The layout of a clipforge checkpoint, written by training (Lightning), `clipforge-convert import` and
@@ -115,24 +138,20 @@ def model_state_dict(
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is something :func:`load_checkpoint` reads: a file, a sharded checkpoint directory or
     a ``clipforge-convert import`` folder."""
-    from clipforge.fault.sharded import is_sharded_checkpoint
-
-    path = Path(path)
-    return path.is_file() or is_sharded_checkpoint(path) or (path / IMPORTED_CHECKPOINT).is_file()
+    return checkpoint_kind(path) in ("sharded", "imported", "file")
 
 
 def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
     """The resolved config stored in a clipforge checkpoint (a file, a sharded folder or an import folder),
     read without loading its tensors into memory; ``None`` when it stores none."""
     from clipforge.fault.atomic_io import safe_torch_load
-    from clipforge.fault.sharded import is_sharded_checkpoint, verify_sharded_checkpoint
+    from clipforge.fault.sharded import verify_sharded_checkpoint
 
     path = Path(path)
-    if is_sharded_checkpoint(path):
+    kind = checkpoint_kind(path)
+    if kind == "sharded":
         return verify_sharded_checkpoint(path)["meta"].get(CONFIG_KEY)
-    if path.is_dir():
-        path = path / IMPORTED_CHECKPOINT
-    return safe_torch_load(path, mmap=True).get(CONFIG_KEY)
+    return safe_torch_load(_checkpoint_file(path, kind), mmap=True).get(CONFIG_KEY)
 
 
 def config_differences(stored: Any, current: Any, prefix: str) -> list[str]:
@@ -308,16 +327,16 @@ def consolidate_checkpoint(src: str | Path) -> dict[str, Any]:
 def save_consolidated(src: str | Path, dst: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write :func:`consolidate_checkpoint` of ``src`` to the file ``dst`` (atomically); returns it."""
     from clipforge.fault.atomic_io import atomic_torch_save
-    from clipforge.fault.sharded import is_sharded_checkpoint
 
     src, dst = Path(src), Path(dst)
-    if not is_sharded_checkpoint(src):
-        if src.is_file():
+    kind = checkpoint_kind(src)
+    if kind != "sharded":
+        if kind == "file":
             what = "it is a file (already one checkpoint)"
-        elif src.is_dir():
-            what = "a directory without DCP's .metadata or meta.pt (not written by trainer/strategy=fsdp2)"
-        else:
+        elif kind == "missing":
             what = "no such directory"
+        else:
+            what = "a directory without DCP's .metadata or meta.pt (not written by trainer/strategy=fsdp2)"
         raise ValueError(f"{src} is not a sharded checkpoint directory: {what}")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")

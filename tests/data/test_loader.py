@@ -9,7 +9,7 @@ import pytest
 import torch
 from datahelpers import add, data_module, pattern, sample_ids, tiny_jpeg, write_sizes
 
-from clipforge.data.config import Augment, Stream
+from clipforge.data.config import Augment, Stream, ZeroShotSet
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import FailurePolicy
@@ -145,14 +145,35 @@ def test_labels_as_cls_files_or_class_names_for_zero_shot(tmp_path, caplog):
     batches = epoch(ds)
     ids = sample_ids([k for b in batches for k in b[2]])
     assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in ids] and len(ids) == 6
-    # names that are not among the class names are missing labels; a whole set of them stops the pass, and
-    # the log says why (it said only "skipped KEY: missing_label")
-    with (
-        caplog.at_level(logging.WARNING),
-        pytest.raises(DataError, match=r"3 of 6 samples .*missing_label: 3"),
-    ):
+    # a name that is not among the class names stops the pass at the first such sample, naming it: the
+    # class names do not fit the shards (it was a missing label, skipped, its class left out of the score)
+    with pytest.raises(ValueError, match=r"00000\.tar/000000000: label 'cat' is not among the 3 class names"):
         epoch(make(str(tmp_path / "00000.tar"), train=False, target=["ant", "bee", "cow"], failures=STRICT))
-    assert "(class name 'cat' is not among the class names): missing_label" in caplog.text
+
+
+def zero_shot_shard(path, labels: list) -> str:
+    with tarfile.open(path, "w") as tar:
+        for n, label in enumerate(labels):
+            add(tar, f"{n:09d}.jpg", tiny_jpeg(n))
+            add(tar, f"{n:09d}.json", json.dumps({"label": label}).encode())
+    return str(path)
+
+
+def test_zero_shot_class_names_match_as_in_clipforge_zeroshot(tmp_path):
+    """data.zeroshot reads labels that are class names by the rule clipforge-zeroshot and its class folders
+    use (case, underscores, spaces): "Golden_Retriever" is "golden retriever" (it was a missing label)."""
+    train = write_sizes(tmp_path / "train", [4])
+    zs = zero_shot_shard(tmp_path / "zs.tar", ["Golden_Retriever", "APPLE", "golden retriever", "Apple"])
+    names = ["apple", "golden retriever"]
+    dm = data_module(train[0], 4, zeroshot=ZeroShotSet(urls=zs, classnames=names, templates="simple"))
+    assert torch.cat([b[1] for b in dm.zeroshot_dataloader()]).tolist() == [1, 0, 1, 0]
+    # a name of no class stops the pass naming the sample and the closest classes
+    bad = zero_shot_shard(tmp_path / "bad.tar", ["apple", "golden retreiver"])
+    dm = data_module(train[0], 4, zeroshot=ZeroShotSet(urls=bad, classnames=names, templates="simple"))
+    with pytest.raises(
+        ValueError, match=r"bad\.tar/000000001: .*'golden retreiver'.*closest: 'golden retriever'"
+    ):
+        list(dm.zeroshot_dataloader())
 
 
 def test_pipe_urls_read_like_files(shards, tmp_path):

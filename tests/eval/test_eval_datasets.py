@@ -197,8 +197,50 @@ def test_labelled_wds_cls_json_and_names(tmp_path, caplog):
 def test_labelled_wds_unknown_class_name(tmp_path):
     s = write_labelled_shard(tmp_path / "a.tar", [(_png((255, 0, 0)), {"label": "zebra"})])
     ds = labelled_wds_dataset(s, eval_transform(8), classnames=["cat", "dog"])
-    with pytest.raises(ValueError, match="'zebra' is not among the class names"):
+    with pytest.raises(ValueError, match=r"sample 000000: .*'zebra' is not among the 2 class names"):
         next(iter(ds))
+
+
+def test_labelled_wds_class_names_match_as_the_class_folders_do(tmp_path):
+    """A json label is matched to the class names as a class folder is (case, underscores, spaces): the
+    folder route took "Golden_Retriever" for "golden retriever", the shard route stopped on it."""
+    labels = ["Golden_Retriever", "APPLE", " golden  retriever", "apple"]
+    s = write_labelled_shard(tmp_path / "a.tar", [(_png((9, 9, 9)), {"label": n}) for n in labels])
+    ds = labelled_wds_dataset(s, eval_transform(8), classnames=["apple", "golden retriever"])
+    assert [label for _, label in ds] == [1, 0, 1, 0]
+
+
+def test_labelled_wds_unknown_class_name_names_the_closest_classes(tmp_path):
+    samples = [
+        (_png((9, 9, 9)), {"label": "golden retriever"}),
+        (_png((9, 9, 9)), {"label": "Golden Retreiver"}),
+    ]
+    s = write_labelled_shard(tmp_path / "a.tar", samples)
+    ds = labelled_wds_dataset(
+        s, eval_transform(8), classnames=["apple", "golden retriever", "labrador retriever"]
+    )
+    with pytest.raises(ValueError, match=r"sample 000001: .*'Golden Retreiver'.*closest: 'golden retriever'"):
+        list(ds)
+
+
+def test_labelled_wds_classes_that_differ_only_by_case_stay_distinct(tmp_path):
+    """Two classes whose names differ only by case are two classes: each exact name finds its own, and a
+    name that matches both only loosely is an error naming both (never the one or the other)."""
+    s = write_labelled_shard(
+        tmp_path / "a.tar", [(_png((9, 9, 9)), {"label": n}) for n in ["apple", "Apple"]]
+    )
+    assert [
+        label for _, label in labelled_wds_dataset(s, eval_transform(8), classnames=["Apple", "apple"])
+    ] == [1, 0]
+    s = write_labelled_shard(tmp_path / "b.tar", [(_png((9, 9, 9)), {"label": "APPLE"})])
+    with pytest.raises(
+        ValueError, match=r"sample 000000: .*'APPLE' matches 2 classes: 'Apple' \(0\), 'apple' \(1\)"
+    ):
+        list(labelled_wds_dataset(s, eval_transform(8), classnames=["Apple", "apple"]))
+    # a name given twice is two classes too: its label names both rather than silently taking the last
+    s = write_labelled_shard(tmp_path / "c.tar", [(_png((9, 9, 9)), {"label": "crane"})])
+    with pytest.raises(ValueError, match=r"'crane' matches 2 classes: 'crane' \(0\), 'crane' \(2\)"):
+        list(labelled_wds_dataset(s, eval_transform(8), classnames=["crane", "kite", "crane"]))
 
 
 def test_labelled_wds_names_missing_shards_and_fails_on_none(tmp_path, caplog):

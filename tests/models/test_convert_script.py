@@ -16,7 +16,7 @@ from modelhelpers import tokens
 from omegaconf import OmegaConf
 from PIL import Image
 
-from clipforge.checkpoint import load_model
+from clipforge.checkpoint import checkpoint_config, is_checkpoint, load_model
 from clipforge.convert_cli import main
 from clipforge.models.convert import check_parity, model_config
 from clipforge.viz.cli import build_fresh
@@ -53,8 +53,13 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
 
 
 def test_a_folder_that_holds_no_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    """By every reader of checkpoints: the stored config was read from "<folder>/model.ckpt", whose
+    "checkpoint not found" named a file nobody had given."""
     with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint"):
         load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint"):
+        checkpoint_config(tmp_path)
+    assert not is_checkpoint(tmp_path) and not is_checkpoint(tmp_path / "none.ckpt")
 
 
 def test_the_console_scripts_that_write_files_exit_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

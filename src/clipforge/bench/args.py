@@ -6,17 +6,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.data.config import check_at_least
+
+
+def _int_at_least(low: int, text: str, expected: str) -> int:
+    """``text`` as an integer checked as config settings are (:func:`check_at_least`), or an argparse
+    error saying what was ``expected``."""
+    try:
+        value = int(text)
+        check_at_least(low, "argument", value=value)
+    except ValueError:  # not an integer ("2.5", "²"), or below low
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    return value
+
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    return _int_at_least(1, text, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _int_at_least(0, text, "an integer >= 0")
 
 
 def add_run_args(

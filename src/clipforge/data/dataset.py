@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipforge.data import plan
 from clipforge.data.batch import Collate, Refill, batches, open_batches
 from clipforge.data.config import Augment, Stream
-from clipforge.data.decode import Sample, Target, decode
+from clipforge.data.decode import ClassIndex, Sample, Target, decode
 from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables, table_totals, worst_shards
 from clipforge.data.read import read_segments, read_shards
 from clipforge.data.regions import CollateRegions, locate
@@ -106,7 +106,7 @@ class ShardDataset(IterableDataset):
             interpolation=self.augment.interpolation,
         )
         # class names: labels that are names count by their index, integer labels as they are
-        self.target: Target = target if isinstance(target, str) else {n: i for i, n in enumerate(target)}
+        self.target: Target = target if isinstance(target, str) else ClassIndex(target)
         self.context_length = context_length
         self.failures = failures or FailurePolicy()
         # Training JPEGs go to the main process encoded (gpu_decode); evaluation batches stay tensors.

@@ -12,9 +12,11 @@ A sample that cannot be used is counted by cause (``missing_image``, ``missing_c
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,17 +65,64 @@ def _caption(raw: RawSample) -> str:
     return text
 
 
-# What a sample's target is: "text" (its caption), "label" (an integer class label) or a class index
-# {class name: label} for labels that may also be class names.
-Target = str | Mapping[str, int]
+def class_key(name: str) -> str:
+    """What two class names must share to name the same class: the one rule for class folders
+    (:func:`clipforge.eval.metadata.align_classnames`) and labels that are names (:class:`ClassIndex`).
+    A folder "pickup_truck" and a name "Pickup truck" are the same class, and so are a folder "café"
+    named on macOS (decomposed, NFD) and "café" typed in a names file (composed, NFC)."""
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).casefold()
 
 
-def read_label(
-    members: Mapping[str, bytes], class_index: Mapping[str, int] | None, label_key: str = "label"
-) -> int:
+class ClassNameError(ValueError):
+    """A label that is a class name matches no class, or several: the class names do not fit the data,
+    so this stops the pass instead of skipping the sample (which would leave its class out of the score)."""
+
+
+class ClassIndex(dict[str, int]):
+    """``{class name: label}`` of ``classnames`` (label ``i`` is ``classnames[i]``; a name given twice is
+    left out, being two classes), and :meth:`label`, the lookup of a label that is a name."""
+
+    def __init__(self, classnames: Sequence[str]) -> None:
+        self.names = [str(c) for c in classnames]
+        self.by_key: dict[str, list[int]] = {}
+        exact: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            exact.setdefault(name, []).append(i)
+            self.by_key.setdefault(class_key(name), []).append(i)
+        super().__init__({name: ids[0] for name, ids in exact.items() if len(ids) == 1})
+
+    def label(self, name: str) -> int:
+        """The label of the class ``name`` names exactly, else of the one class it names by
+        :func:`class_key`; :class:`ClassNameError` when it names several (classes that differ only by
+        case or underscores stay distinct) or none (naming the closest class names)."""
+        if name in self:
+            return self[name]
+        ids = self.by_key.get(class_key(name), [])
+        if len(ids) == 1:
+            return ids[0]
+        if ids:
+            both = ", ".join(f"{self.names[i]!r} ({i})" for i in ids[:4])
+            raise ClassNameError(
+                f"label {name!r} matches {len(ids)} classes: {both}; write one of them exactly"
+            )
+        close = difflib.get_close_matches(class_key(name), list(self.by_key), n=3, cutoff=0.6)
+        hint = ", ".join(repr(self.names[self.by_key[k][0]]) for k in close) or "none"
+        raise ClassNameError(
+            f"label {name!r} is not among the {len(self.names)} class names (compared ignoring case, "
+            f"underscores and spaces; closest: {hint}): give the class names of these shards"
+        )
+
+
+# What a sample's target is: "text" (its caption), "label" (an integer class label) or a class index for
+# labels that may also be class names.
+Target = str | ClassIndex
+
+
+def read_label(members: Mapping[str, bytes], class_index: ClassIndex | None, label_key: str = "label") -> int:
     """The class index of one labelled sample, from its ``.cls`` member (an integer) or its json's
-    ``label_key``: an integer, or a class name looked up in ``class_index``. ``ValueError`` says what is
-    missing (the one reader of labels, for training-time zero-shot shards and ``clipforge-zeroshot``)."""
+    ``label_key``: an integer, or a class name looked up in ``class_index`` (:meth:`ClassIndex.label`).
+    ``ValueError`` says what is missing, :class:`ClassNameError` which name fits no class (the one reader
+    of labels, for training-time zero-shot shards and ``clipforge-zeroshot``)."""
     if "cls" in members:
         try:
             return int(members["cls"].decode().strip())
@@ -95,9 +144,7 @@ def read_label(
         raise ValueError(f"label {value!r} is neither a class index nor a class name")
     if class_index is None:
         raise ValueError(f"label {value!r} is a class name; pass classnames to map names to indices")
-    if value not in class_index:
-        raise ValueError(f"class name {value!r} is not among the class names")
-    return class_index[value]
+    return class_index.label(value)
 
 
 def decode_sample(
@@ -122,6 +169,8 @@ def decode_sample(
     else:
         try:
             label = read_label(raw.members, None if target == "label" else target)
+        except ClassNameError as e:  # the class names do not fit the shards: no sample is bad, the config is
+            raise ClassNameError(f"sample {raw.url}/{raw.key}: {e}") from None
         except ValueError as e:
             label, why = None, str(e)
     if label is None or label == "":

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from clipforge.data.decode import read_label
+from clipforge.data.decode import ClassIndex, read_label
 from clipforge.data.shards import IMAGE_EXTS
 from clipforge.data.sources import files_under
 from clipforge.data.transforms import to_rgb
@@ -187,7 +187,7 @@ def labelled_wds_dataset(
     rank, world = world_info(enabled=distributed)
     if world > len(urls):
         log.warning("%d shards for %d ranks: ranks beyond %d evaluate nothing", len(urls), world, len(urls))
-    class_index = {c: i for i, c in enumerate(classnames)} if classnames is not None else None
+    class_index = ClassIndex(classnames) if classnames is not None else None
     ds = wds.WebDataset(
         urls,
         shardshuffle=False,

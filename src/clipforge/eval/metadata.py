@@ -10,7 +10,6 @@ one entry per line; a template line holds ``{}`` (or ``{c}``) where the class na
 from __future__ import annotations
 
 import logging
-import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from open_clip.zero_shot_metadata import (
     OPENAI_IMAGENET_TEMPLATES,
     SIMPLE_IMAGENET_TEMPLATES,
 )
+
+from clipforge.data.decode import class_key
 
 Template = str | Callable[[str], str]
 
@@ -76,12 +77,6 @@ def load_classnames(spec: str | Path | Sequence[str]) -> list[str]:
     return names
 
 
-def _name_key(name: str) -> str:
-    # A folder "pickup_truck" and a name "Pickup truck" are the same class, and so are a folder "café"
-    # named on macOS (decomposed, NFD) and "café" typed in a names file (composed, NFC).
-    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).casefold()
-
-
 def align_classnames(label_names: Sequence[str], given: Sequence[str], where: str) -> list[str]:
     """The ``given`` class names in label order, for a data set whose labels carry ``label_names``
     (label ``i`` is ``label_names[i]``: the sorted class folders, the synthetic shapes, ...).
@@ -98,17 +93,17 @@ def align_classnames(label_names: Sequence[str], given: Sequence[str], where: st
             f"{len(given)} class names were given but {where} has {len(label_names)} classes; "
             "give one name per class"
         )
-    by_key = {_name_key(c): c for c in given}
-    label_keys = [_name_key(n) for n in label_names]
+    by_key = {class_key(c): c for c in given}
+    label_keys = [class_key(n) for n in label_names]
     if len(by_key) == len(given) and set(by_key) == set(label_keys):
         return [by_key[k] for k in label_keys]
     crossed = [
         f"{c!r} would name {label_names[i]!r}"
         for i, c in enumerate(given)
-        if _name_key(c) in label_keys and _name_key(c) != label_keys[i]
+        if class_key(c) in label_keys and class_key(c) != label_keys[i]
     ]
     if crossed:
-        strays = [c for c in given if _name_key(c) not in label_keys]
+        strays = [c for c in given if class_key(c) not in label_keys]
         unnamed = [n for n, k in zip(label_names, label_keys) if k not in by_key]
         more = ", ..." if len(crossed) > 4 else ""
         classes = ", ".join(map(repr, label_names[:8])) + (", ..." if len(label_names) > 8 else "")

@@ -106,3 +106,60 @@ def test_crlf_and_quoted_line_breaks_end_up_as_plain_line_breaks(tmp_path):
     assert shards_main(["folder", str(tmp_path / "img"), str(path), str(tmp_path / "out")]) == 0
     with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
         assert tar.extractfile("000000000.txt").read() == b"two\nlines, one comma"
+
+
+def _files_layout(root, samples: dict[str, dict[str, bytes]]) -> None:
+    (root / "00000").mkdir(parents=True)
+    for key, members in samples.items():
+        for ext, data in members.items():
+            (root / "00000" / f"{key}.{ext}").write_bytes(data)
+
+
+def test_a_txt_that_is_not_utf8_is_counted_not_read_with_replacement_characters(tmp_path, capsys, caplog):
+    """A Latin-1 "café" was kept as "caf\ufffd", by the shard writer and by the loader alike; a UTF-8
+    byte-order mark stayed in the caption the writer stored."""
+    from clipforge.data.decode import decode_sample
+    from clipforge.data.failures import FailureMonitor, new_tables
+    from clipforge.data.shards import RawSample
+    from clipforge.data.transforms import ImageTransform
+
+    latin1 = "caf\u00e9 au lait".encode("latin-1")
+    _files_layout(
+        tmp_path / "src",
+        {
+            "000000001": {"jpg": tiny_jpeg(0), "txt": latin1},
+            "000000002": {"JPG": tiny_jpeg(1), "txt": "\ufeffcaf\u00e9\r\n".encode()},
+        },
+    )
+    assert shards_main(["img2dataset", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert "skipped: missing_caption=1" in capsys.readouterr().out
+    assert any("000000001: its .txt is not UTF-8 text (byte 0xe9" in r.getMessage() for r in caplog.records)
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert tar.getnames() == ["000000002.jpg", "000000002.txt", "000000002.json"]
+        assert tar.extractfile("000000002.txt").read().decode() == "caf\u00e9"
+        assert json.loads(tar.extractfile("000000002.json").read())["caption"] == "caf\u00e9"
+
+    monitor = FailureMonitor(*new_tables(1, 1), 0, {"u": 0}, "test")
+    transform = ImageTransform(8, train=False)
+    assert (
+        decode_sample(RawSample("k", "u", {"jpg": tiny_jpeg(0), "txt": latin1}), transform, None, monitor)
+        is None
+    )
+    assert monitor.by_cause["missing_caption"] == 1
+    assert any("k (its .txt is not UTF-8" in r.getMessage() for r in caplog.records)
+    good = decode_sample(
+        RawSample("k", "u", {"jpg": tiny_jpeg(0), "txt": b"\xef\xbb\xbfa cat"}), transform, None, monitor
+    )
+    assert good is not None and good.target == "a cat"
+
+
+def test_macos_hidden_files_in_a_files_layout_are_no_samples(tmp_path, capsys):
+    """A folder copied from a Mac holds ``._NAME`` beside each file and a ``.DS_Store``: each was taken
+    for a sample of key ``00000/`` and counted ``missing_image``, with a warning about dots in keys."""
+    _files_layout(tmp_path / "src", {"000000001": {"jpg": tiny_jpeg(0), "txt": b"a cat"}})
+    (tmp_path / "src" / "00000" / "._000000001.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (tmp_path / "src" / "00000" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "src" / "._00001.tar").write_bytes(b"\x00\x05\x16\x07")
+    assert shards_main(["img2dataset", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "1 samples in 1 shards" in out and "skipped" not in out

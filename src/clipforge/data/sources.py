@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from clipforge.data import synthetic
-from clipforge.data.decode import IMAGE_ERRORS
+from clipforge.data.decode import IMAGE_ERRORS, read_caption
 from clipforge.data.shards import IMAGE_EXTS, ShardResult, dotted_key_hint, read_shard, split_name
 from clipforge.data.writer import Record
 
@@ -287,7 +287,8 @@ _I2D_SHARD_FILES = ("*_stats.json", "*.parquet", "*.feather")
 
 
 def _file_members(root: Path) -> Iterator[tuple[str, bytes]]:
-    for path in (p for p in files_under(root) if p.is_file()):
+    # hidden files are no samples: macOS leaves ._NAME (AppleDouble) beside each copied file and .DS_Store
+    for path in (p for p in files_under(root, hidden=False) if p.is_file()):
         if not any(path.match(pattern) for pattern in _I2D_SHARD_FILES):
             yield str(path.relative_to(root)), path.read_bytes()
 
@@ -296,7 +297,7 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
     """Records from img2dataset output: its tar shards if there are any, else its ``files`` layout."""
     root = Path(root)
     skipped = skipped if skipped is not None else Counter()
-    tars = [p for p in files_under(root) if p.suffix == ".tar"]
+    tars = [p for p in files_under(root, hidden=False) if p.suffix == ".tar"]
     streams = (_tar_samples(t, skipped) for t in tars) if tars else (_group(_file_members(root)),)
     for samples in streams:
         try:
@@ -309,18 +310,20 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
                     if hint:
                         log.warning("skipping %s: %s", key, hint)
                     continue
-                caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+                try:
+                    caption, why = read_caption(sample), "no caption"
+                except ValueError as e:
+                    caption, why = "", str(e)
+                if not caption:
+                    skipped["missing_caption"] += 1
+                    log.warning("skipping %s: %s", key, why)
+                    continue
                 try:
                     meta = json.loads(sample["json"]) if "json" in sample else {}
                 except ValueError:
                     log.warning("%s: its json does not parse; keeping the sample without it", key)
                     meta = {}
                 meta = meta if isinstance(meta, dict) else {}
-                caption = caption or str(meta.get("caption") or "").strip()
-                if not caption:
-                    skipped["missing_caption"] += 1
-                    log.warning("skipping %s: no caption", key)
-                    continue
                 if not readable_image(sample[image_ext]):
                     skipped["corrupt_image"] += 1
                     log.warning("skipping %s: not a readable image", key)

@@ -239,23 +239,30 @@ def _folder_records(
             log.warning("skipping %s: empty caption", path)
             continue
         image = path.read_bytes()
-        if not readable_image(image):
+        problem = image_problem(image)
+        if problem is not None:
             skipped["corrupt_image"] += 1
-            log.warning("skipping %s: not a readable image", path)
+            log.warning("skipping %s: %s", path, problem)
             continue
         meta = {"source_file": name}
         yield Record(key=f"{i:09d}", image=image, caption=caption.strip(), meta=meta)
 
 
-def readable_image(data: bytes) -> bool:
-    """Whether PIL recognises ``data`` as an image and its structure checks out (``verify``: no full
-    decode, so a truncated JPEG body still passes; training counts those as ``corrupt_image``)."""
+def image_problem(data: bytes) -> str | None:
+    """Why ``data`` is no usable image, or None: PIL must recognise it and its structure check out
+    (``verify``: no full decode, so a truncated JPEG body still passes; training counts those as
+    ``corrupt_image``). The reason names what PIL found: a picture over PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) opens in any viewer, so "not a readable image" alone would mislead."""
+    if not data:
+        return "an empty file (0 bytes)"
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
-    except IMAGE_ERRORS:
-        return False
-    return True
+    except Image.DecompressionBombError as e:
+        return f"{e} (PIL's Image.MAX_IMAGE_PIXELS; the loader skips such images too)"
+    except IMAGE_ERRORS as e:
+        return f"not a readable image ({type(e).__name__}: {e})"
+    return None
 
 
 def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -324,9 +331,10 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
                     log.warning("%s: its json does not parse; keeping the sample without it", key)
                     meta = {}
                 meta = meta if isinstance(meta, dict) else {}
-                if not readable_image(sample[image_ext]):
+                problem = image_problem(sample[image_ext])
+                if problem is not None:
                     skipped["corrupt_image"] += 1
-                    log.warning("skipping %s: not a readable image", key)
+                    log.warning("skipping %s: %s", key, problem)
                     continue
                 yield Record(key=key.rsplit("/", 1)[-1], image=sample[image_ext], caption=caption, meta=meta)
         except OSError as e:  # a file of the files layout that cannot be read

@@ -163,3 +163,15 @@ def test_macos_hidden_files_in_a_files_layout_are_no_samples(tmp_path, capsys):
     assert shards_main(["img2dataset", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "1 samples in 1 shards" in out and "skipped" not in out
+
+
+def test_a_file_name_twice_in_a_json_object_is_an_error_not_a_caption_dropped(tmp_path):
+    """json.loads keeps the last of two equal keys: {"a.jpg": "x", "a.jpg": "y"} lost "x" without a word."""
+    path = tmp_path / "caps.json"
+    path.write_text('{"a.jpg": "x", "b.jpg": "z", "a.jpg": "y"}')
+    with pytest.raises(ValueError, match=r"caps\.json: 'a\.jpg' is a key twice in one object; .* as a list"):
+        read_captions(path)
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"file": "a.jpg", "caption": "x"}\n{"file": "b.jpg", "caption": "y", "caption": "z"}\n')
+    with pytest.raises(ValueError, match=r"caps\.jsonl, line 2: 'caption' is a key twice"):
+        read_captions(path)

@@ -181,6 +181,25 @@ def _json_pairs(rows: list[tuple[str, object]], path: Path) -> list[tuple[str, s
     return pairs
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # json.loads would keep the last value of each and drop the others without a word
+        raise ValueError(
+            f"{twice[0]!r} is a key twice in one object; give an image several captions as a list"
+        )
+    return dict(pairs)
+
+
+def _load_json(text: str, where: str) -> object:
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    except ValueError as e:  # a key twice (_unique_keys)
+        raise ValueError(f"{where}: {e}") from None
+
+
 def read_captions(path: str | Path) -> list[tuple[str, str]]:
     """``(file name, caption)`` pairs, one per row, from a CSV/TSV (with a header, or two columns without),
     JSONL or JSON file (a list of rows, or an object file name -> caption). An image may have several
@@ -192,10 +211,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+        data = _load_json(text, str(path))
         if isinstance(data, dict):
             return [(str(k), t) for k, v in data.items() for t in _texts(v, f"{path}, {k!r}")]
         if not isinstance(data, list):
@@ -206,10 +222,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
         # lines end at "\n" only: str.splitlines also splits at U+2028 and others, which JSON strings hold raw
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
-                try:
-                    rows.append((f"line {n}", json.loads(line)))
-                except ValueError as e:
-                    raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
+                rows.append((f"line {n}", _load_json(line, f"{path}, line {n}")))
         return _json_pairs(rows, path)
     return _table_pairs(text, "\t" if suffix in (".tsv", ".tab") else ",", path)
 

@@ -175,3 +175,21 @@ def test_a_file_name_twice_in_a_json_object_is_an_error_not_a_caption_dropped(tm
     path.write_text('{"file": "a.jpg", "caption": "x"}\n{"file": "b.jpg", "caption": "y", "caption": "z"}\n')
     with pytest.raises(ValueError, match=r"caps\.jsonl, line 2: 'caption' is a key twice"):
         read_captions(path)
+
+
+def test_a_name_in_another_unicode_normalisation_finds_its_file(tmp_path, capsys):
+    """A folder from a Mac names "café.jpg" with a decomposed é (NFD), a spreadsheet writes it composed
+    (NFC): the image was counted missing while a file of the very same look was there."""
+    import unicodedata
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / unicodedata.normalize("NFD", "café.jpg")).write_bytes(tiny_jpeg(0))
+    (tmp_path / "img" / unicodedata.normalize("NFC", "crème.jpg")).write_bytes(tiny_jpeg(1))
+    rows = [("café.jpg", "NFC", "a cup"), ("crème.jpg", "NFD", "a dessert")]
+    (tmp_path / "caps.csv").write_text(
+        "file,caption\n" + "".join(f"{unicodedata.normalize(form, n)},{c}\n" for n, form, c in rows)
+    )
+    assert (
+        shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 0
+    )
+    assert "2 samples" in capsys.readouterr().out

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,13 +237,25 @@ def folder_records(
     return _folder_records(Path(image_dir), read_captions(captions), captions, skipped)
 
 
+def _listed_file(image_dir: Path, name: str) -> Path:
+    """``image_dir / name``, or the file whose name differs only in Unicode normalisation: macOS writes
+    "é" decomposed (NFD) in file names, spreadsheets composed (NFC); the two look the same everywhere."""
+    path = image_dir / name
+    if not path.is_file():
+        for form in ("NFC", "NFD"):
+            other = image_dir / unicodedata.normalize(form, name)
+            if other.is_file():
+                return other
+    return path
+
+
 def _folder_records(
     image_dir: Path, pairs: list[tuple[str, str]], captions: str | Path, skipped: Counter | None
 ) -> Iterator[Record]:
     skipped = skipped if skipped is not None else Counter()
     # by file name (several captions of one file keep their order): the keys follow the names
     for i, (name, caption) in enumerate(sorted(pairs, key=lambda row: row[0])):
-        path = image_dir / name
+        path = _listed_file(image_dir, name)
         if not path.is_file():
             skipped["missing_image"] += 1
             log.warning("skipping %s: listed in %s but not found", path, captions)

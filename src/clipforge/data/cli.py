@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     skipped: Counter = Counter()
     total = None
     if args.command == "folder":
-        records = folder_records(args.images, args.captions, skipped)
+        try:  # the captions file is read here, before any shard is opened
+            records = folder_records(args.images, args.captions, skipped)
+        except ValueError as e:
+            parser.error(str(e))
         params = {"source": "folder", "images": str(args.images), "captions": str(args.captions)}
     elif args.command == "img2dataset":
         records = img2dataset_records(args.source, skipped)

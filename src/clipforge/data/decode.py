@@ -55,11 +55,21 @@ class Sample:
     region: tuple[Box, str] | None = None  # box in the crop's frame and its phrase (clipforge.data.regions)
 
 
-def _caption(raw: RawSample) -> str:
-    text = raw.members.get("txt", b"").decode("utf-8", "replace").strip()
-    if not text and "json" in raw.members:  # img2dataset also keeps the caption in the json
+def read_caption(members: Mapping[str, bytes]) -> str:
+    """The caption of one sample: its ``.txt`` (UTF-8; a byte-order mark dropped), else the json's
+    ``caption`` (img2dataset keeps it there too); ``""`` when it has none. A ``.txt`` that is not UTF-8 is a
+    ``ValueError`` saying so: read with replacement characters, a Latin-1 "café" would train as "caf\ufffd"
+    (the one caption reader, the loader's and ``clipforge-shards``')."""
+    data = members.get("txt", b"")
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"its .txt is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+        ) from None
+    if not text and "json" in members:  # img2dataset also keeps the caption in the json
         try:
-            text = str(json.loads(raw.members["json"]).get("caption") or "").strip()
+            text = str(json.loads(members["json"]).get("caption") or "").strip()
         except (ValueError, AttributeError):
             text = ""
     return text
@@ -164,15 +174,15 @@ def decode_sample(
         monitor.sample_failed("missing_image", raw.url, f"{raw.key} ({hint})" if hint else raw.key)
         return None
     why = ""  # what read_label found wrong, for the log
-    if target == "text":
-        label: str | int | None = _caption(raw)
-    else:
-        try:
+    try:
+        if target == "text":
+            label: str | int | None = read_caption(raw.members)
+        else:
             label = read_label(raw.members, None if target == "label" else target)
-        except ClassNameError as e:  # the class names do not fit the shards: no sample is bad, the config is
-            raise ClassNameError(f"sample {raw.url}/{raw.key}: {e}") from None
-        except ValueError as e:
-            label, why = None, str(e)
+    except ClassNameError as e:  # the class names do not fit the shards: no sample is bad, the config is
+        raise ClassNameError(f"sample {raw.url}/{raw.key}: {e}") from None
+    except ValueError as e:
+        label, why = None, str(e)
     if label is None or label == "":
         cause = "missing_caption" if target == "text" else "missing_label"
         monitor.sample_failed(cause, raw.url, f"{raw.key} ({why})" if why else raw.key)

@@ -34,7 +34,7 @@ IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff
 CAUSES: tuple[str, ...] = (
     "corrupt_image",  # the image bytes do not decode
     "missing_image",  # a sample without an image member
-    "missing_caption",  # a sample without a (non-empty) caption
+    "missing_caption",  # a sample without a (non-empty) caption, or whose .txt is not UTF-8
     "missing_label",  # zero-shot data without an integer json "label"
     "empty_shard",  # a shard with no samples (zero bytes, or a tar without members)
     "truncated_shard",  # a shard that ends mid-stream; samples before the break are kept

@@ -1,0 +1,97 @@
+"""Images as users have them: every mode and format PIL opens is decoded by training (bytes through
+``ImageTransform``) to the pixels evaluation gets (``load_image``), straight or after the shard writer; what
+cannot be used is skipped with a message that says why."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from clipforge.data.cli import main as shards_main
+from clipforge.data.transforms import ImageTransform
+from clipforge.data.writer import encode_image
+from clipforge.eval.datasets import load_image
+
+
+def _photo(size: int = 48) -> Image.Image:
+    return Image.fromarray(skdata.astronaut()).resize((size, size))
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgba() -> Image.Image:
+    a = np.array(_photo().convert("RGBA"))
+    a[:, :24, 3], a[:, 24:, 3] = 0, 128  # transparent and half-transparent halves
+    return Image.fromarray(a)
+
+
+def _animated_gif() -> bytes:
+    first, second = _photo(), _photo().rotate(90)
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=[second])
+    return buf.getvalue()
+
+
+IMAGES = {
+    "cmyk_jpeg": lambda: _encode(_photo().convert("CMYK"), "JPEG", quality=90),
+    "grey_jpeg": lambda: _encode(_photo().convert("L"), "JPEG"),
+    "rgba_png": lambda: _encode(_rgba(), "PNG"),
+    "la_png": lambda: _encode(_rgba().convert("LA"), "PNG"),
+    "palette_png_transparency": lambda: _encode(
+        _photo().convert("P", palette=Image.ADAPTIVE), "PNG", transparency=0
+    ),
+    "one_bit_png": lambda: _encode(_photo().convert("1"), "PNG"),
+    "16_bit_png": lambda: _encode(
+        Image.fromarray(np.array(_photo().convert("L")).astype(np.uint16) * 257), "PNG"
+    ),
+    "animated_gif": _animated_gif,
+    "rgba_webp": lambda: _encode(_rgba(), "WEBP", lossless=True),
+    "cmyk_tiff": lambda: _encode(_photo().convert("CMYK"), "TIFF"),
+    "1x1_png": lambda: _encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
+    "10000x10_png": lambda: _encode(
+        Image.fromarray(np.tile(skdata.astronaut()[:10], (1, 20, 1))[:, :10000]), "PNG"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_training_decodes_the_pixels_evaluation_sees_before_and_after_the_writer(name):
+    data = IMAGES[name]()
+    transform = ImageTransform(16, train=False, draft=False)
+    expected = transform(load_image(data))
+    assert transform(data).equal(expected)
+    stored, _ = encode_image(data)  # lossless by default: the same pixels out of the shard
+    assert transform(stored).equal(expected)
+
+
+def test_unusable_images_are_skipped_saying_why(tmp_path, capsys, caplog, monkeypatch):
+    """A zero-byte file and a picture over PIL's decompression-bomb limit were both "not a readable image":
+    the second opens in any viewer, so the message gave no clue that a PIL limit refused it."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "img" / "big.png").write_bytes(_encode(Image.new("RGB", (32, 32)), "PNG"))
+    (tmp_path / "img" / "text.jpg").write_text("not a picture")
+    (tmp_path / "img" / "ok.png").write_bytes(_encode(Image.new("RGB", (8, 8)), "PNG"))
+    (tmp_path / "caps.csv").write_text("file,caption\nempty.jpg,a\nbig.png,b\ntext.jpg,c\nok.png,d\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 32 x 32 is over twice this: refused
+    with caplog.at_level(logging.WARNING):
+        assert (
+            shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")])
+            == 0
+        )
+    assert "skipped: corrupt_image=3" in capsys.readouterr().out
+    messages = [r.getMessage() for r in caplog.records]
+
+    def why(name: str) -> str:
+        return next(m for m in messages if f"/{name}: " in m)
+
+    assert why("empty.jpg").endswith("an empty file (0 bytes)")
+    assert "decompression bomb" in why("big.png") and "MAX_IMAGE_PIXELS" in why("big.png")
+    assert "not a readable image (UnidentifiedImageError" in why("text.jpg")

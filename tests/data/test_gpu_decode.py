@@ -77,3 +77,22 @@ def test_a_batch_with_no_jpeg_left_to_decode_is_only_copied():
     image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
     out, source = JpegDecoder(8)(EncodedBatch([image], torch.zeros(1, 4, dtype=torch.float64)), "cpu")
     assert out.shape == (1, 3, 8, 8) and source.tolist() == [0]
+
+
+@pytest.mark.parametrize(("mode", "deferred"), [("RGB", True), ("L", True), ("CMYK", False)])
+def test_only_ycbcr_and_grey_jpegs_are_left_for_the_gpu(mode, deferred):
+    # nvJPEG's support for CMYK/YCCK JPEGs (a few in ImageNet) is not something to bet a sample on: the
+    # worker decodes them on the CPU as it does oriented JPEGs and PNGs
+    from clipforge.data.decode import Encoded, decode_sample
+    from clipforge.data.failures import FailureMonitor, new_tables
+    from clipforge.data.shards import RawSample
+    from clipforge.data.transforms import ImageTransform
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpeg(0))).convert(mode).save(buf, "JPEG", quality=95)
+    monitor = FailureMonitor(*new_tables(1, 1), 0, {"u": 0}, "test")
+    raw = RawSample("k", "u", {"jpg": buf.getvalue(), "txt": b"a photo"})
+    sample = decode_sample(raw, ImageTransform(16, train=False), None, monitor, defer=True)
+    assert isinstance(sample.image, Encoded) is deferred
+    if not deferred:
+        assert sample.image.shape == (3, 16, 16)

@@ -33,7 +33,8 @@ IMAGE_ERRORS = (OSError, SyntaxError, ValueError, RuntimeError, EOFError, Image.
 
 class Encoded:
     """A JPEG kept encoded for :class:`~clipforge.data.gpu_decode.JpegDecoder`, with its crop box (only
-    JPEGs stored upright: nvJPEG does not apply an EXIF orientation, so the others are decoded here)."""
+    YCbCr or grey JPEGs stored upright: nvJPEG applies no EXIF orientation and may not take CMYK, so the
+    others are decoded here)."""
 
     __slots__ = ("box", "data")
 
@@ -193,7 +194,8 @@ def decode_sample(
             orientation = exif_orientation(img)  # read once: the size, the route and the decode use it
             size = upright_size(img, orientation)
             box = transform.box(*size, draws)
-            gpu = defer and img.format == "JPEG" and orientation == 1
+            # nvJPEG decodes YCbCr and grey JPEGs; CMYK/YCCK ones (a few in ImageNet) are decoded here
+            gpu = defer and img.format == "JPEG" and orientation == 1 and img.mode in ("RGB", "L")
             image = Encoded(data, box) if gpu else transform.apply(img, data, box, orientation)
     except IMAGE_ERRORS:
         monitor.sample_failed("corrupt_image", raw.url, raw.key)

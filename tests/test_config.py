@@ -134,6 +134,26 @@ def test_a_step_budget_of_the_wrong_type_is_named_before_anything_runs(
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=-1", r"optimizer torch\.optim\.adamw\.AdamW\(lr=-1, .*\): Invalid learning rate"),
+        ("+optimizer.lrr=3", r"optimizer .*lrr=3\): .*unexpected keyword argument 'lrr'"),
+        ("scheduler.min_lr_ratio=2", r"scheduler clipforge\.optim\.warmup_cosine\(.*min_lr_ratio=2\): "),
+        ("scheduler.warmup_steps=abc", r"scheduler clipforge\.optim\.warmup_cosine\(warmup_steps='abc'"),
+    ],
+)
+def test_optimizer_and_schedule_settings_fail_before_anything_is_built(
+    compose_cfg, override: str, message: str
+) -> None:
+    # Lightning builds both inside fit: these failed after the shards were written and the model built,
+    # lr=-1 with torch's bare "Invalid learning rate: -1"
+    cfg = compose_cfg(override, "model.vision.depth=1", "model.text.depth=1")
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes_and_builds(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"experiment={name}", "data.train_urls='/tmp/x-{000000..000001}.tar'")

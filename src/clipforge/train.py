@@ -34,6 +34,7 @@ from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_s
 from clipforge.fault.collective import explain_collective_failure
 from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger, wandb_offline
 from clipforge.module import ContrastiveModule
+from clipforge.optim import check_optimization
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
     check_trainer(cfg)
     mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
+    check_optimization(
+        instantiate(cfg.optimizer),
+        instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        int(cfg.trainer.get("max_steps", -1)),
+    )
     timeout = strategy_timeout(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from clipforge.checkpoint import build_model
-from clipforge.train import train
+from clipforge.train import check_trainer, train
 
 
 def options(group: str) -> list[str]:
@@ -152,6 +152,17 @@ def test_optimizer_and_schedule_settings_fail_before_anything_is_built(
     with pytest.raises(ValueError, match=message):
         train(cfg)
     assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_captions_longer_than_the_text_towers_position_table_fail_before_anything_is_built(
+    compose_cfg,
+) -> None:
+    # failed at the first step, after the shards were written: "got 100 tokens but context_length is 20"
+    cfg = compose_cfg("data.context_length=100")
+    with pytest.raises(ValueError, match=r"data\.context_length=100 .* \(model\.text\.context_length=20\)"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+    check_trainer(compose_cfg("data.context_length=8"))  # shorter captions are fine
 
 
 @pytest.mark.parametrize("name", options("experiment"))

@@ -74,10 +74,21 @@ def strategy_timeout(cfg: DictConfig) -> timedelta | None:
 
 def check_trainer(cfg: DictConfig) -> None:
     """Fail before anything is built, naming the key, when the step or epoch budget is not an integer
-    (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``); -1 is
-    Lightning's "no limit"."""
+    (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``; -1 is
+    Lightning's "no limit"), or when the data's token length exceeds the text tower's."""
     trainer = cfg.get("trainer") or {}
     check_at_least(-1, "trainer", max_steps=trainer.get("max_steps"), max_epochs=trainer.get("max_epochs"))
+    # captions tokenized longer than the text tower's position table failed at the first step, after the
+    # shards were written, with "got 100 tokens but context_length is 20", naming neither key
+    tokens, table = (
+        OmegaConf.select(cfg, "data.context_length"),
+        OmegaConf.select(cfg, "model.text.context_length"),
+    )
+    if isinstance(tokens, int) and isinstance(table, int) and tokens > table:
+        raise ValueError(
+            f"data.context_length={tokens} is longer than the text tower's position table "
+            f"(model.text.context_length={table}): lower it, or leave it at its default, the model's"
+        )
 
 
 def check_paths(cfg: DictConfig) -> None:

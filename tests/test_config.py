@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from clipforge.checkpoint import build_model
-from clipforge.train import train
+from clipforge.train import check_trainer, train
 
 
 def options(group: str) -> list[str]:
@@ -132,6 +132,37 @@ def test_a_step_budget_of_the_wrong_type_is_named_before_anything_runs(
     with pytest.raises(ValueError, match=rf"trainer\.{key} must be an integer >= -1, got"):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=-1", r"optimizer torch\.optim\.adamw\.AdamW\(lr=-1, .*\): Invalid learning rate"),
+        ("+optimizer.lrr=3", r"optimizer .*lrr=3\): .*unexpected keyword argument 'lrr'"),
+        ("scheduler.min_lr_ratio=2", r"scheduler clipforge\.optim\.warmup_cosine\(.*min_lr_ratio=2\): "),
+        ("scheduler.warmup_steps=abc", r"scheduler clipforge\.optim\.warmup_cosine\(warmup_steps='abc'"),
+    ],
+)
+def test_optimizer_and_schedule_settings_fail_before_anything_is_built(
+    compose_cfg, override: str, message: str
+) -> None:
+    # Lightning builds both inside fit: these failed after the shards were written and the model built,
+    # lr=-1 with torch's bare "Invalid learning rate: -1"
+    cfg = compose_cfg(override, "model.vision.depth=1", "model.text.depth=1")
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_captions_longer_than_the_text_towers_position_table_fail_before_anything_is_built(
+    compose_cfg,
+) -> None:
+    # failed at the first step, after the shards were written: "got 100 tokens but context_length is 20"
+    cfg = compose_cfg("data.context_length=100")
+    with pytest.raises(ValueError, match=r"data\.context_length=100 .* \(model\.text\.context_length=20\)"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+    check_trainer(compose_cfg("data.context_length=8"))  # shorter captions are fine
 
 
 @pytest.mark.parametrize("name", options("experiment"))

@@ -23,6 +23,7 @@ import torch
 
 from clipforge.models.clip import CLIP
 from clipforge.models.decoder import TextDecoder
+from clipforge.models.specs import SettingError
 
 # Hydra and OmegaConf are imported where configs are built, not at import: the LightningModule imports this
 # module for the checkpoint layout, and importing the module should not pull in Hydra.
@@ -49,6 +50,8 @@ def build_model(model_cfg: Any, loss_cfg: Any | None = None) -> CLIP:
             node["init_logit_bias"] = loss_cls.init_logit_bias
     try:
         return instantiate_model(node)
+    except SettingError as e:  # a setting of the wrong type, named in full: model.vision.depth
+        raise InstantiationException(f"the model config does not build: {e.under('model')}") from e
     except TypeError as e:  # a misspelt or unknown key: fail like every other config node does
         raise InstantiationException(f"the model config does not build: {e}") from e
 

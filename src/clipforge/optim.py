@@ -9,6 +9,7 @@ token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,6 +125,34 @@ def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, to
     del total_steps  # same signature as warmup_cosine so configs swap freely
     check_warmup(warmup_steps)
     return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def check_optimization(
+    optimizer: Callable[..., torch.optim.Optimizer],
+    scheduler: Callable[..., Any] | None,
+    total_steps: int,
+) -> None:
+    """Build the configured optimizer (on one stand-in parameter) and schedule once, before any data is
+    written or model built: Lightning builds the real ones inside ``fit``, after both, so ``optimizer.lr=-1``
+    or ``scheduler.min_lr_ratio=2`` failed only then, the first with torch's bare "Invalid learning rate".
+    A ValueError or TypeError names the group and its settings; any other error is left to the real build."""
+    try:
+        opt = optimizer([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"optimizer {_describe(optimizer)}: {e}") from e
+    if scheduler is None:
+        return
+    try:
+        scheduler(opt, total_steps=max(total_steps, 1))  # -1 (an epoch budget): the real total comes later
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"scheduler {_describe(scheduler)}: {e}") from e
+
+
+def _describe(factory: Callable[..., Any]) -> str:
+    """``module.name(key=value, ...)`` of a Hydra partial (``_partial_: true``) or a plain callable."""
+    func = getattr(factory, "func", factory)
+    settings = ", ".join(f"{k}={v!r}" for k, v in getattr(factory, "keywords", {}).items())
+    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}({settings})"
 
 
 def check_warmup(warmup_steps: int) -> None:

@@ -34,6 +34,7 @@ from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_s
 from clipforge.fault.collective import explain_collective_failure
 from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger, wandb_offline
 from clipforge.module import ContrastiveModule
+from clipforge.optim import check_optimization
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,21 @@ def strategy_timeout(cfg: DictConfig) -> timedelta | None:
 
 def check_trainer(cfg: DictConfig) -> None:
     """Fail before anything is built, naming the key, when the step or epoch budget is not an integer
-    (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``); -1 is
-    Lightning's "no limit"."""
+    (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``; -1 is
+    Lightning's "no limit"), or when the data's token length exceeds the text tower's."""
     trainer = cfg.get("trainer") or {}
     check_at_least(-1, "trainer", max_steps=trainer.get("max_steps"), max_epochs=trainer.get("max_epochs"))
+    # captions tokenized longer than the text tower's position table failed at the first step, after the
+    # shards were written, with "got 100 tokens but context_length is 20", naming neither key
+    tokens, table = (
+        OmegaConf.select(cfg, "data.context_length"),
+        OmegaConf.select(cfg, "model.text.context_length"),
+    )
+    if isinstance(tokens, int) and isinstance(table, int) and tokens > table:
+        raise ValueError(
+            f"data.context_length={tokens} is longer than the text tower's position table "
+            f"(model.text.context_length={table}): lower it, or leave it at its default, the model's"
+        )
 
 
 def check_paths(cfg: DictConfig) -> None:
@@ -94,6 +106,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
     check_trainer(cfg)
     mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
+    check_optimization(
+        instantiate(cfg.optimizer),
+        instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        int(cfg.trainer.get("max_steps", -1)),
+    )
     timeout = strategy_timeout(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

@@ -3,16 +3,26 @@ converters and for checkpoints written before the groups existed."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from clipforge.conf import CONF_DIR
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import build_model
 from clipforge.models import TextTransformer, VisionTransformer
 from clipforge.models.convert.config import model_config
 from clipforge.models.decoder import TextDecoder
-from clipforge.models.specs import BlockSpec, VisionLayout, as_spec, flat_settings, group_settings
+from clipforge.models.specs import (
+    BlockSpec,
+    SettingError,
+    VisionLayout,
+    as_spec,
+    flat_settings,
+    group_settings,
+)
 
 FLAT_VISION = dict(
     img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, output_dim=8, mlp_ratio=2.0,
@@ -121,3 +131,39 @@ def test_block_settings_out_of_range_fail_when_the_tower_is_built(settings, mess
     """drop_path_rate=1.5 built, then failed at the first training step inside torch.bernoulli_."""
     with pytest.raises(ValueError, match=message):
         VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, block=settings)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        # these built silently: a non-empty string is true, so class_token='no' kept the class token
+        ("vision.class_token", "no", "true or false"),
+        ("text.causal", "maybe", "true or false"),
+        ("vision.block.qkv_bias", "false", "true or false"),
+        ("vision.layout.fc_norm", "yes", "true or false or null"),
+        ("text.context_length", 0, "an integer >= 1"),
+        # these failed deep in torch ("'<' not supported between 'str' and 'int'"), naming no key
+        ("vision.depth", "two", "an integer >= 1"),
+        ("vision.img_size", 32.0, "an integer >= 1"),
+        ("vision.num_heads", 0, "an integer >= 1"),
+        ("text.block.norm_eps", "1e-5", "a number"),
+        ("vision.patch_dropout", "0.1", "a number"),
+        ("vision.output_dim", "64", "an integer >= 1 or null"),
+        ("init_logit_scale", "big", "a number or null"),
+    ],
+)
+def test_a_model_setting_of_the_wrong_type_is_named_in_full(key: str, value, expected: str) -> None:
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(InstantiationException, match=rf"model\.{re.escape(key)} must be {expected}, got"):
+        build_model(cfg)
+
+
+def test_settings_of_the_right_type_still_build() -> None:
+    # an int where a float is asked for is a number (YAML and Hydra read "0" and "4" as ints)
+    tower = VisionTransformer.from_settings(
+        img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=4, patch_dropout=0
+    )
+    assert tower.settings["mlp_ratio"] == 4
+    with pytest.raises(SettingError, match=r"^block\.act must be a string, got 1$"):
+        BlockSpec(act=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -167,6 +168,31 @@ def test_cli_with_fresh_model_checkpoint_and_open_clip_export(image_file: Path, 
     # The same weights through both loaders draw the same position-embedding picture.
     assert out["pos_embed_similarity"].read_bytes() == out_oc["pos_embed_similarity"].read_bytes()
     assert out["pos_embed_similarity"].read_bytes() != fresh["pos_embed_similarity"].read_bytes()
+
+
+def test_cli_draws_the_ema_weights_of_a_checkpoint_when_asked(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint trained with ema=default holds two models; only the training weights could be drawn."""
+    torch.manual_seed(1)
+    trained = perturb_(CLIP(small_vit(img_size=32, patch_size=4, patch_bias=False), small_text()), seed=1)
+    ema = perturb_(copy.deepcopy(trained), seed=2)
+    cfg = {"model": model_config(trained), "ema": {"decay": 0.999}}
+    state = {f"model.{k}": v for k, v in trained.state_dict().items()}
+    state |= {f"ema.shadow.model.{k}": v for k, v in ema.state_dict().items()}
+    torch.save({"clipforge_config": cfg, "state_dict": state}, tmp_path / "run.ckpt")
+    args = ["--image", str(image_file), "--checkpoint", str(tmp_path / "run.ckpt")]
+    drawn = main([*args, "--ema", "--out", str(tmp_path / "ema")])
+    assert "EMA" not in capsys.readouterr().err
+    main([*args, "--out", str(tmp_path / "trained")])
+    assert "also holds EMA weights: drawing the training weights" in capsys.readouterr().err
+    expected = save_vit_pictures(ema.eval(), image_file, tmp_path / "o")
+    picture = "pos_embed_similarity"
+    assert drawn[picture].read_bytes() == expected[picture].read_bytes()
+    assert (tmp_path / "trained" / f"{picture}.png").read_bytes() != expected[picture].read_bytes()
+    with pytest.raises(SystemExit):  # --ema without a checkpoint: argparse's usage error
+        main(["--image", str(image_file), "--ema", "--out", str(tmp_path / "x")])
+    assert "--ema reads the EMA weights of a clipforge checkpoint" in capsys.readouterr().err
 
 
 def instantiate_tiny() -> CLIP:

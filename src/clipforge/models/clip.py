@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.models.specs import check_setting_types
 from clipforge.models.text import TextTransformer
 from clipforge.models.vision import VisionTransformer
 
@@ -31,6 +32,14 @@ class CLIP(nn.Module):
         max_logit_scale: float = MAX_LOGIT_SCALE,
     ) -> None:
         super().__init__()
+        check_setting_types(
+            CLIP,
+            {
+                "init_logit_scale": init_logit_scale,
+                "init_logit_bias": init_logit_bias,
+                "max_logit_scale": max_logit_scale,
+            },
+        )
         if vision.output_dim != text.output_dim:
             raise ValueError(
                 f"image and text towers must project to the same size: {vision.output_dim} != {text.output_dim}"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.models.specs import BlockSpec, flat_settings, group_settings
+from clipforge.models.specs import BlockSpec, check_setting_types, flat_settings, group_settings
 
 
 def make_act(name: str) -> nn.Module:
@@ -191,6 +191,9 @@ class Tower(nn.Module):
             for k, v in init_locals.items()
             if k not in ("self", "__class__")
         }
+        # before any setting is used: 'two' for depth failed deep in torch, naming no key, and the string
+        # 'no' for class_token (true, as any non-empty string) silently built a tower with a class token
+        check_setting_types(type(self), self.init_kwargs)
 
     @property
     def settings(self) -> dict[str, Any]:

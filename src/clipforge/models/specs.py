@@ -9,11 +9,22 @@ new block setting is one field here. Converters and old checkpoints describe a t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, TypeVar
 
-__all__ = ["BlockSpec", "VisionLayout", "as_spec", "flat_settings", "group_settings"]
+__all__ = [
+    "BlockSpec",
+    "SettingError",
+    "VisionLayout",
+    "as_spec",
+    "check_setting_types",
+    "flat_settings",
+    "group_settings",
+]
 
 T = TypeVar("T")
 
@@ -38,6 +49,7 @@ class BlockSpec:
     fused_attn: bool = True
 
     def __post_init__(self) -> None:
+        check_setting_types(type(self), _fields_of(self), prefix="block.")
         # checked here, when the tower is built: a bad value otherwise surfaces at the first training step
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"block.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
@@ -64,6 +76,9 @@ class VisionLayout:
     patch_bias: bool = True
     pre_norm: bool = False
     fc_norm: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_setting_types(type(self), _fields_of(self), prefix="layout.")
 
 
 def as_spec(cls: type[T], value: T | Mapping[str, Any] | None, **defaults: Any) -> T:
@@ -108,3 +123,63 @@ def flat_settings(groups: Mapping[str, type], kwargs: Mapping[str, Any]) -> dict
         else:
             out[k] = v
     return out
+
+
+class SettingError(TypeError):
+    """A setting of a type its constructor does not take (``depth='two'``, ``class_token='no'``, which as a
+    non-empty string would have been true). ``key``: its dotted name in the node being built; the builder of
+    the enclosing node names it in full with :meth:`under` (``model.vision.depth``)."""
+
+    def __init__(self, key: str, expected: str, value: Any) -> None:
+        self.key, self.expected, self.value = key, expected, value
+        super().__init__(f"{key} must be {expected}, got {value!r}")
+
+    def under(self, prefix: str) -> SettingError:
+        return SettingError(f"{prefix}.{self.key}", self.expected, self.value)
+
+
+_KINDS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    # every plain int setting of a tower is a size or a count: 0 builds empty tables that fail later
+    int: ("an integer >= 1", lambda v: type(v) is int and v >= 1),
+    float: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def check_setting_types(owner: Callable[..., Any], values: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise :class:`SettingError` for the first of ``values`` that its annotation in ``owner`` (a function,
+    or a class: its ``__init__``, or a dataclass's fields) does not admit. Checked: ``bool``, ``int``,
+    ``float``, ``str`` and their unions with ``None``; other annotations (literals, specs, mappings) are
+    left to the owner's own checks, which name the choices."""
+    hints = _hints(owner)
+    for name, value in values.items():
+        expected = _mismatch(hints.get(name), value)
+        if expected is not None:
+            raise SettingError(prefix + name, expected, value)
+
+
+@functools.cache
+def _hints(owner: Callable[..., Any]) -> dict[str, Any]:
+    target = owner if is_dataclass(owner) else getattr(owner, "__init__", owner)
+    return typing.get_type_hints(target)
+
+
+def _mismatch(hint: Any, value: Any) -> str | None:
+    """What ``hint`` asks for when ``value`` is not that; ``None`` when it fits or the hint is not checked."""
+    if hint in _KINDS:
+        expected, fits = _KINDS[hint]
+        return None if fits(value) else expected
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(hint)
+    options = [a for a in args if a is not type(None)]
+    if not all(a in _KINDS for a in options):
+        return None  # a part of the union (a spec, a mapping) is not checked here
+    if (value is None and type(None) in args) or any(_KINDS[a][1](value) for a in options):
+        return None
+    return " or ".join([_KINDS[a][0] for a in options] + (["null"] if type(None) in args else []))
+
+
+def _fields_of(spec: Any) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}

@@ -5,6 +5,7 @@ image and one model."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         "--model", default="tiny", help="fresh model from conf/model/<name>.yaml (default: tiny)"
     )
     parser.add_argument(
+        "--ema", action="store_true", help="draw the checkpoint's EMA weights (trained with ema=default)"
+    )
+    parser.add_argument(
         "--open-clip-model", default=None, help="open_clip model name for --open-clip, e.g. ViT-B-32"
     )
     parser.add_argument("--out", required=True, help="output folder for the PNGs")
@@ -52,11 +56,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh model")
     args = parser.parse_args(argv)
+    if args.ema and not args.checkpoint:
+        parser.error("--ema reads the EMA weights of a clipforge checkpoint: give --checkpoint")
 
     if args.checkpoint:
         from clipforge.checkpoint import load_model
 
-        model, _ = load_model(args.checkpoint)
+        model, stored = load_model(args.checkpoint, use_ema=args.ema)
+        if stored.get("ema") and not args.ema:  # two models in one file: say which one is drawn
+            note = "also holds EMA weights: drawing the training weights (--ema draws the EMA)"
+            print(f"{args.checkpoint} {note}", file=sys.stderr)
     elif args.open_clip:
         from clipforge.models.convert import load_open_clip_checkpoint
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from clipforge.models.clip import CLIP
+from clipforge.models.specs import SettingError
 from clipforge.models.text import TextTransformer
 from clipforge.models.vision import VisionTransformer
 
@@ -56,12 +57,17 @@ def instantiate_model(config: dict[str, Any], device: torch.device | str | None 
     The one builder of models from configs: ``clipforge.checkpoint.build_model`` fills the loss's
     initial scale and bias and calls it."""
     cfg = _kwargs(dict(config), CLIP)
+    text_node = dict(cfg.pop("text"))
+    if "width" in text_node and "embed_dim" not in text_node:
+        # checkpoints written before the text tower took the vision tower's name for its width
+        text_node["embed_dim"] = text_node.pop("width")
+    towers = {"vision": (VisionTransformer, dict(cfg.pop("vision"))), "text": (TextTransformer, text_node)}
+    built = {}
     with torch.device(device) if device is not None else nullcontext():
-        # from_settings: nodes written before the block settings became groups are flat, and still build
-        vision = VisionTransformer.from_settings(**_kwargs(dict(cfg.pop("vision")), VisionTransformer))
-        text_node = dict(cfg.pop("text"))
-        if "width" in text_node and "embed_dim" not in text_node:
-            # checkpoints written before the text tower took the vision tower's name for its width
-            text_node["embed_dim"] = text_node.pop("width")
-        text = TextTransformer.from_settings(**_kwargs(text_node, TextTransformer))
-        return CLIP(vision, text, **cfg)
+        for name, (cls, node) in towers.items():
+            try:
+                # from_settings: nodes written before the block settings became groups are flat, and still build
+                built[name] = cls.from_settings(**_kwargs(node, cls))
+            except SettingError as e:
+                raise e.under(name) from e  # named as in the config: vision.depth
+        return CLIP(built["vision"], built["text"], **cfg)

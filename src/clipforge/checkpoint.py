@@ -93,8 +93,17 @@ def _checkpoint_file(path: Path, kind: CheckpointKind) -> Path:
     if kind == "imported":
         return path / IMPORTED_CHECKPOINT
     if kind == "folder":
-        is_open_clip = (path / "open_clip_config.json").is_file()
-        hint = " (it is an open_clip folder: load it with open_clip_checkpoint=)" if is_open_clip else ""
+        ckpts = sorted(p.name for p in path.glob("*.ckpt") if p.is_file())
+        if (path / "open_clip_config.json").is_file():
+            hint = (
+                ": it is an open_clip folder, read as open_clip weights (clipforge-zeroshot "
+                "open_clip_checkpoint=, clipforge-visualize --open-clip, clipforge-convert import)"
+            )
+        elif ckpts:  # a run's checkpoints/ folder: which one is the user's choice, never a guess
+            shown = ", ".join(ckpts[:6]) + (f" and {len(ckpts) - 6} more" if len(ckpts) > 6 else "")
+            hint = f" from it: {shown}"
+        else:
+            hint = ""
         raise FileNotFoundError(
             f"{path} is a folder, not a checkpoint: neither a sharded checkpoint (no .metadata or meta.pt) nor "
             f"a clipforge-convert import folder (no {IMPORTED_CHECKPOINT}); pass a .ckpt file{hint}"

@@ -89,3 +89,6 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
 
 cli = exit_zero(main)  # the console script
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

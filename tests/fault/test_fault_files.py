@@ -20,6 +20,7 @@ from clipforge.fault import (
     atomic_torch_save,
     find_latest_checkpoint,
     resolve_ckpt_path,
+    safe_torch_load,
     scrub_secrets,
     verify_checkpoint,
 )
@@ -209,3 +210,13 @@ def test_scrub_secrets_masks_credentials_but_keeps_model_fields(monkeypatch: pyt
     assert out["list"] == [{"secret": "***"}, "plain"]
     assert out["aws_secret_access_key"] == "***"
     assert cfg["logger"]["api_key"] == "sk-live-123"  # the input is not modified
+
+
+def test_bytes_that_are_no_checkpoint_are_not_met_with_advice_to_unpickle_them(tmp_path: Path) -> None:
+    # torch's message around the unpickler's detail says weights_only=False "will likely succeed", which
+    # for random bytes is untrue, and asks the user to file a torch issue
+    path = tmp_path / "noise.ckpt"
+    path.write_bytes(bytes(range(256)) * 12)
+    with pytest.raises(CorruptCheckpointError, match="not a readable torch checkpoint") as info:
+        safe_torch_load(path)
+    assert "weights_only" not in str(info.value) and "file an issue" not in str(info.value)

@@ -62,6 +62,34 @@ def test_a_folder_that_holds_no_checkpoint_is_named_as_such(tmp_path: Path) -> N
     assert not is_checkpoint(tmp_path) and not is_checkpoint(tmp_path / "none.ckpt")
 
 
+def test_a_folder_of_checkpoints_lists_them_and_an_open_clip_folder_names_every_reader(
+    tmp_path: Path,
+) -> None:
+    # a run's checkpoints/ folder said only "pass a .ckpt file"; an open_clip folder named zeroshot's key alone
+    for name in ("last.ckpt", "periodic-step0000008.ckpt"):
+        (tmp_path / "checkpoints" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    with pytest.raises(
+        FileNotFoundError, match=r"pass a \.ckpt file from it: last\.ckpt, periodic-step0000008"
+    ):
+        load_model(tmp_path / "checkpoints")
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="open_clip_checkpoint=, clipforge-visualize --open-clip"):
+        checkpoint_config(tmp_path / "oc")
+
+
+@pytest.mark.parametrize("module", ["clipforge.convert_cli", "clipforge.viz.cli"])
+def test_python_dash_m_runs_the_tool(module: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # `python -m clipforge.convert_cli export ...` imported the module and did nothing, exit 0
+    import runpy
+
+    monkeypatch.setattr("sys.argv", [module, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__")
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
 def test_the_console_scripts_that_write_files_exit_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The generated clipforge-convert / clipforge-visualize scripts run sys.exit(<entry point>()): an entry
     # point returning its dict of paths printed it to stderr and exited 1 after a successful export.
@@ -123,7 +151,8 @@ def test_clipforge_and_open_clip_checkpoints_given_to_each_others_loader_say_whi
 
     exported = main(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
     with pytest.raises(
-        FileNotFoundError, match=r"it is an open_clip folder: load it with open_clip_checkpoint="
+        FileNotFoundError,
+        match=r"it is an open_clip folder, read as open_clip weights \(clipforge-zeroshot open_clip_checkpoint=",
     ):
         load_model(tmp_path / "oc")
     with pytest.raises(ValueError, match=r"has no clipforge config.*open_clip_checkpoint="):

@@ -133,8 +133,10 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # the restricted unpickler also rejects plain garbage
+            # torch's text around the detail advises weights_only=False, which cannot mend bad bytes
+            detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
             raise CorruptCheckpointError(
-                f"{path} is not a readable torch checkpoint (truncated?): {e}"
+                f"{path} is not a readable torch checkpoint (truncated, or not a checkpoint): {detail}"
             ) from e
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it contains pickled objects other than tensors and plain containers, "

@@ -445,3 +445,14 @@ def test_cli_writes_results_into_hydra_run_dir(tmp_path, color_model, monkeypatc
     assert json.loads((run_dir / "results.json").read_text())["top1"] == 1.0
     assert (run_dir / "confusion.png").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_an_image_size_the_model_cannot_take_fails_before_any_image_is_read(tmp_path):
+    # image_size=48 on a 32 px model failed at the first batch, asking to "resample the position embedding"
+    cfg = compose_zeroshot(
+        "model=tiny", "image_size=48", f"output_dir={tmp_path / 'out'}", "num_workers=0", "progress=false"
+    )
+    with pytest.raises(ValueError, match=r"image_size=48, but the model takes 32x32 images"):
+        run_zeroshot(cfg)
+    assert not (tmp_path / "out").exists()
+    assert cli.model_image_size(torch.nn.Module(), 40) == 40  # a model that does not say its size

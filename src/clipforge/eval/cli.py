@@ -78,13 +78,23 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
     return build_model(cfg.model), "random init"
 
 
-def model_image_size(model: nn.Module) -> int:
+def model_image_size(model: nn.Module, given: int | None = None) -> int:
+    """The model's input size. ``given`` (``image_size=``) serves a model that does not say its own, and
+    must agree with one that does: its position table has one size, and a disagreement failed only at the
+    first batch, asking for a resampling the evaluation cannot do."""
     visual = getattr(model, "visual", None)
     size = getattr(visual, "img_size", None) or getattr(visual, "image_size", None)
     if isinstance(size, Sequence):
         size = size[0]
     if not size:
+        if given:
+            return int(given)
         raise ValueError("cannot tell the model's input size; set image_size=")
+    if given and int(given) != int(size):
+        raise ValueError(
+            f"image_size={given}, but the model takes {size}x{size} images (its position embedding has that "
+            "grid); leave image_size unset (null) to evaluate at the model's size"
+        )
     return int(size)
 
 
@@ -183,7 +193,7 @@ def _setup(cfg: DictConfig) -> tuple[nn.Module, str, torch.device, int, Any]:
         device = torch.device("cuda", torch.cuda.current_device())
     from clipforge.data.tokenizer import Tokenizer
 
-    image_size = int(cfg.get("image_size") or model_image_size(model))
+    image_size = model_image_size(model, cfg.get("image_size"))
     return model.to(device).eval(), model_label, device, image_size, Tokenizer(model.text.context_length)
 
 

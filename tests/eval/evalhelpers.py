@@ -74,7 +74,8 @@ LABELS = [0, 0, 1, 1, 2, 2]
 
 
 def distributed_case(seed: int = 0) -> dict:
-    """A 23-sample labelled set with captions (odd size, so the two shards differ in length)."""
+    """A 23-sample labelled set with captions (odd size, so the two shards differ in length); images 3 and 20
+    are the same picture."""
     from clipforge.data.tokenizer import Tokenizer
 
     g = torch.Generator().manual_seed(seed)
@@ -83,6 +84,7 @@ def distributed_case(seed: int = 0) -> dict:
     feats = torch.zeros(n, 4)
     feats[torch.arange(n), labels] = 1.0
     feats += 0.7 * torch.randn(n, 4, generator=g)  # noisy enough for errors in every metric
+    feats[20] = feats[3]  # one image twice, once in each rank's shard, as COCO repeats an image per caption
     words = ["cat", "dog", "bird"]
     captions = [words[int(y)] if i % 3 else f"a photo of a {words[int(y)]}" for i, y in enumerate(labels)]
     tokens = Tokenizer(CONTEXT_LENGTH)(captions)

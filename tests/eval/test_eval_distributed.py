@@ -40,6 +40,7 @@ def test_two_ranks_equal_one_rank(tmp_path, handset_model, tokenizer):
     single = run_all_evaluations(handset_model, tokenizer)
     # the case must exercise errors, or equality would be trivial
     assert 0.3 < single["zeroshot"]["top1"] < 1.0 and single["retrieval"]["i2t_r1"] < 1.0
+    assert single["retrieval"]["num_unique_images"] == 22  # the repeated image, seen by both ranks, is one
     _assert_same(single["retrieval"], single["retrieval_stream"])
     # fork: the children reuse the parent's imports, which spawn would redo (seconds each on 2 cores)
     args = (2, str(tmp_path / "init"), str(tmp_path))

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from evalhelpers import images_from_features
 
-from clipforge.eval.retrieval import evaluate_retrieval, recall_at_k, retrieval_metrics
+from clipforge.eval.retrieval import evaluate_retrieval, image_hashes, recall_at_k, retrieval_metrics
 
 
 def _unit(rows: list[list[float]]) -> torch.Tensor:
@@ -16,8 +17,8 @@ def test_recall_known_ranks():
     # 3 pairs; image 0 ranks its caption 1st, image 1 ranks its caption 2nd, image 2 ranks it 3rd.
     texts = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     images = _unit([[1, 0.1, 0], [0.9, 0.5, 0], [0.5, 0.4, 0.3]])
-    ids = torch.arange(3)
-    r = recall_at_k(images, texts, ids, ids, ks=(1, 2, 3))
+    diagonal = torch.arange(3)[:, None].expand(3, 2)  # (query i, candidate i) pairs
+    r = recall_at_k(images, texts, diagonal, ks=(1, 2, 3))
     assert r == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
 
 
@@ -26,7 +27,7 @@ def test_a_recall_k_that_is_no_rank_is_an_error(k):
     # retrieval.ks=[0] printed "i2t_r0 0.00%" as if the model had retrieved nothing
     texts = _unit([[1, 0, 0], [0, 1, 0]])
     with pytest.raises(ValueError, match=r"retrieval\.ks must be a whole number of at least 1"):
-        recall_at_k(texts, texts, torch.arange(2), torch.arange(2), ks=(1, k))
+        recall_at_k(texts, texts, torch.arange(2)[:, None].expand(2, 2), ks=(1, k))
 
 
 def test_retrieval_metrics_both_directions():
@@ -81,3 +82,57 @@ def test_max_samples_caps_the_set(handset_model, tokenizer):
     images = images_from_features([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
     m = evaluate_retrieval(handset_model, [(images[:2], tokens[:2]), (images[2:], tokens[2:])], max_samples=2)
     assert m["num_samples"] == 2
+
+
+def _brute_recall(sim: np.ndarray, positive: np.ndarray, k: int) -> float:
+    """Reference recall@k: sort each query's candidates, find the first correct one, count the wrong
+    ones ranked before it (ties with it are not above it)."""
+    hits = 0
+    for row, pos in zip(sim, positive):
+        best = row[pos].max()
+        hits += int(((row > best) & ~pos).sum() < k)
+    return hits / len(sim)
+
+
+def test_coco_style_five_captions_per_image_match_a_brute_force_reference(handset_model, tokenizer):
+    """COCO's five captions per image come as five pairs repeating the image. CLIP's protocol: each
+    image is one image->text query, right with any of its captions; each caption one text->image query
+    among the distinct images. Scored per pair, the other four captions of an image were wrong answers
+    and a wrong image counted five times: i2t/t2i R@1 came out far below the reference."""
+    words = ["cat", "dog", "bird", "photo"]
+    g = torch.Generator().manual_seed(3)
+    n_img, per = 6, 5
+    img_feats = torch.randn(n_img, 4, generator=g)
+    # caption j of image i: two words, so the 30 captions are mostly distinct, a few repeated
+    caption_words = torch.randint(0, 4, (n_img * per, 2), generator=g)
+    captions = [f"{words[a]} {words[b]}" for a, b in caption_words.tolist()]
+    images = images_from_features(img_feats.repeat_interleave(per, dim=0).tolist())
+    tokens = tokenizer(captions)
+    loader = [(images[s : s + 7], tokens[s : s + 7]) for s in range(0, len(captions), 7)]
+    m = evaluate_retrieval(handset_model, loader, ks=(1, 2, 5))
+
+    fi = F.normalize(img_feats, dim=-1).numpy()
+    ft = F.normalize(handset_model.encode_text(tokens), dim=-1).detach().numpy()
+    owner = np.repeat(np.arange(n_img), per)
+    # a caption text is right for an image if any of that image's captions has the same text
+    same_text = np.array([[a == b for b in captions] for a in captions])
+    i2t_pos = np.array([same_text[owner == i].any(axis=0) for i in range(n_img)])  # (images, captions)
+    _, first = np.unique(captions, return_index=True)  # each distinct caption text once
+    t2i_pos = np.array([[same_text[j, owner == i].any() for i in range(n_img)] for j in range(len(captions))])
+    for k in (1, 2, 5):
+        assert m[f"i2t_r{k}"] == pytest.approx(_brute_recall(fi @ ft[first].T, i2t_pos[:, first], k))
+        assert m[f"t2i_r{k}"] == pytest.approx(_brute_recall(ft @ fi.T, t2i_pos, k))
+    assert m["num_unique_images"] == n_img and m["num_samples"] == n_img * per
+    assert m["i2t_r1"] < 1 and m["t2i_r2"] < 1  # the case must hold misses
+
+
+def test_image_hashes_are_equal_exactly_for_equal_pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 8, 8, generator=g)
+    x[3] = x[1]
+    y = x.clone()
+    y[4, 2, 7, 7] = torch.nextafter(y[4, 2, 7, 7], torch.tensor(2.0))  # one pixel, one ulp
+    h, hy = image_hashes(x), image_hashes(y)
+    assert torch.equal(h[3], h[1]) and len({tuple(r) for r in h.tolist()}) == 4
+    assert torch.equal(h[:4], hy[:4]) and not torch.equal(h[4], hy[4])
+    assert torch.equal(image_hashes(x[1:4]), h[1:4])  # the batch around an image does not matter

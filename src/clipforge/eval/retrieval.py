@@ -7,8 +7,13 @@ all-gathered (in rank order, so pairs stay aligned) and every rank computes the 
 Captions that are token-for-token identical are one caption: for image i every text equal to
 caption i is a correct answer, and for a caption every image carrying that caption is. Without this,
 a held-out set with repeated captions (synthetic data, "a photo of a dog") would score a correct
-retrieval as a miss. A query's rank is the number of *wrong* candidates scoring strictly higher than
-its best correct one; recall@K is the fraction of queries with rank < K.
+retrieval as a miss. Images that are pixel-for-pixel identical are one image likewise: COCO's five
+captions per image come as five pairs repeating the image, and as in CLIP's protocol each image is
+one image->text query, answered correctly by any of its captions, and one text->image candidate.
+Without this, the image's other four captions counted as wrong answers and every wrong image as five.
+A query's rank is the number of *wrong* candidates scoring strictly higher than its best correct one;
+recall@K is the fraction of queries with rank < K: image->text over the distinct images, text->image
+over all pairs' captions (COCO's 5,000 and 25,000 queries).
 """
 
 from __future__ import annotations
@@ -34,61 +39,101 @@ def embed_pairs(
     show_progress: bool = False,
     precision: str = "auto",
     max_samples: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's ``(image_features (N, D), text_features (N, D), tokens (N, L))``; features normalised."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's ``(image_features (N, D), text_features (N, D), tokens (N, L), image_hashes (N, 2))``;
+    features normalised, hashes equal for pixel-identical images (:func:`image_hashes`)."""
     dev = resolve_device(device, model)
-    img, txt, tok = [], [], []
+    img, txt, tok, pix = [], [], [], []
     seen = 0
     with eval_mode(model):
         for batch in progress_bar(dataloader, show_progress, "retrieval"):
             images, tokens = batch[0], batch[1]
             if max_samples is not None:
                 images, tokens = images[: max_samples - seen], tokens[: max_samples - seen]
+            images = images.to(dev, non_blocking=True)
             with autocast(dev, precision):
-                fi = model.encode_image(images.to(dev, non_blocking=True), normalize=False)
+                fi = model.encode_image(images, normalize=False)
                 ft = model.encode_text(tokens.to(dev, non_blocking=True), normalize=False)
             img.append(F.normalize(fi.float(), dim=-1))
             txt.append(F.normalize(ft.float(), dim=-1))
             tok.append(tokens.to(dev))
+            pix.append(image_hashes(images))
             seen += images.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
     if not img:  # an empty shard; all_gather_cat takes the widths from the other ranks
         empty = torch.zeros(0, 1, device=dev)
-        return empty, empty.clone(), torch.zeros(0, 1, dtype=torch.long, device=dev)
-    return torch.cat(img), torch.cat(txt), torch.cat(tok)
+        no_ids = torch.zeros(0, 1, dtype=torch.long, device=dev)
+        return empty, empty.clone(), no_ids, torch.zeros(0, 2, dtype=torch.long, device=dev)
+    return torch.cat(img), torch.cat(txt), torch.cat(tok), torch.cat(pix)
 
 
-def caption_ids(tokens: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` ids, equal for token-identical captions."""
-    return torch.unique(tokens, dim=0, return_inverse=True)[1]
+_HASH_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def image_hashes(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` int64 fingerprints of the images' exact pixel values: two random linear hashes of the
+    pixels' bit patterns in wrapping 64-bit integer arithmetic, exact in any summation order, so equal on
+    every device and rank for equal images (the weights come from a fixed seed)."""
+    x = images.detach().contiguous()
+    if x.is_floating_point():
+        x = x.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
+    x = x.flatten(1).long()  # (B, P)
+    key = (x.shape[1], str(x.device))
+    if key not in _HASH_WEIGHTS:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-(2**62), 2**62, (2, x.shape[1]), generator=g, dtype=torch.long) * 2 + 1
+        _HASH_WEIGHTS[key] = w.to(x.device)  # odd weights: no factor of 2 lost to the wrap-around
+    w = _HASH_WEIGHTS[key]
+    return torch.stack([(x * w[0]).sum(dim=1), (x * w[1]).sum(dim=1)], dim=1)
+
+
+def row_ids(rows: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` ids ``0..``, equal for equal rows (token-identical captions, equal image hashes)."""
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
 
 
 def recall_at_k(
     queries: torch.Tensor,
     candidates: torch.Tensor,
-    query_ids: torch.Tensor,
-    candidate_ids: torch.Tensor,
+    positives: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk: int = 1024,
+    weights: torch.Tensor | None = None,
 ) -> dict[int, float]:
-    """Fraction of queries whose best correct candidate (same id) has fewer than K wrong ones above it.
+    """Fraction of queries whose best correct candidate has fewer than K wrong ones above it.
 
-    ``queries (Nq, D)``, ``candidates (Nc, D)``; scored by dot product in chunks of ``chunk`` queries
-    so memory stays ``chunk * Nc``.
+    ``queries (Nq, D)``, ``candidates (Nc, D)``; ``positives (P, 2)`` the correct ``(query, candidate)``
+    index pairs (every query needs one); ``weights (Nq,)`` integer counts of each query (``None``: 1).
+    Scored by dot product in chunks of ``chunk`` queries so memory stays ``chunk * Nc``.
     """
     ks = [check_top_k(k, "retrieval.ks") for k in ks]
     if queries.shape[0] == 0:
         return {k: float("nan") for k in ks}
+    if weights is None:
+        weights = torch.ones(queries.shape[0], dtype=torch.long, device=queries.device)
+    order = positives[:, 0].argsort()
+    pq, pc = positives[order, 0], positives[order, 1]
     hits = torch.zeros(len(ks), dtype=torch.long)
     for s in range(0, queries.shape[0], chunk):
         sim = queries[s : s + chunk] @ candidates.T  # (b, Nc)
-        positive = query_ids[s : s + chunk, None] == candidate_ids[None, :]  # (b, Nc)
+        lo, hi = torch.searchsorted(pq, torch.tensor([s, s + sim.shape[0]], device=pq.device)).tolist()
+        positive = torch.zeros_like(sim, dtype=torch.bool)
+        positive[pq[lo:hi] - s, pc[lo:hi]] = True
+        if not positive.any(dim=1).all():
+            raise ValueError("every retrieval query needs a correct candidate")
         best_pos = sim.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # (b, 1)
         rank = ((sim > best_pos) & ~positive).sum(dim=1)  # (b,) wrong candidates above the best right one
         for i, k in enumerate(ks):
-            hits[i] += int((rank < k).sum())
-    return {k: float(h) / queries.shape[0] for k, h in zip(ks, hits.tolist())}
+            hits[i] += int(weights[s : s + chunk][rank < k].sum())
+    return {k: float(h) / int(weights.sum()) for k, h in zip(ks, hits.tolist())}
+
+
+def _first_of_each(ids: torch.Tensor) -> torch.Tensor:
+    """Index of the first sample of each id ``0..max(ids)``."""
+    n = ids.shape[0]
+    first = torch.full((int(ids.max()) + 1 if n else 0,), n, dtype=torch.long, device=ids.device)
+    return first.scatter_reduce_(0, ids, torch.arange(n, device=ids.device), reduce="amin")
 
 
 def retrieval_metrics(
@@ -96,25 +141,33 @@ def retrieval_metrics(
     text_features: torch.Tensor,
     tokens: torch.Tensor | None = None,
     ks: Sequence[int] = (1, 5, 10),
+    image_keys: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """``i2t_r{k}``, ``t2i_r{k}``, ``mean_recall`` and ``num_samples`` for aligned pairs.
 
-    ``tokens`` (the captions) merge identical captions; ``None`` treats every caption as distinct.
+    ``tokens`` (the captions) merge identical captions, ``image_keys`` (``(N, ...)``, e.g.
+    :func:`image_hashes`) identical images; ``None`` treats every caption (image) as distinct.
     """
     n = image_features.shape[0]
-    ids = caption_ids(tokens) if tokens is not None else torch.arange(n, device=image_features.device)
-    # an image's candidates are the distinct captions, each once: a wrong caption that several images
-    # carry counted once per copy, so one wrong caption above the right one cost several ranks
-    m = int(ids.max()) + 1 if n else 0
-    first = torch.full((m,), n, dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, ids, torch.arange(n, device=ids.device), reduce="amin")
-    i2t = recall_at_k(image_features, text_features[first], ids, torch.arange(m, device=ids.device), ks)
-    t2i = recall_at_k(text_features, image_features, ids, ids, ks)
+    arange = torch.arange(n, device=image_features.device)
+    cap = row_ids(tokens) if tokens is not None else arange
+    img = row_ids(image_keys) if image_keys is not None else arange
+    # each candidate once: a wrong caption (image) that several pairs carry counted once per copy, so one
+    # wrong candidate above the right one cost several ranks
+    first_cap, first_img = _first_of_each(cap), _first_of_each(img)
+    pairs = torch.stack([img, cap], dim=1).unique(dim=0)  # (distinct image, distinct caption) pairs
+    i2t = recall_at_k(image_features[first_img], text_features[first_cap], pairs, ks)
+    # a distinct caption stands for each of its pairs' captions: one query each, all scored alike
+    per_caption = torch.bincount(cap, minlength=len(first_cap))
+    t2i = recall_at_k(
+        text_features[first_cap], image_features[first_img], pairs.flip(1), ks, weights=per_caption
+    )
     out: dict[str, Any] = {f"i2t_r{k}": v for k, v in i2t.items()}
     out |= {f"t2i_r{k}": v for k, v in t2i.items()}
     out["mean_recall"] = (sum(i2t.values()) + sum(t2i.values())) / (2 * len(ks))
     out["num_samples"] = n
-    out["num_unique_captions"] = int(ids.unique().numel())
+    out["num_unique_captions"] = len(first_cap)
+    out["num_unique_images"] = len(first_img)
     return out
 
 
@@ -136,10 +189,10 @@ def evaluate_retrieval(
     all ranks are gathered so all ranks return the metrics over the whole set. ``max_samples`` caps
     the pairs each rank embeds (the score matrix grows with the square of the set size).
     """
-    fi, ft, tok = embed_pairs(
+    fi, ft, tok, pix = embed_pairs(
         model, dataloader, device=device, show_progress=progress, precision=precision, max_samples=max_samples
     )
     fi = all_gather_cat(fi, enabled=distributed)
     ft = all_gather_cat(ft, enabled=distributed)
     tok = all_gather_cat(tok, enabled=distributed) if dedupe_captions else None
-    return retrieval_metrics(fi, ft, tok, ks)
+    return retrieval_metrics(fi, ft, tok, ks, image_keys=all_gather_cat(pix, enabled=distributed))

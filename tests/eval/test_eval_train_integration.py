@@ -51,3 +51,34 @@ def test_training_callbacks_and_final_eval_agree(compose_cfg, tmp_path):
     zs.last_result = {**stale, "top1": -1.0}
     again = final_zero_shot(model, dm, objects["trainer"])
     assert again["final/zeroshot_top1"] == pytest.approx(metrics["final/zeroshot_top1"])
+
+    # clipforge-zeroshot on the run's checkpoint and the same held-out set reports the numbers training logged
+    from hydra import compose, initialize_config_dir
+
+    from clipforge.eval.cli import run_retrieval, run_zeroshot
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        zc = compose(
+            config_name="zeroshot",
+            overrides=[
+                f"checkpoint={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}",
+                "eval.dataset.num_samples=48",
+                f"output_dir={tmp_path / 'eval'}",
+                "num_workers=0",
+                "progress=false",
+                "save_confusion=false",
+            ],
+        )
+    cli = run_zeroshot(zc)
+    assert cli["num_samples"] == 48
+    for k, logged in (
+        ("top1", "zeroshot_top1"),
+        ("top5", "zeroshot_top5"),
+        ("mean_per_class_accuracy", "zeroshot_mean_per_class"),
+    ):
+        assert cli[k] == pytest.approx(metrics[f"val/{logged}"], abs=1e-6), k  # logged as float32
+    with open_dict(zc):
+        zc.task = "retrieval"
+    cli = run_retrieval(zc)
+    for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        assert cli[k] == pytest.approx(metrics[f"val/{k}"], abs=1e-6), k

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipforge.data.shards import DataError
 from clipforge.eval.datasets import ImageFolderDataset, collate_skipping, eval_transform, labelled_wds_dataset
+from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.zeroshot import IGNORE_LABEL
+from gloohelpers import free_port, init_gloo
 
 
 def _png(color: tuple[int, int, int], size: int = 12) -> bytes:
@@ -253,3 +257,31 @@ def test_labelled_wds_names_missing_shards_and_fails_on_none(tmp_path, caplog):
     assert next(iter(DataLoader(ds, batch_size=8, collate_fn=collate_skipping)))[1].tolist() == [1]
     with pytest.raises(DataError, match="matches no shard"):
         labelled_wds_dataset(str(tmp_path / "test-{000..009}.tar"), eval_transform(8))
+
+
+def _wds_rank_labels(rank: int, world: int, port: int, shards: list[str], out: str) -> None:
+    init_gloo(rank, world, port)
+    try:
+        ds = labelled_wds_dataset(shards, eval_transform(8))  # built under the group, as the CLI does
+        loader = shard_dataloader(DataLoader(ds, batch_size=2, collate_fn=collate_skipping))
+        labels = [int(y) for _, ys in loader for y in ys]
+        Path(out, f"{rank}.json").write_text(json.dumps(labels))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_labelled_wds_under_two_ranks_scores_every_sample_once(tmp_path):
+    """The dataset gives each rank its own shards; shard_dataloader took it for a stream every rank reads in
+    full and kept every other batch of those, so clipforge-zeroshot eval/dataset=wds under torchrun scored
+    half the set (12 of 24 samples here) and reported that as the whole."""
+    shards = [
+        write_labelled_shard(
+            tmp_path / f"{s}.tar", [(_png((40 * s, 40 * j, 0)), 6 * s + j) for j in range(6)]
+        )
+        for s in range(4)
+    ]
+    # fork: the children reuse the parent's imports, which spawn would redo (seconds each on 2 cores)
+    args = (2, free_port(), shards, str(tmp_path))
+    mp.start_processes(_wds_rank_labels, args=args, nprocs=2, join=True, start_method="fork")
+    per_rank = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(24))

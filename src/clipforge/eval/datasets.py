@@ -195,9 +195,10 @@ def labelled_wds_dataset(
         empty_check=False,
         handler=wds.warn_and_continue,
     )
-    return ds.map(
-        partial(_labelled_sample, transform=transform, class_index=class_index, label_key=label_key)
-    )
+    ds = ds.map(partial(_labelled_sample, transform=transform, class_index=class_index, label_key=label_key))
+    # it splits by rank itself: shard_dataloader must leave it whole, not stride its batches again
+    ds.world_size = world  # type: ignore[attr-defined]
+    return ds
 
 
 class SyntheticHeldoutDataset(Dataset):

@@ -78,6 +78,11 @@ def test_top_k_of_every_class_is_flagged_not_passed_off_as_a_measurement(handset
     summary |= {"top1": 0.5, "top5": 1.0, "mean_per_class_accuracy": 0.5, "per_class_accuracy": {}}
     assert "top-5 100.00% (every one of 3 classes)" in format_summary(summary | {"trivial_top_k": [5]})
     assert "every one" not in format_summary(summary | {"trivial_top_k": []})
+    # top_k=10 is in the results file, and the printed summary shows it too (it showed top-1 and top-5 only)
+    line = format_summary(summary | {"top10": 1.0, "trivial_top_k": [5, 10]}).splitlines()[2]
+    assert line.startswith(
+        "  top-1 50.00%   top-5 100.00% (every one of 3 classes)   top-10 100.00% (every one"
+    )
 
 
 def test_batches_with_sample_keys_score_the_same(handset_model, tokenizer):

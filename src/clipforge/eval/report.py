@@ -88,14 +88,22 @@ def _trivial(results: dict[str, Any], k: int) -> str:
     )
 
 
+def _top_ks(results: dict[str, Any]) -> list[int]:
+    """The ks of the ``top{k}`` accuracies in ``results``, smallest first (``top_k=`` adds one to 1 and 5)."""
+    return sorted(int(key[3:]) for key in results if key.startswith("top") and key[3:].isdigit())
+
+
 def format_summary(results: dict[str, Any], worst: int = 5) -> str:
     """The lines printed after a zero-shot run: sizes, accuracies, the ``worst`` classes, the results file."""
     lines = [
         f"zero-shot: {results['model']}",
         f"  {results['num_samples']} images, {results['num_classes']} classes, {results['num_templates']} templates"
         + (f", {results['num_skipped']} unreadable images skipped" if results["num_skipped"] else ""),
-        f"  top-1 {100 * results['top1']:.2f}%   top-5 {100 * results['top5']:.2f}%{_trivial(results, 5)}   "
-        f"mean per-class {100 * (results['mean_per_class_accuracy'] or 0):.2f}%   "
+        "  "
+        + "   ".join(
+            f"top-{k} {100 * results[f'top{k}']:.2f}%{_trivial(results, k)}" for k in _top_ks(results)
+        )
+        + f"   mean per-class {100 * (results['mean_per_class_accuracy'] or 0):.2f}%   "
         f"(chance {100 / results['num_classes']:.2f}%)",
     ]
     scored = [(a, c) for c, a in results["per_class_accuracy"].items() if a is not None]

@@ -277,7 +277,7 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
 
     Every rank calls it: the held-out set and the class prompts are split over ranks and reduced.
     """
-    from clipforge.callbacks.evaluation import ZeroShotCallback
+    from clipforge.callbacks.evaluation import ZeroShotCallback, zeroshot_templates
     from clipforge.sharding import SHARDED_HINT, weights_sharded
 
     classnames = getattr(datamodule, "zeroshot_classnames", None)
@@ -306,7 +306,7 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
         res = zero_shot_eval(
             model.to(device).eval(),
             classnames,
-            datamodule.zeroshot_templates,
+            zeroshot_templates(datamodule),  # None (data.zeroshot.templates null) crashed in list() here
             loader,
             device=device,
             progress=trainer.is_global_zero,

@@ -46,3 +46,25 @@ def test_attention_callback_and_final_eval_skip_under_fsdp():
         cb.on_train_batch_end(_trainer(FSDPStrategy()), Boom(), None, None, 0)
     dm = SimpleNamespace(zeroshot_classnames=["a", "b"], zeroshot_dataloader=Boom())
     assert final_zero_shot(Boom(), dm, _trainer(FSDPStrategy())) == {}
+
+
+def test_final_eval_of_a_zero_shot_set_without_templates_uses_the_callbacks_default(monkeypatch):
+    # data.zeroshot.templates null: the callback fell back to "a photo of a {}.", but train's final
+    # evaluation (run when no callback result is reusable, e.g. callbacks=none) called list(None)
+    import clipforge.eval.zeroshot as zeroshot
+
+    seen = {}
+
+    def fake_eval(model, classnames, templates, loader, **kw):
+        seen["templates"] = templates
+        return {"top1": 0.5, "top5": 1.0, "num_samples": 4}
+
+    monkeypatch.setattr(zeroshot, "zero_shot_eval", fake_eval)
+    dm = SimpleNamespace(
+        zeroshot_classnames=["a", "b"], zeroshot_templates=None, zeroshot_dataloader=lambda: []
+    )
+    model = SimpleNamespace(to=lambda device: SimpleNamespace(eval=lambda: "model"))
+    trainer = _trainer(DDPStrategy(), callbacks=[])
+    monkeypatch.setattr(DDPStrategy, "root_device", property(lambda self: "cpu"))
+    assert final_zero_shot(model, dm, trainer)["final/zeroshot_top1"] == 0.5
+    assert seen["templates"] == ["a photo of a {}."]

@@ -79,6 +79,15 @@ def _log(pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         pl_module.log(name, float(value), sync_dist=False, batch_size=1)
 
 
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # data.zeroshot.templates null (conf/data/wds.yaml)
+
+
+def zeroshot_templates(datamodule: Any) -> list[Any]:
+    """The prompt templates of a data module's zero-shot set: its own, else :data:`DEFAULT_TEMPLATES` (the
+    one fallback of the callback and of ``train``'s final evaluation)."""
+    return list(getattr(datamodule, "zeroshot_templates", None) or DEFAULT_TEMPLATES)
+
+
 class ZeroShotCallback(_PeriodicEval):
     """Zero-shot classification of ``trainer.datamodule.zeroshot_dataloader()`` batches ``(images, labels)``.
 
@@ -128,7 +137,7 @@ class ZeroShotCallback(_PeriodicEval):
         if loader is None:
             self._skip("the datamodule's zeroshot_dataloader() returned None")
             return None
-        templates = getattr(dm, "zeroshot_templates", None) or ["a photo of a {}."]
+        templates = zeroshot_templates(dm)
         res = self._eval(pl_module.model, pl_module, list(classnames), list(templates), loader)
         metrics = {f"val/zeroshot_top{k}": res[f"top{k}"] for k in self.top_k}
         metrics["val/zeroshot_mean_per_class"] = res["mean_per_class_accuracy"]

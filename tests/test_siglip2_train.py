@@ -188,17 +188,46 @@ def test_training_batches_carry_the_generators_boxes_in_the_frame_of_each_crop(t
         assert any(box.tolist() == pytest.approx(in_crop(tuple(m["box"]), crop, (32, 32))) for m in matches)
 
 
-def test_a_short_locca_run_trains_the_box_tasks_on_the_data_modules_boxes(tmp_path: Path) -> None:
+def _locca_run(tmp_path: Path, steps: int, *overrides: str) -> tuple[dict, dict]:
+    """A short run of RUN with objectives=locca alone, writing under tmp_path."""
     cfg = _compose(
         "train",
         *(o for o in RUN if not o.startswith(("objectives", "callbacks.zeroshot"))),
         "objectives=locca",
+        *overrides,
     )
     with open_dict(cfg):
-        cfg.trainer.max_steps = 3
+        cfg.trainer.max_steps = steps
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.data_dir = str(tmp_path / "data")
-    metrics, objs = train(cfg)
+    return train(cfg)
+
+
+def test_a_short_locca_run_trains_the_box_tasks_on_the_data_modules_boxes(tmp_path: Path) -> None:
+    metrics, objs = _locca_run(tmp_path, 3)
     assert np.isfinite(metrics["train/locca_loss"]) and objs["trainer"].global_step == 3
     assert {"ref", "grounded"} & set(objs["module"].objectives["locca"].last_tasks)  # box tasks ran
     assert objs["datamodule"].stream.regions and "ema" not in objs["module"]._modules  # locca alone
+
+
+def test_a_locca_run_with_parallel_prediction_trains_the_mask_token_and_still_captions(
+    tmp_path: Path,
+) -> None:
+    metrics, objs = _locca_run(tmp_path, 2, "decoder.parallel_prob=0.5")
+    assert np.isfinite(metrics["train/locca_loss"]) and objs["trainer"].global_step == 2
+    locca = objs["module"].objectives["locca"]
+    assert True in locca.last_parallel and False in locca.last_parallel  # seeded: a mixed batch
+    token = locca.decoder.mask_token
+    group = next(
+        g for g in objs["trainer"].optimizers[0].param_groups if any(p is token for p in g["params"])
+    )
+    assert group["weight_decay"] == 0.0  # an embedding: no weight decay
+    assert objs["trainer"].optimizers[0].state[token]["exp_avg"].abs().max() > 0  # it got gradients
+    # the checkpoint's decoder, mask token included, loads strictly; decoding stays autoregressive
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    _, decoder, _ = load_captioner(ckpt)
+    assert torch.equal(decoder.mask_token, token.detach().cpu())
+    image = tmp_path / "shape.png"
+    synthetic.make_sample(1, "heldout", 32).image.save(image)
+    out = run_caption(_compose("caption", f"checkpoint={ckpt}", f"image={image}", "device=cpu"))
+    assert isinstance(out[str(image)], str)

@@ -43,9 +43,18 @@ def tips() -> TipsLoss:
     return TipsLoss(head(3), embed_dim=WIDTH, start_frac=0.0, mask_ratio=0.5).double()
 
 
-def locca(task_probs=(1.0, 1.0, 1.0)) -> LocCaLoss:
+def locca(task_probs=(1.0, 1.0, 1.0), parallel_prob: float = 0.0) -> LocCaLoss:
     torch.manual_seed(4)
-    dec = TextDecoder(VOCAB, CTX, image_dim=WIDTH, embed_dim=16, depth=1, num_heads=2, num_box_bins=8)
+    dec = TextDecoder(
+        VOCAB,
+        CTX,
+        image_dim=WIDTH,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        num_box_bins=8,
+        parallel_prob=parallel_prob,
+    )
     return LocCaLoss(dec.double(), task_probs=task_probs)
 
 

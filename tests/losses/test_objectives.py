@@ -171,22 +171,20 @@ def test_tips_module_predicts_teacher_patches_at_masked_positions_only() -> None
     torch.testing.assert_close(obj.centre, 0.1 * target.mean(0), rtol=1e-10, atol=1e-14)  # masked patches
 
 
-@pytest.mark.parametrize("task", ["caption", "ref", "grounded"])
-def test_locca_module_scores_the_answer_tokens_of_each_task(task: str) -> None:
-    model = tiny_clip()
-    obj = locca(task_probs=tuple(float(t == task) for t in ("caption", "ref", "grounded")))
+def _locca_batch(model: torch.nn.Module) -> tuple:
+    """Three samples, the third without a box: (batch, images, captions, regions, boxes)."""
     images, caps = torch.randn(3, 3, IMG, IMG, dtype=torch.float64), captions(3)
     regions = captions(3, seed=7)
     boxes = torch.tensor(
         [[0.1, 0.2, 0.5, 0.7], [0.0, 0.0, 1.0, 1.0], [float("nan")] * 4], dtype=torch.float64
     )
     extras = {"boxes": boxes, "region_tokens": regions}
-    batch = objective_batch(model, images, caps, extras)
-    params = {"decoder_embed": obj.decoder.token_embedding.weight, "patch": model.visual.patch_embed.weight}
-    loss = obj(batch, model, None)
-    ours = _grads(loss, params)
-    # the third sample has no box: it is captioned whatever the task
-    assert obj.last_tasks == [task, task, "caption"]
+    return objective_batch(model, images, caps, extras), images, caps, regions, boxes
+
+
+def _locca_reference(obj, model, images, caps, regions, boxes) -> torch.Tensor:
+    """The loss written out from the drawn tasks (and parallel rows): sequences built by hand, the masked
+    inputs of a parallel row are every position from its first answer token on."""
     dec, eot = obj.decoder, 59
     seqs, starts = [], []
     for i in range(3):
@@ -203,13 +201,68 @@ def test_locca_module_scores_the_answer_tokens_of_each_task(task: str) -> None:
     S = max(map(len, seqs))
     seq = torch.tensor([s + [0] * (S - len(s)) for s in seqs])
     is_target = torch.tensor([[starts[i] <= j < len(seqs[i]) for j in range(S)] for i in range(3)])
-    logits = dec(seq[:, :-1], model.visual.forward_features(images))
-    ref = ref_token_ce(logits, seq[:, 1:], is_target[:, 1:])
+    masked = torch.tensor([[obj.last_parallel[i] and j >= starts[i] for j in range(S - 1)] for i in range(3)])
+    hidden = dec.forward_features(
+        seq[:, :-1], model.visual.forward_features(images), masked if masked.any() else None
+    )
+    return ref_token_ce(dec.head(hidden), seq[:, 1:], is_target[:, 1:])
+
+
+@pytest.mark.parametrize("task", ["caption", "ref", "grounded"])
+def test_locca_module_scores_the_answer_tokens_of_each_task(task: str) -> None:
+    model = tiny_clip()
+    obj = locca(task_probs=tuple(float(t == task) for t in ("caption", "ref", "grounded")))
+    batch, *data = _locca_batch(model)
+    params = {"decoder_embed": obj.decoder.token_embedding.weight, "patch": model.visual.patch_embed.weight}
+    loss = obj(batch, model, None)
+    ours = _grads(loss, params)
+    # the third sample has no box: it is captioned whatever the task
+    assert obj.last_tasks == [task, task, "caption"] and obj.last_parallel == [False] * 3
+    ref = _locca_reference(obj, model, *data)
     refg = _grads(ref, params)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
     for k in params:
         assert ours[k].abs().max() > 0
         torch.testing.assert_close(ours[k], refg[k], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("prob", [1.0, 0.5])
+def test_locca_parallel_prediction_scores_each_answer_from_mask_tokens(prob: float) -> None:
+    model = tiny_clip()
+    obj = locca(parallel_prob=prob)
+    batch, *data = _locca_batch(model)
+    dec = obj.decoder
+    params = {"mask_token": dec.mask_token, "decoder_embed": dec.token_embedding.weight}
+    loss = obj(batch, model, None)
+    ours = _grads(loss, params)
+    # seeded: at 1.0 every sample, at 0.5 (this seed) some of them; both kinds of task prompt in the batch
+    assert obj.last_parallel == ([True] * 3 if prob == 1.0 else [True, True, False])
+    assert set(obj.last_tasks) - {"caption"}
+    ref = _locca_reference(obj, model, *data)
+    refg = _grads(ref, params)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
+    for k in params:
+        assert ours[k].abs().max() > 0, k  # the gradient reaches the mask token
+        torch.testing.assert_close(ours[k], refg[k], rtol=1e-8, atol=1e-12)
+
+
+def test_locca_draws_parallel_samples_with_the_probability_and_nothing_at_zero() -> None:
+    obj = locca(parallel_prob=0.25)
+    torch.manual_seed(3)
+    drawn = obj.sample_parallel(20000)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(20000) < 0.25)  # per sample, torch's seeded generator
+    assert abs(drawn.double().mean().item() - 0.25) < 0.015
+    assert obj.eval().sample_parallel(4) is None  # training only, as big_vision's deterministic=False
+    # at 0 nothing is drawn: the random stream after a step is the one without parallel prediction
+    model, off = tiny_clip(), locca()
+    batch, *_ = _locca_batch(model)
+    torch.manual_seed(11)
+    off(batch, model, None)
+    after = torch.get_rng_state()
+    torch.manual_seed(11)
+    off.sample_tasks([True, True, False])
+    assert torch.equal(after, torch.get_rng_state()) and off.last_parallel == [False] * 3
 
 
 def test_locca_without_box_data_captions_every_sample() -> None:

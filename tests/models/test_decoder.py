@@ -147,3 +147,72 @@ def test_smaller_crops_take_a_resampled_position_grid_only_on_request() -> None:
     assert feats.shape == (2, 1 + 4, vit.embed_dim) and full.shape == (2, 1 + 16, vit.embed_dim)
     with pytest.raises(ValueError, match="expected 32x32"):
         vit.forward_features(torch.randn(1, 3, 20, 20), interpolate_pos=True)  # not a multiple of 8
+
+
+def _causal_reference(dec: TextDecoder, seq: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """The decoder's forward as it was before parallel prediction, written out block by block."""
+    ctx = dec.image_proj(dec.image_norm(img))
+    x = dec.token_embedding(seq) + dec.pos_embed[:, : seq.shape[1]]
+    for b in dec.blocks:
+        x = x + b.attn(b.norm1(x), is_causal=True)
+        x = x + b.cross_attn(b.norm2(x), ctx)
+        x = x + b.mlp(b.norm3(x))
+    return dec.head(dec.norm(x))
+
+
+def test_parallel_prob_zero_adds_no_parameter_and_keeps_the_outputs() -> None:
+    kwargs = dict(vocab_size=VOCAB, context_length=12, image_dim=32, embed_dim=32, depth=2, num_heads=4)
+    torch.manual_seed(0)
+    plain = TextDecoder(**kwargs)
+    torch.manual_seed(0)
+    cappa = TextDecoder(**kwargs, parallel_prob=0.5)
+    assert plain.mask_token is None and "mask_token" not in plain.state_dict()
+    extra = set(cappa.state_dict()) - set(plain.state_dict())
+    assert extra == {"mask_token"} and "mask_token" in cappa.no_weight_decay()
+    for k, v in plain.state_dict().items():  # the mask token is drawn last: the rest is unchanged
+        assert torch.equal(v, cappa.state_dict()[k]), k
+    img, seq = torch.randn(2, 17, 32), torch.randint(0, plain.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = _causal_reference(plain, seq, img)
+        assert torch.equal(plain(seq, img), ref) and torch.equal(cappa(seq, img), ref)
+    with pytest.raises(ValueError, match=r"decoder\.parallel_prob > 0"):
+        plain.forward_features(seq, img, torch.ones_like(seq, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True])
+def test_parallel_prob_outside_0_1_is_an_error_naming_the_key(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"decoder\.parallel_prob must be a probability in \[0, 1\]"):
+        small_decoder(parallel_prob=bad)
+
+
+def test_parallel_rows_read_mask_tokens_with_bidirectional_attention() -> None:
+    dec = small_decoder(parallel_prob=1.0)
+    img = torch.randn(2, 17, 32)
+    seq = torch.randint(1, VOCAB, (2, 9))
+    is_target = torch.zeros(2, 10, dtype=torch.bool)
+    is_target[:, 3:] = True  # a prompt of 3 tokens, then the answer; row 1 stays autoregressive
+    masked = dec.parallel_inputs(is_target, torch.tensor([True, False]))
+    assert masked.tolist() == [[False] * 3 + [True] * 6, [False] * 9]
+    with torch.no_grad():
+        out = dec.forward_features(seq, img, masked)
+        set_fused(dec, False)
+        assert (dec.forward_features(seq, img, masked) - out).abs().max() < 1e-5  # the math path agrees
+        set_fused(dec, True)
+        later = seq.clone()
+        later[:, 5] = (later[:, 5] + 1) % VOCAB  # an answer token that the parallel row masks
+        changed = dec.forward_features(later, img, masked)
+        # row 1 is the causal decoder: its prefix ignores the change, the rest reads it
+        causal = dec.forward_features(seq, img)
+        assert (out[1] - causal[1]).abs().max() < 1e-5
+        assert torch.equal(out[0], changed[0])  # the parallel row's inputs are masks: nothing changes
+        assert torch.equal(out[1, :5], changed[1, :5]) and not torch.allclose(out[1, 5:], changed[1, 5:])
+        # bidirectional: the last mask differs from the others only by its position embedding; moving it
+        # moves every earlier output of the parallel row, and none of the causal one
+        dec.pos_embed[0, 8] += torch.randn(32)  # not a constant: the LayerNorms would erase that
+        moved = dec.forward_features(seq, img, masked)
+        moved_causal = dec.forward_features(seq, img)
+    assert (moved[0, :8] - out[0, :8]).abs().amax(dim=-1).min() > 1e-4
+    assert torch.equal(moved_causal[:, :8], causal[:, :8])
+    loss = dec.head(dec.forward_features(seq, img, masked)[0]).logsumexp(-1).sum()
+    loss.backward()
+    assert dec.mask_token.grad is not None and dec.mask_token.grad.abs().max() > 0

@@ -10,6 +10,12 @@ of the (augmented) image the model sees, a row of NaN where a sample has none, a
 ``extras["region_tokens"]`` (B, L) the BPE tokens of the phrase that refers to that box (the tokenizer's
 output, ``[SOT] ... [EOT] 0 ...``). Samples without a box are always captioned; each sample with one draws
 its task with ``task_probs`` (caption, referring, grounded). Without any box data every sample is captioned.
+
+Parallel prediction (``decoder.parallel_prob``, off by default): CapPa's (Tschannen et al., 2023, "Image
+Captioners Are Scalable Vision Learners Too"). In training, each sample is drawn with that probability to
+have its answer predicted in parallel: its answer inputs become the decoder's mask token and its
+self-attention is bidirectional (the task prompt stays visible; :mod:`clipforge.models.decoder`). Same
+targets, same cross-entropy. At 0 nothing is drawn, so the loss and the random stream are as without it.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class LocCaLoss(Objective):
         self.decoder = decoder
         self.task_probs = tuple(float(p) / sum(task_probs) for p in task_probs)
         self.last_tasks: list[str] = []  # the tasks of the last batch (for logging and tests)
+        self.last_parallel: list[bool] = []  # which samples of the last batch were predicted in parallel
 
     def check_model(self, model: CLIP) -> None:
         # the decoder reads the image tower's tokens and writes the text tower's BPE ids at its length
@@ -94,6 +101,14 @@ class LocCaLoss(Objective):
         draws = torch.multinomial(torch.tensor(self.task_probs), len(has_box), replacement=True).tolist()
         return [TASKS[d] if ok else "caption" for d, ok in zip(draws, has_box)]
 
+    def sample_parallel(self, batch_size: int) -> Tensor | None:
+        """(B,) bool: the samples predicted in parallel, each with probability ``decoder.parallel_prob``
+        (torch's per-step seeded generator); None (nothing drawn) when it is 0 or in eval mode."""
+        p = self.decoder.parallel_prob
+        if p == 0 or not self.training:
+            return None
+        return torch.rand(batch_size) < p
+
     def forward(self, batch: ObjectiveBatch, student: CLIP, teacher: Teacher | None) -> Tensor:
         boxes, region_tokens = self.targets(batch)
         B = batch.tokens.shape[0]
@@ -106,11 +121,19 @@ class LocCaLoss(Objective):
             regions, has_box = [None] * B, [False] * B
         tasks = self.sample_tasks(has_box)
         seq, is_target = self.decoder.sequences(tasks, captions, regions, boxes)
+        parallel = self.sample_parallel(B)
+        masked = None
+        if parallel is not None and bool(parallel.any()):  # a CPU tensor: no device sync
+            masked = self.decoder.parallel_inputs(is_target, parallel).to(batch.tokens.device)
         seq, is_target = seq.to(batch.tokens.device), is_target.to(batch.tokens.device)
-        hidden = self.decoder.forward_features(seq[:, :-1], batch.image_tokens)  # (B, S - 1, width)
+        hidden = self.decoder.forward_features(seq[:, :-1], batch.image_tokens, masked)  # (B, S - 1, width)
         wanted = is_target[:, 1:]  # score only the target positions: the vocabulary is large
         self.last_tasks = tasks
+        self.last_parallel = parallel.tolist() if parallel is not None else [False] * B
         return caption_loss(self.decoder.head(hidden[wanted]), seq[:, 1:][wanted])
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, start_frac={self.start_frac}, task_probs={self.task_probs}"
+        return (
+            f"weight={self.weight}, start_frac={self.start_frac}, task_probs={self.task_probs}, "
+            f"parallel_prob={self.decoder.parallel_prob}"
+        )

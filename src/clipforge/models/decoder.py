@@ -4,6 +4,18 @@ trains beside the sigmoid loss. A decoder block is the one of Vaswani et al. (20
 self-attention over the text so far, cross-attention to the image tower's un-pooled patch tokens
 (``VisionTransformer.forward_features``), then an MLP. Trained with teacher forcing; decoded greedily.
 
+Parallel prediction (opt-in, ``parallel_prob``): CapPa's (Tschannen et al., 2023, "Image Captioners Are
+Scalable Vision Learners Too"). With probability ``parallel_prob`` per sample, every decoder input from the
+first answer token on (answer and padding) is replaced by one learned mask token and that sample's
+self-attention is bidirectional, so all its answer tokens are predicted at once from the image (and the
+prompt); the loss is the same token cross-entropy. As big_vision's CapPa decoder
+(``models/proj/cappa/cappa.py``: a per-example draw, in training only; ``masking_ratio=1.0`` masks every
+input position, padding included, so the masks tell a sample no more about its answer's length than the
+batch's longest), except that LocCa's task prompt stays visible (CapPa has none; without it a sample could
+not tell which task to answer) and the sequence keeps its teacher-forcing layout: the input at position j
+predicts token j + 1, the first answer token from the last prompt token. Decoding (``generate``) is always
+autoregressive and causal.
+
 Three tasks share one sequence interface; the first token names the task:
 
     caption            [CAP]  w_1 ... w_n  EOT                   loss on w and EOT
@@ -77,7 +89,8 @@ class CrossAttention(HeadAttention):
 
 
 class DecoderBlock(nn.Module):
-    """x + self_attn(norm(x)) (causal), x + cross_attn(norm(x), image), x + mlp(norm(x))."""
+    """x + self_attn(norm(x)) (causal, or as ``attn_mask`` says), x + cross_attn(norm(x), image),
+    x + mlp(norm(x))."""
 
     def __init__(self, dim: int, num_heads: int, spec: BlockSpec) -> None:
         super().__init__()
@@ -92,8 +105,11 @@ class DecoderBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=spec.norm_eps)
         self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), act=spec.act)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), is_causal=True)
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + (self.attn(h, is_causal=True) if attn_mask is None else self.attn(h, attn_mask=attn_mask))
         x = x + self.cross_attn(self.norm2(x), context)
         return x + self.mlp(self.norm3(x))
 
@@ -102,7 +118,8 @@ class TextDecoder(nn.Module):
     """LocCa's decoder. ``vocab_size``/``context_length`` are the text tower's (its BPE ids and caption
     length); ``image_dim`` the width of the image tower's tokens; ``block``: the settings its blocks share
     (:class:`BlockSpec`, a spec or its mapping; LayerNorm eps 1e-5 by default; no LayerScale or stochastic
-    depth)."""
+    depth); ``parallel_prob``: the share of training samples predicted in parallel (CapPa, see the module
+    docstring); above 0 the decoder owns a learned ``mask_token``, at 0 it has no such parameter."""
 
     groups: ClassVar[dict[str, type]] = {"block": BlockSpec}
 
@@ -116,11 +133,15 @@ class TextDecoder(nn.Module):
         num_heads: int = 8,
         num_box_bins: int = 1024,
         block: BlockSpec | Mapping[str, Any] | None = None,
+        parallel_prob: float = 0.0,
     ) -> None:
         super().__init__()
         block = as_spec(BlockSpec, block, norm_eps=1e-5)
         if num_box_bins < 2:
             raise ValueError(f"num_box_bins must be >= 2, got {num_box_bins}")
+        if isinstance(parallel_prob, bool) or not 0.0 <= float(parallel_prob) <= 1.0:
+            raise ValueError(f"decoder.parallel_prob must be a probability in [0, 1], got {parallel_prob!r}")
+        self.parallel_prob = float(parallel_prob)
         self.text_vocab_size = vocab_size
         self.image_dim = image_dim
         self.context_length = context_length
@@ -141,9 +162,15 @@ class TextDecoder(nn.Module):
         self.apply(init_vit_weights)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
+        # only when used: a default decoder's state_dict (and its checkpoints) keep their keys
+        self.mask_token: nn.Parameter | None = None
+        if self.parallel_prob > 0:
+            self.mask_token = nn.Parameter(torch.empty(embed_dim).normal_(std=0.02))  # as a token embedding
 
     def no_weight_decay(self) -> set[str]:
-        return {"token_embedding.weight", "pos_embed"}
+        return {"token_embedding.weight", "pos_embed"} | (
+            {"mask_token"} if self.mask_token is not None else set()
+        )
 
     @property
     def eot_token_id(self) -> int:
@@ -200,6 +227,14 @@ class TextDecoder(nn.Module):
             is_target[i, len(prompt) : len(seq)] = True
         return tokens, is_target
 
+    def parallel_inputs(self, is_target: torch.Tensor, parallel: torch.Tensor) -> torch.Tensor:
+        """The input positions to mask for parallel prediction: (B, S) ``is_target`` of :meth:`sequences`,
+        (B,) bool ``parallel`` (the samples predicted in parallel) -> (B, S - 1) bool over the inputs
+        ``tokens[:, :-1]``: in a parallel row every position from its first answer token on (answer and
+        padding); the prompt stays visible."""
+        prompt = is_target.cumsum(dim=1) == 0  # before the first answer token
+        return parallel[:, None] & ~prompt[:, :-1]
+
     # -- boxes as tokens -------------------------------------------------------------------------------
     def box_to_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
         """(..., 4) normalised [x0, y0, x1, y1] -> (..., 4) location token ids."""
@@ -210,15 +245,29 @@ class TextDecoder(nn.Module):
         return dequantize_box(tokens - self.loc_offset, self.num_box_bins)
 
     # -- forward -----------------------------------------------------------------------------------------
-    def forward_features(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, embed_dim) after the final norm."""
+    def forward_features(
+        self, tokens: torch.Tensor, image_tokens: torch.Tensor, masked: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, embed_dim) after the final norm.
+        ``masked`` (B, L) bool (:meth:`parallel_inputs`): those inputs become the mask token and a row with
+        any masked input attends bidirectionally (parallel prediction); None: causal everywhere."""
         n = tokens.shape[1]
         if n > self.max_len:
             raise ValueError(f"got {n} decoder tokens but the decoder holds at most {self.max_len}")
         context = self.image_proj(self.image_norm(image_tokens))  # (B, T, embed_dim)
-        x = self.token_embedding(tokens) + self.pos_embed[:, :n]  # (B, n, embed_dim)
+        x = self.token_embedding(tokens)  # (B, n, embed_dim)
+        attn_mask = None
+        if masked is not None:
+            if self.mask_token is None:
+                raise ValueError("masked decoder inputs need a mask token: set decoder.parallel_prob > 0")
+            if masked.shape != tokens.shape:
+                raise ValueError(f"masked has shape {tuple(masked.shape)}, the tokens {tuple(tokens.shape)}")
+            x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            attn_mask = (causal | masked.any(dim=1)[:, None, None])[:, None]  # (B, 1, n, n), True: attend
+        x = x + self.pos_embed[:, :n]
         for blk in self.blocks:
-            x = blk(x, context)
+            x = blk(x, context, attn_mask)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:

@@ -58,15 +58,25 @@ class HeadAttention(nn.Module):
         self.last_attn: torch.Tensor | None = None  # (B, H, Lq, Lk), set by the math path when keep_attn
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        is_causal: bool = False,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, H, Lq, Dh) queries, (B, H, Lk, Dh) keys and values -> (B, H, Lq, Dh)."""
+        """(B, H, Lq, Dh) queries, (B, H, Lk, Dh) keys and values -> (B, H, Lq, Dh). ``attn_mask``: a bool
+        mask broadcastable to (B, H, Lq, Lk), True where a query may attend (instead of ``is_causal``)."""
+        if attn_mask is not None and is_causal:
+            raise ValueError("pass either is_causal or attn_mask, not both")
         if self.fused and not self.keep_attn:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
         if is_causal:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
             attn = attn.masked_fill(mask, float("-inf"))
+        if attn_mask is not None:
+            attn = attn.masked_fill(~attn_mask, float("-inf"))
         attn = attn.softmax(dim=-1)
         if self.keep_attn:
             self.last_attn = attn.detach()
@@ -82,11 +92,13 @@ class Attention(HeadAttention):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        x = self.attend(q, k, v, is_causal)  # (B, H, N, Dh)
+        x = self.attend(q, k, v, is_causal, attn_mask)  # (B, H, N, Dh)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 

@@ -159,3 +159,11 @@ def test_fsdp2_overrides_compose() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
     assert cfg.trainer.max_steps == 20 and "ModelParallel" in cfg.trainer.strategy._target_
+
+
+def test_no_wheels_to_install_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """measure_all.sh reads --missing-wheels with mapfile: a lone blank line became one empty wheel name,
+    and the script ran `pip install ''` (ERROR: Invalid requirement) whenever .whl/ was absent or complete."""
+    assert device.main(["--missing-wheels", str(tmp_path / "absent")]) == 0
+    assert device.main(["--missing-wheels", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ""

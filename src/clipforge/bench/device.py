@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--missing-wheels", metavar="DIR", help="print the wheels of DIR to install; exit")
     args = ap.parse_args(argv)
     if args.missing_wheels:
-        print("\n".join(missing_wheels(args.missing_wheels)))
+        for wheel in missing_wheels(args.missing_wheels):  # none: print nothing (no blank name for mapfile)
+            print(wheel)
         return 0
     # measure_all.sh sets MEASURE_T0 before its installs, so they count against the total
     deadline = float(os.environ.get("MEASURE_T0", time.time())) + args.total_s

@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from clipforge.callbacks.schedule import logger_step
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
@@ -42,12 +43,13 @@ class _PeriodicEval(L.Callback):
         self.every_n_epochs = every_n_epochs
         self._last_step = -1
         self._warned = False
+        self._log_step = 0  # the logger's step of the metrics of the evaluation under way (logger_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         # with gradient accumulation several batches share a global step: evaluate once
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
+            self._last_step, self._log_step = step, logger_step(trainer)
             self._maybe_evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -57,7 +59,7 @@ class _PeriodicEval(L.Callback):
             and epoch % self.every_n_epochs == 0
             and trainer.global_step != self._last_step
         ):
-            self._last_step = trainer.global_step
+            self._last_step, self._log_step = trainer.global_step, logger_step(trainer, epoch_end=True)
             self._maybe_evaluate(trainer, pl_module)
 
     def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -170,15 +172,14 @@ class ZeroShotCallback(_PeriodicEval):
         )
         if not wandb_loggers and not self.save_dir:
             return
-        fig = confusion_matrix_figure(
-            res["confusion"], classnames, title=f"zero-shot, step {trainer.global_step}"
-        )
+        fig = confusion_matrix_figure(res["confusion"], classnames, title=f"zero-shot, step {self._log_step}")
         if self.save_dir:
             save_figure(fig, Path(self.save_dir) / f"zeroshot_confusion_step{trainer.global_step:08d}.png")
         if wandb_loggers:
             image = figure_to_image(fig)
             for lg in wandb_loggers:
-                lg.log_image("val/zeroshot_confusion", [image], step=trainer.global_step)
+                # in the row of the val/zeroshot_* scalars of this evaluation
+                lg.log_image("val/zeroshot_confusion", [image], step=self._log_step)
 
 
 class RetrievalCallback(_PeriodicEval):

@@ -20,6 +20,18 @@ def logging_step(trainer: Any, step_done: bool = False) -> bool:
     return step % every == 0 or bool(trainer.should_stop)
 
 
+def logger_step(trainer: Any, epoch_end: bool = False) -> int:
+    """The step Lightning's loggers file the values logged now under (W&B's ``trainer/global_step``):
+    during a training batch's hooks and the validation after it, the number of batches that stepped
+    before this one, so one less than ``trainer.global_step`` once the batch's optimizer step is done;
+    in ``on_train_epoch_end`` (``epoch_end``) the last batch's. Pictures logged at it sit in the same row
+    as the scalars of the same moment; at ``global_step`` they were one step ahead, and W&B's step axis
+    went back by one after each of them.
+    """
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what LoggerConnector.log_metrics uses
+    return max(step - 1, 0) if epoch_end else step
+
+
 class EveryNSteps(Callback):
     """Base of the callbacks that draw every ``every_n_steps`` optimizer steps. With gradient accumulation
     several batches end on one ``global_step``: :meth:`due` is true for the first of them only."""

@@ -109,6 +109,8 @@ def test_zeroshot_callback_logs_exact_metrics_and_restores_train_mode(
     # each picture at Lightning's logger step of its evaluation: with the val/zeroshot_* scalars it shows
     steps = [s for _, s in logger.images]
     assert steps == [1, 2, 3, 5]
+    # and every evaluation's scalars reach the logger, though trainer.log_every_n_steps (50) skips those steps
+    assert logger.metric_steps["val/zeroshot_top1"] == steps
     assert len(list(tmp_path.glob("zeroshot_confusion_step*.png"))) == 4
 
 

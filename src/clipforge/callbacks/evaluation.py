@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from clipforge.callbacks.schedule import logger_step
+from clipforge.callbacks.schedule import logger_step, logging_step
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
@@ -44,13 +44,14 @@ class _PeriodicEval(L.Callback):
         self._last_step = -1
         self._warned = False
         self._log_step = 0  # the logger's step of the metrics of the evaluation under way (logger_step)
+        self._off_log_step = False  # under way in a training batch whose values Lightning does not send
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         # with gradient accumulation several batches share a global step: evaluate once
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step, self._log_step = step, logger_step(trainer)
-            self._maybe_evaluate(trainer, pl_module)
+            self._last_step = step
+            self._maybe_evaluate(trainer, pl_module, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -59,26 +60,38 @@ class _PeriodicEval(L.Callback):
             and epoch % self.every_n_epochs == 0
             and trainer.global_step != self._last_step
         ):
-            self._last_step, self._log_step = trainer.global_step, logger_step(trainer, epoch_end=True)
-            self._maybe_evaluate(trainer, pl_module)
+            self._last_step = trainer.global_step
+            self._maybe_evaluate(trainer, pl_module, epoch_end=True)
 
-    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not skip_when_sharded(self, trainer, "evaluation"):
+    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch_end: bool) -> None:
+        if skip_when_sharded(self, trainer, "evaluation"):
+            return
+        self._log_step = logger_step(trainer, epoch_end=epoch_end)
+        self._off_log_step = not epoch_end and not logging_step(trainer, step_done=True)
+        try:
             self.evaluate(trainer, pl_module)
+        finally:
+            self._off_log_step = False
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         raise NotImplementedError
+
+    def _log(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        values = {name: float(value) for name, value in metrics.items()}
+        for name, value in values.items():
+            # already reduced over ranks: every rank holds the same value, so no sync
+            pl_module.log(name, value, sync_dist=False, batch_size=1)
+        if self._off_log_step:
+            # Lightning sends a training batch's values to the loggers on its log steps only
+            # (trainer.log_every_n_steps): an evaluation on another step reached callback_metrics (checkpoint
+            # monitors, the progress bar) and no logger. Sent here, on that step's row; loggers write on rank 0.
+            for lg in pl_module.trainer.loggers:
+                lg.log_metrics(values, step=self._log_step)
 
     def _skip(self, why: str) -> None:
         if not self._warned:
             rank_zero_warn(f"{type(self).__name__}: {why}; skipping this evaluation from now on")
             self._warned = True
-
-
-def _log(pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
-    for name, value in metrics.items():
-        # already reduced over ranks: every rank holds the same value, so no sync
-        pl_module.log(name, float(value), sync_dist=False, batch_size=1)
 
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)  # data.zeroshot.templates null (conf/data/wds.yaml)
@@ -147,9 +160,9 @@ class ZeroShotCallback(_PeriodicEval):
             res_ema = self._eval(pl_module.ema["model"], pl_module, list(classnames), list(templates), loader)
             metrics |= {f"val/ema_zeroshot_top{k}": res_ema[f"top{k}"] for k in self.top_k}
             metrics["val/ema_zeroshot_mean_per_class"] = res_ema["mean_per_class_accuracy"]
-        _log(pl_module, metrics)
+        self._log(pl_module, metrics)
         if res["num_skipped"]:
-            _log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
+            self._log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
         if trainer.is_global_zero and (self.log_confusion or self.save_dir):
             self._confusion_picture(trainer, res, list(classnames))
         self.last_result, self.last_result_step = res, trainer.global_step
@@ -223,6 +236,6 @@ class RetrievalCallback(_PeriodicEval):
         metrics = {f"val/i2t_r{k}": res[f"i2t_r{k}"] for k in self.ks}
         metrics |= {f"val/t2i_r{k}": res[f"t2i_r{k}"] for k in self.ks}
         metrics["val/retrieval_mean_recall"] = res["mean_recall"]
-        _log(pl_module, metrics)
+        self._log(pl_module, metrics)
         self.last_result = res
         return res

@@ -214,6 +214,23 @@ def test_offline_run_has_metrics_pictures_config_and_artifacts(compose_cfg, tmp_
     )
 
 
+def test_resumed_run_logs_into_the_checkpoints_wandb_run(compose_cfg, wandb_env) -> None:
+    quick = ("~callbacks.attention_maps", "~callbacks.similarity_heatmap", "~callbacks.zeroshot")
+    quick += ("~callbacks.retrieval", "final_eval=false", "trainer.log_every_n_steps=1", "logger=wandb")
+    quick += tuple(o for o in RUN if o.startswith("data."))
+    train(compose_cfg(*quick, "trainer.max_steps=2"))
+    cfg = compose_cfg(*quick, "trainer.max_steps=4", "ckpt_path=auto")  # the same output dir
+    train(cfg)
+
+    first, second = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    before, after = read_wandb_run(first), read_wandb_run(second)
+    assert after["run"].run_id == before["run"].run_id  # one W&B run (`wandb sync` of both dirs joins them)
+    steps = [
+        [r["trainer/global_step"] for r in run["history"] if "train/loss" in r] for run in (before, after)
+    ]
+    assert steps == [[0, 1], [2, 3]]  # and its step goes on from the checkpoint's
+
+
 # -- the callbacks on their own ----------------------------------------------------------------------------
 def test_similarity_logits_and_heatmap() -> None:
     g = torch.Generator().manual_seed(0)

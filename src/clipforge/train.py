@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,10 @@ def summarize(
         run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(
             logger, "log_dir", None
         )
+        if not isinstance(
+            run_dir, str | os.PathLike
+        ):  # off rank 0, Lightning's dummy run: every name a no-op
+            run_dir = None
         wandb = type(logger).__name__ == "WandbLogger"
         if wandb and run_dir and Path(run_dir).name == "files":
             run_dir = str(Path(run_dir).parent)  # wandb's run.dir is <run>/files; `wandb sync` takes <run>

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from clipforge.callbacks.schedule import logger_step, logging_step
+from clipforge.callbacks.schedule import logger_step, logging_step, off_the_clock
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
@@ -69,7 +69,8 @@ class _PeriodicEval(L.Callback):
         self._log_step = logger_step(trainer, epoch_end=epoch_end)
         self._off_log_step = not epoch_end and not logging_step(trainer, step_done=True)
         try:
-            self.evaluate(trainer, pl_module)
+            with off_the_clock(trainer):  # not training time: no dent in train/samples_per_s
+                self.evaluate(trainer, pl_module)
         finally:
             self._off_log_step = False
 

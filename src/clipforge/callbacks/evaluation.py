@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from clipforge.callbacks.schedule import logger_step, logging_step, off_the_clock
+from clipforge.callbacks.schedule import logger_step, off_the_clock
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
@@ -44,7 +45,7 @@ class _PeriodicEval(L.Callback):
         self._last_step = -1
         self._warned = False
         self._log_step = 0  # the logger's step of the metrics of the evaluation under way (logger_step)
-        self._off_log_step = False  # under way in a training batch whose values Lightning does not send
+        self._in_batch = False  # the evaluation under way runs in on_train_batch_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -67,27 +68,31 @@ class _PeriodicEval(L.Callback):
         if skip_when_sharded(self, trainer, "evaluation"):
             return
         self._log_step = logger_step(trainer, epoch_end=epoch_end)
-        self._off_log_step = not epoch_end and not logging_step(trainer, step_done=True)
+        self._in_batch = not epoch_end
         try:
             with off_the_clock(trainer):  # not training time: no dent in train/samples_per_s
                 self.evaluate(trainer, pl_module)
         finally:
-            self._off_log_step = False
+            self._in_batch = False
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         raise NotImplementedError
 
     def _log(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         values = {name: float(value) for name, value in metrics.items()}
-        for name, value in values.items():
-            # already reduced over ranks: every rank holds the same value, so no sync
-            pl_module.log(name, value, sync_dist=False, batch_size=1)
-        if self._off_log_step:
-            # Lightning sends a training batch's values to the loggers on its log steps only
-            # (trainer.log_every_n_steps): an evaluation on another step reached callback_metrics (checkpoint
-            # monitors, the progress bar) and no logger. Sent here, on that step's row; loggers write on rank 0.
-            for lg in pl_module.trainer.loggers:
-                lg.log_metrics(values, step=self._log_step)
+        if not self._in_batch:  # at an epoch's end Lightning sends them with the epoch's metrics
+            for name, value in values.items():
+                # already reduced over ranks: every rank holds the same value, so no sync
+                pl_module.log(name, value, sync_dist=False, batch_size=1)
+            return
+        # In a training batch, self.log reached the loggers on Lightning's log steps only
+        # (trainer.log_every_n_steps), and then again at every later log step of the epoch (a step value
+        # stays in Lightning's results until the epoch ends). Sent once here, on this step's row (the
+        # loggers write on rank 0), and kept in callback_metrics for checkpoint monitors and train().
+        trainer = pl_module.trainer
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        for lg in trainer.loggers:
+            lg.log_metrics(values, step=self._log_step)
 
     def _skip(self, why: str) -> None:
         if not self._warned:

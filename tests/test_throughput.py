@@ -11,7 +11,8 @@ import torch
 from clipforge.callbacks import ThroughputMonitor, throughput
 
 
-def test_samples_per_s_leaves_out_validation_and_epoch_end_work(monkeypatch: pytest.MonkeyPatch) -> None:
+def _timed_run(monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """A ThroughputMonitor on a fake trainer and clock: (monitor, trainer, module, clock, logged, step)."""
     clock = [0.0]
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
     logged: dict[int, float] = {}
@@ -37,6 +38,12 @@ def test_samples_per_s_leaves_out_validation_and_epoch_end_work(monkeypatch: pyt
         trainer.global_step += 1
         cb.on_train_batch_end(trainer, module, {}, batch, 0)
 
+    return cb, trainer, module, clock, logged, step
+
+
+def test_samples_per_s_leaves_out_validation_and_epoch_end_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    cb, trainer, module, clock, logged, step = _timed_run(monkeypatch)
+
     def pause(seconds: float) -> None:
         cb.on_validation_start(trainer, module)
         clock[0] += seconds  # validation, then the epoch-end evaluations and checkpoints
@@ -54,3 +61,20 @@ def test_samples_per_s_leaves_out_validation_and_epoch_end_work(monkeypatch: pyt
     step()
     # 8 samples a second of training; after a mid-epoch validation only the batch's compute is timed
     assert logged == {2: 8.0, 4: 16 / 2.0, 6: 16 / 1.75}
+
+
+def test_samples_per_s_leaves_out_pictures_and_evaluations_drawn_between_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clipforge.callbacks.schedule import off_the_clock
+
+    cb, trainer, module, clock, logged, step = _timed_run(monkeypatch)
+    cb.on_train_start(trainer, module)
+    cb.on_train_epoch_start(trainer, module)
+    step(load=5.0)  # warm-up
+    step()
+    with off_the_clock(trainer):  # a heatmap or a zero-shot evaluation after step 2's batch
+        clock[0] += 30.0
+    step()
+    step()
+    assert logged == {2: 8.0, 4: 8.0}  # it made step 4's window read 16 / 32 s: 0.5 samples/s

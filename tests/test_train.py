@@ -310,6 +310,22 @@ def test_summary_says_when_the_wandb_run_is_offline() -> None:
     assert "wandb sync" not in summarize({}, trainer, WandbLogger(offline=False))
 
 
+def test_summary_on_a_rank_other_than_0_of_a_wandb_run() -> None:
+    # under DDP only rank 0 has the W&B run; the others hold Lightning's dummy experiment, whose `dir` is a
+    # no-op method: every rank but 0 crashed in Path(...) after training (the job failed at its very end)
+    from types import SimpleNamespace
+
+    from lightning.fabric.loggers.logger import _DummyExperiment
+
+    from clipforge.train import summarize
+
+    class WandbLogger:
+        experiment = _DummyExperiment()
+
+    text = summarize({}, SimpleNamespace(global_step=3, checkpoint_callbacks=[]), WandbLogger())
+    assert "WandbLogger -> None" in text
+
+
 def test_logging_step_follows_lightnings_own_cadence_from_public_counters(compose_cfg) -> None:
     """``callbacks.schedule.logging_step`` reads only public trainer state; it must pick exactly the steps
     whose logged values Lightning records (its private ``should_update_logs``), before and after the step."""

@@ -183,12 +183,25 @@ def test_offline_run_has_metrics_pictures_config_and_artifacts(compose_cfg, tmp_
     assert len(evals) == 1 and 0 <= evals[0]["val/zeroshot_top1"] <= evals[0]["val/zeroshot_top5"] <= 1
 
     # Pictures: the similarity heatmap every 2 steps and the attention maps, as PNG files of the run.
-    pictures = {}
+    pictures, picture_steps = {}, {}
     for row in run["history"]:
         for key, value in row.items():
             if key.endswith("/filenames"):
                 pictures.setdefault(key.removesuffix("/filenames"), []).extend(value)
+                picture_steps.setdefault(key.removesuffix("/filenames"), []).append(
+                    row["trainer/global_step"]
+                )
     assert len(pictures["train/similarity"]) == STEPS // 2
+    # One step axis that never goes back: each picture in the row of the scalars of its moment, the heatmap
+    # of the batches of optimizer steps 2 and 4 with their train/loss, the confusion matrix with val/zeroshot_*.
+    steps = [r["trainer/global_step"] for r in run["history"]]
+    assert steps == sorted(steps), steps
+    assert picture_steps["train/similarity"] == [
+        rows[1]["trainer/global_step"],
+        rows[3]["trainer/global_step"],
+    ]
+    assert picture_steps["viz/attention_heads"] == picture_steps["train/similarity"]
+    assert picture_steps["val/zeroshot_confusion"] == [evals[0]["trainer/global_step"]]
     assert {"viz/patch_grid", "viz/attention_heads", "viz/attention_rollout"} <= pictures.keys()
     for name in pictures["train/similarity"] + pictures["viz/attention_heads"]:
         with Image.open(run_dir / "files" / name) as im:
@@ -199,6 +212,23 @@ def test_offline_run_has_metrics_pictures_config_and_artifacts(compose_cfg, tmp_
         a.type == "model" and [e.path for e in a.manifest.contents] == ["model.ckpt"]
         for a in run["artifacts"]
     )
+
+
+def test_resumed_run_logs_into_the_checkpoints_wandb_run(compose_cfg, wandb_env) -> None:
+    quick = ("~callbacks.attention_maps", "~callbacks.similarity_heatmap", "~callbacks.zeroshot")
+    quick += ("~callbacks.retrieval", "final_eval=false", "trainer.log_every_n_steps=1", "logger=wandb")
+    quick += tuple(o for o in RUN if o.startswith("data."))
+    train(compose_cfg(*quick, "trainer.max_steps=2"))
+    cfg = compose_cfg(*quick, "trainer.max_steps=4", "ckpt_path=auto")  # the same output dir
+    train(cfg)
+
+    first, second = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    before, after = read_wandb_run(first), read_wandb_run(second)
+    assert after["run"].run_id == before["run"].run_id  # one W&B run (`wandb sync` of both dirs joins them)
+    steps = [
+        [r["trainer/global_step"] for r in run["history"] if "train/loss" in r] for run in (before, after)
+    ]
+    assert steps == [[0, 1], [2, 3]]  # and its step goes on from the checkpoint's
 
 
 # -- the callbacks on their own ----------------------------------------------------------------------------

@@ -116,6 +116,7 @@ def _checkpoint_file(path: Path, kind: CheckpointKind) -> Path:
 # config, ...}``, where ContrastiveModule keeps the two-tower model under ``model.`` and the EMA of the
 # whole module (clipforge.ema.ModelEMA, ``ema=default``) under ``ema.shadow.``.
 CONFIG_KEY = "clipforge_config"
+WANDB_RUN_KEY = "clipforge_wandb_run_id"  # the W&B run that wrote the checkpoint: a resume logs into it
 IMPORTED_CHECKPOINT = "model.ckpt"  # the checkpoint in the folder `clipforge-convert import --out` writes
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.shadow."
@@ -156,14 +157,19 @@ def is_checkpoint(path: str | Path) -> bool:
 def checkpoint_config(path: str | Path) -> dict[str, Any] | None:
     """The resolved config stored in a clipforge checkpoint (a file, a sharded folder or an import folder),
     read without loading its tensors into memory; ``None`` when it stores none."""
+    return checkpoint_entry(path, CONFIG_KEY)
+
+
+def checkpoint_entry(path: str | Path, key: str) -> Any:
+    """The top-level entry ``key`` of a checkpoint (as :func:`checkpoint_config`), ``None`` without one."""
     from clipforge.fault.atomic_io import safe_torch_load
     from clipforge.fault.sharded import verify_sharded_checkpoint
 
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "sharded":
-        return verify_sharded_checkpoint(path)["meta"].get(CONFIG_KEY)
-    return safe_torch_load(_checkpoint_file(path, kind), mmap=True).get(CONFIG_KEY)
+        return verify_sharded_checkpoint(path)["meta"].get(key)
+    return safe_torch_load(_checkpoint_file(path, kind), mmap=True).get(key)
 
 
 def config_differences(stored: Any, current: Any, prefix: str) -> list[str]:

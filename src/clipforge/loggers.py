@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # the module imports this file for wandb_run_id and stays free of Hydra
+    from omegaconf import DictConfig
 
 
-def instantiate_logger(cfg: DictConfig | None) -> Any:
-    """The logger of ``cfg`` (a ``conf/logger`` node), or ``False`` (Lightning's "no logger") without one."""
+def instantiate_logger(cfg: DictConfig | None, resume_run: str | None = None) -> Any:
+    """The logger of ``cfg`` (a ``conf/logger`` node), or ``False`` (Lightning's "no logger") without one.
+
+    ``resume_run``: the W&B run id stored in the checkpoint this run resumes from; the run logs into it
+    (``resume="allow"``) unless ``logger.id`` or an exported ``WANDB_RUN_ID`` names a run. Without it every
+    resume (``ckpt_path=auto`` after a crash) started a new W&B run, the curves split across runs.
+    """
+    from hydra.utils import instantiate
+
     if not cfg or "_target_" not in cfg:
         return False
     if cfg._target_.endswith("WandbLogger"):
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        logger = instantiate(cfg, **wandb_run_options(cfg), _convert_="all")
+        options = wandb_run_options(cfg)
+        if resume_run and not cfg.get("id") and "WANDB_RUN_ID" not in os.environ:
+            options |= {"id": resume_run, "resume": "allow"}
+        logger = instantiate(cfg, **options, _convert_="all")
         # Lightning passes anonymous=None to every wandb.init, and wandb warns about the key whatever its
         # value ("has no effect"), before the silent setting applies: the no-op key goes, the warning with it.
         init = getattr(logger, "_wandb_init", None)
@@ -72,6 +82,13 @@ def finish_wandb(logger: Any, exit_code: int) -> None:
 
         if wandb.run is not None:
             wandb.finish(exit_code=exit_code)
+
+
+def wandb_run_id(logger: Any) -> str | None:
+    """The id of a ``WandbLogger``'s run (stored in checkpoints for a resume), ``None`` for other loggers."""
+    if type(logger).__name__ != "WandbLogger":
+        return None
+    return logger.version
 
 
 def wandb_offline(logger: Any) -> bool:

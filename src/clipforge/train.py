@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers_kept
 from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
+    WANDB_RUN_KEY,
     build_model,
+    checkpoint_entry,
     init_from,
     is_checkpoint,
     model_differences,
@@ -179,7 +182,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # Lightning adds an epoch-end ModelCheckpoint of its own when no callback is one; here the callbacks
         # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
         extra["enable_checkpointing"] = any(isinstance(cb, Checkpoint) for cb in callbacks)
-    logger = instantiate_logger(cfg.get("logger"))
+    resume_run = checkpoint_entry(ckpt_path, WANDB_RUN_KEY) if ckpt_path is not None else None
+    logger = instantiate_logger(cfg.get("logger"), resume_run)
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()], **extra
@@ -364,6 +368,10 @@ def summarize(
         run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(
             logger, "log_dir", None
         )
+        if not isinstance(
+            run_dir, str | os.PathLike
+        ):  # off rank 0, Lightning's dummy run: every name a no-op
+            run_dir = None
         wandb = type(logger).__name__ == "WandbLogger"
         if wandb and run_dir and Path(run_dir).name == "files":
             run_dir = str(Path(run_dir).parent)  # wandb's run.dir is <run>/files; `wandb sync` takes <run>

@@ -60,12 +60,14 @@ class FakeWandb(Logger):
     def __init__(self) -> None:
         super().__init__()
         self.images: list[tuple[str, int]] = []
+        self.metric_steps: dict[str, list[int]] = {}
 
     name = "fake"
     version = 0
 
     def log_metrics(self, metrics, step=None):
-        pass
+        for key in metrics:
+            self.metric_steps.setdefault(key, []).append(step)
 
     def log_hyperparams(self, params, *args, **kwargs):
         pass
@@ -75,8 +77,9 @@ class FakeWandb(Logger):
         self.images.append((key, step))
 
 
-def _fit(module, data, callbacks, max_epochs=2, logger=False):
+def _fit(module, data, callbacks, max_epochs=2, logger=False, log_every_n_steps=50):
     trainer = L.Trainer(
+        log_every_n_steps=log_every_n_steps,
         accelerator="cpu",
         max_epochs=max_epochs,
         logger=logger,
@@ -97,15 +100,19 @@ def test_zeroshot_callback_logs_exact_metrics_and_restores_train_mode(
     logger = FakeWandb()
     cb = ZeroShotCallback(every_n_steps=2, every_n_epochs=1, save_dir=str(tmp_path))
     module = TinyModule(handset_model)
-    trainer = _fit(module, TinyData(tokenizer), [cb], logger=logger)
+    trainer = _fit(module, TinyData(tokenizer), [cb], logger=logger, log_every_n_steps=3)
     assert trainer.callback_metrics["val/zeroshot_top1"] == pytest.approx(4 / 6)
     assert trainer.callback_metrics["val/zeroshot_top5"] == pytest.approx(1.0)
     assert trainer.callback_metrics["val/zeroshot_mean_per_class"] == pytest.approx(2 / 3)
     assert cb.last_result["confusion"].tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert all(module.train_modes) and len(module.train_modes) == 6
     # 3 steps per epoch, 6 steps: every 2 steps (2, 4, 6) and each epoch end (3; 6 already done)
+    # each picture at Lightning's logger step of its evaluation: with the val/zeroshot_* scalars it shows
     steps = [s for _, s in logger.images]
-    assert steps == [2, 3, 4, 6]
+    assert steps == [1, 2, 3, 5]
+    # and every evaluation's scalars reach the logger once, on its step, though trainer.log_every_n_steps (3)
+    # skips some of them (Lightning sent them later, again at each log step of the epoch, or not at all)
+    assert logger.metric_steps["val/zeroshot_top1"] == steps
     assert len(list(tmp_path.glob("zeroshot_confusion_step*.png"))) == 4
 
 

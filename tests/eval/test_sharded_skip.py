@@ -14,7 +14,12 @@ from clipforge.train import final_zero_shot
 
 
 def _trainer(strategy, **kw):
-    return SimpleNamespace(strategy=strategy, global_step=4, current_epoch=0, is_global_zero=True, **kw)
+    # after the 4th optimizer step, whose values Lightning logs at step 3
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=3))
+    return SimpleNamespace(
+        strategy=strategy, global_step=4, current_epoch=0, is_global_zero=True, fit_loop=loop,
+        log_every_n_steps=1, should_stop=False, **kw,
+    )  # fmt: skip
 
 
 def test_weights_sharded_by_strategy_type():

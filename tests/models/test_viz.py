@@ -219,18 +219,20 @@ def test_callback_logs_every_n_steps_to_wandb_only() -> None:
     wandb = RecordingWandb()
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[CSVLogger("unused"), wandb])
     callback = AttentionMapCallback(every_n_steps=2)
-    for step in [0, 0, 1, 2, 3]:  # 0 twice: gradient accumulation repeats a step
+    for step in [2, 2, 3, 4, 5]:  # 2 twice: gradient accumulation repeats a step
         trainer.global_step = step
+        # Lightning's logger step for this batch (its scalars' row): the batches that stepped before it
+        trainer.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step - 1))
         callback.on_train_batch_end(trainer, SimpleNamespace(model=model), None, batch, 0)
     assert sorted({(k, s) for k, s, _ in wandb.logged}) == sorted(
         (f"viz/{n}", s)
         for n in ("patch_grid", "pos_embed_similarity", "attention_heads", "attention_rollout")
-        for s in (0, 2)
+        for s in (1, 3)  # drawn after steps 2 and 4, in the rows of their scalars
     )
     assert len(wandb.logged) == 8 and all(len(shape) == 3 and shape[2] == 3 for _, _, shape in wandb.logged)
     assert model.training
     trainer.loggers = [CSVLogger("unused")]  # no W&B: nothing to do, no error
-    trainer.global_step = 4
+    trainer.global_step = 6
     callback.on_train_batch_end(trainer, SimpleNamespace(model=model), None, batch, 0)
     assert len(wandb.logged) == 8
 

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from clipforge.callbacks.schedule import EveryNSteps
+from clipforge.callbacks.schedule import EveryNSteps, logger_step, off_the_clock
 from clipforge.sharding import skip_when_sharded
 from clipforge.viz.attention import figure_to_array, vit_figures
 
@@ -47,11 +47,12 @@ class AttentionMapCallback(EveryNSteps):
         logger = wandb_logger(trainer)
         if logger is None:
             return
-        step = trainer.global_step
+        step = logger_step(trainer)  # with this step's scalars
         image = self.image_source if self.image_source is not None else self._first_image(batch)
         model = getattr(pl_module, "model", pl_module)
-        for name, fig in vit_figures(model, image, layer=self.layer).items():
-            logger.log_image(key=f"{self.key}/{name}", images=[figure_to_array(fig)], step=step)
+        with off_the_clock(trainer):
+            for name, fig in vit_figures(model, image, layer=self.layer).items():
+                logger.log_image(key=f"{self.key}/{name}", images=[figure_to_array(fig)], step=step)
 
     @staticmethod
     def _first_image(batch: Any) -> torch.Tensor:

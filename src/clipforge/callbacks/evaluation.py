@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from clipforge.callbacks.schedule import logger_step, off_the_clock
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
@@ -42,13 +44,15 @@ class _PeriodicEval(L.Callback):
         self.every_n_epochs = every_n_epochs
         self._last_step = -1
         self._warned = False
+        self._log_step = 0  # the logger's step of the metrics of the evaluation under way (logger_step)
+        self._in_batch = False  # the evaluation under way runs in on_train_batch_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         # with gradient accumulation several batches share a global step: evaluate once
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
-            self._maybe_evaluate(trainer, pl_module)
+            self._maybe_evaluate(trainer, pl_module, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -58,25 +62,42 @@ class _PeriodicEval(L.Callback):
             and trainer.global_step != self._last_step
         ):
             self._last_step = trainer.global_step
-            self._maybe_evaluate(trainer, pl_module)
+            self._maybe_evaluate(trainer, pl_module, epoch_end=True)
 
-    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not skip_when_sharded(self, trainer, "evaluation"):
-            self.evaluate(trainer, pl_module)
+    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch_end: bool) -> None:
+        if skip_when_sharded(self, trainer, "evaluation"):
+            return
+        self._log_step = logger_step(trainer, epoch_end=epoch_end)
+        self._in_batch = not epoch_end
+        try:
+            with off_the_clock(trainer):  # not training time: no dent in train/samples_per_s
+                self.evaluate(trainer, pl_module)
+        finally:
+            self._in_batch = False
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         raise NotImplementedError
+
+    def _log(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        values = {name: float(value) for name, value in metrics.items()}
+        if not self._in_batch:  # at an epoch's end Lightning sends them with the epoch's metrics
+            for name, value in values.items():
+                # already reduced over ranks: every rank holds the same value, so no sync
+                pl_module.log(name, value, sync_dist=False, batch_size=1)
+            return
+        # In a training batch, self.log reached the loggers on Lightning's log steps only
+        # (trainer.log_every_n_steps), and then again at every later log step of the epoch (a step value
+        # stays in Lightning's results until the epoch ends). Sent once here, on this step's row (the
+        # loggers write on rank 0), and kept in callback_metrics for checkpoint monitors and train().
+        trainer = pl_module.trainer
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        for lg in trainer.loggers:
+            lg.log_metrics(values, step=self._log_step)
 
     def _skip(self, why: str) -> None:
         if not self._warned:
             rank_zero_warn(f"{type(self).__name__}: {why}; skipping this evaluation from now on")
             self._warned = True
-
-
-def _log(pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
-    for name, value in metrics.items():
-        # already reduced over ranks: every rank holds the same value, so no sync
-        pl_module.log(name, float(value), sync_dist=False, batch_size=1)
 
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)  # data.zeroshot.templates null (conf/data/wds.yaml)
@@ -145,9 +166,9 @@ class ZeroShotCallback(_PeriodicEval):
             res_ema = self._eval(pl_module.ema["model"], pl_module, list(classnames), list(templates), loader)
             metrics |= {f"val/ema_zeroshot_top{k}": res_ema[f"top{k}"] for k in self.top_k}
             metrics["val/ema_zeroshot_mean_per_class"] = res_ema["mean_per_class_accuracy"]
-        _log(pl_module, metrics)
+        self._log(pl_module, metrics)
         if res["num_skipped"]:
-            _log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
+            self._log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
         if trainer.is_global_zero and (self.log_confusion or self.save_dir):
             self._confusion_picture(trainer, res, list(classnames))
         self.last_result, self.last_result_step = res, trainer.global_step
@@ -170,15 +191,14 @@ class ZeroShotCallback(_PeriodicEval):
         )
         if not wandb_loggers and not self.save_dir:
             return
-        fig = confusion_matrix_figure(
-            res["confusion"], classnames, title=f"zero-shot, step {trainer.global_step}"
-        )
+        fig = confusion_matrix_figure(res["confusion"], classnames, title=f"zero-shot, step {self._log_step}")
         if self.save_dir:
             save_figure(fig, Path(self.save_dir) / f"zeroshot_confusion_step{trainer.global_step:08d}.png")
         if wandb_loggers:
             image = figure_to_image(fig)
             for lg in wandb_loggers:
-                lg.log_image("val/zeroshot_confusion", [image], step=trainer.global_step)
+                # in the row of the val/zeroshot_* scalars of this evaluation
+                lg.log_image("val/zeroshot_confusion", [image], step=self._log_step)
 
 
 class RetrievalCallback(_PeriodicEval):
@@ -222,6 +242,6 @@ class RetrievalCallback(_PeriodicEval):
         metrics = {f"val/i2t_r{k}": res[f"i2t_r{k}"] for k in self.ks}
         metrics |= {f"val/t2i_r{k}": res[f"t2i_r{k}"] for k in self.ks}
         metrics["val/retrieval_mean_recall"] = res["mean_recall"]
-        _log(pl_module, metrics)
+        self._log(pl_module, metrics)
         self.last_result = res
         return res

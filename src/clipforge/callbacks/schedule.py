@@ -3,6 +3,9 @@ computed from the trainer's public counters and shared by the module and the cal
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -18,6 +21,39 @@ def logging_step(trainer: Any, step_done: bool = False) -> bool:
         return False
     step = trainer.global_step + (0 if step_done else 1)  # 1-based index of this batch's step
     return step % every == 0 or bool(trainer.should_stop)
+
+
+def logger_step(trainer: Any, epoch_end: bool = False) -> int:
+    """The step Lightning's loggers file the values logged now under (W&B's ``trainer/global_step``):
+    during a training batch's hooks and the validation after it, the number of batches that stepped
+    before this one, so one less than ``trainer.global_step`` once the batch's optimizer step is done;
+    in ``on_train_epoch_end`` (``epoch_end``) the last batch's. Pictures logged at it sit in the same row
+    as the scalars of the same moment; at ``global_step`` they were one step ahead, and W&B's step axis
+    went back by one after each of them.
+    """
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what LoggerConnector.log_metrics uses
+    return max(step - 1, 0) if epoch_end else step
+
+
+OFF_CLOCK = "clipforge_off_clock_s"  # trainer attribute: seconds of off_the_clock work not yet taken
+
+
+@contextmanager
+def off_the_clock(trainer: Any) -> Iterator[None]:
+    """Work a callback does between training batches that is not training (pictures, evaluations):
+    :class:`~clipforge.callbacks.ThroughputMonitor` leaves its time out of samples/s and MFU."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        setattr(trainer, OFF_CLOCK, getattr(trainer, OFF_CLOCK, 0.0) + time.perf_counter() - start)
+
+
+def take_off_clock(trainer: Any) -> float:
+    """The seconds of :func:`off_the_clock` work since the last call (zero from here on)."""
+    seconds = getattr(trainer, OFF_CLOCK, 0.0)
+    setattr(trainer, OFF_CLOCK, 0.0)
+    return seconds
 
 
 class EveryNSteps(Callback):

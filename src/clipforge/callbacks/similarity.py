@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from clipforge.callbacks.schedule import EveryNSteps
+from clipforge.callbacks.schedule import EveryNSteps, logger_step, off_the_clock
 
 
 def similarity_logits(
@@ -68,17 +68,18 @@ class SimilarityHeatmap(EveryNSteps):
     ) -> None:
         if not isinstance(outputs, dict) or "image_features" not in outputs or not self.due(trainer):
             return
-        step = trainer.global_step  # already advanced by this batch's optimizer step
+        step = logger_step(trainer)  # the row of this batch's train/loss, whose forward made the logits
         loggers = [lg for lg in trainer.loggers if hasattr(lg, "log_image")]
         if not loggers:
             return
-        logits = similarity_logits(
-            outputs["image_features"],
-            outputs["text_features"],
-            outputs["logit_scale"],
-            outputs.get("logit_bias"),
-            self.max_samples,
-        )
-        picture = render_heatmap(logits, f"image-text logits, step {step}")
-        for lg in loggers:
-            lg.log_image(key=self.key, images=[picture], step=step)
+        with off_the_clock(trainer):
+            logits = similarity_logits(
+                outputs["image_features"],
+                outputs["text_features"],
+                outputs["logit_scale"],
+                outputs.get("logit_bias"),
+                self.max_samples,
+            )
+            picture = render_heatmap(logits, f"image-text logits, step {step}")
+            for lg in loggers:
+                lg.log_image(key=self.key, images=[picture], step=step)

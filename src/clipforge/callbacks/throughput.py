@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from clipforge.callbacks.schedule import logging_step
+from clipforge.callbacks.schedule import logging_step, take_off_clock
 from clipforge.flops import model_flops_per_sample, peak_tflops
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class ThroughputMonitor(Callback):
     step (warm-up, compilation) is excluded, and so is the time between training batches spent on
     validation and on what runs at an epoch's end (evaluations, checkpoints): counted, it made every window
     with a validation report a fraction of the rate. Loading the batches is training time, the first of an
-    epoch included. ``peak_flops`` is per device; ``None`` means the device's dense bf16 peak from
+    epoch included; the pictures and evaluations that callbacks draw between batches
+    (:func:`~clipforge.callbacks.schedule.off_the_clock`) are not. ``peak_flops`` is per device; ``None`` means the device's dense bf16 peak from
     ``clipforge.flops.PEAK_BF16_TFLOPS`` (by CUDA device name), and no MFU on the CPU or a device not in
     it. Set it there to log MFU too.
     """
@@ -66,6 +67,7 @@ class ThroughputMonitor(Callback):
         # Every epoch-end hook (this callback's is not necessarily the first) has run: count from here.
         if self._mark is not None:
             self._mark = time.perf_counter()
+            take_off_clock(trainer)  # the epoch-end evaluations were before the mark
         self._paused = False
 
     def on_train_batch_start(
@@ -73,16 +75,18 @@ class ThroughputMonitor(Callback):
     ) -> None:
         if self._paused and self._mark is not None:  # a validation in mid-epoch (val_check_interval)
             self._mark = time.perf_counter()
+            take_off_clock(trainer)
         self._paused = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.perf_counter()
+        off = take_off_clock(trainer)  # pictures and evaluations drawn since the mark
         if self._mark is None:  # the window starts after the first step
             self._mark, self._elapsed, self._samples = now, 0.0, 0
             return
-        self._elapsed += now - self._mark
+        self._elapsed += now - self._mark - off
         self._mark = now
         self._samples += len(batch[0]) * trainer.world_size
         if not logging_step(trainer, step_done=True) or self._elapsed <= 0:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import lightning.pytorch.loggers as pl_loggers
 import pytest
@@ -9,6 +11,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from clipforge.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
+from clipforge.eval import plots
 
 
 class TinyModule(L.LightningModule):
@@ -97,6 +100,14 @@ def test_zeroshot_callback_logs_exact_metrics_and_restores_train_mode(
     handset_model, tokenizer, monkeypatch, tmp_path
 ):
     monkeypatch.setattr(pl_loggers, "WandbLogger", FakeWandb)
+    saved: list[tuple[str, str]] = []  # (file name, figure title) of each confusion PNG
+    write = plots.save_figure
+
+    def save_figure(fig, path):
+        saved.append((Path(path).name, fig.axes[0].get_title()))
+        return write(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", save_figure)
     logger = FakeWandb()
     cb = ZeroShotCallback(every_n_steps=2, every_n_epochs=1, save_dir=str(tmp_path))
     module = TinyModule(handset_model)
@@ -113,7 +124,10 @@ def test_zeroshot_callback_logs_exact_metrics_and_restores_train_mode(
     # and every evaluation's scalars reach the logger once, on its step, though trainer.log_every_n_steps (3)
     # skips some of them (Lightning sent them later, again at each log step of the epoch, or not at all)
     assert logger.metric_steps["val/zeroshot_top1"] == steps
-    assert len(list(tmp_path.glob("zeroshot_confusion_step*.png"))) == 4
+    # the PNG files are named and titled by that same step (they were named by trainer.global_step, one on)
+    assert [name for name, _ in saved] == [f"zeroshot_confusion_step{s:08d}.png" for s in steps]
+    assert [title.splitlines()[0] for _, title in saved] == [f"zero-shot, step {s}" for s in steps]
+    assert sorted(p.name for p in tmp_path.glob("zeroshot_confusion_step*.png")) == [n for n, _ in saved]
 
 
 def test_retrieval_callback(handset_model, tokenizer):
@@ -152,9 +166,10 @@ def test_a_bad_top_k_or_recall_k_fails_when_the_callback_is_built():
 
 @pytest.mark.parametrize("name", ["zeroshot", "retrieval"])
 def test_callback_configs_instantiate(name):
-    from clipforge.conf import CONF_DIR
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from clipforge.conf import CONF_DIR
 
     node = OmegaConf.load(CONF_DIR / "callbacks" / f"{name}.yaml")[name]
     cb = instantiate(node)

@@ -115,7 +115,8 @@ class ZeroShotCallback(_PeriodicEval):
     Class names and prompt templates come from ``datamodule.zeroshot_classnames`` and
     ``datamodule.zeroshot_templates``; the tokenizer's context length from ``pl_module.model.text``.
     Logs ``val/zeroshot_top{k}`` and ``val/zeroshot_mean_per_class``; with a W&B logger also the
-    confusion-matrix picture as ``val/zeroshot_confusion``, and as PNGs under ``save_dir`` if given.
+    confusion-matrix picture as ``val/zeroshot_confusion``, and as PNGs under ``save_dir`` if given
+    (``zeroshot_confusion_step<N>.png``, N the logger step of the evaluation's scalars, as in its title).
     ``use_ema``: also evaluate the EMA weights (``pl_module.ema``, ``ema=default``), logged as
     ``val/ema_zeroshot_top{k}`` and ``val/ema_zeroshot_mean_per_class``.
     """
@@ -191,9 +192,10 @@ class ZeroShotCallback(_PeriodicEval):
         )
         if not wandb_loggers and not self.save_dir:
             return
+        # file, title and W&B row all at the logger step of this evaluation's val/zeroshot_* scalars
         fig = confusion_matrix_figure(res["confusion"], classnames, title=f"zero-shot, step {self._log_step}")
         if self.save_dir:
-            save_figure(fig, Path(self.save_dir) / f"zeroshot_confusion_step{trainer.global_step:08d}.png")
+            save_figure(fig, Path(self.save_dir) / f"zeroshot_confusion_step{self._log_step:08d}.png")
         if wandb_loggers:
             image = figure_to_image(fig)
             for lg in wandb_loggers:

@@ -117,6 +117,7 @@ def _checkpoint_file(path: Path, kind: CheckpointKind) -> Path:
 # whole module (clipforge.ema.ModelEMA, ``ema=default``) under ``ema.shadow.``.
 CONFIG_KEY = "clipforge_config"
 WANDB_RUN_KEY = "clipforge_wandb_run_id"  # the W&B run that wrote the checkpoint: a resume logs into it
+LOGGER_VERSION_KEY = "clipforge_logger_version"  # its CSV logger's version directory: a resume appends there
 IMPORTED_CHECKPOINT = "model.ckpt"  # the checkpoint in the folder `clipforge-convert import --out` writes
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.shadow."

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 
 from clipforge.accumulate import CachedStep, carry_step_progress, feature_cache_backward
 from clipforge.callbacks.schedule import logging_step
-from clipforge.checkpoint import CONFIG_KEY, WANDB_RUN_KEY
+from clipforge.checkpoint import CONFIG_KEY, LOGGER_VERSION_KEY, WANDB_RUN_KEY
 from clipforge.distributed import all_reduce_sum, is_padding, world_info
 from clipforge.ema import ModelEMA
-from clipforge.loggers import wandb_run_id
+from clipforge.loggers import csv_version, wandb_run_id
 from clipforge.losses import logit_stats
 from clipforge.losses.base import check_takes_local
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
@@ -383,6 +383,7 @@ class ContrastiveModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config  # clipforge.checkpoint's layout: the config travels along
         checkpoint[WANDB_RUN_KEY] = wandb_run_id(self.logger)  # a resume continues this W&B run
+        checkpoint[LOGGER_VERSION_KEY] = csv_version(self.logger)  # and this CSV file
 
 
 def _batch_extras(batch: tuple) -> dict[str, Any]:

@@ -21,9 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers_kept
 from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
-    WANDB_RUN_KEY,
     build_model,
-    checkpoint_entry,
     init_from,
     is_checkpoint,
     model_differences,
@@ -182,8 +180,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # Lightning adds an epoch-end ModelCheckpoint of its own when no callback is one; here the callbacks
         # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
         extra["enable_checkpointing"] = any(isinstance(cb, Checkpoint) for cb in callbacks)
-    resume_run = checkpoint_entry(ckpt_path, WANDB_RUN_KEY) if ckpt_path is not None else None
-    logger = instantiate_logger(cfg.get("logger"), resume_run)
+    logger = instantiate_logger(cfg.get("logger"), ckpt_path, out_dir)  # a resume logs where the run did
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()], **extra

@@ -1,0 +1,86 @@
+"""A resumed run goes on logging where the checkpoint's run logged: one CSV version directory, whose
+metrics.csv keeps the earlier rows and columns (docs/resuming.md)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from clipforge.train import train
+from runconf import towers
+
+# a one-block model, 4 steps an epoch, a step checkpoint in the output dir: seconds on 2 cores
+SMALL = (
+    *towers(32, 1, 2),
+    "data.source.num_train=64",
+    "data.source.num_heldout=32",
+    "data.source.samples_per_shard=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "callbacks=none",
+    "+callbacks.ckpt._target_=clipforge.callbacks.PeriodicCheckpoint",
+    "+callbacks.ckpt.dirpath=${paths.output_dir}",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "scheduler.warmup_steps=2",
+    "final_eval=false",
+)
+
+
+def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _loss_steps(rows: list[dict[str, str]]) -> list[int]:
+    return [int(r["step"]) for r in rows if r.get("train/loss")]
+
+
+def test_a_resumed_run_appends_to_the_checkpoints_csv_version(compose_cfg, caplog) -> None:
+    cfg = compose_cfg("trainer.max_steps=3", *SMALL)
+    train(cfg)
+    csv_dir = Path(cfg.paths.output_dir) / "csv"
+    header, before = _rows(csv_dir / "version_0" / "metrics.csv")
+    assert _loss_steps(before) == [0, 1, 2]
+    # final_eval adds columns (final/zeroshot_*) the file's header lacks: Lightning rewrites the file then
+    with caplog.at_level("INFO", logger="clipforge.loggers"):
+        train(compose_cfg("trainer.max_steps=6", "ckpt_path=auto", *SMALL[:-1], "final_eval=true"))
+    assert sorted(p.name for p in csv_dir.iterdir()) == ["version_0"]  # no version_1 beside it
+    assert f"continuing {csv_dir / 'version_0' / 'metrics.csv'}" in caplog.text
+    header2, after = _rows(csv_dir / "version_0" / "metrics.csv")
+    assert set(header) < set(header2) and any(k.startswith("final/") for k in header2)
+    # the earlier rows, whole, then the resumed run's from the checkpoint's step on
+    assert [{k: r[k] for k in header} for r in after[: len(before)]] == before
+    assert _loss_steps(after) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("why", ["old_checkpoint", "another_run_dir"])
+def test_a_resume_that_cannot_continue_the_csv_version_says_where_the_metrics_go(
+    compose_cfg, caplog, tmp_path: Path, why: str
+) -> None:
+    cfg = compose_cfg("trainer.max_steps=3", *SMALL)
+    train(cfg)
+    last = (Path(cfg.paths.output_dir) / "last.ckpt").resolve()
+    cfg2 = compose_cfg("trainer.max_steps=4", f"ckpt_path={last}", *SMALL)
+    if why == "old_checkpoint":  # written before checkpoints named their CSV version
+        ckpt = torch.load(last, weights_only=True)
+        del ckpt["clipforge_logger_version"]
+        torch.save(ckpt, last)
+    else:
+        with open_dict(cfg2):
+            cfg2.paths.output_dir = str(tmp_path / "elsewhere")
+    with caplog.at_level("INFO", logger="clipforge.loggers"):
+        train(cfg2)
+    new = Path(cfg2.paths.output_dir) / "csv" / ("version_1" if why == "old_checkpoint" else "version_0")
+    assert f"this run's metrics go to {new / 'metrics.csv'}" in caplog.text
+    assert _loss_steps(_rows(new / "metrics.csv")[1]) == [3]
+    assert _loss_steps(_rows(Path(cfg.paths.output_dir) / "csv" / "version_0" / "metrics.csv")[1]) == [
+        0,
+        1,
+        2,
+    ]

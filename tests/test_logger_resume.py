@@ -11,24 +11,10 @@ import torch
 from omegaconf import open_dict
 
 from clipforge.train import train
-from runconf import towers
+from runconf import PERIODIC, SMALL
 
-# a one-block model, 4 steps an epoch, a step checkpoint in the output dir: seconds on 2 cores
-SMALL = (
-    *towers(32, 1, 2),
-    "data.source.num_train=64",
-    "data.source.num_heldout=32",
-    "data.source.samples_per_shard=32",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "callbacks=none",
-    "+callbacks.ckpt._target_=clipforge.callbacks.PeriodicCheckpoint",
-    "+callbacks.ckpt.dirpath=${paths.output_dir}",
-    "logger=csv",
-    "trainer.log_every_n_steps=1",
-    "scheduler.warmup_steps=2",
-    "final_eval=false",
-)
+# the tiny model, 4 steps an epoch, a step checkpoint in the output dir, the CSV logger: seconds on 2 cores
+RUN = (*SMALL, *PERIODIC)
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -42,14 +28,15 @@ def _loss_steps(rows: list[dict[str, str]]) -> list[int]:
 
 
 def test_a_resumed_run_appends_to_the_checkpoints_csv_version(compose_cfg, caplog) -> None:
-    cfg = compose_cfg("trainer.max_steps=3", *SMALL)
+    cfg = compose_cfg("trainer.max_steps=3", *RUN)
     train(cfg)
     csv_dir = Path(cfg.paths.output_dir) / "csv"
     header, before = _rows(csv_dir / "version_0" / "metrics.csv")
     assert _loss_steps(before) == [0, 1, 2]
     # final_eval adds columns (final/zeroshot_*) the file's header lacks: Lightning rewrites the file then
     with caplog.at_level("INFO", logger="clipforge.loggers"):
-        train(compose_cfg("trainer.max_steps=6", "ckpt_path=auto", *SMALL[:-1], "final_eval=true"))
+        with_final = (*(o for o in RUN if o != "final_eval=false"), "final_eval=true")
+        train(compose_cfg("trainer.max_steps=6", "ckpt_path=auto", *with_final))
     assert sorted(p.name for p in csv_dir.iterdir()) == ["version_0"]  # no version_1 beside it
     assert f"continuing {csv_dir / 'version_0' / 'metrics.csv'}" in caplog.text
     header2, after = _rows(csv_dir / "version_0" / "metrics.csv")
@@ -63,10 +50,10 @@ def test_a_resumed_run_appends_to_the_checkpoints_csv_version(compose_cfg, caplo
 def test_a_resume_that_cannot_continue_the_csv_version_says_where_the_metrics_go(
     compose_cfg, caplog, tmp_path: Path, why: str
 ) -> None:
-    cfg = compose_cfg("trainer.max_steps=3", *SMALL)
+    cfg = compose_cfg("trainer.max_steps=3", *RUN)
     train(cfg)
     last = (Path(cfg.paths.output_dir) / "last.ckpt").resolve()
-    cfg2 = compose_cfg("trainer.max_steps=4", f"ckpt_path={last}", *SMALL)
+    cfg2 = compose_cfg("trainer.max_steps=4", f"ckpt_path={last}", *RUN)
     if why == "old_checkpoint":  # written before checkpoints named their CSV version
         ckpt = torch.load(last, weights_only=True)
         del ckpt["clipforge_logger_version"]

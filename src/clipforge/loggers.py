@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the module imports this file for wandb_run_id and stays fre
     from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
-# made clipforge's CSVLogger (Lightning's, appending on a resume): Lightning's would delete a resumed metrics.csv
+# built as clipforge's CSVLogger, which appends on a resume (Lightning's would delete the resumed metrics.csv)
 CSV_TARGETS = (
     f"{__name__}.CSVLogger",
     "lightning.pytorch.loggers.CSVLogger",

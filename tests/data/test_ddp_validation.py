@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,7 @@ from datahelpers import pattern, write_sizes
 
 from clipforge.data.config import Augment, ZeroShotSet
 from clipforge.data.datamodule import WebDataModule
+from clipforge.data.manifest import MANIFEST_NAME, SIZES_NAME
 from clipforge.data.tokenizer import Tokenizer
 from clipforge.distributed import is_padding
 from clipforge.eval.distributed import shard_dataloader
@@ -42,19 +44,19 @@ def make_module() -> ContrastiveModule:
     return ContrastiveModule(CLIP(vision, text), ClipLoss(), optimizer)
 
 
-def data(shards: str) -> WebDataModule:
+def data(shards: str, train: str | None = None) -> WebDataModule:
     zeroshot = ZeroShotSet(urls=shards, classnames=CLASSNAMES, templates=["a photo of {}."])
     return WebDataModule(
-        shards, val_urls=shards, zeroshot=zeroshot, batch_size=3, num_workers=0, context_length=8,
+        train or shards, val_urls=shards, zeroshot=zeroshot, batch_size=3, num_workers=0, context_length=8,
         augment=Augment(image_size=16),
     )  # fmt: skip
 
 
 @torch.no_grad()
-def evaluate(shards: str) -> dict:
+def evaluate(shards: str, train: str | None = None) -> dict:
     """What one rank computes: val/loss through the module's validation hooks, zero-shot and retrieval
     through the callbacks' functions, and the rows each one encoded."""
-    dm, module = data(shards), make_module().eval()
+    dm, module = data(shards, train), make_module().eval()
     dm.setup("validate")
     encoded: list[int] = []
     module.model.visual.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
@@ -82,9 +84,9 @@ def evaluate(shards: str) -> dict:
     }
 
 
-def rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
+def rank_main(rank: int, world: int, shards: str, port: int, out: str, train: str | None = None) -> None:
     init_gloo(rank, world, port)
-    Path(out, f"{rank}.json").write_text(json.dumps(evaluate(shards)))
+    Path(out, f"{rank}.json").write_text(json.dumps(evaluate(shards, train)))
     dist.destroy_process_group()
 
 
@@ -103,6 +105,27 @@ def test_two_ranks_each_encode_their_share_and_log_the_one_process_metrics(tmp_p
     for r in (r0, r1):
         # every batch is scored alone, as one process scores it; the sums are summed over the ranks
         assert abs(r["val_loss"] - single["val_loss"]) < 1e-6 * single["val_loss"]
+        assert r["zeroshot"] == single["zeroshot"] and r["retrieval"] == single["retrieval"]
+
+
+def test_without_a_manifest_two_ranks_log_the_one_process_val_loss_too(tmp_path):
+    """No sample counts beside the held-out shards: whole shards go round-robin to the ranks, and since
+    every shard is cut into its own batches (none spans two shards) the batches, and so val/loss, are
+    the ones one process makes."""
+    write_sizes(tmp_path / "train", SIZES)  # training needs a manifest; the held-out set does without
+    write_sizes(tmp_path / "val", SIZES, labels=True)
+    for name in (MANIFEST_NAME, SIZES_NAME):
+        (tmp_path / "val" / name).unlink()
+    train, shards = pattern(tmp_path / "train", len(SIZES)), pattern(tmp_path / "val", len(SIZES))
+    single = evaluate(shards, train)
+    assert single["rows"] == [13, 13, 13] and single["steps"] == 5  # 3 + 3 + 1 from shard 0, 3 + 3 from 1
+    args = (2, shards, free_port(), str(tmp_path), train)
+    mp.start_processes(rank_main, args=args, nprocs=2, join=True, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert r0["rows"] == [7, 7, 7] and r1["rows"] == [6, 6, 6]  # one whole shard each
+    assert r0["steps"] == r1["steps"] == 3 and (r0["padding"], r1["padding"]) == (0, 1)
+    for r in (r0, r1):  # the same batch losses, only summed in another order
+        assert r["val_loss"] == pytest.approx(single["val_loss"], rel=1e-12, abs=0)
         assert r["zeroshot"] == single["zeroshot"] and r["retrieval"] == single["retrieval"]
 
 

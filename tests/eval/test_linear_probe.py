@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,54 @@ def test_linear_probe_on_model_features(handset_model):
     res = linear_probe(handset_model, [(images, lab_with_skip)], [(images, lab)], C=10.0)
     assert res["top1"] == 1.0 and res["num_samples"] == 18 and res["num_train"] == 17
     assert res["num_skipped"] == 1
+
+
+def _probe_on_a_stream(out: str | None = None) -> dict:
+    """CLIP's C search and probe on 60 noisy train images streamed in batches of 5 (an iterable that every
+    rank reads in full, so under torch.distributed each rank takes every other batch)."""
+    from evalhelpers import CONTEXT_LENGTH, HandSetModel, _BatchStream
+    from torch.utils.data import DataLoader
+
+    from clipforge.data.tokenizer import Tokenizer
+    from clipforge.eval.distributed import shard_dataloader
+
+    def stream(n: int, seed: int) -> Iterable:
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 3, n)
+        images = images_from_features((np.eye(3, 4)[y] + 0.8 * rng.standard_normal((n, 4))).tolist())
+        return shard_dataloader(DataLoader(_BatchStream(images, torch.from_numpy(y), 5), batch_size=None))
+
+    words = {"cat": [1, 0, 0, 0], "dog": [0, 1, 0, 0], "bird": [0, 0, 1, 0], "photo": [0, 0, 0, 1]}
+    model = HandSetModel(words, dim=4, tokenizer=Tokenizer(CONTEXT_LENGTH))
+    res = linear_probe(model, stream(60, 0), stream(30, 1))
+    if out is not None:
+        torch.save(res, out)
+    return res
+
+
+def _probe_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from gloohelpers import init_gloo
+
+    init_gloo(rank, world, port)
+    try:
+        _probe_on_a_stream(f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_choose_the_one_process_C_and_score(tmp_path):
+    import torch.multiprocessing as mp
+
+    from gloohelpers import free_port
+
+    single = _probe_on_a_stream()
+    assert 0.5 < single["top1"] < 1.0 and len(single["c_sweep"]) > 7  # a real search, with errors
+    # fork: the children reuse the parent's imports, which spawn would redo (seconds each on 2 cores)
+    mp.start_processes(_probe_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got.keys() == single.keys()
+        for k, v in single.items():
+            assert torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v, k

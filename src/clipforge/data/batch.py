@@ -15,7 +15,7 @@ labels ``(B,)``, keys the samples' ``<shard>/<key>`` (``return_keys``), regions 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -153,20 +153,26 @@ def batches(
 
 
 def open_batches(
-    samples: Iterator[Sample],
+    shards: Iterable[Iterator[Sample]],
     batch_size: int,
     collate: Callable[[list[Sample]], tuple],
     pass_ended: Callable[[], None] | None = None,
 ) -> Iterator[tuple]:
-    """Batches of ``batch_size`` and a partial last one, for a pass of unknown length (evaluation without
-    a manifest); ``pass_ended`` is called before the partial batch."""
-    items: list[Sample] = []
-    for s in samples:
-        items.append(s)
-        if len(items) == batch_size:
-            yield collate(items)
-            items = []
+    """Batches for a pass of unknown length (evaluation without a manifest): each shard's samples are
+    cut into batches of ``batch_size`` and a partial last one, so no batch spans two shards and the
+    batches do not depend on how the shards are dealt to ranks and workers. ``pass_ended`` is called
+    before the pass's last partial batch (after its last full one when there is none)."""
+    last: list[Sample] = []
+    for samples in shards:
+        if last:
+            yield collate(last)  # the previous shard's partial batch: not the pass's last
+        last = []
+        for s in samples:
+            last.append(s)
+            if len(last) == batch_size:
+                yield collate(last)
+                last = []
     if pass_ended is not None:
         pass_ended()
-    if items:
-        yield collate(items)
+    if last:
+        yield collate(last)

@@ -13,7 +13,8 @@ Modes:
   weight), cut into epochs of ``epoch_samples``; every rank and worker draws from its own seeded generator.
 * eval (``train=False``): one ordered pass, no shuffling, partial last batch; rank ``r`` reads only the
   ``r``-th contiguous block of the batches one process would make (:func:`~clipforge.data.plan.plan_eval`),
-  so the ranks' batch counts may differ by one.
+  so the ranks' batch counts may differ by one. Without a manifest whole shards go to the ranks and each
+  shard is cut into its own batches, so the batches are again the same for any number of ranks.
 
 A few bad files never stop training and none passes silently. Every skipped sample or shard is counted
 by cause (:data:`clipforge.data.shards.CAUSES`), with the samples read, in shared-memory tables that the
@@ -232,10 +233,11 @@ class ShardDataset(IterableDataset):
             return self._samples(block_shuffle(raw, m, salt, skip), rng, mon)
 
         pass_ended = (lambda: p.monitor.check_final(self.failures)) if self.mode == "eval" else None
-        samples = shuffled(segs, skip, salt, p.monitor)
-        if self.counts is None:  # eval without a manifest: the length is unknown
-            yield from open_batches(samples, self.batch_size, p.collate, pass_ended)
+        if self.counts is None:  # eval without a manifest: the length is unknown; batches shard by shard
+            per_shard = (shuffled([seg], 0, salt, p.monitor) for seg in segs)
+            yield from open_batches(per_shard, self.batch_size, p.collate, pass_ended)
             return
+        samples = shuffled(segs, skip, salt, p.monitor)
 
         def reread(k: int, whole: bool) -> Iterator[Sample]:
             # Re-read this worker's own range, or the whole epoch's shards; nothing is counted twice.

@@ -168,7 +168,7 @@ def plan_eval(
     rank ``r`` takes the contiguous block ``r`` of them (:func:`worker_batches`: blocks differ by at most
     one batch, none is padded or repeated) and its workers split that block the same way. Without a
     manifest, whole shards go round-robin to the ranks, then to the workers, and the batch sizes are
-    unknown (``[]``)."""
+    unknown (``[]``): each shard is then cut into its own batches (:func:`~clipforge.data.batch.open_batches`)."""
     if counts is None:
         return [Segment(u, 0, -1) for u in urls[rank::world_size][worker::num_workers]], []
     total = sum(counts[u] for u in urls)

@@ -6,6 +6,12 @@ The regularisation strength is chosen as in the paper when ``C`` is not given: a
 is carved from the train split, ``C`` is tried at 10^-6, 10^-4, ..., 10^6, and the interval around the
 best value is halved until the grid has 8 steps per decade; the final model is refit on the whole
 train split. Features of all ranks are gathered and every rank fits the same (deterministic) model.
+
+The gathered rows are put in a canonical order (by label, then by the feature vector's bytes) before
+anything is fitted, so the validation split, the chosen ``C`` and every score depend only on the set of
+(feature, label) pairs: not on the order in which ranks, DataLoader workers or shard splits deliver them
+(rank-interleaved batches of a strided stream, or shards dealt round-robin to the ranks, would otherwise
+put different images in the validation split on 1 and on 2 ranks).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ def extract_features(
     distributed: bool = True,
     precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(features (N, D) float32, labels (N,) int64, num_skipped)`` over all ranks, on the CPU."""
+    """``(features (N, D) float32, labels (N,) int64, num_skipped)`` over all ranks, on the CPU, rows in
+    :func:`canonical_order` (the same for any number of ranks)."""
     dev = resolve_device(device, model)
     feats, labels, skipped = [], [], 0
     with eval_mode(model):
@@ -56,7 +63,18 @@ def extract_features(
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
     x, y = all_gather_cat(x, enabled=distributed), all_gather_cat(y, enabled=distributed)
     skipped = int(all_reduce_sum(torch.tensor([skipped], device=dev), enabled=distributed).item())
-    return x.cpu().numpy(), y.cpu().numpy(), skipped
+    xs, ys = x.cpu().numpy(), y.cpu().numpy()
+    order = canonical_order(xs, ys)
+    return xs[order], ys[order], skipped
+
+
+def canonical_order(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The permutation that sorts rows by label, then by the bytes of the feature vector: a function of
+    the set of rows alone (equal rows are interchangeable), whatever order they came in."""
+    rows = np.ascontiguousarray(x).reshape(len(x), -1)
+    keys = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).ravel()
+    by_bytes = np.argsort(keys, kind="stable")
+    return by_bytes[np.argsort(y[by_bytes], kind="stable")]
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> Any:

@@ -8,7 +8,8 @@ Export a clipforge checkpoint (or a fresh conf/model config) to a folder open_cl
 
 Only the two towers (and scale/bias) are exported: what training added beside them (the LocCa decoder,
 distillation heads, mask token, the EMA copy) stays in the checkpoint. ``--ema`` exports the EMA weights
-of the towers instead of the trained ones.
+of the towers instead of the trained ones. open_clip does not cap the logit scale as clipforge does
+(``model.max_logit_scale``): the capped value the model uses is exported.
 
 Import an open_clip checkpoint you have on disk, to fine-tune or zero-shot it with clipforge:
 

@@ -6,7 +6,8 @@ its work), and the ending of the argparse tools that write files (``clipforge-co
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import hydra
@@ -23,12 +24,97 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[
     and calls ``run(cfg)``. Hydra names the job after ``run``'s module (``train``, ``cli``, ...)."""
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
-    @functools.wraps(run)
-    def main(cfg: DictConfig) -> None:
+    @functools.wraps(run)  # Hydra's job name: run's module
+    def hydra_main(cfg: DictConfig) -> None:
         scrub_current_hydra_run()  # Hydra wrote .hydra/*.yaml with the command line as typed
         run(cfg)
 
+    @functools.wraps(run)
+    def main() -> None:
+        try:
+            sys.argv[1:] = checkpoint_overrides(config_name, sys.argv[1:])
+        except (OSError, ValueError) as e:  # one line naming the keys, as Hydra's own composition errors
+            raise SystemExit(str(e)) from e
+        hydra_main()
+
     return main
+
+
+def _parsed_overrides(args: Sequence[str]) -> list[tuple[int, Any]]:
+    """``(position, Hydra Override)`` of the overrides in ``args``; flags, their values and what does not
+    parse (which Hydra reports itself) are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, out = OverridesParser.create(), []
+    for i, arg in enumerate(args):
+        if arg.startswith("-"):
+            continue
+        try:
+            out.append((i, parser.parse_override(arg)))
+        except HydraException:
+            continue
+    return out
+
+
+def _setting(node: Any, path: str) -> Any:
+    """The value at the dotted ``path`` of a nested mapping, ``"(none)"`` where there is none."""
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return "(none)"
+        node = node[key]
+    return node
+
+
+def checkpoint_overrides(config_name: str, args: Sequence[str]) -> list[str]:
+    """The command line ``args`` of the tool of ``conf/<config_name>.yaml``, checked before Hydra composes
+    it where ``checkpoint=`` meets an override of the model (Hydra failed with "Key 'model' is not in
+    struct", naming neither). A checkpoint's model is built from the settings stored in it
+    (:func:`clipforge.checkpoint.load_model`): a ``model.*`` override equal to the stored setting changes
+    nothing and is dropped; any other (or ``model=<name>``) is a ValueError naming the key and both values.
+    A tool without ``checkpoint`` (``clipforge-train``) given one is told the keys it takes instead."""
+    from omegaconf import OmegaConf
+
+    parsed = _parsed_overrides(args)
+    given = [o.value() for _, o in parsed if o.key_or_group == "checkpoint" and not o.is_delete()]
+    if not given or not isinstance(given[-1], str) or not given[-1]:  # null, or a sweep (-m)
+        return list(args)
+    ckpt = given[-1]
+    tool = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    app = OmegaConf.select(tool, "hydra.help.app_name") or config_name
+    keys = set(tool)  # `in tool` says no for a key left at ??? (clipforge-caption's checkpoint)
+    if "checkpoint" not in keys:
+        if {"ckpt_path", "init_from"} <= keys:
+            raise ValueError(
+                f"{app} has no checkpoint= setting: resume a run with ckpt_path={ckpt}, or start from its "
+                f"weights with init_from={ckpt}"
+            )
+        return list(args)
+    model = [(i, o) for i, o in parsed if o.key_or_group.split(".")[0] == "model"]
+    if not model:
+        return list(args)
+    from clipforge.checkpoint import checkpoint_config, config_differences
+
+    stored = (checkpoint_config(ckpt) or {}).get("model")
+    drop, conflicts = set(), []
+    for i, o in model:
+        key = o.key_or_group
+        if key == "model" or o.is_delete() or o.is_sweep_override():
+            conflicts.append(f"{args[i]} (the checkpoint has its own model)")
+            continue
+        changed = config_differences(_setting(stored, key.removeprefix("model.")), o.value(), key)
+        if changed:
+            conflicts += [c.replace(", config ", ", override ") for c in changed]
+        else:
+            drop.add(i)
+    if conflicts:
+        raise ValueError(
+            f"{app}: checkpoint={ckpt} builds its model from the settings stored in it, and a model override "
+            f"cannot change them: {'; '.join(conflicts)}. Leave the override out (the checkpoint's own value "
+            "needs none); another model needs training (clipforge-train, init_from= to start from these "
+            "weights)"
+        )
+    return [arg for i, arg in enumerate(args) if i not in drop]
 
 
 def files_written(paths: Paths) -> Paths:

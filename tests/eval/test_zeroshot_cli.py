@@ -34,7 +34,7 @@ def compose_probe(tmp_path: Path, *overrides: str):
 @pytest.fixture
 def color_model(monkeypatch, tokenizer):
     model = ColorModel(tokenizer)
-    monkeypatch.setattr(cli, "load_eval_model", lambda cfg: (model, "hand-set colour model"))
+    monkeypatch.setattr(cli, "load_eval_model", lambda cfg: (model, "hand-set colour model", {}))
     return model
 
 
@@ -265,6 +265,10 @@ def test_synthetic_heldout_is_drawn_at_the_checkpoints_training_size(tmp_path, m
         "num_workers=0",
         "progress=false",
     )
+    # the training size comes from the config loading the model read: the file was read again (mmap) for it
+    monkeypatch.setattr(
+        "clipforge.checkpoint.checkpoint_config", lambda path: pytest.fail(f"{path} read a second time")
+    )
     res = run_zeroshot(compose_zeroshot(*run, f"output_dir={tmp_path / 'a'}", "save_confusion=false"))
     assert set(sizes) == {48} and res["dataset"]["render_size"] == 48  # the size used, not the node's null
     sizes.clear()
@@ -286,9 +290,9 @@ def test_the_label_says_which_weights_of_an_ema_checkpoint_are_scored(tmp_path):
         f"ema.shadow.model.{k}": v for k, v in state.items()
     }
     torch.save({"clipforge_config": stored, "state_dict": weights}, tmp_path / "m.ckpt")
-    _, label = cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'm.ckpt'}"))
+    _, label, _ = cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'm.ckpt'}"))
     assert label.endswith("(training weights; it also holds EMA weights, which use_ema=true scores)")
-    _, label = cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'm.ckpt'}", "use_ema=true"))
+    _, label, _ = cli.load_eval_model(compose_zeroshot(f"checkpoint={tmp_path / 'm.ckpt'}", "use_ema=true"))
     assert label.endswith("(EMA weights)")
     del stored["ema"]
     torch.save({"clipforge_config": stored, "state_dict": weights}, tmp_path / "plain.ckpt")
@@ -376,7 +380,7 @@ def test_retrieval_on_caption_shards_equals_in_memory_pairs(tmp_path):
     )
     from unittest import mock
 
-    with mock.patch.object(cli, "load_eval_model", lambda cfg: (model, "tiny")):
+    with mock.patch.object(cli, "load_eval_model", lambda cfg: (model, "tiny", {})):
         res = cli.run(cfg)
     # the reference reads the same (JPEG-encoded) shard members by hand, in one batch
     tok = Tokenizer(model.text.context_length)
@@ -411,12 +415,12 @@ def test_open_clip_checkpoint_route_matches_the_source_model(tmp_path):
         compose_zeroshot(f"open_clip_checkpoint={tmp_path / 'oc'}", f"output_dir={tmp_path / 'a'}", *common)
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "load_eval_model", lambda cfg: (model, "in memory"))
+        mp.setattr(cli, "load_eval_model", lambda cfg: (model, "in memory", {}))
         direct = run_zeroshot(compose_zeroshot(f"output_dir={tmp_path / 'b'}", *common))
     assert via_oc["model"].startswith("open_clip")
     assert via_oc["confusion"] == direct["confusion"] and via_oc["top5"] == direct["top5"]
     # a random model predicts nearly one class, so also compare what the route loaded, numerically
-    loaded, _ = cli.load_eval_model(compose_zeroshot(f"open_clip_checkpoint={tmp_path / 'oc'}"))
+    loaded, _, _ = cli.load_eval_model(compose_zeroshot(f"open_clip_checkpoint={tmp_path / 'oc'}"))
     images, tokens = torch.randn(2, 3, 32, 32), cli_tokenizer(model)(["a red circle.", "a ring"])
     with torch.no_grad():
         torch.testing.assert_close(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -173,6 +174,21 @@ def test_export_is_loaded_by_open_clip_with_equal_embeddings(tmp_path: Path) -> 
     back = load_open_clip_checkpoint(paths["config"].parent)
     assert_same_clip(back, from_dir, images, text)
     assert model_config(back)["vision"] == model_config(model)["vision"]
+
+
+def test_a_logit_scale_above_the_cap_is_exported_as_the_scale_the_model_uses(tmp_path: Path) -> None:
+    # Our forward caps the scale at max_logit_scale; open_clip's does not. The stored log-scale can lie
+    # above the cap: the EMA copy of a 2-step run with +model.max_logit_scale=10 ema=default held 2.656
+    # (CLIP's initial log(1/0.07) averaged with the clamped 2.303), and the export gave open_clip 14.2, not 10.
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(CONF / "tiny.yaml")
+    model = perturb_(instantiate(cfg, init_logit_scale=math.log(1 / 0.07), max_logit_scale=10.0)).eval()
+    assert model.logit_scale.item() > math.log(model.max_logit_scale)
+    images, text = torch.randn(2, 3, 32, 32), tokens(2, model.text.context_length, vocab=49408)
+    export_open_clip(model, tmp_path / "export")
+    assert_same_clip(model, open_clip.create_model(f"local-dir:{tmp_path / 'export'}").eval(), images, text)
+    assert_same_clip(model, to_open_clip(model).eval(), images, text)
+    assert model.logit_scale.item() > math.log(model.max_logit_scale)  # the model itself is left as it was
 
 
 def test_import_a_training_checkpoint_by_model_name(tmp_path: Path) -> None:

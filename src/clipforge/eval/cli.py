@@ -36,8 +36,9 @@ from clipforge.eval.zeroshot import build_zero_shot_classifier, check_top_k, eva
 log = logging.getLogger(__name__)
 
 
-def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
-    """The model named by ``checkpoint``, ``open_clip_checkpoint`` or the ``model`` config, and a label for it."""
+def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The model named by ``checkpoint``, ``open_clip_checkpoint`` or the ``model`` config, a label for it and
+    the config a clipforge checkpoint stores (``{}`` for the other two)."""
     sources = [k for k in ("checkpoint", "open_clip_checkpoint") if cfg.get(k)]
     if cfg.get("model") is not None:
         sources.append("model")
@@ -60,7 +61,7 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
         if not use_ema and stored.get("ema"):
             which = " (training weights; it also holds EMA weights, which use_ema=true scores)"
             log.info("checkpoint %s holds EMA weights too: scoring the training weights", cfg.checkpoint)
-        return model, f"checkpoint {cfg.checkpoint}{which}"
+        return model, f"checkpoint {cfg.checkpoint}{which}", stored
     if cfg.get("open_clip_checkpoint"):
         try:
             from clipforge.models.convert import load_open_clip_checkpoint
@@ -71,11 +72,11 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str]:
         if not Path(cfg.open_clip_checkpoint).exists():
             raise FileNotFoundError(f"open_clip_checkpoint={cfg.open_clip_checkpoint!r} does not exist")
         model = load_open_clip_checkpoint(cfg.open_clip_checkpoint, cfg.get("open_clip_model"))
-        return model, f"open_clip {cfg.open_clip_checkpoint}"
+        return model, f"open_clip {cfg.open_clip_checkpoint}", {}
     from clipforge.checkpoint import build_model
 
     log.warning("evaluating a randomly initialised model (model=...): expect chance accuracy")
-    return build_model(cfg.model), "random init"
+    return build_model(cfg.model), "random init", {}
 
 
 def model_image_size(model: nn.Module, given: int | None = None) -> int:
@@ -98,20 +99,16 @@ def model_image_size(model: nn.Module, given: int | None = None) -> int:
     return int(size)
 
 
-def render_size(cfg: DictConfig, image_size: int) -> int | None:
+def render_size(cfg: DictConfig, image_size: int, stored: dict[str, Any]) -> int | None:
     """The size the synthetic held-out set is drawn at when ``eval.dataset.render_size`` is null: that of the
-    checkpoint's training data (its stored ``data.source.image_size``), else the model's input size. A size
+    checkpoint's training data (``data.source.image_size`` of ``stored``, the config the checkpoint stores, as
+    :func:`load_eval_model` read it), else the model's input size. A size
     given that differs from the checkpoint's training data is kept, with a warning naming both. ``None``
     (keep the node's value) for other data sets and for a size given."""
     node = cfg.eval.dataset
     if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
         return None
-    trained = None
-    if cfg.get("checkpoint"):
-        from clipforge.checkpoint import checkpoint_config
-
-        source = ((checkpoint_config(cfg.checkpoint) or {}).get("data") or {}).get("source") or {}
-        trained = source.get("image_size")
+    trained = ((stored.get("data") or {}).get("source") or {}).get("image_size")
     given = node.get("render_size")
     if given is None:
         return int(trained or image_size)
@@ -184,17 +181,19 @@ def _init_distributed() -> None:
         dist.init_process_group(backend)
 
 
-def _setup(cfg: DictConfig) -> tuple[nn.Module, str, torch.device, int, Any]:
-    """``(model on its device, label, device, input size, tokenizer)``, joining torchrun's group if any."""
+def _setup(cfg: DictConfig) -> tuple[nn.Module, str, torch.device, int, Any, dict[str, Any]]:
+    """``(model on its device, label, device, input size, tokenizer, the checkpoint's stored config)``,
+    joining torchrun's group if any."""
     _init_distributed()
-    model, model_label = load_eval_model(cfg)
+    model, model_label, stored = load_eval_model(cfg)
     device = resolve_device(cfg.get("device", "auto"), model)
     if device.type == "cuda" and device.index is None and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
     from clipforge.data.tokenizer import Tokenizer
 
     image_size = model_image_size(model, cfg.get("image_size"))
-    return model.to(device).eval(), model_label, device, image_size, Tokenizer(model.text.context_length)
+    tokenizer = Tokenizer(model.text.context_length)
+    return model.to(device).eval(), model_label, device, image_size, tokenizer, stored
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -208,7 +207,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
-    model, model_label, device, image_size, tokenizer = _setup(cfg)
+    model, model_label, device, image_size, tokenizer, stored = _setup(cfg)
     rank, _ = world_info()
     transform = eval_transform(image_size)
     names_given = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
@@ -218,7 +217,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
             cfg.eval.dataset,
             transform=transform,
             classnames=names_given,
-            render_size=render_size(cfg, image_size),
+            render_size=render_size(cfg, image_size, stored),
         )
     classnames, templates = resolve_task(cfg, dataset)
     classifier = build_zero_shot_classifier(
@@ -256,7 +255,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Image<->text recall@K over held-out pairs (synthetic captions or ``eval/dataset=captions_wds``)."""
-    model, model_label, device, image_size, tokenizer = _setup(cfg)
+    model, model_label, device, image_size, tokenizer, stored = _setup(cfg)
     rc = cfg.get("retrieval") or {}
     dataset = _build_dataset(
         cfg.eval.dataset,
@@ -267,7 +266,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         context_length=tokenizer.context_length,
         batch_size=cfg.batch_size,
         num_workers=cfg.get("num_workers", 0),
-        render_size=render_size(cfg, image_size),
+        render_size=render_size(cfg, image_size, stored),
     )
     if getattr(dataset, "target", None) not in ("caption", "text"):
         raise ValueError(
@@ -299,11 +298,11 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
     ``linear_probe.train_dataset`` replaced (e.g. ``{root: /data/train}``), by default the synthetic
     generator's train split.
     """
-    model, model_label, device, image_size, _ = _setup(cfg)
+    model, model_label, device, image_size, _, stored = _setup(cfg)
     pc = cfg.get("linear_probe") or {}
     transform = eval_transform(image_size)
     names = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
-    size = render_size(cfg, image_size)
+    size = render_size(cfg, image_size, stored)
     test_set = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names, render_size=size)
     train_node = _train_split_node(cfg.eval.dataset, pc.get("train_dataset"))
     train_set = _build_dataset(train_node, transform=transform, classnames=names, render_size=size)

@@ -22,6 +22,14 @@ CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
 
 
+def capped_log_scale(log_scale: torch.Tensor, max_logit_scale: float) -> torch.Tensor:
+    """The log-scale :meth:`CLIP.scale_and_bias` exponentiates: ``log_scale`` where it is at most
+    ``log(max_logit_scale)``, else that bound. What an export stores for a model that does not cap its
+    scale (open_clip): the stored parameter can lie above the bound (an EMA copy, a step-0 model)."""
+    log_max = math.log(max_logit_scale)
+    return torch.where(log_scale > log_max, log_max, log_scale)
+
+
 class CLIP(nn.Module):
     def __init__(
         self,
@@ -84,8 +92,7 @@ class CLIP(nn.Module):
         (``exp`` of the float32 ``log(100)`` is 100.0000076, and ``torch.clamp`` passes none even at
         equality), so a scale that once reached the maximum could never come down again. Above the bound
         (before the next ``clamp_logit_scale``) the scale is capped and gets no gradient."""
-        log_scale, log_max = self.logit_scale, math.log(self.max_logit_scale)
-        return torch.where(log_scale > log_max, log_max, log_scale).exp(), self.logit_bias
+        return capped_log_scale(self.logit_scale, self.max_logit_scale).exp(), self.logit_bias
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

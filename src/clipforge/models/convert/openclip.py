@@ -11,16 +11,18 @@ projection matrices applied as ``x @ W``, where we use ``nn.Linear`` weights ``(
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from clipforge.models.clip import CLIP
+from clipforge.models.clip import CLIP, capped_log_scale
 from clipforge.models.convert.config import instantiate_model
 from clipforge.models.convert.keymap import (
     KeyMap,
     Rule,
+    Tensors,
     build_key_map,
     build_with_weights,
     convert_state_dict,
@@ -97,9 +99,9 @@ def text_key_map(text: TextTransformer) -> KeyMap:
     return build_key_map(text.state_dict(), special, table, _BLOCKS)
 
 
-def _scalar_rule(name: str) -> Rule:
+def _scalar_rule(name: str, to_theirs: Callable[[Tensors], Tensors] | None = None) -> Rule:
     # open_clip may store the scale as shape (1,) (nonscalar_logit_scale); ours is a 0-d parameter.
-    return Rule((name,), (name,), lambda t: t, lambda t: (t[0].reshape(()),))
+    return Rule((name,), (name,), to_theirs or (lambda t: t), lambda t: (t[0].reshape(()),))
 
 
 def open_clip_key_map(model: CLIP, model_cfg: dict[str, Any], custom_text: bool | None = None) -> KeyMap:
@@ -107,7 +109,9 @@ def open_clip_key_map(model: CLIP, model_cfg: dict[str, Any], custom_text: bool 
     custom = bool(model_cfg.get("custom_text", False)) if custom_text is None else custom_text
     rules = prefixed(vision_key_map(model.visual, model_cfg["vision_cfg"]), "visual.", "visual.")
     rules += prefixed(text_key_map(model.text), "text.", "text." if custom else "")
-    rules.append(_scalar_rule("logit_scale"))
+    # open_clip's forward does not cap the scale as ours does: it gets the capped value ours uses
+    cap = model.max_logit_scale
+    rules.append(_scalar_rule("logit_scale", lambda t: (capped_log_scale(t[0], cap),)))
     if model.logit_bias is not None:
         rules.append(_scalar_rule("logit_bias"))
     return rules

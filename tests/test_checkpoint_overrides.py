@@ -1,0 +1,87 @@
+"""A model override beside ``checkpoint=`` (clipforge-zeroshot, clipforge-caption) and ``checkpoint=`` given
+to clipforge-train: Hydra failed with "Key 'model' is not in struct" / "Key 'checkpoint' is not in struct",
+naming neither the override nor why it cannot apply."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from clipforge.conf import CONF_DIR
+from omegaconf import OmegaConf
+
+from clipforge import caption_cli, train
+from clipforge.checkpoint import CONFIG_KEY
+from clipforge.entry import checkpoint_overrides
+from clipforge.eval import cli as zeroshot_cli
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    """A checkpoint file holding only the stored config of a conf/model/tiny run (depth 3): all the check reads."""
+    model = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
+    torch.save({CONFIG_KEY: {"model": model}, "state_dict": {}}, tmp_path / "run.ckpt")
+    return tmp_path / "run.ckpt"
+
+
+def exit_message(main, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        main()
+    return str(info.value.code)
+
+
+@pytest.mark.parametrize(
+    ("main", "argv"),
+    [
+        (zeroshot_cli.main, ["clipforge-zeroshot"]),
+        (caption_cli.main, ["clipforge-caption", "image=shape.png"]),
+    ],
+)
+def test_a_model_override_beside_a_checkpoint_names_the_key_and_both_values(
+    main, argv: list[str], ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = exit_message(main, [*argv, f"checkpoint={ckpt}", "model.vision.depth=5"], monkeypatch)
+    assert message.startswith(f"{argv[0]}: checkpoint={ckpt} builds its model from the settings stored in it")
+    assert "model.vision.depth: checkpoint 3, override 5" in message
+    message = exit_message(main, [*argv, f"checkpoint={ckpt}", "+model.vision.no_such_key=1"], monkeypatch)
+    assert "model.vision.no_such_key: checkpoint '(none)', override 1" in message
+    message = exit_message(main, [*argv, f"checkpoint={ckpt}", "model=vit_b16"], monkeypatch)
+    assert "model=vit_b16 (the checkpoint has its own model)" in message
+
+
+def test_a_model_override_equal_to_the_checkpoints_setting_is_no_error(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [f"checkpoint={ckpt}", "model.vision.depth=3", "model.text.depth=3", "batch_size=8"]
+    assert checkpoint_overrides("zeroshot", args) == [f"checkpoint={ckpt}", "batch_size=8"]
+    untouched = ["model=tiny", "model.vision.depth=5"]  # no checkpoint: model= builds the model
+    assert checkpoint_overrides("zeroshot", untouched) == untouched
+    monkeypatch.setattr(sys, "argv", ["clipforge-zeroshot", *args, "--cfg", "job"])
+    zeroshot_cli.main()  # composes: --cfg job prints the config instead of running
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed.checkpoint == str(ckpt) and printed.batch_size == 8
+
+
+def test_train_given_checkpoint_names_the_keys_it_takes(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = exit_message(train.main, ["clipforge-train", f"checkpoint={ckpt}"], monkeypatch)
+    assert message == (
+        f"clipforge-train has no checkpoint= setting: resume a run with ckpt_path={ckpt}, or start from its "
+        f"weights with init_from={ckpt}"
+    )
+    # its own keys beside a model override are its business (init_from resamples; a resume names what differs)
+    assert checkpoint_overrides("train", [f"init_from={ckpt}", "model.vision.depth=5"]) == [
+        f"init_from={ckpt}",
+        "model.vision.depth=5",
+    ]
+
+
+def test_the_job_keeps_the_name_of_the_tools_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the check runs before Hydra's main: that main still names the job after the tool (cli, not entry)
+    monkeypatch.setattr(sys, "argv", ["clipforge-zeroshot", "model=tiny", "--cfg", "hydra"])
+    zeroshot_cli.main()
+    assert OmegaConf.create(capsys.readouterr().out).hydra.job.name == "cli"

@@ -69,3 +69,20 @@ def test_linear_probe_on_model_features(handset_model):
     res = linear_probe(handset_model, [(images, lab_with_skip)], [(images, lab)], C=10.0)
     assert res["top1"] == 1.0 and res["num_samples"] == 18 and res["num_train"] == 17
     assert res["num_skipped"] == 1
+
+
+def test_feature_extraction_copies_no_batch_without_a_skipped_sample(handset_model):
+    # images[keep] copied every whole batch to drop nothing; zero-shot copies only when a sample is skipped
+    from clipforge.eval.linear_probe import extract_features
+
+    seen = []
+    encode = handset_model.encode_image
+    handset_model.encode_image = lambda images, normalize=False: (
+        seen.append(images) or encode(images, normalize)
+    )
+    images = images_from_features(np.eye(3, 4).tolist())
+    skipped = torch.tensor([0, IGNORE_LABEL, 2])
+    x, y, n_skipped = extract_features(handset_model, [(images, torch.arange(3)), (images, skipped)])
+    assert seen[0].data_ptr() == images.data_ptr()  # the loader's batch itself
+    assert torch.equal(seen[1], images[[0, 2]]) and n_skipped == 1
+    assert y.tolist() == [0, 1, 2, 0, 2] and np.allclose(x, np.eye(3, 4)[[0, 1, 2, 0, 2]])

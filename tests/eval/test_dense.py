@@ -104,6 +104,28 @@ def test_referring_box_accuracy_decodes_each_expression_once(monkeypatch) -> Non
     assert res["mean_iou"] == pytest.approx((1.0 + 0.0 + 0.25 / 0.3) / 3)
 
 
+def test_referring_box_accuracy_decodes_a_batch_at_a_time(monkeypatch) -> None:
+    # all images of one expression went through the towers and the decoder in one batch, however many
+    calls = []
+
+    def fake_decode(model, decoder, images, task, ref):
+        calls.append((ref, images.shape[0]))
+        return [[0.0, 0.0, float(v), 1.0] for v in images[:, 0, 0, 0]]  # each image's own box back
+
+    monkeypatch.setattr(dense, "decode", fake_decode)
+    n = 300
+    images = torch.zeros(n, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.linspace(0.1, 1.0, n)
+    refs = ["the red circle" if i % 5 else "the blue square" for i in range(n)]
+    boxes = [[0.0, 0.0, float(v), 1.0] for v in images[:, 0, 0, 0]]
+    dense.referring_box_accuracy(nn.Module(), nn.Module(), images, ["the red circle"] * n, boxes)
+    assert calls == [("the red circle", 256), ("the red circle", 44)]  # the default batch
+    calls.clear()
+    res = dense.referring_box_accuracy(nn.Module(), nn.Module(), images, refs, boxes, batch_size=100)
+    assert calls == [("the blue square", 60), *[("the red circle", 100)] * 2, ("the red circle", 40)]
+    assert res == {"accuracy": 1.0, "mean_iou": 1.0}  # every image got its own box back
+
+
 @pytest.mark.parametrize("num_box_bins", [16, 1024])
 def test_a_decoder_that_writes_its_training_target_scores_perfectly(monkeypatch, num_box_bins: int) -> None:
     """Train-time target vs eval-time decode, end to end without training: the referring-task sequence the

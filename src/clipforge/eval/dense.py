@@ -116,15 +116,18 @@ def referring_box_accuracy(
     expressions: Sequence[str],
     boxes: Sequence[Sequence[float]],
     threshold: float = 0.5,
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """Greedy box for each image from its referring expression; ``{"accuracy": IoU >= threshold share,
-    "mean_iou"}``. Images that share an expression are decoded together (one prompt per batch)."""
+    "mean_iou"}``. Images that share an expression are decoded together (one prompt per batch),
+    ``batch_size`` at a time."""
     ious = [0.0] * len(expressions)
     for ref in sorted(set(expressions)):
-        idx = [i for i, e in enumerate(expressions) if e == ref]
-        predicted = decode(model.eval(), decoder.eval(), images[idx], task="box", ref=ref)
-        for i, pred in zip(idx, predicted):
-            ious[i] = box_iou(pred, boxes[i])
+        same = [i for i, e in enumerate(expressions) if e == ref]
+        for idx in (same[s : s + batch_size] for s in range(0, len(same), batch_size)):
+            predicted = decode(model.eval(), decoder.eval(), images[idx], task="box", ref=ref)
+            for i, pred in zip(idx, predicted):
+                ious[i] = box_iou(pred, boxes[i])
     return {
         "accuracy": sum(v >= threshold for v in ious) / len(ious),
         "mean_iou": sum(ious) / len(ious),

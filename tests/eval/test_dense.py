@@ -14,7 +14,7 @@ from torch import nn
 
 from clipforge.data import synthetic
 from clipforge.eval import dense
-from clipforge.eval.dense import box_iou, dense_probe, mean_iou, patch_targets
+from clipforge.eval.dense import box_iou, dense_probe, fit_linear, mean_iou, patch_features, patch_targets
 
 
 def test_patch_targets_label_the_patches_a_shape_mostly_covers() -> None:
@@ -79,6 +79,20 @@ def test_dense_probe_reads_what_the_patch_tokens_carry() -> None:
     torch.manual_seed(0)
     blind = dense_probe(model, train, test, num_classes=3)
     assert blind["miou"] < 0.5
+
+
+def test_dense_probe_fits_on_the_patch_features_without_a_copy(monkeypatch) -> None:
+    # the raw features of both splits stayed alive beside their standardised copies through the fit
+    made, fitted = [], []
+    monkeypatch.setattr(dense, "patch_features", lambda *a: made.append(patch_features(*a)) or made[-1])
+    monkeypatch.setattr(dense, "fit_linear", lambda x, *a: fitted.append(x) or fit_linear(x, *a))
+    model = nn.Module()
+    model.visual = _PatchMeans(informative=True)
+    train, test = _split(40, 0), _split(20, 1)
+    raw = patch_features(model, train[0]).flatten(0, 1)
+    assert dense_probe(model, train, test, num_classes=3)["miou"] == pytest.approx(1.0)
+    assert fitted[0].data_ptr() == made[0].data_ptr()  # standardised in place
+    assert torch.equal(fitted[0], (raw - raw.mean(0)) / raw.std(0).clamp(min=1e-6))  # as out of place
 
 
 def test_box_iou_by_hand() -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from clipforge.data import synthetic
 from clipforge.eval import dense
-from clipforge.eval.dense import box_iou, dense_probe, mean_iou, patch_targets
+from clipforge.eval.dense import box_iou, dense_probe, fit_linear, mean_iou, patch_features, patch_targets
 
 
 def test_patch_targets_label_the_patches_a_shape_mostly_covers() -> None:
@@ -81,6 +81,20 @@ def test_dense_probe_reads_what_the_patch_tokens_carry() -> None:
     assert blind["miou"] < 0.5
 
 
+def test_dense_probe_fits_on_the_patch_features_without_a_copy(monkeypatch) -> None:
+    # the raw features of both splits stayed alive beside their standardised copies through the fit
+    made, fitted = [], []
+    monkeypatch.setattr(dense, "patch_features", lambda *a: made.append(patch_features(*a)) or made[-1])
+    monkeypatch.setattr(dense, "fit_linear", lambda x, *a: fitted.append(x) or fit_linear(x, *a))
+    model = nn.Module()
+    model.visual = _PatchMeans(informative=True)
+    train, test = _split(40, 0), _split(20, 1)
+    raw = patch_features(model, train[0]).flatten(0, 1)
+    assert dense_probe(model, train, test, num_classes=3)["miou"] == pytest.approx(1.0)
+    assert fitted[0].data_ptr() == made[0].data_ptr()  # standardised in place
+    assert torch.equal(fitted[0], (raw - raw.mean(0)) / raw.std(0).clamp(min=1e-6))  # as out of place
+
+
 def test_box_iou_by_hand() -> None:
     assert box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
     assert box_iou([0, 0, 0.5, 1], [0.25, 0, 0.75, 1]) == pytest.approx(0.25 / 0.75)
@@ -102,6 +116,28 @@ def test_referring_box_accuracy_decodes_each_expression_once(monkeypatch) -> Non
     assert sorted(calls) == [("the blue square", 1), ("the red circle", 2)]
     assert res["accuracy"] == pytest.approx(2 / 3)
     assert res["mean_iou"] == pytest.approx((1.0 + 0.0 + 0.25 / 0.3) / 3)
+
+
+def test_referring_box_accuracy_decodes_a_batch_at_a_time(monkeypatch) -> None:
+    # all images of one expression went through the towers and the decoder in one batch, however many
+    calls = []
+
+    def fake_decode(model, decoder, images, task, ref):
+        calls.append((ref, images.shape[0]))
+        return [[0.0, 0.0, float(v), 1.0] for v in images[:, 0, 0, 0]]  # each image's own box back
+
+    monkeypatch.setattr(dense, "decode", fake_decode)
+    n = 300
+    images = torch.zeros(n, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.linspace(0.1, 1.0, n)
+    refs = ["the red circle" if i % 5 else "the blue square" for i in range(n)]
+    boxes = [[0.0, 0.0, float(v), 1.0] for v in images[:, 0, 0, 0]]
+    dense.referring_box_accuracy(nn.Module(), nn.Module(), images, ["the red circle"] * n, boxes)
+    assert calls == [("the red circle", 256), ("the red circle", 44)]  # the default batch
+    calls.clear()
+    res = dense.referring_box_accuracy(nn.Module(), nn.Module(), images, refs, boxes, batch_size=100)
+    assert calls == [("the blue square", 60), *[("the red circle", 100)] * 2, ("the red circle", 40)]
+    assert res == {"accuracy": 1.0, "mean_iou": 1.0}  # every image got its own box back
 
 
 @pytest.mark.parametrize("num_box_bins", [16, 1024])

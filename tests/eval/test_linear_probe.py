@@ -122,3 +122,21 @@ def test_two_ranks_choose_the_one_process_C_and_score(tmp_path):
         assert got.keys() == single.keys()
         for k, v in single.items():
             assert torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v, k
+
+
+def test_feature_extraction_copies_no_batch_without_a_skipped_sample(handset_model):
+    # images[keep] copied every whole batch to drop nothing; zero-shot copies only when a sample is skipped
+    from clipforge.eval.linear_probe import extract_features
+
+    seen = []
+    encode = handset_model.encode_image
+    handset_model.encode_image = lambda images, normalize=False: (
+        seen.append(images) or encode(images, normalize)
+    )
+    images = images_from_features(np.eye(3, 4).tolist())
+    skipped = torch.tensor([0, IGNORE_LABEL, 2])
+    x, y, n_skipped = extract_features(handset_model, [(images, torch.arange(3)), (images, skipped)])
+    assert seen[0].data_ptr() == images.data_ptr()  # the loader's batch itself
+    assert torch.equal(seen[1], images[[0, 2]]) and n_skipped == 1
+    # rows come back in the canonical order (label, then feature bytes)
+    assert y.tolist() == [0, 0, 1, 2, 2] and np.allclose(x, np.eye(3, 4)[[0, 0, 1, 2, 2]])

@@ -136,3 +136,69 @@ def test_image_hashes_are_equal_exactly_for_equal_pixels():
     assert torch.equal(h[3], h[1]) and len({tuple(r) for r in h.tolist()}) == 4
     assert torch.equal(h[:4], hy[:4]) and not torch.equal(h[4], hy[4])
     assert torch.equal(image_hashes(x[1:4]), h[1:4])  # the batch around an image does not matter
+
+
+def _whole_batch_hashes(images: torch.Tensor) -> torch.Tensor:
+    """image_hashes as it was before it went a few rows at a time: an int64 copy of the whole batch."""
+    x = images.detach().contiguous()
+    if x.is_floating_point():
+        x = x.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
+    x = x.flatten(1).long()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-(2**62), 2**62, (2, x.shape[1]), generator=g, dtype=torch.long) * 2 + 1
+    return torch.stack([(x * w[0]).sum(dim=1), (x * w[1]).sum(dim=1)], dim=1)
+
+
+def _varied_batches() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, 6, 5, generator=g) * 100  # signed bit patterns of every size
+    u8 = torch.randint(0, 256, (7, 3, 6, 5), generator=g, dtype=torch.uint8)
+    return {
+        "float32": x,
+        "bfloat16": x.bfloat16(),
+        "float16": x.half(),
+        "float64": x.double(),
+        "uint8": u8,
+        "int8": u8.view(torch.int8),
+        "bool": u8 > 127,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": torch.randn(7, 3, 12, 5, generator=g)[:, :, ::2],
+        "permuted": x.permute(0, 2, 3, 1),
+        "flat": x.flatten(1),
+        "empty": x[:0],
+    }
+
+
+@pytest.mark.parametrize("name", list(_varied_batches()))
+@pytest.mark.parametrize("chunk_bytes", [1, 8 * 90 * 2, 2**25])  # one image, two (7 = 2+2+2+1), all
+def test_image_hashes_equal_the_whole_batch_definition(name, chunk_bytes):
+    images = _varied_batches()[name]
+    assert torch.equal(image_hashes(images, chunk_bytes=chunk_bytes), _whole_batch_hashes(images))
+
+
+def test_image_hashes_make_no_copy_of_the_batch():
+    # the int64 copy of the batch (and its products with the weights) was 8x a uint8 batch's memory
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestAllocation(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:  # no view
+                    self.nbytes = max(self.nbytes, t.untyped_storage().nbytes())
+            return out
+
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    image_hashes(images, chunk_bytes=8 * 3 * 16 * 16 * 4)  # weights cached outside the count
+    with LargestAllocation() as mode:
+        h = image_hashes(images, chunk_bytes=8 * 3 * 16 * 16 * 4)  # four images' products at a time
+    assert torch.equal(h, _whole_batch_hashes(images))
+    assert mode.nbytes <= 8 * 3 * 16 * 16 * 4 < images.nbytes
+
+
+def test_image_hashes_want_a_batch():
+    with pytest.raises(ValueError, match=r"a batch of images \(B, \.\.\.\), got shape \(5,\)"):
+        image_hashes(torch.zeros(5))

@@ -76,8 +76,10 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tupl
 
 
 def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both by the train split's mean and std, in place: the probe's features are its own, and a
+    standardised copy sat beside them (the raw features of both splits) through the whole fit."""
     mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
-    return (train - mean) / std, (test - mean) / std
+    return train.sub_(mean).div_(std), test.sub_(mean).div_(std)
 
 
 def dense_probe(
@@ -89,8 +91,8 @@ def dense_probe(
     """Fit the per-patch linear probe on ``train`` = (images (B, 3, H, W), patch targets (B, N)) and score
     ``test``: ``{"miou", "per_class_iou", "patch_accuracy"}``."""
     model = model.eval()
-    feats = [patch_features(model, images) for images, _ in (train, test)]  # (B, N, D) each
-    x_tr, x_te = _standardise(*(f.reshape(-1, f.shape[-1]) for f in feats))
+    # (B * N, D) each: patch_features' own tensors, no copy is kept
+    x_tr, x_te = _standardise(*(patch_features(model, images).flatten(0, 1) for images, _ in (train, test)))
     y_tr, y_te = (torch.as_tensor(np.asarray(t)).reshape(-1).long() for _, t in (train, test))
     head = fit_linear(x_tr, y_tr, num_classes)
     with torch.no_grad():
@@ -116,15 +118,18 @@ def referring_box_accuracy(
     expressions: Sequence[str],
     boxes: Sequence[Sequence[float]],
     threshold: float = 0.5,
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """Greedy box for each image from its referring expression; ``{"accuracy": IoU >= threshold share,
-    "mean_iou"}``. Images that share an expression are decoded together (one prompt per batch)."""
+    "mean_iou"}``. Images that share an expression are decoded together (one prompt per batch),
+    ``batch_size`` at a time."""
     ious = [0.0] * len(expressions)
     for ref in sorted(set(expressions)):
-        idx = [i for i, e in enumerate(expressions) if e == ref]
-        predicted = decode(model.eval(), decoder.eval(), images[idx], task="box", ref=ref)
-        for i, pred in zip(idx, predicted):
-            ious[i] = box_iou(pred, boxes[i])
+        same = [i for i, e in enumerate(expressions) if e == ref]
+        for idx in (same[s : s + batch_size] for s in range(0, len(same), batch_size)):
+            predicted = decode(model.eval(), decoder.eval(), images[idx], task="box", ref=ref)
+            for i, pred in zip(idx, predicted):
+                ious[i] = box_iou(pred, boxes[i])
     return {
         "accuracy": sum(v >= threshold for v in ious) / len(ious),
         "mean_iou": sum(ious) / len(ious),

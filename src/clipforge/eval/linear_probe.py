@@ -54,11 +54,13 @@ def extract_features(
             skipped += int((~keep).sum())
             if not keep.any():
                 continue
+            if not keep.all():  # images[keep] copies the batch: only when there is a sample to drop
+                images, y = images[keep.to(images.device)], y[keep]
             with autocast(dev, precision):
-                f = model.encode_image(images[keep].to(dev, non_blocking=True), normalize=False)
+                f = model.encode_image(images.to(dev, non_blocking=True), normalize=False)
             f = f.float()
             feats.append(F.normalize(f, dim=-1) if normalize else f)
-            labels.append(y[keep].to(dev))
+            labels.append(y.to(dev))
     x = torch.cat(feats) if feats else torch.zeros(0, 1, device=dev)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
     x, y = all_gather_cat(x, enabled=distributed), all_gather_cat(y, enabled=distributed)

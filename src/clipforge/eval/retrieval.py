@@ -18,6 +18,7 @@ over all pairs' captions (COCO's 5,000 and 25,000 queries).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -69,23 +70,40 @@ def embed_pairs(
 
 
 _HASH_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+# int64 products held at once by image_hashes: a few rows of the batch at a time, so a fingerprint costs
+# about this much memory whatever the batch (a whole-batch int64 copy was 8x a uint8 batch on the device)
+_HASH_CHUNK_BYTES = 32 * 2**20
 
 
-def image_hashes(images: torch.Tensor) -> torch.Tensor:
+def image_hashes(images: torch.Tensor, chunk_bytes: int = _HASH_CHUNK_BYTES) -> torch.Tensor:
     """``(B, 2)`` int64 fingerprints of the images' exact pixel values: two random linear hashes of the
     pixels' bit patterns in wrapping 64-bit integer arithmetic, exact in any summation order, so equal on
-    every device and rank for equal images (the weights come from a fixed seed)."""
-    x = images.detach().contiguous()
-    if x.is_floating_point():
+    every device and rank for equal images (the weights come from a fixed seed).
+
+    Hashed a few images at a time (``chunk_bytes`` of int64 products), reading the pixels in place: no
+    int64 or contiguous copy of the whole batch is made."""
+    if images.dim() < 2:
+        raise ValueError(f"image_hashes takes a batch of images (B, ...), got shape {tuple(images.shape)}")
+    x = images.detach()
+    if x.is_floating_point():  # the bit patterns, read in place (a same-size view allows any strides)
         x = x.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
-    x = x.flatten(1).long()  # (B, P)
-    key = (x.shape[1], str(x.device))
+    pixels = math.prod(x.shape[1:])
+    key = (pixels, str(x.device))
     if key not in _HASH_WEIGHTS:
         g = torch.Generator().manual_seed(0)
-        w = torch.randint(-(2**62), 2**62, (2, x.shape[1]), generator=g, dtype=torch.long) * 2 + 1
+        w = torch.randint(-(2**62), 2**62, (2, pixels), generator=g, dtype=torch.long) * 2 + 1
         _HASH_WEIGHTS[key] = w.to(x.device)  # odd weights: no factor of 2 lost to the wrap-around
-    w = _HASH_WEIGHTS[key]
-    return torch.stack([(x * w[0]).sum(dim=1), (x * w[1]).sum(dim=1)], dim=1)
+    w = _HASH_WEIGHTS[key].view(2, 1, *x.shape[1:])  # broadcast over the images' own strides
+    out = torch.empty(x.shape[0], 2, dtype=torch.long, device=x.device)
+    dims = tuple(range(1, x.dim()))
+    step = max(1, chunk_bytes // (8 * max(pixels, 1)))
+    # one int64 buffer of `step` images: x * w would cast a copy of the rows to int64 first, then multiply
+    buf = torch.empty(min(step, x.shape[0]), *x.shape[1:], dtype=torch.long, device=x.device)
+    for s in range(0, x.shape[0], step):
+        part = buf[: x.shape[0] - s]
+        for j in range(2):  # copy_ sign-extends (zero-extends uint8) like .long(), from any strides
+            out[s : s + step, j] = part.copy_(x[s : s + step]).mul_(w[j]).sum(dim=dims)
+    return out
 
 
 def row_ids(rows: torch.Tensor) -> torch.Tensor:

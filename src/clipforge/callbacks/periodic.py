@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from clipforge.callbacks.schedule import mid_accumulation
 from clipforge.fault.atomic_io import TMP_SUFFIX, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class PeriodicCheckpoint(ModelCheckpoint):
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        if mid_accumulation(trainer):
+            return  # the time trigger fired mid-window too: saved at the step's last batch instead
         if pl_module.automatic_optimization:
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         else:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -212,10 +213,16 @@ def test_secrets_never_reach_logged_configs_or_checkpoints(
             assert key.encode() not in data and b"sk-live-abcdef123456" not in data, path
 
 
-def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(run_cfg, tmp_path: Path) -> None:
+# accum_freq=2 trains by manual optimization, where Lightning's ModelCheckpoint ignored the time trigger
+# (every_n_minutes saved nothing until the end) and warned about a test-only "saved_models" convention.
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(
+    run_cfg, tmp_path: Path, accum_freq: int, recwarn: pytest.WarningsRecorder
+) -> None:
     # A vanishing interval saves after every step; only the keep_last=2 newest stay.
     cfg = run_cfg(
         tmp_path,
+        f"module.accum_freq={accum_freq}",
         "trainer.max_steps=5",
         "callbacks.periodic_checkpoint.every_n_train_steps=null",
         "callbacks.periodic_checkpoint.every_n_minutes=1e-9",
@@ -227,6 +234,60 @@ def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(run_cfg, tmp_p
     assert os.readlink(ckpts / "last.ckpt") == "periodic-step0000005.ckpt"
     assert not list(ckpts.glob("last-v*.ckpt"))  # model_checkpoint handed last.ckpt over
     assert not list(ckpts.glob("*.tmp"))
+    assert not [w for w in recwarn if "pre-optimization state" in str(w.message)]
+
+
+# Lightning's own accumulation (trainer.accumulate_grad_batches): a step spans two batches. A checkpoint
+# written after the first counted it as trained but held none of its gradients, so the resumed run took
+# that step on the second batch alone.
+ACCUMULATE = ("+trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
+
+
+@pytest.mark.parametrize("sig", ["sigterm", "sigusr1"])
+def test_a_preemption_mid_accumulation_saves_after_the_step_and_resumes_exactly(
+    run_cfg, tmp_path: Path, sig: str
+) -> None:
+    base_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    train(run_cfg(base_dir, *ACCUMULATE))
+    # the signal at the first batch of step 4
+    status = run_forked(lambda: train(run_cfg(run_dir, *ACCUMULATE, *fault(sig, 3))))
+    assert os.WIFEXITED(status), status
+    assert [p.name for p in (run_dir / "checkpoints").glob("preempt-*.ckpt")] == ["preempt-step0000004.ckpt"]
+    train(run_cfg(run_dir, *ACCUMULATE, "ckpt_path=auto"))
+    assert_same_training_state(final_state(base_dir), final_state(run_dir))
+
+
+def test_the_time_trigger_waits_for_the_end_of_an_accumulated_step(
+    run_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.pytorch.callbacks import model_checkpoint
+
+    # A clock that reads an hour later from the third batch on, the first of step 2: the interval runs out
+    # where a save would hold half a step.
+    trainers: list[Any] = []
+    setup = PeriodicCheckpoint.setup
+
+    def record(cb: PeriodicCheckpoint, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        trainers.append(trainer)
+        setup(cb, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(PeriodicCheckpoint, "setup", record)
+
+    def monotonic() -> float:
+        return 3600.0 * (trainers[-1].fit_loop.epoch_loop.batch_progress.total.ready >= 3)
+
+    monkeypatch.setattr(model_checkpoint, "time", SimpleNamespace(monotonic=monotonic))
+    cfg = run_cfg(
+        tmp_path,
+        *ACCUMULATE,
+        "trainer.max_steps=3",
+        "callbacks.periodic_checkpoint.every_n_train_steps=null",
+        "callbacks.periodic_checkpoint.every_n_minutes=1",
+        "callbacks.periodic_checkpoint.keep_last=5",
+    )
+    train(cfg)
+    periodic = sorted(p.name for p in (tmp_path / "checkpoints").glob("periodic-*.ckpt"))
+    assert periodic == ["periodic-step0000002.ckpt", "periodic-step0000003.ckpt"]
 
 
 def test_periodic_checkpoint_needs_a_trigger() -> None:

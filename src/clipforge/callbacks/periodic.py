@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from clipforge.callbacks.schedule import mid_accumulation
 from clipforge.fault.atomic_io import TMP_SUFFIX, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -83,13 +85,37 @@ class PeriodicCheckpoint(ModelCheckpoint):
             kind="periodic", every_n_train_steps=self._every_n_train_steps, interval=self._train_time_interval
         )
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        super().on_train_batch_end(trainer, *args, **kwargs)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        if mid_accumulation(trainer):
+            return  # the time trigger fired mid-window too: saved at the step's last batch instead
+        if pl_module.automatic_optimization:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        else:
+            self._save_if_due(trainer)
         # The step that reaches max_steps is saved here, mid-epoch as a periodic save is: by on_train_end
         # Lightning has closed the epoch that max_steps cut short, and a longer run resumed from that file
         # (a larger max_steps) would start the next epoch, skipping the rest of this one's data.
         if 0 < trainer.max_steps <= trainer.global_step and not trainer.sanity_checking:
             self._save_final(trainer)
+
+    def _save_if_due(self, trainer: L.Trainer) -> None:
+        """Both triggers under manual optimization (``module.accum_freq > 1``). Lightning's ModelCheckpoint
+        has a branch of its own there that ignores ``train_time_interval`` (``every_n_minutes`` saved nothing
+        until the end) and warns about a test-only convention; each batch ends a whole optimizer step here
+        (feature caching accumulates inside one batch), so the automatic branch's rules apply as they are."""
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        now = time.monotonic()
+        if self._train_time_interval is not None:
+            last = self._last_time_checked
+            late = last is not None and now - last >= self._train_time_interval.total_seconds()
+            late = trainer.strategy.broadcast(late)  # rank 0's clock decides, on every rank: no hang
+            if late:
+                self._last_time_checked = now
+            due = due or late
+        if due and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_final(trainer)

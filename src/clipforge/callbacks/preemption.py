@@ -3,8 +3,8 @@ current step and exit cleanly.
 
 No paper. Schedulers warn before they kill: Kubernetes and most clouds send SIGTERM, SLURM sends the
 signal named in ``#SBATCH --signal=USR1@120`` (SIGUSR1 here) some time before the hard kill. The handler
-only sets a flag (nothing is safe to do inside a signal handler); the next ``on_train_batch_end``
-saves ``preempt-step<N>.ckpt`` (and removes those of earlier preemptions), asks SLURM to requeue the
+only sets a flag (nothing is safe to do inside a signal handler); the next ``on_train_batch_end`` that
+ends an optimizer step (under ``trainer.accumulate_grad_batches`` the last batch of the step) saves ``preempt-step<N>.ckpt`` (and removes those of earlier preemptions), asks SLURM to requeue the
 job when running under SLURM, and leaves through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit status 0), as Lightning itself does on
 SIGTERM. Leaving at once, rather than through ``trainer.should_stop``, skips the end-of-training work
 (validation, final checkpoints, evaluation): it would take time the scheduler may not give, and a
@@ -33,6 +33,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from clipforge.callbacks.schedule import mid_accumulation
 from clipforge.fault.atomic_io import checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,10 @@ class PreemptionCheckpoint(Callback):
         # collectives fall out of step and the job hangs. Ours only sets a flag; all ranks agree on it at
         # the next batch end (a collective every rank makes). One process: Lightning's handler stays, so a
         # SIGTERM during validation still cuts the validation short (it is acted on after it otherwise).
+        # Under trainer.accumulate_grad_batches, Lightning stops after any batch, also one whose step is not
+        # taken yet: ours waits for the step's last batch (mid_accumulation), validation only follows one.
         if (
-            trainer.world_size > 1
+            (trainer.world_size > 1 or trainer.accumulate_grad_batches > 1)
             and signal.SIGTERM in self.signals
             and threading.current_thread() is threading.main_thread()
         ):
@@ -163,6 +166,8 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if mid_accumulation(trainer):  # every rank alike: the step's last batch saves, with its update
+            return
         # A signal may reach only some ranks; any one of them stops all (collective: every rank calls it).
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             self._checkpoint(trainer)

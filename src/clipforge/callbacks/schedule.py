@@ -35,6 +35,14 @@ def logger_step(trainer: Any, epoch_end: bool = False) -> int:
     return max(step - 1, 0) if epoch_end else step
 
 
+def mid_accumulation(trainer: Any) -> bool:
+    """Call in ``on_train_batch_end``: whether this batch only accumulated gradients
+    (``trainer.accumulate_grad_batches > 1``) for an optimizer step a later batch takes. A checkpoint saved
+    here would count the batch as trained while its gradients, which are not saved, are lost: a run
+    resumed from it would take that step on the rest of the window alone."""
+    return bool(trainer.fit_loop.epoch_loop._should_accumulate())  # Lightning's own decision to step
+
+
 OFF_CLOCK = "clipforge_off_clock_s"  # trainer attribute: seconds of off_the_clock work not yet taken
 
 

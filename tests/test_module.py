@@ -286,3 +286,23 @@ def test_validation_sums_stay_in_the_devices_sum_dtype(monkeypatch) -> None:
     with torch.no_grad():
         module.validation_step(next(iter(loader())), 0)
     assert module._val_sums.dtype == torch.float32
+
+
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_bf16_mixed_clips_with_the_fused_adamw_default(accum_freq: int) -> None:
+    """conf/optimizer's fused AdamW under trainer=gpu's bf16-mixed: Lightning refuses to clip for an optimizer
+    that unscales in its step, so every such run failed at its first step. The clipped steps equal the
+    unfused optimizer's (Lightning's own clipping path), and a clip that small changes the weights."""
+
+    def run(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
+        bias, optimizer = None, functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, fused=fused)
+        module = ContrastiveModule(tiny_clip(bias), ClipLoss(), optimizer, None, grad_clip_norm=clip,
+                                   accum_freq=accum_freq)  # fmt: skip
+        fit(module, precision="bf16-mixed")
+        return params(module)
+
+    fused, unfused = run(True, 1e-3), run(False, 1e-3)
+    for n in unfused:
+        torch.testing.assert_close(fused[n], unfused[n], rtol=1e-5, atol=1e-6, msg=n)
+    unclipped = run(True, None)
+    assert not torch.allclose(unclipped["visual.proj.weight"], fused["visual.proj.weight"], atol=1e-5)

@@ -25,6 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from clipforge.accumulate import CachedStep, carry_step_progress, feature_cache_backward
@@ -37,7 +39,7 @@ from clipforge.losses import logit_stats
 from clipforge.losses.base import check_takes_local
 from clipforge.losses.objective import Objective, ObjectiveBatch, Teacher
 from clipforge.models.clip import CLIP
-from clipforge.optim import apply_settings, group_settings, param_groups
+from clipforge.optim import apply_settings, decayed_names, group_settings, split_by_decay
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -91,8 +93,6 @@ class ContrastiveModule(L.LightningModule):
         self.automatic_optimization = accum_freq == 1
         # Which parameters take weight decay, decided by name on the unwrapped model: under FSDP
         # (use_orig_params) they are flat 1-D shards by the time configure_optimizers runs.
-        decay = {id(p) for p in param_groups(model, 1.0, decay_embeddings)[0]["params"]}
-        self._decay_names = {name for name, p in model.named_parameters() if id(p) in decay}
         # Present only when configured, so a default run's state_dict and checkpoints keep their keys.
         for name, objective in (objectives or {}).items():
             try:
@@ -100,19 +100,7 @@ class ContrastiveModule(L.LightningModule):
             except ValueError as e:
                 raise ValueError(f"objectives.{name}: {e}") from None
         self.objectives = nn.ModuleDict(dict(objectives)) if objectives else None
-        if self.objectives is not None:
-            # the same rule for the objectives' matrices (decoder, heads); their embeddings are exempt
-            skip = {
-                f"{prefix}.{n}" if prefix else n
-                for prefix, m in self.objectives.named_modules()
-                if hasattr(m, "no_weight_decay")
-                for n in m.no_weight_decay()
-            }
-            self._decay_names |= {
-                f"objectives.{n}"
-                for n, p in self.objectives.named_parameters()
-                if p.ndim >= 2 and n not in skip
-            }
+        self._decay_names = decayed_names(model, self.objectives, decay_embeddings)
         self.ema = ema(self._ema_sources()) if ema is not None else None
         self._inactive: list[str] = []  # objectives not yet started at this step
         self._total_steps: int | None = None
@@ -272,9 +260,7 @@ class ContrastiveModule(L.LightningModule):
                 p.grad = None
         # Under automatic optimization Lightning clips next, through configure_gradient_clipping.
         if not self.automatic_optimization and self.grad_clip_norm:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm"
-            )
+            self._clip(optimizer, self.grad_clip_norm, "norm")
 
     def configure_gradient_clipping(
         self,
@@ -284,7 +270,24 @@ class ContrastiveModule(L.LightningModule):
     ) -> None:
         if gradient_clip_val is None:  # no Trainer(gradient_clip_val): the module's own setting
             gradient_clip_val, gradient_clip_algorithm = self.grad_clip_norm, "norm"
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _clip(self, optimizer: torch.optim.Optimizer, value: float | None, algorithm: str | None) -> None:
+        """Lightning's clipping, also for an optimizer that unscales inside its step (fused AdamW, the
+        default) under mixed precision: Lightning refuses it there, so every ``bf16-mixed`` run failed at
+        its first step. Without a grad scaler (bf16) the gradients are already true; with one (fp16) they
+        are unscaled here first, and ``GradScaler.step`` then knows they are."""
+        plugin = self.trainer.precision_plugin
+        if (
+            value
+            and isinstance(plugin, MixedPrecision)
+            and getattr(optimizer, "_step_supports_amp_scaling", 0)
+        ):
+            if plugin.scaler is not None:
+                plugin.scaler.unscale_(optimizer)
+            Precision.clip_gradients(plugin, optimizer, value, GradClipAlgorithmType(algorithm or "norm"))
+        else:
+            self.clip_gradients(optimizer, value, algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -348,16 +351,10 @@ class ContrastiveModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         # The factory is a partial (Hydra _partial_: true) whose weight_decay we route to the decay group.
         weight_decay = dict(getattr(self.optimizer_factory, "keywords", {})).get("weight_decay", 0.0)
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if _unwrapped_name(name) in self._decay_names else no_decay).append(p)
+        named = list(self.model.named_parameters())
         if self.objectives is not None:
-            for name, p in self.objectives.named_parameters(prefix="objectives"):
-                if p.requires_grad:
-                    (decay if _unwrapped_name(name) in self._decay_names else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups)
+            named += list(self.objectives.named_parameters(prefix="objectives"))
+        optimizer = self.optimizer_factory(split_by_decay(named, self._decay_names, weight_decay))
         if self.scheduler_factory is None:
             self._configured = group_settings(optimizer)
             return {"optimizer": optimizer}
@@ -398,8 +395,3 @@ def _detach(t: Tensor | None) -> Tensor | None:
 
 def _float(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None else None
-
-
-def _unwrapped_name(name: str) -> str:
-    """A parameter's name without the FSDP / activation-checkpointing wrapper segments."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")

@@ -9,7 +9,7 @@ token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,6 +33,41 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def decayed_names(
+    model: nn.Module, objectives: nn.Module | None = None, decay_embeddings: bool = False
+) -> set[str]:
+    """The names of the parameters that take weight decay: the model's by :func:`param_groups`' rule, and
+    the ``objectives.``-prefixed matrices of the SigLIP 2 objectives (decoder, heads) but the embeddings
+    they list in ``no_weight_decay``. Decided by name on the unwrapped modules, since under FSDP
+    (use_orig_params) the parameters are flat 1-D shards by the time the optimizer is built."""
+    decay = {id(p) for p in param_groups(model, 1.0, decay_embeddings)[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decay}
+    if objectives is not None:
+        skip = {
+            f"{prefix}.{n}" if prefix else n
+            for prefix, m in objectives.named_modules()
+            if hasattr(m, "no_weight_decay")
+            for n in m.no_weight_decay()
+        }
+        names |= {
+            f"objectives.{n}" for n, p in objectives.named_parameters() if p.ndim >= 2 and n not in skip
+        }
+    return names
+
+
+def split_by_decay(
+    named: Iterable[tuple[str, nn.Parameter]], decayed: set[str], weight_decay: float
+) -> list[dict[str, Any]]:
+    """``[decay group, no-decay group]`` of the trainable ``(name, parameter)`` pairs, by name in
+    ``decayed`` (:func:`decayed_names`) once FSDP / activation-checkpointing wrapper segments are dropped."""
+    decay, no_decay = [], []
+    for name, p in named:
+        unwrapped = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        if p.requires_grad:
+            (decay if unwrapped in decayed else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

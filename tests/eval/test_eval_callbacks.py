@@ -166,10 +166,9 @@ def test_a_bad_top_k_or_recall_k_fails_when_the_callback_is_built():
 
 @pytest.mark.parametrize("name", ["zeroshot", "retrieval"])
 def test_callback_configs_instantiate(name):
+    from clipforge.conf import CONF_DIR
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from clipforge.conf import CONF_DIR
 
     node = OmegaConf.load(CONF_DIR / "callbacks" / f"{name}.yaml")[name]
     cb = instantiate(node)

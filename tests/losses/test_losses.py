@@ -105,18 +105,21 @@ def test_tiled_bf16_close_to_float32(loss: str) -> None:
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_tiled_under_autocast_computes_in_the_features_dtype(loss: str) -> None:
+@pytest.mark.parametrize("impl", ["tiled", "dense"])
+def test_under_autocast_computes_in_the_features_dtype(loss: str, impl: str) -> None:
     # bf16-mixed runs the loss inside autocast, on float32 features (F.normalize gives float32), and the
     # backward pass, which recomputes the tiles, outside it: both passes must see the same logits. Before,
-    # CLIP's gradient was ~20% off (bf16 log-sum-exps against float32 tiles) and SigLIP's raised.
+    # CLIP's gradient was ~20% off (bf16 log-sum-exps against float32 tiles) and SigLIP's raised. The dense
+    # path (trainer=gpu's, one device, B <= tile_size) took bf16 logits and returned a bf16 SigLIP loss,
+    # unlike the tiled and ring paths (trainer=ddp's) of the same run.
     x, y = features(48, 16, seed=20, dtype=torch.float32), features(48, 16, seed=21, dtype=torch.float32)
     scale, bias = torch.tensor(100.0), torch.tensor(-10.0)
     dense = value_and_grads(LOSSES[loss], x, y, scale, bias, impl="dense")
     leaves = [t.clone().requires_grad_() for t in (x, y, scale, bias)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = LOSSES[loss](*leaves, impl="tiled", tile_size=16)
+        value = LOSSES[loss](*leaves, impl=impl, tile_size=16)
         with torch.no_grad():
-            no_grad_value = LOSSES[loss](x, y, scale, bias, impl="tiled", tile_size=16)
+            no_grad_value = LOSSES[loss](x, y, scale, bias, impl=impl, tile_size=16)
     grads = torch.autograd.grad(value, leaves, allow_unused=True)
     tiled = [value.detach(), *(torch.zeros_like(bias) if g is None else g for g in grads)]
     assert value.dtype == torch.float32

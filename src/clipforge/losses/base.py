@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from clipforge.distributed import world_info
 from clipforge.losses.distributed import check_dist_impl, gather_sizes
-from clipforge.losses.tiled import check_impl, use_tiled
+from clipforge.losses.tiled import autocast_off, check_impl, use_tiled
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,12 @@ def contrastive_loss(body: LossBody) -> Callable[..., Tensor]:
         b = image_features.shape[0]
         sizes = gather_sizes(b, image_features.device, group) if world > 1 else [b]
         layout = Layout(impl, dist_impl, tile_size, rank, sizes, group)
-        return body(image_features, text_features, logit_scale, logit_bias, layout)
+        # Every implementation computes in the features' dtype (float32 under bf16-mixed, F.normalize's), as
+        # the tiled and ring kernels must (tiled.without_autocast): otherwise the dense path alone would
+        # take bf16 logits under autocast and return a bf16 SigLIP loss, so the loss a run computes and logs
+        # would change with the batch size (impl=auto) and between trainer=gpu and trainer=ddp.
+        with autocast_off(image_features):
+            return body(image_features, text_features, logit_scale, logit_bias, layout)
 
     for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
         setattr(loss, attr, getattr(body, attr))

@@ -96,3 +96,24 @@ def test_only_ycbcr_and_grey_jpegs_are_left_for_the_gpu(mode, deferred):
     assert isinstance(sample.image, Encoded) is deferred
     if not deferred:
         assert sample.image.shape == (3, 16, 16)
+
+
+def test_decoding_on_cuda_without_cuda_names_the_setting(shards, monkeypatch):
+    # before: a deep traceback from torch ("Found no NVIDIA driver on your system") naming no setting
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dm, encoded = batches(shards, "cuda")
+    with pytest.raises(
+        RuntimeError, match=r"decode_device=cuda .* this machine has none .*decode_device=cpu"
+    ):
+        dm.decode_batch(encoded[0], "cuda")
+
+
+def test_a_run_on_the_cpu_with_cuda_decoding_fails_at_setup(shards):
+    # before: trainer.accelerator=cpu with decode_device=cuda decoded every batch in the main process on
+    # the CPU (trainer.strategy.root_device), silently; on a machine without CUDA that was the only outcome
+    import lightning as L
+
+    dm = data_module(shards, 4, augment={"image_size": 32, "decode_device": "cuda"})
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"decode_device=cuda .* this run trains on cpu"):
+        dm.setup("fit")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from clipforge.data.config import Augment, ShardSet, ShardSource, Stream, Urls, ZeroShotSet, check_at_least
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import FailurePolicy
-from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder
+from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder, check_decode_device
 from clipforge.data.loader import EpochLoader, Position, auto_num_workers
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
@@ -177,6 +177,11 @@ class WebDataModule(L.LightningDataModule):
             )
 
     def setup(self, stage: str | None = None) -> None:
+        trainer = self._trainer_or_none()
+        if self._decoder is not None and trainer is not None:
+            check_decode_device(
+                trainer.strategy.root_device
+            )  # batches decode there (on_before_batch_transfer)
         self._dataset("train")  # fail at once on a bad pattern or a missing manifest
         for split, urls in (("val", self.val_urls), ("zeroshot", self.zeroshot_urls)):
             if urls is not None:

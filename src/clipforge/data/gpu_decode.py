@@ -37,6 +37,23 @@ class EncodedBatch:
         return len(self.data)
 
 
+def check_decode_device(device: torch.device | str) -> None:
+    """Fail, naming ``data.augment.decode_device``, when the deferred JPEGs would be decoded on ``device``
+    but it is not a CUDA GPU this machine has: torchvision's ``decode_jpeg`` would fail image by image and
+    every batch be reported as undecodable, or the batches silently decode on the CPU of the main process."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "data.augment.decode_device=cuda decodes the training JPEGs on a CUDA GPU, but this machine has "
+            "none (torch.cuda.is_available() is False): set data.augment.decode_device=cpu"
+        )
+    if device.type != "cuda":
+        raise ValueError(
+            f"data.augment.decode_device=cuda decodes the training JPEGs on the training device, but this "
+            f"run trains on {device.type}: set data.augment.decode_device=cpu (the DataLoader workers decode)"
+        )
+
+
 class JpegDecoder:
     """``EncodedBatch`` -> (normalised float32 ``(B, 3, size, size)`` on ``device``, ``source`` rows).
 
@@ -67,6 +84,8 @@ class JpegDecoder:
 
     def __call__(self, batch: EncodedBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
+        if device.type == "cuda":
+            check_decode_device(device)
         s = self.image_size
         jpeg_idx = [i for i, d in enumerate(batch.data) if d.ndim == 1]
         decoded = dict(zip(jpeg_idx, self._decode([batch.data[i] for i in jpeg_idx], device)))

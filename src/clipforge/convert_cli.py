@@ -16,7 +16,9 @@ Import an open_clip checkpoint you have on disk, to fine-tune or zero-shot it wi
     clipforge-convert import --open-clip open_clip_pytorch_model.bin --model-name ViT-B-32 --out imported/
 
 writes ``imported/model.yaml`` (a conf/model node) and ``imported/model.ckpt``, which
-``clipforge.checkpoint.load_model`` (zero-shot, visualize --checkpoint) reads.
+``clipforge.checkpoint.load_model`` (zero-shot, visualize --checkpoint) reads. A stored logit scale above
+the default cap of 100 (SigLIP ported from big_vision) raises ``max_logit_scale`` in that node to it, so the
+imported model's logits are open_clip's.
 """
 
 from __future__ import annotations

@@ -48,3 +48,47 @@ def test_two_gloo_ranks_get_equal_batches_and_disjoint_samples(tmp_path):
         flat = [i for b in batches for i in b]
         assert len(flat) == len(set(flat)) == 96  # 97 = 6 steps x 2 ranks x 8 + 1 left over
     assert r0["ids"][:steps] != r0["ids"][steps:]  # reshuffled across epochs
+
+
+def resume_rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
+    from clipforge.callbacks.data_skips import total_skip_counts
+
+    init_gloo(rank, world, port)
+    full = data_module(shards, 8)
+    for epoch in range(2):
+        full.set_epoch(epoch)
+        for _ in full.train_dataloader():
+            pass
+    first = data_module(shards, 8)
+    first.set_epoch(0)
+    for _ in first.train_dataloader():
+        pass
+    saved = [first.state_dict()]  # a collective on every rank, as Lightning's checkpoint saving is
+    dist.broadcast_object_list(saved)  # the file holds rank 0's copy; every rank resumes from it
+    resumed = data_module(shards, 8)
+    resumed.load_state_dict(saved[0])
+    resumed.set_epoch(1)
+    for _ in resumed.train_dataloader():
+        pass
+    counts = {
+        "full": total_skip_counts(full.skip_counts()),
+        "resumed": total_skip_counts(resumed.skip_counts()),
+    }
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump(counts | {"mine": full.skip_counts()}, f)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_resume_with_every_ranks_skip_counts(tmp_path):
+    from test_corruption import rewrite
+
+    urls = write_sizes(tmp_path / "shards", SIZES)
+    for url in urls:
+        rewrite(url, corrupt=set(range(3, 97, 10)))  # every tenth JPEG corrupt: 10 an epoch
+    shards = pattern(tmp_path / "shards", len(SIZES))
+    args = (2, shards, free_port(), str(tmp_path))
+    mp.start_processes(resume_rank_main, args=args, nprocs=2, join=True, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert r0["full"] == r1["full"] and r0["full"]["corrupt_image"] == 20
+    assert r0["mine"]["corrupt_image"] > 0 and r1["mine"]["corrupt_image"] > 0  # both ranks skip some
+    assert r0["resumed"] == r1["resumed"] == r0["full"]  # epoch 0's skips on either rank were carried over

@@ -191,6 +191,32 @@ def test_a_logit_scale_above_the_cap_is_exported_as_the_scale_the_model_uses(tmp
     assert model.logit_scale.item() > math.log(model.max_logit_scale)  # the model itself is left as it was
 
 
+def test_an_imported_logit_scale_above_ln_100_gives_open_clips_logits(tmp_path: Path) -> None:
+    # SigLIP models ported from big_vision carry exp(logit_scale) ~ 117 and more; open_clip's forward uses it
+    # uncapped, so the import raises its cap to the stored scale (our default cap of 100 changed the logits).
+    torch.manual_seed(0)
+    cfg = VARIANTS["siglip_text"]
+    reference = perturb_(open_clip_model(cfg)).eval()
+    with torch.no_grad():
+        reference.logit_scale.fill_(math.log(117.33))
+    images, text = torch.randn(3, 3, 32, 32), tokens(3, 12)
+    ours = from_open_clip(reference, cfg).eval()
+    assert ours.max_logit_scale > 117 and torch.equal(ours.scale_and_bias()[0], reference.logit_scale.exp())
+    assert_same_clip(ours, reference, images, text)
+    # the cap is part of its config: the clipforge-convert import rebuilds the same model from its files
+    torch.save(reference.state_dict(), tmp_path / "weights.bin")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    from clipforge.checkpoint import load_model
+    from clipforge.convert_cli import main as convert_main
+
+    paths = convert_main(
+        ["import", "--open-clip", str(tmp_path / "weights.bin"), "--out", str(tmp_path / "imp")]
+    )
+    rebuilt, stored = load_model(paths["checkpoint"])
+    assert stored["model"]["max_logit_scale"] == ours.max_logit_scale
+    assert_same_clip(rebuilt.eval(), reference, images, text)
+
+
 def test_import_a_training_checkpoint_by_model_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
     reference = perturb_(open_clip_model(SMALL)).eval()

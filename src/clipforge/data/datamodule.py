@@ -26,7 +26,7 @@ from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder, check_decode_de
 from clipforge.data.loader import EpochLoader, Position, auto_num_workers
 from clipforge.data.manifest import find_manifest
 from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
-from clipforge.distributed import EvenSteps, world_info
+from clipforge.distributed import EvenSteps, all_gather_cat, world_info
 
 if TYPE_CHECKING:
     from clipforge.eval.metadata import Template
@@ -241,6 +241,8 @@ class WebDataModule(L.LightningDataModule):
         for ds in self._datasets.values():
             for cause, n in ds.skip_counts().items():
                 total[cause] += n
+        for cause, n in zip(CAUSES, self.position.skips.carried.tolist()):
+            total[cause] += n  # counted before a resume
         if self._decoder is not None:
             total["corrupt_image"] += self._decoder.corrupt
         return total
@@ -286,15 +288,31 @@ class WebDataModule(L.LightningDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def state_dict(self) -> dict:
+        """The data position, and ``skipped``: every rank's skip counts behind it (``[{cause: n}]`` by rank).
+
+        Gathering them is a collective: Lightning saves a checkpoint on every rank (``dump_checkpoint``
+        calls this on each; rank 0 writes), so every rank comes here together."""
         if self._train_loader is None:
-            return dict(self.position.restored or {})
-        return self._train_loader.state_dict()
+            state = dict(self.position.restored or {})
+        else:
+            state = self._train_loader.state_dict()
+        skips = self.position.skips
+        consumed = skips.carried if self.position.restored is not None else skips.consumed(self._consumed())
+        if self._decoder is not None:
+            consumed = consumed + torch.tensor(
+                [self._decoder.corrupt * (c == "corrupt_image") for c in CAUSES]
+            )
+        rows = all_gather_cat(consumed[None])
+        state["skipped"] = [dict(zip(CAUSES, (int(n) for n in row))) for row in rows.tolist()]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if "skipped" in state_dict:  # a checkpoint written before the counts were kept has none
+            self.position.skips.restore(state_dict["skipped"], *self._rank_world())
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state_dict)
         elif state_dict:  # checked against this run's settings when the loader is built
-            self.position.restored = dict(state_dict)
+            self.position.restored = {k: v for k, v in state_dict.items() if k != "skipped"}
 
 
 def _take(x: object, source: torch.Tensor, rows: list[int]) -> object:

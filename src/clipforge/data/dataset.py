@@ -118,6 +118,10 @@ class ShardDataset(IterableDataset):
         self._control = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._counts, self._per_shard = new_tables(num_workers, len(self.urls))
         self._tokenizer: Tokenizer | None = None
+        # Set by the training loader before it iterates: each batch then ends with the skips (a CAUSES
+        # vector) its worker counted while making it, so training can tell what it consumed from what
+        # the workers read ahead (clipforge.data.loader.SkipTally).
+        self.tally_skips = False
 
     # ----------------------------------------------------------------------------------- main process
     def set_epoch(self, epoch: int) -> None:
@@ -187,7 +191,17 @@ class ShardDataset(IterableDataset):
             self.augment.image_size, self._tokenizer, self.defer, self.stream.return_keys, regions
         )
         p = _Pass(epoch, worker, num_workers, consumed, monitor, collate)
-        yield from self._resampled(p) if self.mode == "resampled" else self._ordered(p)
+        out = self._resampled(p) if self.mode == "resampled" else self._ordered(p)
+        yield from self._tallied(out, monitor.row) if self.tally_skips else out
+
+    def _tallied(self, out: Iterator[tuple], row: int) -> Iterator[tuple]:
+        """``out``'s batches, each followed by the skips its worker's ``row`` counted since the last one."""
+        causes = len(CAUSES)
+        last = self._counts[row, :causes].clone()
+        for batch in out:
+            now = self._counts[row, :causes].clone()
+            yield (*batch, now - last)
+            last = now
 
     def _samples(
         self, raw: Iterable[RawSample | None], rng: np.random.Generator, monitor: FailureMonitor

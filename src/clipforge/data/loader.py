@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import COLUMNS
+from clipforge.data.shards import CAUSES
 from clipforge.distributed import all_reduce_sum
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,64 @@ FINGERPRINT_KEYS = (
 )
 
 
+class SkipTally:
+    """This rank's skipped samples and shards (a :data:`CAUSES` vector) behind the batches training
+    consumed: what a checkpoint carries, so that a resumed run's counts go on from where the uninterrupted
+    run's were. The workers read ahead of training, and a resume reads those batches again; so each batch
+    brings the skips its worker counted while making it (``ShardDataset.tally_skips``), and a pass that
+    ran to its end adds what its workers counted after their last batches."""
+
+    KEEP = 256  # the newest batch counts kept: training lags the loader only by its prefetch
+
+    def __init__(self) -> None:
+        self.carried = torch.zeros(len(CAUSES), dtype=torch.int64)  # restored: counted before this process
+        self._base = torch.zeros_like(self.carried)  # this process's counts when the current pass began
+        self._after: dict[int, torch.Tensor] = {}  # batches of the epoch handed out -> this pass's skips
+        self._warned = False
+
+    def begin(self, counted: torch.Tensor, resume: int) -> None:
+        """A pass starts after ``resume`` batches of its epoch; ``counted``: this process's counts so far."""
+        self._base = counted.clone()
+        self._after = {resume: torch.zeros_like(self.carried)}
+
+    def batch(self, handed_out: int, skipped: torch.Tensor) -> None:
+        self._after[handed_out] = self._after[max(self._after)] + skipped
+        if len(self._after) > self.KEEP:
+            del self._after[min(self._after)]
+
+    def end(self, handed_out: int, counted: torch.Tensor) -> None:
+        """The pass ran to its end: every skip its workers counted belongs to it."""
+        self._after[handed_out] = counted - self._base
+
+    def consumed(self, batches: int | None) -> torch.Tensor:
+        """Skips behind the first ``batches`` of the epoch (None: all handed out), with this process's
+        earlier passes and the carried counts."""
+        if not self._after:
+            return self.carried.clone()
+        key = max(self._after) if batches is None else batches
+        if key not in self._after:
+            near = max((k for k in self._after if k <= key), default=min(self._after))
+            if not self._warned:
+                self._warned = True
+                log.warning("skip counts known after %d batches, not %d: a resume may miscount", near, key)
+            key = near
+        return self.carried + self._base + self._after[key]
+
+    def restore(self, by_rank: list[dict[str, int]], rank: int, world: int) -> None:
+        """This rank's share of a checkpoint's per-rank counts (every rank's row once over any new world)."""
+        rows = [torch.tensor([int(r.get(c, 0)) for c in CAUSES]) for r in by_rank[rank::world]]
+        self.carried = torch.stack(rows).sum(0) if rows else torch.zeros_like(self.carried)
+
+
 class Position:
     """Where the training stream is: ``epoch`` being read (-1: none yet), ``yielded`` batches of it handed
-    out (resumed ones included), and ``restored``, a checkpoint's position not yet started from."""
+    out (resumed ones included), and ``restored``, a checkpoint's position not yet started from; ``skips``,
+    the skip counts that go with it."""
 
     def __init__(self) -> None:
         self.epoch, self.yielded = -1, 0
         self.restored: dict | None = None
+        self.skips = SkipTally()
         self._warned: dict | None = None  # the restored state last warned about
 
     def start(self, epoch: int, num_batches: int) -> int:
@@ -109,6 +161,7 @@ class EpochLoader:
         self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
         self.position = position if position is not None else Position()
         self._run_start: torch.Tensor | None = None  # counts when a resampled stream began
+        dataset.tally_skips = True  # before any worker copies it: every batch ends with its skips
 
     @property
     def epoch(self) -> int:
@@ -134,12 +187,20 @@ class EpochLoader:
             start = self._run_start if self._run_start is not None else start
             self._run_start = start
         every = self.shards.failures.check_every
-        for i, batch in enumerate(self.loader, 1):
+        skips = self.position.skips
+        skips.begin(self._skips_counted(), resume)
+        for i, tallied in enumerate(self.loader, 1):
+            batch, skipped = tallied[:-1], tallied[-1]
             self.position.yielded += 1
+            skips.batch(self.position.yielded, skipped)
             if i % every == 0:
                 self._check_failures(start, planned)
             yield batch
+        skips.end(self.position.yielded, self._skips_counted())
         self._check_failures(start, planned)
+
+    def _skips_counted(self) -> torch.Tensor:
+        return self.shards.progress_counts()[: len(CAUSES)].clone()
 
     def _check_failures(self, start: torch.Tensor, planned: int | None) -> None:
         """Stop on too much bad input, on every rank at the same batch: the counts are summed over ranks

@@ -30,6 +30,16 @@ def capped_log_scale(log_scale: torch.Tensor, max_logit_scale: float) -> torch.T
     return torch.where(log_scale > log_max, log_max, log_scale)
 
 
+def cap_covering(log_scale: torch.Tensor, max_logit_scale: float = MAX_LOGIT_SCALE) -> float:
+    """The cap, at least ``max_logit_scale``, under which :func:`capped_log_scale` leaves ``log_scale`` as
+    it is: what a model imported from open_clip, whose forward does not cap, needs to give its logits
+    (SigLIP ported from big_vision carries a scale of about 117). Rounding of ``log`` is allowed for."""
+    cap = max(max_logit_scale, math.exp(float(log_scale)))
+    while bool((capped_log_scale(log_scale, cap) < log_scale).any()):
+        cap = math.nextafter(cap, math.inf)
+    return cap
+
+
 class CLIP(nn.Module):
     def __init__(
         self,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.models.clip import CLIP, capped_log_scale
+from clipforge.models.clip import CLIP, cap_covering, capped_log_scale
 from clipforge.models.convert.config import instantiate_model
 from clipforge.models.convert.keymap import (
     KeyMap,
@@ -146,6 +146,10 @@ def from_open_clip_state(
     if "logit_bias" in state and model_cfg.get("init_logit_bias") is None:
         model_cfg["init_logit_bias"] = 0.0  # the value comes from the checkpoint
     node = model_config_from_open_clip(model_cfg, img_size=img_size)
+    if "logit_scale" in state:
+        # open_clip's forward does not cap the scale: ours must not either, or the logits differ. The cap
+        # goes into the config, so a checkpoint of the imported model rebuilds with it.
+        node["max_logit_scale"] = cap_covering(state["logit_scale"].detach().float().cpu())
     skeleton = instantiate_model(node, device="meta")
     custom = any(k.startswith("text.") for k in state)
     ours = convert_state_dict(

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clipforge.conf import CONF_DIR
@@ -35,7 +36,10 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[
             sys.argv[1:] = checkpoint_overrides(config_name, sys.argv[1:])
         except (OSError, ValueError) as e:  # one line naming the keys, as Hydra's own composition errors
             raise SystemExit(str(e)) from e
-        hydra_main()
+        try:
+            hydra_main()
+        finally:  # Hydra leaves its run config in a process-wide singleton; a later in-process call
+            HydraConfig.instance().cfg = None  # (a test, a notebook) must not write into this run's dir
 
     return main
 

@@ -460,3 +460,21 @@ def test_an_image_size_the_model_cannot_take_fails_before_any_image_is_read(tmp_
         run_zeroshot(cfg)
     assert not (tmp_path / "out").exists()
     assert cli.model_image_size(torch.nn.Module(), 40) == 40  # a model that does not say its size
+
+
+@pytest.mark.parametrize("first", [["--cfg", "job"], ["num_workers=0", "progress=false"]])
+def test_a_programmatic_run_after_an_in_process_cli_call_writes_to_its_own_output_dir(
+    tmp_path, color_model, monkeypatch, first
+):
+    # Hydra keeps its run config in a process-wide singleton: after `--cfg job` (run dir '???') or a whole
+    # CLI run (run dir of that run), run_zeroshot(cfg) failed or wrote into the other run's directory
+    root = make_color_folder(tmp_path / "ds", {"red": [RED], "green": [GREEN], "blue": [BLUE]})
+    dataset = ["eval/dataset=imagefolder", f"eval.dataset.root={root}"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        "sys.argv", ["clipforge-zeroshot", *dataset, f"hydra.run.dir={tmp_path / 'cli'}", *first]
+    )
+    cli.main()
+    out = tmp_path / "mine"
+    res = run_zeroshot(compose_zeroshot(*dataset, f"output_dir={out}", "num_workers=0", "progress=false"))
+    assert res["results_file"] == str(out / "results.json") and (out / "confusion.png").exists()

@@ -21,7 +21,7 @@ def output_dir(cfg: DictConfig) -> Path:
     move every output, the log included), else ``cfg.output_dir`` for programmatic calls."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
+    if HydraConfig.initialized() and not OmegaConf.is_missing(HydraConfig.get().runtime, "output_dir"):
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.output_dir)
 

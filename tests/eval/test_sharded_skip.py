@@ -14,10 +14,9 @@ from clipforge.train import final_zero_shot
 
 
 def _trainer(strategy, **kw):
-    # after the 4th optimizer step, whose values Lightning logs at step 3
-    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=3))
+    # after the 4th optimizer step
     return SimpleNamespace(
-        strategy=strategy, global_step=4, current_epoch=0, is_global_zero=True, fit_loop=loop,
+        strategy=strategy, global_step=4, current_epoch=0, is_global_zero=True,
         log_every_n_steps=1, should_stop=False, **kw,
     )  # fmt: skip
 

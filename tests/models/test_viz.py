@@ -219,10 +219,11 @@ def test_callback_logs_every_n_steps_to_wandb_only() -> None:
     wandb = RecordingWandb()
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[CSVLogger("unused"), wandb])
     callback = AttentionMapCallback(every_n_steps=2)
-    for step in [2, 2, 3, 4, 5]:  # 2 twice: gradient accumulation repeats a step
-        trainer.global_step = step
-        # Lightning's logger step for this batch (its scalars' row): the batches that stepped before it
-        trainer.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step - 1))
+    # (global_step as the batch starts, as it ends): (2, 2) accumulated gradients without a step
+    for start, end in [(1, 2), (2, 2), (2, 3), (3, 4), (4, 5)]:
+        trainer.global_step = start  # Lightning's logger step for the batch (its scalars' row)
+        callback.on_train_batch_start(trainer, SimpleNamespace(model=model), batch, 0)
+        trainer.global_step = end
         callback.on_train_batch_end(trainer, SimpleNamespace(model=model), None, batch, 0)
     assert sorted({(k, s) for k, s, _ in wandb.logged}) == sorted(
         (f"viz/{n}", s)

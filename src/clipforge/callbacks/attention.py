@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from clipforge.callbacks.schedule import EveryNSteps, logger_step, off_the_clock
+from clipforge.callbacks.schedule import EveryNSteps, off_the_clock
 from clipforge.sharding import skip_when_sharded
 from clipforge.viz.attention import figure_to_array, vit_figures
 
@@ -47,7 +47,7 @@ class AttentionMapCallback(EveryNSteps):
         logger = wandb_logger(trainer)
         if logger is None:
             return
-        step = logger_step(trainer)  # with this step's scalars
+        step = self.logger_step(trainer)  # with this step's scalars
         image = self.image_source if self.image_source is not None else self._first_image(batch)
         model = getattr(pl_module, "model", pl_module)
         with off_the_clock(trainer):

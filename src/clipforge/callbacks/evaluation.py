@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from clipforge.callbacks.schedule import logger_step, off_the_clock
+from clipforge.callbacks.schedule import StepClock, off_the_clock
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
@@ -32,7 +32,7 @@ from clipforge.sharding import skip_when_sharded
 log = logging.getLogger(__name__)
 
 
-class _PeriodicEval(L.Callback):
+class _PeriodicEval(StepClock):
     """Calls ``evaluate`` every ``every_n_steps`` optimizer steps and/or every ``every_n_epochs`` epochs."""
 
     def __init__(self, every_n_steps: int | None, every_n_epochs: int | None) -> None:
@@ -44,7 +44,7 @@ class _PeriodicEval(L.Callback):
         self.every_n_epochs = every_n_epochs
         self._last_step = -1
         self._warned = False
-        self._log_step = 0  # the logger's step of the metrics of the evaluation under way (logger_step)
+        self._log_step = 0  # logger_step of the evaluation under way
         self._in_batch = False  # the evaluation under way runs in on_train_batch_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -67,7 +67,7 @@ class _PeriodicEval(L.Callback):
     def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch_end: bool) -> None:
         if skip_when_sharded(self, trainer, "evaluation"):
             return
-        self._log_step = logger_step(trainer, epoch_end=epoch_end)
+        self._log_step = self.logger_step(trainer, epoch_end=epoch_end)
         self._in_batch = not epoch_end
         try:
             with off_the_clock(trainer):  # not training time: no dent in train/samples_per_s

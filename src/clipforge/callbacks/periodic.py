@@ -18,13 +18,13 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from clipforge.callbacks.schedule import mid_accumulation
+from clipforge.callbacks.schedule import StepClock
 from clipforge.fault.atomic_io import TMP_SUFFIX, fsync_dir
 
 log = logging.getLogger(__name__)
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
+class PeriodicCheckpoint(StepClock, ModelCheckpoint):
     """Save every ``every_n_train_steps`` optimizer steps and/or every ``every_n_minutes`` of training.
 
     Files are ``<dirpath>/<filename>.ckpt`` (``periodic-step0001000.ckpt``); the ``keep_last`` newest are
@@ -86,7 +86,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
-        if mid_accumulation(trainer):
+        if self.mid_accumulation(trainer):
             return  # the time trigger fired mid-window too: saved at the step's last batch instead
         if pl_module.automatic_optimization:
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)

@@ -30,10 +30,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from clipforge.callbacks.schedule import mid_accumulation
+from clipforge.callbacks.schedule import StepClock
 from clipforge.fault.atomic_io import checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def requeue_slurm_job(job_id: str) -> bool:
     return True
 
 
-class PreemptionCheckpoint(Callback):
+class PreemptionCheckpoint(StepClock):
     """Checkpoint-and-stop on ``signals``; under SLURM (``SLURM_JOB_ID`` set) also requeue if ``requeue``."""
 
     def __init__(
@@ -166,7 +165,7 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if mid_accumulation(trainer):  # every rank alike: the step's last batch saves, with its update
+        if self.mid_accumulation(trainer):  # every rank alike: the step's last batch saves, with its update
             return
         # A signal may reach only some ranks; any one of them stops all (collective: every rank calls it).
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):

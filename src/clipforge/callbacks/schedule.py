@@ -23,24 +23,32 @@ def logging_step(trainer: Any, step_done: bool = False) -> bool:
     return step % every == 0 or bool(trainer.should_stop)
 
 
-def logger_step(trainer: Any, epoch_end: bool = False) -> int:
-    """The step Lightning's loggers file the values logged now under (W&B's ``trainer/global_step``):
-    during a training batch's hooks and the validation after it, the number of batches that stepped
-    before this one, so one less than ``trainer.global_step`` once the batch's optimizer step is done;
-    in ``on_train_epoch_end`` (``epoch_end``) the last batch's. Pictures logged at it sit in the same row
-    as the scalars of the same moment; at ``global_step`` they were one step ahead, and W&B's step axis
-    went back by one after each of them.
-    """
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what LoggerConnector.log_metrics uses
-    return max(step - 1, 0) if epoch_end else step
+class StepClock(Callback):
+    """Base of the callbacks that act after a training batch and must know where it stands in the run,
+    read from the trainer's public ``global_step`` as each training batch starts (Lightning's own counters
+    for these, ``_batches_that_stepped`` and ``_should_accumulate``, are private). Subclasses that define
+    ``on_train_batch_start`` call ``super()``'s."""
 
+    _step_at_batch_start = 0
 
-def mid_accumulation(trainer: Any) -> bool:
-    """Call in ``on_train_batch_end``: whether this batch only accumulated gradients
-    (``trainer.accumulate_grad_batches > 1``) for an optimizer step a later batch takes. A checkpoint saved
-    here would count the batch as trained while its gradients, which are not saved, are lost: a run
-    resumed from it would take that step on the rest of the window alone."""
-    return bool(trainer.fit_loop.epoch_loop._should_accumulate())  # Lightning's own decision to step
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def logger_step(self, trainer: Any, epoch_end: bool = False) -> int:
+        """The step Lightning's loggers file the values logged now under (W&B's ``trainer/global_step``):
+        during a training batch's hooks and the validation after it, the number of optimizer steps before
+        this batch, so one less than ``trainer.global_step`` once the batch's optimizer step is done; in
+        ``on_train_epoch_end`` (``epoch_end``) the last batch's. Pictures logged at it sit in the same row
+        as the scalars of the same moment; at ``global_step`` they were one step ahead, and W&B's step axis
+        went back by one after each of them."""
+        return max(trainer.global_step - 1, 0) if epoch_end else self._step_at_batch_start
+
+    def mid_accumulation(self, trainer: Any) -> bool:
+        """Call in ``on_train_batch_end``: whether this batch only accumulated gradients
+        (``trainer.accumulate_grad_batches > 1``) for an optimizer step a later batch takes, i.e. took no
+        step. A checkpoint saved here would count the batch as trained while its gradients, which are not
+        saved, are lost: a run resumed from it would take that step on the rest of the window alone."""
+        return trainer.global_step == self._step_at_batch_start
 
 
 OFF_CLOCK = "clipforge_off_clock_s"  # trainer attribute: seconds of off_the_clock work not yet taken
@@ -64,7 +72,7 @@ def take_off_clock(trainer: Any) -> float:
     return seconds
 
 
-class EveryNSteps(Callback):
+class EveryNSteps(StepClock):
     """Base of the callbacks that draw every ``every_n_steps`` optimizer steps. With gradient accumulation
     several batches end on one ``global_step``: :meth:`due` is true for the first of them only."""
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from clipforge.callbacks.schedule import EveryNSteps, logger_step, off_the_clock
+from clipforge.callbacks.schedule import EveryNSteps, off_the_clock
 
 
 def similarity_logits(
@@ -68,7 +68,7 @@ class SimilarityHeatmap(EveryNSteps):
     ) -> None:
         if not isinstance(outputs, dict) or "image_features" not in outputs or not self.due(trainer):
             return
-        step = logger_step(trainer)  # the row of this batch's train/loss, whose forward made the logits
+        step = self.logger_step(trainer)  # the row of this batch's train/loss, whose forward made the logits
         loggers = [lg for lg in trainer.loggers if hasattr(lg, "log_image")]
         if not loggers:
             return

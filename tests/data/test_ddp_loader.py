@@ -92,3 +92,46 @@ def test_two_gloo_ranks_resume_with_every_ranks_skip_counts(tmp_path):
     assert r0["full"] == r1["full"] and r0["full"]["corrupt_image"] == 20
     assert r0["mine"]["corrupt_image"] > 0 and r1["mine"]["corrupt_image"] > 0  # both ranks skip some
     assert r0["resumed"] == r1["resumed"] == r0["full"]  # epoch 0's skips on either rank were carried over
+
+
+def mid_epoch_rank_main(rank: int, world: int, shards: str, port: int, out: str) -> None:
+    init_gloo(rank, world, port)
+    full = data_module(shards, 8)
+    full.set_epoch(0)
+    expected = [sample_ids(b[2]) for b in full.train_dataloader()]
+    first = data_module(shards, 8)
+    first.set_epoch(0)
+    seen = []
+    for batch in first.train_dataloader():
+        seen.append(sample_ids(batch[2]))
+        if len(seen) == 3:
+            break
+    saved = [first.state_dict()]  # a collective on every rank; the file holds rank 0's copy
+    dist.broadcast_object_list(saved)
+    resumed = data_module(shards, 8)
+    resumed.load_state_dict(saved[0])
+    resumed.set_epoch(0)
+    seen += [sample_ids(b[2]) for b in resumed.train_dataloader()]
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"expected": expected, "seen": seen}, f)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_resume_mid_epoch_after_skips_on_their_own_streams(tmp_path):
+    # each rank skips other samples: the checkpoint (rank 0's file) must hold every rank's stream slots
+    from test_corruption import rewrite
+
+    urls = write_sizes(tmp_path / "shards", SIZES)
+    for url in urls:
+        rewrite(url, corrupt=set(range(3, 97, 10)))
+    shards = pattern(tmp_path / "shards", len(SIZES))
+    mp.start_processes(
+        mid_epoch_rank_main,
+        args=(2, shards, free_port(), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+    for r in range(2):
+        got = json.loads((tmp_path / f"{r}.json").read_text())
+        assert got["seen"] == got["expected"], r

@@ -193,10 +193,36 @@ def test_skip_counts_survive_a_resume_as_in_the_uninterrupted_run(damaged, tmp_p
     trainer(tmp_path, max_epochs=2, callbacks=[ckpt]).fit(Recorder(), datamodule=full_dm)
     full = full_dm.skip_counts()
     assert full["corrupt_image"] > 0 and full["repeated_samples"] == full["corrupt_image"]
-    for step in (12,):  # the end of epoch 0
+    for step in (4, 8, 12, 16, 20):  # mid-epoch and the end of epoch 0
         resumed_dm = make(damaged, workers)
         path = tmp_path / "ckpt" / f"step={step}.ckpt"
         trainer(tmp_path, max_epochs=2).fit(
             Recorder(), datamodule=resumed_dm, ckpt_path=path, weights_only=True
         )
         assert resumed_dm.skip_counts() == full, step
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_a_mid_epoch_resume_after_skipped_samples_continues_the_exact_stream(damaged, workers):
+    """Skipped samples shift every later batch of their worker; the resume point counted only the batches'
+    samples, so the resumed run read again the samples that the skips had pulled forward (and drew their
+    crops again): each worker must start behind the last sample it gave, bad ones included, and within
+    the re-read passes that top up its last batches once its range ran out (the later stops)."""
+    dm3 = make(damaged, workers, scale=(0.3, 1.0))
+    dm3.set_epoch(1)
+    full = list(dm3.train_dataloader())
+    for stop in range(1, len(full)):
+        dm = make(damaged, workers, scale=(0.3, 1.0))
+        dm.set_epoch(1)
+        first = []
+        for i, batch in enumerate(dm.train_dataloader()):
+            first.append(batch)
+            if i + 1 == stop:
+                break
+        dm2 = make(damaged, workers, scale=(0.3, 1.0))
+        dm2.load_state_dict(dm.state_dict())
+        dm2.set_epoch(1)
+        rest = list(dm2.train_dataloader())
+        ids = [i for b in first + rest for i in sample_ids(b[2])]
+        assert ids == [i for b in full for i in sample_ids(b[2])], stop
+        assert torch.equal(torch.cat([b[0] for b in first + rest]), torch.cat([b[0] for b in full])), stop

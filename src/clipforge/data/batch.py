@@ -88,24 +88,32 @@ class Collate:
 
 
 class Refill:
-    """Re-read passes for a worker whose samples ran out: ``reread(k, whole_set)`` gives the k-th pass, of
-    the worker's range or (once a pass of it gave nothing) of the whole set; ``give_up(reason)`` is the
-    error when even the whole set gives nothing."""
+    """Re-read passes for a worker whose samples ran out: ``reread(k, whole_set, skip)`` gives the k-th
+    pass, of the worker's range or (once a pass of it gave nothing) of the whole set, from its slot
+    ``skip``; ``give_up(reason)`` is the error when even the whole set gives nothing. ``skip``: stream
+    slots of the passes a resumed run already trained on, over passes of ``pass_length`` slots."""
 
     def __init__(
         self,
-        reread: Callable[[int, bool], Iterator[Sample]],
+        reread: Callable[[int, bool, int], Iterator[Sample]],
         monitor: FailureMonitor,
         give_up: Callable[[str], Exception],
+        skip: int = 0,
+        pass_length: int = 0,
     ) -> None:
         self.reread, self.monitor, self.give_up = reread, monitor, give_up
         self.passes, self.whole_set = 0, False
+        self.skip, self.pass_length = skip, pass_length
 
     def next_pass(self, previous_gave_any: bool) -> Iterator[Sample]:
         if self.passes > 0 and not previous_gave_any:
             if self.whole_set:  # every shard of the set was read and none gave a sample
                 raise self.give_up("no sample of any shard could be read")
             self.whole_set = True
+        skip, self.skip = self.skip, 0
+        if self.pass_length > 0:  # whole passes before the resume point: the first one left
+            self.passes += skip // self.pass_length
+            skip %= self.pass_length
         self.passes += 1
         log.warning(
             "%s: re-reading %s (pass %d) to keep its batch count",
@@ -113,7 +121,7 @@ class Refill:
             "the whole set" if self.whole_set else "its range",
             self.passes,
         )
-        return self._counted(self.reread(self.passes, self.whole_set))
+        return self._counted(self.reread(self.passes, self.whole_set, skip))
 
     def _counted(self, samples: Iterator[Sample]) -> Iterator[Sample]:
         for s in samples:

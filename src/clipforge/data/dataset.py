@@ -27,7 +27,7 @@ own counts when they end.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ class _Pass:
     consumed: int  # batches of this rank's epoch already trained (the resume point)
     monitor: FailureMonitor
     collate: Collate
+    start: int = -1  # exact mode: the stream slot to resume at (-1: behind the consumed batches' samples)
+    slot: list[int] = field(default_factory=lambda: [-1])  # exact mode: the slots this pass has used
 
 
 class ShardDataset(IterableDataset):
@@ -122,14 +124,22 @@ class ShardDataset(IterableDataset):
         # vector) its worker counted while making it, so training can tell what it consumed from what
         # the workers read ahead (clipforge.data.loader.SkipTally).
         self.tally_skips = False
+        # Exact mode: per logical worker, the stream slot (bad samples included) to resume at; -1: unknown.
+        self._slots = torch.full((max(1, num_workers),), -1, dtype=torch.int64).share_memory_()
 
     # ----------------------------------------------------------------------------------- main process
     def set_epoch(self, epoch: int) -> None:
         self._control[0] = epoch
 
-    def set_resume(self, consumed_batches: int) -> None:
-        """Make the next iteration skip the first ``consumed_batches`` batches of this rank's epoch."""
+    def set_resume(self, consumed_batches: int, slots: Sequence[int] | None = None) -> None:
+        """Make the next iteration skip the first ``consumed_batches`` batches of this rank's epoch.
+        ``slots``: per logical worker, the stream slot behind its last consumed batch (what a batch's
+        tally carries), so the samples that bad ones pulled forward are not read again; without it (or
+        for another number of workers) each worker starts behind its consumed batches' sample count."""
         self._control[1] = consumed_batches
+        self._slots.fill_(-1)
+        if slots is not None and len(slots) == len(self._slots):
+            self._slots.copy_(torch.as_tensor(list(slots), dtype=torch.int64))
 
     @property
     def num_batches(self) -> int | None:
@@ -190,17 +200,21 @@ class ShardDataset(IterableDataset):
         collate = Collate(
             self.augment.image_size, self._tokenizer, self.defer, self.stream.return_keys, regions
         )
-        p = _Pass(epoch, worker, num_workers, consumed, monitor, collate)
+        exact = self.mode == "exact" and num_workers == len(self._slots)
+        start = int(self._slots[worker]) if exact else -1
+        p = _Pass(epoch, worker, num_workers, consumed, monitor, collate, start)
         out = self._resampled(p) if self.mode == "resampled" else self._ordered(p)
-        yield from self._tallied(out, monitor.row) if self.tally_skips else out
+        yield from self._tallied(out, monitor.row, p) if self.tally_skips else out
 
-    def _tallied(self, out: Iterator[tuple], row: int) -> Iterator[tuple]:
-        """``out``'s batches, each followed by the skips its worker's ``row`` counted since the last one."""
+    def _tallied(self, out: Iterator[tuple], row: int, p: _Pass) -> Iterator[tuple]:
+        """``out``'s batches, each followed by a tally: the skips (a CAUSES vector) its worker's ``row``
+        counted since the last one, then the logical worker and the stream slot behind the batch (-1
+        outside exact mode)."""
         causes = len(CAUSES)
         last = self._counts[row, :causes].clone()
         for batch in out:
             now = self._counts[row, :causes].clone()
-            yield (*batch, now - last)
+            yield (*batch, torch.cat([now - last, torch.tensor([p.worker, p.slot[0]])]))
             last = now
 
     def _samples(
@@ -234,34 +248,47 @@ class ShardDataset(IterableDataset):
             segs, sizes = wp.segments, wp.batch_sizes
         done = plan.delivered(p.consumed, p.worker, p.num_workers) if self.mode == "exact" else 0
         skip, sizes = sum(sizes[:done]), sizes[done:]
-        # Crop randomness is a function of the output position (clipforge.data.decode): skipping n samples
+        # Bad samples before the resume point pulled later ones into the consumed batches: the slot the
+        # worker had reached (its tally) is where its stream goes on; the sample count, only without one.
+        skip = p.start if p.start >= 0 else skip
+        # Crop randomness is a function of the stream slot (clipforge.data.decode): skipping n slots
         # advances the generator by n * CROP_DRAWS, so the resumed crops are the uninterrupted run's.
         rng = np.random.default_rng([*salt, 0xC20])
         rng.bit_generator.advance(skip * CROP_DRAWS)
         m = self.shuffle_buffer
 
         def shuffled(
-            segments: list[plan.Segment], skip: int, salt: tuple, mon: FailureMonitor
+            segments: list[plan.Segment],
+            skip: int,
+            salt: tuple,
+            mon: FailureMonitor,
+            slot: list[int] | None = None,
         ) -> Iterator[Sample]:
             raw = read_segments(plan.skip_segments(segments, block_start(skip, m)), mon, self.counts)
-            return self._samples(block_shuffle(raw, m, salt, skip), rng, mon)
+            slots = block_shuffle(raw, m, salt, skip)
+            return self._samples(slots if slot is None else _counted(slots, slot), rng, mon)
 
         pass_ended = (lambda: p.monitor.check_final(self.failures)) if self.mode == "eval" else None
         if self.counts is None:  # eval without a manifest: the length is unknown; batches shard by shard
             per_shard = (shuffled([seg], 0, salt, p.monitor) for seg in segs)
             yield from open_batches(per_shard, self.batch_size, p.collate, pass_ended)
             return
-        samples = shuffled(segs, skip, salt, p.monitor)
+        # Slots go on through the re-read passes that top up the last batches (Refill): a resume there
+        # starts the main stream at its end and skips the rest in the passes.
+        own = sum(max(0, s.count) for s in segs)
+        p.slot[0] = skip
+        samples = shuffled(segs, min(skip, own), salt, p.monitor, p.slot)
 
-        def reread(k: int, whole: bool) -> Iterator[Sample]:
+        def reread(k: int, whole: bool, skip: int = 0) -> Iterator[Sample]:
             # Re-read this worker's own range, or the whole epoch's shards; nothing is counted twice.
             source = plan.whole_set(self.urls, self.counts) if whole else segs
-            return shuffled(source, 0, (*salt, k), p.monitor.quiet())
+            return shuffled(source, skip, (*salt, k), p.monitor.quiet(), p.slot)
 
         def give_up(reason: str) -> DataError:
             return self.failures.error(reason, table_totals(self._counts), self.worst_shards(), 1)
 
-        yield from batches(samples, sizes, p.collate, Refill(reread, p.monitor, give_up), pass_ended)
+        refill = Refill(reread, p.monitor, give_up, skip=max(0, skip - own), pass_length=own)
+        yield from batches(samples, sizes, p.collate, refill, pass_ended)
 
     def _resampled(self, p: _Pass) -> Iterator[tuple]:
         """Resampled mode: drawn shards, block-shuffled, in this worker's share of the epoch's batches."""
@@ -275,3 +302,11 @@ class ShardDataset(IterableDataset):
         )
         raw = block_shuffle(read_shards(urls, p.monitor, self.counts), self.shuffle_buffer, salt)
         yield from batches(self._samples(raw, rng, p.monitor), sizes, p.collate)
+
+
+def _counted(slots: Iterable[RawSample | None], slot: list[int]) -> Iterator[RawSample | None]:
+    """``slots`` passed through, counting each into ``slot[0]``: decoding pulls one at a time, so after a
+    batch it is the slot behind the batch's last sample."""
+    for x in slots:
+        slot[0] += 1
+        yield x

@@ -95,22 +95,57 @@ class SkipTally:
         self.carried = torch.stack(rows).sum(0) if rows else torch.zeros_like(self.carried)
 
 
+class SlotTally:
+    """Exact mode: per logical worker, the stream slot (bad samples included) behind the last batch it
+    gave, after each batch handed out. Bad samples pull later ones into a worker's batches, so its next
+    sample is not where the batches' sample count says; a resume starts each worker at its slot."""
+
+    KEEP = SkipTally.KEEP
+
+    def __init__(self) -> None:
+        self._after: dict[int, list[int]] = {}
+
+    def begin(self, resume: int, slots: list[int] | None) -> None:
+        self._after = {resume: list(slots) if slots is not None else []}
+
+    def batch(self, handed_out: int, worker: int, slot: int) -> None:
+        row = list(self._after[max(self._after)]) if self._after else []
+        if worker >= 0 and slot >= 0:
+            row += [-1] * (worker + 1 - len(row))
+            row[worker] = slot
+        self._after[handed_out] = row
+        if len(self._after) > self.KEEP:
+            del self._after[min(self._after)]
+
+    def at(self, batches: int | None) -> list[int]:
+        """The slots behind the first ``batches`` of the epoch (None: all handed out); [] when unknown."""
+        if not self._after:
+            return []
+        return list(self._after.get(max(self._after) if batches is None else batches, []))
+
+
 class Position:
     """Where the training stream is: ``epoch`` being read (-1: none yet), ``yielded`` batches of it handed
-    out (resumed ones included), and ``restored``, a checkpoint's position not yet started from; ``skips``,
-    the skip counts that go with it."""
+    out (resumed ones included), and ``restored``, a checkpoint's position not yet started from (with
+    ``slots``, every rank's :class:`SlotTally` row, when it has them); ``skips``, the skip counts that go
+    with it."""
 
     def __init__(self) -> None:
         self.epoch, self.yielded = -1, 0
         self.restored: dict | None = None
         self.skips = SkipTally()
+        self.slots = SlotTally()
         self._warned: dict | None = None  # the restored state last warned about
 
-    def start(self, epoch: int, num_batches: int) -> int:
-        """Begin a pass over ``epoch``; returns the batches to skip (those of a restored position)."""
-        resume = 0
+    def start(self, epoch: int, num_batches: int, rank: int = 0) -> tuple[int, list[int] | None]:
+        """Begin a pass over ``epoch``; returns the batches to skip (those of a restored position) and this
+        rank's worker slots to resume at (None: unknown)."""
+        resume, slots = 0, None
         if self.restored is not None and int(self.restored["epoch"]) == epoch:
             resume = min(int(self.restored["batches"]), num_batches)
+            rows = self.restored.get("slots")
+            if rows and rank < len(rows) and resume == int(self.restored["batches"]):
+                slots = [int(x) for x in rows[rank]]
             log.info("resuming epoch %d of the data stream after %d batches", epoch, resume)
         elif self.restored is not None:
             log.info(
@@ -120,7 +155,8 @@ class Position:
             )
         self.restored = None
         self.epoch, self.yielded = epoch, resume
-        return resume
+        self.slots.begin(resume, slots)
+        return resume, slots
 
     def state_dict(self, consumed: int | None, fingerprint: dict) -> dict:
         """``{epoch, batches, world_size, num_workers, batch_size, seed}``; ``consumed``: batches training
@@ -142,7 +178,14 @@ class Position:
                 changed,
                 state.get("epoch"),
             )
+        same = self.restored is not None and all(self.restored.get(k) == state.get(k) for k in POSITION_KEYS)
+        kept = self.restored.get("slots") if same and self.restored is not None else None
         self.restored = {k: state[k] for k in POSITION_KEYS if k in state}
+        # Lightning restores the data module's copy (with every rank's slots) and the loader's (without);
+        # slots only line up when the split into ranks and workers and the plan are unchanged.
+        slots = state.get("slots", kept)
+        if slots and not changed:
+            self.restored["slots"] = slots
 
 
 class EpochLoader:
@@ -176,9 +219,9 @@ class EpochLoader:
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._epoch_fn()
         epoch = self.position.epoch + 1 if epoch is None else epoch
-        resume = self.position.start(epoch, len(self))
+        resume, slots = self.position.start(epoch, len(self), self.shards.rank)
         self.shards.set_epoch(epoch)
-        self.shards.set_resume(resume)
+        self.shards.set_resume(resume, slots)
         # Exact epochs are judged on their own planned samples; a resampled stream, which has no plan, on
         # everything read since the run began.
         planned = self.shards.planned_samples(resume)
@@ -190,9 +233,10 @@ class EpochLoader:
         skips = self.position.skips
         skips.begin(self._skips_counted(), resume)
         for i, tallied in enumerate(self.loader, 1):
-            batch, skipped = tallied[:-1], tallied[-1]
+            batch, tally = tallied[:-1], tallied[-1]
             self.position.yielded += 1
-            skips.batch(self.position.yielded, skipped)
+            skips.batch(self.position.yielded, tally[: len(CAUSES)])
+            self.position.slots.batch(self.position.yielded, int(tally[-2]), int(tally[-1]))
             if i % every == 0:
                 self._check_failures(start, planned)
             yield batch

@@ -21,29 +21,46 @@ def make(shards, workers=0, scale=(0.9, 1.0)):
     return dm
 
 
-@pytest.mark.parametrize(("workers", "stop"), [(0, 5), (2, 5), (3, 7)])
-def test_resume_mid_epoch_continues_the_exact_stream(shards, workers, stop):
+def epoch_stream(shards, workers, epoch):
+    """Epoch ``epoch`` of a fresh data module (random crops), uninterrupted."""
     dm = make(shards, workers, scale=(0.3, 1.0))
-    dm.set_epoch(2)
+    dm.set_epoch(epoch)
+    return list(dm.train_dataloader())
+
+
+def interrupted(shards, workers, epoch, stop):
+    """Epoch ``epoch`` stopped after ``stop`` batches and resumed by a new data module from the state;
+    returns the batches of both parts and the state."""
+    dm = make(shards, workers, scale=(0.3, 1.0))
+    dm.set_epoch(epoch)
     first = []
-    for i, batch in enumerate(dm.train_dataloader()):
+    for batch in dm.train_dataloader():
         first.append(batch)
-        if i + 1 == stop:
+        if len(first) == stop:
             break
     state = dm.state_dict()
+    resumed = make(shards, workers, scale=(0.3, 1.0))
+    resumed.load_state_dict(state)
+    resumed.set_epoch(epoch)
+    return first + list(resumed.train_dataloader()), state
+
+
+def same_stream(got, full) -> bool:
+    """The same samples in the same order, with the same random crops."""
+    ids = [i for b in got for i in sample_ids(b[2])]
+    return ids == [i for b in full for i in sample_ids(b[2])] and torch.equal(
+        torch.cat([b[0] for b in got]), torch.cat([b[0] for b in full])
+    )
+
+
+@pytest.mark.parametrize(("workers", "stop"), [(0, 5), (2, 5), (3, 7)])
+def test_resume_mid_epoch_continues_the_exact_stream(shards, workers, stop):
+    got, state = interrupted(shards, workers, 2, stop)
     assert state["epoch"] == 2 and state["batches"] == stop
-    dm2 = make(shards, workers, scale=(0.3, 1.0))
-    dm2.load_state_dict(state)
-    dm2.set_epoch(2)
-    rest = list(dm2.train_dataloader())
-    ids = [i for b in first + rest for i in sample_ids(b[2])]
+    ids = [i for b in got for i in sample_ids(b[2])]
     assert sorted(ids) == list(range(sum(SIZES)))  # every sample once across the interruption
     # and it is the stream the uninterrupted run produces: same samples, order and random crops
-    dm3 = make(shards, workers, scale=(0.3, 1.0))
-    dm3.set_epoch(2)
-    full = list(dm3.train_dataloader())
-    assert ids == [i for b in full for i in sample_ids(b[2])]
-    assert torch.equal(torch.cat([b[0] for b in first + rest]), torch.cat([b[0] for b in full]))
+    assert same_stream(got, epoch_stream(shards, workers, 2))
 
 
 def test_resume_state_for_another_epoch_starts_that_epoch_fresh(shards):
@@ -208,21 +225,6 @@ def test_a_mid_epoch_resume_after_skipped_samples_continues_the_exact_stream(dam
     samples, so the resumed run read again the samples that the skips had pulled forward (and drew their
     crops again): each worker must start behind the last sample it gave, bad ones included, and within
     the re-read passes that top up its last batches once its range ran out (the later stops)."""
-    dm3 = make(damaged, workers, scale=(0.3, 1.0))
-    dm3.set_epoch(1)
-    full = list(dm3.train_dataloader())
+    full = epoch_stream(damaged, workers, 1)
     for stop in range(1, len(full)):
-        dm = make(damaged, workers, scale=(0.3, 1.0))
-        dm.set_epoch(1)
-        first = []
-        for i, batch in enumerate(dm.train_dataloader()):
-            first.append(batch)
-            if i + 1 == stop:
-                break
-        dm2 = make(damaged, workers, scale=(0.3, 1.0))
-        dm2.load_state_dict(dm.state_dict())
-        dm2.set_epoch(1)
-        rest = list(dm2.train_dataloader())
-        ids = [i for b in first + rest for i in sample_ids(b[2])]
-        assert ids == [i for b in full for i in sample_ids(b[2])], stop
-        assert torch.equal(torch.cat([b[0] for b in first + rest]), torch.cat([b[0] for b in full])), stop
+        assert same_stream(interrupted(damaged, workers, 1, stop)[0], full), stop

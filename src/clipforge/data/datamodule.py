@@ -305,10 +305,7 @@ class WebDataModule(L.LightningDataModule):
         rows = all_gather_cat(consumed[None])
         state["skipped"] = [dict(zip(CAUSES, (int(n) for n in row))) for row in rows.tolist()]
         if self.position.restored is None and self._train_loader is not None:  # exact mode: see SlotTally
-            workers = self._train_loader.fingerprint()["num_workers"]
-            mine = self.position.slots.at(self._consumed())
-            mine = mine[:workers] + [-1] * (workers - len(mine))  # -1: no batch of that worker yet
-            row = torch.tensor(mine, dtype=torch.int64)
+            row = torch.tensor(self.position.slots.at(self._consumed()), dtype=torch.int64)
             state["slots"] = all_gather_cat(row[None]).tolist()
         return state
 

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +29,7 @@ from clipforge.data.shards import CAUSES
 from clipforge.distributed import all_reduce_sum
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POSITION_KEYS = ("epoch", "batches")  # where the stream is
 # What must match for the rest of an epoch to line up exactly with what was already seen: the rank and
@@ -46,6 +48,38 @@ FINGERPRINT_KEYS = (
 )
 
 
+class BatchLog(Generic[T]):
+    """A value after each batch of the epoch handed out, from the batch a pass began after; the newest
+    :attr:`KEEP` are kept (training lags the loader only by its prefetch)."""
+
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self._after: dict[int, T] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._after)
+
+    def begin(self, resume: int, value: T) -> None:
+        self._after = {resume: value}
+
+    def latest(self) -> T:
+        return self._after[max(self._after)]
+
+    def add(self, handed_out: int, value: T) -> None:
+        self._after[handed_out] = value
+        if len(self._after) > self.KEEP:
+            del self._after[min(self._after)]
+
+    def after(self, batches: int | None) -> tuple[int, T]:
+        """The value after the first ``batches`` (None: all handed out), or, when that one is not kept,
+        after the nearest batch before it (the oldest kept if none): ``(its batch count, value)``."""
+        key = max(self._after) if batches is None else batches
+        if key not in self._after:
+            key = max((k for k in self._after if k <= key), default=min(self._after))
+        return key, self._after[key]
+
+
 class SkipTally:
     """This rank's skipped samples and shards (a :data:`CAUSES` vector) behind the batches training
     consumed: what a checkpoint carries, so that a resumed run's counts go on from where the uninterrupted
@@ -53,41 +87,34 @@ class SkipTally:
     brings the skips its worker counted while making it (``ShardDataset.tally_skips``), and a pass that
     ran to its end adds what its workers counted after their last batches."""
 
-    KEEP = 256  # the newest batch counts kept: training lags the loader only by its prefetch
-
     def __init__(self) -> None:
         self.carried = torch.zeros(len(CAUSES), dtype=torch.int64)  # restored: counted before this process
         self._base = torch.zeros_like(self.carried)  # this process's counts when the current pass began
-        self._after: dict[int, torch.Tensor] = {}  # batches of the epoch handed out -> this pass's skips
+        self._after: BatchLog[torch.Tensor] = BatchLog()  # this pass's skips
         self._warned = False
 
     def begin(self, counted: torch.Tensor, resume: int) -> None:
         """A pass starts after ``resume`` batches of its epoch; ``counted``: this process's counts so far."""
         self._base = counted.clone()
-        self._after = {resume: torch.zeros_like(self.carried)}
+        self._after.begin(resume, torch.zeros_like(self.carried))
 
     def batch(self, handed_out: int, skipped: torch.Tensor) -> None:
-        self._after[handed_out] = self._after[max(self._after)] + skipped
-        if len(self._after) > self.KEEP:
-            del self._after[min(self._after)]
+        self._after.add(handed_out, self._after.latest() + skipped)
 
     def end(self, handed_out: int, counted: torch.Tensor) -> None:
         """The pass ran to its end: every skip its workers counted belongs to it."""
-        self._after[handed_out] = counted - self._base
+        self._after.add(handed_out, counted - self._base)
 
     def consumed(self, batches: int | None) -> torch.Tensor:
         """Skips behind the first ``batches`` of the epoch (None: all handed out), with this process's
         earlier passes and the carried counts."""
         if not self._after:
             return self.carried.clone()
-        key = max(self._after) if batches is None else batches
-        if key not in self._after:
-            near = max((k for k in self._after if k <= key), default=min(self._after))
-            if not self._warned:
-                self._warned = True
-                log.warning("skip counts known after %d batches, not %d: a resume may miscount", near, key)
-            key = near
-        return self.carried + self._base + self._after[key]
+        key, skipped = self._after.after(batches)
+        if batches is not None and key != batches and not self._warned:
+            self._warned = True
+            log.warning("skip counts known after %d batches, not %d: a resume may miscount", key, batches)
+        return self.carried + self._base + skipped
 
     def restore(self, by_rank: list[dict[str, int]], rank: int, world: int) -> None:
         """This rank's share of a checkpoint's per-rank counts (every rank's row once over any new world)."""
@@ -97,31 +124,31 @@ class SkipTally:
 
 class SlotTally:
     """Exact mode: per logical worker, the stream slot (bad samples included) behind the last batch it
-    gave, after each batch handed out. Bad samples pull later ones into a worker's batches, so its next
-    sample is not where the batches' sample count says; a resume starts each worker at its slot."""
-
-    KEEP = SkipTally.KEEP
+    gave, after each batch handed out (-1: none yet). Bad samples pull later ones into a worker's
+    batches, so its next sample is not where the batches' sample count says; a resume starts each worker
+    at its slot."""
 
     def __init__(self) -> None:
-        self._after: dict[int, list[int]] = {}
+        self._after: BatchLog[list[int]] = BatchLog()
+        self._workers = 0
 
-    def begin(self, resume: int, slots: list[int] | None) -> None:
-        self._after = {resume: list(slots) if slots is not None else []}
+    def begin(self, resume: int, workers: int, slots: list[int] | None) -> None:
+        self._workers = workers
+        self._after.begin(resume, list(slots) if slots is not None else [-1] * workers)
 
     def batch(self, handed_out: int, worker: int, slot: int) -> None:
-        row = list(self._after[max(self._after)]) if self._after else []
-        if worker >= 0 and slot >= 0:
-            row += [-1] * (worker + 1 - len(row))
+        row = list(self._after.latest())
+        if slot >= 0:  # -1 outside exact mode
             row[worker] = slot
-        self._after[handed_out] = row
-        if len(self._after) > self.KEEP:
-            del self._after[min(self._after)]
+        self._after.add(handed_out, row)
 
     def at(self, batches: int | None) -> list[int]:
-        """The slots behind the first ``batches`` of the epoch (None: all handed out); [] when unknown."""
-        if not self._after:
-            return []
-        return list(self._after.get(max(self._after) if batches is None else batches, []))
+        """The slots behind the first ``batches`` of the epoch (None: all handed out); -1 where unknown."""
+        if self._after:
+            key, row = self._after.after(batches)
+            if batches is None or key == batches:
+                return list(row)
+        return [-1] * self._workers
 
 
 class Position:
@@ -137,14 +164,21 @@ class Position:
         self.slots = SlotTally()
         self._warned: dict | None = None  # the restored state last warned about
 
-    def start(self, epoch: int, num_batches: int, rank: int = 0) -> tuple[int, list[int] | None]:
-        """Begin a pass over ``epoch``; returns the batches to skip (those of a restored position) and this
-        rank's worker slots to resume at (None: unknown)."""
+    def start(
+        self, epoch: int, num_batches: int, rank: int = 0, workers: int = 1
+    ) -> tuple[int, list[int] | None]:
+        """Begin a pass over ``epoch`` read by ``workers`` loader workers; returns the batches to skip
+        (those of a restored position) and this rank's worker slots to resume at (None: unknown)."""
         resume, slots = 0, None
         if self.restored is not None and int(self.restored["epoch"]) == epoch:
             resume = min(int(self.restored["batches"]), num_batches)
             rows = self.restored.get("slots")
-            if rows and rank < len(rows) and resume == int(self.restored["batches"]):
+            if (
+                rows
+                and rank < len(rows)
+                and len(rows[rank]) == workers
+                and resume == int(self.restored["batches"])
+            ):
                 slots = [int(x) for x in rows[rank]]
             log.info("resuming epoch %d of the data stream after %d batches", epoch, resume)
         elif self.restored is not None:
@@ -155,7 +189,7 @@ class Position:
             )
         self.restored = None
         self.epoch, self.yielded = epoch, resume
-        self.slots.begin(resume, slots)
+        self.slots.begin(resume, workers, slots)
         return resume, slots
 
     def state_dict(self, consumed: int | None, fingerprint: dict) -> dict:
@@ -210,6 +244,11 @@ class EpochLoader:
     def epoch(self) -> int:
         return self.position.epoch
 
+    @property
+    def workers(self) -> int:
+        """The dataset's logical workers (one when the main process reads)."""
+        return max(1, self.loader.num_workers)
+
     def __len__(self) -> int:
         n = self.shards.num_batches
         if n is None:
@@ -219,7 +258,7 @@ class EpochLoader:
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._epoch_fn()
         epoch = self.position.epoch + 1 if epoch is None else epoch
-        resume, slots = self.position.start(epoch, len(self), self.shards.rank)
+        resume, slots = self.position.start(epoch, len(self), self.shards.rank, self.workers)
         self.shards.set_epoch(epoch)
         self.shards.set_resume(resume, slots)
         # Exact epochs are judged on their own planned samples; a resampled stream, which has no plan, on
@@ -260,12 +299,11 @@ class EpochLoader:
     def fingerprint(self) -> dict:
         """What the position only lines up with when it is the same on resume."""
         ds = self.shards
-        workers = max(1, self.loader.num_workers)
         samples = sum(ds.counts[u] for u in ds.urls) if ds.counts is not None else None
         stream = (ds.stream.drop_last, ds.shuffle_buffer, ds.stream.resampled)
         values = (
             ds.world_size,
-            workers,
+            self.workers,
             ds.batch_size,
             ds.seed,
             len(ds.urls),

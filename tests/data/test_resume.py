@@ -228,3 +228,27 @@ def test_a_mid_epoch_resume_after_skipped_samples_continues_the_exact_stream(dam
     full = epoch_stream(damaged, workers, 1)
     for stop in range(1, len(full)):
         assert same_stream(interrupted(damaged, workers, 1, stop)[0], full), stop
+
+
+def test_a_resume_after_a_worker_switched_to_re_reading_the_whole_set_continues_the_exact_stream(tmp_path):
+    """A worker whose whole range is unreadable tops up its batches from the whole set, after one pass of
+    its range gave nothing. A resume in those passes must know it had switched: it fast-forwarded in
+    passes of its range's length and started the whole set over."""
+    from test_corruption import rewrite
+
+    from clipforge.data import plan
+
+    urls = write_sizes(tmp_path / "bad", SIZES)
+    counts = dict(zip(urls, SIZES))
+    wp = plan.plan_worker(
+        urls, counts, seed=0, epoch=1, rank=0, world_size=1, worker=1, num_workers=3, batch_size=8
+    )
+    first = {u: sum(SIZES[:i]) for i, u in enumerate(urls)}
+    bad = {first[s.url] + s.start + j for s in wp.segments for j in range(s.count)}
+    for url, n in zip(urls, SIZES):
+        rewrite(url, corrupt={i for i in range(first[url], first[url] + n) if i in bad})
+    shards = pattern(tmp_path / "bad", len(SIZES))
+    full = epoch_stream(shards, 3, 1)
+    assert not {i for b in full[1::3] for i in sample_ids(b[2])} & bad  # worker 1 gave only others
+    for stop in range(1, len(full)):
+        assert same_stream(interrupted(shards, 3, 1, stop)[0], full), stop

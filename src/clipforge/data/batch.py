@@ -87,23 +87,47 @@ class Collate:
         return batch
 
 
+def slot_code(slot: int, whole_set: bool) -> int:
+    """A worker's stream slot as its batches' tally carries it and a checkpoint keeps it: ``slot``, or
+    ``-2 - slot`` once the worker re-reads the whole set (its re-read passes then have the set's length,
+    which a resume must know); -1 stands for unknown."""
+    return -2 - slot if whole_set else slot
+
+
+def slot_of(code: int) -> tuple[int, bool]:
+    """``(slot, whole_set)`` of a :func:`slot_code` (-1: unknown)."""
+    return (-2 - code, True) if code <= -2 else (code, False)
+
+
 class Refill:
     """Re-read passes for a worker whose samples ran out: ``reread(k, whole_set, skip)`` gives the k-th
     pass, of the worker's range or (once a pass of it gave nothing) of the whole set, from its slot
-    ``skip``; ``give_up(reason)`` is the error when even the whole set gives nothing. ``skip``: stream
-    slots of the passes a resumed run already trained on, over passes of ``pass_length`` slots."""
+    ``skip``; ``give_up(reason)`` is the error when even the whole set gives nothing. ``lengths``: the
+    slots of a pass of the range and of the whole set (for :meth:`resume_at`)."""
 
     def __init__(
         self,
         reread: Callable[[int, bool, int], Iterator[Sample]],
         monitor: FailureMonitor,
         give_up: Callable[[str], Exception],
-        skip: int = 0,
-        pass_length: int = 0,
+        lengths: tuple[int, int] = (0, 0),
     ) -> None:
         self.reread, self.monitor, self.give_up = reread, monitor, give_up
-        self.passes, self.whole_set = 0, False
-        self.skip, self.pass_length = skip, pass_length
+        self.passes, self.whole_set, self.skip = 0, False, 0
+        self.lengths = lengths
+
+    def resume_at(self, skip: int, whole_set: bool = False) -> None:
+        """Go on behind the first ``skip`` slots of re-read passes, which a resumed run already trained on:
+        passes of the range or, if the worker had switched (``whole_set``), the one pass of the range that
+        gave nothing and then passes of the whole set."""
+        own, total = self.lengths
+        if whole_set:
+            self.passes, self.skip = divmod(max(0, skip - own), max(1, total))
+            self.passes, self.whole_set = self.passes + 1, True
+        elif own > 0:
+            self.passes, self.skip = divmod(skip, own)
+        else:
+            self.skip = skip
 
     def next_pass(self, previous_gave_any: bool) -> Iterator[Sample]:
         if self.passes > 0 and not previous_gave_any:
@@ -111,9 +135,6 @@ class Refill:
                 raise self.give_up("no sample of any shard could be read")
             self.whole_set = True
         skip, self.skip = self.skip, 0
-        if self.pass_length > 0:  # whole passes before the resume point: the first one left
-            self.passes += skip // self.pass_length
-            skip %= self.pass_length
         self.passes += 1
         log.warning(
             "%s: re-reading %s (pass %d) to keep its batch count",

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data import plan
-from clipforge.data.batch import Collate, Refill, batches, open_batches
+from clipforge.data.batch import Collate, Refill, batches, open_batches, slot_code, slot_of
 from clipforge.data.config import Augment, Stream
 from clipforge.data.decode import ClassIndex, Sample, Target, decode
 from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables, table_totals, worst_shards
@@ -56,8 +56,9 @@ class _Pass:
     consumed: int  # batches of this rank's epoch already trained (the resume point)
     monitor: FailureMonitor
     collate: Collate
-    start: int = -1  # exact mode: the stream slot to resume at (-1: behind the consumed batches' samples)
-    slot: list[int] = field(default_factory=lambda: [-1])  # exact mode: the slots this pass has used
+    start: int = -1  # exact mode: the slot_code to resume at (-1: behind the consumed batches' samples)
+    # exact mode: the slots this pass has used, and whether it re-reads the whole set (batch.slot_code)
+    slot: list[int] = field(default_factory=lambda: [-1, 0])
 
 
 class ShardDataset(IterableDataset):
@@ -214,7 +215,8 @@ class ShardDataset(IterableDataset):
         last = self._counts[row, :causes].clone()
         for batch in out:
             now = self._counts[row, :causes].clone()
-            yield (*batch, torch.cat([now - last, torch.tensor([p.worker, p.slot[0]])]))
+            code = slot_code(p.slot[0], bool(p.slot[1]))
+            yield (*batch, torch.cat([now - last, torch.tensor([p.worker, code])]))
             last = now
 
     def _samples(
@@ -250,7 +252,8 @@ class ShardDataset(IterableDataset):
         skip, sizes = sum(sizes[:done]), sizes[done:]
         # Bad samples before the resume point pulled later ones into the consumed batches: the slot the
         # worker had reached (its tally) is where its stream goes on; the sample count, only without one.
-        skip = p.start if p.start >= 0 else skip
+        start, in_whole_set = slot_of(p.start)
+        skip = start if start >= 0 else skip
         # Crop randomness is a function of the stream slot (clipforge.data.decode): skipping n slots
         # advances the generator by n * CROP_DRAWS, so the resumed crops are the uninterrupted run's.
         rng = np.random.default_rng([*salt, 0xC20])
@@ -276,18 +279,21 @@ class ShardDataset(IterableDataset):
         # Slots go on through the re-read passes that top up the last batches (Refill): a resume there
         # starts the main stream at its end and skips the rest in the passes.
         own = sum(max(0, s.count) for s in segs)
-        p.slot[0] = skip
+        p.slot[:] = [skip, int(in_whole_set)]
         samples = shuffled(segs, min(skip, own), salt, p.monitor, p.slot)
 
         def reread(k: int, whole: bool, skip: int = 0) -> Iterator[Sample]:
             # Re-read this worker's own range, or the whole epoch's shards; nothing is counted twice.
             source = plan.whole_set(self.urls, self.counts) if whole else segs
+            p.slot[1] = int(whole)
             return shuffled(source, skip, (*salt, k), p.monitor.quiet(), p.slot)
 
         def give_up(reason: str) -> DataError:
             return self.failures.error(reason, table_totals(self._counts), self.worst_shards(), 1)
 
-        refill = Refill(reread, p.monitor, give_up, skip=max(0, skip - own), pass_length=own)
+        total = sum(self.counts[u] for u in self.urls)
+        refill = Refill(reread, p.monitor, give_up, lengths=(own, total))
+        refill.resume_at(max(0, skip - own), in_whole_set)
         yield from batches(samples, sizes, p.collate, refill, pass_ended)
 
     def _resampled(self, p: _Pass) -> Iterator[tuple]:

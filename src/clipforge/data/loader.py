@@ -138,7 +138,7 @@ class SlotTally:
 
     def batch(self, handed_out: int, worker: int, slot: int) -> None:
         row = list(self._after.latest())
-        if slot >= 0:  # -1 outside exact mode
+        if slot != -1:  # -1 outside exact mode; a batch.slot_code
             row[worker] = slot
         self._after.add(handed_out, row)
 

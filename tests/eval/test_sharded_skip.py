@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 
 from clipforge.callbacks.attention import AttentionMapCallback
 from clipforge.callbacks.evaluation import ZeroShotCallback
+from clipforge.eval.metadata import load_templates
 from clipforge.sharding import weights_sharded
 from clipforge.train import final_zero_shot
 
@@ -53,7 +54,7 @@ def test_attention_callback_and_final_eval_skip_under_fsdp():
 
 
 def test_final_eval_of_a_zero_shot_set_without_templates_uses_the_callbacks_default(monkeypatch):
-    # data.zeroshot.templates null: the callback fell back to "a photo of a {}.", but train's final
+    # data.zeroshot.templates null: the callback falls back to clipforge-zeroshot's default, but train's final
     # evaluation (run when no callback result is reusable, e.g. callbacks=none) called list(None)
     import clipforge.eval.zeroshot as zeroshot
 
@@ -71,4 +72,4 @@ def test_final_eval_of_a_zero_shot_set_without_templates_uses_the_callbacks_defa
     trainer = _trainer(DDPStrategy(), callbacks=[])
     monkeypatch.setattr(DDPStrategy, "root_device", property(lambda self: "cpu"))
     assert final_zero_shot(model, dm, trainer)["final/zeroshot_top1"] == 0.5
-    assert seen["templates"] == ["a photo of a {}."]
+    assert seen["templates"] == load_templates("openai")

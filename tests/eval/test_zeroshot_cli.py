@@ -478,3 +478,18 @@ def test_a_programmatic_run_after_an_in_process_cli_call_writes_to_its_own_outpu
     out = tmp_path / "mine"
     res = run_zeroshot(compose_zeroshot(*dataset, f"output_dir={out}", "num_workers=0", "progress=false"))
     assert res["results_file"] == str(out / "results.json") and (out / "confusion.png").exists()
+
+
+def test_training_and_the_command_prompt_a_zero_shot_set_without_templates_alike():
+    """With no templates set and none from the data, training's val/zeroshot_* used one prompt ("a photo of
+    a {}.") and clipforge-zeroshot CLIP's 80, so the two reported different numbers for one checkpoint."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from clipforge.callbacks.evaluation import zeroshot_templates
+
+    cfg = OmegaConf.create({"classnames": ["cat", "dog"], "templates": None})
+    _, command = cli.resolve_task(cfg, SimpleNamespace())
+    training = zeroshot_templates(SimpleNamespace(zeroshot_templates=None))
+    assert len(command) == 80 and [t("cat") for t in training] == [t("cat") for t in command]

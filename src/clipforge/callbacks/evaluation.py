@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from clipforge.callbacks.schedule import StepClock, off_the_clock
 from clipforge.eval.distributed import shard_dataloader
+from clipforge.eval.metadata import DEFAULT_TEMPLATES, load_templates
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
 from clipforge.sharding import skip_when_sharded
@@ -100,13 +101,11 @@ class _PeriodicEval(StepClock):
             self._warned = True
 
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)  # data.zeroshot.templates null (conf/data/wds.yaml)
-
-
 def zeroshot_templates(datamodule: Any) -> list[Any]:
-    """The prompt templates of a data module's zero-shot set: its own, else :data:`DEFAULT_TEMPLATES` (the
-    one fallback of the callback and of ``train``'s final evaluation)."""
-    return list(getattr(datamodule, "zeroshot_templates", None) or DEFAULT_TEMPLATES)
+    """The prompt templates of a data module's zero-shot set: its own, else
+    :data:`~clipforge.eval.metadata.DEFAULT_TEMPLATES`, clipforge-zeroshot's (the one fallback of the
+    callback and of ``train``'s final evaluation)."""
+    return list(getattr(datamodule, "zeroshot_templates", None) or load_templates(DEFAULT_TEMPLATES))
 
 
 class ZeroShotCallback(_PeriodicEval):

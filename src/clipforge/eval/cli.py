@@ -27,7 +27,7 @@ from clipforge.entry import hydra_entry
 from clipforge.eval.datasets import collate_skipping, eval_transform, load_images
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
-from clipforge.eval.metadata import Template, load_classnames, load_templates
+from clipforge.eval.metadata import DEFAULT_TEMPLATES, Template, load_classnames, load_templates
 from clipforge.eval.report import format_summary, nan_to_none, results_dict, write_json, write_outputs
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.runtime import resolve_device
@@ -168,7 +168,7 @@ def resolve_task(cfg: DictConfig, dataset: Any) -> tuple[list[str], list[Templat
     if cfg.get("templates") is not None:
         templates = load_templates(cfg.templates)
     else:
-        templates = load_templates(getattr(dataset, "templates", None) or "openai")
+        templates = load_templates(getattr(dataset, "templates", None) or DEFAULT_TEMPLATES)
     return classnames, templates
 
 

@@ -25,6 +25,11 @@ Template = str | Callable[[str], str]
 
 log = logging.getLogger(__name__)
 
+# The templates when none are set (data.zeroshot.templates, clipforge-zeroshot templates=) and the data
+# names none: CLIP's 80 prompts, in training's evaluation as in clipforge-zeroshot (and as open_clip's
+# trainer evaluates), so the number logged while training is the one the command gives afterwards.
+DEFAULT_TEMPLATES = "openai"
+
 CIFAR10_CLASSNAMES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip

@@ -261,17 +261,20 @@ def open_clip_count(name: str) -> int:
         return count_params(OpenCLIP(**open_clip.get_model_config(name)))
 
 
-def test_vit_b_configs_have_open_clip_shapes() -> None:
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [("vit_b32", "ViT-B-32"), ("vit_b16", "ViT-B-16"), ("vit_l14", "ViT-L-14"), ("vit_h14", "ViT-H-14")],
+)
+def test_clip_configs_have_open_clip_shapes(ours: str, theirs: str) -> None:
     import open_clip
 
-    for ours, theirs in [("vit_b32", "ViT-B-32"), ("vit_b16", "ViT-B-16")]:
-        model = load_yaml(ours)
-        assert count_params(model) == open_clip_count(theirs)
-        cfg, ref = open_clip_model_cfg(model), open_clip.get_model_config(theirs)
-        assert cfg["embed_dim"] == ref["embed_dim"]
-        assert {k: cfg["vision_cfg"][k] for k in ref["vision_cfg"]} == ref["vision_cfg"]
-        assert {k: cfg["text_cfg"][k] for k in ref["text_cfg"]} == ref["text_cfg"]
-        assert cfg["vision_cfg"]["norm_kwargs"] == {"eps": 1e-5} and not cfg["quick_gelu"]
+    model = load_yaml(ours)
+    assert count_params(model) == open_clip_count(theirs)
+    cfg, ref = open_clip_model_cfg(model), open_clip.get_model_config(theirs)
+    assert cfg["embed_dim"] == ref["embed_dim"]
+    assert {k: cfg["vision_cfg"][k] for k in ref["vision_cfg"]} == ref["vision_cfg"]
+    assert {k: cfg["text_cfg"][k] for k in ref["text_cfg"]} == ref["text_cfg"]
+    assert cfg["vision_cfg"]["norm_kwargs"] == {"eps": 1e-5} and not cfg["quick_gelu"]
 
 
 def test_siglip_b16_config() -> None:

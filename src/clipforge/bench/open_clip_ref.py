@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32"}
+OPEN_CLIP_NAMES = {"vit_b16": "ViT-B-16", "vit_b32": "ViT-B-32", "vit_l14": "ViT-L-14", "vit_h14": "ViT-H-14"}
 
 
 def open_clip_from_cfg(model_cfg: Any, init_logit_bias: float | None) -> torch.nn.Module:
-    """open_clip's CLIP of the same shape as a clipforge model config (ViT-B names use open_clip's own)."""
+    """open_clip's CLIP of the same shape as a clipforge model config (the ViT-B/L/H names use open_clip's own)."""
     import open_clip
 
     v, t = model_cfg.vision, model_cfg.text

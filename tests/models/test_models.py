@@ -289,6 +289,25 @@ def test_siglip_b16_config() -> None:
     assert model.text.proj.bias is not None
 
 
+def test_siglip_so400m_config_has_the_so400m_towers() -> None:
+    """timm's So400m image tower, and open_clip's ViT-SO400M-14-SigLIP text tower at clipforge's vocabulary
+    and context (its BPE tokenizer, not SigLIP's SentencePiece)."""
+    import open_clip
+    import timm
+    from open_clip.model import _build_text_tower
+
+    model = load_yaml("siglip_so400m")
+    text_cfg = open_clip.get_model_config("ViT-SO400M-14-SigLIP")["text_cfg"]
+    text_cfg = {k: v for k, v in text_cfg.items() if "tokenizer" not in k}
+    with torch.device("meta"):
+        vision = timm.create_model("vit_so400m_patch14_siglip_224", num_classes=0)
+        text = _build_text_tower(1152, text_cfg | {"vocab_size": 49408, "context_length": 64})
+    assert count_params(model.visual) == count_params(vision)
+    assert model.visual.blocks[0].mlp.fc1.out_features == 4304 and model.visual.global_pool == "map"
+    assert count_params(model.text) == count_params(text) and model.embed_dim == 1152
+    assert model.text.pool_type == "last" and not model.text.causal
+
+
 def test_tiny_config_is_small_and_runs() -> None:
     torch.manual_seed(0)
     model = instantiate(OmegaConf.load(CONF / "tiny.yaml")).eval()

@@ -462,6 +462,21 @@ def test_an_image_size_the_model_cannot_take_fails_before_any_image_is_read(tmp_
     assert cli.model_image_size(torch.nn.Module(), 40) == 40  # a model that does not say its size
 
 
+def test_a_text_vocabulary_smaller_than_the_tokenizers_is_named(tmp_path, caplog):
+    # an open_clip SigLIP import (SentencePiece, 32,000 ids) failed at the first prompt with torch's
+    # "index out of range in self"
+    common = [f"output_dir={tmp_path / 'out'}", "num_workers=0", "progress=false"]
+    common += ["eval.dataset.num_samples=4"]
+    cfg = compose_zeroshot("model=tiny", "model.text.vocab_size=32000", *common)
+    with pytest.raises(
+        ValueError,
+        match=r"random init: its text tower embeds 32000 token ids, clipforge's tokenizer \(CLIP BPE\) writes 49408",
+    ):
+        run_zeroshot(cfg)
+    run_zeroshot(compose_zeroshot("model=tiny", "model.text.vocab_size=49500", *common))
+    assert "embeds 49500 token ids" in caplog.text
+
+
 @pytest.mark.parametrize("first", [["--cfg", "job"], ["num_workers=0", "progress=false"]])
 def test_a_programmatic_run_after_an_in_process_cli_call_writes_to_its_own_output_dir(
     tmp_path, color_model, monkeypatch, first

@@ -99,6 +99,29 @@ def model_image_size(model: nn.Module, given: int | None = None) -> int:
     return int(size)
 
 
+def check_vocabulary(model: nn.Module, tokenizer_size: int, label: str = "the model") -> None:
+    """The prompts are tokenized with clipforge's tokenizer (open_clip's CLIP BPE, ``tokenizer_size`` ids):
+    a text tower with a smaller vocabulary was trained with another tokenizer (open_clip's SigLIP models
+    take SentencePiece's 32,000 ids), and failed at the first prompt with torch's "index out of range in
+    self", naming neither; that is a ValueError naming both sizes. A larger one is warned about: it may
+    only be padded, or it may read these ids as other tokens (a multilingual SigLIP), scoring nonsense."""
+    vocab = getattr(getattr(model, "text", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab == tokenizer_size:
+        return
+    what = f"{label}: its text tower embeds {vocab} token ids, clipforge's tokenizer (CLIP BPE) writes "
+    what += str(tokenizer_size)
+    if vocab < tokenizer_size:
+        raise ValueError(
+            f"{what}: the model was trained with another tokenizer (open_clip's SigLIP models use "
+            "SentencePiece), which clipforge does not have, so it cannot be given prompts here"
+        )
+    log.warning(
+        "%s: unless its vocabulary is CLIP's padded, the model was trained with another tokenizer and "
+        "its scores here are those of other tokens",
+        what,
+    )
+
+
 def render_size(cfg: DictConfig, image_size: int, stored: dict[str, Any]) -> int | None:
     """The size the synthetic held-out set is drawn at when ``eval.dataset.render_size`` is null: that of the
     checkpoint's training data (``data.source.image_size`` of ``stored``, the config the checkpoint stores, as
@@ -193,6 +216,7 @@ def _setup(cfg: DictConfig) -> tuple[nn.Module, str, torch.device, int, Any, dic
 
     image_size = model_image_size(model, cfg.get("image_size"))
     tokenizer = Tokenizer(model.text.context_length)
+    check_vocabulary(model, tokenizer.vocab_size, model_label)
     return model.to(device).eval(), model_label, device, image_size, tokenizer, stored
 
 

@@ -83,6 +83,29 @@ def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(comp
     assert "model.vision.patch_dropout: checkpoint 0.0, config 0.25" in caplog.text
 
 
+def test_init_from_another_architecture_names_the_settings_not_only_the_position_table(
+    compose_cfg, tmp_path
+) -> None:
+    """A checkpoint of a shorter text context (an open_clip import, say) and another depth: the position
+    table, fitted before the weights load, failed alone with "a learned position table cannot be
+    lengthened", and the settings that differ were never named."""
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model, checkpoint_dict
+
+    cfg = compose_cfg("trainer.max_steps=1", *FAST)
+    other = OmegaConf.to_container(cfg.model, resolve=True)
+    other["vision"]["depth"], other["text"]["context_length"] = 2, 16
+    ckpt = tmp_path / "other.ckpt"
+    torch.save(checkpoint_dict(build_model(other, cfg.loss).state_dict(), {"model": other}), ckpt)
+    with pytest.raises(
+        ValueError,
+        match=r"init_from=.*model\.text\.context_length: checkpoint 16, config 20.*"
+        r"model\.vision\.depth: checkpoint 2, config 3.*cannot be lengthened",
+    ):
+        train(compose_cfg("trainer.max_steps=1", f"init_from={ckpt}", *FAST))
+
+
 def test_a_checkpoint_of_the_other_loss_is_named_by_its_loss(compose_cfg) -> None:
     """A SigLIP checkpoint has a logit_bias that a CLIP config's model lacks: the error names the losses,
     where it said "no model setting differs" (the model nodes are equal, the loss adds the bias)."""

@@ -34,6 +34,7 @@ from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
 from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger, wandb_offline
+from clipforge.models.convert.resize import PositionTableError
 from clipforge.module import ContrastiveModule
 from clipforge.optim import check_optimization
 
@@ -136,7 +137,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     elif cfg.get("init_from"):
         try:
             init_from(model, cfg.init_from)
-        except RuntimeError as e:  # torch's "Error(s) in loading state_dict": say which settings differ
+        except (RuntimeError, PositionTableError) as e:  # torch's "Error(s) in loading state_dict", or a
+            # position table fitted before it: say which settings differ
             raise _model_mismatch(
                 "init_from", cfg.init_from, model_differences(cfg.init_from, cfg.model, cfg.loss), e
             ) from e

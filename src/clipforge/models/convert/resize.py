@@ -26,8 +26,14 @@ def _towers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     raise TypeError(f"expected a CLIP, VisionTransformer or TextTransformer, got {type(model).__name__}")
 
 
+class PositionTableError(ValueError):
+    """A position table that cannot be fitted to the model: the checkpoint is of another model, as a
+    mismatch of any other weight's shape is (torch's ``load_state_dict`` error), which callers name alike."""
+
+
 def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of ``state_dict`` whose position embeddings have ``model``'s shapes."""
+    """A copy of ``state_dict`` whose position embeddings have ``model``'s shapes; a
+    :class:`PositionTableError` naming the key where one cannot be fitted."""
     out = dict(state_dict)
     for prefix, tower in _towers(model):
         key = prefix + "pos_embed"
@@ -35,11 +41,14 @@ def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> 
             continue
         pos = out[key]
         if isinstance(tower, VisionTransformer):
-            out[key] = resample_pos_embed(pos, tower.grid_size, tower.num_prefix_tokens)
+            try:
+                out[key] = resample_pos_embed(pos, tower.grid_size, tower.num_prefix_tokens)
+            except ValueError as e:  # another class-token layout: not a square grid
+                raise PositionTableError(f"{key}: {e}") from e
         elif pos.shape[1] > tower.context_length:
             out[key] = pos[:, : tower.context_length].contiguous()
         else:
-            raise ValueError(
+            raise PositionTableError(
                 f"{key}: the checkpoint has {pos.shape[1]} text positions, the model wants "
                 f"{tower.context_length}; a learned position table cannot be lengthened"
             )

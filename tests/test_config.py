@@ -166,6 +166,19 @@ def test_captions_longer_than_the_text_towers_position_table_fail_before_anythin
     check_trainer(compose_cfg("data.context_length=8"))  # shorter captions are fine
 
 
+@pytest.mark.parametrize("text", ["model.text.causal=false", "model.text.pool_type=last"])
+def test_a_shorter_data_context_is_refused_where_the_features_depend_on_the_padded_length(
+    compose_cfg, text: str
+) -> None:
+    # trained on captions padded to 8 tokens, a bidirectional (or last-token) tower was evaluated on prompts
+    # padded to its 20, other features than training's
+    with pytest.raises(
+        ValueError, match=r"data\.context_length=8 is shorter .* set model\.text\.context_length=8"
+    ):
+        check_trainer(compose_cfg("data.context_length=8", text))
+    check_trainer(compose_cfg("model.text.context_length=8", text))  # the way to train it shorter
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes_and_builds(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"experiment={name}", "data.train_urls='/tmp/x-{000000..000001}.tar'")

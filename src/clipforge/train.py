@@ -91,6 +91,19 @@ def check_trainer(cfg: DictConfig) -> None:
             f"data.context_length={tokens} is longer than the text tower's position table "
             f"(model.text.context_length={table}): lower it, or leave it at its default, the model's"
         )
+    # Evaluation (the zero-shot callback, clipforge-zeroshot, an open_clip export) tokenizes prompts to
+    # model.text.context_length. A causal tower read at the EOT token gives the same features at any padded
+    # length; a bidirectional one, or one read at the last position, gives others at another length, so it
+    # would be scored on inputs it never trained on, silently.
+    text = OmegaConf.select(cfg, "model.text") or {}
+    fixed = text.get("causal", True) is not False and text.get("pool_type", "eot") == "eot"
+    if isinstance(tokens, int) and isinstance(table, int) and tokens < table and not fixed:
+        raise ValueError(
+            f"data.context_length={tokens} is shorter than model.text.context_length={table}, but this text "
+            f"tower (causal={text.get('causal')}, pool_type={text.get('pool_type')!r}) gives other features at "
+            f"another padded length, and evaluation tokenizes to model.text.context_length: set "
+            f"model.text.context_length={tokens} instead (data.context_length follows it)"
+        )
 
 
 def check_paths(cfg: DictConfig) -> None:

@@ -166,6 +166,15 @@ def test_captions_longer_than_the_text_towers_position_table_fail_before_anythin
     check_trainer(compose_cfg("data.context_length=8"))  # shorter captions are fine
 
 
+def test_a_text_vocabulary_smaller_than_the_tokenizers_fails_before_anything_is_built(compose_cfg) -> None:
+    # failed at the first step, after the shards were written: torch's "index out of range in self"
+    with pytest.raises(
+        ValueError, match=r"model\.text\.vocab_size=32000 is smaller than the 49408 token ids"
+    ):
+        check_trainer(compose_cfg("model.text.vocab_size=32000"))
+    check_trainer(compose_cfg("model.text.vocab_size=49500"))  # a padded table is fine
+
+
 @pytest.mark.parametrize("text", ["model.text.causal=false", "model.text.pool_type=last"])
 def test_a_shorter_data_context_is_refused_where_the_features_depend_on_the_padded_length(
     compose_cfg, text: str

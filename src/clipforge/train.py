@@ -91,6 +91,18 @@ def check_trainer(cfg: DictConfig) -> None:
             f"data.context_length={tokens} is longer than the text tower's position table "
             f"(model.text.context_length={table}): lower it, or leave it at its default, the model's"
         )
+    # captions are tokenized with open_clip's CLIP BPE: a smaller embedding table (an open_clip SigLIP import,
+    # SentencePiece's 32,000 ids) failed at the first step with torch's "index out of range in self"
+    vocab = OmegaConf.select(cfg, "model.text.vocab_size")
+    if isinstance(vocab, int):
+        from clipforge.data.tokenizer import Tokenizer
+
+        if vocab < (needed := Tokenizer(2).vocab_size):
+            raise ValueError(
+                f"model.text.vocab_size={vocab} is smaller than the {needed} token ids of clipforge's tokenizer "
+                "(CLIP BPE), which tokenizes the captions: a model of another tokenizer (open_clip's SigLIP "
+                f"models use SentencePiece) cannot train on them; set model.text.vocab_size={needed}"
+            )
     # Evaluation (the zero-shot callback, clipforge-zeroshot, an open_clip export) tokenizes prompts to
     # model.text.context_length. A causal tower read at the EOT token gives the same features at any padded
     # length; a bidirectional one, or one read at the last position, gives others at another length, so it

@@ -52,6 +52,17 @@ def test_export_then_import_round_trip(tmp_path: Path) -> None:
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_an_export_name_that_open_clip_gives_siglips_tokenizer_is_refused(tmp_path: Path) -> None:
+    # open_clip.get_tokenizer("my-siglip") after add_model_config picked SentencePiece (downloading its
+    # vocabulary) for a model trained on CLIP BPE tokens
+    with pytest.raises(ValueError, match=r"name='my-SigLIP': open_clip.get_tokenizer .* SentencePiece"):
+        main(["export", "--model", "tiny", "--name", "my-SigLIP", "--out", str(tmp_path / "oc")])
+    assert not (tmp_path / "oc").exists()
+    main(["export", "--model", "tiny", "--name", "my-sigmoid-clip", "--out", str(tmp_path / "oc")])
+    open_clip.add_model_config(tmp_path / "oc" / "my-sigmoid-clip.json")
+    assert type(open_clip.get_tokenizer("my-sigmoid-clip")).__name__ == "SimpleTokenizer"
+
+
 def test_a_folder_that_holds_no_checkpoint_is_named_as_such(tmp_path: Path) -> None:
     """By every reader of checkpoints: the stored config was read from "<folder>/model.ckpt", whose
     "checkpoint not found" named a file nobody had given."""

@@ -29,6 +29,14 @@ def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") 
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from safetensors.torch import save_file
 
+    if "siglip" in name.lower():
+        # open_clip.get_tokenizer(name) picks SigLIP's SentencePiece tokenizer for any model name holding
+        # "siglip" (and downloads its vocabulary): other token ids than the CLIP BPE this model was trained on
+        raise ValueError(
+            f"name={name!r}: open_clip.get_tokenizer gives a model whose name contains 'siglip' SigLIP's "
+            "SentencePiece tokenizer, but this model reads the CLIP BPE tokens it was trained on; choose a name "
+            "without 'siglip' (the local-dir: route reads no name)"
+        )
     cfg = open_clip_model_cfg(model)
     state = convert_state_dict(model.state_dict(), open_clip_key_map(model, cfg), to="theirs")
     out = Path(out_dir)

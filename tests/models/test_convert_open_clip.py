@@ -31,6 +31,7 @@ from clipforge.models.convert import (
     from_open_clip,
     load_open_clip_checkpoint,
     model_config,
+    model_config_from_open_clip,
     open_clip_key_map,
     open_clip_model_cfg,
     to_open_clip,
@@ -270,6 +271,14 @@ def test_unsupported_models_fail_loudly() -> None:
         open_clip_model_cfg(CLIP(small_vit(patch_bias=True), small_text()))
     with pytest.raises(ValueError, match="attentional pooler"):
         from_open_clip(torch.nn.Linear(1, 1), small_cfg(vision={"attentional_pool": True}))
+
+
+def test_an_open_clip_model_of_another_tokenizer_is_named_on_import() -> None:
+    # open_clip's SigLIP configs name a SentencePiece tokenizer; the import said nothing, and clipforge then
+    # fed it CLIP BPE ids (out of its table, or other tokens)
+    text = {"vocab_size": 32000, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}
+    with pytest.warns(UserWarning, match=r"'timm/ViT-B-16-SigLIP' .* 32000-token vocabulary; clipforge"):
+        model_config_from_open_clip(small_cfg(text=text, custom_text=True))
 
 
 @pytest.mark.slow

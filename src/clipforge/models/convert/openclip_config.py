@@ -257,6 +257,15 @@ def _vision_node(v: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[st
 def _text_node(t: dict[str, Any], embed_dim: int, quick_gelu: bool) -> dict[str, Any]:
     if t.get("hf_model_name"):
         raise ValueError("open_clip Hugging Face text towers are not supported")
+    if t.get("hf_tokenizer_name"):
+        # the weights port, but every clipforge tool (training, zero-shot prompts) tokenizes with CLIP BPE:
+        # with another vocabulary its ids are other tokens, or out of the table
+        warnings.warn(
+            f"this open_clip model reads the tokens of {t['hf_tokenizer_name']!r} (text_cfg.hf_tokenizer_name), "
+            f"a {t.get('vocab_size', 49408)}-token vocabulary; clipforge tokenizes text with CLIP BPE (49408 "
+            "ids) only, so its text tower cannot be trained or prompted here as it was trained",
+            stacklevel=3,
+        )
     if t.get("embed_cls"):
         raise ValueError("open_clip text towers with an appended CLS token (CoCa) are not supported")
     pool = t.get("pool_type", "argmax")

@@ -257,7 +257,7 @@ def test_synthetic_heldout_is_drawn_at_the_checkpoints_training_size(tmp_path, m
     monkeypatch.setattr(
         synthetic,
         "make_sample",
-        lambda i, split, size, seed: sizes.append(size) or draw(i, split, size, seed),
+        lambda i, split, size, seed, *rest: sizes.append(size) or draw(i, split, size, seed, *rest),
     )
     run = (
         f"checkpoint={tmp_path / 'm.ckpt'}",
@@ -275,6 +275,46 @@ def test_synthetic_heldout_is_drawn_at_the_checkpoints_training_size(tmp_path, m
     run_zeroshot(compose_zeroshot(*run, f"output_dir={tmp_path / 'b'}", "eval.dataset.render_size=32"))
     assert set(sizes) == {32}  # a size given is kept, and the disagreement named
     assert "render_size=32, but checkpoint" in caplog.text and "drawn at 48 px" in caplog.text
+
+
+def test_synthetic_heldout_takes_the_checkpoints_holdout_scheme(tmp_path, monkeypatch, caplog):
+    """A checkpoint trained with data.source.holdout=pairs was scored on the default tuples split, 45 of
+    whose 60 combinations it had trained on: holdout=null now takes the checkpoint's scheme."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_zeroshot("model=tiny")
+    model = instantiate(cfg.model)
+    stored = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {"source": {"holdout": "pairs"}},
+    }
+    ckpt = {
+        "clipforge_config": stored,
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    drawn, draw = set(), synthetic.make_sample
+
+    def record(*args):
+        meta = draw(*args).meta
+        drawn.add((meta["shape"], meta["color"], meta["size"], meta["position"]))
+        return draw(*args)
+
+    monkeypatch.setattr(synthetic, "make_sample", record)
+    run = (
+        f"checkpoint={tmp_path / 'm.ckpt'}",
+        "eval.dataset.num_samples=40",
+        "num_workers=0",
+        "progress=false",
+    )
+    run_zeroshot(compose_zeroshot(*run, f"output_dir={tmp_path / 'a'}", "save_confusion=false"))
+    assert drawn and not drawn & set(synthetic._allowed("train", "pairs"))  # none of them trained on
+    given = run_zeroshot(
+        compose_zeroshot(*run, f"output_dir={tmp_path / 'b'}", "eval.dataset.holdout=tuples")
+    )
+    assert given["dataset"]["holdout"] == "tuples"  # a scheme given is kept, and the disagreement named
+    assert "eval.dataset.holdout=tuples, but checkpoint" in caplog.text
 
 
 def test_the_label_says_which_weights_of_an_ema_checkpoint_are_scored(tmp_path):

@@ -147,10 +147,37 @@ def render_size(cfg: DictConfig, image_size: int, stored: dict[str, Any]) -> int
     return None
 
 
+def synthetic_holdout(cfg: DictConfig, stored: dict[str, Any]) -> str | None:
+    """The held-out scheme of the synthetic set when ``eval.dataset.holdout`` is null: that of the
+    checkpoint's training data (``data.source.holdout`` of ``stored``). Under ``pairs`` training, 45 of the
+    60 combinations of the default ``tuples`` held-out split were trained on, and were scored as unseen. A
+    scheme given that differs from the checkpoint's is kept, with a warning. ``None`` (keep the node's
+    value) for other data sets and for a scheme given."""
+    node = cfg.eval.dataset
+    if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
+        return None
+    trained = ((stored.get("data") or {}).get("source") or {}).get("holdout")
+    given = node.get("holdout")
+    if given is None:
+        return trained
+    if trained is not None and given != trained:
+        log.warning(
+            "eval.dataset.holdout=%s, but checkpoint %s was trained with data.source.holdout=%s: combinations "
+            "it trained on may be scored as held out (holdout=null takes the checkpoint's)",
+            given,
+            cfg.checkpoint,
+            trained,
+        )
+    return None
+
+
 def _record_render_size(results: dict[str, Any], dataset: Any) -> None:
-    """The size the synthetic set was drawn at, in the results' dataset record (its node may say null)."""
+    """The size the synthetic set was drawn at and its held-out scheme, in the results' dataset record (its
+    node may say null)."""
     if isinstance(getattr(dataset, "render_size", None), int):
         results["dataset"]["render_size"] = dataset.render_size
+    if isinstance(getattr(dataset, "holdout", None), str):
+        results["dataset"]["holdout"] = dataset.holdout
 
 
 def _build_dataset(node: DictConfig, **available: Any) -> Any:
@@ -242,6 +269,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
             transform=transform,
             classnames=names_given,
             render_size=render_size(cfg, image_size, stored),
+            holdout=synthetic_holdout(cfg, stored),
         )
     classnames, templates = resolve_task(cfg, dataset)
     classifier = build_zero_shot_classifier(
@@ -291,6 +319,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         num_workers=cfg.get("num_workers", 0),
         render_size=render_size(cfg, image_size, stored),
+        holdout=synthetic_holdout(cfg, stored),
     )
     if getattr(dataset, "target", None) not in ("caption", "text"):
         raise ValueError(
@@ -326,10 +355,14 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
     pc = cfg.get("linear_probe") or {}
     transform = eval_transform(image_size)
     names = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
-    size = render_size(cfg, image_size, stored)
-    test_set = _build_dataset(cfg.eval.dataset, transform=transform, classnames=names, render_size=size)
+    size, holdout = render_size(cfg, image_size, stored), synthetic_holdout(cfg, stored)
+    test_set = _build_dataset(
+        cfg.eval.dataset, transform=transform, classnames=names, render_size=size, holdout=holdout
+    )
     train_node = _train_split_node(cfg.eval.dataset, pc.get("train_dataset"))
-    train_set = _build_dataset(train_node, transform=transform, classnames=names, render_size=size)
+    train_set = _build_dataset(
+        train_node, transform=transform, classnames=names, render_size=size, holdout=holdout
+    )
     train_classes, test_classes = (getattr(d, "folder_names", None) for d in (train_set, test_set))
     if train_classes is not None and test_classes is not None and train_classes != test_classes:
         # label i must be the same class in both splits, or the probe scores the wrong classes

@@ -209,6 +209,8 @@ class SyntheticHeldoutDataset(Dataset):
     given, are matched to the shapes by name, else applied by position); ``"caption"``
     gives ``(image, tokens)`` for retrieval (``tokenizer`` required). ``render_size`` is the size the
     generator draws at (the training data's ``image_size``); ``transform`` then resizes for the model.
+    ``holdout`` is the training data's scheme (``data.source.holdout``; ``None``: ``tuples``, its default):
+    which combinations training never saw depends on it.
     """
 
     def __init__(
@@ -221,16 +223,20 @@ class SyntheticHeldoutDataset(Dataset):
         target: str = "label",
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         classnames: Sequence[str] | None = None,
+        holdout: str | None = None,
     ) -> None:
         from clipforge.data import synthetic
 
+        holdout = holdout or "tuples"
+        if holdout not in synthetic.HOLDOUTS:
+            raise ValueError(f"holdout must be one of {synthetic.HOLDOUTS}, got {holdout!r}")
         if target not in ("label", "caption"):
             raise ValueError(f"target must be 'label' or 'caption', got {target!r}")
         if target == "caption" and tokenizer is None:
             raise ValueError("target='caption' needs a tokenizer")
         self._synthetic = synthetic
         self.num_samples, self.render_size, self.seed, self.split = num_samples, render_size, seed, split
-        self.transform, self.target, self.tokenizer = transform, target, tokenizer
+        self.transform, self.target, self.tokenizer, self.holdout = transform, target, tokenizer, holdout
         shapes, self.templates = synthetic.zeroshot_task()
         # Labels index the generator's shapes: names for them are matched by name, as for folders.
         self.classnames = (
@@ -241,7 +247,7 @@ class SyntheticHeldoutDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, Any]:
-        s = self._synthetic.make_sample(index, self.split, self.render_size, self.seed)
+        s = self._synthetic.make_sample(index, self.split, self.render_size, self.seed, self.holdout)
         image = self.transform(s.image) if self.transform else s.image
         if self.target == "caption":
             return image, self.tokenizer([s.caption])[0]  # type: ignore[misc]

@@ -177,6 +177,27 @@ def test_export_is_loaded_by_open_clip_with_equal_embeddings(tmp_path: Path) -> 
     assert model_config(back)["vision"] == model_config(model)["vision"]
 
 
+def test_a_failed_re_export_leaves_the_previous_export_whole(tmp_path: Path, monkeypatch) -> None:
+    """The config files were written in place before the weights: an export into the folder of an earlier
+    one that failed while writing the weights (a crash, a full disk) paired the new config with the old
+    weights. Every file is written aside first and swapped in once all are written."""
+    import safetensors.torch
+
+    out = tmp_path / "export"
+    export_open_clip(tiny_clip_from_conf(), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.manual_seed(1)
+    other = instantiate(OmegaConf.load(CONF / "tiny.yaml"), vision={"depth": 1}).eval()
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export_open_clip(other, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_logit_scale_above_the_cap_is_exported_as_the_scale_the_model_uses(tmp_path: Path) -> None:
     # Our forward caps the scale at max_logit_scale; open_clip's does not. The stored log-scale can lie
     # above the cap: the EMA copy of a 2-step run with +model.max_logit_scale=10 ema=default held 2.656

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -53,9 +54,22 @@ def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") 
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
-    paths["config"].write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
-    paths["model_config"].write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(paths["weights"]))
+    # Each file is written aside and all are swapped in once written: a failure while writing (a crash, a
+    # full disk) over an earlier export leaves that export whole, never a new config beside old weights.
+    aside = {k: p.with_name(f".{p.name}.partial") for k, p in paths.items()}
+    try:
+        aside["config"].write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
+        aside["model_config"].write_text(json.dumps(cfg, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(aside["weights"]))
+        for p in aside.values():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        for p in aside.values():
+            p.unlink(missing_ok=True)
+        raise
+    for k in ("weights", "model_config", "config"):
+        os.replace(aside[k], paths[k])
     return paths
 
 

@@ -176,6 +176,38 @@ def test_init_from_loads_weights_at_another_image_size(compose_cfg, tmp_path: Pa
     torch.testing.assert_close(model.visual.pos_embed[:, 0], src.visual.pos_embed[:, 0].cpu())
 
 
+def test_init_from_takes_the_ema_weights_on_request_and_names_what_it_leaves(compose_cfg, tmp_path, caplog):
+    """init_from loaded the training weights of an ema=default checkpoint and dropped its EMA weights and
+    its SigLIP 2 parts without a word; the EMA weights could not be taken at all."""
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model, checkpoint_dict, init_from
+
+    cfg = compose_cfg(*FAST)
+    raw, ema = build_model(cfg.model, cfg.loss), build_model(cfg.model, cfg.loss)
+    raw.visual.patch_embed.weight.data.fill_(0.25)
+    ema.visual.patch_embed.weight.data.fill_(0.5)
+    ckpt = checkpoint_dict(raw.state_dict(), {"model": OmegaConf.to_container(cfg.model, resolve=True)})
+    ckpt["state_dict"] |= {f"ema.shadow.model.{k}": v for k, v in ema.state_dict().items()}
+    ckpt["state_dict"] |= {
+        "ema.steps": torch.tensor(3),
+        "objectives.locca.decoder.norm.weight": torch.ones(4),
+    }
+    path = tmp_path / "run.ckpt"
+    torch.save(ckpt, path)
+    with caplog.at_level("INFO", logger="clipforge.checkpoint"):
+        model = init_from(build_model(cfg.model, cfg.loss), path)
+    assert model.visual.patch_embed.weight.eq(0.25).all()
+    assert (
+        "not taken: its EMA weights (init_from_ema=true takes them), its objectives (starts fresh)"
+        in caplog.text
+    )
+    model = init_from(build_model(cfg.model, cfg.loss), path, use_ema=True)
+    assert model.visual.patch_embed.weight.eq(0.5).all()
+    with pytest.raises(ValueError, match="init_from_ema=true takes the EMA weights of init_from="):
+        train(compose_cfg("init_from_ema=true", *FAST))
+
+
 def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))

@@ -14,6 +14,7 @@ reads. Optimizer state is left out: resume training from the sharded directory i
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 from clipforge.models.clip import CLIP
 from clipforge.models.decoder import TextDecoder
 from clipforge.models.specs import SettingError
+
+log = logging.getLogger(__name__)
 
 # Hydra and OmegaConf are imported where configs are built, not at import: the LightningModule imports this
 # module for the checkpoint layout, and importing the module should not pull in Hydra.
@@ -235,15 +238,28 @@ def _on(setting: Any) -> str:
     return "on" if setting else "off"
 
 
-def init_from(model: CLIP, path: str | Path) -> CLIP:
-    """Initialise ``model`` from a clipforge checkpoint's weights (training state is not restored).
+def init_from(model: CLIP, path: str | Path, use_ema: bool = False) -> CLIP:
+    """Initialise ``model`` from a clipforge checkpoint's weights (training state is not restored); with
+    ``use_ema`` from its EMA weights. What else the checkpoint holds (the EMA weights not taken, a decoder,
+    distillation heads) is named in a log line: those parts start fresh.
 
     Position embeddings are resampled when the image size or text context differs, so a model can be
     fine-tuned at another resolution; any other shape or key mismatch is an error naming the keys.
     """
     from clipforge.models.convert import load_state_dict_resized
 
-    load_state_dict_resized(model, model_state_dict(load_checkpoint(path), path))
+    ckpt = load_checkpoint(path)
+    load_state_dict_resized(model, model_state_dict(ckpt, path, use_ema))
+    ema_left = not use_ema and bool(submodule_state(ckpt, EMA_PREFIX + MODEL_PREFIX))
+    others = sorted({k.split(".")[0] for k in ckpt["state_dict"] if not k.startswith((MODEL_PREFIX, "ema."))})
+    left = ["its EMA weights (init_from_ema=true takes them)"] if ema_left else []
+    left += [f"its {name} (starts fresh)" for name in others]
+    log.info(
+        "init_from=%s: the model's %sweights%s",
+        path,
+        "EMA " if use_ema else "",
+        "; not taken: " + ", ".join(left) if left else "",
+    )
     return model
 
 

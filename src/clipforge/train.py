@@ -120,6 +120,8 @@ def check_trainer(cfg: DictConfig) -> None:
 
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
+    if cfg.get("init_from_ema") and not cfg.get("init_from"):
+        raise ValueError("init_from_ema=true takes the EMA weights of init_from=, which is not set")
     if cfg.get("init_from") and not is_checkpoint(cfg.init_from):
         raise FileNotFoundError(
             f"init_from={cfg.init_from!r}: no such checkpoint file, sharded checkpoint directory or "
@@ -161,7 +163,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     elif cfg.get("init_from"):
         try:
-            init_from(model, cfg.init_from)
+            init_from(model, cfg.init_from, use_ema=bool(cfg.get("init_from_ema", False)))
         except (RuntimeError, PositionTableError) as e:  # torch's "Error(s) in loading state_dict", or a
             # position table fitted before it: say which settings differ
             raise _model_mismatch(

@@ -13,7 +13,7 @@ from clipforge.data.config import Augment, Stream, ZeroShotSet
 from clipforge.data.datamodule import WebDataModule
 from clipforge.data.dataset import ShardDataset
 from clipforge.data.failures import FailurePolicy
-from clipforge.data.manifest import find_manifest
+from clipforge.data.manifest import find_manifest, write_manifest
 from clipforge.data.shards import DataError, expand_urls
 from clipforge.data.tokenizer import Tokenizer
 
@@ -119,6 +119,23 @@ def test_weights_without_resampling_are_refused(shards):
 def test_eval_mode_is_ordered_and_complete(shards):
     batches = epoch(make(shards, train=False, batch_size=10))
     assert sample_ids([k for b in batches for k in b[2]]) == list(range(sum(SIZES)))
+
+
+def test_eval_with_a_manifest_skips_bad_samples_without_repeating_others(tmp_path):
+    """An evaluation set (val, zero-shot) with a manifest reads each readable sample once: bad samples are
+    skipped, not replaced by re-read ones (which counted some images twice in val/loss and zero-shot)."""
+    write_sizes(tmp_path, [6, 5])
+    with tarfile.open(tmp_path / "00000.tar", "a") as tar:  # two more samples whose image is not one
+        for n in (100, 101):
+            add(tar, f"{n:09d}.jpg", b"not a jpeg")
+            add(tar, f"{n:09d}.txt", f"sample {n}".encode())
+    write_manifest(tmp_path, {"00000.tar": 8, "00001.tar": 5})
+    for workers in (1, 2):
+        dm = data_module(pattern(tmp_path, 2), 4, workers, val_urls=pattern(tmp_path, 2))
+        dm.setup("fit")
+        ids = sample_ids([k for b in dm.val_dataloader() for k in b[2]])
+        assert sorted(ids) == list(range(11)), workers
+        assert dm.skip_counts()["corrupt_image"] == 2 and dm.skip_counts()["repeated_samples"] == 0
 
 
 def test_labels_for_zero_shot(tmp_path):

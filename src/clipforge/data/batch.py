@@ -1,10 +1,11 @@
 """The batch stage of the WebDataset stream (Breuel et al., 2020): decoded samples -> the batches a
 DataLoader worker hands to the main process, of exactly the sizes the plan promised.
 
-When a worker's samples run out early (bad samples were skipped), :class:`Refill` supplies re-read
-passes, counted as ``repeated_samples``: of the worker's own range, or of the whole set once a pass of
-the range gave nothing. So its batch count, and every rank's with it, stays as planned (a contrastive
-loss all-gathers equal shapes at every step).
+When a training worker's samples run out early (bad samples were skipped), :class:`Refill` supplies
+re-read passes, counted as ``repeated_samples``: of the worker's own range, or of the whole set once a pass
+of the range gave nothing. So its batch count, and every rank's with it, stays as planned (a contrastive
+loss all-gathers equal shapes at every step). An evaluation pass re-reads nothing: its last batch is
+shorter (ranks that end first take padding steps, ``clipforge.distributed.EvenSteps``).
 
 A batch is ``(images, targets[, keys][, regions])``: images ``(B, 3, S, S)`` float32 normalised (or an
 :class:`~clipforge.data.gpu_decode.EncodedBatch`), targets the tokenized captions ``(B, L)`` or the
@@ -156,10 +157,12 @@ def batches(
     collate: Callable[[list[Sample]], tuple],
     refill: Refill | None = None,
     pass_ended: Callable[[], None] | None = None,
+    stop_early: bool = False,
 ) -> Iterator[tuple]:
     """Cut ``samples`` into batches of ``sizes``, re-reading through ``refill`` when they run out early.
     ``pass_ended`` is called once, when the first pass over the data ends (evaluation passes judge their
-    own failure counts there)."""
+    own failure counts there). ``stop_early`` (evaluation passes): samples that run out early end the
+    pass instead, the ones left a last, shorter batch, so no sample is read twice."""
     items: list[Sample] = []
     got, ended = True, False
     for size in sizes:
@@ -169,6 +172,10 @@ def batches(
                 if pass_ended is not None and not ended:
                     pass_ended()
                 ended = True
+                if stop_early:
+                    if items:
+                        yield collate(items)
+                    return
                 if refill is None:
                     raise DataError("the sample stream ended early")
                 samples, got = refill.next_pass(got), False

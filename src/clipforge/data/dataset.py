@@ -291,6 +291,9 @@ class ShardDataset(IterableDataset):
         def give_up(reason: str) -> DataError:
             return self.failures.error(reason, table_totals(self._counts), self.worst_shards(), 1)
 
+        if self.mode == "eval":  # a sample twice would count twice in val/loss and zero-shot accuracy
+            yield from batches(samples, sizes, p.collate, None, pass_ended, stop_early=True)
+            return
         total = sum(self.counts[u] for u in self.urls)
         refill = Refill(reread, p.monitor, give_up, lengths=(own, total))
         refill.resume_at(max(0, skip - own), in_whole_set)

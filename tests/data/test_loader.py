@@ -107,7 +107,7 @@ def test_weights_are_per_training_source_and_leave_evaluation_sets_alone(tmp_pat
     dm = data_module([a[0], b[0]], 4, val_urls=a[0], stream=stream)
     dm.setup("fit")  # the one val source takes no weight
     assert len(list(dm.val_dataloader())) == 3
-    with pytest.raises(ValueError, match="2 weights for 1 sources"):
+    with pytest.raises(ValueError, match=r"data\.stream\.weights: 2 weights for 1 sources"):
         data_module(a[0], 4, stream=stream).setup("fit")
 
 

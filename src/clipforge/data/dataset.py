@@ -98,7 +98,10 @@ class ShardDataset(IterableDataset):
         weights = self.stream.weights if train else None  # evaluation sets are read whole, never weighted
         self.weights = list(weights) if weights is not None else [1.0] * len(sources)
         if len(self.weights) != len(sources):
-            raise ValueError(f"{len(self.weights)} weights for {len(sources)} sources")
+            raise ValueError(
+                f"data.stream.weights: {len(self.weights)} weights for {len(sources)} sources (the patterns "
+                "of data.train_urls between '::', or the items of its list); give one weight per source"
+            )
         self.batch_size, self.seed = batch_size, self.stream.seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = max(1, self.stream.shuffle_buffer) if train else 1

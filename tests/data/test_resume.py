@@ -162,6 +162,17 @@ def test_a_changed_setting_is_warned_about_once_though_lightning_restores_the_po
     assert dm.position.restored == {"epoch": 0, "batches": 2}
 
 
+def test_a_changed_setting_is_warned_about_once_though_the_two_restored_copies_differ(shards, caplog):
+    """Lightning restores the data module's copy (with the skip counts and every rank's slots) and the train
+    loader's (without them): the same position and settings, so one warning, not two."""
+    dm = make(shards)
+    loader_copy = {"epoch": 0, "batches": 2, "world_size": 1, "num_workers": 2, "batch_size": 8, "seed": 0}
+    dm.load_state_dict({**loader_copy, "skipped": [{"corrupt_image": 1}], "slots": [[16, -1]]})
+    loader = dm.train_dataloader()
+    loader.load_state_dict(loader_copy)
+    assert caplog.text.count("data position restored with a different {'num_workers': (2, 1)}") == 1
+
+
 def test_a_changed_shard_list_is_named_when_the_position_is_restored(tmp_path, caplog):
     """The plan numbers the epoch's samples along the shard order: a shard added (or removed, or recounted
     in the manifest) moves every boundary, so a restored batch count no longer marks what was seen."""

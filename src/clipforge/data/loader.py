@@ -162,7 +162,7 @@ class Position:
         self.restored: dict | None = None
         self.skips = SkipTally()
         self.slots = SlotTally()
-        self._warned: dict | None = None  # the restored state last warned about
+        self._warned: dict | None = None  # the restored position and changes last warned about
 
     def start(
         self, epoch: int, num_batches: int, rank: int = 0, workers: int = 1
@@ -203,9 +203,11 @@ class Position:
         if not state:
             return
         changed = {k: (state[k], v) for k, v in fingerprint.items() if k in state and state[k] != v}
-        # Lightning restores the same state twice (the data module's and the train loader's copy): one warning.
-        if changed and state != self._warned:
-            self._warned = dict(state)
+        # Lightning restores the same state twice (the data module's and the train loader's copy, which
+        # lacks the slots): one warning for one position and one set of changes.
+        said = {"changed": changed, **{k: state.get(k) for k in POSITION_KEYS}}
+        if changed and said != self._warned:
+            self._warned = said
             log.warning(
                 "data position restored with a different %s (checkpoint, config): the rest of epoch %s will "
                 "not line up exactly with what was already seen (some of its samples may repeat or be skipped)",

@@ -12,7 +12,9 @@ Rank r reads the contiguous global range ``[r c, (r + 1) c)``, so it opens about
 plus at most two that it shares with a neighbour (read from an offset). The ``N - W c < W`` samples left
 at the end of the epoch's order are the only ones not seen (the final, partial global batch), and since
 the order changes each epoch they are different samples every time. Every step has the same batch size
-on every rank, which the all-gather of a contrastive loss needs; all steps are full except the last.
+on every rank, which the all-gather of a contrastive loss needs; all steps are full except one, the rank's
+last batch, which the DataLoader hands out last only when S is a multiple of the worker count K (it ends the
+last worker's block, below; otherwise ``S mod K`` full steps follow it).
 With ``drop_last`` the partial last step is dropped instead (S = floor(N / (W B))).
 
 Inside a rank the S batches are split into contiguous blocks, one per worker (the first ``S mod K``

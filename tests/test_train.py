@@ -357,6 +357,20 @@ def test_summary_on_a_rank_other_than_0_of_a_wandb_run() -> None:
     assert "WandbLogger -> None" in text
 
 
+def test_the_summary_gives_training_skips_and_each_evaluation_sets_last_pass_apart() -> None:
+    from types import SimpleNamespace
+
+    from clipforge.data.datamodule import WebDataModule
+    from clipforge.train import data_skips, summarize
+
+    counts = {"train": {"corrupt_image": 3}, "val": {"corrupt_image": 2, "missing_caption": 1}}
+    dm = SimpleNamespace(zeroshot_urls=None, skip_counts=lambda split="train": counts.get(split, {}))
+    assert data_skips(dm) == counts and hasattr(WebDataModule, "zeroshot_urls")
+    text = summarize({}, SimpleNamespace(global_step=3, checkpoint_callbacks=[]), None, data_skips(dm))
+    assert "data skipped:      corrupt_image=3\n" in text
+    assert "val skipped:       corrupt_image=2, missing_caption=1 (its last pass)" in text
+
+
 def test_logging_step_follows_lightnings_own_cadence_from_public_counters(compose_cfg) -> None:
     """``callbacks.schedule.logging_step`` reads only public trainer state; it must pick exactly the steps
     whose logged values Lightning records (its private ``should_update_logs``), before and after the step."""

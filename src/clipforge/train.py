@@ -349,22 +349,33 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
     }
 
 
-def data_skips(datamodule: Any) -> dict[str, int]:
-    """What the data skipped over the run, by cause, summed over ranks (every rank calls it)."""
+def data_skips(datamodule: Any) -> dict[str, dict[str, int]]:
+    """What the data skipped, by cause, summed over ranks (every rank calls it): ``train`` over the run, and
+    each evaluation split (``val``, ``zeroshot``) of a WebDataset module in its last pass."""
     counts = getattr(datamodule, "skip_counts", None)
     if counts is None:
         return {}
     from clipforge.callbacks.data_skips import total_skip_counts
 
-    return {cause: n for cause, n in total_skip_counts(counts()).items() if n}
+    splits = ["train", "val", "zeroshot"] if hasattr(datamodule, "zeroshot_urls") else ["train"]
+    out = {}
+    for split in splits:
+        summed = total_skip_counts(counts() if split == "train" else counts(split))
+        out[split] = {cause: n for cause, n in summed.items() if n}
+    return {split: c for split, c in out.items() if c}
 
 
 def summarize(
-    metrics: dict[str, float], trainer: L.Trainer, logger: Any, skipped: dict[str, int] | None = None
+    metrics: dict[str, float],
+    trainer: L.Trainer,
+    logger: Any,
+    skipped: dict[str, dict[str, int]] | None = None,
 ) -> str:
     lines = ["", "=" * 60, "clipforge run summary", "=" * 60, f"steps:             {trainer.global_step}"]
-    if skipped:  # bad input is never silent: without a logger this line is where the counts show
-        lines.append("data skipped:      " + ", ".join(f"{cause}={n}" for cause, n in skipped.items()))
+    for split, counts in (skipped or {}).items():  # bad input is never silent: without a logger, here
+        label = "data skipped:" if split == "train" else f"{split} skipped:"
+        last = "" if split == "train" else " (its last pass)"
+        lines.append(f"{label:<19}" + ", ".join(f"{cause}={n}" for cause, n in counts.items()) + last)
     if "train/loss" in metrics:
         lines.append(f"final train loss:  {metrics['train/loss']:.4f}")
     if "val/loss" in metrics:

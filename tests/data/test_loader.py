@@ -135,7 +135,31 @@ def test_eval_with_a_manifest_skips_bad_samples_without_repeating_others(tmp_pat
         dm.setup("fit")
         ids = sample_ids([k for b in dm.val_dataloader() for k in b[2]])
         assert sorted(ids) == list(range(11)), workers
-        assert dm.skip_counts()["corrupt_image"] == 2 and dm.skip_counts()["repeated_samples"] == 0
+        counts = dm.skip_counts("val")
+        assert counts["corrupt_image"] == 2 and counts["repeated_samples"] == 0
+
+
+def test_skip_counts_keep_the_training_stream_apart_from_each_evaluation_pass(tmp_path):
+    """Every evaluation pass added its skips to the training counts behind data/skipped_* and the summary:
+    a val set read twice per validation (val loss, then retrieval) counted its bad images twice per
+    validation, and a resumed run, which carries only the training counts, reported other totals than
+    the uninterrupted run. Training counts are the training stream's; an evaluation split's, its last pass."""
+    write_sizes(tmp_path / "train", [6, 5])
+    write_sizes(tmp_path / "val", [6, 5])
+    with tarfile.open(tmp_path / "val" / "00000.tar", "a") as tar:
+        for n in (100, 101):
+            add(tar, f"{n:09d}.jpg", b"not a jpeg")
+            add(tar, f"{n:09d}.txt", f"sample {n}".encode())
+    write_manifest(tmp_path / "val", {"00000.tar": 8, "00001.tar": 5})
+    for workers in (0, 2):
+        dm = data_module(pattern(tmp_path / "train", 2), 4, workers, val_urls=pattern(tmp_path / "val", 2))
+        dm.setup("fit")
+        for _ in range(3):
+            assert len([k for b in dm.val_dataloader() for k in b[2]]) == 11
+            assert dm.skip_counts("val")["corrupt_image"] == 2, workers
+        list(dm.train_dataloader())
+        assert set(dm.skip_counts().values()) == {0}, workers
+        assert set(dm.skip_counts("zeroshot").values()) == {0}  # a split never read: nothing skipped
 
 
 def test_labels_for_zero_shot(tmp_path):

@@ -235,12 +235,13 @@ class WebDataModule(L.LightningDataModule):
         assert n is not None  # exact mode requires a manifest, resampled mode epoch_samples
         return n
 
-    def skip_counts(self) -> dict[str, int]:
-        """Samples and shards skipped so far on this rank, by cause (cumulative over the run)."""
-        total = dict.fromkeys(CAUSES, 0)
-        for ds in self._datasets.values():
-            for cause, n in ds.skip_counts().items():
-                total[cause] += n
+    def skip_counts(self, split: str = "train") -> dict[str, int]:
+        """Samples and shards skipped on this rank, by cause: of the training stream, cumulative over the run
+        (resumes included); of an evaluation split (``val``, ``zeroshot``), in its last pass."""
+        ds = self._datasets.get(split)
+        if split != "train":
+            return ds.skip_counts() if ds is not None else dict.fromkeys(CAUSES, 0)
+        total = ds.skip_counts() if ds is not None else dict.fromkeys(CAUSES, 0)
         for cause, n in zip(CAUSES, self.position.skips.carried.tolist()):
             total[cause] += n  # counted before a resume
         if self._decoder is not None:

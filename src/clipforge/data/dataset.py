@@ -158,7 +158,8 @@ class ShardDataset(IterableDataset):
         return plan.epoch_shape(total, self.world_size, self.batch_size, self.stream.drop_last).steps
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples and shards skipped on this rank so far, by cause."""
+        """Samples and shards skipped on this rank, by cause: so far in training, in the last pass in eval
+        mode."""
         totals = table_totals(self._counts)
         return {c: totals[c] for c in CAUSES}
 
@@ -198,6 +199,8 @@ class ShardDataset(IterableDataset):
         monitor = FailureMonitor(
             self._counts, self._per_shard, physical % self._counts.shape[0], url_index, where
         )
+        if self.mode == "eval":  # an evaluation set's counts are those of its last pass (skip_counts)
+            self._counts[monitor.row].zero_()
         if self._tokenizer is None and self.target == "text":
             self._tokenizer = Tokenizer(self.context_length)
         regions = CollateRegions(self._tokenizer) if self.regions and self._tokenizer is not None else None

@@ -193,3 +193,13 @@ def test_a_name_in_another_unicode_normalisation_finds_its_file(tmp_path, capsys
         shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]) == 0
     )
     assert "2 samples" in capsys.readouterr().out
+
+
+def test_a_file_with_another_delimiter_is_named_with_the_one_it_was_read_with(tmp_path):
+    """'file;caption' rows read comma-separated are one column: the error said only 'needs exactly two
+    columns', not which separator was expected or what the first row held."""
+    (tmp_path / "captions.csv").write_text("a.jpg;a red circle\nb.jpg;a blue square\n")
+    with pytest.raises(
+        ValueError, match=r"separated by a comma \(the first row has 1: \['a.jpg;a red circle'\]"
+    ):
+        read_captions(tmp_path / "captions.csv")

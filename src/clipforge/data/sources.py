@@ -147,7 +147,12 @@ def _table_pairs(text: str, delimiter: str, path: Path) -> list[tuple[str, str]]
     header = [h.strip() for h in first[1]]
     if _find(header, FILE_KEYS) is None:  # no header: file name and caption
         if len(header) != 2:
-            raise ValueError(f"{path}: without a header row the file needs exactly two columns")
+            name = {",": "comma", "\t": "tab"}.get(delimiter, repr(delimiter))
+            raise ValueError(
+                f"{path}: without a header row the file needs exactly two columns, file name and caption, "
+                f"separated by a {name} (the first row has {len(header)}: {header!r:.200}); a .csv file is "
+                "read comma-separated, a .tsv tab-separated"
+            )
         pairs = []
         for line, row in [first, *rows]:
             row = _fields(row, 2, line, path)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from clipforge.data.cli import main as shards_main
 from clipforge.data.cli import parse_bytes
-from clipforge.data.manifest import find_manifest, read_manifest, shard_name
+from clipforge.data.manifest import find_manifest, read_manifest, shard_name, write_manifest
 from clipforge.data.shards import DataError
 from clipforge.data.sources import read_captions
 from clipforge.data.writer import Record, ShardWriter, encode_image, image_format, write_shards
@@ -477,3 +477,12 @@ def test_a_broken_manifest_is_an_error_naming_it(tmp_path, text, why):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(DataError, match=rf"manifest\.json is not a manifest \(.*{why}"):
         find_manifest([url])
+
+
+def test_the_warning_for_uncounted_pipe_shards_names_only_where_it_looked(tmp_path, caplog):
+    """pipe: URLs are looked up in data.manifest alone; the warning said it looked beside each shard too."""
+    write_manifest(tmp_path, {"00000.tar": 2})
+    urls = [f"pipe:cat {tmp_path}/0000{i}.tar" for i in range(2)]
+    assert find_manifest(urls, manifest=str(tmp_path / "manifest.json")) is None
+    (message,) = [r.getMessage() for r in caplog.records if "in no manifest" in r.getMessage()]
+    assert f"(looked in {tmp_path / 'manifest.json'}): pipe:cat {tmp_path}/00001.tar" in message

@@ -108,12 +108,14 @@ def find_manifest(urls: list[str], manifest: str | None = None) -> dict[str, int
             counts[url] = found
     if missing and counts:  # a manifest was found, but it lacks these (shards added after it was written?)
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        places = ["in manifest.json and sizes.json beside each local shard"] * any(
+            not u.startswith("pipe:") for u in urls
+        ) + [f"in {manifest}"] * (manifest is not None)
         log.warning(
-            "%d of %d shards are in no manifest, so samples per shard are unknown (looked in manifest.json "
-            "and sizes.json beside each shard%s): %s",
+            "%d of %d shards are in no manifest, so samples per shard are unknown (looked %s): %s",
             len(missing),
             len(urls),
-            f" and in {manifest}" if manifest is not None else "",
+            " and ".join(places),
             shown,
         )
     return None if missing else counts

@@ -326,7 +326,7 @@ def test_compile_modes_reach_both_towers_and_the_loss(compose_cfg, monkeypatch) 
 def test_summary_says_when_the_wandb_run_is_offline() -> None:
     from types import SimpleNamespace
 
-    from clipforge.train import summarize
+    from clipforge.summary import summarize
 
     class WandbLogger:  # the name is what summarize looks at
         def __init__(self, offline: bool) -> None:
@@ -348,7 +348,7 @@ def test_summary_on_a_rank_other_than_0_of_a_wandb_run() -> None:
 
     from lightning.fabric.loggers.logger import _DummyExperiment
 
-    from clipforge.train import summarize
+    from clipforge.summary import summarize
 
     class WandbLogger:
         experiment = _DummyExperiment()
@@ -361,7 +361,7 @@ def test_the_summary_gives_training_skips_and_each_evaluation_sets_last_pass_apa
     from types import SimpleNamespace
 
     from clipforge.data.datamodule import WebDataModule
-    from clipforge.train import data_skips, summarize
+    from clipforge.summary import data_skips, summarize
 
     counts = {"train": {"corrupt_image": 3}, "val": {"corrupt_image": 2, "missing_caption": 1}}
     dm = SimpleNamespace(zeroshot_urls=None, skip_counts=lambda split="train": counts.get(split, {}))

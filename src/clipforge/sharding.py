@@ -12,7 +12,7 @@ Two things this model needs beyond the textbook recipe:
 
 - ``fully_shard`` refuses 0-dim parameters, and the logit scale (and SigLIP's bias) are scalars. They are
   reshaped to ``(1,)`` before sharding (:func:`scalars_to_vectors`); consolidation
-  (:func:`clipforge.checkpoint.consolidate_checkpoint`) gives them back their model shape, so
+  (:func:`clipforge.consolidate.consolidate_checkpoint`) gives them back their model shape, so
   consolidated checkpoints keep the layout of every other clipforge checkpoint.
 - FSDP2 gathers the root's parameters in hooks around the root's ``forward``, so the training step must go
   through ``CLIP.forward`` (``normalize=False`` keeps the raw features the module logs), never through

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,11 @@ from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
-from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger, wandb_offline
+from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger
 from clipforge.models.convert.resize import PositionTableError
 from clipforge.module import ContrastiveModule
 from clipforge.optim import check_optimization
+from clipforge.summary import data_skips, final_zero_shot, summarize
 
 log = logging.getLogger(__name__)
 
@@ -300,123 +300,6 @@ def _state_dict_error_summary(error: Exception, keys: int = 3) -> str:
 
 def _first(items: list[str], n: int) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
-    """Zero-shot top-1/top-5 on the data module's held-out labelled set, through clipforge.eval.
-
-    Every rank calls it: the held-out set and the class prompts are split over ranks and reduced.
-    """
-    from clipforge.callbacks.evaluation import ZeroShotCallback, zeroshot_templates
-    from clipforge.sharding import SHARDED_HINT, weights_sharded
-
-    classnames = getattr(datamodule, "zeroshot_classnames", None)
-    if classnames and weights_sharded(trainer):
-        if trainer.is_global_zero:  # once, not once per rank
-            log.warning("no final zero-shot evaluation: %s", SHARDED_HINT)
-        return {}
-    loader = datamodule.zeroshot_dataloader() if classnames else None
-    if loader is None:
-        return {}
-    from clipforge.eval.zeroshot import zero_shot_eval
-
-    # The zero-shot callback usually evaluated these very weights at the last epoch end: reuse it.
-    res = next(
-        (
-            cb.last_result
-            for cb in trainer.callbacks
-            if isinstance(cb, ZeroShotCallback)
-            and cb.last_result_step == trainer.global_step
-            and "top5" in (cb.last_result or {})
-        ),
-        None,
-    )
-    if res is None:
-        device = trainer.strategy.root_device
-        res = zero_shot_eval(
-            model.to(device).eval(),
-            classnames,
-            zeroshot_templates(datamodule),  # None (data.zeroshot.templates null) crashed in list() here
-            loader,
-            device=device,
-            progress=trainer.is_global_zero,
-        )
-    return {
-        "final/zeroshot_top1": float(res["top1"]),
-        "final/zeroshot_top5": float(res["top5"]),
-        "final/zeroshot_chance": 1.0 / len(classnames),
-        "final/zeroshot_samples": float(res["num_samples"]),
-    }
-
-
-def data_skips(datamodule: Any) -> dict[str, dict[str, int]]:
-    """What the data skipped, by cause, summed over ranks (every rank calls it): ``train`` over the run, and
-    each evaluation split (``val``, ``zeroshot``) of a WebDataset module in its last pass."""
-    counts = getattr(datamodule, "skip_counts", None)
-    if counts is None:
-        return {}
-    from clipforge.callbacks.data_skips import total_skip_counts
-
-    splits = ["train", "val", "zeroshot"] if hasattr(datamodule, "zeroshot_urls") else ["train"]
-    out = {}
-    for split in splits:
-        summed = total_skip_counts(counts() if split == "train" else counts(split))
-        out[split] = {cause: n for cause, n in summed.items() if n}
-    return {split: c for split, c in out.items() if c}
-
-
-def summarize(
-    metrics: dict[str, float],
-    trainer: L.Trainer,
-    logger: Any,
-    skipped: dict[str, dict[str, int]] | None = None,
-) -> str:
-    lines = ["", "=" * 60, "clipforge run summary", "=" * 60, f"steps:             {trainer.global_step}"]
-    for split, counts in (skipped or {}).items():  # bad input is never silent: without a logger, here
-        label = "data skipped:" if split == "train" else f"{split} skipped:"
-        last = "" if split == "train" else " (its last pass)"
-        lines.append(f"{label:<19}" + ", ".join(f"{cause}={n}" for cause, n in counts.items()) + last)
-    if "train/loss" in metrics:
-        lines.append(f"final train loss:  {metrics['train/loss']:.4f}")
-    if "val/loss" in metrics:
-        lines.append(f"held-out val loss: {metrics['val/loss']:.4f}")
-    if "final/zeroshot_top1" in metrics:
-        lines.append(
-            f"held-out zero-shot top-1: {100 * metrics['final/zeroshot_top1']:.1f}% "
-            f"(chance {100 * metrics['final/zeroshot_chance']:.1f}%, "
-            f"{int(metrics['final/zeroshot_samples'])} images), top-5: {100 * metrics['final/zeroshot_top5']:.1f}%"
-        )
-    last = next((p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "last_model_path", ""))), "")
-    # "best" only from a callback that ranks by a metric (the periodic one ranks by step)
-    best = next(
-        (
-            p
-            for cb in trainer.checkpoint_callbacks
-            if getattr(cb, "monitor", None) not in (None, "step")
-            and (p := getattr(cb, "best_model_path", ""))
-        ),
-        "",
-    )
-    if last:
-        lines.append(f"checkpoint (last): {last}")
-    if best:
-        lines.append(f"checkpoint (best): {best}")
-    if logger:
-        run_dir = getattr(getattr(logger, "experiment", None), "dir", None) or getattr(
-            logger, "log_dir", None
-        )
-        if not isinstance(
-            run_dir, str | os.PathLike
-        ):  # off rank 0, Lightning's dummy run: every name a no-op
-            run_dir = None
-        wandb = type(logger).__name__ == "WandbLogger"
-        if wandb and run_dir and Path(run_dir).name == "files":
-            run_dir = str(Path(run_dir).parent)  # wandb's run.dir is <run>/files; `wandb sync` takes <run>
-        lines.append(f"logger:            {type(logger).__name__} -> {run_dir}")
-        if wandb and wandb_offline(logger):
-            lines.append(f"                   (offline; upload later with `wandb sync {run_dir}`)")
-    lines.append("=" * 60)
-    return "\n".join(lines)
 
 
 main = hydra_entry("train", train)

@@ -40,7 +40,7 @@ def test_training_callbacks_and_final_eval_agree(compose_cfg, tmp_path):
     # train() reused the callback's result for these weights; an independent evaluation agrees with it,
     # and a result from another step is not reused.
     from clipforge.eval.zeroshot import zero_shot_eval
-    from clipforge.train import final_zero_shot
+    from clipforge.summary import final_zero_shot
 
     dm, model = objects["datamodule"], objects["module"].model.eval()
     fresh = zero_shot_eval(model, dm.zeroshot_classnames, dm.zeroshot_templates, dm.zeroshot_dataloader())

@@ -11,7 +11,7 @@ from clipforge.callbacks.attention import AttentionMapCallback
 from clipforge.callbacks.evaluation import ZeroShotCallback
 from clipforge.eval.metadata import load_templates
 from clipforge.sharding import weights_sharded
-from clipforge.train import final_zero_shot
+from clipforge.summary import final_zero_shot
 
 
 def _trainer(strategy, **kw):

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from clipforge.data import synthetic
-from clipforge.eval import cli
+from clipforge.eval import cli, model_facts
 from clipforge.eval.cli import run_zeroshot
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
@@ -499,7 +499,7 @@ def test_an_image_size_the_model_cannot_take_fails_before_any_image_is_read(tmp_
     with pytest.raises(ValueError, match=r"image_size=48, but the model takes 32x32 images"):
         run_zeroshot(cfg)
     assert not (tmp_path / "out").exists()
-    assert cli.model_image_size(torch.nn.Module(), 40) == 40  # a model that does not say its size
+    assert model_facts.model_image_size(torch.nn.Module(), 40) == 40  # a model that does not say its size
 
 
 def test_a_text_vocabulary_smaller_than_the_tokenizers_is_named(tmp_path, caplog):

@@ -15,7 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from clipforge.checkpoint import build_model, consolidate_checkpoint, load_model, main
+from clipforge.checkpoint import build_model, load_model
+from clipforge.consolidate import consolidate_checkpoint, main
 from clipforge.fault import CorruptCheckpointError, UnsafeCheckpointError, find_latest_checkpoint
 from clipforge.fault.resume import resolve_ckpt_path
 from clipforge.fault.sharded import is_sharded_checkpoint, verify_sharded_checkpoint

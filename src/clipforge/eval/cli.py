@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,13 @@ from clipforge.eval.datasets import collate_skipping, eval_transform, load_image
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import DEFAULT_TEMPLATES, Template, load_classnames, load_templates
+from clipforge.eval.model_facts import (
+    check_vocabulary,
+    model_image_size,
+    record_dataset,
+    render_size,
+    synthetic_holdout,
+)
 from clipforge.eval.report import format_summary, nan_to_none, results_dict, write_json, write_outputs
 from clipforge.eval.retrieval import evaluate_retrieval
 from clipforge.eval.runtime import resolve_device
@@ -77,107 +83,6 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str, dict[str, Any]]:
 
     log.warning("evaluating a randomly initialised model (model=...): expect chance accuracy")
     return build_model(cfg.model), "random init", {}
-
-
-def model_image_size(model: nn.Module, given: int | None = None) -> int:
-    """The model's input size. ``given`` (``image_size=``) serves a model that does not say its own, and
-    must agree with one that does: its position table has one size, and a disagreement failed only at the
-    first batch, asking for a resampling the evaluation cannot do."""
-    visual = getattr(model, "visual", None)
-    size = getattr(visual, "img_size", None) or getattr(visual, "image_size", None)
-    if isinstance(size, Sequence):
-        size = size[0]
-    if not size:
-        if given:
-            return int(given)
-        raise ValueError("cannot tell the model's input size; set image_size=")
-    if given and int(given) != int(size):
-        raise ValueError(
-            f"image_size={given}, but the model takes {size}x{size} images (its position embedding has that "
-            "grid); leave image_size unset (null) to evaluate at the model's size"
-        )
-    return int(size)
-
-
-def check_vocabulary(model: nn.Module, tokenizer_size: int, label: str = "the model") -> None:
-    """The prompts are tokenized with clipforge's tokenizer (open_clip's CLIP BPE, ``tokenizer_size`` ids):
-    a text tower with a smaller vocabulary was trained with another tokenizer (open_clip's SigLIP models
-    take SentencePiece's 32,000 ids), and failed at the first prompt with torch's "index out of range in
-    self", naming neither; that is a ValueError naming both sizes. A larger one is warned about: it may
-    only be padded, or it may read these ids as other tokens (a multilingual SigLIP), scoring nonsense."""
-    vocab = getattr(getattr(model, "text", None), "vocab_size", None)
-    if not isinstance(vocab, int) or vocab == tokenizer_size:
-        return
-    what = f"{label}: its text tower embeds {vocab} token ids, clipforge's tokenizer (CLIP BPE) writes "
-    what += str(tokenizer_size)
-    if vocab < tokenizer_size:
-        raise ValueError(
-            f"{what}: the model was trained with another tokenizer (open_clip's SigLIP models use "
-            "SentencePiece), which clipforge does not have, so it cannot be given prompts here"
-        )
-    log.warning(
-        "%s: unless its vocabulary is CLIP's padded, the model was trained with another tokenizer and "
-        "its scores here are those of other tokens",
-        what,
-    )
-
-
-def render_size(cfg: DictConfig, image_size: int, stored: dict[str, Any]) -> int | None:
-    """The size the synthetic held-out set is drawn at when ``eval.dataset.render_size`` is null: that of the
-    checkpoint's training data (``data.source.image_size`` of ``stored``, the config the checkpoint stores, as
-    :func:`load_eval_model` read it), else the model's input size. A size
-    given that differs from the checkpoint's training data is kept, with a warning naming both. ``None``
-    (keep the node's value) for other data sets and for a size given."""
-    node = cfg.eval.dataset
-    if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
-        return None
-    trained = ((stored.get("data") or {}).get("source") or {}).get("image_size")
-    given = node.get("render_size")
-    if given is None:
-        return int(trained or image_size)
-    if trained is not None and int(given) != int(trained):
-        log.warning(
-            "eval.dataset.render_size=%s, but checkpoint %s was trained on synthetic images drawn at %s px: "
-            "the held-out images are drawn at another scale than training's (render_size=null draws at %s)",
-            given,
-            cfg.checkpoint,
-            trained,
-            trained,
-        )
-    return None
-
-
-def synthetic_holdout(cfg: DictConfig, stored: dict[str, Any]) -> str | None:
-    """The held-out scheme of the synthetic set when ``eval.dataset.holdout`` is null: that of the
-    checkpoint's training data (``data.source.holdout`` of ``stored``). Under ``pairs`` training, 45 of the
-    60 combinations of the default ``tuples`` held-out split were trained on, and were scored as unseen. A
-    scheme given that differs from the checkpoint's is kept, with a warning. ``None`` (keep the node's
-    value) for other data sets and for a scheme given."""
-    node = cfg.eval.dataset
-    if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
-        return None
-    trained = ((stored.get("data") or {}).get("source") or {}).get("holdout")
-    given = node.get("holdout")
-    if given is None:
-        return trained
-    if trained is not None and given != trained:
-        log.warning(
-            "eval.dataset.holdout=%s, but checkpoint %s was trained with data.source.holdout=%s: combinations "
-            "it trained on may be scored as held out (holdout=null takes the checkpoint's)",
-            given,
-            cfg.checkpoint,
-            trained,
-        )
-    return None
-
-
-def _record_render_size(results: dict[str, Any], dataset: Any) -> None:
-    """The size the synthetic set was drawn at and its held-out scheme, in the results' dataset record (its
-    node may say null)."""
-    if isinstance(getattr(dataset, "render_size", None), int):
-        results["dataset"]["render_size"] = dataset.render_size
-    if isinstance(getattr(dataset, "holdout", None), str):
-        results["dataset"]["holdout"] = dataset.holdout
 
 
 def _build_dataset(node: DictConfig, **available: Any) -> Any:
@@ -298,7 +203,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     if res["num_samples"] == 0:
         raise ValueError(f"no readable images were evaluated ({res['num_skipped']} skipped)")
     results = results_dict(res, classnames, templates, model_label, cfg)
-    _record_render_size(results, dataset)
+    record_dataset(results, dataset)
     if rank == 0:
         write_outputs(cfg, results, res)
         print(format_summary(results), flush=True)
@@ -336,7 +241,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         max_samples=rc.get("max_samples"),
     )
     results = {**res, "model": model_label, "dataset": OmegaConf.to_container(cfg.eval.dataset, resolve=True)}
-    _record_render_size(results, dataset)
+    record_dataset(results, dataset)
     if world_info()[0] == 0:
         write_json(cfg, results, "retrieval.json")
         recalls = "  ".join(f"{k} {100 * v:.2f}%" for k, v in res.items() if "_r" in k)

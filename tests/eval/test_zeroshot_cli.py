@@ -274,7 +274,7 @@ def test_synthetic_heldout_is_drawn_at_the_checkpoints_training_size(tmp_path, m
     sizes.clear()
     run_zeroshot(compose_zeroshot(*run, f"output_dir={tmp_path / 'b'}", "eval.dataset.render_size=32"))
     assert set(sizes) == {32}  # a size given is kept, and the disagreement named
-    assert "render_size=32, but checkpoint" in caplog.text and "drawn at 48 px" in caplog.text
+    assert "render_size=32, but checkpoint" in caplog.text and "data.source.image_size=48" in caplog.text
 
 
 def test_synthetic_heldout_takes_the_checkpoints_holdout_scheme(tmp_path, monkeypatch, caplog):

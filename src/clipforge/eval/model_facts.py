@@ -58,53 +58,54 @@ def check_vocabulary(model: nn.Module, tokenizer_size: int, label: str = "the mo
     )
 
 
-def render_size(cfg: DictConfig, image_size: int, stored: dict[str, Any]) -> int | None:
-    """The size the synthetic held-out set is drawn at when ``eval.dataset.render_size`` is null: that of the
-    checkpoint's training data (``data.source.image_size`` of ``stored``, the config the checkpoint stores, as
-    :func:`load_eval_model` read it), else the model's input size. A size
-    given that differs from the checkpoint's training data is kept, with a warning naming both. ``None``
-    (keep the node's value) for other data sets and for a size given."""
+def _from_training(
+    cfg: DictConfig, stored: dict[str, Any], key: str, source_key: str, differs: str
+) -> tuple[bool, Any]:
+    """For the synthetic held-out set, ``eval.dataset.<key>`` null takes the checkpoint's training setting
+    (``data.source.<source_key>`` of ``stored``, the config the checkpoint stores, as :func:`load_eval_model`
+    read it): returns ``(True, that setting or None)``. A value given is kept, with a warning naming both
+    when it differs (``differs`` says what that does to the scores): ``(False, None)``, as for other sets."""
     node = cfg.eval.dataset
     if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
-        return None
-    trained = ((stored.get("data") or {}).get("source") or {}).get("image_size")
-    given = node.get("render_size")
+        return False, None
+    trained = ((stored.get("data") or {}).get("source") or {}).get(source_key)
+    given = node.get(key)
     if given is None:
-        return int(trained or image_size)
-    if trained is not None and int(given) != int(trained):
+        return True, trained
+    if trained is not None and str(given) != str(trained):
         log.warning(
-            "eval.dataset.render_size=%s, but checkpoint %s was trained on synthetic images drawn at %s px: "
-            "the held-out images are drawn at another scale than training's (render_size=null draws at %s)",
+            "eval.dataset.%s=%s, but checkpoint %s was trained with data.source.%s=%s: %s (%s=null takes "
+            "the checkpoint's)",
+            key,
             given,
             cfg.checkpoint,
+            source_key,
             trained,
-            trained,
+            differs,
+            key,
         )
-    return None
+    return False, None
+
+
+def render_size(cfg: DictConfig, image_size: int, stored: dict[str, Any]) -> int | None:
+    """The size the synthetic held-out set is drawn at when ``eval.dataset.render_size`` is null: that of the
+    checkpoint's training data, else the model's input size; ``None`` (keep the node's value) for other
+    data sets and for a size given (see :func:`_from_training`)."""
+    takes, trained = _from_training(
+        cfg, stored, "render_size", "image_size", "the held-out images are drawn at another scale"
+    )
+    return int(trained or image_size) if takes else None
 
 
 def synthetic_holdout(cfg: DictConfig, stored: dict[str, Any]) -> str | None:
     """The held-out scheme of the synthetic set when ``eval.dataset.holdout`` is null: that of the
-    checkpoint's training data (``data.source.holdout`` of ``stored``). Under ``pairs`` training, 45 of the
-    60 combinations of the default ``tuples`` held-out split were trained on, and were scored as unseen. A
-    scheme given that differs from the checkpoint's is kept, with a warning. ``None`` (keep the node's
-    value) for other data sets and for a scheme given."""
-    node = cfg.eval.dataset
-    if not str(node.get("_target_", "")).endswith("SyntheticHeldoutDataset"):
-        return None
-    trained = ((stored.get("data") or {}).get("source") or {}).get("holdout")
-    given = node.get("holdout")
-    if given is None:
-        return trained
-    if trained is not None and given != trained:
-        log.warning(
-            "eval.dataset.holdout=%s, but checkpoint %s was trained with data.source.holdout=%s: combinations "
-            "it trained on may be scored as held out (holdout=null takes the checkpoint's)",
-            given,
-            cfg.checkpoint,
-            trained,
-        )
-    return None
+    checkpoint's training data (under ``pairs`` training, 45 of the 60 combinations of the default
+    ``tuples`` held-out split were trained on, and were scored as unseen); ``None`` (the node's value, or
+    the set's default) otherwise (see :func:`_from_training`)."""
+    takes, trained = _from_training(
+        cfg, stored, "holdout", "holdout", "combinations it trained on may be scored as held out"
+    )
+    return trained if takes else None
 
 
 def record_dataset(results: dict[str, Any], dataset: Any) -> None:

@@ -202,7 +202,11 @@ def test_one_command_dispatches_every_benchmark(capsys) -> None:
     [
         ("step", ["--models", "tiny"], "'tiny': expected conf/model name:batch"),
         ("step", ["--models", "tiny:0"], "'tiny:0': expected conf/model name:batch"),
-        ("step", ["--models", "nope:8"], "unknown model 'nope': conf/model has siglip_b16, tiny"),
+        (
+            "step",
+            ["--models", "nope:8"],
+            "unknown model 'nope': conf/model has siglip_b16, siglip_so400m, tiny",
+        ),
         ("step", ["--models", "tiny:4", "--steps", "0"], "--steps: expected a positive integer"),
         ("step", ["--models", "tiny:4", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
         ("profile", ["--model", "tiny:-1"], "'tiny:-1': expected conf/model name:batch"),

@@ -107,3 +107,16 @@ def test_meta_adds_box_and_referring_expression_after_the_old_keys():
     rng.integers(len(synthetic.CAPTION_TEMPLATES))  # the caption template's draw
     plain = synthetic.draw(*combo, 32, rng)[0]
     assert np.array_equal(np.asarray(plain), np.asarray(s.image))
+
+
+def test_an_unknown_holdout_scheme_is_named_wherever_it_is_given(tmp_path):
+    from clipforge.data.synthetic_shards import SyntheticShards
+    from clipforge.eval.datasets import SyntheticHeldoutDataset
+
+    for make in (
+        lambda: synthetic.heldout_combos("pair"),
+        lambda: SyntheticShards(str(tmp_path), holdout="pair"),
+        lambda: SyntheticHeldoutDataset(holdout="pair"),
+    ):
+        with pytest.raises(ValueError, match=r"holdout must be one of \('tuples', 'pairs'\), got 'pair'"):
+            make()

@@ -69,6 +69,13 @@ HOLDOUTS = ("tuples", "pairs")
 Combo = tuple[str, str, str, str]  # (shape, colour, size, position)
 
 
+def check_holdout(holdout: str) -> str:
+    """``holdout`` if it names a held-out scheme (:data:`HOLDOUTS`), else a ValueError naming them."""
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
+    return holdout
+
+
 def heldout_pairs() -> frozenset[tuple[str, str]]:
     """``holdout="pairs"``: the (shape, colour) pairs that never appear in training, two colours per shape."""
     names = list(COLORS)
@@ -88,11 +95,9 @@ def heldout_combos(holdout: str = "tuples") -> frozenset[Combo]:
     range over at least 10 combinations, of which at most 2 hit one residue, so every pair of attribute
     values keeps at least 8 training tuples.
     """
-    if holdout == "pairs":
+    if check_holdout(holdout) == "pairs":
         held = heldout_pairs()
         return frozenset(t for t in _all_combos() if (t[0], t[1]) in held)
-    if holdout != "tuples":
-        raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
     idx = [{v: i for i, v in enumerate(values)} for values in (SHAPES, COLORS, SIZES, POSITIONS)]
     return frozenset(t for t in _all_combos() if sum(m[v] for m, v in zip(idx, t)) % 8 == 0)
 

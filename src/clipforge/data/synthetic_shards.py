@@ -48,8 +48,7 @@ class SyntheticShards:
     holdout: str = "tuples"
 
     def __post_init__(self) -> None:
-        if self.holdout not in synthetic.HOLDOUTS:
-            raise ValueError(f"holdout must be one of {synthetic.HOLDOUTS}, got {self.holdout!r}")
+        synthetic.check_holdout(self.holdout)
 
     @property
     def folder(self) -> Path:

@@ -227,9 +227,7 @@ class SyntheticHeldoutDataset(Dataset):
     ) -> None:
         from clipforge.data import synthetic
 
-        holdout = holdout or "tuples"
-        if holdout not in synthetic.HOLDOUTS:
-            raise ValueError(f"holdout must be one of {synthetic.HOLDOUTS}, got {holdout!r}")
+        holdout = synthetic.check_holdout(holdout or "tuples")
         if target not in ("label", "caption"):
             raise ValueError(f"target must be 'label' or 'caption', got {target!r}")
         if target == "caption" and tokenizer is None:

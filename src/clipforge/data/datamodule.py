@@ -239,9 +239,9 @@ class WebDataModule(L.LightningDataModule):
         """Samples and shards skipped on this rank, by cause: of the training stream, cumulative over the run
         (resumes included); of an evaluation split (``val``, ``zeroshot``), in its last pass."""
         ds = self._datasets.get(split)
-        if split != "train":
-            return ds.skip_counts() if ds is not None else dict.fromkeys(CAUSES, 0)
         total = ds.skip_counts() if ds is not None else dict.fromkeys(CAUSES, 0)
+        if split != "train":
+            return total
         for cause, n in zip(CAUSES, self.position.skips.carried.tolist()):
             total[cause] += n  # counted before a resume
         if self._decoder is not None:

@@ -447,3 +447,48 @@ def test_a_resume_with_another_schedule_names_it_and_trains_its_first_step_on_it
     newest = max((Path(cfg.paths.output_dir) / "csv").rglob("metrics.csv"), key=lambda f: f.stat().st_mtime)
     lrs = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(newest.open()) if r.get("train/lr")}
     assert lrs[2] == pytest.approx(5e-4 * 3 / 4)  # warmup step 3 of 4, not the checkpoint's full lr
+
+
+def test_the_final_train_loss_is_the_sample_weighted_mean_of_the_last_steps() -> None:
+    """One step's loss is noisy and the last step of an exact epoch can hold two samples (an audit's run
+    ended on ``final train loss: 0.0000``): the summary takes the mean of the last steps, each weighted by
+    its samples, leaving out steps whose loss is not finite."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from clipforge.summary import RecentTrainLoss, summarize
+
+    trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")), world_size=1)
+    recent = RecentTrainLoss(window=3)
+    assert recent.result(trainer) == {}  # no step ran: no figure rather than a made-up one
+    steps = [
+        (9.0, 16),
+        (2.0, 16),
+        (float("nan"), 16),
+        (1.0, 2),
+        (4.0, 8),
+    ]  # the first falls out of the window
+    for loss, n in steps:
+        recent.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, (torch.zeros(n, 3),), 0)
+    res = recent.result(trainer)
+    assert (
+        res["final/train_loss"] == pytest.approx((1.0 * 2 + 4.0 * 8) / 10)
+        and res["final/train_loss_steps"] == 2
+    )
+    text = summarize(
+        {"train/loss": 4.0, **res}, SimpleNamespace(global_step=5, checkpoint_callbacks=[]), None
+    )
+    assert "final train loss:  3.4000 (mean of the last 2 steps)\n" in text
+    with pytest.raises(ValueError, match="window"):
+        RecentTrainLoss(window=0)
+
+
+def test_a_run_reports_the_mean_loss_of_its_last_steps(compose_cfg) -> None:
+    cfg = compose_cfg("trainer.max_steps=6", *SMALL)
+    metrics, _ = train(cfg)
+    with (Path(cfg.paths.output_dir) / "csv" / "version_0" / "metrics.csv").open(newline="") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 6  # every batch of this run holds 16 samples
+    assert metrics["final/train_loss"] == pytest.approx(sum(losses) / 6, rel=1e-6)
+    assert metrics["final/train_loss_steps"] == 6

@@ -1,20 +1,61 @@
 """What a training run reports when it ends: the held-out zero-shot evaluation of the final weights (CLIP's
-zero-shot protocol, Radford et al., 2021), what the data skipped, and the summary ``clipforge-train``
-prints (loss, checkpoints, where the logger wrote)."""
+zero-shot protocol, Radford et al., 2021), the training loss of the last steps, what the data skipped, and
+the summary ``clipforge-train`` prints (loss, checkpoints, where the logger wrote)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from clipforge.loggers import wandb_offline
 
 log = logging.getLogger(__name__)
+
+FINAL_LOSS_WINDOW = 50
+
+
+class RecentTrainLoss(Callback):
+    """The training loss of the last ``window`` steps, each weighted by its samples: what the summary calls
+    the final train loss. One step's loss is noisy, and the last step of an exact epoch may hold a handful
+    of samples (a run once ended on a 2-sample batch at loss 0.0000). Losses stay on the device until the
+    end (no host sync per step); non-finite ones (steps the divergence guard skipped) are left out."""
+
+    def __init__(self, window: int = FINAL_LOSS_WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self._recent: deque[tuple[torch.Tensor, int]] = deque(maxlen=window)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and loss.numel() == 1:
+            self._recent.append((loss.detach().float().reshape(()), int(batch[0].shape[0])))
+
+    def result(self, trainer: L.Trainer) -> dict[str, float]:
+        """``final/train_loss`` (the weighted mean over all ranks) and ``final/train_loss_steps``; empty
+        when no step ran. Every rank must call it: under DDP the sums are reduced across ranks."""
+        if not self._recent:
+            return {}
+        losses = torch.stack([loss for loss, _ in self._recent])
+        sizes = torch.tensor([n for _, n in self._recent], dtype=torch.float32, device=losses.device)
+        finite = torch.isfinite(losses)
+        sums = torch.stack(
+            [torch.where(finite, losses * sizes, 0.0).sum(), (sizes * finite).sum(), finite.sum().float()]
+        )
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        if sums[1] == 0:
+            return {}
+        steps = round(float(sums[2]) / trainer.world_size)
+        return {"final/train_loss": float(sums[0] / sums[1]), "final/train_loss_steps": float(steps)}
 
 
 def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
@@ -91,8 +132,12 @@ def summarize(
         label = "data skipped:" if split == "train" else f"{split} skipped:"
         last = "" if split == "train" else " (its last pass)"
         lines.append(f"{label:<19}" + ", ".join(f"{cause}={n}" for cause, n in counts.items()) + last)
-    if "train/loss" in metrics:
-        lines.append(f"final train loss:  {metrics['train/loss']:.4f}")
+    if "final/train_loss" in metrics:
+        steps = int(metrics["final/train_loss_steps"])
+        mean = f"mean of the last {steps} steps" if steps > 1 else "its last step"
+        lines.append(f"final train loss:  {metrics['final/train_loss']:.4f} ({mean})")
+    elif "train/loss" in metrics:
+        lines.append(f"final train loss:  {metrics['train/loss']:.4f} (its last step)")
     if "val/loss" in metrics:
         lines.append(f"held-out val loss: {metrics['val/loss']:.4f}")
     if "final/zeroshot_top1" in metrics:

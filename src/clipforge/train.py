@@ -36,7 +36,7 @@ from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger
 from clipforge.models.convert.resize import PositionTableError
 from clipforge.module import ContrastiveModule
 from clipforge.optim import check_optimization
-from clipforge.summary import data_skips, final_zero_shot, summarize
+from clipforge.summary import RecentTrainLoss, data_skips, final_zero_shot, summarize
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         model, loss, instantiate(cfg.optimizer), scheduler, config=config, **siglip2_parts(cfg)
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    recent_loss = RecentTrainLoss()  # the summary's final train loss, whatever the callbacks config says
     extra: dict[str, Any] = {}
     if not getattr(datamodule, "has_validation", True):
         # No held-out pairs (e.g. data=wds without val_urls): no validation loop, and no "best by
@@ -212,7 +213,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     logger = instantiate_logger(cfg.get("logger"), ckpt_path, out_dir)  # a resume logs where the run did
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()], **extra
+        cfg.trainer,
+        callbacks=[*callbacks, recent_loss],
+        logger=logger,
+        plugins=[AtomicCheckpointIO()],
+        **extra,
     )
     if logger:
         logger.log_hyperparams(config)
@@ -247,6 +252,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
+    metrics.update(recent_loss.result(trainer))
     if cfg.get("final_eval", True) and not stop_requested(callbacks, trainer):
         metrics.update(final_zero_shot(module.model, datamodule, trainer))
     summary = summarize(metrics, trainer, logger, data_skips(datamodule))

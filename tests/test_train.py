@@ -252,6 +252,77 @@ def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path, caplog) 
     assert f"resuming from {last} restores the weights" in caplog.text and "init_from=" in caplog.text
 
 
+def test_init_from_names_the_settings_that_change_what_the_loaded_weights_compute(
+    compose_cfg, tmp_path: Path, caplog
+) -> None:
+    """An open_clip import of OpenAI weights has QuickGELU; under the default model config its weights
+    loaded without a word into GELU layers (and here another LayerNorm eps): another function from step 0. Settings
+    a fine-tune may change on purpose (image size, drop path, attention kernel, init) are not named."""
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model, checkpoint_dict
+
+    cfg = compose_cfg("model.vision.block.act=quick_gelu", "model.vision.block.norm_eps=1e-6", *FAST)
+    source = build_model(cfg.model, cfg.loss)
+    (tmp_path / "imported").mkdir()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.save(
+        checkpoint_dict(source.state_dict(), {"model": model_cfg}), tmp_path / "imported" / "model.ckpt"
+    )
+    chosen = ("model.vision.block.drop_path_rate=0.1", "+model.vision.block.fused_attn=false")
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        train(compose_cfg("trainer.max_steps=1", f"init_from={tmp_path / 'imported'}", *chosen, *FAST))
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "model.vision.block.act: checkpoint 'quick_gelu', config 'gelu'" in warned, warned
+    assert "model.vision.block.norm_eps: checkpoint 1e-06, config 1e-05" in warned
+    assert "drop_path_rate" not in warned and "fused_attn" not in warned
+    assert "model.yaml" in warned  # how to train the checkpoint's own architecture
+    # with the checkpoint's own settings (what the README's recipe gives): not a word
+    caplog.clear()
+    same = ("model.vision.block.act=quick_gelu", "model.vision.block.norm_eps=1e-6", *chosen)
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        train(compose_cfg("trainer.max_steps=1", f"init_from={tmp_path / 'imported'}", *same, *FAST))
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "init_from" in r.getMessage()]
+
+
+def test_the_readmes_recipe_trains_an_imported_architecture(compose_cfg, tmp_path: Path, caplog) -> None:
+    """README "Fine-tuning an imported model": the import's model.yaml, copied into the user's config
+    folder, is a model option; with it init_from loads the weights into the very same layers."""
+    import shutil
+
+    from clipforge.conf import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from clipforge.convert_cli import main as convert
+
+    convert(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
+    convert(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "imported")])
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    shutil.copy(tmp_path / "imported" / "model.yaml", tmp_path / "my_conf" / "model" / "imported.yaml")
+    overrides = [
+        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",  # what --config-dir my_conf adds
+        "model=imported",
+        f"init_from={tmp_path / 'imported'}",
+        "model.vision.block.act=quick_gelu",  # and then a setting that changes what the weights compute
+        "trainer.max_steps=1",
+        *FAST,
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+        recipe = compose(config_name="train", overrides=[o for o in overrides if "act=" not in o])
+    for c in (cfg, recipe):
+        with open_dict(c):
+            c.paths.output_dir, c.paths.data_dir = str(tmp_path / "out"), compose_cfg().paths.data_dir
+    assert recipe.model.text.context_length == 20 and recipe.model.vision.block.norm_eps == 1e-5
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        train(recipe)
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "init_from" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        train(cfg)
+    assert "model.vision.block.act: checkpoint 'gelu', config 'quick_gelu'" in caplog.text
+
+
 def test_wds_run_without_validation_set_skips_val_and_best_checkpoint(compose_cfg) -> None:
     from hydra.utils import instantiate
 

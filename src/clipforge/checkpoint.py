@@ -176,23 +176,39 @@ def checkpoint_entry(path: str | Path, key: str) -> Any:
     return safe_torch_load(_checkpoint_file(path, kind), mmap=True).get(key)
 
 
-def config_differences(stored: Any, current: Any, prefix: str) -> list[str]:
+# Model settings a fine-tune from another run's weights may change on purpose: they leave what the loaded
+# weights compute as it was (image size and context: the position tables are resampled; the attention
+# kernel; regularisers; the init the loaded weights replace).
+FINE_TUNE_CHOICES = frozenset(
+    {"img_size", "context_length", "fused_attn", "drop_path_rate", "patch_dropout", "weight_init"}
+    | {"init_logit_scale", "init_logit_bias"}
+)
+
+
+def config_differences(stored: Any, current: Any, prefix: str, both_sides: bool = False) -> list[str]:
     """``"prefix.key: checkpoint X, config Y"`` for every setting that differs between two config nodes
-    (nested mappings compared key by key; a setting one side lacks shows as ``(none)``)."""
+    (nested mappings compared key by key; a setting one side lacks shows as ``(none)``, or with
+    ``both_sides`` is passed over: an older checkpoint's config may lack a setting added since)."""
     if isinstance(stored, Mapping) and isinstance(current, Mapping):
         out = []
-        for key in sorted(set(stored) | set(current), key=str):
+        keys = set(stored) & set(current) if both_sides else set(stored) | set(current)
+        for key in sorted(keys, key=str):
             out += config_differences(
-                stored.get(key, "(none)"), current.get(key, "(none)"), f"{prefix}.{key}"
+                stored.get(key, "(none)"), current.get(key, "(none)"), f"{prefix}.{key}", both_sides
             )
         return out
     return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, config {current!r}"]
 
 
-def model_differences(path: str | Path, model_cfg: Any, loss_cfg: Any | None = None) -> list[str]:
+def model_differences(
+    path: str | Path, model_cfg: Any, loss_cfg: Any | None = None, function_only: bool = False
+) -> list[str]:
     """How the model config ``model_cfg`` differs from the one checkpoint ``path`` was trained with (an
     empty list when the checkpoint stores no config); with ``loss_cfg``, also the loss class, which decides
-    whether the model has a SigLIP ``logit_bias`` (see :func:`build_model`)."""
+    whether the model has a SigLIP ``logit_bias`` (see :func:`build_model`). ``function_only``: only the
+    settings that change what weights loaded from ``path`` compute (activation, LayerNorm eps, pooling,
+    masking, the logit cap), leaving out :data:`FINE_TUNE_CHOICES` and settings the checkpoint's config
+    does not record."""
     from omegaconf import DictConfig, OmegaConf
 
     stored_cfg = checkpoint_config(path) or {}
@@ -202,7 +218,9 @@ def model_differences(path: str | Path, model_cfg: Any, loss_cfg: Any | None = N
     current = (
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
-    changed = config_differences(stored, current, "model")
+    changed = config_differences(stored, current, "model", both_sides=function_only)
+    if function_only:
+        changed = [d for d in changed if d.split(":", 1)[0].rsplit(".", 1)[-1] not in FINE_TUNE_CHOICES]
     stored_loss = (stored_cfg.get("loss") or {}).get("_target_")
     if loss_cfg is not None and stored_loss is not None:
         changed += config_differences(stored_loss, loss_cfg.get("_target_"), "loss._target_")

@@ -174,6 +174,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "start fresh",
             cfg.init_from,
         )
+        differ = model_differences(cfg.init_from, cfg.model, cfg.loss, function_only=True)
+        if differ:  # the weights load, but into layers that compute otherwise: say so, and how to match
+            log.warning(
+                "init_from=%s: its weights load, but this config builds a model that computes otherwise than "
+                "the one they were trained in: %s. To go on from the checkpoint's own architecture, give its "
+                "model settings (for a clipforge-convert import folder: copy its model.yaml to "
+                "my_conf/model/NAME.yaml and add --config-dir my_conf model=NAME)",
+                cfg.init_from,
+                "; ".join(differ),
+            )
     # read once from the checkpoint's stored config: warned about here, named again if the weights do not load
     changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
     if changed:

@@ -32,9 +32,30 @@ def test_both_trainers_train_and_are_scored_by_one_evaluator(tmp_path: Path, cap
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["recipe"]["batch_size"] == 64
     assert "| synthetic | open_clip | siglip | 1 |" in capsys.readouterr().out
+    assert (tmp_path / "learning.png").stat().st_size > 0  # the same table, as a picture
     # a second call reuses the finished runs instead of training again
     again = main(argv)
     assert [r.train_s for r in again] == [r.train_s for r in results]
+
+
+def test_the_learning_picture_shows_each_trainers_mean_and_every_seed() -> None:
+    from clipforge.bench.learning import RunResult
+    from clipforge.bench.learning_plot import learning_figure
+
+    def run(trainer: str, loss: str, seed: int, top1: float, data: str = "synthetic") -> RunResult:
+        return RunResult(trainer, loss, seed, data, 300, top1, 1.0, 1000, 1.0)
+
+    results = [run("open_clip", "clip", s, t) for s, t in enumerate((0.4, 0.5, 0.6))]
+    results += [run("clipforge", "clip", s, t) for s, t in enumerate((0.7, 0.8, 0.9))]
+    results += [run("clipforge", "siglip", 0, 0.3), run("open_clip", "clip", 0, 0.97, data="digits")]
+    fig = learning_figure(results, chance={"synthetic": 1 / 6, "digits": 0.1})
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["digits", "synthetic"]
+    heights = sorted(round(b.get_height(), 6) for b in axes[1].patches)
+    assert heights == [30.0, 50.0, 80.0]  # one bar a (trainer, loss): the mean over seeds, in %
+    seeds = sorted(round(y, 6) for c in axes[1].collections for _, y in c.get_offsets())
+    assert seeds == [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]  # and a dot a seed
+    assert any(round(line.get_ydata()[0], 4) == 16.6667 for line in axes[1].get_lines())  # chance
 
 
 @pytest.mark.slow

@@ -324,4 +324,9 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             f.write(line + "\n")
             print(line)
     print(summarize(results), flush=True)
+    from clipforge.bench.learning_plot import learning_figure
+
+    picture = learning_figure(results, {data.name: 1 / len(data.classnames)})
+    picture.savefig(out / "learning.png")
+    print(f"[learning] picture: {out / 'learning.png'}", flush=True)
     return results

@@ -530,7 +530,10 @@ def test_the_final_train_loss_is_the_sample_weighted_mean_of_the_last_steps() ->
 
     from clipforge.summary import RecentTrainLoss, summarize
 
-    trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")), world_size=1)
+    trainer = SimpleNamespace(
+        strategy=SingleDeviceStrategy(torch.device("cpu")), world_size=1, accumulate_grad_batches=1
+    )
+    module = SimpleNamespace(automatic_optimization=True)
     recent = RecentTrainLoss(window=3)
     assert recent.result(trainer) == {}  # no step ran: no figure rather than a made-up one
     steps = [
@@ -541,25 +544,45 @@ def test_the_final_train_loss_is_the_sample_weighted_mean_of_the_last_steps() ->
         (4.0, 8),
     ]  # the first falls out of the window
     for loss, n in steps:
-        recent.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, (torch.zeros(n, 3),), 0)
+        recent.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss)}, (torch.zeros(n, 3),), 0)
     res = recent.result(trainer)
     assert (
         res["final/train_loss"] == pytest.approx((1.0 * 2 + 4.0 * 8) / 10)
-        and res["final/train_loss_steps"] == 2
+        and res["final/train_loss_batches"] == 2
     )
     text = summarize(
         {"train/loss": 4.0, **res}, SimpleNamespace(global_step=5, checkpoint_callbacks=[]), None
     )
-    assert "final train loss:  3.4000 (mean of the last 2 steps)\n" in text
+    assert "final train loss:  3.4000 (mean of the last 2 batches)\n" in text
     with pytest.raises(ValueError, match="window"):
         RecentTrainLoss(window=0)
 
 
-def test_a_run_reports_the_mean_loss_of_its_last_steps(compose_cfg) -> None:
-    cfg = compose_cfg("trainer.max_steps=6", *SMALL)
+@pytest.mark.parametrize(
+    ("setting", "accumulate"),
+    [
+        ("trainer.accumulate_grad_batches=1", 1),
+        ("trainer.accumulate_grad_batches=2", 2),
+        ("module.accum_freq=2", 1),
+    ],
+)
+def test_a_run_reports_the_mean_loss_of_its_last_batches(
+    compose_cfg, monkeypatch, setting, accumulate
+) -> None:
+    # under trainer.accumulate_grad_batches Lightning hands callbacks each batch's loss divided by it;
+    # module.accum_freq (feature caching: manual optimization) splits each batch and reports its whole loss
+    from clipforge.module import ContrastiveModule
+
+    seen, step = [], ContrastiveModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        out = step(self, batch, batch_idx)
+        seen.append(float(out["loss"]))
+        return out
+
+    monkeypatch.setattr(ContrastiveModule, "training_step", training_step)
+    cfg = compose_cfg("trainer.max_steps=3", ("+" if setting.startswith("trainer") else "") + setting, *SMALL)
     metrics, _ = train(cfg)
-    with (Path(cfg.paths.output_dir) / "csv" / "version_0" / "metrics.csv").open(newline="") as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert len(losses) == 6  # every batch of this run holds 16 samples
-    assert metrics["final/train_loss"] == pytest.approx(sum(losses) / 6, rel=1e-6)
-    assert metrics["final/train_loss_steps"] == 6
+    assert len(seen) == 3 * accumulate  # every batch of this run holds 16 samples
+    assert metrics["final/train_loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
+    assert metrics["final/train_loss_batches"] == 3 * accumulate

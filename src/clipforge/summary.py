@@ -22,10 +22,12 @@ FINAL_LOSS_WINDOW = 50
 
 
 class RecentTrainLoss(Callback):
-    """The training loss of the last ``window`` steps, each weighted by its samples: what the summary calls
-    the final train loss. One step's loss is noisy, and the last step of an exact epoch may hold a handful
-    of samples (a run once ended on a 2-sample batch at loss 0.0000). Losses stay on the device until the
-    end (no host sync per step); non-finite ones (steps the divergence guard skipped) are left out."""
+    """The training loss of the last ``window`` batches, each weighted by its samples: what the summary
+    calls the final train loss. One batch's loss is noisy, and the last batch of an exact epoch may hold a
+    handful of samples (a run once ended on a 2-sample batch at loss 0.0000). Losses stay on the device
+    until the end (no host sync per step); non-finite ones (steps the divergence guard skipped) are left
+    out. Under ``trainer.accumulate_grad_batches`` each batch counts (Lightning hands callbacks its loss
+    divided by the accumulation, undone here)."""
 
     def __init__(self, window: int = FINAL_LOSS_WINDOW) -> None:
         if window < 1:
@@ -38,10 +40,12 @@ class RecentTrainLoss(Callback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and loss.numel() == 1:
+            if pl_module.automatic_optimization:  # Lightning's closure divided it by the accumulation
+                loss = loss * trainer.accumulate_grad_batches
             self._recent.append((loss.detach().float().reshape(()), int(batch[0].shape[0])))
 
     def result(self, trainer: L.Trainer) -> dict[str, float]:
-        """``final/train_loss`` (the weighted mean over all ranks) and ``final/train_loss_steps``; empty
+        """``final/train_loss`` (the weighted mean over all ranks) and ``final/train_loss_batches``; empty
         when no step ran. Every rank must call it: under DDP the sums are reduced across ranks."""
         if not self._recent:
             return {}
@@ -54,8 +58,8 @@ class RecentTrainLoss(Callback):
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         if sums[1] == 0:
             return {}
-        steps = round(float(sums[2]) / trainer.world_size)
-        return {"final/train_loss": float(sums[0] / sums[1]), "final/train_loss_steps": float(steps)}
+        batches = round(float(sums[2]) / trainer.world_size)
+        return {"final/train_loss": float(sums[0] / sums[1]), "final/train_loss_batches": float(batches)}
 
 
 def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
@@ -133,11 +137,11 @@ def summarize(
         last = "" if split == "train" else " (its last pass)"
         lines.append(f"{label:<19}" + ", ".join(f"{cause}={n}" for cause, n in counts.items()) + last)
     if "final/train_loss" in metrics:
-        steps = int(metrics["final/train_loss_steps"])
-        mean = f"mean of the last {steps} steps" if steps > 1 else "its last step"
+        batches = int(metrics["final/train_loss_batches"])
+        mean = f"mean of the last {batches} batches" if batches > 1 else "its last batch"
         lines.append(f"final train loss:  {metrics['final/train_loss']:.4f} ({mean})")
     elif "train/loss" in metrics:
-        lines.append(f"final train loss:  {metrics['train/loss']:.4f} (its last step)")
+        lines.append(f"final train loss:  {metrics['train/loss']:.4f} (its last batch)")
     if "val/loss" in metrics:
         lines.append(f"held-out val loss: {metrics['val/loss']:.4f}")
     if "final/zeroshot_top1" in metrics:

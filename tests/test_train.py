@@ -106,6 +106,29 @@ def test_init_from_another_architecture_names_the_settings_not_only_the_position
         train(compose_cfg("trainer.max_steps=1", f"init_from={ckpt}", *FAST))
 
 
+def test_a_mismatch_names_the_settings_both_sides_set_before_those_one_side_lacks(
+    compose_cfg, tmp_path
+) -> None:
+    """An import's model.yaml spells out every setting (``fused_attn``, ``init_values``, ...) where a
+    conf/model file leaves most at their defaults: the width that made the weights not fit came after a
+    dozen "config '(none)'" entries. The differences both configs state come first."""
+    from omegaconf import OmegaConf
+
+    from clipforge.checkpoint import build_model, checkpoint_dict
+
+    cfg = compose_cfg("trainer.max_steps=1", *FAST)
+    other = OmegaConf.to_container(cfg.model, resolve=True)
+    other["vision"]["embed_dim"], other["vision"]["block"]["fused_attn"] = 64, True
+    other["vision"]["num_heads"] = 2
+    ckpt = tmp_path / "other.ckpt"
+    torch.save(checkpoint_dict(build_model(other, cfg.loss).state_dict(), {"model": other}), ckpt)
+    with pytest.raises(ValueError) as err:
+        train(compose_cfg("trainer.max_steps=1", f"init_from={ckpt}", *FAST))
+    why = str(err.value).split("(", 1)[1]
+    assert why.startswith("model.vision.embed_dim: checkpoint 64, config 96; model.vision.num_heads"), why
+    assert "set in one config only: model.vision.block.fused_attn: checkpoint True, config '(none)'" in why
+
+
 def test_a_checkpoint_of_the_other_loss_is_named_by_its_loss(compose_cfg) -> None:
     """A SigLIP checkpoint has a logit_bias that a CLIP config's model lacks: the error names the losses,
     where it said "no model setting differs" (the model nodes are equal, the loss adds the bias)."""

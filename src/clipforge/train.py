@@ -289,8 +289,13 @@ def stop_requested(callbacks: list[Any], trainer: L.Trainer) -> bool:
 
 
 def _model_mismatch(key: str, path: str | Path, changed: list[str], error: Exception) -> ValueError:
-    """The checkpoint's weights do not fit the configured model: name the settings that differ."""
-    why = "; ".join(changed) if changed else "no setting differs (the checkpoint's keys do not match)"
+    """The checkpoint's weights do not fit the configured model: name the settings that differ, those both
+    configs state first (one config may spell out settings the other leaves at their defaults)."""
+    one_sided = [d for d in changed if "'(none)'" in d]  # config_differences' mark of a missing setting
+    why = "; ".join(d for d in changed if d not in one_sided)
+    if one_sided:
+        why += ("; " if why else "") + "set in one config only: " + "; ".join(one_sided)
+    why = why or "no setting differs (the checkpoint's keys do not match)"
     return ValueError(
         f"{key}={path}: its weights do not fit the model this config builds ({why}). Use the checkpoint's "
         f"settings{'' if key == 'init_from' else ', or start from its weights with init_from='}. "

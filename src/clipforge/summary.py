@@ -1,5 +1,5 @@
 """What a training run reports when it ends: the held-out zero-shot evaluation of the final weights (CLIP's
-zero-shot protocol, Radford et al., 2021), the training loss of the last steps, what the data skipped, and
+zero-shot protocol, Radford et al., 2021), the training loss of the last batches, what the data skipped, and
 the summary ``clipforge-train`` prints (loss, checkpoints, where the logger wrote)."""
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ class RecentTrainLoss(Callback):
     def result(self, trainer: L.Trainer) -> dict[str, float]:
         """``final/train_loss`` (the weighted mean over all ranks) and ``final/train_loss_batches``; empty
         when no step ran. Every rank must call it: under DDP the sums are reduced across ranks."""
-        if not self._recent:
-            return {}
-        losses = torch.stack([loss for loss, _ in self._recent])
+        device = trainer.strategy.root_device
+        losses = (
+            torch.stack([loss for loss, _ in self._recent]) if self._recent else torch.zeros(0, device=device)
+        )
         sizes = torch.tensor([n for _, n in self._recent], dtype=torch.float32, device=losses.device)
         finite = torch.isfinite(losses)
         sums = torch.stack(
             [torch.where(finite, losses * sizes, 0.0).sum(), (sizes * finite).sum(), finite.sum().float()]
         )
-        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")  # on every rank, none returning before it
         if sums[1] == 0:
             return {}
         batches = round(float(sums[2]) / trainer.world_size)

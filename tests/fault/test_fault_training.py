@@ -237,6 +237,16 @@ def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(
     assert not [w for w in recwarn if "pre-optimization state" in str(w.message)]
 
 
+def test_a_resumed_run_keeps_only_the_keep_last_newest_periodic_checkpoints(run_cfg, tmp_path: Path) -> None:
+    # Lightning never deletes the file a run resumed from, so each ckpt_path=auto restart (a node lost,
+    # a job requeued) left one full checkpoint behind beyond keep_last=2.
+    train(run_cfg(tmp_path, "trainer.max_steps=5"))  # periodic-step3, periodic-step5 (the final save)
+    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))  # saves at 6, 9 and 10
+    assert Path(objs["trainer"].ckpt_path).name == "periodic-step0000005.ckpt"
+    periodic = sorted(p.name for p in (tmp_path / "checkpoints").glob("periodic-*.ckpt"))
+    assert periodic == ["periodic-step0000009.ckpt", "periodic-step0000010.ckpt"]
+
+
 # Lightning's own accumulation (trainer.accumulate_grad_batches): a step spans two batches. A checkpoint
 # written after the first counted it as trained but held none of its gradients, so the resumed run took
 # that step on the second batch alone.

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clipforge.callbacks.schedule import StepClock
@@ -125,6 +126,16 @@ class PeriodicCheckpoint(StepClock, ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        """Lightning's rule without its one exception: the file this run resumed from goes too once
+        ``keep_last`` newer ones exist. It is one of this rotation's (only files under ``dirpath`` are
+        tracked), and keeping it for good left one more full checkpoint behind at every restart of a
+        preemptible run (``ckpt_path=auto`` after each lost node or requeue)."""
+        if previous == current:
+            return False
+        dirpath = Path(self.dirpath or "").absolute()
+        return not _is_local_file_protocol(previous) or dirpath in Path(previous).absolute().parents
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:

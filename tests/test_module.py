@@ -215,6 +215,23 @@ def test_ddp_feature_cache_equals_one_full_batch_process() -> None:
         torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_the_logged_train_loss_under_ddp_is_the_full_batch_loss(loss: str) -> None:
+    """Each rank's loss is its share of the full-batch loss times W (the losses' DDP convention); what is
+    logged, shown and summed up as "final train loss" was rank 0's share alone, not the batch's loss."""
+    ref = make_module(loss)
+    fit(ref)
+    module = make_module(loss).double()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=STEPS, precision="64-true",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=RoundRobin())  # rank 0's callback_metrics come back to this process
+    want = float(ref.trainer.callback_metrics["train/loss"])
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(want, rel=1e-9)
+
+
 def test_logged_learning_rate_is_the_steps_own_in_both_modes() -> None:
     class RecordLr(L.Callback):
         def __init__(self) -> None:

@@ -169,7 +169,7 @@ class ContrastiveModule(L.LightningModule):
         img, txt = visual.forward_head(image_tokens), self.model.encode_text(tokens)
         scale, bias = self.logit_scale_and_bias()
         contrastive = self.contrastive_loss(img, txt, scale, bias)
-        self.log("train/contrastive_loss", contrastive.detach(), batch_size=B)
+        self.log("train/contrastive_loss", contrastive.detach(), batch_size=B, sync_dist=True)
         inputs = ObjectiveBatch(images, tokens, image_tokens, extras=_batch_extras(batch))
         loss, step, total = contrastive, self.trainer.global_step, self.total_steps()
         self._inactive = []
@@ -184,7 +184,7 @@ class ContrastiveModule(L.LightningModule):
                 Teacher(self.ema["model"], self.ema["objectives"][name]) if objective.needs_teacher else None
             )
             value = objective(inputs, self.model, teacher)
-            self.log(f"train/{name}_loss", value.detach(), batch_size=B)
+            self.log(f"train/{name}_loss", value.detach(), batch_size=B, sync_dist=True)
             loss = loss + objective.weight * value
         cached = CachedStep(loss.detach(), img.detach(), txt.detach(), scale.detach(), _detach(bias))
         return {"loss": loss, **self._log_train(cached, lr, batch_size=B)}
@@ -234,7 +234,9 @@ class ContrastiveModule(L.LightningModule):
     def _log_train(self, step: CachedStep, lr: float, batch_size: int) -> dict[str, Tensor | None]:
         """Log the step (tensors only: no host sync here) and return the normalised features for callbacks."""
         log = {"batch_size": batch_size}
-        self.log("train/loss", step.loss, prog_bar=True, **log)
+        # Under DDP a rank's loss is its share of the full-batch loss times W (clipforge.losses): the mean
+        # over ranks is the batch's loss, where rank 0's value alone is not (one small all-reduce per step).
+        self.log("train/loss", step.loss, prog_bar=True, sync_dist=True, **log)
         self.log("train/logit_scale", step.logit_scale, **log)
         if step.logit_bias is not None:
             self.log("train/logit_bias", step.logit_bias, **log)

@@ -3,6 +3,9 @@
 import collections
 import json
 import logging
+import multiprocessing
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -237,6 +240,40 @@ def test_dataloader_with_two_workers_sees_every_sample_once(shards):
     batches = list(loader)
     assert len(batches) == len(loader) == dm.steps_per_epoch == 12
     assert sorted(sample_ids([k for b in batches for k in b[2]])) == list(range(sum(SIZES)))
+
+
+def test_a_sigterm_to_every_process_of_the_job_leaves_the_workers_running(shards):
+    """SLURM (scancel, the time limit), ``timeout`` and ``kill -- -PGID`` signal every process of the job,
+    the DataLoader workers too. torch's workers died of SIGTERM at once, so the training process failed with
+    "DataLoader worker ... is killed by signal: Terminated" instead of finishing its step and saving
+    (callbacks.preemption); the training process decides, and then shuts its workers down itself."""
+    dm = data_module(shards, 8, 2)
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    seen = [i for _ in range(2) for i in sample_ids(next(batches)[2])]  # one batch from each worker
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)  # from outside
+    seen += [i for b in batches for i in sample_ids(b[2])]
+    assert sorted(seen) == list(range(sum(SIZES)))
+    assert not multiprocessing.active_children()  # the epoch's end still stopped them
+
+
+def test_a_process_with_persistent_workers_still_exits(shards):
+    """At exit, ``multiprocessing`` stops a persistent loader's workers with SIGTERM from their parent: that
+    one must end them, or the process waits for them for ever (a worker that let every first SIGTERM pass
+    hung every run with persistent workers, data=wds's default, after its summary)."""
+    script = (
+        "from clipforge.data.config import Augment, Stream\n"
+        "from clipforge.data.datamodule import WebDataModule\n"
+        f"dm = WebDataModule({shards!r}, batch_size=8, num_workers=2, context_length=8, "
+        "augment=Augment(image_size=16), stream=Stream(persistent_workers=True))\n"
+        "dm.setup('fit')\n"
+        "batches = iter(dm.train_dataloader())\n"
+        "next(batches), next(batches)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_pattern_matching_nothing_fails_at_once_naming_it(tmp_path):

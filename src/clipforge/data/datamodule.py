@@ -13,6 +13,9 @@ key ``WebDataModule``) and restores it with ``load_state_dict``.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -193,6 +196,7 @@ class WebDataModule(L.LightningDataModule):
             kwargs |= {
                 "persistent_workers": self.stream.persistent_workers,
                 "prefetch_factor": self.stream.prefetch_factor,
+                "worker_init_fn": leave_outside_sigterms_to_the_trainer,
             }
         return DataLoader(ds, **kwargs)
 
@@ -328,3 +332,22 @@ def _take(x: object, source: torch.Tensor, rows: list[int]) -> object:
     if isinstance(x, list | tuple):
         return [x[i] for i in rows]
     return x
+
+
+def leave_outside_sigterms_to_the_trainer(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ends on a SIGTERM from its training process only. SLURM
+    (scancel, the time limit), ``timeout`` and ``kill -- -PGID`` signal every process of a job, and torch's
+    workers died of it at once, so the training process, which got the same signal to finish its step and
+    save (callbacks.preemption), failed instead with "DataLoader worker ... is killed by signal: Terminated".
+    The training process stops its workers itself once saved. A SIGTERM it sends (the loader's ``terminate``,
+    ``multiprocessing``'s at exit) ends the worker as torch's own handler does; a worker whose training
+    process is gone ends on its own (torch's watchdog). Python handlers do not see the sender, so SIGTERM is
+    blocked and a thread waits for it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_await_sigterm, args=(os.getppid(),), name="sigterm", daemon=True).start()
+
+
+def _await_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # from outside the training process, which got it too and decides
+    os._exit(0)  # as torch's worker handler answers its parent's SIGTERM

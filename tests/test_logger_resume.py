@@ -71,3 +71,17 @@ def test_a_resume_that_cannot_continue_the_csv_version_says_where_the_metrics_go
         1,
         2,
     ]
+
+
+@pytest.mark.parametrize("logger", ["none", "wandb"])
+def test_a_resume_of_a_run_that_logged_no_csv_says_so(compose_cfg, caplog, logger: str) -> None:
+    # Such a checkpoint names no CSV version either; the message blamed its age ("a checkpoint from before it
+    # did"), which sent the user looking for a version problem.
+    cfg = compose_cfg("trainer.max_steps=3", *RUN, f"logger={logger}")
+    train(cfg)
+    last = (Path(cfg.paths.output_dir) / "last.ckpt").resolve()
+    with caplog.at_level("INFO", logger="clipforge.loggers"):
+        train(compose_cfg("trainer.max_steps=4", f"ckpt_path={last}", *RUN))
+    assert "before it did" not in caplog.text
+    said = "logged to no CSV file (logger: none)" if logger == "none" else "logged to W&B, not to a CSV file"
+    assert f"{last} {said}" in caplog.text

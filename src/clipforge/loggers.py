@@ -97,7 +97,7 @@ def csv_logger(cfg: DictConfig, resume_from: str | Path | None, run_dir: str | P
     and a line saying where this run's metrics go."""
     from hydra.utils import instantiate
 
-    from clipforge.checkpoint import LOGGER_VERSION_KEY, checkpoint_entry
+    from clipforge.checkpoint import CONFIG_KEY, LOGGER_VERSION_KEY, checkpoint_entry
 
     options: dict[str, Any] = {"_target_": f"{__name__}.CSVLogger"}  # Lightning's class would delete the file
     why = ""
@@ -106,7 +106,7 @@ def csv_logger(cfg: DictConfig, resume_from: str | Path | None, run_dir: str | P
         own = run_dir is not None and Path(resume_from).resolve().is_relative_to(Path(run_dir).resolve())
         root = Path(cfg.save_dir) / (cfg.get("name") or "")
         if stored is None:
-            why = f"{resume_from} does not name its CSV version directory (a checkpoint from before it did)"
+            why = f"{resume_from} {_no_csv_version(checkpoint_entry(resume_from, CONFIG_KEY))}"
         elif not own:
             why = f"{resume_from} is not under this run's directory {run_dir}"
         elif not (root / stored).is_dir():
@@ -117,6 +117,19 @@ def csv_logger(cfg: DictConfig, resume_from: str | Path | None, run_dir: str | P
     if why or "version" in options:
         _say_where(logger, why)
     return logger
+
+
+def _no_csv_version(config: Any) -> str:
+    """Why a checkpoint names no CSV version directory: its run logged elsewhere, or it predates the key."""
+    logger = config.get("logger") if isinstance(config, dict) else None
+    target = str(logger.get("_target_", "")) if isinstance(logger, dict) else ""
+    if isinstance(config, dict) and not target:
+        return "logged to no CSV file (logger: none)"
+    if target and not target.endswith("CSVLogger"):
+        return (
+            "logged to W&B, not to a CSV file" if "Wandb" in target else f"logged with {target}, not to CSV"
+        )
+    return "does not name its CSV version directory (a checkpoint from before it did)"
 
 
 @rank_zero_only  # the other ranks write no CSV (and need not work out its next version)

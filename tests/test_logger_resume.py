@@ -85,3 +85,14 @@ def test_a_resume_of_a_run_that_logged_no_csv_says_so(compose_cfg, caplog, logge
     assert "before it did" not in caplog.text
     said = "logged to no CSV file (logger: none)" if logger == "none" else "logged to W&B, not to a CSV file"
     assert f"{last} {said}" in caplog.text
+
+
+def test_a_resumed_csv_run_shows_its_version_number_in_the_progress_bar(compose_cfg) -> None:
+    # The stored version directory was handed back as the string "version_0", which Lightning's progress bar
+    # cuts to its last four characters: v_num=on_0 where the first run showed v_num=0.
+    from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
+
+    train(compose_cfg("trainer.max_steps=3", *RUN))
+    _, objs = train(compose_cfg("trainer.max_steps=4", "ckpt_path=auto", *RUN))
+    assert Path(objs["logger"].log_dir).name == "version_0"
+    assert get_standard_metrics(objs["trainer"])["v_num"] == 0

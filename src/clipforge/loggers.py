@@ -111,8 +111,9 @@ def csv_logger(cfg: DictConfig, resume_from: str | Path | None, run_dir: str | P
             why = f"{resume_from} is not under this run's directory {run_dir}"
         elif not (root / stored).is_dir():
             why = f"{resume_from} logged to {root / stored}, which is gone"
-        else:
-            options["version"] = stored
+        else:  # Lightning's own form where it is one (an int): the progress bar shows v_num=0, not "on_0"
+            number = stored.removeprefix("version_")
+            options["version"] = int(number) if number.isdigit() and stored != number else stored
     logger = instantiate(cfg, **options)
     if why or "version" in options:
         _say_where(logger, why)

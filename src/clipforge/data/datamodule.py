@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from functools import partial
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -196,7 +197,7 @@ class WebDataModule(L.LightningDataModule):
             kwargs |= {
                 "persistent_workers": self.stream.persistent_workers,
                 "prefetch_factor": self.stream.prefetch_factor,
-                "worker_init_fn": leave_outside_sigterms_to_the_trainer,
+                "worker_init_fn": partial(leave_outside_sigterms_to_the_trainer, trainer_pid=os.getpid()),
             }
         return DataLoader(ds, **kwargs)
 
@@ -334,7 +335,7 @@ def _take(x: object, source: torch.Tensor, rows: list[int]) -> object:
     return x
 
 
-def leave_outside_sigterms_to_the_trainer(worker_id: int) -> None:
+def leave_outside_sigterms_to_the_trainer(worker_id: int, trainer_pid: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: a worker ends on a SIGTERM from its training process only. SLURM
     (scancel, the time limit), ``timeout`` and ``kill -- -PGID`` signal every process of a job, and torch's
     workers died of it at once, so the training process, which got the same signal to finish its step and
@@ -342,9 +343,14 @@ def leave_outside_sigterms_to_the_trainer(worker_id: int) -> None:
     The training process stops its workers itself once saved. A SIGTERM it sends (the loader's ``terminate``,
     ``multiprocessing``'s at exit) ends the worker as torch's own handler does; a worker whose training
     process is gone ends on its own (torch's watchdog). Python handlers do not see the sender, so SIGTERM is
-    blocked and a thread waits for it."""
+    blocked and a thread waits for it. ``trainer_pid``: the process that made the loader (not the worker's
+    parent, which under forkserver, Python 3.14's default on Linux, is the fork server). Where the platform
+    cannot tell the sender (no ``sigwaitinfo``: macOS, Windows), torch's own handling stays."""
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        return
+    trainer = trainer_pid if trainer_pid is not None else os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_await_sigterm, args=(os.getppid(),), name="sigterm", daemon=True).start()
+    threading.Thread(target=_await_sigterm, args=(trainer,), name="sigterm", daemon=True).start()
 
 
 def _await_sigterm(parent: int) -> None:

@@ -18,6 +18,11 @@ from clipforge.eval.captioning import decode
         ({"task": "grounded", "box": [0.5, 0.5, 0.1, 0.1]}, "0 <= x0 < x1 <= 1"),  # corners swapped
         ({"task": "grounded", "box": [2, 2, 3, 3]}, "0 <= x0 < x1 <= 1"),  # outside the image
         ({"task": "grounded", "box": [-1, 0.1, 0.5, 0.5]}, "0 <= x0 < x1 <= 1"),
+        # a ref or box the task does not read: the default task captioned the whole image instead
+        ({"ref": "the red circle"}, "ref= is read by task=box only, not task=caption"),
+        ({"box": [0.1, 0.1, 0.5, 0.5]}, "box= is read by task=grounded only, not task=caption"),
+        ({"task": "box", "ref": "x", "box": [0.1, 0.1, 0.5, 0.5]}, "box= is read by task=grounded only"),
+        ({"task": "grounded", "box": [0.1, 0.1, 0.5, 0.5], "ref": "x"}, "ref= is read by task=box only"),
     ],
 )
 def test_requests_that_have_no_answer_are_refused(kwargs: dict, match: str) -> None:

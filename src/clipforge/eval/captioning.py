@@ -36,6 +36,13 @@ def decode(
         raise ValueError(
             f"max_new_tokens must be positive (null: all the decoder holds), got {max_new_tokens}"
         )
+    # a ref or box the task does not read was dropped without a word: the answer of another question
+    if ref is not None and task != "box":
+        raise ValueError(f"ref= is read by task=box only, not task={task}: add task=box, or leave ref out")
+    if box is not None and task != "grounded":
+        raise ValueError(
+            f"box= is read by task=grounded only, not task={task}: add task=grounded, or leave box out"
+        )
     if task == "grounded":
         x0, y0, x1, y1 = box if box is not None and len(box) == 4 else (0, 0, 0, 0)
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):  # clamped, the region was empty or the frame

@@ -246,6 +246,17 @@ def test_objective_configs_compose_one_word_each(compose_cfg, name: str) -> None
     assert compose_cfg().get("objectives") is None and compose_cfg().get("ema") is None  # off by default
 
 
+def test_a_decoder_without_the_objective_that_trains_it_is_refused_before_anything_is_built(
+    compose_cfg,
+) -> None:
+    # decoder=locca alone trained no decoder at all, silently (the checkpoint had none for clipforge-caption)
+    cfg = compose_cfg("loss=siglip", "decoder=locca")
+    with pytest.raises(ValueError, match=r"decoder=locca .* objectives=locca \(or siglip2\)"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+    check_trainer(compose_cfg("loss=siglip", "decoder=locca", "objectives=locca"))  # the way to train it
+
+
 @pytest.mark.parametrize(
     ("module", "script", "groups"),
     [

@@ -77,7 +77,8 @@ def strategy_timeout(cfg: DictConfig) -> timedelta | None:
 def check_trainer(cfg: DictConfig) -> None:
     """Fail before anything is built, naming the key, when the step or epoch budget is not an integer
     (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``; -1 is
-    Lightning's "no limit"), or when the data's token length exceeds the text tower's."""
+    Lightning's "no limit"), when the data's token length exceeds the text tower's, or when a decoder is
+    configured that no objective trains."""
     trainer = cfg.get("trainer") or {}
     check_at_least(-1, "trainer", max_steps=trainer.get("max_steps"), max_epochs=trainer.get("max_epochs"))
     # captions tokenized longer than the text tower's position table failed at the first step, after the
@@ -103,6 +104,15 @@ def check_trainer(cfg: DictConfig) -> None:
                 "(CLIP BPE), which tokenizes the captions: a model of another tokenizer (open_clip's SigLIP "
                 f"models use SentencePiece) cannot train on them; set model.text.vocab_size={needed}"
             )
+    # the decoder group only configures the decoder an objective trains: alone it built nothing, silently
+    objectives = cfg.get("objectives") or {}
+    decoder = cfg.get("decoder") or {}
+    if "_target_" in decoder and not any("decoder" in (node or {}) for node in objectives.values()):
+        raise ValueError(
+            "decoder=locca configures the decoder that objectives=locca (or siglip2) trains, and no objective "
+            f"trains it here (objectives: {sorted(objectives) or None}): add objectives=locca, or leave "
+            "decoder out"
+        )
     # Evaluation (the zero-shot callback, clipforge-zeroshot, an open_clip export) tokenizes prompts to
     # model.text.context_length. A causal tower read at the EOT token gives the same features at any padded
     # length; a bidirectional one, or one read at the last position, gives others at another length, so it

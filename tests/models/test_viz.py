@@ -195,6 +195,27 @@ def test_cli_draws_the_ema_weights_of_a_checkpoint_when_asked(
     assert "--ema reads the EMA weights of a clipforge checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("source", [[], ["--model", "tiny"]])
+def test_cli_refuses_an_open_clip_model_name_without_open_clip_weights(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], source: list[str]
+) -> None:
+    """--open-clip-model ViT-B-32 without --open-clip drew a fresh tiny model, named nowhere in the output."""
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--image",
+                str(image_file),
+                *source,
+                "--open-clip-model",
+                "ViT-B-32",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert "--open-clip-model names the architecture of --open-clip weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def instantiate_tiny() -> CLIP:
     from hydra.utils import instantiate
 

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     args = parser.parse_args(argv)
     if args.ema and not args.checkpoint:
         parser.error("--ema reads the EMA weights of a clipforge checkpoint: give --checkpoint")
+    if args.open_clip_model and not args.open_clip:  # else a fresh --model was drawn in its place
+        parser.error("--open-clip-model names the architecture of --open-clip weights: give --open-clip")
 
     if args.checkpoint:
         from clipforge.checkpoint import load_model

@@ -465,6 +465,25 @@ def test_the_summary_gives_training_skips_and_each_evaluation_sets_last_pass_apa
     assert "val skipped:       corrupt_image=2, missing_caption=1 (its last pass)" in text
 
 
+def test_the_summary_names_the_contrastive_part_of_a_train_loss_with_objectives() -> None:
+    # With objectives=locca the train loss is the weighted sum (contrastive + decoder), val/loss the contrastive
+    # loss alone: "final train loss: 14.0408" over "held-out val loss: 3.9669" read as a val loss 10 below train
+    from types import SimpleNamespace
+
+    from clipforge.summary import summarize
+
+    trainer = SimpleNamespace(global_step=8, checkpoint_callbacks=[])
+    last = {"final/train_loss": 14.0408, "final/train_loss_batches": 8, "val/loss": 3.9669}
+    text = summarize({**last, "final/train_contrastive_loss": 3.9012}, trainer, None)
+    expected = "final train loss:  14.0408 (mean of the last 8 batches: contrastive 3.9012, plus the weighted objectives)"
+    assert expected + "\n" in text, text
+    assert "held-out val loss: 3.9669 (contrastive)\n" in text, text
+    plain = summarize({**last, "final/train_loss": 1.5, "val/loss": 1.6}, trainer, None)  # no objectives
+    assert "final train loss:  1.5000 (mean of the last 8 batches)\nheld-out val loss: 1.6000\n" in plain, (
+        plain
+    )
+
+
 def test_logging_step_follows_lightnings_own_cadence_from_public_counters(compose_cfg) -> None:
     """``callbacks.schedule.logging_step`` reads only public trainer state; it must pick exactly the steps
     whose logged values Lightning records (its private ``should_update_logs``), before and after the step."""
@@ -579,6 +598,15 @@ def test_the_final_train_loss_is_the_sample_weighted_mean_of_the_last_steps() ->
     assert "final train loss:  3.4000 (mean of the last 2 batches)\n" in text
     with pytest.raises(ValueError, match="window"):
         RecentTrainLoss(window=0)
+    # with objectives the step output carries the contrastive part, averaged alike
+    parts = RecentTrainLoss()
+    for total, contrastive, n in [(10.0, 4.0, 16), (8.0, 2.0, 48)]:
+        out = {"loss": torch.tensor(total), "contrastive_loss": torch.tensor(contrastive)}
+        parts.on_train_batch_end(trainer, module, out, (torch.zeros(n, 3),), 0)
+    res = parts.result(trainer)
+    assert res["final/train_loss"] == pytest.approx(8.5) and res[
+        "final/train_contrastive_loss"
+    ] == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize(

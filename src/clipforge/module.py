@@ -187,7 +187,8 @@ class ContrastiveModule(L.LightningModule):
             self.log(f"train/{name}_loss", value.detach(), batch_size=B, sync_dist=True)
             loss = loss + objective.weight * value
         cached = CachedStep(loss.detach(), img.detach(), txt.detach(), scale.detach(), _detach(bias))
-        return {"loss": loss, **self._log_train(cached, lr, batch_size=B)}
+        out = {"loss": loss, "contrastive_loss": contrastive.detach()}  # the summary's mean keeps it apart
+        return out | self._log_train(cached, lr, batch_size=B)
 
     def _ema_sources(self) -> dict[str, nn.Module]:
         """What the EMA averages: the two-tower model and, when configured, the objectives (their heads are

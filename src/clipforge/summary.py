@@ -27,40 +27,52 @@ class RecentTrainLoss(Callback):
     handful of samples (a run once ended on a 2-sample batch at loss 0.0000). Losses stay on the device
     until the end (no host sync per step); non-finite ones (steps the divergence guard skipped) are left
     out. Under ``trainer.accumulate_grad_batches`` each batch counts (Lightning hands callbacks its loss
-    divided by the accumulation, undone here)."""
+    divided by the accumulation, undone here). With SigLIP 2 objectives the loss is their weighted sum with
+    the contrastive loss, whose own mean (the step output's ``contrastive_loss``) is kept beside it."""
 
     def __init__(self, window: int = FINAL_LOSS_WINDOW) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
-        self._recent: deque[tuple[torch.Tensor, int]] = deque(maxlen=window)
+        self._recent: deque[tuple[torch.Tensor, int]] = deque(maxlen=window)  # ([loss, contrastive], n)
+        self._contrastive_apart = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss) and loss.numel() == 1:
-            if pl_module.automatic_optimization:  # Lightning's closure divided it by the accumulation
-                loss = loss * trainer.accumulate_grad_batches
-            self._recent.append((loss.detach().float().reshape(()), int(batch[0].shape[0])))
+        out = outputs if isinstance(outputs, dict) else {"loss": outputs}
+        loss, contrastive = out.get("loss"), out.get("contrastive_loss")
+        if not (torch.is_tensor(loss) and loss.numel() == 1):
+            return
+        if pl_module.automatic_optimization:  # Lightning's closure divided the loss by the accumulation
+            loss = loss * trainer.accumulate_grad_batches
+        self._contrastive_apart = contrastive is not None
+        both = torch.stack([loss.detach().float().reshape(()), (loss if contrastive is None else contrastive)
+                            .detach().float().reshape(())])  # fmt: skip
+        self._recent.append((both, int(batch[0].shape[0])))
 
     def result(self, trainer: L.Trainer) -> dict[str, float]:
-        """``final/train_loss`` (the weighted mean over all ranks) and ``final/train_loss_batches``; empty
-        when no step ran. Every rank must call it: under DDP the sums are reduced across ranks."""
+        """``final/train_loss`` (the weighted mean over all ranks), ``final/train_loss_batches`` and, with
+        objectives, ``final/train_contrastive_loss``; empty when no step ran. Every rank must call it: under
+        DDP the sums are reduced across ranks."""
         device = trainer.strategy.root_device
         losses = (
-            torch.stack([loss for loss, _ in self._recent]) if self._recent else torch.zeros(0, device=device)
-        )
+            torch.stack([v for v, _ in self._recent]) if self._recent else torch.zeros(0, 2, device=device)
+        )  # (batches, 2)
         sizes = torch.tensor([n for _, n in self._recent], dtype=torch.float32, device=losses.device)
-        finite = torch.isfinite(losses)
-        sums = torch.stack(
-            [torch.where(finite, losses * sizes, 0.0).sum(), (sizes * finite).sum(), finite.sum().float()]
-        )
+        weights = sizes * torch.isfinite(losses).all(dim=1)
+        weighted = torch.where(weights[:, None] > 0, losses, 0.0) * weights[:, None]
+        sums = torch.cat([weighted.sum(dim=0), weights.sum()[None], (weights > 0).sum().float()[None]])
         sums = trainer.strategy.reduce(sums, reduce_op="sum")  # on every rank, none returning before it
-        if sums[1] == 0:
+        if sums[2] == 0:
             return {}
-        batches = round(float(sums[2]) / trainer.world_size)
-        return {"final/train_loss": float(sums[0] / sums[1]), "final/train_loss_batches": float(batches)}
+        out = {
+            "final/train_loss": float(sums[0] / sums[2]),
+            "final/train_loss_batches": float(round(float(sums[3]) / trainer.world_size)),
+        }
+        if self._contrastive_apart:
+            out["final/train_contrastive_loss"] = float(sums[1] / sums[2])
+        return out
 
 
 def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
@@ -137,14 +149,19 @@ def summarize(
         label = "data skipped:" if split == "train" else f"{split} skipped:"
         last = "" if split == "train" else " (its last pass)"
         lines.append(f"{label:<19}" + ", ".join(f"{cause}={n}" for cause, n in counts.items()) + last)
+    # With SigLIP 2 objectives the train loss is their weighted sum with the contrastive loss, and val/loss the
+    # contrastive loss alone: unlabelled, the two lines read as a val loss far below the train loss
+    contrastive = metrics.get("final/train_contrastive_loss")
+    parts = "" if contrastive is None else f": contrastive {contrastive:.4f}, plus the weighted objectives"
+    objectives = contrastive is not None or "train/contrastive_loss" in metrics
     if "final/train_loss" in metrics:
         batches = int(metrics["final/train_loss_batches"])
         mean = f"mean of the last {batches} batches" if batches > 1 else "its last batch"
-        lines.append(f"final train loss:  {metrics['final/train_loss']:.4f} ({mean})")
+        lines.append(f"final train loss:  {metrics['final/train_loss']:.4f} ({mean}{parts})")
     elif "train/loss" in metrics:
         lines.append(f"final train loss:  {metrics['train/loss']:.4f} (its last batch)")
     if "val/loss" in metrics:
-        lines.append(f"held-out val loss: {metrics['val/loss']:.4f}")
+        lines.append(f"held-out val loss: {metrics['val/loss']:.4f}{' (contrastive)' if objectives else ''}")
     if "final/zeroshot_top1" in metrics:
         lines.append(
             f"held-out zero-shot top-1: {100 * metrics['final/zeroshot_top1']:.1f}% "

@@ -206,3 +206,22 @@ def test_an_objective_built_for_another_model_fails_when_the_module_is_built(
     with pytest.raises(ValueError, match=message):
         make_module(objectives={name: mismatched()}, **teacher)
     make_module(objectives=objectives(), ema=functools.partial(ModelEMA, decay=0.9))  # built alike: fine
+
+
+def test_a_resume_that_changes_max_steps_names_the_starts_it_moves(tmp_path) -> None:
+    """Objectives and the EMA start at a fraction of trainer.max_steps: a 20-step run whose SILC began at step
+    16, resumed at step 20 with max_steps=40, switched SILC off again until step 32 (and the EMA back to
+    copying the weights), while the resume warning spoke of the learning-rate schedule alone."""
+    from clipforge.checkpoint import start_differences
+
+    def config(max_steps: int) -> dict:
+        objectives = {"locca": {"start_frac": 0.0}, "silc": {"start_frac": 0.8}}
+        return {"trainer": {"max_steps": max_steps}, "objectives": objectives, "ema": {"start_frac": 0.8}}
+
+    torch.save({"clipforge_config": config(20), "state_dict": {}}, tmp_path / "run.ckpt")
+    assert start_differences(tmp_path / "run.ckpt", config(40)) == [
+        "objectives.silc (start_frac=0.8): step 16 in the checkpoint's run, 32 in this one",
+        "ema (start_frac=0.8): step 16 in the checkpoint's run, 32 in this one",
+    ]  # locca starts at step 0 at any length
+    assert start_differences(tmp_path / "run.ckpt", config(20)) == []
+    assert start_differences(tmp_path / "run.ckpt", {"trainer": {"max_steps": 40}}) == []  # no such parts

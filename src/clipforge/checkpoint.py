@@ -252,6 +252,28 @@ def schedule_differences(path: str | Path, config: Mapping[str, Any]) -> list[st
     return out + config_differences(stored.get("scheduler") or {}, config.get("scheduler") or {}, "scheduler")
 
 
+def start_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
+    """The parts that start at a fraction of ``trainer.max_steps`` (``objectives.*.start_frac``,
+    ``ema.start_frac``) whose first step moves when checkpoint ``path``'s run is resumed with ``config``'s
+    max_steps: one that had started is off again (the EMA copies the weights) until its new start."""
+    import math
+
+    stored = (checkpoint_config(path) or {}).get("trainer") or {}
+    was, now = stored.get("max_steps"), (config.get("trainer") or {}).get("max_steps")
+    if not isinstance(was, int) or not isinstance(now, int) or min(was, now) < 0 or was == now:
+        return []
+    fracs = {
+        f"objectives.{k}": (v or {}).get("start_frac") for k, v in (config.get("objectives") or {}).items()
+    }
+    fracs["ema"] = (config.get("ema") or {}).get("start_frac")
+    return [  # the first step at which optim.has_started holds
+        f"{name} (start_frac={frac}): step {math.ceil(round(frac * was, 9))} in the checkpoint's run, "
+        f"{math.ceil(round(frac * now, 9))} in this one"
+        for name, frac in fracs.items()
+        if frac and math.ceil(round(frac * was, 9)) != math.ceil(round(frac * now, 9))
+    ]
+
+
 def _on(setting: Any) -> str:
     return "on" if setting else "off"
 

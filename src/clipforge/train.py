@@ -26,6 +26,7 @@ from clipforge.checkpoint import (
     model_differences,
     module_differences,
     schedule_differences,
+    start_differences,
 )
 from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.data.config import check_at_least
@@ -205,6 +206,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "from the checkpoint's step (the cosine is not stretched from the current learning rate)",
             ckpt_path,
             "; ".join(schedule),
+        )
+    moved = start_differences(ckpt_path, config) if ckpt_path is not None else []
+    if moved:  # a part that had started is off again until its new start
+        log.warning(
+            "resuming %s with another trainer.max_steps moves the start of each part that starts at a fraction "
+            "of it: %s",
+            ckpt_path,
+            "; ".join(moved),
         )
     if mode is not None:
         compile_in_place(model, loss, mode)

@@ -201,6 +201,16 @@ def test_model_source_must_be_unique(tmp_path):
         cli.load_eval_model(compose_zeroshot())
 
 
+@pytest.mark.parametrize("source", ["model=tiny", "checkpoint=/nonexistent.ckpt"])
+def test_an_open_clip_model_name_without_open_clip_weights_is_refused(source: str) -> None:
+    # open_clip_model=ViT-B-32 beside model=tiny scored a randomly initialised tiny model as the results' model
+    cfg = compose_zeroshot(source, "open_clip_model=ViT-B-32")
+    with pytest.raises(
+        ValueError, match=r"open_clip_model='ViT-B-32' names the architecture of open_clip_che"
+    ):
+        cli.load_eval_model(cfg)
+
+
 def test_clipforge_checkpoint_on_synthetic_heldout(tmp_path):
     """The checkpoint route through the lead's loader, on the synthetic held-out split."""
     from hydra.utils import instantiate

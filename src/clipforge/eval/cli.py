@@ -53,6 +53,12 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str, dict[str, Any]]:
             "give exactly one model: checkpoint=<clipforge .ckpt>, open_clip_checkpoint=<weights file or "
             f"folder> [open_clip_model=<name>], or model=<conf/model name> (random init); got {sources or 'none'}"
         )
+    if cfg.get("open_clip_model") and not cfg.get("open_clip_checkpoint"):  # else the other model was scored
+        raise ValueError(
+            f"open_clip_model={cfg.open_clip_model!r} names the architecture of open_clip_checkpoint= weights, "
+            f"which are not given (the model comes from {sources[0]}=): give open_clip_checkpoint=, or leave "
+            "open_clip_model out"
+        )
     if cfg.get("use_ema") and not cfg.get("checkpoint"):
         raise ValueError(
             "use_ema=true reads the EMA weights of a clipforge checkpoint: give checkpoint=<.ckpt>"

@@ -113,6 +113,17 @@ def test_attention_pool_query_is_drawn_for_map_towers() -> None:
     assert math.isclose(data["rollout"].sum().item(), 1.0, rel_tol=1e-5)
 
 
+def test_a_layer_other_than_the_last_is_refused_where_the_pool_query_is_drawn() -> None:
+    # --layer 0 on an attention-pool (siglip_b16) tower drew the pool query, the picture of the default, as
+    # if it were layer 0's attention
+    vit = small_vit(global_pool="map", class_token=False).eval()
+    with pytest.raises(ValueError, match=r"layer 0: this tower reads out with an attention-pool query"):
+        vit_attention(vit, torch.randn(1, 3, 32, 32), layer=0)
+    assert vit_attention(vit, torch.randn(1, 3, 32, 32), layer=len(vit.blocks) - 1)["query"] == (
+        "attention-pool query"
+    )  # the last block, by either index, is where the query reads
+
+
 def test_a_layer_beyond_the_tower_is_named() -> None:
     # --layer 7 on a 2-block tower raised "IndexError: range object index out of range"
     vit = small_vit().eval()

@@ -133,7 +133,7 @@ def vit_attention(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[s
     """Run ``image`` through the image tower (eval mode, fp32) and return the data behind the pictures.
 
     ``heads``: (H, g, g) per-head attention of the readout: the attention-pool query when the tower pools
-    with ``map`` (``layer`` then plays no part), else the CLS token at block ``layer``, else (no CLS) the
+    with ``map`` (``layer`` then must name the last block), else the CLS token at block ``layer``, else (no CLS) the
     mean attention each patch receives at that block. ``rollout``: (g, g). ``image``: (S, S, 3) in [0, 1].
     """
     visual = vision_tower(model)
@@ -153,6 +153,11 @@ def vit_attention(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[s
             f"layer {layer} is not a block of this {depth}-block image tower: use 0..{depth - 1} or -1"
         )
     layer_index = range(depth)[layer]
+    if rec["pool"] and layer_index != depth - 1:  # the query reads the last block: any other was ignored
+        raise ValueError(
+            f"layer {layer}: this tower reads out with an attention-pool query, whose attention over the last "
+            "block's tokens is the per-head picture; it has no per-layer readout to draw (leave layer at -1)"
+        )
     attn = rec["blocks"][layer_index][0].float()  # (H, T, T)
     if rec["pool"]:
         heads, query = rec["pool"][0][0, :, 0].float(), "attention-pool query"  # (H, N)

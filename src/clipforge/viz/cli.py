@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     )
     parser.add_argument("--out", required=True, help="output folder for the PNGs")
     parser.add_argument(
-        "--layer", type=int, default=-1, help="block whose per-head attention to draw (default: last)"
+        "--layer",
+        type=int,
+        default=-1,
+        help="block whose per-head attention to draw (default: last; an attention-pool tower has only its query's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh model")
     args = parser.parse_args(argv)

@@ -257,6 +257,18 @@ def test_a_decoder_without_the_objective_that_trains_it_is_refused_before_anythi
     check_trainer(compose_cfg("loss=siglip", "decoder=locca", "objectives=locca"))  # the way to train it
 
 
+def test_a_presets_objective_settings_without_their_objective_are_named(compose_cfg) -> None:
+    # experiment=siglip2_b16 objectives=silc kept the preset's locca and tips settings as nodes naming no
+    # objective: the run failed after writing the shards with "Missing key needs_teacher", naming neither
+    cfg = compose_cfg(
+        "experiment=siglip2_b16", "objectives=silc", "data.train_urls='/tmp/x-{000000..000001}.tar'"
+    )
+    with pytest.raises(
+        ValueError, match=r"objectives\.locca, objectives\.tips: settings without an objective"
+    ):
+        check_trainer(cfg)
+
+
 @pytest.mark.parametrize(
     ("module", "script", "groups"),
     [

@@ -473,12 +473,12 @@ def test_the_summary_names_the_contrastive_part_of_a_train_loss_with_objectives(
     from clipforge.summary import summarize
 
     trainer = SimpleNamespace(global_step=8, checkpoint_callbacks=[])
-    last = {"final/train_loss": 14.0408, "final/train_loss_batches": 8, "val/loss": 3.9669}
-    text = summarize({**last, "final/train_contrastive_loss": 3.9012}, trainer, None)
+    last = {"summary/train_loss": 14.0408, "summary/train_loss_batches": 8, "val/loss": 3.9669}
+    text = summarize({**last, "summary/train_contrastive_loss": 3.9012}, trainer, None)
     expected = "final train loss:  14.0408 (mean of the last 8 batches: contrastive 3.9012, plus the weighted objectives)"
     assert expected + "\n" in text, text
     assert "held-out val loss: 3.9669 (contrastive)\n" in text, text
-    plain = summarize({**last, "final/train_loss": 1.5, "val/loss": 1.6}, trainer, None)  # no objectives
+    plain = summarize({**last, "summary/train_loss": 1.5, "val/loss": 1.6}, trainer, None)  # no objectives
     assert "final train loss:  1.5000 (mean of the last 8 batches)\nheld-out val loss: 1.6000\n" in plain, (
         plain
     )
@@ -589,8 +589,8 @@ def test_the_final_train_loss_is_the_sample_weighted_mean_of_the_last_steps() ->
         recent.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss)}, (torch.zeros(n, 3),), 0)
     res = recent.result(trainer)
     assert (
-        res["final/train_loss"] == pytest.approx((1.0 * 2 + 4.0 * 8) / 10)
-        and res["final/train_loss_batches"] == 2
+        res["summary/train_loss"] == pytest.approx((1.0 * 2 + 4.0 * 8) / 10)
+        and res["summary/train_loss_batches"] == 2
     )
     text = summarize(
         {"train/loss": 4.0, **res}, SimpleNamespace(global_step=5, checkpoint_callbacks=[]), None
@@ -604,8 +604,8 @@ def test_the_final_train_loss_is_the_sample_weighted_mean_of_the_last_steps() ->
         out = {"loss": torch.tensor(total), "contrastive_loss": torch.tensor(contrastive)}
         parts.on_train_batch_end(trainer, module, out, (torch.zeros(n, 3),), 0)
     res = parts.result(trainer)
-    assert res["final/train_loss"] == pytest.approx(8.5) and res[
-        "final/train_contrastive_loss"
+    assert res["summary/train_loss"] == pytest.approx(8.5) and res[
+        "summary/train_contrastive_loss"
     ] == pytest.approx(2.5)
 
 
@@ -635,5 +635,5 @@ def test_a_run_reports_the_mean_loss_of_its_last_batches(
     cfg = compose_cfg("trainer.max_steps=3", ("+" if setting.startswith("trainer") else "") + setting, *SMALL)
     metrics, _ = train(cfg)
     assert len(seen) == 3 * accumulate  # every batch of this run holds 16 samples
-    assert metrics["final/train_loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
-    assert metrics["final/train_loss_batches"] == 3 * accumulate
+    assert metrics["summary/train_loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-6)
+    assert metrics["summary/train_loss_batches"] == 3 * accumulate

@@ -168,10 +168,12 @@ def wandb_run_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def finish_logger(logger: Any, metrics: dict[str, float], step: int) -> None:
-    """Send the final metrics and close the run, so a later train() in this process starts a new one."""
+    """Send the end-of-run figures (``final/*``: the final evaluation; ``summary/*``: the training loss of the
+    last batches, see clipforge.summary) and close the run, so a later train() in this process starts a new
+    one."""
     if not logger:
         return
-    final = {k: v for k, v in metrics.items() if k.startswith("final/")}
+    final = {k: v for k, v in metrics.items() if k.startswith(("final/", "summary/"))}
     if final:
         logger.log_metrics(final, step=step)
     logger.finalize("success")

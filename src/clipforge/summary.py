@@ -52,8 +52,8 @@ class RecentTrainLoss(Callback):
         self._recent.append((both, int(batch[0].shape[0])))
 
     def result(self, trainer: L.Trainer) -> dict[str, float]:
-        """``final/train_loss`` (the weighted mean over all ranks), ``final/train_loss_batches`` and, with
-        objectives, ``final/train_contrastive_loss``; empty when no step ran. Every rank must call it: under
+        """``summary/train_loss`` (the weighted mean over all ranks), ``summary/train_loss_batches`` and, with
+        objectives, ``summary/train_contrastive_loss``; empty when no step ran. Every rank must call it: under
         DDP the sums are reduced across ranks."""
         device = trainer.strategy.root_device
         losses = (
@@ -67,11 +67,11 @@ class RecentTrainLoss(Callback):
         if sums[2] == 0:
             return {}
         out = {
-            "final/train_loss": float(sums[0] / sums[2]),
-            "final/train_loss_batches": float(round(float(sums[3]) / trainer.world_size)),
+            "summary/train_loss": float(sums[0] / sums[2]),
+            "summary/train_loss_batches": float(round(float(sums[3]) / trainer.world_size)),
         }
         if self._contrastive_apart:
-            out["final/train_contrastive_loss"] = float(sums[1] / sums[2])
+            out["summary/train_contrastive_loss"] = float(sums[1] / sums[2])
         return out
 
 
@@ -151,13 +151,13 @@ def summarize(
         lines.append(f"{label:<19}" + ", ".join(f"{cause}={n}" for cause, n in counts.items()) + last)
     # With SigLIP 2 objectives the train loss is their weighted sum with the contrastive loss, and val/loss the
     # contrastive loss alone: unlabelled, the two lines read as a val loss far below the train loss
-    contrastive = metrics.get("final/train_contrastive_loss")
+    contrastive = metrics.get("summary/train_contrastive_loss")
     parts = "" if contrastive is None else f": contrastive {contrastive:.4f}, plus the weighted objectives"
     objectives = contrastive is not None or "train/contrastive_loss" in metrics
-    if "final/train_loss" in metrics:
-        batches = int(metrics["final/train_loss_batches"])
+    if "summary/train_loss" in metrics:
+        batches = int(metrics["summary/train_loss_batches"])
         mean = f"mean of the last {batches} batches" if batches > 1 else "its last batch"
-        lines.append(f"final train loss:  {metrics['final/train_loss']:.4f} ({mean}{parts})")
+        lines.append(f"final train loss:  {metrics['summary/train_loss']:.4f} ({mean}{parts})")
     elif "train/loss" in metrics:
         lines.append(f"final train loss:  {metrics['train/loss']:.4f} (its last batch)")
     if "val/loss" in metrics:

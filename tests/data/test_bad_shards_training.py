@@ -55,7 +55,7 @@ def test_seven_shards_three_damaged_train_to_the_end(
     assert objs["trainer"].global_step == 11
     with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
-    # the last training step's row (the run's end adds a row of final/* figures after it)
+    # the last training step's row (the run's end adds a row of final/* and summary/* figures after it)
     step_rows = [r for r in rows if r.get("train/loss")]
     last = {k: float(v) for k, v in step_rows[-1].items() if k.startswith("data/skipped_") and v}
     assert last["data/skipped_truncated_shard"] == 1

@@ -170,9 +170,6 @@ class PreemptionCheckpoint(StepClock):
         # A signal may reach only some ranks; any one of them stops all (collective: every rank calls it).
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             self._checkpoint(trainer)
-            # Lightning logs a step's metrics after its on_train_batch_end hooks, which this exit skips: the
-            # saved step's row (train/loss, train/lr) was lost, and the resumed run goes on from the next one.
-            trainer._logger_connector.update_train_step_metrics()
             raise SIGTERMException()
 
     def on_exception(

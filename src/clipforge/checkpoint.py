@@ -185,16 +185,19 @@ FINE_TUNE_CHOICES = frozenset(
 )
 
 
-def config_differences(stored: Any, current: Any, prefix: str, both_sides: bool = False) -> list[str]:
+def config_differences(
+    stored: Any, current: Any, prefix: str, both_sides: bool = False, skip: frozenset[str] = frozenset()
+) -> list[str]:
     """``"prefix.key: checkpoint X, config Y"`` for every setting that differs between two config nodes
     (nested mappings compared key by key; a setting one side lacks shows as ``(none)``, or with
-    ``both_sides`` is passed over: an older checkpoint's config may lack a setting added since)."""
+    ``both_sides`` is passed over: an older checkpoint's config may lack a setting added since). Keys
+    named in ``skip`` are not compared, at any depth."""
     if isinstance(stored, Mapping) and isinstance(current, Mapping):
         out = []
         keys = set(stored) & set(current) if both_sides else set(stored) | set(current)
-        for key in sorted(keys, key=str):
+        for key in sorted(keys - skip, key=str):
             out += config_differences(
-                stored.get(key, "(none)"), current.get(key, "(none)"), f"{prefix}.{key}", both_sides
+                stored.get(key, "(none)"), current.get(key, "(none)"), f"{prefix}.{key}", both_sides, skip
             )
         return out
     return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, config {current!r}"]
@@ -218,9 +221,8 @@ def model_differences(
     current = (
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
-    changed = config_differences(stored, current, "model", both_sides=function_only)
-    if function_only:
-        changed = [d for d in changed if d.split(":", 1)[0].rsplit(".", 1)[-1] not in FINE_TUNE_CHOICES]
+    skip = FINE_TUNE_CHOICES if function_only else frozenset()
+    changed = config_differences(stored, current, "model", both_sides=function_only, skip=skip)
     stored_loss = (stored_cfg.get("loss") or {}).get("_target_")
     if loss_cfg is not None and stored_loss is not None:
         changed += config_differences(stored_loss, loss_cfg.get("_target_"), "loss._target_")
@@ -256,7 +258,7 @@ def start_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
     """The parts that start at a fraction of ``trainer.max_steps`` (``objectives.*.start_frac``,
     ``ema.start_frac``) whose first step moves when checkpoint ``path``'s run is resumed with ``config``'s
     max_steps: one that had started is off again (the EMA copies the weights) until its new start."""
-    import math
+    from clipforge.optim import first_step
 
     stored = (checkpoint_config(path) or {}).get("trainer") or {}
     was, now = stored.get("max_steps"), (config.get("trainer") or {}).get("max_steps")
@@ -266,11 +268,13 @@ def start_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
         f"objectives.{k}": (v or {}).get("start_frac") for k, v in (config.get("objectives") or {}).items()
     }
     fracs["ema"] = (config.get("ema") or {}).get("start_frac")
-    return [  # the first step at which optim.has_started holds
-        f"{name} (start_frac={frac}): step {math.ceil(round(frac * was, 9))} in the checkpoint's run, "
-        f"{math.ceil(round(frac * now, 9))} in this one"
-        for name, frac in fracs.items()
-        if frac and math.ceil(round(frac * was, 9)) != math.ceil(round(frac * now, 9))
+    starts = {
+        name: (frac, first_step(frac, was), first_step(frac, now)) for name, frac in fracs.items() if frac
+    }
+    return [
+        f"{name} (start_frac={frac}): step {before} in the checkpoint's run, {after} in this one"
+        for name, (frac, before, after) in starts.items()
+        if before != after
     ]
 
 

@@ -201,8 +201,13 @@ def check_start_frac(start_frac: float, owner: str) -> None:
         raise ValueError(f"{owner} start_frac must be in [0, 1], got {start_frac}")
 
 
+def first_step(start_frac: float, total_steps: int) -> int:
+    """The first step count at which ``start_frac`` of ``total_steps`` is reached."""
+    # Rounded: in binary 0.55 * 100 is 55.00000000000001, which started the objective (or EMA) a step late.
+    return math.ceil(round(start_frac * total_steps, 9))
+
+
 def has_started(step: int, start_frac: float, total_steps: int | None) -> bool:
     """Whether ``step`` (optimizer steps done) has reached ``start_frac`` of ``total_steps``; with no known
     total, from the start."""
-    # Rounded: in binary 0.55 * 100 is 55.00000000000001, which started the objective (or EMA) a step late.
-    return not total_steps or step >= round(start_frac * total_steps, 9)
+    return not total_steps or step >= first_step(start_frac, total_steps)

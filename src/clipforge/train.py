@@ -105,15 +105,15 @@ def check_trainer(cfg: DictConfig) -> None:
                 "(CLIP BPE), which tokenizes the captions: a model of another tokenizer (open_clip's SigLIP "
                 f"models use SentencePiece) cannot train on them; set model.text.vocab_size={needed}"
             )
-    # the decoder group only configures the decoder an objective trains: alone it built nothing, silently
     objectives = cfg.get("objectives") or {}
     # a preset's settings for an objective another objectives= choice left out: a node that builds nothing
-    partial = [f"objectives.{k}" for k, node in objectives.items() if "_target_" not in (node or {})]
-    if partial:
+    untargeted = [f"objectives.{k}" for k, node in objectives.items() if "_target_" not in (node or {})]
+    if untargeted:
         raise ValueError(
-            f"{', '.join(partial)}: settings without an objective (an experiment preset sets them for its own "
+            f"{', '.join(untargeted)}: settings without an objective (an experiment preset sets them for its own "
             "objectives= choice): include them in objectives=[...], or leave the preset's choice as it is"
         )
+    # the decoder group only configures the decoder an objective trains: alone it built nothing, silently
     decoder = cfg.get("decoder") or {}
     if "_target_" in decoder and not any("decoder" in (node or {}) for node in objectives.values()):
         raise ValueError(

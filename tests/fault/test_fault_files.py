@@ -6,6 +6,7 @@ import errno
 import os
 import pathlib
 import pickle
+import time
 import warnings
 from pathlib import Path
 
@@ -99,6 +100,26 @@ def test_auto_resume_picks_the_highest_step_and_skips_corrupt_files(tmp_path: Pa
         found = find_latest_checkpoint(tmp_path)
     assert found == ckpts / "periodic-step0000008.ckpt"
     assert resolve_ckpt_path("auto", tmp_path) == str(found)
+
+
+def test_auto_resume_removes_the_partial_file_of_an_interrupted_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A save killed before its rename leaves <name>.ckpt.tmp: never resumed from, and as large as a checkpoint.
+    # One older than a save could still be writing goes; a fresh one may be a live save (another process in
+    # this directory) and stays, named.
+    ckpts = tmp_path / "checkpoints"
+    atomic_torch_save(fake_ckpt(4), ckpts / "periodic-step0000004.ckpt")
+    stale, fresh = ckpts / "periodic-step0000008.ckpt.tmp", ckpts / "preempt-step0000009.ckpt.tmp"
+    stale.write_bytes(b"partial" * 1000)
+    fresh.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    with caplog.at_level("INFO", logger="clipforge.fault.resume"):
+        assert find_latest_checkpoint(tmp_path) == ckpts / "periodic-step0000004.ckpt"
+    assert not stale.exists() and fresh.exists()
+    assert f"removed {stale}" in caplog.text and "interrupted" in caplog.text
+    assert f"left {fresh}" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ bit flip inside tensor data is not detected.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,14 +52,15 @@ def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
     """The valid ``*.ckpt`` under ``search_dir`` with the highest step (ties: the most recently written);
     a sharded checkpoint is a ``*.ckpt`` directory.
 
-    Unreadable or unsafe files are skipped with a warning (an error if no file is left); a partial write (``*.ckpt.tmp`` left by a
-    kill during a save) is never a candidate, nor is a symlink (its target is scanned in its own right).
+    Unreadable or unsafe files are skipped with a warning (an error if no file is left); a partial write
+    (``*.ckpt.tmp`` left by a kill during a save) is never a candidate, and is removed
+    (:func:`remove_interrupted_save`); nor is a symlink (its target is scanned in its own right).
     """
     root = Path(search_dir)
     if not root.is_dir():
         return None
     for tmp in root.rglob(f"*.ckpt{TMP_SUFFIX}"):
-        log.info("ignoring %s: a save that was interrupted before its rename", tmp)
+        remove_interrupted_save(tmp)
     ranked: list[tuple[int, float, Path]] = []
     rejected: list[str] = []
     for path in sorted(root.rglob("*.ckpt")):
@@ -83,6 +85,29 @@ def find_latest_checkpoint(search_dir: str | Path) -> Path | None:
     step, _, best = max(ranked, key=lambda t: (t[0], t[1]))
     log.info("auto-resume: %s (step %d) is the newest of %d valid checkpoints", best, step, len(ranked))
     return best
+
+
+# A save writes its temporary file without pause: one untouched this long is no save in progress.
+STALE_TMP_S = 60.0
+
+
+def remove_interrupted_save(tmp: Path) -> None:
+    """Delete ``tmp``, the temporary file of a save killed before its rename (never a resume candidate, and
+    as large as a checkpoint), once it has not been written to for :data:`STALE_TMP_S`; a fresher one may be
+    a save still running (another process using this directory) and is left in place, named."""
+    if not tmp.is_file():
+        log.info("ignoring %s: not a file (clipforge's saves write files)", tmp)
+        return
+    try:
+        idle = time.time() - tmp.stat().st_mtime
+        if idle < STALE_TMP_S:
+            log.info("left %s in place: written %.0f s ago, a save may still be writing it", tmp, idle)
+            return
+        size = tmp.stat().st_size
+        tmp.unlink(missing_ok=True)  # every rank scans: another may have removed it first
+    except FileNotFoundError:
+        return
+    log.info("removed %s (%.1f MB): the file of a save interrupted before its rename", tmp, size / 1e6)
 
 
 def resolve_ckpt_path(ckpt_path: str | Path | None, search_dir: str | Path) -> str | None:

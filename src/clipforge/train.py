@@ -31,7 +31,7 @@ from clipforge.checkpoint import (
 from clipforge.compilation import compile_in_place, compile_mode
 from clipforge.data.config import check_at_least
 from clipforge.entry import hydra_entry
-from clipforge.fault import AUTO, AtomicCheckpointIO, resolve_ckpt_path, scrub_secrets
+from clipforge.fault import AUTO, AtomicCheckpointIO, check_steps_left, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
 from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger
 from clipforge.models.convert.resize import PositionTableError
@@ -166,6 +166,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     config = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
     # auto: the newest checkpoint under the run dir that loads safely; an explicit path is verified.
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    if ckpt_path is not None:
+        check_steps_left(ckpt_path, int(cfg.trainer.get("max_steps", -1)))
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)

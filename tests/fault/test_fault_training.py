@@ -317,6 +317,19 @@ def test_each_preemption_replaces_the_previous_preemption_checkpoint(run_cfg, tm
     assert objs["trainer"].global_step == 10
 
 
+def test_a_resume_past_max_steps_is_refused_and_one_at_it_says_the_run_is_complete(
+    run_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lightning trains nothing from a checkpoint at or beyond max_steps, and said nothing of it.
+    train(run_cfg(tmp_path))
+    with pytest.raises(ValueError, match=r"at step 10, beyond trainer\.max_steps=6"):
+        train(run_cfg(tmp_path, "ckpt_path=auto", "trainer.max_steps=6"))
+    with caplog.at_level("WARNING", logger="clipforge.fault.resume"):
+        _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
+    assert objs["trainer"].global_step == 10
+    assert "already at trainer.max_steps=10" in caplog.text
+
+
 def test_a_run_after_one_that_failed_in_this_process_still_saves_on_sigterm(run_cfg, tmp_path: Path) -> None:
     # The failed fit leaves its preemption handler installed (Lightning puts back the handler it found); the
     # next run's handler must not chain to it, or SIGTERM kills that run instead of saving it.

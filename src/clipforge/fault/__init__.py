@@ -12,7 +12,13 @@ from clipforge.fault.atomic_io import (
     atomic_torch_save,
     safe_torch_load,
 )
-from clipforge.fault.resume import AUTO, find_latest_checkpoint, resolve_ckpt_path, verify_checkpoint
+from clipforge.fault.resume import (
+    AUTO,
+    check_steps_left,
+    find_latest_checkpoint,
+    resolve_ckpt_path,
+    verify_checkpoint,
+)
 from clipforge.fault.secrets import scrub_hydra_files, scrub_secrets
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "atomic_torch_save",
+    "check_steps_left",
     "find_latest_checkpoint",
     "resolve_ckpt_path",
     "safe_torch_load",

@@ -127,3 +127,24 @@ def resolve_ckpt_path(ckpt_path: str | Path | None, search_dir: str | Path) -> s
         )
     verify_checkpoint(path)
     return str(path)
+
+
+def check_steps_left(path: str | Path, max_steps: int) -> None:
+    """Refuse to resume ``path`` when its step is beyond ``trainer.max_steps`` (Lightning trains nothing and
+    says nothing: a lowered max_steps, or the wrong run's checkpoint); at it, say the run is complete."""
+    if max_steps < 0:  # -1: no step limit
+        return
+    step = verify_checkpoint(path)["global_step"]
+    if step > max_steps:
+        raise ValueError(
+            f"ckpt_path: {path} is at step {step}, beyond trainer.max_steps={max_steps}, so resuming would train "
+            f"nothing: raise trainer.max_steps above {step} to train on, or start a new run from its weights with "
+            "init_from="
+        )
+    if step == max_steps:
+        log.warning(
+            "resuming %s, already at trainer.max_steps=%d: the run is complete and no step is left to train "
+            "(raise trainer.max_steps to train on)",
+            path,
+            max_steps,
+        )

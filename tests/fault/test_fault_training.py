@@ -7,6 +7,7 @@ re-import a subprocess pays); tests/fault/test_fault_cli.py does the same throug
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import signal
@@ -328,6 +329,21 @@ def test_a_resume_past_max_steps_is_refused_and_one_at_it_says_the_run_is_comple
         _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
     assert objs["trainer"].global_step == 10
     assert "already at trainer.max_steps=10" in caplog.text
+
+
+def test_a_preempted_run_logs_the_step_it_saved_at(run_cfg, tmp_path: Path) -> None:
+    # The preemption left from on_train_batch_end, before Lightning logs the step's metrics: that step's row
+    # (train/loss, train/lr, ...) was never written, and the resumed run went on from the next step.
+    # Step 6 is also a periodic step: its state is saved once, as the preemption file.
+    logged = ("logger=csv", "trainer.log_every_n_steps=1")
+    status = run_forked(lambda: train(run_cfg(tmp_path, *logged, *fault("sigterm", 5))))
+    assert os.WIFEXITED(status), status
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("p*-step*.ckpt"))
+    assert saved == ["periodic-step0000003.ckpt", "preempt-step0000006.ckpt"]
+    train(run_cfg(tmp_path, *logged, "ckpt_path=auto"))
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]]
+    assert sorted(steps) == list(range(10))
 
 
 def test_a_run_after_one_that_failed_in_this_process_still_saves_on_sigterm(run_cfg, tmp_path: Path) -> None:

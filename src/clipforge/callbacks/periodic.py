@@ -19,6 +19,7 @@ import lightning as L
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from clipforge.callbacks.preemption import preempting
 from clipforge.callbacks.schedule import StepClock
 from clipforge.fault.atomic_io import TMP_SUFFIX, fsync_dir
 
@@ -89,6 +90,8 @@ class PeriodicCheckpoint(StepClock, ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         if self.mid_accumulation(trainer):
             return  # the time trigger fired mid-window too: saved at the step's last batch instead
+        if preempting(trainer):
+            return  # this step is saved, as preempt-step<N>.ckpt, and the run leaves before the next one
         if pl_module.automatic_optimization:
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         else:

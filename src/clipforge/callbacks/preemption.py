@@ -4,12 +4,17 @@ current step and exit cleanly.
 No paper. Schedulers warn before they kill: Kubernetes and most clouds send SIGTERM, SLURM sends the
 signal named in ``#SBATCH --signal=USR1@120`` (SIGUSR1 here) some time before the hard kill. The handler
 only sets a flag (nothing is safe to do inside a signal handler); the next ``on_train_batch_end`` that
-ends an optimizer step (under ``trainer.accumulate_grad_batches`` the last batch of the step) saves ``preempt-step<N>.ckpt`` (and removes those of earlier preemptions), asks SLURM to requeue the
-job when running under SLURM, and leaves through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit status 0), as Lightning itself does on
-SIGTERM. Leaving at once, rather than through ``trainer.should_stop``, skips the end-of-training work
-(validation, final checkpoints, evaluation): it would take time the scheduler may not give, and a
-"final" checkpoint written then would mark the epoch as finished, so a resume would skip the rest of
-it. A ``ckpt_path=auto`` restart resumes from the preemption file.
+ends an optimizer step (under ``trainer.accumulate_grad_batches`` the last batch of the step) saves
+``preempt-step<N>.ckpt`` (and removes those of earlier preemptions) and asks SLURM to requeue the job when
+running under SLURM. The run then leaves through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit
+status 0), as Lightning itself does on SIGTERM, from the first hook after Lightning has logged the step's
+metrics: the next batch's start, a validation's start or the epoch's end, whichever comes first (leaving
+from ``on_train_batch_end`` itself lost the saved step's row in every logger). Leaving then, rather than
+through ``trainer.should_stop``, skips the end-of-training work (validation, final checkpoints,
+evaluation): it would take time the scheduler may not give, and a "final" checkpoint written then would
+mark the epoch as finished, so a resume would skip the rest of it. A periodic checkpoint due at the saved
+step is not written beside the preemption file. A ``ckpt_path=auto`` restart resumes from the preemption
+file.
 
 Ctrl+C takes the same path, so stopping a run by hand loses nothing either: the first one prints that the
 run will save at the end of the current step and stop; a second one raises ``KeyboardInterrupt`` at once,
@@ -76,6 +81,7 @@ class PreemptionCheckpoint(StepClock):
         self.requeue = requeue
         self.received: signal.Signals | None = None
         self.preempted_at: str | None = None  # path of the preemption checkpoint once written
+        self.leaving = False  # saved at a step's end: leaving once the step is logged
         self._previous: dict[signal.Signals, Any] = {}
         self._active = False
         self._interrupted = False  # a first Ctrl+C was received: the next one aborts
@@ -129,7 +135,7 @@ class PreemptionCheckpoint(StepClock):
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         self._pid, self._announce = os.getpid(), trainer.local_rank == 0
-        self._interrupted = False
+        self._interrupted = self.leaving = False
         for sig in self.signals:
             previous = _live_handler(signal.getsignal(sig), sig)
             if sig == signal.SIGINT and previous == signal.SIG_IGN:
@@ -170,6 +176,21 @@ class PreemptionCheckpoint(StepClock):
         # A signal may reach only some ranks; any one of them stops all (collective: every rank calls it).
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             self._checkpoint(trainer)
+            self.leaving = True  # every rank alike, at the next of the hooks below
+
+    # The first hooks Lightning calls after it has logged a step's metrics: on every rank the same one.
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._leave()
+        super().on_train_batch_start(trainer, pl_module, *args)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._leave()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._leave()  # also where a run that reached max_steps ends, before any final checkpoint
+
+    def _leave(self) -> None:
+        if self.leaving:
             raise SIGTERMException()
 
     def on_exception(
@@ -197,6 +218,11 @@ class PreemptionCheckpoint(StepClock):
         # Ctrl+C is a person stopping the run, not a scheduler taking the node: no requeue.
         if self.requeue and job_id and trainer.is_global_zero and self.received != signal.SIGINT:
             requeue_slurm_job(job_id)
+
+
+def preempting(trainer: L.Trainer) -> bool:
+    """Whether a :class:`PreemptionCheckpoint` has saved this step and the run is about to leave."""
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.leaving for cb in trainer.callbacks)
 
 
 @contextmanager

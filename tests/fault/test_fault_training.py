@@ -346,6 +346,19 @@ def test_a_preempted_run_logs_the_step_it_saved_at(run_cfg, tmp_path: Path) -> N
     assert sorted(steps) == list(range(10))
 
 
+def test_a_preemption_at_the_last_step_leaves_without_the_end_of_training_work(
+    run_cfg, tmp_path: Path
+) -> None:
+    # Step 10 reaches max_steps mid-epoch: the run leaves from the epoch end's hook, without the final periodic
+    # save (the preemption file holds that state) or the summary; the resume has nothing left to train.
+    status = run_forked(lambda: train(run_cfg(tmp_path, *fault("sigterm", 9))))
+    assert os.WIFEXITED(status), status
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("p*-step*.ckpt"))
+    assert saved == ["periodic-step0000006.ckpt", "periodic-step0000009.ckpt", "preempt-step0000010.ckpt"]
+    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))
+    assert objs["trainer"].global_step == 10
+
+
 def test_a_run_after_one_that_failed_in_this_process_still_saves_on_sigterm(run_cfg, tmp_path: Path) -> None:
     # The failed fit leaves its preemption handler installed (Lightning puts back the handler it found); the
     # next run's handler must not chain to it, or SIGTERM kills that run instead of saving it.

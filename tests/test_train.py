@@ -34,6 +34,19 @@ def test_short_run_trains_and_checkpoints(compose_cfg, loss: str) -> None:
     assert model.logit_scale.item() <= math.log(100) + 1e-6
 
 
+def test_a_run_stopped_by_max_steps_mid_epoch_validates_its_last_step(compose_cfg) -> None:
+    # 4 steps an epoch: validation after steps 4 and 8 only, so a run stopped at step 6 reported the
+    # held-out loss of step 4, or none at all under 4 steps (Lightning validates at epoch ends).
+    cfg = compose_cfg("trainer.max_steps=6", *SMALL)
+    metrics, _ = train(cfg)
+    with open(Path(cfg.paths.output_dir) / "csv" / "version_0" / "metrics.csv") as f:
+        val = [(int(row["step"]), float(row["val/loss"])) for row in csv.DictReader(f) if row["val/loss"]]
+    assert [step for step, _ in val] == [3, 5]  # the logger files step N's values under N - 1
+    assert metrics["val/loss"] == pytest.approx(val[-1][1])
+    metrics, _ = train(compose_cfg("trainer.max_steps=2", *SMALL))
+    assert "val/loss" in metrics
+
+
 def test_resume_continues_the_step_count(compose_cfg) -> None:
     cfg = compose_cfg("trainer.max_steps=4", *FAST)
     train(cfg)

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
+from clipforge.callbacks.last_step import ValidateLastStep
 from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers_kept
 from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
@@ -231,7 +232,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         model, loss, instantiate(cfg.optimizer), scheduler, config=config, **siglip2_parts(cfg)
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    recent_loss = RecentTrainLoss()  # the summary's final train loss, whatever the callbacks config says
+    # whatever the callbacks config says: the summary's final train loss, and a validation of the last step
+    recent_loss = RecentTrainLoss()
+    always: list[Any] = [recent_loss]
     extra: dict[str, Any] = {}
     if not getattr(datamodule, "has_validation", True):
         # No held-out pairs (e.g. data=wds without val_urls): no validation loop, and no "best by
@@ -244,6 +247,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "no validation set (data.val_urls is null): not keeping a best-by-%s checkpoint",
                 ", ".join(sorted({str(cb.monitor) for cb in dropped})),
             )
+    else:
+        always.append(ValidateLastStep())
     if "enable_checkpointing" not in cfg.trainer:
         # Lightning adds an epoch-end ModelCheckpoint of its own when no callback is one; here the callbacks
         # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
@@ -252,7 +257,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*callbacks, recent_loss],
+        callbacks=[*callbacks, *always],
         logger=logger,
         plugins=[AtomicCheckpointIO()],
         **extra,

@@ -3,7 +3,8 @@ al., 2023), one module per concern. The loss, temperature, logit statistics and 
 by the module itself.
 
 * what a run logs: ``throughput`` (samples/s, MFU), ``data_skips`` (skip counters), ``similarity``
-  (image-text logit heatmap), ``attention`` (ViT attention pictures), ``evaluation`` (zero-shot, retrieval);
+  (image-text logit heatmap), ``attention`` (ViT attention pictures), ``evaluation`` (zero-shot, retrieval), ``last_step`` (validate the
+  step that reaches ``max_steps``);
 * what keeps it alive: ``periodic`` (step/time checkpoints), ``preemption`` (SIGTERM/SIGUSR1/Ctrl+C,
   SLURM requeue), ``nonfinite`` (skip non-finite steps, stop on divergence), ``rng`` (resumable RNG states);
 * shared: ``schedule`` (when to log, ``EveryNSteps``); the skip of a forward outside training while the
@@ -13,6 +14,7 @@ by the module itself.
 from clipforge.callbacks.attention import AttentionMapCallback
 from clipforge.callbacks.data_skips import DataSkipMonitor
 from clipforge.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
+from clipforge.callbacks.last_step import ValidateLastStep
 from clipforge.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from clipforge.callbacks.periodic import PeriodicCheckpoint
 from clipforge.callbacks.preemption import PreemptionCheckpoint
@@ -32,6 +34,7 @@ __all__ = [
     "RetrievalCallback",
     "SimilarityHeatmap",
     "ThroughputMonitor",
+    "ValidateLastStep",
     "ZeroShotCallback",
     "logging_step",
 ]

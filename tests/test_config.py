@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from clipforge.checkpoint import build_model
+from clipforge.ema import build_ema
 from clipforge.train import check_trainer, train
 
 
@@ -220,8 +221,11 @@ def test_siglip2_preset_has_the_papers_recipe(compose_cfg) -> None:
     with torch.device("meta"):  # full-size decoder and heads: shapes only
         parts = siglip2_parts(cfg)
         model = build_model(cfg.model, cfg.loss)
-        ema = parts["ema"]({"model": model, "objectives": torch.nn.ModuleDict(parts["objectives"])})
-    objectives = parts["objectives"]
+        objectives = parts["objectives"]
+        teachers = [o.start_frac for o in objectives.values() if o.needs_teacher]
+        ema = build_ema(
+            parts["ema"], {"model": model, "objectives": torch.nn.ModuleDict(objectives)}, teachers
+        )
     weights = {name: (o.weight, o.start_frac) for name, o in objectives.items()}
     assert weights == {"locca": (1.0, 0.0), "silc": (0.25, 0.8), "tips": (0.0625, 0.8)}
     assert objectives["silc"].num_local == 8 and objectives["tips"].mask_ratio == 0.5

@@ -225,3 +225,17 @@ def test_a_resume_that_changes_max_steps_names_the_starts_it_moves(tmp_path) -> 
     ]  # locca starts at step 0 at any length
     assert start_differences(tmp_path / "run.ckpt", config(20)) == []
     assert start_differences(tmp_path / "run.ckpt", {"trainer": {"max_steps": 40}}) == []  # no such parts
+
+
+def test_an_ema_without_a_start_starts_with_the_first_objective_that_distils_from_it(compose_cfg) -> None:
+    # SigLIP 2 initialises the teacher from the student when distillation begins: `objectives=siglip2` alone
+    # (ema=default) averaged from step 0, a teacher 0.8 of a run old by then.
+    unset = functools.partial(ModelEMA, decay=0.5, start_frac=None)
+    early = objectives(0.6)
+    early["tips"].start_frac = 0.7
+    assert make_module(objectives=early, ema=unset).ema.start_frac == 0.6
+    assert make_module(ema=unset).ema.start_frac == 0.0  # no teacher to time: an evaluation average
+    chosen = functools.partial(ModelEMA, decay=0.5, start_frac=0.3)
+    assert make_module(objectives=objectives(0.6), ema=chosen).ema.start_frac == 0.3
+    cfg = compose_cfg("loss=siglip", "objectives=siglip2")
+    assert cfg.ema.start_frac is None and cfg.objectives.silc.start_frac == 0.8

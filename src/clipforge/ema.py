@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -44,6 +44,18 @@ def as_teacher(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def build_ema(
+    factory: Callable[..., ModelEMA], modules: dict[str, nn.Module], teacher_starts: Iterable[float]
+) -> ModelEMA:
+    """``factory(modules)``, where ``factory`` is the config's partial (``ema=default``). Its ``start_frac``
+    left unset (``None``) becomes the earliest start of the objectives that distil from the average
+    (``teacher_starts``): SigLIP 2 initialises its teacher from the student when distillation begins. With no
+    such objective the average starts at step 0 (an evaluation model)."""
+    if getattr(factory, "keywords", {}).get("start_frac", 0.0) is None:
+        return factory(modules, start_frac=min(teacher_starts, default=0.0))
+    return factory(modules)
 
 
 class ModelEMA(nn.Module):

@@ -33,7 +33,7 @@ from clipforge.accumulate import CachedStep, carry_step_progress, feature_cache_
 from clipforge.callbacks.schedule import logging_step
 from clipforge.checkpoint import CONFIG_KEY, LOGGER_VERSION_KEY, WANDB_RUN_KEY
 from clipforge.distributed import all_reduce_sum, is_padding, world_info
-from clipforge.ema import ModelEMA
+from clipforge.ema import ModelEMA, build_ema
 from clipforge.loggers import csv_version, wandb_run_id
 from clipforge.losses import logit_stats
 from clipforge.losses.base import check_takes_local
@@ -101,7 +101,8 @@ class ContrastiveModule(L.LightningModule):
                 raise ValueError(f"objectives.{name}: {e}") from None
         self.objectives = nn.ModuleDict(dict(objectives)) if objectives else None
         self._decay_names = decayed_names(model, self.objectives, decay_embeddings)
-        self.ema = ema(self._ema_sources()) if ema is not None else None
+        starts = [o.start_frac for o in (objectives or {}).values() if o.needs_teacher]
+        self.ema = build_ema(ema, self._ema_sources(), starts) if ema is not None else None
         self._inactive: list[str] = []  # objectives not yet started at this step
         self._total_steps: int | None = None
         self._configured: list[dict[str, Any]] | None = None  # the optimizer's group settings as built

@@ -75,8 +75,11 @@ class RecentTrainLoss(Callback):
         return out
 
 
-def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
-    """Zero-shot top-1/top-5 on the data module's held-out labelled set, through clipforge.eval.
+def final_zero_shot(
+    model: torch.nn.Module, datamodule: Any, trainer: L.Trainer, ema_model: torch.nn.Module | None = None
+) -> dict[str, float]:
+    """Zero-shot top-1/top-5 on the data module's held-out labelled set, through clipforge.eval; with
+    ``ema_model`` (the module's EMA, ``ema=default``) its scores too, as ``final/ema_zeroshot_*``.
 
     Every rank calls it: the held-out set and the class prompts are split over ranks and reduced.
     """
@@ -93,33 +96,35 @@ def final_zero_shot(model: torch.nn.Module, datamodule: Any, trainer: L.Trainer)
         return {}
     from clipforge.eval.zeroshot import zero_shot_eval
 
-    # The zero-shot callback usually evaluated these very weights at the last epoch end: reuse it.
-    res = next(
-        (
-            cb.last_result
-            for cb in trainer.callbacks
-            if isinstance(cb, ZeroShotCallback)
-            and cb.last_result_step == trainer.global_step
-            and "top5" in (cb.last_result or {})
-        ),
-        None,
-    )
-    if res is None:
-        device = trainer.strategy.root_device
-        res = zero_shot_eval(
-            model.to(device).eval(),
-            classnames,
-            zeroshot_templates(datamodule),  # None (data.zeroshot.templates null) crashed in list() here
-            loader,
-            device=device,
-            progress=trainer.is_global_zero,
-        )
-    return {
+    # The zero-shot callback usually evaluated these very weights at the last validation: reuse it.
+    done = [cb for cb in trainer.callbacks if isinstance(cb, ZeroShotCallback)]
+    done = [cb for cb in done if cb.last_result_step == trainer.global_step]
+
+    def scores(weights: torch.nn.Module, kept: str) -> dict[str, Any]:
+        res = next((r for cb in done if "top5" in (r := getattr(cb, kept) or {})), None)
+        if res is None:
+            device = trainer.strategy.root_device
+            res = zero_shot_eval(
+                weights.to(device).eval(),
+                classnames,
+                zeroshot_templates(datamodule),  # None (data.zeroshot.templates null) crashed in list() here
+                loader,
+                device=device,
+                progress=trainer.is_global_zero,
+            )
+        return res
+
+    res = scores(model, "last_result")
+    out = {
         "final/zeroshot_top1": float(res["top1"]),
         "final/zeroshot_top5": float(res["top5"]),
         "final/zeroshot_chance": 1.0 / len(classnames),
         "final/zeroshot_samples": float(res["num_samples"]),
     }
+    if ema_model is not None:
+        res = scores(ema_model, "last_ema_result")
+        out |= {"final/ema_zeroshot_top1": float(res["top1"]), "final/ema_zeroshot_top5": float(res["top5"])}
+    return out
 
 
 def data_skips(datamodule: Any) -> dict[str, dict[str, int]]:
@@ -167,6 +172,11 @@ def summarize(
             f"held-out zero-shot top-1: {100 * metrics['final/zeroshot_top1']:.1f}% "
             f"(chance {100 * metrics['final/zeroshot_chance']:.1f}%, "
             f"{int(metrics['final/zeroshot_samples'])} images), top-5: {100 * metrics['final/zeroshot_top5']:.1f}%"
+        )
+    if "final/ema_zeroshot_top1" in metrics:
+        lines.append(
+            f"                   EMA weights: top-1 {100 * metrics['final/ema_zeroshot_top1']:.1f}%, "
+            f"top-5 {100 * metrics['final/ema_zeroshot_top5']:.1f}%"
         )
     last = next((p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "last_model_path", ""))), "")
     # "best" only from a callback that ranks by a metric (the periodic one ranks by step)

@@ -297,7 +297,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     metrics.update(recent_loss.result(trainer))
     if cfg.get("final_eval", True) and not stop_requested(callbacks, trainer):
-        metrics.update(final_zero_shot(module.model, datamodule, trainer))
+        ema = module.ema["model"] if module.ema is not None else None
+        metrics.update(final_zero_shot(module.model, datamodule, trainer, ema))
     summary = summarize(metrics, trainer, logger, data_skips(datamodule))
     finish_logger(logger, metrics, trainer.global_step)
     if trainer.is_global_zero:

@@ -82,3 +82,35 @@ def test_training_callbacks_and_final_eval_agree(compose_cfg, tmp_path):
     cli = run_retrieval(zc)
     for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert cli[k] == pytest.approx(metrics[f"val/{k}"], abs=1e-6), k
+
+
+def test_a_run_with_an_ema_reports_the_final_zero_shot_of_both_weights(compose_cfg, tmp_path, capsys):
+    # The EMA is the model such a run is meant to be used as (the SigLIP 2 preset scores it while training);
+    # the summary scored only the trained weights.
+    cfg = compose_cfg(
+        "logger=none",
+        "trainer.max_steps=3",
+        "scheduler.warmup_steps=1",
+        "data.source.num_train=96",
+        "data.source.num_heldout=48",
+        "data.source.samples_per_shard=48",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "ema=default",
+        "ema.decay=0.5",
+        "callbacks.zeroshot.use_ema=true",
+    )
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(tmp_path / "data")
+    metrics, objects = train(cfg)
+    from clipforge.eval.zeroshot import zero_shot_eval
+
+    dm, module = objects["datamodule"], objects["module"]
+    ema = zero_shot_eval(
+        module.ema["model"].eval(), dm.zeroshot_classnames, dm.zeroshot_templates, dm.zeroshot_dataloader()
+    )
+    assert metrics["final/ema_zeroshot_top1"] == pytest.approx(ema["top1"])
+    assert metrics["final/ema_zeroshot_top5"] == pytest.approx(ema["top5"])
+    assert metrics["val/ema_zeroshot_top1"] == pytest.approx(ema["top1"])  # the callback's, at the last step
+    out = capsys.readouterr().out
+    assert f"EMA weights: top-1 {100 * ema['top1']:.1f}%, top-5 {100 * ema['top5']:.1f}%" in out

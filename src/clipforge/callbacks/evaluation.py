@@ -140,6 +140,7 @@ class ZeroShotCallback(_PeriodicEval):
         self.eval_settings = {"top_k": self.top_k, "prompt_batch_size": prompt_batch_size}
         self.eval_settings |= {"precision": precision, "progress": progress}
         self.last_result: dict[str, Any] | None = None
+        self.last_ema_result: dict[str, Any] | None = None  # with use_ema
         self.last_result_step = -1  # trainer.global_step at which last_result was computed
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -162,6 +163,7 @@ class ZeroShotCallback(_PeriodicEval):
         res = self._eval(pl_module.model, pl_module, list(classnames), list(templates), loader)
         metrics = {f"val/zeroshot_top{k}": res[f"top{k}"] for k in self.top_k}
         metrics["val/zeroshot_mean_per_class"] = res["mean_per_class_accuracy"]
+        res_ema = None
         if self.use_ema:
             res_ema = self._eval(pl_module.ema["model"], pl_module, list(classnames), list(templates), loader)
             metrics |= {f"val/ema_zeroshot_top{k}": res_ema[f"top{k}"] for k in self.top_k}
@@ -171,7 +173,7 @@ class ZeroShotCallback(_PeriodicEval):
             self._log(pl_module, {"val/zeroshot_skipped_images": res["num_skipped"]})
         if trainer.is_global_zero and (self.log_confusion or self.save_dir):
             self._confusion_picture(trainer, res, list(classnames))
-        self.last_result, self.last_result_step = res, trainer.global_step
+        self.last_result, self.last_ema_result, self.last_result_step = res, res_ema, trainer.global_step
         return res
 
     def _eval(
@@ -225,6 +227,7 @@ class RetrievalCallback(_PeriodicEval):
         self.eval_settings = {"ks": self.ks, "max_samples": max_samples, "dedupe_captions": dedupe_captions}
         self.eval_settings |= {"precision": precision, "progress": progress}
         self.last_result: dict[str, Any] | None = None
+        self.last_ema_result: dict[str, Any] | None = None  # with use_ema
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         dm = trainer.datamodule

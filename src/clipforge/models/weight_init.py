@@ -8,7 +8,9 @@
   Xavier-uniform linear weights, zero biases except N(0, 1e-6) inside MLPs, LeCun-normal patch embedding.
   The output projection keeps Xavier init: zeroing it, as a classifier head would be, gives all-zero
   embeddings that a contrastive loss cannot normalise. The default of ``siglip_b16``, where it learned more
-  than ``openclip`` and ``timm`` on its own towers.
+  than ``openclip`` and ``timm`` on its own towers. As in timm, Xavier sees the fused ``qkv`` matrix as one
+  (3w x w) layer; Flax initialises q, k and v as three (w x w) layers, a std sqrt(2) larger. Kept as
+  measured: the choice above was made with timm's form.
 - ``openclip`` (the towers' constructor default and that of ``tiny``, chosen by the learning benchmark
   on ``tiny``): OpenAI CLIP's text-tower recipe (Radford et al., 2021), used by
   open_clip, applied to both towers: N(0, w^-1/2) for qkv, N(0, (2w)^-1/2) for the MLP input,

@@ -241,9 +241,21 @@ def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(
 def test_a_resumed_run_keeps_only_the_keep_last_newest_periodic_checkpoints(run_cfg, tmp_path: Path) -> None:
     # Lightning never deletes the file a run resumed from, so each ckpt_path=auto restart (a node lost,
     # a job requeued) left one full checkpoint behind beyond keep_last=2.
-    train(run_cfg(tmp_path, "trainer.max_steps=5"))  # periodic-step3, periodic-step5 (the final save)
-    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto"))  # saves at 6, 9 and 10
+    periodic_only = "~callbacks.model_checkpoint"  # its best-by-val file at step 5 would be resumed from
+    train(run_cfg(tmp_path, "trainer.max_steps=5", periodic_only))  # periodic-step3, periodic-step5 (final)
+    _, objs = train(run_cfg(tmp_path, "ckpt_path=auto", periodic_only))  # saves at 6, 9 and 10
     assert Path(objs["trainer"].ckpt_path).name == "periodic-step0000005.ckpt"
+    periodic = sorted(p.name for p in (tmp_path / "checkpoints").glob("periodic-*.ckpt"))
+    assert periodic == ["periodic-step0000009.ckpt", "periodic-step0000010.ckpt"]
+
+
+def test_a_resume_with_another_periodic_cadence_goes_on_rotating_the_same_files(
+    run_cfg, tmp_path: Path
+) -> None:
+    # The callback's state (the files it rotates) was stored under a key that named the cadence: a resume
+    # with another every_n_train_steps restored none of it, and the earlier files stayed for good.
+    train(run_cfg(tmp_path, "trainer.max_steps=4", "callbacks.periodic_checkpoint.every_n_train_steps=2"))
+    train(run_cfg(tmp_path, "ckpt_path=auto"))  # saves at 6, 9 and 10
     periodic = sorted(p.name for p in (tmp_path / "checkpoints").glob("periodic-*.ckpt"))
     assert periodic == ["periodic-step0000009.ckpt", "periodic-step0000010.ckpt"]
 

@@ -83,9 +83,9 @@ class PeriodicCheckpoint(StepClock, ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            kind="periodic", every_n_train_steps=self._every_n_train_steps, interval=self._train_time_interval
-        )
+        # The files it rotates, not its cadence: a resume with another every_n_train_steps or every_n_minutes
+        # restores the rotation (a key naming the cadence restored nothing, and the earlier files stayed).
+        return self._generate_state_key(kind="periodic", filename=self.filename)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         if self.mid_accumulation(trainer):

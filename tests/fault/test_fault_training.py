@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -247,6 +248,21 @@ def test_a_resumed_run_keeps_only_the_keep_last_newest_periodic_checkpoints(run_
     assert Path(objs["trainer"].ckpt_path).name == "periodic-step0000005.ckpt"
     periodic = sorted(p.name for p in (tmp_path / "checkpoints").glob("periodic-*.ckpt"))
     assert periodic == ["periodic-step0000009.ckpt", "periodic-step0000010.ckpt"]
+
+
+def test_a_finished_run_extends_alike_from_its_last_validations_checkpoint_and_its_periodic_one(
+    run_cfg, tmp_path: Path
+) -> None:
+    # A run that max_steps stops mid-epoch validates its last step, and the best-by-val checkpoint written
+    # then is the newest at that step, so auto-resume takes it: the extended run must be the one resumed
+    # from the periodic file saved before that validation, bit for bit.
+    first, second = tmp_path / "a", tmp_path / "b"
+    train(run_cfg(first, "trainer.max_steps=6"))
+    shutil.copytree(first, second)
+    _, objs = train(run_cfg(first, "ckpt_path=auto"))
+    assert Path(objs["trainer"].ckpt_path).name == "step0000006.ckpt"
+    train(run_cfg(second, f"ckpt_path={second / 'checkpoints' / 'periodic-step0000006.ckpt'}"))
+    assert_same_training_state(final_state(first), final_state(second))
 
 
 def test_a_resume_with_another_periodic_cadence_goes_on_rotating_the_same_files(

@@ -123,6 +123,23 @@ def test_a_dataset_without_its_required_key_names_the_key(tmp_path, color_model,
         cli.run(cfg)
 
 
+@pytest.mark.parametrize("task", ["zeroshot", "retrieval", "linear_probe"])
+@pytest.mark.parametrize("num_samples", [0, -4])
+def test_a_synthetic_set_of_no_images_names_the_key_before_the_model_loads(
+    tmp_path, monkeypatch, task: str, num_samples: int
+) -> None:
+    # eval.dataset.num_samples=0 loaded the model and encoded every prompt, then failed with "no readable
+    # images were evaluated (0 skipped)", naming no key
+    monkeypatch.setattr(cli, "load_eval_model", lambda cfg: pytest.fail("the model was loaded"))
+    cfg = compose_zeroshot(
+        "model=tiny", f"task={task}", f"eval.dataset.num_samples={num_samples}", f"output_dir={tmp_path}"
+    )
+    with pytest.raises(
+        ValueError, match=rf"^eval\.dataset\.num_samples must be an integer >= 1, got {num_samples}$"
+    ):
+        cli.run(cfg)
+
+
 def test_classnames_file_in_natural_order_scores_like_the_folder_names(tmp_path, color_model):
     # Folders named after the classes; the names file lists them in another order than sorted.
     root = make_color_folder(

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from clipforge.data.config import check_at_least
 from clipforge.distributed import world_info
 from clipforge.entry import hydra_entry
 from clipforge.eval.datasets import collate_skipping, eval_transform, load_images
@@ -164,6 +165,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     runners = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe}
     if task not in runners:
         raise ValueError(f"task must be one of {list(runners)}, got {task!r}")
+    # a synthetic set of no images was found out after the model loaded and the prompts were encoded, as
+    # "no readable images were evaluated", naming no key
+    check_at_least(1, "eval.dataset", num_samples=OmegaConf.select(cfg, "eval.dataset.num_samples"))
     return runners[task](cfg)
 
 

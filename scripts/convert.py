@@ -1,6 +1,6 @@
 """Thin wrapper around ``clipforge-convert`` (clipforge.convert_cli): export to / import from open_clip."""
 
-from clipforge.convert_cli import main
+from clipforge.convert_cli import cli
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -5,7 +5,7 @@ for an image and a checkpoint or a fresh model:
     python scripts/visualize.py --image cat.jpg --model tiny --out viz/
 """
 
-from clipforge.viz.cli import main
+from clipforge.viz.cli import cli
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -21,6 +21,7 @@ from clipforge.checkpoint import (
     checkpoint_kind,
     submodule_state,
 )
+from clipforge.entry import console_script
 
 
 def consolidate_checkpoint(src: str | Path) -> dict[str, Any]:
@@ -102,10 +103,8 @@ def save_consolidated(src: str | Path, dst: str | Path, overwrite: bool = False)
     return ckpt
 
 
-def main(argv: list[str] | None = None) -> int:
+def consolidate(argv: list[str] | None = None) -> None:
     """``clipforge-consolidate SRC DST``: a sharded checkpoint directory -> one clipforge checkpoint file."""
-    from clipforge.fault.atomic_io import CorruptCheckpointError, UnsafeCheckpointError
-
     parser = argparse.ArgumentParser(
         prog="clipforge-consolidate",
         description="Consolidate a sharded (trainer/strategy=fsdp2) checkpoint directory into one clipforge "
@@ -115,15 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="the consolidated .ckpt file to write")
     parser.add_argument("--force", action="store_true", help="replace dst if it exists")
     args = parser.parse_args(argv)
-    try:
-        ckpt = save_consolidated(args.src, args.dst, overwrite=args.force)
-    except (OSError, ValueError, CorruptCheckpointError, UnsafeCheckpointError) as e:
-        print(f"clipforge-consolidate: {e}", file=sys.stderr)  # one line naming the file, no traceback
-        return 1
+    ckpt = save_consolidated(args.src, args.dst, overwrite=args.force)
     n = sum(t.numel() for t in ckpt["state_dict"].values())
     print(f"wrote {args.dst}: {len(ckpt['state_dict'])} tensors, {n:,} values, step {ckpt['global_step']}")
-    return 0
 
+
+main = console_script("clipforge-consolidate", consolidate)  # the console script
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
-from clipforge.entry import exit_zero, files_written
+from clipforge.entry import console_script, files_written
 from clipforge.fault.atomic_io import atomic_torch_save
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     return files_written(paths)
 
 
-cli = exit_zero(main)  # the console script
+cli = console_script("clipforge-convert", main)  # the console script
 
 if __name__ == "__main__":
     raise SystemExit(cli())

@@ -1,23 +1,53 @@
 """What the console scripts share. The Hydra face of ``clipforge-train``, ``clipforge-zeroshot`` and
 ``clipforge-caption`` (one place that names the config tree, the Hydra version and what every run does before
-its work), and the ending of the argparse tools that write files (``clipforge-convert``,
-``clipforge-visualize``)."""
+its work), and the ending of every tool (:func:`console_script`): a mistake in its input is one line on
+stderr and exit status 1, a bug keeps its traceback."""
 
 from __future__ import annotations
 
 import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from clipforge.conf import CONF_DIR
 from clipforge.fault.secrets import scrub_current_hydra_run
+from clipforge.models.specs import SettingError
 
 Paths = TypeVar("Paths", bound=Mapping[str, Any])
+P = ParamSpec("P")
+
+# What a tool raises, deliberately, about its input: OSError for a path that is missing or cannot be read
+# or written, ValueError for a value it cannot take (a setting, a file's content; CorruptCheckpointError
+# and UnsafeCheckpointError are ValueErrors too), SettingError for a setting of the wrong type. Every other
+# exception (KeyError, TypeError, RuntimeError, ...) is a bug, and keeps its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SettingError)
+
+
+def console_script(prog: str, main: Callable[P, Any]) -> Callable[P, int]:
+    """The console script of the tool ``prog`` that runs ``main``; it returns the exit status.
+
+    A mistake in the tool's input (:data:`USER_ERRORS`) is one line ``prog: message`` on stderr and status
+    1, as argparse reports a bad option: no traceback. Otherwise ``main``'s own int is the status, and any
+    other return value (the paths a tool wrote) is 0: a console script hands its function's return value to
+    ``sys.exit``, which would print a dict and exit 1."""
+
+    @functools.wraps(main)
+    def script(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            out = main(*args, **kwargs)
+        except USER_ERRORS as e:
+            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"{prog}: {message or type(e).__name__}", file=sys.stderr)
+            return 1
+        return out if isinstance(out, int) else 0
+
+    return script
 
 
 def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -28,13 +58,20 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[
     @functools.wraps(run)  # Hydra's job name: run's module
     def hydra_main(cfg: DictConfig) -> None:
         scrub_current_hydra_run()  # Hydra wrote .hydra/*.yaml with the command line as typed
-        run(cfg)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # Hydra runs the sweep's other jobs, then names the failures
+            run(cfg)
+            return
+        # an error raised out of here Hydra prints with its traceback: a mistake in the input is one line
+        status = console_script(hydra_cfg.help.app_name, run)(cfg)
+        if status:
+            raise SystemExit(status)
 
     @functools.wraps(run)
     def main() -> None:
         try:
             sys.argv[1:] = checkpoint_overrides(config_name, sys.argv[1:])
-        except (OSError, ValueError) as e:  # one line naming the keys, as Hydra's own composition errors
+        except USER_ERRORS as e:  # one line naming the keys, as Hydra's own composition errors
             raise SystemExit(str(e)) from e
         try:
             hydra_main()
@@ -126,16 +163,3 @@ def files_written(paths: Paths) -> Paths:
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
-
-
-def exit_zero(main: Callable[[], Any]) -> Callable[[], int]:
-    """The console script of a tool whose ``main`` returns what it wrote: a console script hands its
-    function's return value to ``sys.exit``, which would print that dict and exit 1; this one exits 0 once
-    ``main`` has returned (an error still raises)."""
-
-    @functools.wraps(main)
-    def cli() -> int:
-        main()
-        return 0
-
-    return cli

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -516,6 +518,33 @@ def test_cli_writes_results_into_hydra_run_dir(tmp_path, color_model, monkeypatc
     assert json.loads((run_dir / "results.json").read_text())["top1"] == 1.0
     assert (run_dir / "confusion.png").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_mistake_in_the_input_is_one_line_on_stderr_and_a_bug_keeps_its_traceback(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    # a missing checkpoint printed Hydra's "Error executing job with overrides" and a traceback
+    gone = tmp_path / "gone.ckpt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipforge.eval.cli",
+        f"checkpoint={gone}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"clipforge-zeroshot: checkpoint not found: {gone}"]
+
+    def bug(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "load_eval_model", bug)
+    monkeypatch.setattr("sys.argv", ["clipforge-zeroshot", "model=tiny", f"hydra.run.dir={tmp_path / 'bug'}"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'a bug'" in err
 
 
 def test_an_image_size_the_model_cannot_take_fails_before_any_image_is_read(tmp_path):

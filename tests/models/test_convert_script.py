@@ -16,8 +16,9 @@ from modelhelpers import tokens
 from omegaconf import OmegaConf
 from PIL import Image
 
+from clipforge import convert_cli
 from clipforge.checkpoint import checkpoint_config, is_checkpoint, load_model
-from clipforge.convert_cli import main
+from clipforge.convert_cli import cli, main
 from clipforge.models.convert import check_parity, model_config
 from clipforge.viz.cli import build_fresh
 
@@ -127,6 +128,26 @@ def test_the_console_scripts_that_write_files_exit_0(tmp_path: Path, monkeypatch
     assert (tmp_path / "oc" / "open_clip_config.json").is_file() and (
         tmp_path / "v" / "patch_grid.png"
     ).is_file()
+
+
+def test_a_mistake_in_the_input_is_one_line_on_stderr_and_a_bug_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a missing --open-clip file printed a traceback ending in FileNotFoundError
+    argv = ["clipforge-convert", "import", "--open-clip", str(tmp_path / "gone.bin"), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert cli() == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"clipforge-convert: [Errno 2] No such file or directory: '{tmp_path / 'gone.bin'}'"
+    ]
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(convert_cli, "load_open_clip_checkpoint", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        cli()
 
 
 def test_an_import_killed_mid_write_leaves_the_previous_import_whole(

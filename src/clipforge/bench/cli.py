@@ -17,6 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from clipforge.entry import console_script
+
 BENCHMARKS = {
     "step": "clipforge.bench.step",
     "learning": "clipforge.bench.learning",
@@ -28,7 +30,8 @@ BENCHMARKS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def benchmark(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark named first in ``argv`` (default: ``step``) with the rest of it."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["-h"], ["--help"]):
         print(__doc__)
@@ -37,5 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     importlib.import_module(BENCHMARKS[name]).main(args)
 
 
+main = console_script("clipforge-benchmark", benchmark)  # the console script
+
 if __name__ == "__main__":  # python -m clipforge.bench.cli: where the console script is not installed
-    main()
+    sys.exit(main())

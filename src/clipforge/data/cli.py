@@ -29,6 +29,7 @@ from clipforge.data.manifest import write_manifest
 from clipforge.data.shards import ShardResult, read_shard
 from clipforge.data.sources import folder_records, img2dataset_records, synthetic_records
 from clipforge.data.writer import claim_out_dir, write_shards
+from clipforge.entry import console_script
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def shards(argv: list[str] | None = None) -> int:
+    """``clipforge-shards``: the exit status (1: no sample was written, or no shard to count)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
+
+main = console_script("clipforge-shards", shards)  # the console script
 
 if __name__ == "__main__":
     sys.exit(main())

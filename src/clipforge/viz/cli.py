@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clipforge.conf import CONF_DIR
-from clipforge.entry import exit_zero, files_written
+from clipforge.entry import console_script, files_written
 from clipforge.viz.attention import save_vit_pictures
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     return files_written(paths)
 
 
-cli = exit_zero(main)  # the console script
+cli = console_script("clipforge-visualize", main)  # the console script
 
 
 if __name__ == "__main__":

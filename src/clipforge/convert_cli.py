@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
-from clipforge.entry import console_script, files_written
+from clipforge.entry import console_script, files_written, out_folder
 from clipforge.fault.atomic_io import atomic_torch_save
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     im.add_argument("--out", required=True)
     im.set_defaults(run=import_)
     args = parser.parse_args(argv)
+    out_folder(args.out)  # before the model loads
     paths = args.run(args)
     return files_written(paths)
 

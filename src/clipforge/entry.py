@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import hydra
@@ -156,6 +157,21 @@ def checkpoint_overrides(config_name: str, args: Sequence[str]) -> list[str]:
             "weights)"
         )
     return [arg for i, arg in enumerate(args) if i not in drop]
+
+
+def out_folder(path: str | Path, option: str = "--out") -> Path:
+    """``path``, the folder a tool will write into, checked before the tool's work: a ``NotADirectoryError``
+    naming it when it is a file, or when a file stands where one of its parents must be a folder. Found out
+    by the writing, such a path failed once the model was loaded."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        if folder.exists() or folder.is_symlink():
+            what = "a file" if folder.is_file() else "not a folder"
+            problem = f"it is {what}" if folder == path else f"it cannot be a folder: {folder} is {what}"
+            raise NotADirectoryError(f"{option} {path}: {problem}")
+    return path
 
 
 def files_written(paths: Paths) -> Paths:

@@ -150,6 +150,16 @@ def test_a_mistake_in_the_input_is_one_line_on_stderr_and_a_bug_keeps_its_traceb
         cli()
 
 
+def test_an_out_path_that_is_a_file_fails_before_the_model_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it failed at the first file written, after the model was built (or a checkpoint loaded)
+    (tmp_path / "taken").write_text("")
+    monkeypatch.setattr("clipforge.viz.cli.build_fresh", lambda *args: pytest.fail("the model was built"))
+    with pytest.raises(NotADirectoryError, match=r"^--out .*taken: it is a file$"):
+        main(["export", "--model", "tiny", "--out", str(tmp_path / "taken")])
+
+
 def test_an_import_killed_mid_write_leaves_the_previous_import_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from PIL import Image
 from clipforge.callbacks.attention import AttentionMapCallback
 from clipforge.models import CLIP, VisionTransformer
 from clipforge.models.convert import export_open_clip, model_config
+from clipforge.viz import cli as viz_cli
 from clipforge.viz import (
     figure_to_array,
     pos_embed_similarity,
@@ -158,6 +160,31 @@ def test_cli_names_an_unreadable_image(image_file: Path, tmp_path: Path) -> None
         ValueError, match=r"cannot read image .*broken\.jpg: OSError: image file is truncated"
     ):
         main(["--image", str(broken), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(
+    ("out", "problem"),
+    [("taken.png", "it is a file"), ("taken.png/viz", "it cannot be a folder: {taken} is a file")],
+)
+def test_an_out_path_that_cannot_be_a_folder_fails_before_the_model_loads(
+    image_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+    problem: str,
+) -> None:
+    """--out naming a file (or a folder under one) failed with mkdir's traceback once the model was built
+    (a checkpoint loaded)."""
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"a picture already")
+    monkeypatch.setattr(viz_cli, "build_fresh", lambda *args: pytest.fail("the model was built"))
+    argv = ["clipforge-visualize", "--image", str(image_file), "--out", str(tmp_path / out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert viz_cli.cli() == 1
+    expected = f"clipforge-visualize: --out {tmp_path / out}: {problem.format(taken=taken)}"
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert taken.read_bytes() == b"a picture already"
 
 
 def test_cli_with_fresh_model_checkpoint_and_open_clip_export(image_file: Path, tmp_path: Path) -> None:

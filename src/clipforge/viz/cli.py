@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clipforge.conf import CONF_DIR
-from clipforge.entry import console_script, files_written
+from clipforge.entry import console_script, files_written, out_folder
 from clipforge.viz.attention import save_vit_pictures
 
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         parser.error("--ema reads the EMA weights of a clipforge checkpoint: give --checkpoint")
     if args.open_clip_model and not args.open_clip:  # else a fresh --model was drawn in its place
         parser.error("--open-clip-model names the architecture of --open-clip weights: give --open-clip")
+    out_folder(args.out)  # before the model loads
 
     if args.checkpoint:
         from clipforge.checkpoint import load_model

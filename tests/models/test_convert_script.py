@@ -160,6 +160,24 @@ def test_an_out_path_that_is_a_file_fails_before_the_model_is_built(
         main(["export", "--model", "tiny", "--out", str(tmp_path / "taken")])
 
 
+@pytest.mark.parametrize(
+    ("name", "suggested"),
+    [
+        ("vit-b-32", ": did you mean ViT-B-32, "),
+        ("ViT-B-3", ": did you mean ViT-B-32, "),
+        ("zzz", "; open_clip.list"),
+    ],
+)
+def test_a_model_name_open_clip_does_not_know_is_named_with_the_nearest(
+    tmp_path: Path, name: str, suggested: str
+) -> None:
+    # said only "open_clip has no model config named 'vit-b-32'", leaving the spelling to guess
+    with pytest.raises(
+        ValueError, match=rf"^open_clip has no model config named '{name}'{re.escape(suggested)}"
+    ):
+        main(["import", "--open-clip", str(tmp_path / "w.bin"), "--model-name", name, "--out", str(tmp_path)])
+
+
 def test_an_import_killed_mid_write_leaves_the_previous_import_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

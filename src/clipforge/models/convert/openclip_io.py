@@ -4,6 +4,7 @@ export our CLIP as a folder ``open_clip.create_model`` loads, import a checkpoin
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -84,6 +85,16 @@ def _weights_in(folder: Path) -> Path:
     return found[0]
 
 
+def unknown_model_name(name: str) -> str:
+    """Why open_clip has no config for the model ``name``, with the nearest of the names it has (case aside)."""
+    from open_clip import list_models
+
+    names = {n.lower(): n for n in list_models()}
+    near = [names[n] for n in difflib.get_close_matches(name.lower(), names, n=5)]
+    hint = f": did you mean {', '.join(near)}?" if near else "; open_clip.list_models() lists those it has"
+    return f"open_clip has no model config named {name!r}{hint}"
+
+
 def load_open_clip_checkpoint(
     path: str | Path, model_name: str | None = None, *, img_size: int | None = None
 ) -> CLIP:
@@ -103,7 +114,7 @@ def load_open_clip_checkpoint(
     if model_name is not None:
         model_cfg = get_model_config(model_name)
         if model_cfg is None:
-            raise ValueError(f"open_clip has no model config named {model_name!r}")
+            raise ValueError(unknown_model_name(model_name))
     elif config_file.is_file():
         model_cfg = json.loads(config_file.read_text())
         model_cfg = model_cfg.get("model_cfg", model_cfg)

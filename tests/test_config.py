@@ -261,6 +261,24 @@ def test_a_decoder_without_the_objective_that_trains_it_is_refused_before_anythi
     check_trainer(compose_cfg("loss=siglip", "decoder=locca", "objectives=locca"))  # the way to train it
 
 
+def test_a_silc_crop_as_large_as_the_models_patch_grid_is_refused_before_any_shard_is_written(
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # local_grid=8 on the tiny model's 8 x 8 patches trained SILC on "local" crops as large as the global view
+    from clipforge.data.datamodule import WebDataModule
+
+    monkeypatch.setattr(WebDataModule, "prepare_data", lambda self: pytest.fail("shards were written"))
+    cfg = compose_cfg("loss=siglip", "objectives=silc", "objectives.silc.local_grid=8")
+    cfg.paths.data_dir = str(tmp_path / "data")
+    with pytest.raises(
+        ValueError,
+        match=r"objectives\.silc: local_grid=8 is not smaller than the model's patch grid of 8 \(model\.vision"
+        r"\.img_size 32 // model\.vision\.patch_size 4\)",
+    ):
+        train(cfg)
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_presets_objective_settings_without_their_objective_are_named(compose_cfg) -> None:
     # experiment=siglip2_b16 objectives=silc kept the preset's locca and tips settings as nodes naming no
     # objective: the run failed after writing the shards with "Missing key needs_teacher", naming neither

@@ -191,6 +191,17 @@ def test_misconfigurations_fail_at_construction() -> None:
             "objectives.silc: head.in_dim is 24 but model.vision.embed_dim is 32",
         ),
         (
+            "silc",
+            lambda: SilcLoss(DinoHead(32, 16, 24, 8), local_grid=4),
+            r"objectives\.silc: local_grid=4 is not smaller than the model's patch grid of 4 "
+            r"\(model\.vision\.img_size 16 // model\.vision\.patch_size 4\)",
+        ),
+        (
+            "silc",
+            lambda: SilcLoss(DinoHead(32, 16, 24, 8), local_grid=6),
+            "local_grid=6 is not smaller than the model's patch grid of 4",
+        ),
+        (
             "tips",
             lambda: TipsLoss(DinoHead(32, 16, 24, 8), embed_dim=24),
             "objectives.tips: embed_dim is 24 but model.vision.embed_dim is 32",
@@ -201,7 +212,8 @@ def test_an_objective_built_for_another_model_fails_when_the_module_is_built(
     name, mismatched, message
 ) -> None:
     """A width, vocabulary or context that differs from the model's is named at once, not as a shape error
-    at the step the objective starts (80% into a SILC run)."""
+    at the step the objective starts (80% into a SILC run); so is a SILC crop as large as the image in
+    patches (it trained on "local" views as large as the global one, silently)."""
     teacher = {"ema": functools.partial(ModelEMA, decay=0.9)} if name != "locca" else {}
     with pytest.raises(ValueError, match=message):
         make_module(objectives={name: mismatched()}, **teacher)

@@ -86,6 +86,19 @@ class SilcLoss(CentredDistillation):
             raise ValueError(f"local_grid must be >= 1, got {local_grid}")
         self.local_grid = local_grid
 
+    def check_model(self, model: CLIP) -> None:
+        super().check_model(model)
+        # a crop cut at the image's own patch grid (or a finer one) is drawn as large as the global view:
+        # the student would distil from views that are not local
+        visual = model.visual
+        grid = visual.img_size // visual.patch_size
+        if self.local_grid >= grid:
+            raise ValueError(
+                f"local_grid={self.local_grid} is not smaller than the model's patch grid of {grid} "
+                f"(model.vision.img_size {visual.img_size} // model.vision.patch_size {visual.patch_size}): "
+                f"its crops would not be local views; set local_grid below {grid}"
+            )
+
     def sample_boxes(self, batch: int, device: torch.device) -> Tensor:
         """(batch, num_local, 4) crop boxes; one place for the randomness (tests replace it)."""
         return sample_crop_boxes(batch, self.num_local, self.local_scale, device=device)

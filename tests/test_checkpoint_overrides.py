@@ -85,3 +85,17 @@ def test_the_job_keeps_the_name_of_the_tools_module(
     monkeypatch.setattr(sys, "argv", ["clipforge-zeroshot", "model=tiny", "--cfg", "hydra"])
     zeroshot_cli.main()
     assert OmegaConf.create(capsys.readouterr().out).hydra.job.name == "cli"
+
+
+def test_a_value_error_raised_outside_clipforge_keeps_its_traceback(capsys: pytest.CaptureFixture) -> None:
+    # One line is for the errors clipforge raises about its input; the same type raised inside torch or
+    # Lightning mid-run is a failure whose traceback is the only clue.
+    from clipforge.entry import console_script
+    from clipforge.optim import check_start_frac
+
+    assert console_script("tool", lambda: check_start_frac(2.0, "ema"))() == 1
+    assert capsys.readouterr().err == "tool: ema start_frac must be in [0, 1], got 2.0\n"
+    with pytest.raises(ValueError, match="invalid literal"):
+        console_script("tool", lambda: torch.tensor(int("x")))()
+    with pytest.raises(RuntimeError):
+        console_script("tool", lambda: torch.zeros(2) @ torch.zeros(3))()

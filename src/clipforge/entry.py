@@ -24,16 +24,32 @@ Paths = TypeVar("Paths", bound=Mapping[str, Any])
 P = ParamSpec("P")
 
 # What a tool raises, deliberately, about its input: OSError for a path that is missing or cannot be read
-# or written, ValueError for a value it cannot take (a setting, a file's content; CorruptCheckpointError
-# and UnsafeCheckpointError are ValueErrors too), SettingError for a setting of the wrong type. Every other
-# exception (KeyError, TypeError, RuntimeError, ...) is a bug, and keeps its traceback.
+# or written (wherever raised: the message names the path), ValueError for a value it cannot take (a
+# setting, a file's content; CorruptCheckpointError and UnsafeCheckpointError are ValueErrors too) and
+# SettingError for a setting of the wrong type, when raised in clipforge's own code (the same types raised
+# deep inside torch or Lightning mid-run are failures). Every other exception (KeyError, TypeError,
+# RuntimeError, ...) is a bug, and keeps its traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SettingError)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def raised_by_clipforge(error: BaseException) -> bool:
+    """Whether ``error`` was raised in clipforge's own code (the innermost frame of its traceback is in
+    this package): the errors it raises about its input, rather than one from deep inside a library."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
 def console_script(prog: str, main: Callable[P, Any]) -> Callable[P, int]:
     """The console script of the tool ``prog`` that runs ``main``; it returns the exit status.
 
-    A mistake in the tool's input (:data:`USER_ERRORS`) is one line ``prog: message`` on stderr and status
+    A mistake in the tool's input (:data:`USER_ERRORS`, see there) is one line ``prog: message`` on stderr and status
     1, as argparse reports a bad option: no traceback. Otherwise ``main``'s own int is the status, and any
     other return value (the paths a tool wrote) is 0: a console script hands its function's return value to
     ``sys.exit``, which would print a dict and exit 1."""
@@ -43,6 +59,8 @@ def console_script(prog: str, main: Callable[P, Any]) -> Callable[P, int]:
         try:
             out = main(*args, **kwargs)
         except USER_ERRORS as e:
+            if not (isinstance(e, OSError) or raised_by_clipforge(e)):
+                raise  # a value error from inside torch, Lightning or numpy: a failure, with its traceback
             message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"{prog}: {message or type(e).__name__}", file=sys.stderr)
             return 1

@@ -88,15 +88,16 @@ class SilcLoss(CentredDistillation):
 
     def check_model(self, model: CLIP) -> None:
         super().check_model(model)
-        # a crop cut at the image's own patch grid (or a finer one) is drawn as large as the global view:
-        # the student would distil from views that are not local
+        # multi-crop's local views are smaller than the global one (DINO: 96 px against 224): a crop resampled
+        # to the image's own patch grid or a finer one is a zoomed-in global view, and costs as much or more
         visual = model.visual
         grid = visual.img_size // visual.patch_size
         if self.local_grid >= grid:
             raise ValueError(
                 f"local_grid={self.local_grid} is not smaller than the model's patch grid of {grid} "
                 f"(model.vision.img_size {visual.img_size} // model.vision.patch_size {visual.patch_size}): "
-                f"its crops would not be local views; set local_grid below {grid}"
+                f"its local crops would be resampled to as many patches as the global view or more "
+                f"(multi-crop's local views are smaller); set local_grid below {grid}"
             )
 
     def sample_boxes(self, batch: int, device: torch.device) -> Tensor:

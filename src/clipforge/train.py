@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
+from clipforge.callbacks.evaluation import quiet_reduced_metric_warnings
 from clipforge.callbacks.last_step import ValidateLastStep
 from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers_kept
 from clipforge.checkpoint import (
@@ -264,6 +265,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     if logger:
         logger.log_hyperparams(config)
+    quiet_reduced_metric_warnings()  # val/* are reduced over ranks before they are logged
 
     # On SIGTERM/SIGUSR1 or a first Ctrl+C a callback saves a checkpoint and exits (SystemExit, status 0):
     # clipforge.callbacks.preemption. The caller's signal handlers are back when fit ends, however it ends.

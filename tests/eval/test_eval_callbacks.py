@@ -197,3 +197,28 @@ def test_callbacks_under_two_rank_ddp_equal_one_process(handset_model, tokenizer
     assert m["val/zeroshot_top1"] == pytest.approx(4 / 6)
     assert m["val/zeroshot_mean_per_class"] == pytest.approx(2 / 3)
     assert m["val/i2t_r1"] == pytest.approx(4 / 6)
+
+
+def test_only_the_advice_to_sync_metrics_that_are_already_global_is_silenced() -> None:
+    # Under DDP Lightning advised sync_dist=True for each of val/loss, val/zeroshot_*, val/i2t_r* ... (a dozen
+    # warnings a run), which clipforge reduces over ranks itself; a user's own unsynced metric keeps it.
+    import warnings
+
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    from clipforge.callbacks.evaluation import quiet_reduced_metric_warnings
+
+    def advice(name: str) -> str:
+        return (
+            f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)` when logging on epoch level in "
+            "distributed setting to accumulate the metric across devices."
+        )
+
+    ours = ["val/loss", "val/zeroshot_top1", "val/ema_zeroshot_mean_per_class", "val/t2i_r10"]
+    ours.append("val/retrieval_mean_recall")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_reduced_metric_warnings()
+        for name in [*ours, "val/my_metric", "val/loss_of_mine"]:
+            warnings.warn(advice(name), PossibleUserWarning, stacklevel=1)
+    assert [str(w.message).split("'")[1] for w in caught] == ["val/my_metric", "val/loss_of_mine"]

@@ -14,6 +14,7 @@ Epoch-based runs happen in ``on_train_epoch_end``: to monitor ``val/zeroshot_top
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from clipforge.callbacks.schedule import StepClock, off_the_clock
 from clipforge.eval.distributed import shard_dataloader
@@ -31,6 +33,20 @@ from clipforge.eval.zeroshot import check_top_k, zero_shot_eval
 from clipforge.sharding import skip_when_sharded
 
 log = logging.getLogger(__name__)
+
+# What clipforge logs at validation, each value already reduced over ranks (the module's val/loss, these
+# callbacks' scores): logged with sync_dist=False on purpose, where Lightning advises sync_dist=True.
+REDUCED_VAL_METRICS = r"val/(loss|(ema_)?zeroshot_\w+|[it]2[it]_r\d+|retrieval_mean_recall)"
+
+
+def quiet_reduced_metric_warnings() -> None:
+    """Silence Lightning's advice to ``sync_dist`` the validation metrics that are already global (a dozen
+    warnings per multi-process run); the same advice about any other metric still shows."""
+    warnings.filterwarnings(
+        "ignore",
+        message=rf"It is recommended to use `self\.log\('{REDUCED_VAL_METRICS}', \.\.\., sync_dist=True\)`",
+        category=PossibleUserWarning,
+    )
 
 
 class _PeriodicEval(StepClock):

@@ -187,6 +187,23 @@ def test_an_out_path_that_cannot_be_a_folder_fails_before_the_model_loads(
     assert taken.read_bytes() == b"a picture already"
 
 
+@pytest.mark.parametrize("content", [None, b"not an image"], ids=["missing", "not_an_image"])
+def test_an_image_that_cannot_be_read_fails_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], content: bytes | None
+) -> None:
+    # --image was first opened once the model was loaded (minutes for a large checkpoint)
+    image = tmp_path / "photo.jpg"
+    if content is not None:
+        image.write_bytes(content)
+    monkeypatch.setattr(viz_cli, "build_fresh", lambda *args: pytest.fail("the model was built"))
+    monkeypatch.setattr(
+        sys, "argv", ["clipforge-visualize", "--image", str(image), "--out", str(tmp_path / "o")]
+    )
+    assert viz_cli.cli() == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"clipforge-visualize: --image: cannot read image {image}: ")
+
+
 def test_cli_with_fresh_model_checkpoint_and_open_clip_export(image_file: Path, tmp_path: Path) -> None:
     fresh = main(["--image", str(image_file), "--model", "tiny", "--out", str(tmp_path / "fresh")])
     assert all(p.is_file() for p in fresh.values())

@@ -165,6 +165,19 @@ def test_caption_cli_decodes_all_three_tasks(trained: dict, tmp_path: Path) -> N
     assert decoder.num_box_bins == 32 and not decoder.training
 
 
+def test_caption_cli_reads_the_images_before_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    # an unreadable image failed only once the captioner (a SigLIP 2 checkpoint: gigabytes) was loaded
+    import clipforge.caption_cli as caption_cli
+
+    monkeypatch.setattr(
+        caption_cli, "load_captioner", lambda *a, **k: pytest.fail("the checkpoint was loaded")
+    )
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
+        run_caption(_compose("caption", f"checkpoint={tmp_path / 'any.ckpt'}", f"image={broken}"))
+
+
 def test_training_batches_carry_the_generators_boxes_in_the_frame_of_each_crop(trained: dict) -> None:
     dm = trained["objs"]["datamodule"]
     ds = dm._dataset("train")

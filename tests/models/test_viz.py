@@ -201,7 +201,7 @@ def test_an_image_that_cannot_be_read_fails_before_the_model_loads(
     )
     assert viz_cli.cli() == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"clipforge-visualize: --image: cannot read image {image}: ")
+    assert line.startswith(f"clipforge-visualize: cannot read image {image}: ")
 
 
 def test_cli_with_fresh_model_checkpoint_and_open_clip_export(image_file: Path, tmp_path: Path) -> None:

@@ -42,16 +42,21 @@ def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[
     return partial(to_tensor, image_size=image_size, train=False, interpolation=interpolation)
 
 
-def load_images(paths: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """One image path or several, decoded and transformed into a batch; an unreadable file is an error
-    naming it (single-image commands: the user asked for exactly these images)."""
+def read_images(paths: str | Sequence[str]) -> list[Image.Image]:
+    """One image path or several, decoded as RGB; an unreadable file is an error naming it (single-image
+    commands: the user asked for exactly these images, so they read them before loading a model)."""
     images = []
     for p in [paths] if isinstance(paths, str) else [str(p) for p in paths]:
         try:
-            images.append(transform(load_image(p)))
-        except (OSError, ValueError, SyntaxError) as e:
+            images.append(load_image(p))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a missing, unknown or damaged file
             raise ValueError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
-    return torch.stack(images)
+    return images
+
+
+def load_images(paths: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """One image path or several, read by :func:`read_images` and transformed into a batch."""
+    return torch.stack([transform(img) for img in read_images(paths)])
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:

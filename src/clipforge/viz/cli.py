@@ -13,7 +13,7 @@ from torch import nn
 
 from clipforge.conf import CONF_DIR
 from clipforge.entry import console_script, files_written, out_folder
-from clipforge.eval.datasets import load_image
+from clipforge.eval.datasets import read_images
 from clipforge.viz.attention import save_vit_pictures
 
 
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if args.open_clip_model and not args.open_clip:  # else a fresh --model was drawn in its place
         parser.error("--open-clip-model names the architecture of --open-clip weights: give --open-clip")
     out_folder(args.out)  # before the model loads, as the image
-    try:
-        image = load_image(args.image)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a missing, unknown or damaged file
-        raise ValueError(f"--image: cannot read image {args.image}: {type(e).__name__}: {e}") from e
+    (image,) = read_images(args.image)
 
     if args.checkpoint:
         from clipforge.checkpoint import load_model

@@ -205,7 +205,9 @@ def test_single_image_mode_prints_topk(tmp_path, color_model, capsys):
     assert f"{100 * float(probs[2]):6.2f}%  blue" in printed
 
 
-def test_unreadable_single_image(tmp_path, color_model):
+def test_unreadable_single_image(tmp_path, color_model, monkeypatch):
+    # read before the model loads and the prompts are encoded (minutes for a large model)
+    monkeypatch.setattr(cli, "load_eval_model", lambda cfg: pytest.fail("the model was loaded"))
     (tmp_path / "x.jpg").write_bytes(b"nope")
     cfg = compose_zeroshot(f"image={tmp_path / 'x.jpg'}", "classnames=cifar10")
     with pytest.raises(ValueError, match="cannot read image"):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from clipforge.data.config import check_at_least
 from clipforge.distributed import world_info
 from clipforge.entry import hydra_entry
-from clipforge.eval.datasets import collate_skipping, eval_transform, load_images
+from clipforge.eval.datasets import collate_skipping, eval_transform, read_images
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import DEFAULT_TEMPLATES, Template, load_classnames, load_templates
@@ -173,6 +173,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
+    paths = ([cfg.image] if isinstance(cfg.image, str) else list(cfg.image)) if cfg.get("image") else []
+    pictures = read_images(paths)  # before the model loads: an unreadable image fails at once, naming it
     model, model_label, device, image_size, tokenizer, stored = _setup(cfg)
     rank, _ = world_info()
     transform = eval_transform(image_size)
@@ -198,8 +200,9 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
         precision=cfg.get("precision", "auto"),
         distributed=True,
     )
-    if cfg.get("image"):
-        return _predict_images(cfg, model, classifier, classnames, transform, device)
+    if pictures:
+        images = torch.stack([transform(p) for p in pictures])
+        return _predict_images(cfg, model, classifier, classnames, paths, images, device)
 
     res = evaluate_zero_shot(
         model,
@@ -339,12 +342,12 @@ def _predict_images(
     model: nn.Module,
     classifier: torch.Tensor,
     classnames: list[str],
-    transform: Any,
+    paths: list[str],
+    images: torch.Tensor,
     device: Any,
 ) -> dict[str, Any]:
-    paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image)
     top = predict(
-        model, classifier, load_images(paths, transform), classnames, k=check_top_k(cfg.get("top_k", 5)), device=device,
+        model, classifier, images, classnames, k=check_top_k(cfg.get("top_k", 5)), device=device,
         precision=cfg.get("precision", "auto"),
     )  # fmt: skip
     out = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,24 @@ def test_a_run_stopped_by_max_steps_mid_epoch_validates_its_last_step(compose_cf
     assert metrics["val/loss"] == pytest.approx(val[-1][1])
     metrics, _ = train(compose_cfg("trainer.max_steps=2", *SMALL))
     assert "val/loss" in metrics
+
+
+def test_a_run_resumed_mid_epoch_shows_its_epoch_in_the_progress_bar(compose_cfg, capfd) -> None:
+    # Lightning sizes its bar in on_train_epoch_start, which a mid-epoch resume skips: "Training: 3/?".
+    shown = (
+        "+callbacks.bar._target_=clipforge.callbacks.ProgressBar",
+        "+callbacks.bar.refresh_rate=1",
+        "+trainer.enable_progress_bar=true",
+    )
+    cfg = compose_cfg("trainer.max_steps=2", *SMALL, *PERIODIC, *shown)  # 4 batches an epoch
+    train(cfg)
+    capfd.readouterr()
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    train(compose_cfg("trainer.max_steps=6", f"ckpt_path={last}", *SMALL, *PERIODIC, *shown))
+    lines = capfd.readouterr().out.replace("\r", "\n").splitlines()  # Lightning's bar writes to stdout
+    epoch0 = [line for line in lines if line.startswith("Epoch 0:") and "it/s" in line]
+    assert epoch0 and all(" 4/4 " in line or "/4 [" in line for line in epoch0), epoch0
+    assert not [line for line in lines if re.match(r"Training: .*\| [1-9][0-9]*/\?", line)]
 
 
 def test_resume_continues_the_step_count(compose_cfg) -> None:

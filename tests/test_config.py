@@ -222,9 +222,8 @@ def test_siglip2_preset_has_the_papers_recipe(compose_cfg) -> None:
         parts = siglip2_parts(cfg)
         model = build_model(cfg.model, cfg.loss)
         objectives = parts["objectives"]
-        teachers = [o.start_frac for o in objectives.values() if o.needs_teacher]
         ema = build_ema(
-            parts["ema"], {"model": model, "objectives": torch.nn.ModuleDict(objectives)}, teachers
+            parts["ema"], {"model": model, "objectives": torch.nn.ModuleDict(objectives)}, objectives
         )
     weights = {name: (o.weight, o.start_frac) for name, o in objectives.items()}
     assert weights == {"locca": (1.0, 0.0), "silc": (0.25, 0.8), "tips": (0.0625, 0.8)}

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,14 +48,19 @@ def as_teacher(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def build_ema(
-    factory: Callable[..., ModelEMA], modules: dict[str, nn.Module], teacher_starts: Iterable[float]
-) -> ModelEMA:
-    """``factory(modules)``, where ``factory`` is the config's partial (``ema=default``). Its ``start_frac``
-    left unset (``None``) becomes the earliest start of the objectives that distil from the average
-    (``teacher_starts``): SigLIP 2 initialises its teacher from the student when distillation begins. With no
-    such objective the average starts at step 0 (an evaluation model)."""
+    factory: Callable[..., ModelEMA] | None,
+    modules: dict[str, nn.Module],
+    objectives: Mapping[str, Any] | None,
+) -> ModelEMA | None:
+    """``factory(modules)``, where ``factory`` is the config's partial (``ema=default``; None: no EMA). Its
+    ``start_frac`` left unset (``None``) becomes the earliest start of the ``objectives`` that distil from the
+    average (``needs_teacher``): SigLIP 2 initialises its teacher from the student when distillation begins.
+    With no such objective the average starts at step 0 (an evaluation model)."""
+    if factory is None:
+        return None
     if getattr(factory, "keywords", {}).get("start_frac", 0.0) is None:
-        return factory(modules, start_frac=min(teacher_starts, default=0.0))
+        starts = [o.start_frac for o in (objectives or {}).values() if getattr(o, "needs_teacher", False)]
+        return factory(modules, start_frac=min(starts, default=0.0))
     return factory(modules)
 
 

@@ -101,8 +101,7 @@ class ContrastiveModule(L.LightningModule):
                 raise ValueError(f"objectives.{name}: {e}") from None
         self.objectives = nn.ModuleDict(dict(objectives)) if objectives else None
         self._decay_names = decayed_names(model, self.objectives, decay_embeddings)
-        starts = [o.start_frac for o in (objectives or {}).values() if o.needs_teacher]
-        self.ema = build_ema(ema, self._ema_sources(), starts) if ema is not None else None
+        self.ema = build_ema(ema, self._ema_sources(), objectives)
         self._inactive: list[str] = []  # objectives not yet started at this step
         self._total_steps: int | None = None
         self._configured: list[dict[str, Any]] | None = None  # the optimizer's group settings as built

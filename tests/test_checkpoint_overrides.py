@@ -4,6 +4,7 @@ naming neither the override nor why it cannot apply."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_the_job_keeps_the_name_of_the_tools_module(
 def test_a_value_error_raised_outside_clipforge_keeps_its_traceback(capsys: pytest.CaptureFixture) -> None:
     # One line is for the errors clipforge raises about its input; the same type raised inside torch or
     # Lightning mid-run is a failure whose traceback is the only clue.
-    from clipforge.entry import console_script
+    from clipforge.console import console_script
     from clipforge.optim import check_start_frac
 
     assert console_script("tool", lambda: check_start_frac(2.0, "ema"))() == 1
@@ -99,3 +100,15 @@ def test_a_value_error_raised_outside_clipforge_keeps_its_traceback(capsys: pyte
         console_script("tool", lambda: torch.tensor(int("x")))()
     with pytest.raises(RuntimeError):
         console_script("tool", lambda: torch.zeros(2) @ torch.zeros(3))()
+
+
+def test_the_benchmark_commands_help_imports_neither_torch_nor_hydra() -> None:
+    # the one-line error handling every console script shares must not make `--help` load torch (seconds)
+    code = (
+        "import sys; from clipforge.bench.cli import benchmark; benchmark(['--help']); "
+        "print(sorted(m for m in ('torch', 'hydra', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "[]"

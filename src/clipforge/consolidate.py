@@ -21,7 +21,7 @@ from clipforge.checkpoint import (
     checkpoint_kind,
     submodule_state,
 )
-from clipforge.entry import console_script
+from clipforge.console import console_script
 
 
 def consolidate_checkpoint(src: str | Path) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
-from clipforge.entry import console_script, files_written, out_folder
+from clipforge.console import console_script
+from clipforge.entry import files_written, out_folder
 from clipforge.fault.atomic_io import atomic_torch_save
 from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
 

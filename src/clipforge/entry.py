@@ -1,7 +1,7 @@
 """What the console scripts share. The Hydra face of ``clipforge-train``, ``clipforge-zeroshot`` and
 ``clipforge-caption`` (one place that names the config tree, the Hydra version and what every run does before
-its work), and the ending of every tool (:func:`console_script`): a mistake in its input is one line on
-stderr and exit status 1, a bug keeps its traceback."""
+its work, ended by :func:`clipforge.console.console_script` as every tool is), and what the tools that write
+files check and print."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,56 +17,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from clipforge.conf import CONF_DIR
+from clipforge.console import console_script, is_user_error
 from clipforge.fault.secrets import scrub_current_hydra_run
-from clipforge.models.specs import SettingError
 
 Paths = TypeVar("Paths", bound=Mapping[str, Any])
-P = ParamSpec("P")
-
-# What a tool raises, deliberately, about its input: OSError for a path that is missing or cannot be read
-# or written (wherever raised: the message names the path), ValueError for a value it cannot take (a
-# setting, a file's content; CorruptCheckpointError and UnsafeCheckpointError are ValueErrors too) and
-# SettingError for a setting of the wrong type, when raised in clipforge's own code (the same types raised
-# deep inside torch or Lightning mid-run are failures). Every other exception (KeyError, TypeError,
-# RuntimeError, ...) is a bug, and keeps its traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SettingError)
-
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def raised_by_clipforge(error: BaseException) -> bool:
-    """Whether ``error`` was raised in clipforge's own code (the innermost frame of its traceback is in
-    this package): the errors it raises about its input, rather than one from deep inside a library."""
-    tb = error.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
-
-
-def console_script(prog: str, main: Callable[P, Any]) -> Callable[P, int]:
-    """The console script of the tool ``prog`` that runs ``main``; it returns the exit status.
-
-    A mistake in the tool's input (:data:`USER_ERRORS`, see there) is one line ``prog: message`` on stderr and status
-    1, as argparse reports a bad option: no traceback. Otherwise ``main``'s own int is the status, and any
-    other return value (the paths a tool wrote) is 0: a console script hands its function's return value to
-    ``sys.exit``, which would print a dict and exit 1."""
-
-    @functools.wraps(main)
-    def script(*args: P.args, **kwargs: P.kwargs) -> int:
-        try:
-            out = main(*args, **kwargs)
-        except USER_ERRORS as e:
-            if not (isinstance(e, OSError) or raised_by_clipforge(e)):
-                raise  # a value error from inside torch, Lightning or numpy: a failure, with its traceback
-            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"{prog}: {message or type(e).__name__}", file=sys.stderr)
-            return 1
-        return out if isinstance(out, int) else 0
-
-    return script
 
 
 def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -90,8 +44,10 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[
     def main() -> None:
         try:
             sys.argv[1:] = checkpoint_overrides(config_name, sys.argv[1:])
-        except USER_ERRORS as e:  # one line naming the keys, as Hydra's own composition errors
-            raise SystemExit(str(e)) from e
+        except Exception as e:
+            if not is_user_error(e):
+                raise
+            raise SystemExit(str(e)) from e  # one line naming the keys, as Hydra's own composition errors
         try:
             hydra_main()
         finally:  # Hydra leaves its run config in a process-wide singleton; a later in-process call

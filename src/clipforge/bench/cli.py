@@ -17,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from clipforge.entry import console_script
+from clipforge.console import console_script
 
 BENCHMARKS = {
     "step": "clipforge.bench.step",

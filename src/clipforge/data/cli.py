@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clipforge.console import console_script
 from clipforge.data.manifest import write_manifest
 from clipforge.data.shards import ShardResult, read_shard
 from clipforge.data.sources import folder_records, img2dataset_records, synthetic_records
 from clipforge.data.writer import claim_out_dir, write_shards
-from clipforge.entry import console_script
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}

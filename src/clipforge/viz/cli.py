@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from clipforge.conf import CONF_DIR
-from clipforge.entry import console_script, files_written, out_folder
+from clipforge.console import console_script
+from clipforge.entry import files_written, out_folder
 from clipforge.eval.datasets import read_images
 from clipforge.viz.attention import save_vit_pictures
 

@@ -1,7 +1,7 @@
 """Rebuild a trained model from a clipforge Lightning checkpoint (which carries its resolved config), and
 consolidate a sharded (FSDP2, ``torch.distributed.checkpoint``) checkpoint directory into one such file.
 
-Consolidation, from the command line (``clipforge-consolidate`` = ``python -m clipforge.checkpoint``)::
+Consolidation, from the command line (``clipforge-consolidate`` = ``python -m clipforge.consolidate``)::
 
     clipforge-consolidate outputs/my-run/checkpoints/last.ckpt my-run.ckpt
 

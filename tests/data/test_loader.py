@@ -247,16 +247,17 @@ def test_a_sigterm_to_every_process_of_the_job_leaves_the_workers_running(shards
     the DataLoader workers too. torch's workers died of SIGTERM at once, so the training process failed with
     "DataLoader worker ... is killed by signal: Terminated" instead of finishing its step and saving
     (callbacks.preemption); the training process decides, and then shuts its workers down itself."""
+    before = set(multiprocessing.active_children())  # an earlier test's loader may not be collected yet
     dm = data_module(shards, 8, 2)
     dm.setup("fit")
     batches = iter(dm.train_dataloader())
     seen = [i for _ in range(2) for i in sample_ids(next(batches)[2])]  # one batch from each worker
-    workers = multiprocessing.active_children()
+    workers = set(multiprocessing.active_children()) - before
     assert len(workers) == 2
     subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)  # from outside
     seen += [i for b in batches for i in sample_ids(b[2])]
     assert sorted(seen) == list(range(sum(SIZES)))
-    assert not multiprocessing.active_children()  # the epoch's end still stopped them
+    assert not workers & set(multiprocessing.active_children())  # the epoch's end still stopped them
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])

@@ -243,7 +243,6 @@ class RetrievalCallback(_PeriodicEval):
         self.eval_settings = {"ks": self.ks, "max_samples": max_samples, "dedupe_captions": dedupe_captions}
         self.eval_settings |= {"precision": precision, "progress": progress}
         self.last_result: dict[str, Any] | None = None
-        self.last_ema_result: dict[str, Any] | None = None  # with use_ema
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         dm = trainer.datamodule

@@ -91,7 +91,7 @@ class SilcLoss(CentredDistillation):
         # multi-crop's local views are smaller than the global one (DINO: 96 px against 224): a crop resampled
         # to the image's own patch grid or a finer one is a zoomed-in global view, and costs as much or more
         visual = model.visual
-        grid = visual.img_size // visual.patch_size
+        grid = visual.grid_size
         if self.local_grid >= grid:
             raise ValueError(
                 f"local_grid={self.local_grid} is not smaller than the model's patch grid of {grid} "

@@ -99,15 +99,15 @@ def remove_interrupted_save(tmp: Path) -> None:
         log.info("ignoring %s: not a file (clipforge's saves write files)", tmp)
         return
     try:
-        idle = time.time() - tmp.stat().st_mtime
-        if idle < STALE_TMP_S:
-            log.info("left %s in place: written %.0f s ago, a save may still be writing it", tmp, idle)
-            return
-        size = tmp.stat().st_size
-        tmp.unlink(missing_ok=True)  # every rank scans: another may have removed it first
-    except FileNotFoundError:
+        st = tmp.stat()
+    except FileNotFoundError:  # every rank scans: another may have removed it first
         return
-    log.info("removed %s (%.1f MB): the file of a save interrupted before its rename", tmp, size / 1e6)
+    idle = time.time() - st.st_mtime
+    if idle < STALE_TMP_S:
+        log.info("left %s in place: written %.0f s ago, a save may still be writing it", tmp, idle)
+        return
+    tmp.unlink(missing_ok=True)
+    log.info("removed %s (%.1f MB): the file of a save interrupted before its rename", tmp, st.st_size / 1e6)
 
 
 def resolve_ckpt_path(ckpt_path: str | Path | None, search_dir: str | Path) -> str | None:

@@ -36,7 +36,8 @@ IMG_EXTENSIONS = tuple(f".{e}" for e in IMAGE_EXTS)
 
 def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
     """CLIP's test-time preprocessing, the same code the training data module evaluates with:
-    centre square crop, resize to ``image_size``, CLIP mean/std (``clipforge.data.transforms``)."""
+    shorter side resized to ``image_size``, centre crop, CLIP mean/std (``clipforge.data.transforms``; open_clip's
+    Resize + CenterCrop, within one uint8 step)."""
     from clipforge.data.transforms import to_tensor
 
     return partial(to_tensor, image_size=image_size, train=False, interpolation=interpolation)

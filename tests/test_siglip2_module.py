@@ -239,6 +239,34 @@ def test_a_resume_that_changes_max_steps_names_the_starts_it_moves(tmp_path) -> 
     assert start_differences(tmp_path / "run.ckpt", {"trainer": {"max_steps": 40}}) == []  # no such parts
 
 
+def test_a_resume_whose_config_starts_a_part_elsewhere_names_it(tmp_path) -> None:
+    """Not only max_steps moves a start: a run trained with ema.start_frac=0.0 (the default before it became
+    null, the first distilling objective's start) and resumed under today's default had its EMA copy the
+    weights again until step 32, with no word; so did a changed objectives.*.start_frac."""
+    from clipforge.checkpoint import start_differences
+
+    silc = {"_target_": "clipforge.losses.silc.SilcLoss", "start_frac": 0.8}
+    locca = {"_target_": "clipforge.losses.locca.LocCaLoss", "start_frac": 0.0}
+
+    def config(ema_frac: float | None, silc_frac: float = 0.8) -> dict:
+        objectives = {"locca": locca, "silc": {**silc, "start_frac": silc_frac}}
+        return {"trainer": {"max_steps": 40}, "objectives": objectives, "ema": {"start_frac": ema_frac}}
+
+    torch.save({"clipforge_config": config(0.0), "state_dict": {}}, tmp_path / "old.ckpt")
+    assert start_differences(tmp_path / "old.ckpt", config(None)) == [
+        "ema: step 0 in the checkpoint's run (start_frac=0.0), 32 in this one (start_frac=null: "
+        "objectives.silc's start, 0.8)"
+    ]  # LocCa does not distil from the EMA, so it does not set its start
+    torch.save({"clipforge_config": config(None), "state_dict": {}}, tmp_path / "new.ckpt")
+    assert start_differences(tmp_path / "new.ckpt", config(None)) == []
+    assert start_differences(tmp_path / "new.ckpt", config(0.8)) == []  # the same step, said another way
+    assert start_differences(tmp_path / "new.ckpt", config(None, silc_frac=0.5)) == [
+        "objectives.silc: step 32 in the checkpoint's run (start_frac=0.8), 20 in this one (start_frac=0.5)",
+        "ema: step 32 in the checkpoint's run (start_frac=null: objectives.silc's start, 0.8), 20 in this "
+        "one (start_frac=null: objectives.silc's start, 0.5)",
+    ]
+
+
 def test_an_ema_without_a_start_starts_with_the_first_objective_that_distils_from_it(compose_cfg) -> None:
     # SigLIP 2 initialises the teacher from the student when distillation begins: `objectives=siglip2` alone
     # (ema=default) averaged from step 0, a teacher 0.8 of a run old by then.

@@ -254,28 +254,60 @@ def schedule_differences(path: str | Path, config: Mapping[str, Any]) -> list[st
     return out + config_differences(stored.get("scheduler") or {}, config.get("scheduler") or {}, "scheduler")
 
 
-def start_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
-    """The parts that start at a fraction of ``trainer.max_steps`` (``objectives.*.start_frac``,
-    ``ema.start_frac``) whose first step moves when checkpoint ``path``'s run is resumed with ``config``'s
-    max_steps: one that had started is off again (the EMA copies the weights) until its new start."""
+def part_starts(config: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
+    """``name -> (first step, how its start_frac reads)`` of each part of a resolved train ``config`` that
+    starts at a fraction of ``trainer.max_steps``: ``objectives.*`` and the EMA, whose ``start_frac: null`` is
+    the start of the first objective that distils from it (:func:`clipforge.ema.build_ema`), else 0."""
     from clipforge.optim import first_step
 
-    stored = (checkpoint_config(path) or {}).get("trainer") or {}
-    was, now = stored.get("max_steps"), (config.get("trainer") or {}).get("max_steps")
-    if not isinstance(was, int) or not isinstance(now, int) or min(was, now) < 0 or was == now:
-        return []
-    fracs = {
-        f"objectives.{k}": (v or {}).get("start_frac") for k, v in (config.get("objectives") or {}).items()
-    }
-    fracs["ema"] = (config.get("ema") or {}).get("start_frac")
-    starts = {
-        name: (frac, first_step(frac, was), first_step(frac, now)) for name, frac in fracs.items() if frac
-    }
-    return [
-        f"{name} (start_frac={frac}): step {before} in the checkpoint's run, {after} in this one"
-        for name, (frac, before, after) in starts.items()
-        if before != after
-    ]
+    total = (config.get("trainer") or {}).get("max_steps")
+    if not isinstance(total, int) or total < 0:
+        return {}
+    out, teachers = {}, []
+    for key, node in (config.get("objectives") or {}).items():
+        frac = (node or {}).get("start_frac")
+        if isinstance(frac, (int, float)):
+            out[f"objectives.{key}"] = (first_step(frac, total), f"start_frac={frac}")
+            if _distils_from_ema(node.get("_target_")):
+                teachers.append((frac, f"objectives.{key}"))
+    ema = config.get("ema")
+    if isinstance(ema, Mapping):
+        frac = ema.get("start_frac")
+        if frac is None:
+            frac, said = min(teachers, default=(0.0, ""))
+            said = f"start_frac=null: {said}'s start, {frac}" if said else "start_frac=null: 0"
+        else:
+            said = f"start_frac={frac}"
+        out["ema"] = (first_step(frac, total), said)
+    return out
+
+
+def _distils_from_ema(target: Any) -> bool:
+    """Whether the objective class a config's ``_target_`` names distils from the EMA (``needs_teacher``)."""
+    from hydra.utils import get_class
+
+    try:
+        return bool(getattr(get_class(target), "needs_teacher", False)) if isinstance(target, str) else False
+    except (ImportError, ValueError):  # a class since renamed: it cannot be told, so it sets no start
+        return False
+
+
+def start_differences(path: str | Path, config: Mapping[str, Any]) -> list[str]:
+    """The parts that start at a fraction of ``trainer.max_steps`` (:func:`part_starts`) whose first step
+    differs between checkpoint ``path``'s run and a resume with ``config``: another ``max_steps``, another
+    ``start_frac``, or another default. One that had started is off again (the EMA copies the weights) until
+    its new start."""
+    stored = part_starts(checkpoint_config(path) or {})
+    out = []
+    for name, (after, now) in part_starts(config).items():
+        if name not in stored or stored[name][0] == after:
+            continue
+        before, was = stored[name]
+        if was == now:
+            out.append(f"{name} ({now}): step {before} in the checkpoint's run, {after} in this one")
+        else:
+            out.append(f"{name}: step {before} in the checkpoint's run ({was}), {after} in this one ({now})")
+    return out
 
 
 def _on(setting: Any) -> str:

@@ -221,8 +221,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     moved = start_differences(ckpt_path, config) if ckpt_path is not None else []
     if moved:  # a part that had started is off again until its new start
         log.warning(
-            "resuming %s with another trainer.max_steps moves the start of each part that starts at a fraction "
-            "of it: %s",
+            "resuming %s starts these parts at other steps than its run did (each starts at a fraction of "
+            "trainer.max_steps; one that had started is off again until its new start): %s",
             ckpt_path,
             "; ".join(moved),
         )

@@ -48,6 +48,34 @@ def test_a_run_stopped_by_max_steps_mid_epoch_validates_its_last_step(compose_cf
     assert "val/loss" in metrics
 
 
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_grad_checkpointing_recomputes_each_block_and_trains_the_same_weights(
+    compose_cfg, monkeypatch, accum_freq: int
+) -> None:
+    # open_clip's --grad-checkpointing: the towers had it (model.set_grad_checkpointing) but no setting
+    # reached it, so a run could not trade compute for activation memory at all.
+    from clipforge.models.layers import Block
+
+    calls = []  # Block.forward under grad (training): torch's recomputation calls it, not the module's hooks
+    forward = Block.forward
+
+    def counted(self, *args, **kwargs):
+        calls.extend([1] if torch.is_grad_enabled() else [])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Block, "forward", counted)
+    runs = {}
+    for on in (False, True):
+        calls.clear()
+        flags = (f"grad_checkpointing={str(on).lower()}", f"module.accum_freq={accum_freq}")
+        _, objs = train(compose_cfg("trainer.max_steps=3", *flags, *SMALL))
+        runs[on] = (objs["module"].model.state_dict(), len(calls))
+    (plain, plain_calls), (ckpt, ckpt_calls) = runs[False], runs[True]
+    assert ckpt_calls == 2 * plain_calls  # every block that ran under grad ran twice
+    for name, value in plain.items():
+        torch.testing.assert_close(ckpt[name], value, rtol=0, atol=1e-6, msg=name)
+
+
 def test_a_run_resumed_mid_epoch_shows_its_epoch_in_the_progress_bar(compose_cfg, capfd) -> None:
     # Lightning sizes its bar in on_train_epoch_start, which a mid-epoch resume skips: "Training: 3/?".
     shown = (

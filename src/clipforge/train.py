@@ -226,6 +226,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             ckpt_path,
             "; ".join(moved),
         )
+    if cfg.get("grad_checkpointing"):  # how the towers run, not what they are: not in the model's node
+        model.set_grad_checkpointing(True)
     if mode is not None:
         compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None

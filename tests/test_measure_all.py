@@ -161,6 +161,20 @@ def test_fsdp2_overrides_compose() -> None:
     assert cfg.trainer.max_steps == 20 and "ModelParallel" in cfg.trainer.strategy._target_
 
 
+def test_every_module_a_part_runs_with_python_m_does_something() -> None:
+    """``python -m X`` of a module without a ``__main__`` block imports it and exits 0: the fsdp2 part's
+    consolidation ran ``python -m clipforge.checkpoint``, which consolidated nothing and passed."""
+    import importlib.util
+    import shlex
+
+    for part in device.parts():
+        words = [w for item in part.gpu for w in (shlex.split(item) if " " in item else [item])]
+        for i, word in enumerate(words[:-1]):
+            if word == "-m" and words[i + 1].startswith("clipforge"):
+                source = Path(importlib.util.find_spec(words[i + 1]).origin).read_text()
+                assert 'if __name__ == "__main__"' in source, f"{part.name}: python -m {words[i + 1]}"
+
+
 def test_no_wheels_to_install_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """measure_all.sh reads --missing-wheels with mapfile: a lone blank line became one empty wheel name,
     and the script ran `pip install ''` (ERROR: Invalid requirement) whenever .whl/ was absent or complete."""

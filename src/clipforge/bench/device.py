@@ -77,7 +77,7 @@ def parts() -> list[Part]:
     train += ["trainer.max_steps=20", "data.source.num_train=4096", "data.source.num_heldout=256"]
     train += ["paths.data_dir=/tmp/clipforge-data", f"hydra.run.dir={fsdp2_dir}"]
     train += ["callbacks.periodic_checkpoint.every_n_train_steps=10"]
-    consolidate = [sys.executable, "-m", "clipforge.checkpoint", f"{fsdp2_dir}/checkpoints/last.ckpt"]
+    consolidate = [sys.executable, "-m", "clipforge.consolidate", f"{fsdp2_dir}/checkpoints/last.ckpt"]
     consolidate += [f"{fsdp2_dir}/consolidated.ckpt", "--force"]
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu"]
     pytest += ["--continue-on-collection-errors", *gpu_test_files()]

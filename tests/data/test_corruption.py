@@ -9,6 +9,7 @@ import pytest
 from datahelpers import add, data_module, pattern, sample_ids, write_sizes
 
 from clipforge.data import shards as shards_module
+from clipforge.data.cli import count_shards
 from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables
 from clipforge.data.manifest import write_manifest
 from clipforge.data.plan import Segment
@@ -195,6 +196,24 @@ def test_macos_tar_resource_forks_are_not_samples(shards):
         for name, data in members:
             add(tar, "._" + name, b"\x00\x05\x16\x07 Mac OS X        ")
             add(tar, name, data)
+    dm = module(pat)
+    ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
+    assert sorted(ids) == list(range(40))
+    assert set(dm.skip_counts().values()) == {0}
+
+
+def test_members_without_a_key_are_no_samples(shards):
+    """``tar`` run on a folder packs what else lies there: a ``README``, macOS's ``.DS_Store``. WebDataset
+    gives such names no key (a base name without a dot, or starting with one) and leaves them out; here each
+    was a sample without an image, counted as missing_image, and the worker re-read others to make up."""
+    root, urls, pat = shards
+    with tarfile.open(urls[0]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members = [("README", b"photos"), *members[:6], ("photos/.DS_Store", b"\x00" * 8), *members[6:]]
+    with tarfile.open(urls[0], "w") as tar:
+        for name, data in [*members, ("LICENSE", b"CC-BY")]:
+            add(tar, name, data)
+    assert count_shards(root)["00000.tar"] == 10
     dm = module(pat)
     ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
     assert sorted(ids) == list(range(40))

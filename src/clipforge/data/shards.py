@@ -181,10 +181,12 @@ def dotted_key_hint(key: str, exts: Iterable[str]) -> str:
     )
 
 
-def _is_apple_double(name: str) -> bool:
-    """macOS tar writes ``._NAME`` (extended attributes) before each file that has some, e.g. a downloaded
-    image: read as samples, they would split every real sample in two."""
-    return name.rsplit("/", 1)[-1].startswith("._")
+def _keyless(name: str) -> bool:
+    """A member of no sample: WebDataset's split gives no key to a base name without a dot (``README``)
+    or starting with one (``.DS_Store``; macOS tar writes ``._NAME``, extended attributes, before each file
+    that has some, e.g. a downloaded image: read as samples, they would split every real sample in two)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(".") or "." not in base
 
 
 def _sample_follows(tar: tarfile.TarFile, first: tarfile.TarInfo) -> bool:
@@ -194,7 +196,7 @@ def _sample_follows(tar: tarfile.TarFile, first: tarfile.TarInfo) -> bool:
     info: tarfile.TarInfo | None = first
     try:
         while info is not None and (
-            not info.isfile() or _is_apple_double(info.name) or split_name(info.name)[0] == key
+            not info.isfile() or _keyless(info.name) or split_name(info.name)[0] == key
         ):
             f = tar.extractfile(info) if info.isfile() else None
             if f is not None:
@@ -226,7 +228,7 @@ def read_shard(
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the stream is closed below)
         current: RawSample | None = None
         for info in tar:
-            if not info.isfile() or _is_apple_double(info.name):
+            if not info.isfile() or _keyless(info.name):
                 continue
             members += 1
             key, ext = split_name(info.name)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from datahelpers import add, data_module, pattern, sample_ids, write_sizes
+from datahelpers import add, data_module, pattern, sample_ids, tiny_jpeg, write_sizes
 
 from clipforge.data import shards as shards_module
 from clipforge.data.cli import count_shards
@@ -14,7 +14,7 @@ from clipforge.data.failures import FailureMonitor, FailurePolicy, new_tables
 from clipforge.data.manifest import write_manifest
 from clipforge.data.plan import Segment
 from clipforge.data.read import read_segments
-from clipforge.data.shards import DataError
+from clipforge.data.shards import DataError, ShardResult, read_shard
 
 SIZES = [10, 10, 10, 10]
 
@@ -218,3 +218,34 @@ def test_members_without_a_key_are_no_samples(shards):
     ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
     assert sorted(ids) == list(range(40))
     assert set(dm.skip_counts().values()) == {0}
+
+
+def test_a_key_twice_in_a_row_is_two_samples_not_one_with_mixed_members(shards):
+    """A key's members twice in a row (a writer that retried a sample, tars joined by hand) were read as one
+    sample, the later members replacing the earlier: a sample lost without a word, and where the second copy
+    had no caption, its image trained on the first copy's caption. A repeated extension starts a new sample,
+    as in open_clip's reader (webdataset's raises)."""
+    root, urls, pat = shards
+    with tarfile.open(urls[1]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    fifteen = [(name, data) for name, data in members if name.startswith("000000015.")]
+    with tarfile.open(urls[1], "w") as tar:
+        for name, data in members:
+            add(tar, name, data)
+            if name == "000000012.json":  # a second copy of 12: another image, no caption
+                add(tar, "000000012.jpg", tiny_jpeg(99))
+            if name == "000000015.json":  # 15 whole, twice
+                for name15, data15 in fifteen:
+                    add(tar, name15, data15)
+    samples = list(read_shard(urls[1], ShardResult()))
+    assert [(s.key, sorted(s.members)) for s in samples[2:4]] == [
+        ("000000012", ["jpg", "json", "txt"]),
+        ("000000012", ["jpg"]),
+    ]
+    assert samples[3].members["jpg"] == tiny_jpeg(99)
+    assert [s.key for s in samples].count("000000015") == 2 and len(samples) == 12
+    write_manifest(root, count_shards(root))
+    dm = module(pat)
+    ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
+    assert dm.skip_counts()["missing_caption"] == 1  # the second 12, not paired with the first's caption
+    assert ids.count(15) >= 2 and len(ids) == 42

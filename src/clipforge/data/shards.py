@@ -193,11 +193,15 @@ def _sample_follows(tar: tarfile.TarFile, first: tarfile.TarInfo) -> bool:
     """Whether the sample that member ``first`` begins is whole: its members read through to the next
     sample or the end of the tar (a shard cut inside it holds no more than the samples before it)."""
     key = split_name(first.name)[0]
+    exts: set[str] = set()
     info: tarfile.TarInfo | None = first
     try:
-        while info is not None and (
-            not info.isfile() or _keyless(info.name) or split_name(info.name)[0] == key
-        ):
+        while info is not None:
+            if info.isfile() and not _keyless(info.name):
+                k, ext = split_name(info.name)
+                if k != key or ext in exts:  # the next sample (a repeated extension starts one)
+                    break
+                exts.add(ext)
             f = tar.extractfile(info) if info.isfile() else None
             if f is not None:
                 f.read()
@@ -227,12 +231,15 @@ def read_shard(
         stream, proc, errfile = _open(url)
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the stream is closed below)
         current: RawSample | None = None
+        exts: set[str] = set()  # the current sample's extensions, kept or not (before ``start``)
         for info in tar:
             if not info.isfile() or _keyless(info.name):
                 continue
             members += 1
             key, ext = split_name(info.name)
-            if current is None or key != current.key:
+            # A repeated extension starts a new sample, as in open_clip's reader (webdataset's raises): a
+            # key twice in a row is two samples, not one whose later members replace the earlier ones.
+            if current is None or key != current.key or ext in exts:
                 if current is not None:
                     if index >= start:
                         result.delivered += 1
@@ -242,7 +249,8 @@ def read_shard(
                         current = None
                         result.more = peek and _sample_follows(tar, info)
                         break
-                current = RawSample(key=key, url=url)
+                current, exts = RawSample(key=key, url=url), set()
+            exts.add(ext)
             if index >= start:
                 f = tar.extractfile(info)
                 current.members[ext] = f.read() if f is not None else b""

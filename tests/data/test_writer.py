@@ -1,3 +1,4 @@
+import gzip
 import io
 import json
 import tarfile
@@ -6,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datahelpers import add, tiny_jpeg, write_sizes
+from datahelpers import add, data_module, sample_ids, tiny_jpeg, write_sizes
 from PIL import Image
 
 from clipforge.data.cli import main as shards_main
@@ -427,6 +428,24 @@ def test_manifest_lookup_by_directory_and_for_pipe_urls(tmp_path):
     assert shard_name(pipe) == "00001.tar"
     assert find_manifest([pipe]) is None
     assert find_manifest([pipe], manifest=str(tmp_path / "a" / "manifest.json")) == {pipe: 3}
+
+
+def test_gzipped_shards_are_counted_for_exact_epochs(tmp_path, capsys):
+    """Shards gzipped by other tools (``00000.tar.gz``, ``00001.tgz``) are read as they are, but exact epochs
+    need their counts, and ``clipforge-shards manifest``, the command the loader's error names, counted only
+    ``*.tar``: "no *.tar shards". A ``pipe:`` URL of one was looked up as ``00000.tar``."""
+    plain = write_sizes(tmp_path / "plain", [2, 3])
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for url, name in zip(plain, ["00000.tar.gz", "00001.tgz"], strict=True):
+        (gz / name).write_bytes(gzip.compress(Path(url).read_bytes()))
+    assert shards_main(["manifest", str(gz)]) == 0
+    assert read_manifest(gz / "manifest.json")["shards"] == {"00000.tar.gz": 2, "00001.tgz": 3}
+    assert shard_name(f"pipe:curl -s http://x/{gz.name}/00000.tar.gz") == "00000.tar.gz"
+    assert shard_name("pipe:curl -s http://x/00001.tgz") == "00001.tgz"
+    dm = data_module(f"{gz}/{{00000.tar.gz,00001.tgz}}", batch_size=2)
+    dm.setup("fit")
+    assert sorted(sample_ids([k for b in dm.train_dataloader() for k in b[2]])) == [0, 1, 2, 3, 4]
 
 
 def test_parse_bytes():

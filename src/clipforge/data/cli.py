@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clipforge.console import console_script
-from clipforge.data.manifest import write_manifest
+from clipforge.data.manifest import SHARD_GLOBS, write_manifest
 from clipforge.data.shards import ShardResult, read_shard
 from clipforge.data.sources import folder_records, img2dataset_records, synthetic_records
 from clipforge.data.writer import claim_out_dir, write_shards
@@ -44,10 +44,12 @@ def parse_bytes(text: str) -> int:
 
 
 def count_shards(directory: str | Path, broken: Counter | None = None) -> dict[str, int]:
-    """Samples per shard of every ``*.tar`` in ``directory``, by reading them; a broken shard counts the
-    samples that could be read, and its cause is counted in ``broken`` (read_shard logs it)."""
+    """Samples per shard of every ``*.tar`` (``*.tar.gz``, ``*.tgz``) in ``directory``, by reading them; a
+    broken shard counts the samples that could be read, and its cause is counted in ``broken`` (read_shard
+    logs it)."""
     counts = {}
-    for path in tqdm(sorted(Path(directory).glob("*.tar")), desc="counting", unit="shard"):
+    paths = sorted({p for pattern in SHARD_GLOBS for p in Path(directory).glob(pattern)})
+    for path in tqdm(paths, desc="counting", unit="shard"):
         result = ShardResult()
         counts[path.name] = sum(1 for _ in read_shard(str(path), result))
         if result.failure is not None and broken is not None:
@@ -127,7 +129,7 @@ def shards(argv: list[str] | None = None) -> int:
         broken: Counter = Counter()
         counts = count_shards(args.directory, broken)
         if not counts:
-            print(f"no *.tar shards in {args.directory}", file=sys.stderr)
+            print(f"no {', '.join(SHARD_GLOBS)} shards in {args.directory}", file=sys.stderr)
             return 1
         written = write_manifest(args.directory, counts, {"source": "counted"})
         print(f"{sum(counts.values())} samples in {len(counts)} shards; wrote {written}")

@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
-_TAR_NAME = re.compile(r"([^\s/\\]+\.tar)\b")
+# Shard file names: tars, and tars gzipped by other tools (read as they are)
+SHARD_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")
+_TAR_NAME = re.compile(r"([^\s/\\]+\.(?:tar(?:\.gz)?|tgz))\b")
 
 
 def shard_name(url: str) -> str:
-    """The shard's base name: ``/a/b/00001.tar`` and ``pipe:curl -s http://x/00001.tar`` give ``00001.tar``."""
+    """The shard's base name: ``/a/b/00001.tar`` and ``pipe:curl -s http://x/00001.tar`` give ``00001.tar``
+    (``.tar.gz`` and ``.tgz`` names likewise)."""
     if url.startswith("pipe:"):
         found = _TAR_NAME.findall(url)
         return found[-1] if found else url

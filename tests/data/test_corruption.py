@@ -249,3 +249,30 @@ def test_a_key_twice_in_a_row_is_two_samples_not_one_with_mixed_members(shards):
     ids = sample_ids([k for b in run_epoch(dm) for k in b[2]])
     assert dm.skip_counts()["missing_caption"] == 1  # the second 12, not paired with the first's caption
     assert ids.count(15) >= 2 and len(ids) == 42
+
+
+def test_a_sample_skipped_for_its_caption_or_image_names_the_members_it_has(caplog):
+    """Shards from other tools that keep captions in ``KEY.caption`` or images as ``KEY.avif`` had every
+    sample skipped as "missing_caption" or "missing_image" and the run stopped as bad input, the log naming
+    nothing the sample did hold: that the loader reads ``.txt`` (or the json's "caption") was left to guess."""
+    from clipforge.data.decode import decode_sample
+    from clipforge.data.failures import FailureMonitor, new_tables
+    from clipforge.data.shards import RawSample
+    from clipforge.data.transforms import ImageTransform
+
+    monitor = FailureMonitor(*new_tables(1, 1), 0, {"u": 0}, "test")
+    transform = ImageTransform(8, train=False)
+    samples = {
+        "a": {"jpg": tiny_jpeg(0), "caption": b"a cat", "json": b'{"key": "a"}'},
+        "b": {"avif": b"\x00\x00\x00\x1cftypavif", "txt": b"a dog"},
+        "c": {"jpg": tiny_jpeg(1), "txt": b" \n"},
+    }
+    for key, members in samples.items():
+        assert decode_sample(RawSample(key, "u", members), transform, None, monitor) is None
+    assert monitor.by_cause["missing_caption"] == 2 and monitor.by_cause["missing_image"] == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith("skipped a (no .txt or json caption; it has .caption, .jpg, .json)") for m in messages
+    )
+    assert any(m.startswith("skipped b (no image; it has .avif, .txt)") for m in messages)
+    assert any(m.startswith("skipped c (its .txt is empty)") for m in messages)

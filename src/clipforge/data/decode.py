@@ -158,6 +158,12 @@ def read_label(members: Mapping[str, bytes], class_index: ClassIndex | None, lab
     return class_index.label(value)
 
 
+def _has(raw: RawSample) -> str:
+    """The members of a skipped sample, for its log line: a caption in ``.caption`` or an image in ``.avif``
+    is then seen at once."""
+    return "it has " + ", ".join(f".{e}" for e in sorted(raw.members))
+
+
 def decode_sample(
     raw: RawSample,
     transform: ImageTransform,
@@ -171,8 +177,8 @@ def decode_sample(
     a class index (labels that are class names too). ``defer`` keeps JPEGs encoded for the GPU decoder."""
     ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
     if ext is None:
-        hint = dotted_key_hint(raw.key, raw.members)
-        monitor.sample_failed("missing_image", raw.url, f"{raw.key} ({hint})" if hint else raw.key)
+        hint = dotted_key_hint(raw.key, raw.members) or f"no image; {_has(raw)}"
+        monitor.sample_failed("missing_image", raw.url, f"{raw.key} ({hint})")
         return None
     why = ""  # what read_label found wrong, for the log
     try:
@@ -186,6 +192,8 @@ def decode_sample(
         label, why = None, str(e)
     if label is None or label == "":
         cause = "missing_caption" if target == "text" else "missing_label"
+        if not why and target == "text":  # what the caption reader looked for, beside what the sample has
+            why = "its .txt is empty" if "txt" in raw.members else f"no .txt or json caption; {_has(raw)}"
         monitor.sample_failed(cause, raw.url, f"{raw.key} ({why})" if why else raw.key)
         return None
     data = raw.members[ext]

@@ -290,6 +290,15 @@ def test_pattern_matching_nothing_fails_at_once_naming_it(tmp_path):
         expand_urls(str(tmp_path / "*.tar"))
 
 
+def test_a_comma_separated_list_of_shards_is_refused_saying_how_to_list_them(shards, tmp_path):
+    # "a.tar,b.tar" (webdataset's and open_clip's own list separator is "::") read as one missing path
+    urls = ",".join(str(tmp_path / f"{i:05d}.tar") for i in range(2))
+    with pytest.raises(
+        DataError, match=r"matches no shard.*list shards with '::'.*or a brace list '\{a,b\}\.tar'"
+    ):
+        expand_urls(urls)
+
+
 def test_a_folder_given_as_shards_fails_at_once_naming_it(shards, tmp_path):
     """The shards' folder as data.train_urls failed with "exact-epoch mode needs samples per shard" (the
     manifest beside it was not found), or in resampled mode as 16 unreadable shards in a row."""

@@ -82,9 +82,11 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
             )
         missing = missing_local(expanded)
         if missing and len(missing) == len(expanded):
+            comma = "," in missing[0]  # a brace list's commas are expanded: one left is a list by mistake
             raise DataError(
                 f"shard pattern {spec!r} matches no shard: none of its {len(expanded)} paths exist "
                 f"(first: {missing[0]!r})"
+                + ("; list shards with '::' (a::b), not commas, or a brace list '{a,b}.tar'" if comma else "")
             )
         if missing:
             # A few shards lost from storage (or never downloaded) are bad input like a truncated shard:

@@ -243,3 +243,22 @@ def test_count_arguments_are_checked_as_config_settings_are(text: str) -> None:
         with pytest.raises(argparse.ArgumentTypeError, match=rf"expected an integer >= 0, got '{text}'"):
             non_negative_int(text)
     assert positive_int("12") == 12 and non_negative_int("0") == 0
+
+
+def test_memory_benchmark_measures_each_implementation_with_and_without_grad_checkpointing(capsys) -> None:
+    from clipforge.bench.memory import parse_args as memory_args
+    from clipforge.bench.memory import run as memory_run
+
+    argv = ["--models", "tiny:4", "--device", "cpu", "--steps", "1", "--warmup", "1"]
+    rows = memory_run(memory_args([*argv, "--impls", "clipforge", "open_clip"]))
+    assert [(r["impl"], r["grad_checkpointing"]) for r in rows] == [
+        ("clipforge", False),
+        ("clipforge", True),
+        ("open_clip", False),
+        ("open_clip", True),
+    ]
+    for plain, ckpt in (rows[:2], rows[2:]):
+        assert plain["peak_gib"] > 0.1 and plain["step_ms"] > 0  # a resident set of a process with torch
+        assert ckpt["final_loss"] == pytest.approx(plain["final_loss"], abs=1e-4)  # the same step, recomputed
+        assert ckpt["peak_x_plain"] == pytest.approx(ckpt["peak_gib"] / plain["peak_gib"], abs=2e-3)
+    assert "grad_checkpointing | peak_gib" in capsys.readouterr().out

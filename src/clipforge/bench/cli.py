@@ -3,6 +3,7 @@
     clipforge-benchmark [step] --models vit_b16:256 ...   training-step throughput (clipforge.bench.step)
     clipforge-benchmark learning ...                       models trained by both trainers (bench.learning)
     clipforge-benchmark loss ...                           loss time and memory (clipforge.bench.losses)
+    clipforge-benchmark memory ...                         a step's peak memory with grad checkpointing (bench.memory)
     clipforge-benchmark profile ...                        top kernels of the step (clipforge.bench.profile)
     clipforge-benchmark loader ...                         loader throughput (clipforge.bench.loader)
     clipforge-benchmark siglip2 ...                        what the SigLIP 2 objectives add (bench.siglip2)
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "step": "clipforge.bench.step",
     "learning": "clipforge.bench.learning",
     "loss": "clipforge.bench.losses",
+    "memory": "clipforge.bench.memory",
     "profile": "clipforge.bench.profile",
     "loader": "clipforge.bench.loader",
     "siglip2": "clipforge.bench.siglip2",

@@ -53,6 +53,7 @@ class StepSpec:
     compile: bool = False
     overrides: tuple[str, ...] = ()
     compile_mode: str = "default"
+    grad_checkpointing: bool = False  # both implementations' set_grad_checkpointing (bench.memory)
 
 
 @dataclass
@@ -192,6 +193,7 @@ def build_step(
         loss_fn = instantiate(cfg.loss)
         after = model.clamp_logit_scale
     model = model.to(device).train()
+    model.set_grad_checkpointing(spec.grad_checkpointing)
     loss_fn = loss_fn.to(device)
     img_size = cfg.model.vision.img_size
     ctx = cfg.model.text.context_length

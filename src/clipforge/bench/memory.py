@@ -34,13 +34,20 @@ GIB = 2**30
 
 
 def _cpu_peak_bytes(reset: bool = False) -> int:
-    """The process's peak resident set, ``VmHWM``; ``reset`` first lowers it to the current one."""
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # "reset the peak resident set size" (proc(5), Linux >= 4.0)
-    with open("/proc/self/status") as f:
-        kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-    return int(kib) * 1024
+    """The process's peak resident set, ``VmHWM``; ``reset`` first lowers it to the current one. Without
+    Linux's ``/proc`` (macOS), the peak since the process began (``ru_maxrss``): model building included."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "reset the peak resident set size" (proc(5), Linux >= 4.0)
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) * 1024
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:

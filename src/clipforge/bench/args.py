@@ -1,5 +1,6 @@
 """Command-line settings the training benchmarks share (``clipforge-benchmark learning``, ``init`` and
-``siglip2``), and the argument types every benchmark checks its counts with."""
+``siglip2``), the device and precision of the step benchmarks (``step``, ``profile``, ``memory``), and the
+argument types every benchmark checks its counts with."""
 
 from __future__ import annotations
 
@@ -57,3 +58,22 @@ def add_child_args(p: argparse.ArgumentParser, override_example: str = "") -> No
         f", e.g. {override_example}" if override_example else ""
     )
     p.add_argument("--override", nargs="*", default=[], help=help_)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` of a step benchmark; :func:`device_defaults` fills them in."""
+    p.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
+    p.add_argument(
+        "--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu"
+    )
+
+
+def device_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the defaults of :func:`add_device_args` filled in."""
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args

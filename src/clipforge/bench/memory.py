@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from clipforge.bench.args import non_negative_int, positive_int
+from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
 from clipforge.bench.step import StepSpec, _sync, build_step, model_batch
 
 GIB = 2**30
@@ -125,14 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--impls", nargs="+", default=["open_clip", "clipforge"], choices=["open_clip", "clipforge"]
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
     ap.add_argument("--steps", type=positive_int, default=5, help="timed steps")
     ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before them")
-    args = ap.parse_args(argv)
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    return args
+    add_device_args(ap)
+    return device_defaults(ap.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

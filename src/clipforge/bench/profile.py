@@ -19,7 +19,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from clipforge.bench.args import non_negative_int, positive_int
+from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
 from clipforge.bench.step import StepSpec, _sync, build_step, model_batch
 from clipforge.compilation import COMPILE_MODES
 
@@ -93,8 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=model_batch, default=("vit_b16", 256), help="conf/model name:batch")
     ap.add_argument("--loss", default="clip", choices=["clip", "siglip"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
+    add_device_args(ap)
     ap.add_argument("--compile", action="store_true", help="profile the compiled step")
     ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     ap.add_argument("--steps", type=positive_int, default=5, help="profiled steps")
@@ -102,10 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup", type=non_negative_int, default=3, help="steps before profiling (compile included)"
     )
     ap.add_argument("--top", type=positive_int, default=25, help="rows of the table and of the JSON line")
-    args = ap.parse_args(argv)
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    return args
+    return device_defaults(ap.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

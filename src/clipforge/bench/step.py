@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipforge.bench.args import non_negative_int, positive_int
+from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
 from clipforge.bench.losses import _free
 from clipforge.bench.open_clip_ref import open_clip_loss, open_clip_model
 from clipforge.checkpoint import build_model
@@ -355,8 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--impls", nargs="+", default=["open_clip", "clipforge"], choices=["open_clip", "clipforge"]
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
+    add_device_args(ap)
     ap.add_argument("--compile", action="store_true", help="also time clipforge with torch.compile")
     ap.add_argument(
         "--compile-mode",
@@ -381,9 +380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the device's peak for MFU; default: clipforge.flops.PEAK_BF16_TFLOPS by CUDA device name "
         "(MFU n/a on the CPU or a device not in it)",
     )
-    args = ap.parse_args(argv)
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    args = device_defaults(ap.parse_args(argv))
     if args.peak_tflops is not None and (not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0):
         ap.error("--peak-tflops must be positive")
     return args

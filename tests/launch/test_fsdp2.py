@@ -114,3 +114,20 @@ def test_fsdp2_on_two_cpu_processes(shards, tmp_path: Path) -> None:
     run(sys.executable, str(ROOT / "scripts" / "convert.py"), "export", "--checkpoint", str(consolidated),
         "--out", str(exported), cwd=tmp_path)  # fmt: skip
     assert {"open_clip_config.json", "open_clip_model.safetensors"} <= {p.name for p in exported.iterdir()}
+
+
+def test_fsdp2_with_grad_checkpointing_trains_the_weights_ddp_does(shards, tmp_path: Path) -> None:
+    """Each block is recomputed under FSDP2's per-block all-gathers: the weights are DDP's without it."""
+    train(
+        tmp_path / "fsdp2",
+        tmp_path / "fsdp2.log",
+        shards,
+        "trainer/strategy=fsdp2",
+        "grad_checkpointing=true",
+    )
+    train(tmp_path / "ddp", tmp_path / "ddp.log", shards)
+    fsdp2 = load_checkpoint(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt")["state_dict"]
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert ddp.keys() == fsdp2.keys()
+    for k in ddp:
+        torch.testing.assert_close(fsdp2[k], ddp[k], rtol=0, atol=1e-5, msg=k)

@@ -21,11 +21,13 @@ from clipforge.checkpoint import build_model
         ("tiny", "siglip", []),
         ("tiny", "clip", ["model.vision.patch_dropout=0.5", "model.text.context_length=8"]),
         ("siglip_b16", "siglip", ["model.vision.depth=1", "model.text.depth=1"]),
+        ("tiny", "clip", ["grad_checkpointing=true"]),  # each block under torch.utils.checkpoint
     ],
 )
 def test_towers_and_loss_trace_as_single_graphs(compose_cfg, model, loss, extra):
     cfg = compose_cfg(f"model={model}", f"loss={loss}", *extra)
     clip = build_model(cfg.model, cfg.loss).train()
+    clip.set_grad_checkpointing(cfg.grad_checkpointing)  # as train() sets it
     size, ctx = cfg.model.vision.img_size, cfg.model.text.context_length
     images = torch.randn(2, 3, size, size)
     tokens = torch.randint(1, 1000, (2, ctx))

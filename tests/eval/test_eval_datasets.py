@@ -198,6 +198,30 @@ def test_labelled_wds_cls_json_and_names(tmp_path, caplog):
     assert any("skipping unreadable image" in r.message for r in caplog.records)
 
 
+def test_labelled_shards_group_members_as_training_reads_them(tmp_path, caplog):
+    """clipforge-zeroshot read shards with webdataset's grouping, training with its own: a key twice in a
+    row stopped the evaluation (webdataset raises) where training reads two samples; a README is no sample
+    either way; a shard cut short keeps its samples before the cut, with a warning naming it."""
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [
+            ("README", b"made by hand"),
+            ("x.png", _png((255, 0, 0))),
+            ("x.cls", b"0"),
+            ("x.png", _png((0, 0, 255))),  # the same key again: the next sample
+            ("x.cls", b"1"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert [label for _, label in labelled_wds_dataset(str(path), eval_transform(8))] == [0, 1]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[: 512 * 7])  # README, x.png and x.cls whole, then cut in the second png
+    with caplog.at_level(logging.WARNING):
+        assert [label for _, label in labelled_wds_dataset(str(cut), eval_transform(8))] == [0]
+    assert any("cut.tar: truncated_shard" in r.message for r in caplog.records)
+
+
 def test_labelled_wds_unknown_class_name(tmp_path):
     s = write_labelled_shard(tmp_path / "a.tar", [(_png((255, 0, 0)), {"label": "zebra"})])
     ds = labelled_wds_dataset(s, eval_transform(8), classnames=["cat", "dog"])

@@ -13,7 +13,6 @@ import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from clipforge.data.decode import ClassIndex, read_label
-from clipforge.data.shards import IMAGE_EXTS
+from clipforge.data.shards import IMAGE_EXTS, ShardResult, expand_urls, read_shard
 from clipforge.data.sources import files_under
 from clipforge.data.transforms import to_rgb
 from clipforge.distributed import world_info
@@ -137,11 +136,6 @@ def collate_skipping(batch: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, to
     return images, labels
 
 
-def _split_by_rank(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
-    # rank/world are fixed when the dataset is built: DataLoader workers have no process group.
-    yield from islice(src, rank, None, world_size)
-
-
 def _labelled_sample(
     sample: dict[str, Any],
     transform: Callable[[Image.Image], torch.Tensor] | None,
@@ -171,6 +165,31 @@ def _label_of(sample: dict[str, Any], class_index: dict[str, int] | None, label_
         raise ValueError(f"sample {sample.get('__key__')}: {e}") from None
 
 
+class LabelledShards(IterableDataset):
+    """``(image, label)`` samples of ``urls``' shards in order: this rank's shards (every ``world``-th from
+    ``rank``), split again over DataLoader workers. Read by training's tar reader
+    (:func:`clipforge.data.shards.read_shard`), so members group into samples as in training and a broken
+    shard is a warning naming it, its samples before the break still evaluated."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        rank: int,
+        world: int,
+        label: Callable[[dict[str, Any]], tuple[torch.Tensor | Image.Image | None, int]],
+    ) -> None:
+        super().__init__()
+        self.urls, self.rank, self.world, self.label = urls, rank, world, label
+        self.world_size = world  # it splits by rank itself: shard_dataloader leaves it whole
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image | None, int]]:
+        mine = self.urls[self.rank :: self.world]
+        worker = torch.utils.data.get_worker_info()
+        for url in mine if worker is None else mine[worker.id :: worker.num_workers]:
+            for raw in read_shard(url, ShardResult()):  # a failure is logged there
+                yield self.label({"__key__": raw.key, "__url__": url, **raw.members})
+
+
 def labelled_wds_dataset(
     urls: str | Sequence[str],
     transform: Callable[[Image.Image], torch.Tensor] | None = None,
@@ -178,33 +197,21 @@ def labelled_wds_dataset(
     label_key: str = "label",
     distributed: bool = True,
 ) -> IterableDataset:
-    """``(image, label)`` samples from WebDataset shards, in order, each rank reading its own shards.
+    """``(image, label)`` samples from WebDataset shards, in order, each rank reading its own shards
+    (:class:`LabelledShards`).
 
     The label is a ``.cls`` file, or ``json[label_key]``: an int, or a class name looked up in
     ``classnames``. Unreadable images yield ``(None, IGNORE_LABEL)``; batch with ``collate_skipping``.
     """
-    import webdataset as wds
-
-    from clipforge.data.shards import expand_urls
-
     # the training reader's expansion: a pattern that matches no shard fails here naming it, and the
-    # missing shards of one that matches some are named (webdataset's warning names none)
+    # missing shards of one that matches some are named
     urls = [u for source in expand_urls(urls if isinstance(urls, str) else list(urls)) for u in source]
     rank, world = world_info(enabled=distributed)
     if world > len(urls):
         log.warning("%d shards for %d ranks: ranks beyond %d evaluate nothing", len(urls), world, len(urls))
     class_index = ClassIndex(classnames) if classnames is not None else None
-    ds = wds.WebDataset(
-        urls,
-        shardshuffle=False,
-        nodesplitter=partial(_split_by_rank, rank=rank, world_size=world),
-        empty_check=False,
-        handler=wds.warn_and_continue,
-    )
-    ds = ds.map(partial(_labelled_sample, transform=transform, class_index=class_index, label_key=label_key))
-    # it splits by rank itself: shard_dataloader must leave it whole, not stride its batches again
-    ds.world_size = world  # type: ignore[attr-defined]
-    return ds
+    label = partial(_labelled_sample, transform=transform, class_index=class_index, label_key=label_key)
+    return LabelledShards(urls, rank, world, label)
 
 
 class SyntheticHeldoutDataset(Dataset):

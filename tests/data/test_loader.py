@@ -299,6 +299,25 @@ def test_a_comma_separated_list_of_shards_is_refused_saying_how_to_list_them(sha
         expand_urls(urls)
 
 
+def test_a_glob_over_a_shard_folder_leaves_out_the_files_beside_the_shards(shards, tmp_path, caplog):
+    # img2dataset's folder holds _stats.json and .parquet files beside the tars, clipforge's a manifest:
+    # `dir/*` read them as shards and stopped with "exact-epoch mode needs samples per shard"
+    (tmp_path / "00000_stats.json").write_text("{}")
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1")
+    with caplog.at_level(logging.WARNING):
+        (urls,) = expand_urls(str(tmp_path / "*"))
+    assert urls == [str(tmp_path / f"{i:05d}.tar") for i in range(len(SIZES))]
+    said = " ".join(r.message for r in caplog.records)
+    assert "also matches 4 files that are not shards" in said and "00000.parquet" in said
+    dm = WebDataModule(str(tmp_path / "*"), batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert sum(len(b[0]) for b in dm.train_dataloader()) == sum(SIZES) // 4 * 4
+    gz = tmp_path / "only"
+    gz.mkdir()
+    (gz / "a.shard").write_bytes(b"x")  # no file with a shard's name: all are kept, as before
+    assert expand_urls(str(gz / "*")) == [[str(gz / "a.shard")]]
+
+
 def test_a_folder_given_as_shards_fails_at_once_naming_it(shards, tmp_path):
     """The shards' folder as data.train_urls failed with "exact-epoch mode needs samples per shard" (the
     manifest beside it was not found), or in resampled mode as 16 unreadable shards in a row."""

@@ -18,14 +18,13 @@ import os
 import re
 from pathlib import Path
 
-from clipforge.data.shards import DataError
+from clipforge.data.shards import SHARD_SUFFIXES, DataError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
-# Shard file names: tars, and tars gzipped by other tools (read as they are)
-SHARD_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")
+SHARD_GLOBS = tuple(f"*{suffix}" for suffix in SHARD_SUFFIXES)
 _TAR_NAME = re.compile(r"([^\s/\\]+\.(?:tar(?:\.gz)?|tgz))\b")
 
 

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 PIPE_STALL_S = 300.0
 
 # Sample members that hold the image, in order of preference: any format PIL reads.
+# What a shard file is named: a tar, or a tar gzipped by another tool (read as it is)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 
 # Why a sample or a shard was skipped; the DataModule logs each as data/skipped_<cause>.
@@ -52,6 +54,23 @@ def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
+def _shards_only(pattern: str, matched: list[str]) -> list[str]:
+    """The files a glob matched that are named as shards (:data:`SHARD_SUFFIXES`), the others named in a
+    warning: ``dir/*`` also matches a manifest, img2dataset's ``_stats.json`` and ``.parquet``. When none is
+    named as a shard, all of them (shards named otherwise)."""
+    shards = [m for m in matched if m.endswith(SHARD_SUFFIXES)]
+    if not shards or len(shards) == len(matched):
+        return matched
+    others = [os.path.basename(m) for m in matched if not m.endswith(SHARD_SUFFIXES)]
+    log.warning(
+        "shard pattern %r also matches %d files that are not shards, left out: %s",
+        pattern,
+        len(others),
+        ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""),
+    )
+    return shards
+
+
 def expand_urls(urls: str | list[str]) -> list[list[str]]:
     """Expand a URL spec into sources, each a list of shard URLs.
 
@@ -69,7 +88,7 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
         expanded: list[str] = []
         for url in braceexpand.braceexpand(spec):
             if not url.startswith("pipe:") and "://" not in url and _has_glob(url):
-                expanded += sorted(glob.glob(os.path.expanduser(url)))
+                expanded += _shards_only(url, sorted(glob.glob(os.path.expanduser(url))))
             else:
                 expanded.append(url if url.startswith("pipe:") else os.path.expanduser(url))
         if not expanded:

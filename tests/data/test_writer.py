@@ -226,6 +226,17 @@ def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("skipped: missing_caption=1\n")
 
 
+def test_cli_reshards_gzipped_img2dataset_tars(tmp_path):
+    # training and the manifest command read .tar.gz / .tgz shards; re-sharding took them for loose files
+    # of the files layout, found no image among them and wrote nothing
+    write_sizes(tmp_path / "plain", [3, 4])
+    (tmp_path / "i2d").mkdir()
+    for name, gz in (("00000.tar", "00000.tar.gz"), ("00001.tar", "00001.tgz")):
+        (tmp_path / "i2d" / gz).write_bytes(gzip.compress((tmp_path / "plain" / name).read_bytes()))
+    assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "out")]) == 0
+    assert read_manifest(tmp_path / "out" / "manifest.json")["num_samples"] == 7
+
+
 def test_cli_reshard_follows_symlinked_folders_of_the_source(tmp_path):
     write_sizes(tmp_path / "part1", [3])
     (tmp_path / "i2d").mkdir()

@@ -27,7 +27,14 @@ from PIL import Image
 
 from clipforge.data import synthetic
 from clipforge.data.decode import IMAGE_ERRORS, read_caption
-from clipforge.data.shards import IMAGE_EXTS, ShardResult, dotted_key_hint, read_shard, split_name
+from clipforge.data.shards import (
+    IMAGE_EXTS,
+    SHARD_SUFFIXES,
+    ShardResult,
+    dotted_key_hint,
+    read_shard,
+    split_name,
+)
 from clipforge.data.writer import Record
 
 log = logging.getLogger(__name__)
@@ -335,7 +342,7 @@ def img2dataset_records(root: str | Path, skipped: Counter | None = None) -> Ite
     """Records from img2dataset output: its tar shards if there are any, else its ``files`` layout."""
     root = Path(root)
     skipped = skipped if skipped is not None else Counter()
-    tars = [p for p in files_under(root, hidden=False) if p.suffix == ".tar"]
+    tars = [p for p in files_under(root, hidden=False) if p.name.endswith(SHARD_SUFFIXES)]
     streams = (_tar_samples(t, skipped) for t in tars) if tars else (_group(_file_members(root)),)
     for samples in streams:
         try:

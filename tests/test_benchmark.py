@@ -261,4 +261,6 @@ def test_memory_benchmark_measures_each_implementation_with_and_without_grad_che
         assert plain["peak_gib"] > 0.1 and plain["step_ms"] > 0  # a resident set of a process with torch
         assert ckpt["final_loss"] == pytest.approx(plain["final_loss"], abs=1e-4)  # the same step, recomputed
         assert ckpt["peak_x_plain"] == pytest.approx(ckpt["peak_gib"] / plain["peak_gib"], abs=2e-3)
-    assert "grad_checkpointing | peak_gib" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "grad_checkpointing | peak_gib" in out
+    assert "open_clip tiny:4 clip, grad_checkpointing on: 1 warm-up + 1 timed steps in a fresh process" in out

@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 plain = None
                 for ckpt in (False, True):
                     spec = StepSpec(impl, name, loss, batch, device, args.precision, grad_checkpointing=ckpt)
+                    print(  # a step of a large model on the CPU takes a minute: say what is running
+                        f"{impl} {name}:{batch} {loss}, grad_checkpointing {'on' if ckpt else 'off'}: "
+                        f"{args.warmup} warm-up + {args.steps} timed steps in a fresh process",
+                        flush=True,
+                    )
                     row = _in_fresh_process(spec, args.steps, args.warmup)
                     if plain is None:
                         plain = row

@@ -26,6 +26,7 @@ SECTIONS = [
     "## Lightning loop against the bare step",
     "## Token reduction",
     "## Loader with GPU JPEG decode",
+    "## Gradient checkpointing",
     "## Profile",
 ]
 
@@ -55,7 +56,7 @@ def test_dry_run_writes_every_file_and_table(tmp_path: Path) -> None:
     statuses = {
         line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.count("|") == 7
     }
-    for name in ("step_b16", "step_b32", "loss", "profile", "lightning", "token_reduction"):
+    for name in ("step_b16", "step_b32", "loss", "profile", "lightning", "token_reduction", "memory"):
         assert "| ok |" in statuses[name], statuses[name]
     for name in ("gpu_tests", "gpu_decode", "fsdp2"):
         assert "skipped: no CUDA" in statuses[name]
@@ -85,6 +86,11 @@ def test_dry_run_writes_every_file_and_table(tmp_path: Path) -> None:
     profile = next(r for r in rows if r.get("kind") == "profile")
     assert len(profile["top"]) >= 5 and 0 < sum(k["share"] for k in profile["top"]) <= 1.0001
     assert "| operator | calls/step | ms/step | share |" in summary
+    assert {(r["impl"], r["grad_checkpointing"]) for r in rows if r.get("kind") == "memory"} == {
+        ("clipforge", False),
+        ("clipforge", True),
+    }
+    assert "| clipforge | tiny | clip | 4 | on |" in summary
     # the .jsonl files hold nothing but JSON, each row tagged with its part
     for name in ("step.jsonl", "loss.jsonl", "extras.jsonl"):
         for line in (out / name).read_text().splitlines():
@@ -132,11 +138,11 @@ def test_budgets_fit_one_call_and_the_files_the_tool_brings_back() -> None:
 
 def test_gpu_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU-sized commands never run in the dry run: each benchmark parses its own arguments here."""
-    from clipforge.bench import loader, losses, profile, step
+    from clipforge.bench import loader, losses, memory, profile, step
 
     monkeypatch.chdir(ROOT)
     parsers = {"step": step.parse_args, "loss": losses.parse_args, "profile": profile.parse_args}
-    parsers["loader"] = loader.parse_args
+    parsers["loader"], parsers["memory"] = loader.parse_args, memory.parse_args
     seen = set()
     for part in device.parts():
         argv = list(part.gpu)
@@ -148,7 +154,7 @@ def test_gpu_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         elif argv[1:3] == ["-m", "pytest"]:
             files = [a for a in argv if a.endswith(".py")]
             assert "tests/losses/test_gpu.py" in files and "tests/data/test_gpu_decode.py" in files
-    assert seen == {"step", "loss", "profile", "loader"}
+    assert seen == {"step", "loss", "profile", "loader", "memory"}
 
 
 def test_fsdp2_overrides_compose() -> None:

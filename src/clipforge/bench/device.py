@@ -141,6 +141,14 @@ def parts() -> list[Part]:
             None,
         ),
         Part(
+            "memory",
+            60,
+            "extras.jsonl",
+            "peak memory and step time with and without grad_checkpointing (ViT-B/16 CLIP, beside open_clip)",
+            bench("memory", "--models", B16, "--steps", "5", "--warmup", "2"),
+            bench("memory", "--models", "tiny:4", "--impls", "clipforge", *TINY),
+        ),
+        Part(
             "fsdp2",
             60,
             "log.txt",

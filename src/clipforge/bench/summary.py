@@ -186,6 +186,15 @@ def profile_section(rows: list[Row], top: int = 12) -> list[str]:
     return out or ["(no profile)"]
 
 
+def memory_section(rows: list[Row]) -> list[str]:
+    body = []
+    for r in (r for r in rows if r.get("kind") == "memory"):
+        row = [r["impl"], r["model"], r["loss"], r["batch"], "on" if r["grad_checkpointing"] else "off"]
+        body.append([*row, r["peak_gib"], r.get("peak_x_plain"), _num(r["step_ms"]), r.get("time_x_plain")])
+    head = ["impl", "model", "loss", "batch", "grad ckpt", "peak GiB", "× off", "step ms", "× off"]
+    return table(head, body)
+
+
 def tests_line(out_dir: Path) -> str:
     path = out_dir / "gpu_tests.txt"
     lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()] if path.is_file() else []
@@ -213,6 +222,8 @@ def write_summary(out_dir: Path, results: list[PartResult], planned: list[Any], 
     lines += token_section(rows) + _cut(results, ["token_reduction"])
     lines += ["", "## Loader with GPU JPEG decode", ""]
     lines += loader_section(rows) + _cut(results, ["gpu_decode"])
+    lines += ["", "## Gradient checkpointing: peak memory and step time", ""]
+    lines += memory_section(rows) + _cut(results, ["memory"])
     lines += ["", "## Profile: where the step's time goes", ""]
     lines += profile_section(rows) + _cut(results, ["profile"])
     lines += [

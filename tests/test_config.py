@@ -156,6 +156,31 @@ def test_optimizer_and_schedule_settings_fail_before_anything_is_built(
     assert not Path(cfg.paths.output_dir).exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # Lightning's seed_everything: "invalid literal for int() with base 10: 'abc'", a traceback naming no key
+        ("seed=abc", r"seed must be an integer in \[0, 4294967295\], got 'abc'"),
+        # 1.5 was cut to 1 by Lightning, then failed in numpy's "seed must be integer" after the shards were written
+        ("seed=1.5", r"seed must be an integer in \[0, 4294967295\], got 1\.5"),
+        # failed in the schedule, inside fit, after the shards were written
+        ("trainer.max_steps=0", r"trainer\.max_steps=0 trains no step"),
+        # failed at the first step, after the shards were written: "expected 32x32 images, got (48, 48)"
+        (
+            "data.augment.image_size=48",
+            r"data\.augment\.image_size=48 differs from model\.vision\.img_size=32",
+        ),
+    ],
+)
+def test_a_run_setting_that_cannot_train_fails_before_anything_is_written(
+    compose_cfg, override: str, message: str
+) -> None:
+    cfg = compose_cfg(override)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
 def test_captions_longer_than_the_text_towers_position_table_fail_before_anything_is_built(
     compose_cfg,
 ) -> None:

@@ -84,6 +84,25 @@ def check_trainer(cfg: DictConfig) -> None:
     configured that no objective trains."""
     trainer = cfg.get("trainer") or {}
     check_at_least(-1, "trainer", max_steps=trainer.get("max_steps"), max_epochs=trainer.get("max_epochs"))
+    if trainer.get("max_steps") == 0:  # failed in the schedule, inside fit, after the shards were written
+        raise ValueError(
+            "trainer.max_steps=0 trains no step: give the number of steps, or -1 (trainer.max_epochs)"
+        )
+    # Lightning's seed_everything failed on seed=abc with int()'s bare message; 1.5 it cut to 1, and numpy
+    # then refused it after the shards were written
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise ValueError(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}")
+    # the crops are the model's input: another size failed at the first step ("expected 32x32 images")
+    crop, img = (
+        OmegaConf.select(cfg, "data.augment.image_size"),
+        OmegaConf.select(cfg, "model.vision.img_size"),
+    )
+    if isinstance(crop, int) and isinstance(img, int) and crop != img:
+        raise ValueError(
+            f"data.augment.image_size={crop} differs from model.vision.img_size={img}, the image tower's input: "
+            "leave data.augment.image_size at its default (the model's), or set model.vision.img_size"
+        )
     # captions tokenized longer than the text tower's position table failed at the first step, after the
     # shards were written, with "got 100 tokens but context_length is 20", naming neither key
     tokens, table = (

@@ -144,6 +144,14 @@ def test_zeroshot_shards_without_class_names_fail_at_once():
             r"data\.stream\.weights",
         ),
         (lambda: {"augment": Augment(image_size=0)}, r"data\.augment\.image_size"),
+        # these two failed only at the first batch, after the shards were written, without the key
+        (
+            lambda: {"augment": Augment(interpolation="bicubc")},
+            r"data\.augment\.interpolation must be one of",
+        ),
+        (lambda: {"context_length": 1}, r"data\.context_length must be an integer >= 2 \(SOT \+ EOT\)"),
+        # a crop larger than the image: torchvision's sampler gave up and centre-cropped, silently
+        (lambda: {"augment": Augment(scale=(0.9, 1.5))}, r"data\.augment\.scale .* <= 1, got \[0\.9, 1\.5\]"),
     ],
 )
 def test_a_setting_out_of_range_fails_at_once_naming_its_key(settings, message):

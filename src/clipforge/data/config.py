@@ -20,10 +20,11 @@ def _urls(urls: Urls | Sequence[str] | None) -> Urls | None:
     return urls if urls is None or isinstance(urls, str) else [str(u) for u in urls]
 
 
-def _pair(values: Sequence[float], name: str) -> tuple[float, float]:
+def _pair(values: Sequence[float], name: str, most: float | None = None) -> tuple[float, float]:
     lo, hi = (float(v) for v in values)  # Hydra hands over a ListConfig: make it a plain, picklable tuple
-    if not 0 < lo <= hi:
-        raise ValueError(f"data.augment.{name} must be two numbers 0 < low <= high, got {[lo, hi]}")
+    if not 0 < lo <= hi or (most is not None and hi > most):
+        bound = "" if most is None else f" <= {most:g}"
+        raise ValueError(f"data.augment.{name} must be two numbers 0 < low <= high{bound}, got {[lo, hi]}")
     return lo, hi
 
 
@@ -92,9 +93,16 @@ class Augment:
     decode_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _pair(self.scale, "scale"))
+        from clipforge.data.transforms import INTERPOLATIONS
+
+        # scale is a share of the image's area: above 1 no crop fits, and the sampler centre-cropped, silently
+        object.__setattr__(self, "scale", _pair(self.scale, "scale", most=1.0))
         object.__setattr__(self, "ratio", _pair(self.ratio, "ratio"))
         check_at_least(1, "data.augment", image_size=self.image_size)
+        if self.interpolation not in INTERPOLATIONS:  # the transform refused it at the first batch
+            raise ValueError(
+                f"data.augment.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
         if self.decode_device != "cpu" and not self.decode_device.startswith("cuda"):
             raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {self.decode_device!r}")
 

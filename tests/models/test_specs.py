@@ -167,3 +167,25 @@ def test_settings_of_the_right_type_still_build() -> None:
     assert tower.settings["mlp_ratio"] == 4
     with pytest.raises(SettingError, match=r"^block\.act must be a string, got 1$"):
         BlockSpec(act=1)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # the towers' own checks named neither the tower nor the key: "dim 100 must be divisible by num_heads 3"
+        ("vision.embed_dim", 100, r"^model\.vision: embed_dim=100 must be divisible by num_heads=3"),
+        ("text.embed_dim", 100, r"^model\.text: embed_dim=100 must be divisible by num_heads=3"),
+        ("vision.patch_size", 5, r"^model\.vision: patch_size=5 must divide img_size=32"),
+        ("text.pool_type", "eos", r"^model\.text: pool_type must be 'eot' or 'last', got 'eos'"),
+        ("text.weight_init", "xavier", r"^model\.text: unknown weight_init 'xavier'"),
+        ("vision.output_dim", 64, r"^model\.vision\.output_dim=64 and model\.text\.output_dim=96 differ"),
+        # built, then failed at the first step with math.log's bare "math domain error"
+        ("max_logit_scale", 0, r"^model\.max_logit_scale must be > 0"),
+        ("max_logit_scale", -100.0, r"^model\.max_logit_scale must be > 0"),
+    ],
+)
+def test_a_model_setting_out_of_range_names_its_tower_and_key(key: str, value, message: str) -> None:
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+    OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)

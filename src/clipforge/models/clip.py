@@ -60,7 +60,12 @@ class CLIP(nn.Module):
         )
         if vision.output_dim != text.output_dim:
             raise ValueError(
-                f"image and text towers must project to the same size: {vision.output_dim} != {text.output_dim}"
+                f"model.vision.output_dim={vision.output_dim} and model.text.output_dim={text.output_dim} differ: "
+                "the image and text towers must project to the same size"
+            )
+        if not max_logit_scale > 0:  # its log caps the scale: 0 or less failed at the first step, math.log's
+            raise ValueError(
+                f"model.max_logit_scale must be > 0 (a cap on exp(logit_scale)), got {max_logit_scale}"
             )
         self.visual = vision
         self.text = text

@@ -206,6 +206,11 @@ class Tower(nn.Module):
         # before any setting is used: 'two' for depth failed deep in torch, naming no key, and the string
         # 'no' for class_token (true, as any non-empty string) silently built a tower with a class token
         check_setting_types(type(self), self.init_kwargs)
+        dim, heads = self.init_kwargs.get("embed_dim"), self.init_kwargs.get("num_heads")
+        if (
+            dim is not None and heads is not None and dim % heads
+        ):  # named by the tower's keys, not the layer's
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={heads}")
 
     @property
     def settings(self) -> dict[str, Any]:

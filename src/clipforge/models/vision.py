@@ -64,7 +64,7 @@ class VisionTransformer(Tower):
         layout = as_spec(VisionLayout, layout)
         super().__init__(locals())
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+            raise ValueError(f"patch_size={patch_size} must divide img_size={img_size}")
         if global_pool not in ("token", "avg", "map"):
             raise ValueError(f"global_pool must be 'token', 'avg' or 'map', got {global_pool!r}")
         if global_pool == "token" and not class_token:

@@ -70,4 +70,6 @@ def instantiate_model(config: dict[str, Any], device: torch.device | str | None 
                 built[name] = cls.from_settings(**_kwargs(node, cls))
             except SettingError as e:
                 raise e.under(name) from e  # named as in the config: vision.depth
+            except ValueError as e:  # a tower's own check names its key, not the tower: say which
+                raise ValueError(f"model.{name}: {e}") from e
         return CLIP(built["vision"], built["text"], **cfg)

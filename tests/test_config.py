@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 
 from clipforge.checkpoint import build_model
 from clipforge.ema import build_ema
+from clipforge.optim import check_optimization
 from clipforge.train import check_trainer, train
 
 
@@ -179,6 +180,19 @@ def test_a_run_setting_that_cannot_train_fails_before_anything_is_written(
     with pytest.raises(ValueError, match=message):
         train(cfg)
     assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_a_learning_rate_of_zero_is_said_before_anything_is_built(compose_cfg, caplog) -> None:
+    # it trained to the end with weights that never changed, without a word (a frozen run can be meant:
+    # tests/test_train.py uses one to compare loaded weights, so it is a warning)
+    cfg = compose_cfg("optimizer.lr=0")
+    with caplog.at_level("WARNING", logger="clipforge.optim"):
+        check_optimization(instantiate(cfg.optimizer), instantiate(cfg.scheduler), 10)
+    assert "optimizer.lr=0: the weights never change" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipforge.optim"):
+        check_optimization(instantiate(compose_cfg().optimizer), None, 10)
+    assert not caplog.text
 
 
 def test_captions_longer_than_the_text_towers_position_table_fail_before_anything_is_built(

@@ -8,6 +8,7 @@ token and the logit scale/bias are excluded (``p.ndim < 2`` or named by ``model.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -175,6 +178,8 @@ def check_optimization(
         opt = optimizer([nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as e:
         raise ValueError(f"optimizer {_describe(optimizer)}: {e}") from e
+    if all(group["lr"] == 0 for group in opt.param_groups):  # torch takes it; a frozen run can be meant
+        log.warning("optimizer.lr=0: the weights never change in this run (a learning rate > 0 trains them)")
     if scheduler is None:
         return
     try:

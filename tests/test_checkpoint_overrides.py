@@ -102,6 +102,28 @@ def test_a_value_error_raised_outside_clipforge_keeps_its_traceback(capsys: pyte
         console_script("tool", lambda: torch.zeros(2) @ torch.zeros(3))()
 
 
+def test_a_settings_error_raised_in_a_config_nodes_constructor_is_one_line_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Hydra's instantiate wraps what a constructor raises: data.batch_size=0 printed "Error executing job
+    # with overrides ...", the wrapped repr and full_key, where model.vision.embed_dim=100 was one line
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["clipforge-train", "data.batch_size=0", "logger=csv"])
+    with pytest.raises(SystemExit) as exit_:
+        train.main()
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "clipforge-train: data.batch_size must be an integer >= 1, got 0"
+    )
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from clipforge.console import console_script
+
+    with pytest.raises(InstantiationException, match="negative dimension"):  # a failure, not a mistake: kept
+        console_script("tool", instantiate)({"_target_": "torch.empty", "_args_": [-1]})
+
+
 def test_the_benchmark_commands_help_imports_neither_torch_nor_hydra() -> None:
     # the one-line error handling every console script shares must not make `--help` load torch (seconds)
     code = (

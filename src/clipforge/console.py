@@ -40,10 +40,20 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, ValueError | SettingError) and raised_by_clipforge(error)
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The mistake in the input that ``error`` is (:func:`is_user_error`) or that Hydra's ``instantiate``
+    wrapped in its ``InstantiationException`` (a config node's constructor refused a setting), else None."""
+    if is_user_error(error):
+        return error
+    if type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
+        return user_error(error.__cause__)
+    return None
+
+
 def console_script(prog: str, main: Callable[P, Any]) -> Callable[P, int]:
     """The console script of the tool ``prog`` that runs ``main``; it returns the exit status.
 
-    A mistake in the tool's input (:func:`is_user_error`) is one line ``prog: message`` on stderr and status
+    A mistake in the tool's input (:func:`user_error`) is one line ``prog: message`` on stderr and status
     1: no traceback. Otherwise ``main``'s own int is the status, and any other return value (the paths a tool
     wrote) is 0: a console script hands its function's return value to ``sys.exit``, which would print a dict
     and exit 1."""
@@ -53,10 +63,11 @@ def console_script(prog: str, main: Callable[P, Any]) -> Callable[P, int]:
         try:
             out = main(*args, **kwargs)
         except Exception as e:
-            if not is_user_error(e):
+            mistake = user_error(e)
+            if mistake is None:
                 raise
-            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"{prog}: {message or type(e).__name__}", file=sys.stderr)
+            message = " ".join(line.strip() for line in str(mistake).splitlines() if line.strip())
+            print(f"{prog}: {message or type(mistake).__name__}", file=sys.stderr)
             return 1
         return out if isinstance(out, int) else 0
 

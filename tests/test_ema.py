@@ -71,9 +71,10 @@ def test_copy_is_never_trained_runs_as_teacher_in_eval_and_round_trips_the_state
 
 
 def test_bad_settings_fail() -> None:
-    with pytest.raises(ValueError, match="decay"):
+    # named by their keys ("ema decay" was no key a user could type)
+    with pytest.raises(ValueError, match=r"ema\.decay must be in \[0, 1\)"):
         ModelEMA({"n": Net()}, decay=1.0)
-    with pytest.raises(ValueError, match="every_n_steps"):
+    with pytest.raises(ValueError, match=r"ema\.every_n_steps"):
         ModelEMA({"n": Net()}, every_n_steps=0)
     ema = ModelEMA({"n": Net()})
     with pytest.raises(KeyError, match="tracks"):

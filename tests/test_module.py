@@ -158,7 +158,7 @@ def test_weight_decay_groups_survive_flattened_parameters() -> None:
 
 
 def test_accum_freq_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="accum_freq"):
+    with pytest.raises(ValueError, match=r"module\.accum_freq must be >= 1"):
         make_module(accum_freq=0)
 
 

@@ -80,9 +80,9 @@ class ModelEMA(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+            raise ValueError(f"ema.decay must be in [0, 1), got {decay}")
         if every_n_steps < 1:
-            raise ValueError(f"ema every_n_steps must be >= 1, got {every_n_steps}")
+            raise ValueError(f"ema.every_n_steps must be >= 1, got {every_n_steps}")
         check_start_frac(start_frac, "ema")
         self.decay = decay
         self.every_n_steps = every_n_steps

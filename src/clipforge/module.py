@@ -64,7 +64,7 @@ class ContrastiveModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if accum_freq < 1:
-            raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
+            raise ValueError(f"module.accum_freq must be >= 1, got {accum_freq}")
         if grad_clip_norm is not None and grad_clip_norm < 0:
             # torch would scale the gradients by a negative factor: ascent, silently
             raise ValueError(

@@ -76,6 +76,14 @@ def test_grad_checkpointing_recomputes_each_block_and_trains_the_same_weights(
         torch.testing.assert_close(ckpt[name], value, rtol=0, atol=1e-6, msg=name)
 
 
+def test_grad_checkpointing_reaches_the_locca_decoder(compose_cfg) -> None:
+    from clipforge.models.decoder import TextDecoder
+
+    _, objs = train(compose_cfg("objectives=locca", "grad_checkpointing=true", "trainer.max_steps=1", *SMALL))
+    decoders = [m for m in objs["module"].modules() if isinstance(m, TextDecoder)]
+    assert decoders and all(d.grad_checkpointing for d in decoders)
+
+
 def test_a_run_resumed_mid_epoch_shows_its_epoch_in_the_progress_bar(compose_cfg, capfd) -> None:
     # Lightning sizes its bar in on_train_epoch_start, which a mid-epoch resume skips: "Training: 3/?".
     shown = (

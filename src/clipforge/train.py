@@ -253,6 +253,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module: ContrastiveModule = instantiate(cfg.module)(
         model, loss, instantiate(cfg.optimizer), scheduler, config=config, **siglip2_parts(cfg)
     )
+    if cfg.get("grad_checkpointing"):  # the objectives' own networks too (LocCa's decoder)
+        for part in module.modules():
+            if hasattr(part, "set_grad_checkpointing"):
+                part.set_grad_checkpointing(True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     # whatever the callbacks config says: the summary's final train loss, and a validation of the last step
     recent_loss = RecentTrainLoss()

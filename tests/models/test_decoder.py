@@ -216,3 +216,25 @@ def test_parallel_rows_read_mask_tokens_with_bidirectional_attention() -> None:
     loss = dec.head(dec.forward_features(seq, img, masked)[0]).logsumexp(-1).sum()
     loss.backward()
     assert dec.mask_token.grad is not None and dec.mask_token.grad.abs().max() > 0
+
+
+def test_grad_checkpointing_recomputes_the_decoder_blocks_and_keeps_the_gradients(monkeypatch) -> None:
+    # grad_checkpointing=true checkpointed the towers only: LocCa's decoder kept every block's activations
+    from clipforge.models.decoder import DecoderBlock
+
+    calls = []
+    forward = DecoderBlock.forward
+    monkeypatch.setattr(DecoderBlock, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    grads = []
+    for on in (False, True):
+        dec = small_decoder().train()
+        dec.set_grad_checkpointing(on)
+        calls.clear()
+        img = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(1))
+        seq = torch.randint(0, dec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+        dec(seq, img).square().mean().backward()
+        grads.append(({n: p.grad for n, p in dec.named_parameters()}, len(calls)))
+    (plain, plain_calls), (ckpt, ckpt_calls) = grads
+    assert (plain_calls, ckpt_calls) == (2, 4)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=0, atol=1e-6, msg=name)

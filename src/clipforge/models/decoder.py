@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clipforge.models.layers import Attention, HeadAttention, Mlp
 from clipforge.models.specs import BlockSpec, as_spec
@@ -157,6 +158,7 @@ class TextDecoder(nn.Module):
         self.image_norm = nn.LayerNorm(image_dim, eps=block.norm_eps)
         self.image_proj = nn.Linear(image_dim, embed_dim)
         self.blocks = nn.ModuleList([DecoderBlock(embed_dim, num_heads, block) for _ in range(depth)])
+        self.grad_checkpointing = False  # recompute each block in the backward pass (set_grad_checkpointing)
         self.norm = nn.LayerNorm(embed_dim, eps=block.norm_eps)
         self.head = nn.Linear(embed_dim, self.vocab_size, bias=False)
         self.apply(init_vit_weights)
@@ -266,9 +268,19 @@ class TextDecoder(nn.Module):
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             attn_mask = (causal | masked.any(dim=1)[:, None, None])[:, None]  # (B, 1, n, n), True: attend
         x = x + self.pos_embed[:, :n]
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, context, attn_mask)
+            x = (
+                checkpoint(blk, x, context, attn_mask, use_reentrant=False)
+                if recompute
+                else blk(x, context, attn_mask)
+            )
         return self.norm(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input in training and recompute the block in the backward pass, as the
+        towers do (``clipforge-train grad_checkpointing=true``)."""
+        self.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) decoder token ids, (B, T, image_dim) image tokens -> (B, L, vocab_size) next-token logits.

@@ -195,6 +195,21 @@ def test_a_learning_rate_of_zero_is_said_before_anything_is_built(compose_cfg, c
     assert not caplog.text
 
 
+def test_a_warmup_as_long_as_the_run_is_said_before_anything_is_built(compose_cfg, caplog) -> None:
+    # scheduler.warmup_steps=50 with trainer.max_steps=20: the learning rate rose for the whole run and
+    # ended at 40% of optimizer.lr, without a word
+    cfg = compose_cfg()
+    with caplog.at_level("WARNING", logger="clipforge.optim"):
+        check_optimization(instantiate(cfg.optimizer), instantiate(cfg.scheduler), 20)
+    assert "scheduler.warmup_steps=50 is not shorter than trainer.max_steps=20" in caplog.text
+    assert "ends at 40% of optimizer.lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipforge.optim"):
+        check_optimization(instantiate(cfg.optimizer), instantiate(cfg.scheduler), 51)
+        check_optimization(instantiate(cfg.optimizer), instantiate(cfg.scheduler), -1)  # an epoch budget
+    assert not caplog.text
+
+
 def test_captions_longer_than_the_text_towers_position_table_fail_before_anything_is_built(
     compose_cfg,
 ) -> None:

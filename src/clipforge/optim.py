@@ -182,6 +182,15 @@ def check_optimization(
         log.warning("optimizer.lr=0: the weights never change in this run (a learning rate > 0 trains them)")
     if scheduler is None:
         return
+    warmup = getattr(scheduler, "keywords", {}).get("warmup_steps")
+    if isinstance(warmup, int) and 0 < total_steps <= warmup:  # taken as asked (a smoke run can mean it)
+        log.warning(
+            "scheduler.warmup_steps=%d is not shorter than trainer.max_steps=%d: the learning rate rises for the "
+            "whole run and ends at %.0f%% of optimizer.lr",
+            warmup,
+            total_steps,
+            100 * total_steps / warmup,
+        )
     try:
         scheduler(opt, total_steps=max(total_steps, 1))  # -1 (an epoch budget): the real total comes later
     except (ValueError, TypeError) as e:

@@ -245,15 +245,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             ckpt_path,
             "; ".join(moved),
         )
-    if cfg.get("grad_checkpointing"):  # how the towers run, not what they are: not in the model's node
-        model.set_grad_checkpointing(True)
     if mode is not None:
         compile_in_place(model, loss, mode)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module: ContrastiveModule = instantiate(cfg.module)(
         model, loss, instantiate(cfg.optimizer), scheduler, config=config, **siglip2_parts(cfg)
     )
-    if cfg.get("grad_checkpointing"):  # the objectives' own networks too (LocCa's decoder)
+    if cfg.get("grad_checkpointing"):  # how the networks run, not what they are: not in the model's node.
+        # Every part that can: the towers, the objectives' own networks (LocCa's decoder), the EMA's copies
+        # (they run without grad, so recompute nothing). Set before the first forward, when compile=true traces.
         for part in module.modules():
             if hasattr(part, "set_grad_checkpointing"):
                 part.set_grad_checkpointing(True)

@@ -257,25 +257,26 @@ def schedule_differences(path: str | Path, config: Mapping[str, Any]) -> list[st
 def part_starts(config: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
     """``name -> (first step, how its start_frac reads)`` of each part of a resolved train ``config`` that
     starts at a fraction of ``trainer.max_steps``: ``objectives.*`` and the EMA, whose ``start_frac: null`` is
-    the start of the first objective that distils from it (:func:`clipforge.ema.build_ema`), else 0."""
+    the start of the first objective that distils from it (:func:`clipforge.ema.teacher_start`), else 0."""
+    from clipforge.ema import teacher_start
     from clipforge.optim import first_step
 
     total = (config.get("trainer") or {}).get("max_steps")
     if not isinstance(total, int) or total < 0:
         return {}
-    out, teachers = {}, []
+    out, teachers = {}, {}
     for key, node in (config.get("objectives") or {}).items():
         frac = (node or {}).get("start_frac")
         if isinstance(frac, (int, float)):
             out[f"objectives.{key}"] = (first_step(frac, total), f"start_frac={frac}")
             if _distils_from_ema(node.get("_target_")):
-                teachers.append((frac, f"objectives.{key}"))
+                teachers[f"objectives.{key}"] = frac
     ema = config.get("ema")
     if isinstance(ema, Mapping):
         frac = ema.get("start_frac")
         if frac is None:
-            frac, said = min(teachers, default=(0.0, ""))
-            said = f"start_frac=null: {said}'s start, {frac}" if said else "start_frac=null: 0"
+            frac, by = teacher_start(teachers)
+            said = f"start_frac=null: {by}'s start, {frac}" if by else "start_frac=null: 0"
         else:
             said = f"start_frac={frac}"
         out["ema"] = (first_step(frac, total), said)

@@ -47,6 +47,13 @@ def as_teacher(module: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def teacher_start(teachers: Mapping[str, float]) -> tuple[float, str | None]:
+    """Where an average whose ``start_frac`` is unset (``None``) starts: the earliest ``start_frac`` of the
+    objectives that distil from it (``teachers``: name -> start_frac), and that objective's name; with none,
+    0 and None."""
+    return min(((start, name) for name, start in teachers.items()), default=(0.0, None))
+
+
 def build_ema(
     factory: Callable[..., ModelEMA] | None,
     modules: dict[str, nn.Module],
@@ -59,8 +66,10 @@ def build_ema(
     if factory is None:
         return None
     if getattr(factory, "keywords", {}).get("start_frac", 0.0) is None:
-        starts = [o.start_frac for o in (objectives or {}).values() if getattr(o, "needs_teacher", False)]
-        return factory(modules, start_frac=min(starts, default=0.0))
+        teachers = {
+            n: o.start_frac for n, o in (objectives or {}).items() if getattr(o, "needs_teacher", False)
+        }
+        return factory(modules, start_frac=teacher_start(teachers)[0])
     return factory(modules)
 
 

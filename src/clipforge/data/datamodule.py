@@ -60,8 +60,7 @@ class WebDataModule(L.LightningDataModule):
         failures: FailurePolicy | None = None,
     ) -> None:
         super().__init__()
-        check_at_least(1, "data", batch_size=batch_size)
-        check_at_least(1, "data", context_length=context_length)
+        check_at_least(1, "data", batch_size=batch_size, context_length=context_length)
         if context_length < 2:  # the tokenizer refused it at the first batch, after the shards were written
             raise ValueError(
                 f"data.context_length must be an integer >= 2 (SOT + EOT), got {context_length} (it follows "

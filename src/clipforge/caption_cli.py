@@ -10,25 +10,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from clipforge.checkpoint import load_captioner
 from clipforge.entry import hydra_entry
 from clipforge.eval.captioning import decode
-from clipforge.eval.datasets import eval_transform, read_images
+from clipforge.eval.datasets import eval_transform, image_batch, image_paths, read_images
 from clipforge.eval.runtime import resolve_device
 
 
 def run_caption(cfg: DictConfig) -> dict[str, Any]:
     """Decode every ``cfg.image``; prints ``<path>: <answer>`` and returns ``{path: answer}``."""
-    paths = [cfg.image] if isinstance(cfg.image, str) else [str(p) for p in cfg.image]
+    paths = image_paths(cfg.image)
     pictures = read_images(paths)  # before the model loads: an unreadable image fails at once, naming it
     model, decoder, _ = load_captioner(cfg.checkpoint, use_ema=bool(cfg.get("use_ema")))
     device = resolve_device(cfg.get("device", "auto"), model)
     model, decoder = model.to(device), decoder.to(device)
-    transform = eval_transform(model.visual.img_size)
-    images = torch.stack([transform(p) for p in pictures])
+    images = image_batch(pictures, eval_transform(model.visual.img_size))
     box = list(cfg.box) if cfg.get("box") is not None else None
     answers = decode(
         model, decoder, images.to(device), cfg.get("task", "caption"), cfg.get("ref"), box,

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from clipforge.data.config import check_at_least
 from clipforge.distributed import world_info
 from clipforge.entry import hydra_entry
-from clipforge.eval.datasets import collate_skipping, eval_transform, read_images
+from clipforge.eval.datasets import collate_skipping, eval_transform, image_batch, image_paths, read_images
 from clipforge.eval.distributed import shard_dataloader
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metadata import DEFAULT_TEMPLATES, Template, load_classnames, load_templates
@@ -173,7 +173,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate (or, with ``image=``, predict) and return the results; rank 0 writes them to ``output_dir``."""
-    paths = ([cfg.image] if isinstance(cfg.image, str) else list(cfg.image)) if cfg.get("image") else []
+    paths = image_paths(cfg.get("image"))
     pictures = read_images(paths)  # before the model loads: an unreadable image fails at once, naming it
     model, model_label, device, image_size, tokenizer, stored = _setup(cfg)
     rank, _ = world_info()
@@ -201,7 +201,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
         distributed=True,
     )
     if pictures:
-        images = torch.stack([transform(p) for p in pictures])
+        images = image_batch(pictures, transform)
         return _predict_images(cfg, model, classifier, classnames, paths, images, device)
 
     res = evaluate_zero_shot(

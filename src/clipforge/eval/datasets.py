@@ -42,11 +42,16 @@ def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[
     return partial(to_tensor, image_size=image_size, train=False, interpolation=interpolation)
 
 
+def image_paths(paths: str | Sequence[str] | None) -> list[str]:
+    """One image path or several (a command's ``image=``, a string or a list), as a list; none: empty."""
+    return [] if not paths else [paths] if isinstance(paths, str) else [str(p) for p in paths]
+
+
 def read_images(paths: str | Sequence[str]) -> list[Image.Image]:
     """One image path or several, decoded as RGB; an unreadable file is an error naming it (single-image
     commands: the user asked for exactly these images, so they read them before loading a model)."""
     images = []
-    for p in [paths] if isinstance(paths, str) else [str(p) for p in paths]:
+    for p in image_paths(paths):
         try:
             images.append(load_image(p))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a missing, unknown or damaged file
@@ -54,9 +59,16 @@ def read_images(paths: str | Sequence[str]) -> list[Image.Image]:
     return images
 
 
+def image_batch(
+    images: Sequence[Image.Image], transform: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
+    """Images read by :func:`read_images`, each transformed, as one batch."""
+    return torch.stack([transform(img) for img in images])
+
+
 def load_images(paths: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """One image path or several, read by :func:`read_images` and transformed into a batch."""
-    return torch.stack([transform(img) for img in read_images(paths)])
+    return image_batch(read_images(paths), transform)
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:

@@ -28,9 +28,20 @@ from typing import Any
 import torch
 
 from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
-from clipforge.bench.step import StepSpec, _sync, build_step, model_batch
+from clipforge.bench.step import StepSpec, _sync, build_step, format_table, model_batch
 
 GIB = 2**30
+MEMORY_COLUMNS = (
+    "impl",
+    "model",
+    "loss",
+    "batch",
+    "grad_checkpointing",
+    "peak_gib",
+    "peak_x_plain",
+    "step_ms",
+    "time_x_plain",
+)
 
 
 def _cpu_peak_bytes(reset: bool = False) -> int:
@@ -111,16 +122,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         row["time_x_plain"] = round(row["step_ms"] / plain["step_ms"], 3)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    print(format_table(rows), flush=True)
+    print(format_table(rows, MEMORY_COLUMNS), flush=True)
     return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["impl", "model", "loss", "batch", "grad_checkpointing", "peak_gib", "peak_x_plain", "step_ms"]
-    cols.append("time_x_plain")
-    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
-    lines += [" | ".join(str(r.get(c, "")) for c in cols) for r in rows]
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -243,20 +243,23 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = [
-        "impl",
-        "model",
-        "loss",
-        "batch",
-        "compile",
-        "samples_per_s",
-        "tflops",
-        "mfu",
-        "peak_mem_gib",
-        "warmup_s",
-        "note",
-    ]
+STEP_COLUMNS = (
+    "impl",
+    "model",
+    "loss",
+    "batch",
+    "compile",
+    "samples_per_s",
+    "tflops",
+    "mfu",
+    "peak_mem_gib",
+    "warmup_s",
+    "note",
+)
+
+
+def format_table(rows: list[dict[str, Any]], cols: Sequence[str] = STEP_COLUMNS) -> str:
+    """``cols`` of ``rows`` as a table: a missing value blank, a None ``n/a``."""
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         lines.append(" | ".join("n/a" if r.get(c, "") is None else str(r.get(c, "")) for c in cols))

@@ -200,8 +200,9 @@ def test_labelled_wds_cls_json_and_names(tmp_path, caplog):
 
 def test_labelled_shards_group_members_as_training_reads_them(tmp_path, caplog):
     """clipforge-zeroshot read shards with webdataset's grouping, training with its own: a key twice in a
-    row stopped the evaluation (webdataset raises) where training reads two samples; a README is no sample
-    either way; a shard cut short keeps its samples before the cut, with a warning naming it."""
+    row lost the second sample with a warning (webdataset raises, its handler went on without the sample)
+    where training reads two samples; a README is no sample either way; a shard cut short keeps its samples
+    before the cut, with a warning naming it."""
     path = tmp_path / "a.tar"
     with tarfile.open(path, "w") as tar:
         for name, data in [

@@ -171,6 +171,13 @@ def test_optimizer_and_schedule_settings_fail_before_anything_is_built(
             "data.augment.image_size=48",
             r"data\.augment\.image_size=48 differs from model\.vision\.img_size=32",
         ),
+        # Lightning refused it at the Trainer, after the model was built (19 s for ViT-B/16 on a CPU), with a
+        # Hydra traceback naming only "trainer"
+        (
+            "trainer.precision=bf61",
+            r"trainer\.precision='bf61' is not one of Lightning's precisions: .*'bf16-mixed'",
+        ),
+        ("trainer.precision=8", r"trainer\.precision=8 is not one of Lightning's precisions"),
     ],
 )
 def test_a_run_setting_that_cannot_train_fails_before_anything_is_written(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -77,6 +77,31 @@ def strategy_timeout(cfg: DictConfig) -> timedelta | None:
     return value
 
 
+def lightning_precisions() -> tuple[Any, ...]:
+    """The values Lightning's ``Trainer(precision=...)`` takes (its own list, so a new Lightning's are known);
+    empty where this Lightning keeps the list elsewhere."""
+    try:
+        from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    except ImportError:
+        return ()
+
+    def flat(tp: Any) -> tuple[Any, ...]:
+        args = get_args(tp)
+        return tuple(v for a in args for v in flat(a)) if args else (tp,)
+
+    return flat(_PRECISION_INPUT)
+
+
+def check_precision(precision: Any) -> None:
+    """A misspelt ``trainer.precision`` failed at the Trainer, after the model was built, in a Hydra error that
+    named only ``trainer``: name the key and the choices before anything is built."""
+    known = lightning_precisions()
+    if precision is None or not known or precision in known:  # Lightning's own test
+        return
+    choices = ", ".join(repr(v) for v in known if isinstance(v, str))
+    raise ValueError(f"trainer.precision={precision!r} is not one of Lightning's precisions: {choices}")
+
+
 def check_trainer(cfg: DictConfig) -> None:
     """Fail before anything is built, naming the key, when the step or epoch budget is not an integer
     (``trainer.max_steps=abc`` or ``2.5`` failed deep inside Lightning, naming only ``trainer``; -1 is
@@ -93,6 +118,7 @@ def check_trainer(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
         raise ValueError(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}")
+    check_precision(trainer.get("precision"))
     # the crops are the model's input: another size failed at the first step ("expected 32x32 images")
     crop, img = (
         OmegaConf.select(cfg, "data.augment.image_size"),

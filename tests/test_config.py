@@ -177,6 +177,8 @@ def test_optimizer_and_schedule_settings_fail_before_anything_is_built(
             "trainer.precision=bf61",
             r"trainer\.precision='bf61' is not one of Lightning's precisions: .*'bf16-mixed'",
         ),
+        # data.augment.image_size follows it: its check named that key, which the user never set
+        ("model.vision.img_size=0", r"model\.vision\.img_size must be an integer >= 1, got 0"),
         ("trainer.precision=8", r"trainer\.precision=8 is not one of Lightning's precisions"),
     ],
 )

@@ -124,6 +124,7 @@ def check_trainer(cfg: DictConfig) -> None:
         OmegaConf.select(cfg, "data.augment.image_size"),
         OmegaConf.select(cfg, "model.vision.img_size"),
     )
+    check_at_least(1, "model.vision", img_size=img)  # before data.augment.image_size, which follows it
     if isinstance(crop, int) and isinstance(img, int) and crop != img:
         raise ValueError(
             f"data.augment.image_size={crop} differs from model.vision.img_size={img}, the image tower's input: "

@@ -460,6 +460,33 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes_there(
     assert objs["trainer"].global_step == 10
 
 
+def test_a_stopped_run_leaves_without_waiting_for_another_batch(
+    run_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ctrl_c_as_in_a_terminal
+) -> None:
+    # The run left from the next batch's start, so it first waited for one more batch from the loader: minutes
+    # where the shards stream from a stalled store, past a scheduler's grace period (then SIGKILL, the W&B run
+    # unfinished). The loader is sized, so Lightning fetches each batch as its step starts: five, no more.
+    from clipforge.data.dataset import ShardDataset
+
+    fetched: list[int] = []
+    iterate = ShardDataset.__iter__
+
+    def counting(self: ShardDataset) -> Any:
+        for batch in iterate(self):
+            fetched.append(self.mode != "eval")
+            yield batch
+
+    monkeypatch.setattr(ShardDataset, "__iter__", counting)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            train(run_cfg(tmp_path, *fault("sigint", 4)))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert load(tmp_path / "checkpoints" / "preempt-step0000005.ckpt")["global_step"] == 5
+    assert sum(fetched) == 5
+
+
 def test_ctrl_c_in_the_last_validation_skips_the_final_evaluation(
     run_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture, ctrl_c_as_in_a_terminal
 ) -> None:

@@ -8,9 +8,9 @@ ends an optimizer step (under ``trainer.accumulate_grad_batches`` the last batch
 ``preempt-step<N>.ckpt`` (and removes those of earlier preemptions) and asks SLURM to requeue the job when
 running under SLURM. The run then leaves through Lightning's ``SIGTERMException`` (a ``SystemExit``: exit
 status 0), as Lightning itself does on SIGTERM, from the first hook after Lightning has logged the step's
-metrics: the next batch's start, a validation's start or the epoch's end, whichever comes first (leaving
-from ``on_train_batch_end`` itself lost the saved step's row in every logger). Leaving then, rather than
-through ``trainer.should_stop``, skips the end-of-training work (validation, final checkpoints,
+metrics: a validation's start or the epoch's end (the callback also sets ``trainer.should_stop``, so the
+loop fetches no further batch first; leaving from ``on_train_batch_end`` itself lost the saved step's row
+in every logger). Leaving by the exception, rather than letting ``trainer.should_stop`` end the run, skips the end-of-training work (validation, final checkpoints,
 evaluation): it would take time the scheduler may not give, and a "final" checkpoint written then would
 mark the epoch as finished, so a resume would skip the rest of it. A periodic checkpoint due at the saved
 step is not written beside the preemption file. A ``ckpt_path=auto`` restart resumes from the preemption
@@ -177,6 +177,10 @@ class PreemptionCheckpoint(StepClock):
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             self._checkpoint(trainer)
             self.leaving = True  # every rank alike, at the next of the hooks below
+            # and no next batch: the loop would wait for it (minutes from a stalled store) before the
+            # next batch's start; stopping, it goes from this step's logging to a validation's start or
+            # the epoch's end
+            trainer.should_stop = True
 
     # The first hooks Lightning calls after it has logged a step's metrics: on every rank the same one.
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

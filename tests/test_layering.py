@@ -68,3 +68,21 @@ def test_no_module_reads_lightning_private_trainer_state() -> None:
             ):
                 offenders.append(f"{p.relative_to(SRC)}:{node.lineno} trainer.{node.attr}")
     assert not offenders, offenders
+
+
+def test_the_checkpoint_callbacks_lightning_internals_exist_in_the_installed_lightning() -> None:
+    """PeriodicCheckpoint extends Lightning's ModelCheckpoint through its private members (pyproject caps
+    lightning below the next minor release for this): each it reads or calls must exist, and its override of
+    ``_should_remove_checkpoint`` must still override one, else it would silently stop applying."""
+    import re
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from clipforge.callbacks.periodic import PeriodicCheckpoint
+
+    base = ModelCheckpoint()
+    used = set(re.findall(r"self\.(_[a-z][a-z_]*)", (SRC / "callbacks" / "periodic.py").read_text()))
+    inherited = used - set(vars(PeriodicCheckpoint))
+    missing = sorted(name for name in inherited | {"_should_remove_checkpoint"} if not hasattr(base, name))
+    assert not missing, f"ModelCheckpoint no longer has {missing}"
+    assert {"_every_n_train_steps", "_save_topk_checkpoint", "_should_skip_saving_checkpoint"} <= inherited

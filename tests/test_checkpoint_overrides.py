@@ -124,6 +124,21 @@ def test_a_settings_error_raised_in_a_config_nodes_constructor_is_one_line_too(
         console_script("tool", instantiate)({"_target_": "torch.empty", "_args_": [-1]})
 
 
+def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_trainer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Lightning validates the trainer node's values itself: its refusal came as Hydra's "Error in call to
+    # target 'lightning.pytorch.trainer.trainer.Trainer'" with the exception's repr and "full_key: trainer"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["clipforge-train", "trainer.devices=0", "logger=csv"])
+    with pytest.raises(SystemExit) as exit_:
+        train.main()
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "clipforge-train: trainer: `Trainer(devices=0)` value is not a valid input using cpu accelerator."
+    )
+
+
 def test_the_benchmark_commands_help_imports_neither_torch_nor_hydra() -> None:
     # the one-line error handling every console script shares must not make `--help` load torch (seconds)
     code = (

@@ -191,6 +191,21 @@ def test_a_run_setting_that_cannot_train_fails_before_anything_is_written(
     assert not Path(cfg.paths.output_dir).exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA GPU")
+@pytest.mark.parametrize("override", ["trainer=gpu", "trainer=ddp", "trainer.accelerator=cuda"])
+def test_a_gpu_run_on_a_machine_without_one_is_refused_before_anything_is_written(
+    compose_cfg, override: str
+) -> None:
+    # Lightning refused it at the Trainer, after the model was built, with "No supported gpu backend found!"
+    # in a Hydra error naming only "trainer"
+    cfg = compose_cfg(override)
+    with pytest.raises(
+        ValueError, match=r"trainer\.accelerator=\S+ asks for a CUDA GPU, but torch sees none"
+    ):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
 def test_a_learning_rate_of_zero_is_said_before_anything_is_built(compose_cfg, caplog) -> None:
     # it trained to the end with weights that never changed, without a word (a frozen run can be meant:
     # tests/test_train.py uses one to compare loaded weights, so it is a warning)

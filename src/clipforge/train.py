@@ -184,6 +184,19 @@ def check_trainer(cfg: DictConfig) -> None:
         )
 
 
+def check_accelerator(trainer: DictConfig) -> None:
+    """A GPU asked for where torch sees none failed at the Trainer, after the model was built, with
+    Lightning's "No supported gpu backend found!" in a Hydra error naming only ``trainer``. Checked after the
+    config's own consistency (an experiment preset for GPUs composed on a laptop names its mistakes first)."""
+    accelerator = trainer.get("accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={accelerator} asks for a CUDA GPU, but torch sees none "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): train on the CPU with "
+            "trainer=cpu (the default), or run where a GPU is visible"
+        )
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Fail before anything is built when a named file is missing."""
     if cfg.get("init_from_ema") and not cfg.get("init_from"):
@@ -200,6 +213,7 @@ def check_paths(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_paths(cfg)
     check_trainer(cfg)
+    check_accelerator(cfg.trainer)
     mode = compile_mode(cfg.get("compile"))  # a bad value fails before any data is written
     check_optimization(
         instantiate(cfg.optimizer),
@@ -307,14 +321,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
         extra["enable_checkpointing"] = any(isinstance(cb, Checkpoint) for cb in callbacks)
     logger = instantiate_logger(cfg.get("logger"), ckpt_path, out_dir)  # a resume logs where the run did
-    # Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True.
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[*callbacks, *always],
-        logger=logger,
-        plugins=[AtomicCheckpointIO()],
-        **extra,
-    )
+    trainer = build_trainer(cfg.trainer, callbacks=[*callbacks, *always], logger=logger, **extra)
     if logger:
         logger.log_hyperparams(config)
     quiet_reduced_metric_warnings()  # val/* are reduced over ranks before they are logged
@@ -358,6 +365,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         print(summary, flush=True)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
+
+
+def build_trainer(node: DictConfig, **kwargs: Any) -> L.Trainer:
+    """The Trainer of the ``trainer`` node. A value Lightning refuses (``devices=0``, an unknown strategy)
+    is a mistake in that node: said in one line naming it, not as Hydra's wrapped repr of Lightning's error.
+    Checkpoint files are written atomically (temp file, fsync, rename) and read with weights_only=True."""
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return instantiate(node, plugins=[AtomicCheckpointIO()], **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError | TypeError | MisconfigurationException):
+            raise ValueError(f"trainer: {e.__cause__}") from e
+        raise
 
 
 def stop_requested(callbacks: list[Any], trainer: L.Trainer) -> bool:

@@ -178,6 +178,19 @@ def test_caption_cli_reads_the_images_before_the_checkpoint(tmp_path: Path, monk
         run_caption(_compose("caption", f"checkpoint={tmp_path / 'any.ckpt'}", f"image={broken}"))
 
 
+def test_caption_cli_names_a_device_it_cannot_use_before_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import clipforge.caption_cli as caption_cli
+
+    monkeypatch.setattr(
+        caption_cli, "load_captioner", lambda *a, **k: pytest.fail("the checkpoint was loaded")
+    )
+    cfg = _compose(
+        "caption", f"checkpoint={tmp_path / 'any.ckpt'}", f"image={tmp_path / 'a.png'}", "device=gpu"
+    )
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device"):
+        run_caption(cfg)
+
+
 def test_training_batches_carry_the_generators_boxes_in_the_frame_of_each_crop(trained: dict) -> None:
     dm = trained["objs"]["datamodule"]
     ds = dm._dataset("train")

@@ -16,11 +16,12 @@ from clipforge.checkpoint import load_captioner
 from clipforge.entry import hydra_entry
 from clipforge.eval.captioning import decode
 from clipforge.eval.datasets import eval_transform, image_batch, image_paths, read_images
-from clipforge.eval.runtime import resolve_device
+from clipforge.eval.runtime import check_device, resolve_device
 
 
 def run_caption(cfg: DictConfig) -> dict[str, Any]:
     """Decode every ``cfg.image``; prints ``<path>: <answer>`` and returns ``{path: answer}``."""
+    check_device(cfg.get("device", "auto"))
     paths = image_paths(cfg.image)
     pictures = read_images(paths)  # before the model loads: an unreadable image fails at once, naming it
     model, decoder, _ = load_captioner(cfg.checkpoint, use_ema=bool(cfg.get("use_ema")))

@@ -214,6 +214,25 @@ def test_unreadable_single_image(tmp_path, color_model, monkeypatch):
         run_zeroshot(cfg)
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        # torch.device("gpu"): a RuntimeError listing torch's 20 device types, after the model loaded
+        ("gpu", r"device='gpu' is not a device: auto, cpu, cuda or cuda:<index>"),
+        pytest.param(
+            "cuda",
+            r"device='cuda' asks for a CUDA GPU, but torch sees none",  # "Found no NVIDIA driver", traceback
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA GPU"),
+        ),
+        ("cuda:64", r"device='cuda:64' asks for a CUDA GPU, but torch sees (none|\d+)"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_named_before_the_model_loads(monkeypatch, device, message):
+    monkeypatch.setattr(cli, "load_eval_model", lambda cfg: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        cli.run(compose_zeroshot("model=tiny", f"device={device}"))
+
+
 def test_model_source_must_be_unique(tmp_path):
     cfg = compose_zeroshot("model=tiny", "checkpoint=/nonexistent.ckpt")
     with pytest.raises(ValueError, match="exactly one model"):

@@ -37,7 +37,7 @@ from clipforge.eval.model_facts import (
 )
 from clipforge.eval.report import format_summary, nan_to_none, results_dict, write_json, write_outputs
 from clipforge.eval.retrieval import evaluate_retrieval
-from clipforge.eval.runtime import resolve_device
+from clipforge.eval.runtime import check_device, resolve_device
 from clipforge.eval.zeroshot import build_zero_shot_classifier, check_top_k, evaluate_zero_shot, predict
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # a synthetic set of no images was found out after the model loaded and the prompts were encoded, as
     # "no readable images were evaluated", naming no key
     check_at_least(1, "eval.dataset", num_samples=OmegaConf.select(cfg, "eval.dataset.num_samples"))
+    check_device(cfg.get("device", "auto"))
     return runners[task](cfg)
 
 

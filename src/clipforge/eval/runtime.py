@@ -22,8 +22,28 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """A ``device`` setting this machine cannot run, named before a model loads: a misspelt one made torch
+    list its 20 device types, and a missing GPU failed at the first tensor moved (``None`` and ``"auto"``
+    always run)."""
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: auto, cpu, cuda or cuda:<index>") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise ValueError(
+                f"device={str(device)!r} asks for a CUDA GPU, but torch sees {count or 'none'}: "
+                "device=auto takes the first GPU where there is one, the CPU otherwise"
+            )
+
+
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
     """``None`` means the model's device; ``"auto"`` means CUDA when available, else CPU."""
+    check_device(device)
     if device is None:
         return model_device(model)
     if device == "auto":

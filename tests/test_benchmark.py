@@ -216,6 +216,10 @@ def test_one_command_dispatches_every_benchmark(capsys) -> None:
         ("learning", ["--steps", "0"], "--steps: expected a positive integer"),
         ("init", ["--batch-size", "-8"], "--batch-size: expected a positive integer"),
         ("siglip2", ["--steps", "-1"], "--steps: expected a positive integer"),
+        # torch's "Expected one of cpu, cuda, ... device type" / "Found no NVIDIA driver", with a traceback
+        ("step", ["--models", "tiny:4", "--device", "gpu"], "--device: device='gpu' is not a device"),
+        ("memory", ["--device", "gpu"], "--device: device='gpu' is not a device"),
+        ("loss", ["--device", "cuda:64"], "--device: device='cuda:64' asks for a CUDA GPU, but torch sees"),
     ],
 )
 def test_bad_settings_are_named_before_anything_runs(bench: str, argv: list[str], named: str, capsys) -> None:

@@ -60,9 +60,22 @@ def add_child_args(p: argparse.ArgumentParser, override_example: str = "") -> No
     p.add_argument("--override", nargs="*", default=[], help=help_)
 
 
+def device_name(text: str) -> str:
+    """An argparse ``type``: a device this machine can run (:func:`clipforge.eval.runtime.check_device`)."""
+    from clipforge.eval.runtime import check_device
+
+    try:
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision`` of a step benchmark; :func:`device_defaults` fills them in."""
-    p.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
+    p.add_argument(
+        "--device", type=device_name, default=None, help="default: cuda where there is a GPU, else cpu"
+    )
     p.add_argument(
         "--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu"
     )

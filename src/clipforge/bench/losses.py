@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.bench.args import non_negative_int, positive_int
+from clipforge.bench.args import device_name, non_negative_int, positive_int
 from clipforge.losses.clip import ClipLoss
 from clipforge.losses.siglip import SigLipLoss
 from clipforge.losses.tiled import use_tiled
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=positive_int, nargs="+", default=DEFAULT_BATCHES)
     ap.add_argument("--dim", type=positive_int, default=768)
     ap.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--impl", default="auto", choices=["auto", "dense", "tiled"], help="clipforge's impl")
     ap.add_argument("--tile-size", type=positive_int, default=8192)

@@ -19,7 +19,9 @@ import multiprocessing
 import os
 import time
 from argparse import Namespace
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +159,7 @@ def write_benchmark_shards(
         photos = natural_photos()
         rng = np.random.default_rng(seed)
 
-        def records():
+        def records() -> Iterator[Record]:
             for i in range(num_samples):
                 buf = io.BytesIO()
                 make_image(photos, rng).save(buf, format="JPEG", quality=95)
@@ -182,7 +184,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def measure(loader, num_workers: int, warmup: int = 2) -> dict:
+def measure(loader: Iterable[Any], num_workers: int, warmup: int = 2) -> dict[str, float]:
     """Images per second after ``warmup`` batches (worker start-up and shuffle-buffer fill excluded).
     Workers must be persistent, so their CPU time can still be read once the pass is over."""
     too_few = ValueError(  # a figure of 0 images/s would read as a loader that stalls
@@ -210,7 +212,7 @@ def measure(loader, num_workers: int, warmup: int = 2) -> dict:
 
 def clipforge_loader(
     pattern: str, batch_size: int, num_workers: int, image_size: int, decode_device: str = "cpu"
-):
+) -> tuple[DataLoader, Any]:
     from clipforge.data.config import Augment, Stream
     from clipforge.data.datamodule import WebDataModule
 
@@ -231,7 +233,9 @@ def clipforge_loader(
     return DataLoader(ds, batch_size=None, num_workers=num_workers, **kwargs), dm
 
 
-def open_clip_loader(pattern: str, num_samples: int, batch_size: int, num_workers: int, image_size: int):
+def open_clip_loader(
+    pattern: str, num_samples: int, batch_size: int, num_workers: int, image_size: int
+) -> Iterable[Any]:
     import open_clip
     import open_clip_train.data as oc_data
     from webdataset.tariterators import tar_file_expander
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             decoded = (dm.decode_batch(batch, "cuda") for batch in loader)
 
             class _Synced:  # the decode runs in this process: time it end to end, synchronised
-                def __iter__(self):
+                def __iter__(self) -> Iterator[Any]:
                     for batch in decoded:
                         torch.cuda.synchronize()
                         yield batch

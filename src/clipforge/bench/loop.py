@@ -6,6 +6,7 @@ CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023) losses.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ def bench_lightning(
     tokens[:, -1] = 49407
 
     class Repeat(torch.utils.data.IterableDataset):
-        def __iter__(self):  # type: ignore[no-untyped-def]
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             while True:
                 yield images, tokens
 

@@ -66,7 +66,9 @@ def open_clip_loss(kind: str) -> torch.nn.Module:
     inner = ClipLoss()
 
     class _Wrapped(torch.nn.Module):  # same call signature as clipforge's losses
-        def forward(self, fi, ft, scale, bias=None):  # type: ignore[no-untyped-def]
+        def forward(
+            self, fi: torch.Tensor, ft: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+        ) -> torch.Tensor:
             return inner(fi, ft, scale)
 
     return _Wrapped()

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -271,7 +271,7 @@ class WebDataModule(L.LightningDataModule):
         rest = [_take(x, source, rows) for x in batch[1:]]
         return (images, *rest)
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self._decoder is None:
             return batch
         trainer = self._trainer_or_none()

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from clipforge.losses.base import ContrastiveLoss, Layout, contrastive_loss
 from clipforge.losses.distributed import Ring, all_gather_with_grad
@@ -116,7 +117,9 @@ class _ClipRing(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, ring: Ring, tile: int, coef: float) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, y: Tensor, scale: Tensor, ring: Ring, tile: int, coef: float
+    ) -> Tensor:
         sd = stat_dtype(x)
         lse_row = torch.full((x.shape[0],), float("-inf"), dtype=sd, device=x.device)
 
@@ -132,7 +135,7 @@ class _ClipRing(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         x, y, scale, lse_row, lse_col = ctx.saved_tensors
         ring, tile, sd = ctx.ring, ctx.tile, lse_row.dtype
         alpha = (g * (ctx.coef / 2)).to(sd)  # d (this rank's loss) / d (each of its terms)

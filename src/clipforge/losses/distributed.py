@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from clipforge.distributed import all_gather_padded
 
@@ -45,12 +46,14 @@ def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None =
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup | None) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup | None
+    ) -> Tensor:
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
         return all_gather_padded(x, sizes, group)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: FunctionCtx, grad: Tensor):
         sizes, rank, group = ctx.sizes, ctx.rank, ctx.group
         start = sum(sizes[:rank])
         # Every rank used every shard, so the gradient of this shard is the sum over ranks.

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from clipforge.losses.base import ContrastiveLoss, Layout, contrastive_loss
 from clipforge.losses.distributed import Ring, all_gather_with_grad
@@ -62,7 +63,16 @@ class _SigLipRing(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, ring: Ring, tile: int, coef: float):
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        y: Tensor,
+        scale: Tensor,
+        bias: Tensor,
+        ring: Ring,
+        tile: int,
+        coef: float,
+    ):
         total = x.new_zeros((), dtype=stat_dtype(x))
 
         def visit(owner: int, texts: Sequence[Tensor], carry: Sequence[Tensor]) -> None:
@@ -77,7 +87,7 @@ class _SigLipRing(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         x, y, scale, bias = ctx.saved_tensors
         ring, tile = ctx.ring, ctx.tile
         alpha = (g * ctx.coef).to(x.dtype)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 IMPLS = ("auto", "dense", "tiled")
 
@@ -131,7 +132,9 @@ class SigmoidTiled(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, coef: float) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, tile: int, coef: float
+    ) -> Tensor:
         gx, gy = torch.zeros_like(x), torch.zeros_like(y)
         total, g_bias = sigmoid_tiles(x, y, scale, bias, tile, grads=(gx, gy))
         n = x.shape[0]
@@ -146,7 +149,7 @@ class SigmoidTiled(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         gx, gy, scale, g_scale, g_bias = ctx.saved_tensors
         alpha = g * ctx.coef
         feat = (alpha * scale).to(gx.dtype)
@@ -247,7 +250,9 @@ class TiledLSE(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, a: Tensor, c: Tensor, scale: Tensor, tile: int, both: bool, offset: int, coef: float):
+    def forward(
+        ctx: FunctionCtx, a: Tensor, c: Tensor, scale: Tensor, tile: int, both: bool, offset: int, coef: float
+    ):
         n, m = a.shape[0], c.shape[0]
         sd = stat_dtype(a)
         lse_row = torch.full((n,), float("-inf"), dtype=sd, device=a.device)
@@ -262,7 +267,7 @@ class TiledLSE(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         a, c, scale, lse_row, lse_col = ctx.saved_tensors
         both, offset, n = ctx.both, ctx.offset, a.shape[0]
         alpha = (g * ctx.coef).to(lse_row.dtype)

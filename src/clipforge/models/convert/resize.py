@@ -9,6 +9,7 @@ be made up).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> 
     return out
 
 
-def load_state_dict_resized(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+def load_state_dict_resized(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+) -> Any:
     """``model.load_state_dict`` after fitting position embeddings to ``model``'s image size / context."""
     return model.load_state_dict(fit_state_dict(state_dict, model), strict=strict)

@@ -158,3 +158,25 @@ def test_a_setting_out_of_range_fails_at_once_naming_its_key(settings, message):
     """It failed deep in the loader (ZeroDivisionError for batch_size=0) or not at all."""
     with pytest.raises(ValueError, match=message):
         WebDataModule(train_urls="/data/{00000..00009}.tar", **settings())
+
+
+def test_validation_shards_that_are_also_training_shards_are_named(tmp_path, monkeypatch, caplog):
+    # val_urls pointing into the training shards (a range typed one digit off, the same folder's glob) gave
+    # a val loss and held-out figures measured on trained-on pairs, and nothing said so
+    dm = make(tmp_path)
+    dm.prepare_data()
+    train = dm.source.folder / "train"
+    monkeypatch.chdir(train.parent)
+    for val_urls in ("train/{00001..00002}.tar", [str(train / "00002.tar"), "./train/00001.tar"]):
+        overlapping = WebDataModule(
+            str(train / "{00000..00002}.tar"), val_urls=val_urls, batch_size=16, num_workers=0
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clipforge.data.datamodule"):
+            overlapping.setup("fit")
+        assert "2 of the 2 data.val_urls shards are training shards too" in caplog.text
+        assert "00001.tar" in caplog.text and "00002.tar" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipforge.data.datamodule"):
+        dm.setup("fit")  # the source's own held-out shards: apart
+    assert "training shards too" not in caplog.text

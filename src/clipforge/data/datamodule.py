@@ -13,6 +13,7 @@ key ``WebDataModule``) and restores it with ``load_state_dict``.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -29,11 +30,13 @@ from clipforge.data.failures import FailurePolicy
 from clipforge.data.gpu_decode import EncodedBatch, JpegDecoder, check_decode_device
 from clipforge.data.loader import EpochLoader, Position, auto_num_workers
 from clipforge.data.manifest import find_manifest
-from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local
+from clipforge.data.shards import CAUSES, DataError, expand_urls, missing_local, same_shard
 from clipforge.distributed import EvenSteps, all_gather_cat, world_info
 
 if TYPE_CHECKING:
     from clipforge.eval.metadata import Template
+
+log = logging.getLogger(__name__)
 
 
 class WebDataModule(L.LightningDataModule):
@@ -195,6 +198,24 @@ class WebDataModule(L.LightningDataModule):
         for split, urls in (("val", self.val_urls), ("zeroshot", self.zeroshot_urls)):
             if urls is not None:
                 self._dataset(split)
+        if self.val_urls is not None and self._rank_world()[0] == 0:  # said once, not by every rank
+            self._warn_trained_validation()
+
+    def _warn_trained_validation(self) -> None:
+        """Validation shards that are training shards too give a val loss and held-out figures measured on
+        pairs the model trains on: said, with the shards (a deliberate check of memorisation may want it)."""
+        train = {same_shard(u) for u in self._dataset("train").urls}
+        val = self._dataset("val").urls
+        shared = [u for u in val if same_shard(u) in train]
+        if shared:
+            shown = ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else "")
+            log.warning(
+                "%d of the %d data.val_urls shards are training shards too (%s): the val loss and held-out "
+                "figures measure pairs the model trains on, not held-out ones",
+                len(shared),
+                len(val),
+                shown,
+            )
 
     def _loader(self, ds: ShardDataset) -> DataLoader:
         kwargs: dict = {"batch_size": None, "num_workers": self.num_workers, "pin_memory": self.pin_memory}

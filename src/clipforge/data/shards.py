@@ -123,6 +123,13 @@ def expand_urls(urls: str | list[str]) -> list[list[str]]:
     return sources
 
 
+def same_shard(url: str) -> str:
+    """What ``url`` names, spelled one way: a local path (or ``file://``) as its real absolute path, so that
+    ``data/00001.tar``, ``./data/00001.tar`` and the absolute path compare equal; any other URL as it is."""
+    path = url.removeprefix("file://")
+    return os.path.realpath(path) if not path.startswith("pipe:") and "://" not in path else url
+
+
 def missing_local(urls: list[str]) -> list[str]:
     """The local shard paths among ``urls`` that do not exist."""
     return [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.exists(u)]

@@ -264,6 +264,29 @@ def test_import_infers_the_architecture_from_weight_shapes(tmp_path: Path) -> No
     assert_same_clip(ours, reference, torch.randn(2, 3, 32, 32), tokens(2, 12))
 
 
+def test_import_without_a_name_takes_the_heads_of_open_clips_config_of_that_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ViT-H-14's image heads are 80 wide, ViT-g-14's 88, ViT-bigG-14's 104 (their text heads 64): assuming 64
+    # split them into other heads than they trained with, and the imported model computed other features,
+    # with only a warning that it assumed 64. The weight shapes match one open_clip config: its heads apply.
+    torch.manual_seed(0)
+    cfg = small_cfg(vision={"width": 96, "head_width": 48}, text={"width": 64, "heads": 2}, embed_dim=24)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "clipforge-test-wide-heads", cfg)
+    reference = perturb_(open_clip_model(cfg)).eval()
+    torch.save(reference.state_dict(), tmp_path / "weights.bin")
+    with pytest.warns(UserWarning, match=r"the shapes of open_clip's clipforge-test-wide-heads: its heads"):
+        ours = load_open_clip_checkpoint(tmp_path / "weights.bin")
+    assert ours.visual.blocks[0].attn.num_heads == 2 and ours.text.blocks[0].attn.num_heads == 2
+    assert_same_clip(ours, reference, torch.randn(2, 3, 32, 32), tokens(2, 12))
+    # two configs of these shapes with other heads: which is meant cannot be told, so nothing is picked
+    other = small_cfg(vision={"width": 96, "head_width": 32}, text={"width": 64, "heads": 2}, embed_dim=24)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "clipforge-test-other-heads", other)
+    with pytest.warns(UserWarning, match=r"clipforge-test-other-heads, clipforge-test-wide-heads.*other heads"):
+        guessed = load_open_clip_checkpoint(tmp_path / "weights.bin")
+    assert guessed.visual.blocks[0].attn.num_heads == 1  # 64-wide, as said
+
+
 def test_import_at_another_image_size_resamples_the_position_grid(tmp_path: Path) -> None:
     model = tiny_clip_from_conf()
     export_open_clip(model, tmp_path)

@@ -102,7 +102,8 @@ def load_open_clip_checkpoint(
 
     The architecture comes from ``model_name`` (an open_clip built-in such as ``"ViT-B-32"`` or
     ``"local-dir:PATH"``), else from an ``open_clip_config.json`` beside the weights, else it is
-    inferred from the weight shapes (native open_clip ViTs only; heads = width / 64, GELU). OpenAI's
+    inferred from the weight shapes (native open_clip ViTs only; GELU; the heads of open_clip's configs of
+    those shapes where they agree, else 64-dim heads). OpenAI's
     original weights used QuickGELU: name them ``"ViT-B-32-quickgelu"`` etc. ``img_size`` rebuilds the
     image tower at another resolution with its position table resampled.
     """
@@ -130,6 +131,11 @@ def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
 
 
+# the settings of an open_clip config that show in its weights' shapes, with open_clip's defaults
+VISION_SHAPE = {"width": 768, "layers": 12, "patch_size": 16}
+TEXT_SHAPE = {"width": 512, "layers": 12, "vocab_size": 49408, "context_length": 77}
+
+
 def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """An open_clip model config read off the weight shapes of a native open_clip ViT checkpoint."""
     if any(k.startswith("model.visual.") for k in state):  # clipforge.checkpoint's layout
@@ -141,11 +147,6 @@ def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise ValueError(
             "cannot infer the architecture of this checkpoint (not a native open_clip ViT): pass model_name"
         )
-    warnings.warn(
-        "inferring the open_clip architecture from weight shapes: assuming 64-dim heads, GELU, a causal text "
-        "tower pooled at the EOT token and LayerNorm eps 1e-5; pass model_name to be exact",
-        stacklevel=3,
-    )
     tp = "text." if "text.token_embedding.weight" in state else ""
     conv = state["visual.conv1.weight"]
     width, patch = conv.shape[0], conv.shape[-1]
@@ -180,4 +181,46 @@ def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     cfg = {"embed_dim": state["visual.proj"].shape[1], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
     if tp:
         cfg["custom_text"] = True
+    heads = _heads_of_configs_shaped_like(cfg)
+    if len(set(heads.values())) == 1:
+        vision_cfg["head_width"], text_cfg["heads"] = next(iter(heads.values()))
+        names = ", ".join(sorted(heads))
+        how = f"the weights have the shapes of open_clip's {names}: {'its' if len(heads) == 1 else 'their'} heads (image {vision_cfg['head_width']}-dim, {text_cfg['heads']} text heads)"
+    else:
+        how = "assuming 64-dim heads" + (
+            f" (the weights have the shapes of open_clip's {', '.join(sorted(heads))}, which have other heads)"
+            if heads
+            else ""
+        )
+    warnings.warn(
+        f"inferring the open_clip architecture from weight shapes: {how}, GELU, a causal text tower pooled at "
+        "the EOT token and LayerNorm eps 1e-5; pass model_name to be exact",
+        stacklevel=3,
+    )
     return cfg
+
+
+def _heads_of_configs_shaped_like(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{name: (image head width, text heads)}`` of open_clip's registered configs (native towers) whose
+    weights have ``cfg``'s shapes. Head counts leave no trace in the weights; the other settings that do not
+    either (activation, eps) are not read from these configs: several of them differ only there."""
+    import open_clip
+    from open_clip.factory import get_model_config
+
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    found = {}
+    for name in open_clip.list_models():
+        other = get_model_config(name) or {}
+        ov, ot = other.get("vision_cfg", {}), other.get("text_cfg", {})
+        if "timm_model_name" in ov or "hf_model_name" in ot or other.get("embed_dim") != cfg["embed_dim"]:
+            continue
+        same_vision = all(ov.get(k, d) == v[k] for k, d in VISION_SHAPE.items())
+        same_text = all(ot.get(k, d) == t[k] for k, d in TEXT_SHAPE.items())
+        # the MLP's hidden width, int(width * mlp_ratio) as open_clip builds it (ViT-g-14's ratio is 4.3637)
+        same_mlp = all(
+            int(c["width"] * float(o.get("mlp_ratio", 4.0))) == round(c["width"] * float(c["mlp_ratio"]))
+            for o, c in ((ov, v), (ot, t))
+        )
+        if same_vision and same_text and same_mlp:
+            found[name] = (int(ov.get("head_width", 64)), int(ot.get("heads", 8)))
+    return found

@@ -185,6 +185,9 @@ FINE_TUNE_CHOICES = frozenset(
 )
 
 
+NO_SETTING = "(none)"  # what config_differences shows for a setting one config lacks
+
+
 def config_differences(
     stored: Any, current: Any, prefix: str, both_sides: bool = False, skip: frozenset[str] = frozenset()
 ) -> list[str]:
@@ -197,7 +200,7 @@ def config_differences(
         keys = set(stored) & set(current) if both_sides else set(stored) | set(current)
         for key in sorted(keys - skip, key=str):
             out += config_differences(
-                stored.get(key, "(none)"), current.get(key, "(none)"), f"{prefix}.{key}", both_sides, skip
+                stored.get(key, NO_SETTING), current.get(key, NO_SETTING), f"{prefix}.{key}", both_sides, skip
             )
         return out
     return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, config {current!r}"]

@@ -22,6 +22,7 @@ from clipforge.callbacks.last_step import ValidateLastStep
 from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers_kept
 from clipforge.checkpoint import (
     IMPORTED_CHECKPOINT,
+    NO_SETTING,
     build_model,
     init_from,
     is_checkpoint,
@@ -401,7 +402,7 @@ def stop_requested(callbacks: list[Any], trainer: L.Trainer) -> bool:
 def _model_mismatch(key: str, path: str | Path, changed: list[str], error: Exception) -> ValueError:
     """The checkpoint's weights do not fit the configured model: name the settings that differ, those both
     configs state first (one config may spell out settings the other leaves at their defaults)."""
-    one_sided = [d for d in changed if "'(none)'" in d]  # config_differences' mark of a missing setting
+    one_sided = [d for d in changed if repr(NO_SETTING) in d]  # a setting one config lacks
     why = "; ".join(d for d in changed if d not in one_sided)
     if one_sided:
         why += ("; " if why else "") + "set in one config only: " + "; ".join(one_sided)

@@ -282,7 +282,9 @@ def test_import_without_a_name_takes_the_heads_of_open_clips_config_of_that_shap
     # two configs of these shapes with other heads: which is meant cannot be told, so nothing is picked
     other = small_cfg(vision={"width": 96, "head_width": 32}, text={"width": 64, "heads": 2}, embed_dim=24)
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "clipforge-test-other-heads", other)
-    with pytest.warns(UserWarning, match=r"clipforge-test-other-heads, clipforge-test-wide-heads.*other heads"):
+    with pytest.warns(
+        UserWarning, match=r"clipforge-test-other-heads, clipforge-test-wide-heads.*other heads"
+    ):
         guessed = load_open_clip_checkpoint(tmp_path / "weights.bin")
     assert guessed.visual.blocks[0].attn.num_heads == 1  # 64-wide, as said
 

@@ -102,19 +102,36 @@ def test_a_value_error_raised_outside_clipforge_keeps_its_traceback(capsys: pyte
         console_script("tool", lambda: torch.zeros(2) @ torch.zeros(3))()
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        # Hydra's instantiate wraps what a constructor raises: data.batch_size=0 printed "Error executing job
+        # with overrides ...", the wrapped repr and full_key, where model.vision.embed_dim=100 was one line
+        ("data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+        # Lightning validates the trainer node's values itself: its refusal came as Hydra's "Error in call to
+        # target 'lightning.pytorch.trainer.trainer.Trainer'" with the exception's repr and "full_key: trainer"
+        (
+            "trainer.devices=0",
+            "trainer: `Trainer(devices=0)` value is not a valid input using cpu accelerator.",
+        ),
+    ],
+)
 def test_a_settings_error_raised_in_a_config_nodes_constructor_is_one_line_too(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    override: str,
+    line: str,
 ) -> None:
-    # Hydra's instantiate wraps what a constructor raises: data.batch_size=0 printed "Error executing job
-    # with overrides ...", the wrapped repr and full_key, where model.vision.embed_dim=100 was one line
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["clipforge-train", "data.batch_size=0", "logger=csv"])
+    monkeypatch.setattr(sys, "argv", ["clipforge-train", override, "logger=csv"])
     with pytest.raises(SystemExit) as exit_:
         train.main()
     assert exit_.value.code == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "clipforge-train: data.batch_size must be an integer >= 1, got 0"
-    )
+    assert capsys.readouterr().err.splitlines()[-1] == f"clipforge-train: {line}"
+
+
+def test_an_error_from_a_constructor_that_is_not_a_setting_keeps_its_traceback() -> None:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -122,21 +139,6 @@ def test_a_settings_error_raised_in_a_config_nodes_constructor_is_one_line_too(
 
     with pytest.raises(InstantiationException, match="negative dimension"):  # a failure, not a mistake: kept
         console_script("tool", instantiate)({"_target_": "torch.empty", "_args_": [-1]})
-
-
-def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_trainer(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    # Lightning validates the trainer node's values itself: its refusal came as Hydra's "Error in call to
-    # target 'lightning.pytorch.trainer.trainer.Trainer'" with the exception's repr and "full_key: trainer"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["clipforge-train", "trainer.devices=0", "logger=csv"])
-    with pytest.raises(SystemExit) as exit_:
-        train.main()
-    assert exit_.value.code == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "clipforge-train: trainer: `Trainer(devices=0)` value is not a valid input using cpu accelerator."
-    )
 
 
 def test_the_benchmark_commands_help_imports_neither_torch_nor_hydra() -> None:

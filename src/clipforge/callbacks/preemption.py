@@ -10,9 +10,10 @@ running under SLURM. The run then leaves through Lightning's ``SIGTERMException`
 status 0), as Lightning itself does on SIGTERM, from the first hook after Lightning has logged the step's
 metrics: a validation's start or the epoch's end (the callback also sets ``trainer.should_stop``, so the
 loop fetches no further batch first; leaving from ``on_train_batch_end`` itself lost the saved step's row
-in every logger). Leaving by the exception, rather than letting ``trainer.should_stop`` end the run, skips the end-of-training work (validation, final checkpoints,
-evaluation): it would take time the scheduler may not give, and a "final" checkpoint written then would
-mark the epoch as finished, so a resume would skip the rest of it. A periodic checkpoint due at the saved
+in every logger). Leaving by the exception, rather than letting ``trainer.should_stop`` end the run,
+skips the end-of-training work (validation, final checkpoints, evaluation): it would take time the
+scheduler may not give, and a "final" checkpoint written then would mark the epoch as finished, so a
+resume would skip the rest of it. A periodic checkpoint due at the saved
 step is not written beside the preemption file. A ``ckpt_path=auto`` restart resumes from the preemption
 file.
 

@@ -185,7 +185,11 @@ def infer_open_clip_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     if len(set(heads.values())) == 1:
         vision_cfg["head_width"], text_cfg["heads"] = next(iter(heads.values()))
         names = ", ".join(sorted(heads))
-        how = f"the weights have the shapes of open_clip's {names}: {'its' if len(heads) == 1 else 'their'} heads (image {vision_cfg['head_width']}-dim, {text_cfg['heads']} text heads)"
+        whose = "its" if len(heads) == 1 else "their"
+        how = (
+            f"the weights have the shapes of open_clip's {names}: {whose} heads "
+            f"(image {vision_cfg['head_width']}-dim, {text_cfg['heads']} text heads)"
+        )
     else:
         how = "assuming 64-dim heads" + (
             f" (the weights have the shapes of open_clip's {', '.join(sorted(heads))}, which have other heads)"

@@ -1,5 +1,5 @@
 """Process-group helpers shared by the losses, the data pipeline and evaluation: who this process is,
-where a collective's tensors must live, the sum and (padded) gather that everything else builds on, and
+which GPUs it sees, where a collective's tensors must live, the sum and (padded) gather that everything else builds on, and
 :class:`EvenSteps`, which lets ranks holding different numbers of batches take the same number of steps.
 
 No paper. Everything reads ``torch.distributed`` at call time and reduces to the identity in one process
@@ -29,6 +29,23 @@ def collective_device(fallback: torch.device) -> torch.device:
     if dist.is_available() and dist.is_initialized():
         return torch.device("cpu")
     return fallback
+
+
+class NoSuchGPUError(ValueError, RuntimeError):
+    """A setting asks for a CUDA GPU this process cannot see: a wrong setting for this machine (a
+    ``ValueError``, as other refused settings) found about the runtime (a ``RuntimeError``)."""
+
+
+def require_cuda(setting: str, hint: str, index: int | None = None) -> None:
+    """Raise :class:`NoSuchGPUError`, naming ``setting`` and ending with ``hint``, unless torch sees CUDA
+    GPU ``index`` (``None``: any). One check for every setting that can ask for a GPU (the trainer's
+    accelerator, evaluation's ``device=``, the GPU JPEG decoder), so each fails before anything is built."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (index or 0) >= count:
+        raise NoSuchGPUError(
+            f"{setting} asks for a CUDA GPU, but torch sees {count or 'none'} "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): {hint}"
+        )
 
 
 def all_reduce_sum(t: torch.Tensor, enabled: bool = True) -> torch.Tensor:

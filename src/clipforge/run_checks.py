@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge.checkpoint import IMPORTED_CHECKPOINT, is_checkpoint
 from clipforge.data.config import check_at_least
+from clipforge.distributed import require_cuda
 from clipforge.fault import AUTO
 
 
@@ -129,11 +129,10 @@ def check_accelerator(trainer: DictConfig) -> None:
     Lightning's "No supported gpu backend found!" in a Hydra error naming only ``trainer``. Checked after the
     config's own consistency (an experiment preset for GPUs composed on a laptop names its mistakes first)."""
     accelerator = trainer.get("accelerator")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.accelerator={accelerator} asks for a CUDA GPU, but torch sees none "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): train on the CPU with "
-            "trainer=cpu (the default), or run where a GPU is visible"
+    if accelerator in ("gpu", "cuda"):
+        require_cuda(
+            f"trainer.accelerator={accelerator}",
+            "train on the CPU with trainer=cpu (the default), or run where a GPU is visible",
         )
 
 

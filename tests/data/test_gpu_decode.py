@@ -103,7 +103,7 @@ def test_decoding_on_cuda_without_cuda_names_the_setting(shards, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dm, encoded = batches(shards, "cuda")
     with pytest.raises(
-        RuntimeError, match=r"decode_device=cuda .* this machine has none .*decode_device=cpu"
+        RuntimeError, match=r"decode_device=cuda asks for a CUDA GPU, but torch sees none .*decode_device=cpu"
     ):
         dm.decode_batch(encoded[0], "cuda")
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from clipforge.distributed import require_cuda
+
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +44,11 @@ def check_decode_device(device: torch.device | str) -> None:
     but it is not a CUDA GPU this machine has: torchvision's ``decode_jpeg`` would fail image by image and
     every batch be reported as undecodable, or the batches silently decode on the CPU of the main process."""
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "data.augment.decode_device=cuda decodes the training JPEGs on a CUDA GPU, but this machine has "
-            "none (torch.cuda.is_available() is False): set data.augment.decode_device=cpu"
+    if device.type == "cuda":
+        require_cuda(
+            "data.augment.decode_device=cuda",
+            "set data.augment.decode_device=cpu (the DataLoader workers decode)",
+            index=device.index,
         )
     if device.type != "cuda":
         raise ValueError(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clipforge.distributed import world_info
+from clipforge.distributed import require_cuda, world_info
 
 T = TypeVar("T")
 
@@ -33,12 +33,11 @@ def check_device(device: str | torch.device | None) -> None:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a device: auto, cpu, cuda or cuda:<index>") from e
     if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index or 0) >= count:
-            raise ValueError(
-                f"device={str(device)!r} asks for a CUDA GPU, but torch sees {count or 'none'}: "
-                "device=auto takes the first GPU where there is one, the CPU otherwise"
-            )
+        require_cuda(
+            f"device={str(device)!r}",
+            "device=auto takes the first GPU where there is one, the CPU otherwise",
+            index=dev.index,
+        )
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

@@ -10,6 +10,7 @@ from clipforge.conf import CONF_DIR
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
+import clipforge.train as train_module
 from clipforge.checkpoint import build_model
 from clipforge.ema import build_ema
 from clipforge.optim import check_optimization
@@ -204,6 +205,25 @@ def test_a_gpu_run_on_a_machine_without_one_is_refused_before_anything_is_writte
     ):
         train(cfg)
     assert not Path(cfg.paths.output_dir).exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.devices=0", r"trainer: `Trainer\(devices=0\)` value is not a valid input"),
+        ("+trainer.strategy=ddpx", r"trainer: .*ddpx"),
+    ],
+)
+def test_a_trainer_value_lightning_refuses_fails_before_the_model_is_built(
+    compose_cfg, monkeypatch: pytest.MonkeyPatch, override: str, message: str
+) -> None:
+    # Lightning checks these itself, at the Trainer: it was built after the model (19 s for ViT-B/16 on a CPU)
+    built: list[object] = []
+    monkeypatch.setattr(train_module, "build_model", lambda *a: built.append(a))
+    cfg = compose_cfg(override)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert built == []
 
 
 def test_a_learning_rate_of_zero_is_said_before_anything_is_built(compose_cfg, caplog) -> None:

@@ -99,6 +99,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
+    # The Trainer before the model: a value Lightning refuses (trainer.devices=0, a misspelt strategy) fails
+    # in a second, not after a large model is built. Nothing here draws from the seeded generators.
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    # whatever the callbacks config says: the summary's final train loss, and a validation of the last step
+    recent_loss = RecentTrainLoss()
+    always: list[Any] = [recent_loss]
+    extra: dict[str, Any] = {}
+    if not getattr(datamodule, "has_validation", True):
+        # No held-out pairs (e.g. data=wds without val_urls): no validation loop, and no "best by
+        # val/..." checkpoint that could never be chosen; periodic and last checkpoints still happen.
+        extra["limit_val_batches"] = 0
+        dropped = [cb for cb in callbacks if str(getattr(cb, "monitor", None) or "").startswith("val/")]
+        callbacks = [cb for cb in callbacks if cb not in dropped]
+        if dropped:
+            log.info(
+                "no validation set (data.val_urls is null): not keeping a best-by-%s checkpoint",
+                ", ".join(sorted({str(cb.monitor) for cb in dropped})),
+            )
+    else:
+        always.append(ValidateLastStep())
+    if "enable_checkpointing" not in cfg.trainer:
+        # Lightning adds an epoch-end ModelCheckpoint of its own when no callback is one; here the callbacks
+        # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
+        extra["enable_checkpointing"] = any(isinstance(cb, Checkpoint) for cb in callbacks)
+    logger = instantiate_logger(cfg.get("logger"), ckpt_path, out_dir)  # a resume logs where the run did
+    trainer = build_trainer(cfg.trainer, callbacks=[*callbacks, *always], logger=logger, **extra)
     model = build_model(cfg.model, cfg.loss)
     if cfg.get("init_from") and ckpt_path is not None:
         # auto after a requeue of a run that began from init_from: the resume is the point. Named explicitly
@@ -164,30 +190,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         for part in module.modules():
             if hasattr(part, "set_grad_checkpointing"):
                 part.set_grad_checkpointing(True)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    # whatever the callbacks config says: the summary's final train loss, and a validation of the last step
-    recent_loss = RecentTrainLoss()
-    always: list[Any] = [recent_loss]
-    extra: dict[str, Any] = {}
-    if not getattr(datamodule, "has_validation", True):
-        # No held-out pairs (e.g. data=wds without val_urls): no validation loop, and no "best by
-        # val/..." checkpoint that could never be chosen; periodic and last checkpoints still happen.
-        extra["limit_val_batches"] = 0
-        dropped = [cb for cb in callbacks if str(getattr(cb, "monitor", None) or "").startswith("val/")]
-        callbacks = [cb for cb in callbacks if cb not in dropped]
-        if dropped:
-            log.info(
-                "no validation set (data.val_urls is null): not keeping a best-by-%s checkpoint",
-                ", ".join(sorted({str(cb.monitor) for cb in dropped})),
-            )
-    else:
-        always.append(ValidateLastStep())
-    if "enable_checkpointing" not in cfg.trainer:
-        # Lightning adds an epoch-end ModelCheckpoint of its own when no callback is one; here the callbacks
-        # config alone decides, so callbacks=none writes no checkpoint (a B-size one is gigabytes).
-        extra["enable_checkpointing"] = any(isinstance(cb, Checkpoint) for cb in callbacks)
-    logger = instantiate_logger(cfg.get("logger"), ckpt_path, out_dir)  # a resume logs where the run did
-    trainer = build_trainer(cfg.trainer, callbacks=[*callbacks, *always], logger=logger, **extra)
     if logger:
         logger.log_hyperparams(config)
     quiet_reduced_metric_warnings()  # val/* are reduced over ranks before they are logged

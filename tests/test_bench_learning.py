@@ -22,6 +22,7 @@ def test_steps_are_whole_open_clip_epochs(tmp_path: Path) -> None:
     assert rows[0] == "filepath,title" and len(rows) == 301
 
 
+@pytest.mark.slow  # ~20 s: both trainers train
 def test_both_trainers_train_and_are_scored_by_one_evaluator(tmp_path: Path, capsys) -> None:
     argv = ["--out", str(tmp_path), "--num-train", "128", "--num-heldout", "24", "--steps", "2"]
     argv += ["--batch-size", "64", "--warmup", "1", "--seeds", "0", "--losses", "siglip"]

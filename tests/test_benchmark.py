@@ -249,6 +249,7 @@ def test_count_arguments_are_checked_as_config_settings_are(text: str) -> None:
     assert positive_int("12") == 12 and non_negative_int("0") == 0
 
 
+@pytest.mark.slow  # ~30 s: four models; the step benchmark's smoke test is in the default run
 def test_memory_benchmark_measures_each_implementation_with_and_without_grad_checkpointing(capsys) -> None:
     from clipforge.bench.memory import parse_args as memory_args
     from clipforge.bench.memory import run as memory_run

@@ -15,7 +15,9 @@ from clipforge.train import train
 from runconf import FAST, PERIODIC, SMALL
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize(
+    "loss", ["clip", pytest.param("siglip", marks=pytest.mark.slow)]
+)  # SigLIP runs train by default elsewhere
 def test_short_run_trains_and_checkpoints(compose_cfg, loss: str) -> None:
     cfg = compose_cfg(f"loss={loss}", "trainer.max_steps=6", *FAST)
     metrics, objs = train(cfg)
@@ -102,6 +104,7 @@ def test_a_run_resumed_mid_epoch_shows_its_epoch_in_the_progress_bar(compose_cfg
     assert not [line for line in lines if re.match(r"Training: .*\| [1-9][0-9]*/\?", line)]
 
 
+@pytest.mark.slow  # ~20 s; resumes are checked by default in the fault and progress-bar tests
 def test_resume_continues_the_step_count(compose_cfg) -> None:
     cfg = compose_cfg("trainer.max_steps=4", *FAST)
     train(cfg)
@@ -132,6 +135,7 @@ def test_a_resume_trains_with_the_configured_learning_rate_and_weight_decay(comp
     assert trainer.callback_metrics["train/lr"].item() == pytest.approx(1e-4 * scheduler.lr_lambdas[0](4))
 
 
+@pytest.mark.slow  # ~20 s, four runs; the other loss's and architecture's cases run by default
 def test_a_checkpoint_of_another_model_is_named_by_the_settings_that_differ(compose_cfg, caplog) -> None:
     """Resuming or initialising from a checkpoint whose model the config does not build fails naming the
     settings (not only torch's list of missing keys); a resume with other non-shape settings warns."""
@@ -304,6 +308,7 @@ def test_init_from_missing_file_fails_at_once(compose_cfg, tmp_path: Path) -> No
         train(compose_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FAST))
 
 
+@pytest.mark.slow  # ~20 s; the default run loads an import folder as a checkpoint (test_convert_script.py)
 def test_init_from_a_convert_import_folder(compose_cfg, tmp_path: Path, caplog) -> None:
     # the folder `clipforge-convert import --out` writes stands for its model.ckpt everywhere a checkpoint
     # is read; init_from= alone refused it as "no such checkpoint file" (and an empty folder still is)
@@ -447,7 +452,9 @@ def test_callbacks_none_writes_no_checkpoint(compose_cfg) -> None:
     assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
 
 
-@pytest.mark.parametrize("num_train", [64, 1024])  # epochs of 4 and of 64 steps: 5 steps end mid-epoch
+@pytest.mark.parametrize(  # epochs of 4 and of 64 steps: 5 steps end mid-epoch (the 64-step one: slow)
+    "num_train", [64, pytest.param(1024, marks=pytest.mark.slow)]
+)
 def test_debug_fast_validates_at_its_last_step_and_keeps_the_best_checkpoint(
     compose_cfg, num_train: int
 ) -> None:
@@ -468,6 +475,7 @@ def test_auto_num_workers() -> None:
         auto_num_workers(-1)
 
 
+@pytest.mark.slow  # ~12 s; tests/models/test_compile_graph.py traces by default
 def test_compile_modes_reach_both_towers_and_the_loss(compose_cfg, monkeypatch) -> None:
     from clipforge.compilation import compile_mode
 

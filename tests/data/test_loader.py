@@ -260,7 +260,9 @@ def test_a_sigterm_to_every_process_of_the_job_leaves_the_workers_running(shards
     assert not workers & set(multiprocessing.active_children())  # the epoch's end still stopped them
 
 
-@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.parametrize(
+    "start_method", ["fork", pytest.param("forkserver", marks=pytest.mark.slow)]
+)  # ~20 s
 def test_a_process_with_persistent_workers_still_exits(shards, start_method):
     """At exit, ``multiprocessing`` stops a persistent loader's workers with SIGTERM from the training
     process: that one must end them, or the process waits for them for ever (a worker that let every first

@@ -230,7 +230,10 @@ def test_skip_counts_survive_a_resume_as_in_the_uninterrupted_run(damaged, tmp_p
         assert resumed_dm.skip_counts() == full, step
 
 
-@pytest.mark.parametrize("workers", [0, 3])
+@pytest.mark.parametrize(
+    "workers",
+    [0, pytest.param(3, marks=pytest.mark.slow)],  # three workers: ~25 s; the exact-stream tests use 3
+)
 def test_a_mid_epoch_resume_after_skipped_samples_continues_the_exact_stream(damaged, workers):
     """Skipped samples shift every later batch of their worker; the resume point counted only the batches'
     samples, so the resumed run read again the samples that the skips had pulled forward (and drew their
@@ -241,6 +244,7 @@ def test_a_mid_epoch_resume_after_skipped_samples_continues_the_exact_stream(dam
         assert same_stream(interrupted(damaged, workers, 1, stop)[0], full), stop
 
 
+@pytest.mark.slow  # ~20 s: every stop of a two-worker epoch
 def test_a_resume_after_a_worker_switched_to_re_reading_the_whole_set_continues_the_exact_stream(tmp_path):
     """A worker whose whole range is unreadable tops up its batches from the whole set, after one pass of
     its range gave nothing. A resume in those passes must know it had switched: it fast-forwarded in

@@ -2,8 +2,9 @@
 SIGKILL mid-save and mid-epoch, a corrupted newest checkpoint, SIGTERM and SIGUSR1 preemption. Every
 interrupted run is resumed with ckpt_path=auto and must end bitwise equal to the uninterrupted run.
 
-Each process imports torch and Lightning, so most cases are slow; one SIGKILL mid-save and one SIGTERM
-(with the baseline they resume to: five runs) stay in the default suite, so CI runs the command line.
+Each process imports torch and Lightning, so most cases are slow; one SIGKILL mid-save (with the
+baseline it resumes to) stays in the default suite, so CI runs the command line. The signals are also
+sent to in-process runs by default (tests/fault/test_fault_training.py).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
 @pytest.mark.parametrize(
     ("action", "step"),
     [  # signal during step 5 / validation after 4
-        ("sigterm", 5),
+        pytest.param("sigterm", 5, marks=slow),  # in-process: tests/fault/test_fault_training.py, by default
         pytest.param("sigusr1", 5, marks=slow),
         pytest.param("sigterm_validation", 4, marks=slow),
     ],

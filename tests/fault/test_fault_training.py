@@ -76,7 +76,8 @@ def run_cfg(compose_cfg, fault_data_dir: Path) -> Callable[..., DictConfig]:
     [
         (),
         ("loss=siglip",),  # the logit bias and SigLIP's scale come back too
-        ("data.num_workers=2",),  # two loader processes: the stream resumes mid-epoch in both
+        # two loader processes: the stream resumes mid-epoch in both (~15 s; tests/data/test_resume.py by default)
+        pytest.param(("data.num_workers=2",), marks=pytest.mark.slow),
         SIGLIP2,  # EMA, decoder, distillation heads and centres, crops, masks and tasks come back too
     ],
     ids=["clip", "siglip", "two_loader_workers", "siglip2_objectives_ema"],

@@ -1,12 +1,13 @@
 """Command-line settings the training benchmarks share (``clipforge-benchmark learning``, ``init`` and
 ``siglip2``), the device and precision of the step benchmarks (``step``, ``profile``, ``memory``), and the
-argument types every benchmark checks its counts with."""
+argument types every benchmark checks its counts and its ``name:batch`` models with."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from clipforge.conf import CONF_DIR
 from clipforge.data.config import check_at_least
 
 
@@ -19,6 +20,18 @@ def _int_at_least(low: int, text: str, expected: str) -> int:
     except ValueError:  # not an integer ("2.5", "²"), or below low
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     return value
+
+
+def model_batch(text: str) -> tuple[str, int]:
+    """``name:batch`` on the command line -> ``(name, batch)``: a ``conf/model`` name and a positive batch,
+    checked before anything is built (argparse names the argument that is wrong)."""
+    name, _, batch = text.partition(":")
+    if not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected conf/model name:batch, e.g. vit_b16:256")
+    known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}: conf/model has {', '.join(known)}")
+    return name, int(batch)
 
 
 def positive_int(text: str) -> int:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import time
 from typing import Any
 
 import torch
 
-from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
-from clipforge.bench.step import StepSpec, _sync, build_step, format_table, model_batch
+from clipforge.bench.args import add_device_args, device_defaults, model_batch, non_negative_int, positive_int
+from clipforge.bench.step import StepSpec, _sync, build_step, format_table, run_steps
 
 GIB = 2**30
 MEMORY_COLUMNS = (
@@ -72,12 +71,7 @@ def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _cpu_peak_bytes(reset=True)
-    t = time.perf_counter()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        loss = step(images, tokens)
-    _sync(device)
-    dt = (time.perf_counter() - t) / steps
+    dt, loss = run_steps(step, images, tokens, steps, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _cpu_peak_bytes()
     return {
         "kind": "memory",

@@ -19,8 +19,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
-from clipforge.bench.step import StepSpec, _sync, build_step, model_batch
+from clipforge.bench.args import add_device_args, device_defaults, model_batch, non_negative_int, positive_int
+from clipforge.bench.step import StepSpec, _sync, build_step
 from clipforge.compilation import COMPILE_MODES
 
 

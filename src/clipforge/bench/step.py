@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipforge.bench.args import add_device_args, device_defaults, non_negative_int, positive_int
+from clipforge.bench.args import add_device_args, device_defaults, model_batch, non_negative_int, positive_int
 from clipforge.bench.losses import _free
 from clipforge.bench.open_clip_ref import open_clip_loss, open_clip_model
 from clipforge.checkpoint import build_model
@@ -74,18 +74,6 @@ class StepResult:
     final_loss: float
     device: str
     note: str = ""
-
-
-def model_batch(text: str) -> tuple[str, int]:
-    """``name:batch`` on the command line -> ``(name, batch)``: a ``conf/model`` name and a positive batch,
-    checked before anything is built (argparse names the argument that is wrong)."""
-    name, _, batch = text.partition(":")
-    if not batch.isdigit() or int(batch) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected conf/model name:batch, e.g. vit_b16:256")
-    known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-    if name not in known:
-        raise argparse.ArgumentTypeError(f"unknown model {name!r}: conf/model has {', '.join(known)}")
-    return name, int(batch)
 
 
 def compose_model_cfg(model: str, loss: str, overrides: list[str] | None = None) -> Any:
@@ -167,12 +155,24 @@ def time_step(
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    seconds, loss = run_steps(step, images, tokens, steps, device)
+    return seconds, flops, warm_s, loss
+
+
+def run_steps(
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    steps: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """(seconds per step, last loss) over ``steps`` calls, with one host sync at the end."""
     t = time.perf_counter()
     loss = torch.zeros(())
     for _ in range(steps):
         loss = step(images, tokens)
     _sync(device)
-    return (time.perf_counter() - t) / steps, flops, warm_s, float(loss)
+    return (time.perf_counter() - t) / steps, float(loss)
 
 
 def build_step(

@@ -23,6 +23,7 @@ from clipforge.callbacks.preemption import PreemptionCheckpoint, signal_handlers
 from clipforge.checkpoint import (
     NO_SETTING,
     build_model,
+    checkpoint_config,
     init_from,
     model_differences,
     module_differences,
@@ -35,6 +36,7 @@ from clipforge.fault import AUTO, AtomicCheckpointIO, check_steps_left, resolve_
 from clipforge.fault.collective import explain_collective_failure
 from clipforge.loggers import finish_logger, finish_wandb, instantiate_logger
 from clipforge.models.convert.resize import PositionTableError
+from clipforge.models.lock import Lock
 from clipforge.module import ContrastiveModule
 from clipforge.optim import check_optimization
 from clipforge.run_checks import check_accelerator, check_paths, check_trainer
@@ -87,6 +89,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         int(cfg.trainer.get("max_steps", -1)),
     )
     timeout = strategy_timeout(cfg)
+    lock: Lock = instantiate(cfg.lock) if cfg.get("lock") else Lock()
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     if ckpt_path is not None:
         check_steps_left(ckpt_path, int(cfg.trainer.get("max_steps", -1)))
+        check_lock_unchanged(ckpt_path, lock)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
@@ -157,6 +161,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "my_conf/model/NAME.yaml and add --config-dir my_conf model=NAME)",
                 cfg.init_from,
                 "; ".join(differ),
+            )
+    locked = lock.apply(model)  # after the weights are in, before the optimizer is built
+    if locked:
+        log.info("%s", locked)
+        if not cfg.get("init_from") and ckpt_path is None:
+            log.warning(
+                "lock freezes tower weights that nothing loaded (no init_from): they stay at their random "
+                "initialisation; LiT locks a pretrained tower"
             )
     # read once from the checkpoint's stored config: warned about here, named again if the weights do not load
     changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
@@ -233,6 +245,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         print(summary, flush=True)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
+
+
+def check_lock_unchanged(ckpt_path: str | Path, lock: Lock) -> None:
+    """A resume must freeze what its checkpoint's run froze: the checkpoint's optimizer state holds exactly
+    that run's trainable parameters (a run from before ``lock`` existed locked nothing)."""
+    stored = (checkpoint_config(ckpt_path) or {}).get("lock") or {}
+    was = Lock(**{k: v for k, v in stored.items() if k != "_target_"})
+    if was != lock:
+        differ = [
+            f"lock.{k}: checkpoint {v!r}, config {lock.as_config()[k]!r}"
+            for k, v in was.as_config().items()
+            if v != lock.as_config()[k]
+        ]
+        raise ValueError(
+            f"ckpt_path={ckpt_path} was trained with other towers locked ({'; '.join(differ)}); its optimizer "
+            "state holds that run's trainable parameters. Resume with its lock settings, or start from its "
+            "weights with init_from= and the new ones"
+        )
 
 
 def build_trainer(node: DictConfig, **kwargs: Any) -> L.Trainer:

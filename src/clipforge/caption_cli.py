@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from clipforge.checkpoint import load_captioner
+from clipforge.data.config import stored_preprocessing
 from clipforge.entry import hydra_entry
 from clipforge.eval.captioning import decode
 from clipforge.eval.datasets import eval_transform, image_batch, image_paths, read_images
@@ -24,10 +25,10 @@ def run_caption(cfg: DictConfig) -> dict[str, Any]:
     check_device(cfg.get("device", "auto"))
     paths = image_paths(cfg.image)
     pictures = read_images(paths)  # before the model loads: an unreadable image fails at once, naming it
-    model, decoder, _ = load_captioner(cfg.checkpoint, use_ema=bool(cfg.get("use_ema")))
+    model, decoder, stored = load_captioner(cfg.checkpoint, use_ema=bool(cfg.get("use_ema")))
     device = resolve_device(cfg.get("device", "auto"), model)
     model, decoder = model.to(device), decoder.to(device)
-    images = image_batch(pictures, eval_transform(model.visual.img_size))
+    images = image_batch(pictures, eval_transform(model.visual.img_size, **stored_preprocessing(stored)))
     box = list(cfg.box) if cfg.get("box") is not None else None
     answers = decode(
         model, decoder, images.to(device), cfg.get("task", "caption"), cfg.get("ref"), box,

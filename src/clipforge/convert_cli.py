@@ -15,7 +15,8 @@ Import an open_clip checkpoint you have on disk, to fine-tune or zero-shot it wi
 
     clipforge-convert import --open-clip open_clip_pytorch_model.bin --model-name ViT-B-32 --out imported/
 
-writes ``imported/model.yaml`` (a conf/model node) and ``imported/model.ckpt``, which
+writes ``imported/model.yaml`` (a conf/model node) and ``imported/model.ckpt`` (with the weights' image
+normalisation, from the folder's ``open_clip_config.json`` or ``--pretrained-tag``), which
 ``clipforge.checkpoint.load_model`` (zero-shot, visualize --checkpoint) reads. A stored logit scale above
 the default cap of 100 (SigLIP ported from big_vision) raises ``max_logit_scale`` in that node to it, so the
 imported model's logits are open_clip's.
@@ -32,32 +33,42 @@ from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
 from clipforge.console import console_script
 from clipforge.entry import files_written, out_folder
 from clipforge.fault.atomic_io import atomic_torch_save
-from clipforge.models.convert import export_open_clip, load_open_clip_checkpoint, model_config
+from clipforge.models.convert import (
+    export_open_clip,
+    load_open_clip_checkpoint,
+    model_config,
+    open_clip_preprocessing,
+)
 
 
 def export(args: argparse.Namespace) -> dict[str, Path]:
     if args.checkpoint:
         from clipforge.checkpoint import load_model
+        from clipforge.data.config import stored_preprocessing
 
-        model, _ = load_model(args.checkpoint, use_ema=args.ema)
+        model, stored = load_model(args.checkpoint, use_ema=args.ema)
+        preprocessing = stored_preprocessing(stored)
     else:
         if args.ema:
             raise SystemExit("--ema reads the EMA weights of a checkpoint: give --checkpoint")
         from clipforge.viz.cli import build_fresh
 
-        model = build_fresh(args.model, args.seed)
-    return export_open_clip(model, args.out, name=args.name)
+        model, preprocessing = build_fresh(args.model, args.seed), None
+    return export_open_clip(model, args.out, name=args.name, preprocessing=preprocessing)
 
 
 def import_(args: argparse.Namespace) -> dict[str, Path]:
     model = load_open_clip_checkpoint(args.open_clip, args.model_name, img_size=args.img_size)
+    preprocessing = open_clip_preprocessing(args.open_clip, args.model_name, args.pretrained_tag)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model_config(model)
     paths = {"config": out / "model.yaml", "checkpoint": out / IMPORTED_CHECKPOINT}
     OmegaConf.save(OmegaConf.create(cfg), paths["config"])
+    # the preprocessing travels as a run's data.augment would: evaluation and init_from read it there
+    stored = {"model": cfg, **({"data": {"augment": preprocessing}} if preprocessing else {})}
     # atomic, as every checkpoint clipforge writes: a kill mid-write leaves a previous import whole
-    atomic_torch_save(checkpoint_dict(model.state_dict(), {"model": cfg}), paths["checkpoint"])
+    atomic_torch_save(checkpoint_dict(model.state_dict(), stored), paths["checkpoint"])
     return paths
 
 
@@ -84,6 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     )
     im.add_argument(
         "--img-size", type=int, default=None, help="rebuild at this image size (position grid resampled)"
+    )
+    im.add_argument(
+        "--pretrained-tag",
+        default=None,
+        help="open_clip's tag of these weights (e.g. laion2b_s32b_b82k with --model-name ViT-L-14): their "
+        "normalisation is read from open_clip's table when no open_clip_config.json says it",
     )
     im.add_argument("--out", required=True)
     im.set_defaults(run=import_)

@@ -31,6 +31,7 @@ from clipforge.checkpoint import (
     start_differences,
 )
 from clipforge.compilation import compile_in_place, compile_mode
+from clipforge.data.config import stored_preprocessing
 from clipforge.entry import hydra_entry
 from clipforge.fault import AUTO, AtomicCheckpointIO, check_steps_left, resolve_ckpt_path, scrub_secrets
 from clipforge.fault.collective import explain_collective_failure
@@ -152,6 +153,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "start fresh",
             cfg.init_from,
         )
+        check_preprocessing(cfg.init_from, config)
         differ = model_differences(cfg.init_from, cfg.model, cfg.loss, function_only=True)
         if differ:  # the weights load, but into layers that compute otherwise: say so, and how to match
             log.warning(
@@ -245,6 +247,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         print(summary, flush=True)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
+
+
+def check_preprocessing(path: str | Path, config: dict[str, Any]) -> None:
+    """Warn where checkpoint ``path``'s weights were trained on images normalised or resized otherwise than
+    this run's (``data.augment`` mean, std, interpolation): fine-tuning an import of open_clip's ViT-L-14
+    laion2b weights (mean = std = 0.5) on CLIP's mean/std starts from shifted inputs, without a word."""
+    was, now = stored_preprocessing(checkpoint_config(path)), stored_preprocessing(config)
+    differ = [f"data.augment.{k}: checkpoint {was[k]}, config {now[k]}" for k in was if was[k] != now[k]]
+    if differ:
+        log.warning(
+            "init_from=%s: its weights were trained on images prepared otherwise than this run prepares them "
+            "(%s); set those keys to the checkpoint's values unless the change is meant",
+            path,
+            "; ".join(differ),
+        )
 
 
 def check_lock_unchanged(ckpt_path: str | Path, lock: Lock) -> None:

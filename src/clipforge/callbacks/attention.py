@@ -51,7 +51,10 @@ class AttentionMapCallback(EveryNSteps):
         image = self.image_source if self.image_source is not None else self._first_image(batch)
         model = getattr(pl_module, "model", pl_module)
         with off_the_clock(trainer):
-            for name, fig in vit_figures(model, image, layer=self.layer).items():
+            # the batch was normalised with the run's mean/std: the picture undoes those
+            augment = getattr(getattr(trainer, "datamodule", None), "augment", None)
+            prep = {"mean": augment.mean, "std": augment.std} if augment is not None else None
+            for name, fig in vit_figures(model, image, layer=self.layer, preprocessing=prep).items():
                 logger.log_image(key=f"{self.key}/{name}", images=[figure_to_array(fig)], step=step)
 
     @staticmethod

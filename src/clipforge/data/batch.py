@@ -16,7 +16,7 @@ labels ``(B,)``, keys the samples' ``<shard>/<key>`` (``return_keys``), regions 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from clipforge.data.failures import FailureMonitor
 from clipforge.data.gpu_decode import EncodedBatch
 from clipforge.data.shards import DataError
 from clipforge.data.tokenizer import Tokenizer
-from clipforge.data.transforms import normalize_into
+from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, normalize_into
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,11 @@ class Collate:
         defer: bool = False,
         return_keys: bool = False,
         regions: Callable[[list[Sample]], dict[str, torch.Tensor]] | None = None,
+        mean_std: tuple[Sequence[float], Sequence[float]] = (CLIP_MEAN, CLIP_STD),
     ) -> None:
         self.image_size, self.tokenizer, self.defer = image_size, tokenizer, defer
         self.return_keys, self.regions = return_keys, regions
+        self.mean, self.std = mean_std
 
     def __call__(self, items: list[Sample]) -> tuple[Any, ...]:
         images = [s.image for s in items]
@@ -73,9 +75,8 @@ class Collate:
             pixels: torch.Tensor | EncodedBatch = _encoded_batch(images)
         else:
             shared = get_worker_info() is not None
-            pixels = normalize_into(
-                images, _new_shared_batch(len(items), self.image_size) if shared else None
-            )
+            out = _new_shared_batch(len(items), self.image_size) if shared else None
+            pixels = normalize_into(images, out, self.mean, self.std)
         if self.tokenizer is not None:
             targets = self.tokenizer([s.target for s in items])
         else:

@@ -8,9 +8,9 @@ The pipeline they configure is that of WebDataset (Breuel et al., 2020) for CLIP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 Urls = str | list[str]  # a brace pattern, sources separated by "::", or a list with one pattern per source
 
@@ -84,27 +84,49 @@ class Augment:
     """The image transform (``data.augment``): CLIP's random resized crop of ``scale`` (area) and
     ``ratio`` (aspect) ranges to ``image_size`` pixels for training, resize + centre crop for evaluation
     (:mod:`clipforge.data.transforms`). ``decode_device``: ``cuda`` decodes training JPEGs on the GPU
-    (:mod:`clipforge.data.gpu_decode`); the workers then only parse headers and draw the crops."""
+    (:mod:`clipforge.data.gpu_decode`); the workers then only parse headers and draw the crops. ``mean`` and
+    ``std`` normalise the pixels (in [0, 1]) per channel; ``None``: CLIP's (OpenAI's). A checkpoint's run
+    records them, and its evaluation reads them back (:func:`stored_preprocessing`)."""
 
     image_size: int = 224
     scale: Sequence[float] = (0.9, 1.0)
     ratio: Sequence[float] = (3 / 4, 4 / 3)
     interpolation: str = "bicubic"
     decode_device: str = "cpu"
+    mean: Sequence[float] | None = None  # per channel, of pixels in [0, 1]; None: CLIP's (OpenAI's)
+    std: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
-        from clipforge.data.transforms import INTERPOLATIONS
+        from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, INTERPOLATIONS, check_mean_std
 
         # scale is a share of the image's area: above 1 no crop fits, and the sampler centre-cropped, silently
         object.__setattr__(self, "scale", _pair(self.scale, "scale", most=1.0))
         object.__setattr__(self, "ratio", _pair(self.ratio, "ratio"))
         check_at_least(1, "data.augment", image_size=self.image_size)
+        mean, std = check_mean_std(
+            CLIP_MEAN if self.mean is None else self.mean,
+            CLIP_STD if self.std is None else self.std,
+            "data.augment",
+        )
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
         if self.interpolation not in INTERPOLATIONS:  # the transform refused it at the first batch
             raise ValueError(
                 f"data.augment.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
             )
         if self.decode_device != "cpu" and not self.decode_device.startswith("cuda"):
             raise ValueError(f"decode_device must be 'cpu' or 'cuda[:N]', got {self.decode_device!r}")
+
+
+def stored_preprocessing(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``interpolation``, ``mean`` and ``std`` of the images a checkpoint's model was trained on, from the
+    run config stored in it (``data.augment``): what its evaluation must use. A checkpoint that stores none
+    (written before these settings existed, or an import of weights without their preprocessing) has CLIP's
+    and bicubic, what every run used until then."""
+    node = ((config or {}).get("data") or {}).get("augment") or {}
+    kept = {k: node[k] for k in ("interpolation", "mean", "std") if node.get(k) is not None}
+    augment = Augment(**kept)
+    return {"interpolation": augment.interpolation, "mean": augment.mean, "std": augment.std}
 
 
 @dataclass(frozen=True)

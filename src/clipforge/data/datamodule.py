@@ -90,7 +90,13 @@ class WebDataModule(L.LightningDataModule):
             torch.cuda.is_available() if self.stream.pin_memory is None else self.stream.pin_memory
         )
         gpu = self.augment.decode_device != "cpu"
-        self._decoder = JpegDecoder(self.augment.image_size, self.augment.interpolation) if gpu else None
+        self._decoder = (
+            JpegDecoder(
+                self.augment.image_size, self.augment.interpolation, self.augment.mean, self.augment.std
+            )
+            if gpu
+            else None
+        )
         self._datasets: dict[str, ShardDataset] = {}
         self._train_loader: EpochLoader | None = None
         self.position = Position()

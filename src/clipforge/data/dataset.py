@@ -205,7 +205,12 @@ class ShardDataset(IterableDataset):
             self._tokenizer = Tokenizer(self.context_length)
         regions = CollateRegions(self._tokenizer) if self.regions and self._tokenizer is not None else None
         collate = Collate(
-            self.augment.image_size, self._tokenizer, self.defer, self.stream.return_keys, regions
+            self.augment.image_size,
+            self._tokenizer,
+            self.defer,
+            self.stream.return_keys,
+            regions,
+            (self.augment.mean, self.augment.std),
         )
         exact = self.mode == "exact" and num_workers == len(self._slots)
         start = int(self._slots[worker]) if exact else -1

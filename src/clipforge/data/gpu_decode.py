@@ -14,13 +14,14 @@ tests exercise on machines without a GPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from clipforge.data.transforms import CLIP_MEAN, CLIP_STD
 from clipforge.distributed import require_cuda
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,17 @@ class JpegDecoder:
     the caller must take the texts the same way (``tokens[source]``) to keep the pairs matched.
     """
 
-    def __init__(self, image_size: int, interpolation: str = "bicubic") -> None:
+    def __init__(
+        self,
+        image_size: int,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
         if interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"GPU decoding resizes with 'bicubic' or 'bilinear', not {interpolation!r}")
         self.image_size, self.mode = image_size, interpolation
+        self.mean, self.std = tuple(mean), tuple(std)
         self.corrupt = 0  # images that failed to decode here (their header had parsed in the worker)
 
     def _decode(self, datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -116,6 +124,6 @@ class JpegDecoder:
             for j, i in enumerate(bad):
                 source[i] = good[j % len(good)]
                 out[i] = out[source[i]]
-        mean = torch.tensor(OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255
         return out.clamp_(0, 255).sub_(mean).div_(std), source

@@ -1,5 +1,6 @@
 """Image transforms of CLIP (Radford et al., 2021): random resized crop for training, resize + centre
-crop for evaluation, normalisation with the CLIP mean and std.
+crop for evaluation, normalisation with a per-channel mean and std (CLIP's by default; ``data.augment.mean``
+and ``std``, which a checkpoint's evaluation reads back from its run).
 
 The results match torchvision's ``RandomResizedCrop`` and open_clip's eval ``Resize``/``CenterCrop``
 (bicubic, antialiased; same crop boxes, same rounding), but the work is arranged for throughput:
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +33,32 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-_MEAN255 = [255.0 * m for m in OPENAI_DATASET_MEAN]
-_INV_STD255 = [1.0 / (255.0 * s) for s in OPENAI_DATASET_STD]
+Triple = tuple[float, float, float]
+CLIP_MEAN: Triple = tuple(OPENAI_DATASET_MEAN)  # OpenAI's CLIP; open_clip's default too
+CLIP_STD: Triple = tuple(OPENAI_DATASET_STD)
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float], where: str) -> tuple[Triple, Triple]:
+    """``mean`` and ``std`` as plain 3-tuples of pixel values in [0, 1] (``where.mean``/``where.std`` named
+    when they are not: 3 numbers each, a mean in [0, 1], a std in (0, 1]). Values on the 0-255 scale, the
+    usual slip, are caught by the bound."""
+    out = []
+    for name, values, ok in (
+        ("mean", mean, lambda v: 0.0 <= v <= 1.0),
+        ("std", std, lambda v: 0.0 < v <= 1.0),
+    ):
+        try:
+            triple = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            triple = ()
+        if len(triple) != 3 or not all(ok(v) for v in triple):
+            raise ValueError(
+                f"{where}.{name} must be 3 numbers (R, G, B) in {'[0, 1]' if name == 'mean' else '(0, 1]'}, "
+                f"on the scale of pixels in [0, 1], got {values!r}"
+            )
+        out.append(triple)
+    return out[0], out[1]
+
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 
@@ -252,8 +278,14 @@ class ImageTransform:
         return _resize(x, (new_h, new_w), self.interpolation)[:, top : top + s, left : left + s]
 
 
-def normalize_into(images: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Stack uint8 ``(3, H, W)`` images into a normalised float32 ``(B, 3, H, W)`` batch (CLIP mean/std).
+def normalize_into(
+    images: list[torch.Tensor],
+    out: torch.Tensor | None = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """Stack uint8 ``(3, H, W)`` images into a float32 ``(B, 3, H, W)`` batch normalised by ``mean`` and
+    ``std`` (per channel, for pixels in [0, 1]; CLIP's by default).
 
     Per image: one uint8->float copy into its slot, then a scalar affine map per channel (contiguous,
     so it vectorises).
@@ -263,14 +295,23 @@ def normalize_into(images: list[torch.Tensor], out: torch.Tensor | None = None) 
     _, h, w = images[0].shape
     if out is None:
         out = torch.empty(len(images), 3, h, w, dtype=torch.float32)
+    mean255 = [255.0 * m for m in mean]
+    inv_std255 = [1.0 / (255.0 * s) for s in std]
     for i, img in enumerate(images):
         slot = out[i]  # (3, H, W)
         slot.copy_(img)
         for c in range(3):
-            slot[c].sub_(_MEAN255[c]).mul_(_INV_STD255[c])
+            slot[c].sub_(mean255[c]).mul_(inv_std255[c])
     return out
 
 
-def to_tensor(img: Image.Image, image_size: int, train: bool = False, **kwargs) -> torch.Tensor:
+def to_tensor(
+    img: Image.Image,
+    image_size: int,
+    train: bool = False,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    **kwargs,
+) -> torch.Tensor:
     """One PIL image -> normalised ``(3, size, size)`` tensor (convenience for eval scripts)."""
-    return normalize_into([ImageTransform(image_size, train=train, **kwargs)(img)])[0]
+    return normalize_into([ImageTransform(image_size, train=train, **kwargs)(img)], mean=mean, std=std)[0]

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipforge.data.config import check_at_least
+from clipforge.data.config import check_at_least, stored_preprocessing
 from clipforge.distributed import world_info
 from clipforge.entry import hydra_entry
 from clipforge.eval.datasets import collate_skipping, eval_transform, image_batch, image_paths, read_images
@@ -60,6 +60,11 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str, dict[str, Any]]:
             f"which are not given (the model comes from {sources[0]}=): give open_clip_checkpoint=, or leave "
             "open_clip_model out"
         )
+    if cfg.get("open_clip_pretrained") and not cfg.get("open_clip_checkpoint"):
+        raise ValueError(
+            f"open_clip_pretrained={cfg.open_clip_pretrained!r} names the preprocessing of open_clip_checkpoint= "
+            "weights, which are not given: a clipforge checkpoint carries its own"
+        )
     if cfg.get("use_ema") and not cfg.get("checkpoint"):
         raise ValueError(
             "use_ema=true reads the EMA weights of a clipforge checkpoint: give checkpoint=<.ckpt>"
@@ -84,8 +89,13 @@ def load_eval_model(cfg: DictConfig) -> tuple[nn.Module, str, dict[str, Any]]:
             ) from e
         if not Path(cfg.open_clip_checkpoint).exists():
             raise FileNotFoundError(f"open_clip_checkpoint={cfg.open_clip_checkpoint!r} does not exist")
+        from clipforge.models.convert import open_clip_preprocessing
+
         model = load_open_clip_checkpoint(cfg.open_clip_checkpoint, cfg.get("open_clip_model"))
-        return model, f"open_clip {cfg.open_clip_checkpoint}", {}
+        prep = open_clip_preprocessing(
+            cfg.open_clip_checkpoint, cfg.get("open_clip_model"), cfg.get("open_clip_pretrained")
+        )
+        return model, f"open_clip {cfg.open_clip_checkpoint}", {"data": {"augment": prep}} if prep else {}
     from clipforge.checkpoint import build_model
 
     log.warning("evaluating a randomly initialised model (model=...): expect chance accuracy")
@@ -178,7 +188,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     pictures = read_images(paths)  # before the model loads: an unreadable image fails at once, naming it
     model, model_label, device, image_size, tokenizer, stored = _setup(cfg)
     rank, _ = world_info()
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, **stored_preprocessing(stored))
     names_given = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
     dataset = None
     if not cfg.get("image") or names_given is None:
@@ -230,7 +240,8 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     rc = cfg.get("retrieval") or {}
     dataset = _build_dataset(
         cfg.eval.dataset,
-        transform=eval_transform(image_size),
+        transform=eval_transform(image_size, **stored_preprocessing(stored)),
+        **stored_preprocessing(stored),  # caption shards build their own transform
         tokenizer=tokenizer,
         target="caption",
         image_size=image_size,
@@ -272,7 +283,7 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
     """
     model, model_label, device, image_size, _, stored = _setup(cfg)
     pc = cfg.get("linear_probe") or {}
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, **stored_preprocessing(stored))
     names = load_classnames(cfg.classnames) if cfg.get("classnames") is not None else None
     size, holdout = render_size(cfg, image_size, stored), synthetic_holdout(cfg, stored)
     test_set = _build_dataset(

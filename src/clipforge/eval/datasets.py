@@ -33,13 +33,26 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = tuple(f".{e}" for e in IMAGE_EXTS)
 
 
-def eval_transform(image_size: int, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
+def eval_transform(
+    image_size: int,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Callable[[Image.Image], torch.Tensor]:
     """CLIP's test-time preprocessing, the same code the training data module evaluates with:
-    shorter side resized to ``image_size``, centre crop, CLIP mean/std (``clipforge.data.transforms``; open_clip's
-    Resize + CenterCrop, within one uint8 step)."""
-    from clipforge.data.transforms import to_tensor
+    shorter side resized to ``image_size``, centre crop, normalised by ``mean``/``std`` (None: CLIP's)
+    (``clipforge.data.transforms``; open_clip's Resize + CenterCrop, within one uint8 step). A checkpoint's
+    own settings: ``eval_transform(size, **clipforge.data.config.stored_preprocessing(its config))``."""
+    from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, to_tensor
 
-    return partial(to_tensor, image_size=image_size, train=False, interpolation=interpolation)
+    return partial(
+        to_tensor,
+        image_size=image_size,
+        train=False,
+        interpolation=interpolation,
+        mean=CLIP_MEAN if mean is None else mean,
+        std=CLIP_STD if std is None else std,
+    )
 
 
 def image_paths(paths: str | Sequence[str] | None) -> list[str]:
@@ -284,11 +297,14 @@ def caption_shards(
     batch_size: int = 64,
     num_workers: int = 0,
     manifest: str | None = None,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> IterableDataset:
     """Held-out image-text WebDataset shards as ``(images, tokens)`` *batches*, read in order by the
     data module's own reader (``clipforge.data.dataset.ShardDataset``, eval mode); each rank reads only
     its block of the batches, which :func:`clipforge.eval.distributed.shard_dataloader` then leaves as
-    it is."""
+    it is. ``interpolation``, ``mean``, ``std``: as :func:`eval_transform`."""
     from clipforge.data.config import Augment
     from clipforge.data.dataset import ShardDataset
     from clipforge.data.manifest import find_manifest
@@ -302,7 +318,7 @@ def caption_shards(
         counts,
         batch_size=batch_size,
         train=False,
-        augment=Augment(image_size=image_size),
+        augment=Augment(image_size=image_size, interpolation=interpolation, mean=mean, std=std),
         target="text",
         context_length=context_length,
         num_workers=num_workers,

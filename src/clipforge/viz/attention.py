@@ -11,7 +11,7 @@ switch to while :func:`record_attention` is active. Figures are built with matpl
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import nn
 
 from clipforge.models.vision import VisionTransformer
 
 ImageLike = str | Path | Image.Image | torch.Tensor
+# ``interpolation``, ``mean``, ``std`` of the model's training run (clipforge.data.config.stored_preprocessing;
+# None: CLIP's mean/std, bicubic)
+Preprocessing = Mapping[str, Any] | None
 
 
 def vision_tower(model: nn.Module) -> VisionTransformer:
@@ -38,9 +40,9 @@ def vision_tower(model: nn.Module) -> VisionTransformer:
     return visual
 
 
-def model_input(image: ImageLike, img_size: int) -> torch.Tensor:
+def model_input(image: ImageLike, img_size: int, preprocessing: Preprocessing = None) -> torch.Tensor:
     """A normalised (1, 3, S, S) batch, preprocessed as evaluation does (:func:`clipforge.eval.datasets.
-    eval_transform`: short side to S, centre crop, CLIP mean/std). A tensor is taken to be model input
+    eval_transform`: short side to S, centre crop, the run's mean/std). A tensor is taken to be model input
     already ((3, S, S) or (B, 3, S, S), normalised)."""
     if isinstance(image, torch.Tensor):
         x = image if image.ndim == 4 else image.unsqueeze(0)
@@ -50,17 +52,19 @@ def model_input(image: ImageLike, img_size: int) -> torch.Tensor:
     from clipforge.data.transforms import to_rgb
     from clipforge.eval.datasets import eval_transform, load_images
 
+    transform = eval_transform(img_size, **(preprocessing or {}))
     if not isinstance(image, Image.Image):  # a path: an unreadable file is an error naming it
-        return load_images(str(image), eval_transform(img_size))
-    return eval_transform(img_size)(to_rgb(image)).unsqueeze(0)
+        return load_images(str(image), transform)
+    return transform(to_rgb(image)).unsqueeze(0)
 
 
-def denormalize(x: torch.Tensor) -> np.ndarray:
-    """(3, S, S) normalised -> (S, S, 3) RGB in [0, 1] for display."""
-    x = (
-        x.detach().float().cpu() * torch.tensor(OPENAI_DATASET_STD)[:, None, None]
-        + torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]
-    )
+def denormalize(x: torch.Tensor, preprocessing: Preprocessing = None) -> np.ndarray:
+    """(3, S, S) normalised (with ``preprocessing``'s mean/std) -> (S, S, 3) RGB in [0, 1] for display."""
+    from clipforge.data.transforms import CLIP_MEAN, CLIP_STD
+
+    mean = (preprocessing or {}).get("mean") or CLIP_MEAN
+    std = (preprocessing or {}).get("std") or CLIP_STD
+    x = x.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -129,16 +133,19 @@ def rollout(blocks: list[torch.Tensor], readout: torch.Tensor | None, num_prefix
 
 
 @torch.no_grad()
-def vit_attention(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[str, Any]:
+def vit_attention(
+    model: nn.Module, image: ImageLike, layer: int = -1, preprocessing: Preprocessing = None
+) -> dict[str, Any]:
     """Run ``image`` through the image tower (eval mode, fp32) and return the data behind the pictures.
 
     ``heads``: (H, g, g) per-head attention of the readout: the attention-pool query when the tower pools
     with ``map`` (``layer`` then must name the last block), else the CLS token at block ``layer``, else (no CLS) the
     mean attention each patch receives at that block. ``rollout``: (g, g). ``image``: (S, S, 3) in [0, 1].
+    ``preprocessing``: how the model's run prepared its images (see :data:`Preprocessing`).
     """
     visual = vision_tower(model)
     param = next(visual.parameters())
-    x = model_input(image, visual.img_size).to(device=param.device, dtype=param.dtype)[:1]
+    x = model_input(image, visual.img_size, preprocessing).to(device=param.device, dtype=param.dtype)[:1]
     was_training = visual.training
     visual.eval()
     try:
@@ -167,7 +174,7 @@ def vit_attention(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[s
         heads, query = attn[:, p:, p:].mean(dim=1), f"mean over queries, layer {layer_index}"
     readout = rec["pool"][0][:, :, 0].mean(dim=1) if rec["pool"] else None  # (1, N)
     return {
-        "image": denormalize(x[0]),
+        "image": denormalize(x[0], preprocessing),
         "heads": heads.reshape(-1, g, g).cpu(),
         "rollout": rollout(rec["blocks"], readout, p)[0].reshape(g, g).cpu(),
         "query": query,
@@ -186,10 +193,12 @@ def _overlay(ax: Any, image: np.ndarray, amap: torch.Tensor, title: str) -> None
     ax.set_axis_off()
 
 
-def vit_figures(model: nn.Module, image: ImageLike, layer: int = -1) -> dict[str, Figure]:
+def vit_figures(
+    model: nn.Module, image: ImageLike, layer: int = -1, preprocessing: Preprocessing = None
+) -> dict[str, Figure]:
     """Matplotlib figures: ``patch_grid``, ``pos_embed_similarity``, ``attention_heads``, ``attention_rollout``."""
     visual = vision_tower(model)
-    data = vit_attention(model, image, layer)
+    data = vit_attention(model, image, layer, preprocessing)
     img, g, patch = data["image"], visual.grid_size, data["patch_size"]
     figs: dict[str, Figure] = {}
 
@@ -240,13 +249,17 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 def save_vit_pictures(
-    model: nn.Module, image: ImageLike, out_dir: str | Path, layer: int = -1
+    model: nn.Module,
+    image: ImageLike,
+    out_dir: str | Path,
+    layer: int = -1,
+    preprocessing: Preprocessing = None,
 ) -> dict[str, Path]:
     """Write the pictures of :func:`vit_figures` as ``out_dir/<name>.png``; returns name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, fig in vit_figures(model, image, layer).items():
+    for name, fig in vit_figures(model, image, layer, preprocessing).items():
         FigureCanvasAgg(fig)
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], bbox_inches="tight")

@@ -70,18 +70,21 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
     if args.checkpoint:
         from clipforge.checkpoint import load_model
+        from clipforge.data.config import stored_preprocessing
 
         model, stored = load_model(args.checkpoint, use_ema=args.ema)
+        preprocessing = stored_preprocessing(stored)
         if stored.get("ema") and not args.ema:  # two models in one file: say which one is drawn
             note = "also holds EMA weights: drawing the training weights (--ema draws the EMA)"
             print(f"{args.checkpoint} {note}", file=sys.stderr)
     elif args.open_clip:
-        from clipforge.models.convert import load_open_clip_checkpoint
+        from clipforge.models.convert import load_open_clip_checkpoint, open_clip_preprocessing
 
         model = load_open_clip_checkpoint(args.open_clip, args.open_clip_model)
+        preprocessing = open_clip_preprocessing(args.open_clip, args.open_clip_model)
     else:
-        model = build_fresh(args.model, args.seed)
-    paths = save_vit_pictures(model, image, args.out, layer=args.layer)
+        model, preprocessing = build_fresh(args.model, args.seed), None
+    paths = save_vit_pictures(model, image, args.out, layer=args.layer, preprocessing=preprocessing)
     return files_written(paths)
 
 

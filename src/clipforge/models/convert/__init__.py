@@ -22,6 +22,7 @@ from clipforge.models.convert.openclip_io import (
     export_open_clip,
     infer_open_clip_cfg,
     load_open_clip_checkpoint,
+    open_clip_preprocessing,
 )
 from clipforge.models.convert.resize import fit_state_dict, load_state_dict_resized
 from clipforge.models.convert.siglip_hf import (
@@ -52,6 +53,7 @@ __all__ = [
     "model_config_from_open_clip",
     "open_clip_key_map",
     "open_clip_model_cfg",
+    "open_clip_preprocessing",
     "siglip_key_map",
     "siglip_vision_config",
     "timm_key_map",

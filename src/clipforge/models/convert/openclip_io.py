@@ -21,8 +21,12 @@ from clipforge.models.convert.openclip import from_open_clip_state, open_clip_ke
 from clipforge.models.convert.openclip_config import open_clip_model_cfg
 
 
-def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") -> dict[str, Path]:
-    """Write ``model`` as an open_clip model folder; returns the paths written.
+def export_open_clip(
+    model: CLIP, out_dir: str | Path, name: str = "clipforge", preprocessing: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``model`` as an open_clip model folder; returns the paths written. ``preprocessing``: the
+    ``interpolation``, ``mean`` and ``std`` its run trained with (``clipforge.data.config.
+    stored_preprocessing``), written as the folder's ``preprocess_cfg``; None: CLIP's mean/std, bicubic.
 
     - ``open_clip_config.json`` + ``open_clip_model.safetensors``: ``open_clip.create_model("local-dir:DIR")``;
     - ``{name}.json`` (the bare model config): ``open_clip.add_model_config(path)`` then
@@ -48,11 +52,12 @@ def export_open_clip(model: CLIP, out_dir: str | Path, name: str = "clipforge") 
         "model_config": out / f"{name}.json",
         "weights": out / "open_clip_model.safetensors",
     }
-    preprocess = {  # what clipforge's data pipeline does: CLIP mean/std, bicubic resize
+    prep = preprocessing or {}
+    preprocess = {  # what clipforge's data pipeline did: the run's mean/std and resize
         "size": model.visual.img_size,
-        "mean": list(OPENAI_DATASET_MEAN),
-        "std": list(OPENAI_DATASET_STD),
-        "interpolation": "bicubic",
+        "mean": [float(v) for v in prep.get("mean") or OPENAI_DATASET_MEAN],
+        "std": [float(v) for v in prep.get("std") or OPENAI_DATASET_STD],
+        "interpolation": prep.get("interpolation") or "bicubic",
         "resize_mode": "shortest",
     }
     # Each file is written aside and all are swapped in once written: a failure while writing (a crash, a
@@ -125,6 +130,58 @@ def load_open_clip_checkpoint(
     if model_cfg is None:
         model_cfg = infer_open_clip_cfg(state)
     return from_open_clip_state(state, model_cfg, img_size).eval()
+
+
+def open_clip_preprocessing(
+    path: str | Path, model_name: str | None = None, pretrained: str | None = None
+) -> dict[str, Any] | None:
+    """The image preprocessing open_clip's weights at ``path`` were trained with, as clipforge's
+    ``data.augment`` keys (``interpolation``, ``mean``, ``std``): the ``preprocess_cfg`` of an
+    ``open_clip_config.json`` beside them, else open_clip's table of pretrained weights for ``model_name``
+    and tag ``pretrained`` (no download), else None, with a warning (a bare weights file: nothing says, and
+    CLIP's mean/std will be used). A resize mode other than open_clip's ``shortest`` (resize the short side,
+    crop the centre, as clipforge does) is warned of."""
+    from open_clip import get_pretrained_cfg
+
+    path = Path(path)
+    config_file = (_weights_in(path) if path.is_dir() else path).parent / "open_clip_config.json"
+    found: dict[str, Any] = {}
+    source = ""
+    if config_file.is_file():
+        found, source = json.loads(config_file.read_text()).get("preprocess_cfg") or {}, str(config_file)
+    if not found and pretrained is not None:
+        if model_name is None:
+            raise ValueError(
+                f"a pretrained tag ({pretrained!r}) needs the open_clip model name it belongs to"
+            )
+        found = get_pretrained_cfg(model_name, pretrained)
+        if not found:
+            raise ValueError(
+                f"open_clip lists no pretrained weights {model_name!r} / {pretrained!r}: "
+                "open_clip.list_pretrained() gives the (model, tag) pairs it knows"
+            )
+        source = f"open_clip's pretrained table ({model_name}, {pretrained})"
+    if not found:
+        warnings.warn(
+            f"{path}: nothing records the image normalisation these weights were trained with (no "
+            "open_clip_config.json with a preprocess_cfg beside them, no pretrained tag): evaluating with CLIP's "
+            "mean/std and bicubic resizing. Weights trained with others score lower without a word (open_clip's "
+            "ViT-L-14 laion2b_s32b_b82k uses mean = std = 0.5): name their tag (--pretrained-tag, "
+            "open_clip_pretrained=)",
+            stacklevel=2,
+        )
+        return None
+    mode = found.get("resize_mode", "shortest")
+    if mode != "shortest":
+        warnings.warn(
+            f"{source}: these weights were evaluated with resize_mode={mode!r}; clipforge resizes the short "
+            "side and crops the centre ('shortest'), so scores can differ from open_clip's",
+            stacklevel=2,
+        )
+    interpolation = found.get("interpolation", "bicubic")
+    out = {"interpolation": interpolation if interpolation in ("bicubic", "bilinear") else "bicubic"}
+    out.update({k: [float(v) for v in found[k]] for k in ("mean", "std") if found.get(k) is not None})
+    return out
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:

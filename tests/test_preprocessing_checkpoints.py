@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from clipforge.conf import CONF_DIR
-from hydra import compose, initialize_config_dir
 
 from clipforge.checkpoint import checkpoint_config
 from clipforge.convert_cli import main as convert
@@ -40,12 +38,8 @@ def test_a_runs_normalisation_follows_its_checkpoint_through_eval_export_import_
     seen = []
     real = eval_cli.eval_transform
     monkeypatch.setattr(eval_cli, "eval_transform", lambda size, **kw: seen.append(kw) or real(size, **kw))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        zs = compose(
-            config_name="zeroshot",
-            overrides=[f"checkpoint={last}", "eval.dataset.num_samples=8", f"output_dir={tmp_path / 'zs'}"],
-        )
-    eval_cli.run(zs)
+    few = ("eval.dataset.num_samples=8", f"output_dir={tmp_path / 'zs'}")
+    eval_cli.run(compose_cfg(f"checkpoint={last}", *few, config_name="zeroshot"))
     assert seen == [want]
 
     # export: open_clip's preprocess_cfg says it; import: the imported checkpoint keeps it
@@ -53,16 +47,8 @@ def test_a_runs_normalisation_follows_its_checkpoint_through_eval_export_import_
     pre = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["preprocess_cfg"]
     assert (pre["mean"], pre["std"], pre["interpolation"]) == ([0.5] * 3, [0.5] * 3, "bilinear")
     seen.clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        zs = compose(
-            config_name="zeroshot",
-            overrides=[
-                f"open_clip_checkpoint={tmp_path / 'oc'}",
-                "eval.dataset.num_samples=8",
-                f"output_dir={tmp_path / 'zs2'}",
-            ],
-        )
-    eval_cli.run(zs)  # the open_clip folder, read as open_clip reads it: its preprocess_cfg
+    # the open_clip folder, read as open_clip reads it: its preprocess_cfg
+    eval_cli.run(compose_cfg(f"open_clip_checkpoint={tmp_path / 'oc'}", *few, config_name="zeroshot"))
     assert seen == [want]
     convert(["import", "--open-clip", str(tmp_path / "oc"), "--out", str(tmp_path / "imported")])
     assert stored_preprocessing(checkpoint_config(tmp_path / "imported")) == want

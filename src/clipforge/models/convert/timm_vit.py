@@ -94,6 +94,14 @@ def vision_kwargs_from_timm(model: nn.Module) -> dict[str, Any]:
         "qk norm": not isinstance(getattr(model.blocks[0].attn, "q_norm", nn.Identity()), nn.Identity),
         "non-standard block": type(model.blocks[0]).__name__ != "Block",
         "attention proj without bias": model.blocks[0].attn.proj.bias is None,
+        # ours pools the patch tokens only: timm's pool_include_prefix also averages (or attends over) the
+        # class token, and the port computed another function without a word
+        "pool_include_prefix": getattr(model, "pool_include_prefix", False)
+        and model.num_prefix_tokens > 0
+        and model.global_pool != "token",
+        "no final norm (final_norm=False, fc_norm=False)": not any(
+            isinstance(getattr(model, n, None), nn.LayerNorm) for n in ("norm", "fc_norm")
+        ),
     }
     if any(unsupported.values()):
         raise ValueError(f"timm model uses {[k for k, v in unsupported.items() if v]}, which clipforge lacks")

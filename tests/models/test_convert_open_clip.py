@@ -319,6 +319,29 @@ def test_unsupported_models_fail_loudly() -> None:
         from_open_clip(torch.nn.Linear(1, 1), small_cfg(vision={"attentional_pool": True}))
 
 
+def test_an_avg_pooled_timm_tower_with_a_projection_is_checked_against_the_trunk_open_clip_builds() -> None:
+    # With timm_proj="linear" open_clip builds vit_base_patch16_siglip_224 as registered (attention pooling,
+    # final norm before the pool) and resets its pooling to avg, keeping that norm. Matched against a trunk
+    # built with global_pool="avg" (final norm after the pool), the export of our default avg tower (fc_norm
+    # after the pool) was written, and open_clip could not load it (missing trunk.norm, unexpected fc_norm).
+    cfg = OmegaConf.load(CONF / "siglip_b16.yaml")
+    cfg.vision.block.act = "gelu"
+    cfg.vision.global_pool = "avg"
+    cfg.vision.output_dim = cfg.text.output_dim = 512
+    with torch.device("meta"):
+        model = instantiate(cfg)
+    with pytest.raises(ValueError, match=r"vit_base_patch16_siglip_224 differs .*'fc_norm': \(True, False\)"):
+        open_clip_model_cfg(model)
+    cfg.vision.layout.fc_norm = False  # the final norm before the pool: what open_clip's trunk has
+    with torch.device("meta"):
+        model = instantiate(cfg)
+    vision_cfg = open_clip_model_cfg(model)["vision_cfg"]
+    assert (vision_cfg["timm_model_name"], vision_cfg["timm_proj"]) == (
+        "vit_base_patch16_siglip_224",
+        "linear",
+    )
+
+
 def test_an_open_clip_model_of_another_tokenizer_is_named_on_import() -> None:
     # open_clip's SigLIP configs name a SentencePiece tokenizer; the import said nothing, and clipforge then
     # fed it CLIP BPE ids (out of its table, or other tokens)

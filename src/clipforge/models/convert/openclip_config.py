@@ -63,7 +63,15 @@ def _timm_name(visual: VisionTransformer) -> str:
         name = f"vit_{size}_patch{kw['patch_size']}_{variant}_{kw['img_size']}"
         if size is None or not _timm_is_model(name):
             continue
-        theirs = vision_kwargs_from_timm(_timm_trunk(name, kw["global_pool"], "none", kw["embed_dim"]))
+        # the trunk open_clip builds for this tower: with a projection it resets a timm model's pooling, so
+        # the final norm stays where the named model has it (an avg-pooled siglip keeps it before the pool)
+        proj = "linear" if kw["output_dim"] else "none"
+        try:
+            trunk = _timm_trunk(name, kw["global_pool"], proj, kw["embed_dim"])
+        except AssertionError as e:  # timm cannot reset this model to attention pooling; nor can open_clip
+            tried.append(f"{name}: {e}")
+            continue
+        theirs = vision_kwargs_from_timm(trunk)
         diff = {
             k: (kw[k], v) for k, v in theirs.items() if k not in ("output_dim", "proj_bias", "init_values")
         }

@@ -240,6 +240,33 @@ def test_time_based_checkpoints_keep_the_newest_and_own_last_ckpt(
     assert not [w for w in recwarn if "pre-optimization state" in str(w.message)]
 
 
+def test_last_ckpt_never_points_at_a_removed_file(run_cfg, tmp_path: Path, monkeypatch) -> None:
+    # With keep_last=1 the rotation removed the file last.ckpt linked to before relinking it: a SIGKILL
+    # in between left last.ckpt dangling (ckpt_path=<dir>/last.ckpt: no such file). Checked at each removal.
+    from lightning.pytorch.strategies import Strategy
+
+    last, dangling = tmp_path / "checkpoints" / "last.ckpt", []
+    remove = Strategy.remove_checkpoint
+
+    def remove_and_look(self: Strategy, filepath: Any) -> None:
+        remove(self, filepath)
+        if last.is_symlink() and not last.exists():
+            dangling.append(Path(filepath).name)
+
+    monkeypatch.setattr(Strategy, "remove_checkpoint", remove_and_look)
+    cfg = run_cfg(
+        tmp_path,
+        "trainer.max_steps=3",
+        "~callbacks.model_checkpoint",
+        "callbacks.periodic_checkpoint.keep_last=1",
+        "callbacks.periodic_checkpoint.every_n_train_steps=1",
+    )
+    train(cfg)
+    assert dangling == []
+    assert os.readlink(last) == "periodic-step0000003.ckpt"
+    assert sorted(p.name for p in last.parent.glob("periodic-*.ckpt")) == ["periodic-step0000003.ckpt"]
+
+
 def test_a_resumed_run_keeps_only_the_keep_last_newest_periodic_checkpoints(run_cfg, tmp_path: Path) -> None:
     # Lightning never deletes the file a run resumed from, so each ckpt_path=auto restart (a node lost,
     # a job requeued) left one full checkpoint behind beyond keep_last=2.

@@ -140,16 +140,37 @@ class PeriodicCheckpoint(StepClock, ModelCheckpoint):
         dirpath = Path(self.dirpath or "").absolute()
         return not _is_local_file_protocol(previous) or dirpath in Path(previous).absolute().parents
 
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Lightning removes the file that falls out of the ``keep_last`` newest right after a save and relinks
+        ``last.ckpt`` only later: with ``keep_last=1`` that file is the one ``last.ckpt`` points to, so a kill
+        between the two left ``last.ckpt`` dangling. The link moves to the file just saved first."""
+        link, saved = self.last_model_path, self._last_checkpoint_saved
+        if (
+            trainer.is_global_zero  # the link is rank 0's; no collective here, unlike _link_checkpoint
+            and self.save_last == "link"
+            and link
+            and saved
+            and os.path.islink(link)
+            and os.path.realpath(link) == os.path.realpath(filepath) != os.path.realpath(saved)
+        ):
+            _point_link(saved, link)
+        super()._remove_checkpoint(trainer, filepath)
+
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
         """Point ``linkpath`` at ``filepath`` by renaming a fresh link over it: never a moment without one."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            tmp = Path(linkpath + TMP_SUFFIX)
-            tmp.unlink(missing_ok=True)
-            try:
-                os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            except OSError:  # no symlinks (some Windows setups, some network filesystems): copy
-                shutil.copyfile(filepath, tmp)
-            os.replace(tmp, linkpath)
-            fsync_dir(os.path.dirname(linkpath))
+            _point_link(filepath, linkpath)
         trainer.strategy.barrier()
+
+
+def _point_link(filepath: str, linkpath: str) -> None:
+    """Rename a fresh symlink to ``filepath`` (a copy where there are no symlinks) over ``linkpath``."""
+    tmp = Path(linkpath + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+    except OSError:  # no symlinks (some Windows setups, some network filesystems): copy
+        shutil.copyfile(filepath, tmp)
+    os.replace(tmp, linkpath)
+    fsync_dir(os.path.dirname(linkpath))

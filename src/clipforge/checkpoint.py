@@ -122,6 +122,7 @@ CONFIG_KEY = "clipforge_config"
 WANDB_RUN_KEY = "clipforge_wandb_run_id"  # the W&B run that wrote the checkpoint: a resume logs into it
 LOGGER_VERSION_KEY = "clipforge_logger_version"  # its CSV logger's version directory: a resume appends there
 IMPORTED_CHECKPOINT = "model.ckpt"  # the checkpoint in the folder `clipforge-convert import --out` writes
+TOKENIZER_KEY = "open_clip_tokenizer"  # an import's tokenizer other than CLIP BPE (hf_tokenizer_name)
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.shadow."
 
@@ -329,6 +330,7 @@ def init_from(model: CLIP, path: str | Path, use_ema: bool = False) -> CLIP:
     from clipforge.models.convert import load_state_dict_resized
 
     ckpt = load_checkpoint(path)
+    _warn_tokenizer(ckpt, path)
     load_state_dict_resized(model, model_state_dict(ckpt, path, use_ema))
     ema_left = not use_ema and bool(submodule_state(ckpt, EMA_PREFIX + MODEL_PREFIX))
     others = sorted({k.split(".")[0] for k in ckpt["state_dict"] if not k.startswith((MODEL_PREFIX, "ema."))})
@@ -357,7 +359,22 @@ def _model_from(ckpt: dict[str, Any], path: str | Path, use_ema: bool) -> tuple[
         )
     model = build_model(cfg["model"], cfg.get("loss"))
     model.load_state_dict(model_state_dict(ckpt, path, use_ema))
+    _warn_tokenizer(ckpt, path)
     return model.eval(), cfg
+
+
+def _warn_tokenizer(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Name the tokenizer of an import that is not CLIP BPE: clipforge feeds the text tower CLIP BPE ids,
+    other tokens (or out of its table) for that model, so its text embeddings and zero-shot scores are not
+    the model's."""
+    if name := (ckpt.get(CONFIG_KEY) or {}).get(TOKENIZER_KEY):
+        log.warning(
+            "%s was imported from an open_clip model that reads the tokens of %r, and clipforge tokenizes "
+            "text with CLIP BPE: its text tower gets other token ids than it was trained on, so text "
+            "embeddings, zero-shot and retrieval scores are not the model's",
+            path,
+            name,
+        )
 
 
 def load_captioner(path: str | Path, use_ema: bool = False) -> tuple[CLIP, TextDecoder, dict[str, Any]]:

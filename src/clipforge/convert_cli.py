@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from clipforge.checkpoint import IMPORTED_CHECKPOINT, checkpoint_dict
+from clipforge.checkpoint import IMPORTED_CHECKPOINT, TOKENIZER_KEY, checkpoint_dict
 from clipforge.console import console_script
 from clipforge.entry import files_written, out_folder
 from clipforge.fault.atomic_io import atomic_torch_save
@@ -38,6 +39,7 @@ from clipforge.models.convert import (
     load_open_clip_checkpoint,
     model_config,
     open_clip_preprocessing,
+    open_clip_tokenizer,
 )
 
 
@@ -65,8 +67,12 @@ def import_(args: argparse.Namespace) -> dict[str, Path]:
     cfg = model_config(model)
     paths = {"config": out / "model.yaml", "checkpoint": out / IMPORTED_CHECKPOINT}
     OmegaConf.save(OmegaConf.create(cfg), paths["config"])
-    # the preprocessing travels as a run's data.augment would: evaluation and init_from read it there
-    stored = {"model": cfg, **({"data": {"augment": preprocessing}} if preprocessing else {})}
+    stored: dict[str, Any] = {"model": cfg}
+    if preprocessing:  # it travels as a run's data.augment would: evaluation and init_from read it there
+        stored["data"] = {"augment": preprocessing}
+    # a model of another tokenizer is named on every load of the import, not only by this command's warning
+    if tokenizer := open_clip_tokenizer(args.open_clip, args.model_name):
+        stored[TOKENIZER_KEY] = tokenizer
     # atomic, as every checkpoint clipforge writes: a kill mid-write leaves a previous import whole
     atomic_torch_save(checkpoint_dict(model.state_dict(), stored), paths["checkpoint"])
     return paths

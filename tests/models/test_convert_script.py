@@ -221,3 +221,45 @@ def test_clipforge_and_open_clip_checkpoints_given_to_each_others_loader_say_whi
     torch.save(checkpoint_dict(model.state_dict(), {"model": model_config(model)}), tmp_path / "run.ckpt")
     with pytest.raises(ValueError, match=r"this is a clipforge checkpoint .* load it as checkpoint=<file>"):
         load_open_clip_checkpoint(tmp_path / "run.ckpt")
+
+
+def test_an_import_of_another_tokenizers_model_is_named_whenever_it_is_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only the import itself warned: clipforge-zeroshot checkpoint=<import> (or init_from=) then fed CLIP BPE
+    # ids to a SentencePiece text tower without a word, and scored another model than open_clip's.
+    import json
+
+    from open_clip.model import CustomTextCLIP
+
+    from clipforge.checkpoint import init_from
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 8},
+        "text_cfg": {"context_length": 12, "vocab_size": 32000, "width": 32, "heads": 4, "layers": 1},
+        "custom_text": True,
+    }
+    cfg["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
+    torch.save(CustomTextCLIP(**kwargs).state_dict(), folder / "open_clip_pytorch_model.bin")
+    with pytest.warns(UserWarning, match="timm/ViT-B-16-SigLIP"):
+        imported = main(["import", "--open-clip", str(folder), "--out", str(tmp_path / "cf")])
+    named = r"reads the tokens of 'timm/ViT-B-16-SigLIP', and clipforge tokenizes text with CLIP BPE"
+    caplog.clear()
+    model, _ = load_model(imported["checkpoint"].parent)
+    assert re.search(named, caplog.text)
+    caplog.clear()
+    init_from(model, imported["checkpoint"])
+    assert re.search(named, caplog.text)
+    caplog.clear()  # a CLIP BPE model's import says nothing
+    exported = main(["export", "--model", "tiny", "--out", str(tmp_path / "tiny")])
+    load_model(
+        main(["import", "--open-clip", str(exported["config"].parent), "--out", str(tmp_path / "t")])[
+            "checkpoint"
+        ]
+    )
+    assert "reads the tokens of" not in caplog.text

@@ -23,6 +23,7 @@ from clipforge.models.convert.openclip_io import (
     infer_open_clip_cfg,
     load_open_clip_checkpoint,
     open_clip_preprocessing,
+    open_clip_tokenizer,
 )
 from clipforge.models.convert.resize import fit_state_dict, load_state_dict_resized
 from clipforge.models.convert.siglip_hf import (
@@ -54,6 +55,7 @@ __all__ = [
     "open_clip_key_map",
     "open_clip_model_cfg",
     "open_clip_preprocessing",
+    "open_clip_tokenizer",
     "siglip_key_map",
     "siglip_vision_config",
     "timm_key_map",

@@ -112,7 +112,19 @@ def load_open_clip_checkpoint(
     original weights used QuickGELU: name them ``"ViT-B-32-quickgelu"`` etc. ``img_size`` rebuilds the
     image tower at another resolution with its position table resampled.
     """
-    from open_clip.factory import get_model_config, load_state_dict
+    from open_clip.factory import load_state_dict
+
+    weights, model_cfg = _weights_and_config(path, model_name)
+    state = load_state_dict(str(weights), device="cpu", weights_only=True)
+    if model_cfg is None:
+        model_cfg = infer_open_clip_cfg(state)
+    return from_open_clip_state(state, model_cfg, img_size).eval()
+
+
+def _weights_and_config(path: str | Path, model_name: str | None) -> tuple[Path, dict[str, Any] | None]:
+    """The weights file at ``path`` and the open_clip model config of ``model_name``, else of the
+    ``open_clip_config.json`` beside them (``None``: neither, the shapes tell)."""
+    from open_clip.factory import get_model_config
 
     path = Path(path)
     weights = _weights_in(path) if path.is_dir() else path
@@ -121,15 +133,18 @@ def load_open_clip_checkpoint(
         model_cfg = get_model_config(model_name)
         if model_cfg is None:
             raise ValueError(unknown_model_name(model_name))
-    elif config_file.is_file():
+        return weights, model_cfg
+    if config_file.is_file():
         model_cfg = json.loads(config_file.read_text())
-        model_cfg = model_cfg.get("model_cfg", model_cfg)
-    else:
-        model_cfg = None
-    state = load_state_dict(str(weights), device="cpu", weights_only=True)
-    if model_cfg is None:
-        model_cfg = infer_open_clip_cfg(state)
-    return from_open_clip_state(state, model_cfg, img_size).eval()
+        return weights, model_cfg.get("model_cfg", model_cfg)
+    return weights, None
+
+
+def open_clip_tokenizer(path: str | Path, model_name: str | None = None) -> str | None:
+    """The tokenizer other than CLIP BPE that the open_clip model at ``path`` reads its text with
+    (``text_cfg.hf_tokenizer_name``: SigLIP's SentencePiece ...), ``None`` for CLIP BPE or when unknown."""
+    model_cfg = _weights_and_config(path, model_name)[1] or {}
+    return (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
 
 
 def open_clip_preprocessing(

@@ -32,6 +32,10 @@ def _rgba() -> Image.Image:
     return Image.fromarray(a)
 
 
+def _grey16() -> np.ndarray:
+    return np.array(_photo().convert("L")).astype(np.uint16) * 257
+
+
 def _animated_gif() -> bytes:
     first, second = _photo(), _photo().rotate(90)
     buf = io.BytesIO()
@@ -48,9 +52,12 @@ IMAGES = {
         _photo().convert("P", palette=Image.ADAPTIVE), "PNG", transparency=0
     ),
     "one_bit_png": lambda: _encode(_photo().convert("1"), "PNG"),
-    "16_bit_png": lambda: _encode(
-        Image.fromarray(np.array(_photo().convert("L")).astype(np.uint16) * 257), "PNG"
-    ),
+    "16_bit_png": lambda: _encode(Image.fromarray(_grey16()), "PNG"),
+    # Pillow opens these as modes I, I;16B and F: the writer crashed on the first (PNG cannot hold mode I)
+    # and stored the others white and black (PIL's convert("RGB") clips them)
+    "16_bit_pgm": lambda: _encode(Image.fromarray(_grey16()), "PPM"),
+    "16_bit_big_endian_tiff": lambda: _encode(Image.fromarray(_grey16().astype(">u2")), "TIFF"),
+    "float_tiff": lambda: _encode(Image.fromarray(_grey16().astype(np.float32) / 65535, mode="F"), "TIFF"),
     "animated_gif": _animated_gif,
     "rgba_webp": lambda: _encode(_rgba(), "WEBP", lossless=True),
     "cmyk_tiff": lambda: _encode(_photo().convert("CMYK"), "TIFF"),

@@ -160,13 +160,17 @@ def to_rgb(img: Image.Image, orientation: int | None = None) -> Image.Image:
     and TIFF) at 255, which turns almost every such image white; its high byte is kept instead, which is
     what PIL itself does for 16-bit colour."""
     img = upright(img, orientation)
-    if img.mode == "RGB":
-        return img
+    return img if img.mode == "RGB" else grey_to_8bit(img).convert("RGB")
+
+
+def grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float greyscale (``I;16*``, ``I``, ``F``) as 8-bit ``L`` by :func:`to_rgb`'s rule,
+    any other mode as it is: PIL's ``convert`` would clip them at 255 (white) or 0 (black)."""
     if img.mode.startswith("I;16"):
-        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
-    elif img.mode in ("I", "F"):  # 32-bit integer or float greyscale (TIFF): convert() clips at 0 and 255
-        img = Image.fromarray(_grey_to_uint8(np.asarray(img), img.mode == "F"))
-    return img.convert("RGB")
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    if img.mode in ("I", "F"):  # 32-bit integer or float greyscale (TIFF, 16-bit PGM)
+        return Image.fromarray(_grey_to_uint8(np.asarray(img), img.mode == "F"))
+    return img
 
 
 def _grey_to_uint8(a: np.ndarray, is_float: bool) -> np.ndarray:

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipforge.data.manifest import MANIFEST_NAME, SIZES_NAME, write_manifest
-from clipforge.data.transforms import to_rgb, upright
+from clipforge.data.transforms import grey_to_8bit, to_rgb, upright
 
 _TAR_BLOCK = 512
 
@@ -48,8 +48,9 @@ class Record:
 # Formats kept byte for byte: what img2dataset writes and open_clip's loader reads ("jpg;png;jpeg;webp").
 KEPT_FORMATS = ("jpg", "png", "webp")
 REENCODE = (None, "jpeg")
-# Image modes PNG stores as they are; anything else (CMYK, YCbCr, float) becomes RGB(A) first.
-_PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+# Image modes PNG stores as they are. Other greyscale (32-bit I: TIFF, a 16-bit PGM; float F; big-endian
+# I;16B) becomes 8-bit L as the loader reads it (to_rgb), anything else (CMYK, YCbCr) RGB(A).
+_PNG_MODES = ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")
 
 
 def image_format(data: bytes) -> str | None:
@@ -87,6 +88,8 @@ def encode_image(
     if reencode == "jpeg":
         to_rgb(image).save(buf, format="JPEG", quality=quality)
         return buf.getvalue(), "jpg"
+    if image.mode not in _PNG_MODES:  # PIL's convert("RGB") clips I/F greyscale white or black
+        image = grey_to_8bit(image)
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     image.save(buf, format="PNG")

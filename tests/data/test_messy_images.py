@@ -102,3 +102,23 @@ def test_unusable_images_are_skipped_saying_why(tmp_path, capsys, caplog, monkey
     assert why("empty.jpg").endswith("an empty file (0 bytes)")
     assert "decompression bomb" in why("big.png") and "MAX_IMAGE_PIXELS" in why("big.png")
     assert "not a readable image (UnidentifiedImageError" in why("text.jpg")
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF"])
+def test_a_truncated_file_to_reencode_is_skipped_and_counted_not_the_end_of_the_run(
+    tmp_path, capsys, caplog, fmt
+):
+    """JPEG, PNG and WebP bytes are stored as they are (a cut one is skipped by the loader); other formats are
+    decoded to become PNG, and one cut BMP, GIF or TIFF raised out of the writer: the whole run stopped with
+    "image file is truncated", naming no file, and wrote nothing."""
+    (tmp_path / "img").mkdir()
+    whole = _encode(_photo(64).convert("P") if fmt == "GIF" else _photo(64), fmt)
+    (tmp_path / "img" / "cut.img").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "img" / "ok.png").write_bytes(_encode(_photo(), "PNG"))
+    (tmp_path / "caps.csv").write_text("file,caption\ncut.img,a cut file\nok.png,a photo\n")
+    with caplog.at_level(logging.WARNING):
+        argv = ["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "out")]
+        assert shards_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 samples in 1 shards" in out and "skipped: corrupt_image=1" in out
+    assert any("cut.img: not a readable image" in r.getMessage() for r in caplog.records)

@@ -171,6 +171,7 @@ def shards(argv: list[str] | None = None) -> int:
         reencode=args.reencode,
         quality=args.quality,
         overwrite=args.overwrite,
+        skipped=skipped,
     )
     print(f"{sum(counts.values())} samples in {len(counts)} shards under {args.out}")
     if skipped:

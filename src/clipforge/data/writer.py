@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,11 @@ from types import TracebackType
 from PIL import Image
 from tqdm import tqdm
 
+from clipforge.data.decode import IMAGE_ERRORS
 from clipforge.data.manifest import MANIFEST_NAME, SIZES_NAME, write_manifest
 from clipforge.data.transforms import grey_to_8bit, to_rgb, upright
+
+log = logging.getLogger(__name__)
 
 _TAR_BLOCK = 512
 
@@ -94,6 +99,11 @@ def encode_image(
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     image.save(buf, format="PNG")
     return buf.getvalue(), "png"
+
+
+class UnusableImage(ValueError):
+    """A record whose image cannot be decoded to be re-encoded (a truncated BMP, GIF or TIFF; anything with
+    ``reencode``): the sources' header check (:func:`~clipforge.data.sources.image_problem`) passes it."""
 
 
 _SHARD = re.compile(r"\d{5,}\.tar")  # the names ShardWriter gives: 00000.tar, 00001.tar, ...
@@ -176,7 +186,13 @@ class ShardWriter:
         self._tar = None
 
     def write(self, record: Record) -> None:
-        image, ext = encode_image(record.image, self.reencode, self.quality)
+        """Add ``record`` to the current shard; :class:`UnusableImage` (nothing written) when its image does
+        not decode."""
+        try:
+            image, ext = encode_image(record.image, self.reencode, self.quality)
+        except IMAGE_ERRORS as e:
+            name = record.meta.get("source_file", record.key)
+            raise UnusableImage(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
         meta = {"key": record.key, "caption": record.caption, **record.meta}
         members = {
             f"{record.key}.{ext}": image,
@@ -231,14 +247,22 @@ def write_shards(
     reencode: str | None = None,
     quality: int = 95,
     overwrite: bool = False,
+    skipped: Counter | None = None,
 ) -> dict[str, int]:
     """Write ``records`` to shards under ``out_dir`` with a progress bar; returns samples per shard.
     Images are stored losslessly unless ``reencode="jpeg"`` (see :func:`encode_image`); shards already in
-    ``out_dir`` are an error unless ``overwrite`` deletes them first (:func:`claim_out_dir`)."""
+    ``out_dir`` are an error unless ``overwrite`` deletes them first (:func:`claim_out_dir`). A record whose
+    image does not decode is skipped with a warning naming it, and counted as ``corrupt_image`` in
+    ``skipped``."""
     writer = ShardWriter(
         out_dir, max_count, max_bytes, params, reencode=reencode, quality=quality, overwrite=overwrite
     )
     with writer:
         for record in tqdm(records, total=total, desc=desc, unit="img", disable=not progress):
-            writer.write(record)
+            try:
+                writer.write(record)
+            except UnusableImage as e:  # one bad file must not stop the whole set
+                log.warning("skipping %s", e)
+                if skipped is not None:
+                    skipped["corrupt_image"] += 1
     return writer.counts

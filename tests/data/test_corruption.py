@@ -276,3 +276,33 @@ def test_a_sample_skipped_for_its_caption_or_image_names_the_members_it_has(capl
     )
     assert any(m.startswith("skipped b (no image; it has .avif, .txt)") for m in messages)
     assert any(m.startswith("skipped c (its .txt is empty)") for m in messages)
+
+
+def test_a_corrupt_image_is_logged_with_what_the_decoder_said(caplog, monkeypatch):
+    """A skipped image was logged as "skipped KEY: corrupt_image in URL", the decoder's reason dropped: a
+    truncated file, bytes that are no image and a photo over PIL's decompression-bomb limit (which opens in
+    any viewer) read the same, and the shard writer and zero-shot name the reason for the very same files."""
+    import io
+
+    from PIL import Image
+
+    from clipforge.data.decode import decode_sample
+    from clipforge.data.failures import FailureMonitor, new_tables
+    from clipforge.data.shards import RawSample
+    from clipforge.data.transforms import ImageTransform
+
+    monitor = FailureMonitor(*new_tables(1, 1), 0, {"u": 0}, "test")
+    big = Image.new("RGB", (32, 32))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 32 x 32 is over twice this: refused
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    samples = {"cut": tiny_jpeg(0)[:60], "text": b"not a picture", "big": buf.getvalue()}
+    for key, data in samples.items():
+        raw = RawSample(key, "u", {"jpg": data, "txt": b"a caption"})
+        assert decode_sample(raw, ImageTransform(8, train=False), None, monitor) is None
+    assert monitor.by_cause["corrupt_image"] == 3
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert len(messages) == 3 and all("corrupt_image in u" in m for m in messages)
+    assert any(m.startswith("skipped big (DecompressionBombError: ") for m in messages), messages
+    assert any(m.startswith("skipped text (UnidentifiedImageError: ") for m in messages), messages
+    assert any(m.startswith("skipped cut (") for m in messages), messages

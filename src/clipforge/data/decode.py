@@ -205,8 +205,8 @@ def decode_sample(
             # nvJPEG decodes YCbCr and grey JPEGs; CMYK/YCCK ones (a few in ImageNet) are decoded here
             gpu = defer and img.format == "JPEG" and orientation == 1 and img.mode in ("RGB", "L")
             image = Encoded(data, box) if gpu else transform.apply(img, data, box, orientation)
-    except IMAGE_ERRORS:
-        monitor.sample_failed("corrupt_image", raw.url, raw.key)
+    except IMAGE_ERRORS as e:  # the decoder's words: a cut file, no image at all, PIL's pixel limit
+        monitor.sample_failed("corrupt_image", raw.url, f"{raw.key} ({type(e).__name__}: {e})")
         return None
     pick = float(draws[-1]) if draws is not None else 0.0
     return Sample(image, label, f"{raw.url}/{raw.key}", box, size, raw.members.get("json"), pick)

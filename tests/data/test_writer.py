@@ -205,6 +205,24 @@ def test_cli_folder_skips_missing_images_and_writes_manifest(tmp_path, capsys):
     assert "missing_image=1" in capsys.readouterr().out
 
 
+def test_a_listed_file_whose_name_differs_only_in_case_is_named_in_the_warning(tmp_path, capsys, caplog):
+    """A captions list written on macOS or Windows (file systems that ignore case) says IMG_1.jpg for the
+    file IMG_1.JPG: it works there; here every such image was "listed but not found", with no clue why."""
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    (tmp_path / "img" / "sub" / "IMG_1.JPG").write_bytes(tiny_jpeg(0))
+    (tmp_path / "img" / "ok.jpg").write_bytes(tiny_jpeg(1))
+    (tmp_path / "caps.csv").write_text("file,caption\nsub/img_1.jpg,a photo\nok.jpg,fine\ngone.jpg,gone\n")
+    assert (
+        shards_main(["folder", str(tmp_path / "img"), str(tmp_path / "caps.csv"), str(tmp_path / "o")]) == 0
+    )
+    assert "missing_image=2" in capsys.readouterr().out
+    messages = [r.getMessage() for r in caplog.records if "but not found" in r.getMessage()]
+    assert any(
+        "img_1.jpg" in m and m.endswith("(a file named IMG_1.JPG differs only in case)") for m in messages
+    )
+    assert any("gone.jpg" in m and m.endswith("but not found") for m in messages)
+
+
 def test_cli_reshards_img2dataset_tars_and_files_layout(tmp_path, capsys):
     write_sizes(tmp_path / "i2d", [3, 4])
     assert shards_main(["img2dataset", str(tmp_path / "i2d"), str(tmp_path / "a"), "--max-count", "5"]) == 0

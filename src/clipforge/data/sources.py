@@ -265,12 +265,20 @@ def _folder_records(
     image_dir: Path, pairs: list[tuple[str, str]], captions: str | Path, skipped: Counter | None
 ) -> Iterator[Record]:
     skipped = skipped if skipped is not None else Counter()
+    folders: dict[Path, dict[str, list[str]]] = {}  # folder -> lower-cased file name -> its files' names
     # by file name (several captions of one file keep their order): the keys follow the names
     for i, (name, caption) in enumerate(sorted(pairs, key=lambda row: row[0])):
         path = _listed_file(image_dir, name)
         if not path.is_file():
             skipped["missing_image"] += 1
-            log.warning("skipping %s: listed in %s but not found", path, captions)
+            if path.parent.is_dir() and path.parent not in folders:
+                folders[path.parent] = {}
+                for p in path.parent.iterdir():
+                    folders[path.parent].setdefault(p.name.lower(), []).append(p.name)
+            near = folders.get(path.parent, {}).get(path.name.lower(), [])
+            # a list written on macOS or Windows, whose file systems ignore case, works there and not here
+            hint = f" (a file named {near[0]} differs only in case)" if near else ""
+            log.warning("skipping %s: listed in %s but not found%s", path, captions, hint)
             continue
         if not caption.strip():
             skipped["missing_caption"] += 1

@@ -60,3 +60,53 @@ def test_initial_logit_scale_and_bias_are_open_clips(compose_cfg, loss: str) -> 
         assert ours.logit_bias.item() == pytest.approx(ref.logit_bias.item())
     else:
         assert getattr(ours, "logit_bias", None) is None and ref.logit_bias is None
+
+
+@pytest.mark.parametrize(("cooldown_frac", "power", "floor"), [(0.2, 1.0, 0.0), (0.5, 2.0, 0.1)])
+def test_wsd_schedule_equals_open_clips_const_cooldown_at_every_step(
+    compose_cfg, cooldown_frac: float, power: float, floor: float
+) -> None:
+    cfg = compose_cfg(
+        "scheduler=wsd",
+        f"scheduler.cooldown_frac={cooldown_frac}",
+        f"scheduler.cooldown_power={power}",
+        f"scheduler.min_lr_ratio={floor}",
+    )
+    total, lr = 600, cfg.optimizer.lr
+    ours_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    ours = instantiate(cfg.scheduler)(ours_opt, total_steps=total)
+    ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    cooldown = round(cooldown_frac * total)
+    ref = scheduler_ref.const_lr_cooldown(
+        ref_opt, lr, cfg.scheduler.warmup_steps, total, cooldown, power, floor * lr
+    )
+    seen = set()
+    for step in range(total):
+        ref(step)
+        got = ours_opt.param_groups[0]["lr"]
+        assert got == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        seen.add(round(got / lr, 6))
+        ours_opt.step()
+        ours.step()
+    assert 1.0 in seen and len(seen) > cfg.scheduler.warmup_steps + cooldown // 2  # warmup, plateau, cooldown
+
+
+def test_wsd_schedule_refuses_settings_that_cannot_be_meant() -> None:
+    from clipforge.optim import warmup_stable_decay
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for kwargs, message in [
+        ({"cooldown_frac": 0.0}, r"scheduler.cooldown_frac must be in \(0, 1\]"),
+        ({"cooldown_power": -1.0}, "scheduler.cooldown_power must be > 0"),
+        ({"min_lr_ratio": 1.5}, r"scheduler.min_lr_ratio must be in \[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            warmup_stable_decay(opt, 10, 100, **kwargs)
+    # a warmup past the cooldown's start (a 5-step smoke run) delays the cooldown instead of failing
+    sched = warmup_stable_decay(opt, warmup_steps=8, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:8] == pytest.approx([(i + 1) / 8 for i in range(8)]) and lrs[8:] == pytest.approx([1.0, 0.5])

@@ -159,6 +159,44 @@ def warmup_cosine(
     return LambdaLR(optimizer, factor)
 
 
+def warmup_stable_decay(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    cooldown_frac: float = 0.2,
+    cooldown_power: float = 1.0,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup, a constant rate, then a cooldown over the last ``cooldown_frac`` of the steps to
+    ``min_lr_ratio * lr`` by ``(1 - progress) ** cooldown_power`` (1: linear): open_clip's
+    ``const-cooldown`` schedule, and the warmup-stable-decay schedule whose short cooldown Hägele et al.
+    (2024, "Scaling Laws and Compute-Optimal Training beyond Fixed Training Durations") find to match a
+    cosine of the same length, while the stable phase can be checkpointed and continued without knowing
+    where training ends."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps (trainer.max_steps) must be positive, got {total_steps}")
+    check_warmup(warmup_steps)
+    if not 0.0 < cooldown_frac <= 1.0:
+        raise ValueError(f"scheduler.cooldown_frac must be in (0, 1], got {cooldown_frac}")
+    if not cooldown_power > 0:
+        raise ValueError(f"scheduler.cooldown_power must be > 0, got {cooldown_power}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    # a warmup longer than the stable phase (a smoke run) delays the cooldown, which then takes what is left
+    start = max(total_steps - max(1, round(cooldown_frac * total_steps)), warmup_steps)
+    cooldown = max(1, total_steps - start)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step < start:
+            return 1.0
+        decay = (1 - min(step - start, cooldown) / cooldown) ** cooldown_power
+        return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+    return LambdaLR(optimizer, factor)
+
+
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     del total_steps  # same signature as warmup_cosine so configs swap freely
     check_warmup(warmup_steps)

@@ -112,19 +112,14 @@ def test_key_maps_are_strict() -> None:
         timm_key_map(small_vit(pre_norm=True))  # timm drops the patch bias exactly when pre_norm is on
 
 
+SMALL_TIMM = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4}
+
+
 @pytest.mark.parametrize("pool", ["avg", "map"])
 def test_a_timm_vit_that_pools_its_class_token_too_is_refused(pool: str) -> None:
     # timm's pool_include_prefix=True pools the class token with the patches; ours pools the patches only,
     # and from_timm ported such a model to one whose outputs differed by 0.2 without a word
-    reference = TimmViT(
-        img_size=32,
-        patch_size=8,
-        embed_dim=64,
-        depth=2,
-        num_heads=4,
-        global_pool=pool,
-        pool_include_prefix=True,
-    )
+    reference = TimmViT(**SMALL_TIMM, global_pool=pool, pool_include_prefix=True)
     with pytest.raises(ValueError, match="pool_include_prefix"):
         from_timm(reference)
 
@@ -132,6 +127,6 @@ def test_a_timm_vit_that_pools_its_class_token_too_is_refused(pool: str) -> None
 def test_a_timm_vit_without_a_final_norm_is_refused() -> None:
     # every tower of ours ends in a LayerNorm: a timm ViT with none failed with "'Identity' object has no
     # attribute 'eps'"
-    reference = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, final_norm=False)
+    reference = TimmViT(**SMALL_TIMM, final_norm=False)
     with pytest.raises(ValueError, match="no final norm"):
         from_timm(reference)

@@ -5,6 +5,7 @@ weights, for one, were trained on pixels mapped with mean = std = 0.5."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -87,3 +88,22 @@ def test_open_clip_weights_without_a_config_take_their_tags_normalisation(tmp_pa
         warnings.simplefilter("error")  # a CLIPA tag's resize mode is said, not taken silently
         with pytest.raises(UserWarning, match="resize_mode='squash'"):
             open_clip_preprocessing(weights, "ViT-L-14-CLIPA", "datacomp1b")
+
+
+def test_a_resume_that_prepares_images_otherwise_than_its_checkpoint_is_named(
+    compose_cfg, tmp_path: Path, caplog
+) -> None:
+    """A resume trains the checkpoint's weights on, so a run that forgets its mean = std = 0.5 on the command
+    line goes on with CLIP's (and records them in its next checkpoint, which evaluation then reads)."""
+    cfg = compose_cfg("trainer.max_steps=1", *SIGLIP_PIXELS, *SMALL, *PERIODIC)
+    train(cfg)
+    last = tmp_path / "half.ckpt"  # aside: each resume below writes the run dir's last.ckpt anew
+    shutil.copy(Path(cfg.paths.output_dir) / "last.ckpt", last)
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        train(compose_cfg("trainer.max_steps=2", f"ckpt_path={last}", *SMALL, *PERIODIC))
+    assert f"ckpt_path={last}: its weights were trained on images prepared otherwise" in caplog.text
+    assert "data.augment.mean: checkpoint (0.5, 0.5, 0.5), config (0.48145466" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipforge.train"):
+        train(compose_cfg("trainer.max_steps=3", f"ckpt_path={last}", *SIGLIP_PIXELS, *SMALL, *PERIODIC))
+    assert "prepared otherwise" not in caplog.text

@@ -176,6 +176,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     changed = model_differences(ckpt_path, cfg.model, cfg.loss) if ckpt_path is not None else []
     if changed:
         log.warning("resuming %s with model settings other than its own: %s", ckpt_path, "; ".join(changed))
+    if ckpt_path is not None:  # the resumed weights go on training on this run's images
+        check_preprocessing(ckpt_path, config, key="ckpt_path")
     schedule = schedule_differences(ckpt_path, config) if ckpt_path is not None else []
     if schedule:  # the LR at the resume step is logged by the module (`lr at step N`) when it changes
         log.warning(
@@ -249,16 +251,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "logger": logger}
 
 
-def check_preprocessing(path: str | Path, config: dict[str, Any]) -> None:
+def check_preprocessing(path: str | Path, config: dict[str, Any], key: str = "init_from") -> None:
     """Warn where checkpoint ``path``'s weights were trained on images normalised or resized otherwise than
     this run's (``data.augment`` mean, std, interpolation): fine-tuning an import of open_clip's ViT-L-14
-    laion2b weights (mean = std = 0.5) on CLIP's mean/std starts from shifted inputs, without a word."""
+    laion2b weights (mean = std = 0.5) on CLIP's mean/std starts from shifted inputs, without a word; a
+    resume (``key="ckpt_path"``) that forgets the run's mean/std trains on with CLIP's."""
     was, now = stored_preprocessing(checkpoint_config(path)), stored_preprocessing(config)
     differ = [f"data.augment.{k}: checkpoint {was[k]}, config {now[k]}" for k in was if was[k] != now[k]]
     if differ:
         log.warning(
-            "init_from=%s: its weights were trained on images prepared otherwise than this run prepares them "
+            "%s=%s: its weights were trained on images prepared otherwise than this run prepares them "
             "(%s); set those keys to the checkpoint's values unless the change is meant",
+            key,
             path,
             "; ".join(differ),
         )

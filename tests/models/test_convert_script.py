@@ -263,3 +263,24 @@ def test_an_import_of_another_tokenizers_model_is_named_whenever_it_is_loaded(
         ]
     )
     assert "reads the tokens of" not in caplog.text
+
+
+def test_weights_of_another_architecture_than_model_name_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a 3-block model's weights imported as ViT-B-32 (12 blocks) ended in a traceback: KeyError 'state dict
+    # lacks [...resblocks.3.ln_1.weight]', from the key map, naming neither the file nor the model name
+    exported = main(["export", "--model", "tiny", "--out", str(tmp_path / "oc")])
+    bare = tmp_path / "bare" / "open_clip_pytorch_model.bin"
+    bare.parent.mkdir()
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(exported["weights"])), bare)
+    argv = ["clipforge-convert", "import", "--open-clip", str(bare), "--model-name", "ViT-B-32"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "cf")])
+    assert cli() == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"clipforge-convert: {bare} does not fit open_clip's 'ViT-B-32'"
+    )
+    assert "resblocks.3.ln_1.weight" in err[0]

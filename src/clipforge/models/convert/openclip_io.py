@@ -118,7 +118,15 @@ def load_open_clip_checkpoint(
     state = load_state_dict(str(weights), device="cpu", weights_only=True)
     if model_cfg is None:
         model_cfg = infer_open_clip_cfg(state)
-    return from_open_clip_state(state, model_cfg, img_size).eval()
+    try:
+        return from_open_clip_state(state, model_cfg, img_size).eval()
+    except KeyError as e:  # the key map's "state dict lacks [...]": weights of another architecture
+        if model_name is None:
+            raise
+        raise ValueError(
+            f"{weights} does not fit open_clip's {model_name!r} architecture ({e.args[0]}): name the model these "
+            "weights were trained as, or leave the name out to read it from an open_clip_config.json beside them"
+        ) from e
 
 
 def _weights_and_config(path: str | Path, model_name: str | None) -> tuple[Path, dict[str, Any] | None]:

@@ -274,10 +274,11 @@ def check_lock_unchanged(ckpt_path: str | Path, lock: Lock) -> None:
     stored = (checkpoint_config(ckpt_path) or {}).get("lock") or {}
     was = Lock(**{k: v for k, v in stored.items() if k != "_target_"})
     if was != lock:
+        now = lock.as_config()
         differ = [
-            f"lock.{k}: checkpoint {v!r}, config {lock.as_config()[k]!r}"
+            f"lock.{k}: checkpoint {v!r}, config {now[k]!r}"
             for k, v in was.as_config().items()
-            if v != lock.as_config()[k]
+            if v != now[k]
         ]
         raise ValueError(
             f"ckpt_path={ckpt_path} was trained with other towers locked ({'; '.join(differ)}); its optimizer "

@@ -238,10 +238,11 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Image<->text recall@K over held-out pairs (synthetic captions or ``eval/dataset=captions_wds``)."""
     model, model_label, device, image_size, tokenizer, stored = _setup(cfg)
     rc = cfg.get("retrieval") or {}
+    prep = stored_preprocessing(stored)
     dataset = _build_dataset(
         cfg.eval.dataset,
-        transform=eval_transform(image_size, **stored_preprocessing(stored)),
-        **stored_preprocessing(stored),  # caption shards build their own transform
+        transform=eval_transform(image_size, **prep),
+        **prep,  # caption shards build their own transform
         tokenizer=tokenizer,
         target="caption",
         image_size=image_size,

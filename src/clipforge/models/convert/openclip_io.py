@@ -129,14 +129,20 @@ def load_open_clip_checkpoint(
         ) from e
 
 
+def _weights_and_config_file(path: str | Path) -> tuple[Path, Path]:
+    """The weights file at ``path`` (a file, or the one in a folder) and the ``open_clip_config.json`` path
+    beside it (which may not exist)."""
+    path = Path(path)
+    weights = _weights_in(path) if path.is_dir() else path
+    return weights, weights.parent / "open_clip_config.json"
+
+
 def _weights_and_config(path: str | Path, model_name: str | None) -> tuple[Path, dict[str, Any] | None]:
     """The weights file at ``path`` and the open_clip model config of ``model_name``, else of the
     ``open_clip_config.json`` beside them (``None``: neither, the shapes tell)."""
     from open_clip.factory import get_model_config
 
-    path = Path(path)
-    weights = _weights_in(path) if path.is_dir() else path
-    config_file = weights.parent / "open_clip_config.json"
+    weights, config_file = _weights_and_config_file(path)
     if model_name is not None:
         model_cfg = get_model_config(model_name)
         if model_cfg is None:
@@ -166,8 +172,7 @@ def open_clip_preprocessing(
     crop the centre, as clipforge does) is warned of."""
     from open_clip import get_pretrained_cfg
 
-    path = Path(path)
-    config_file = (_weights_in(path) if path.is_dir() else path).parent / "open_clip_config.json"
+    config_file = _weights_and_config_file(path)[1]
     found: dict[str, Any] = {}
     source = ""
     if config_file.is_file():
